@@ -1,0 +1,26 @@
+"""memmgr: free and restore GPU training state between the phases of colocated RL post-training.
+
+Tiny surface: ``BucketizedFlatTensors`` (a group of tensors that moves between GPU and pinned host memory as a
+whole), ``MemoryManager`` (named groups, ``offload``/``onload``, ``phase`` and ``weight_sync`` context managers),
+and integrations that build a manager for a plain PyTorch module (``for_module``) or a megatron-core trainer
+(``for_megatron``).
+"""
+import logging
+
+from memmgr._native import BackendInfo, backend_info
+from memmgr.errors import (MemmgrCorruptionError, MemmgrError, MemmgrHostMemoryError, MemmgrInputError,
+                           MemmgrIntegrationError, MemmgrOutOfMemoryError, MemmgrStateError)
+from memmgr.flat_tensors import BucketizedFlatTensors, BucketState, FlatTensors, Policy
+from memmgr.host_memory import HostBuffer, HostMemoryPool, allocate_host_buffer, default_pool
+from memmgr.transfer import TransferHandle
+
+logging.getLogger("memmgr").addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendInfo", "backend_info", "BucketizedFlatTensors", "BucketState", "FlatTensors", "Policy", "HostBuffer",
+    "HostMemoryPool", "allocate_host_buffer", "default_pool", "TransferHandle", "MemmgrError", "MemmgrInputError",
+    "MemmgrStateError", "MemmgrOutOfMemoryError", "MemmgrHostMemoryError", "MemmgrCorruptionError",
+    "MemmgrIntegrationError",
+]

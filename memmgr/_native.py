@@ -1,0 +1,48 @@
+"""Loads the optional native extension and says which host-memory path is in use."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger("memmgr")
+
+try:
+    from memmgr import _pinned as native  # type: ignore[attr-defined]
+
+    _import_error: str | None = None
+except ImportError as exc:  # the pure-Python path is a supported configuration
+    native = None
+    _import_error = str(exc)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Which host-memory path memmgr uses on this machine and why."""
+
+    extension_built: bool
+    extension_error: str | None
+    cuda_available: bool
+    pinning: str  # "native", "cudart-register" or "none (no CUDA)"
+
+    def describe(self) -> str:
+        ext = "built" if self.extension_built else f"not built ({self.extension_error})"
+        return f"native extension {ext}; CUDA {'available' if self.cuda_available else 'unavailable'}; " \
+               f"host buffers pinned via {self.pinning}"
+
+
+def native_module() -> ModuleType | None:
+    return native
+
+
+def backend_info() -> BackendInfo:
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        pinning = "none (no CUDA: host stores are ordinary memory)"
+    elif native is not None:
+        pinning = "native (parallel first touch + cudaHostRegister)"
+    else:
+        pinning = "cudart-register (torch.cuda.cudart().cudaHostRegister on an exact-size tensor)"
+    return BackendInfo(native is not None, _import_error, cuda, pinning)

@@ -1,0 +1,523 @@
+"""Flat buffers that hold a group of tensors and move between GPU and host memory as a whole.
+
+A group of tensors is coalesced once into flat buckets (one device and dtype each); every tensor's ``.data`` is
+rebound to a view of its bucket (same device and dtype, so the tensor object, ``requires_grad``, its autograd grad
+accumulator and registered hooks survive). From then on a bucket moves as one copy:
+
+- offload: copy the bucket into its exact-size pinned host buffer on a dedicated stream ordered after the current
+  stream, then free the device storage in place (``untyped_storage().resize_(0)``): every view stays a valid tensor
+  object with zero bytes behind it, and nothing that refers to it has to be rebuilt.
+- onload: re-allocate the storage in place (``resize_``) and copy the host buffer back; every view sees its contents
+  again, bit for bit.
+
+Using a managed tensor while its bucket is offloaded is undefined: its storage has zero bytes and a null data
+pointer, and most PyTorch kernels do not check storage bounds, so a read crashes the process (a segmentation fault
+on the CPU, an illegal-address error that poisons the CUDA context on a GPU) rather than raising. Onload first;
+``require_on_device()`` raises a clear MemmgrStateError where code is unsure. Pointers captured before an offload (CUDA
+graphs, raw data_ptr) are stale after onload, since the storage gets a new allocation.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+from collections import OrderedDict
+from typing import Iterable, Mapping, Sequence, Union
+
+import torch
+
+from memmgr.errors import MemmgrInputError, MemmgrOutOfMemoryError, MemmgrStateError
+from memmgr.host_memory import HostBuffer, HostMemoryPool, default_pool
+from memmgr.transfer import TransferHandle, copy_stream
+
+logger = logging.getLogger("memmgr")
+
+TensorsArg = Union[Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
+
+
+class BucketState(enum.Enum):
+    ON_DEVICE = "on_device"
+    OFFLOADING = "offloading"   # device->host copy in flight; storage already handed back to the allocator
+    ON_HOST = "on_host"
+    DISCARDED = "discarded"     # freed without a copy; onload re-allocates and zeroes
+    ONLOADING = "onloading"     # host->device copy in flight; ordered before later work on the current stream
+
+
+class Policy(str, enum.Enum):
+    COPY = "copy"
+    DISCARD = "discard"
+
+
+def _storage_use_count(tensor: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+# References the measurement itself adds (the temporary storage wrapper), calibrated on this torch build.
+_PROBE_REFS = _storage_use_count(torch.empty(1)) - 1
+
+
+def _describe(name: str, tensor: torch.Tensor) -> str:
+    return f"tensor {name!r} (shape {tuple(tensor.shape)}, {tensor.dtype}, {tensor.device})"
+
+
+def _name_tensors(tensors: TensorsArg, group: str) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(tensors, Mapping):
+        items = list(tensors.items())
+    elif isinstance(tensors, torch.Tensor):
+        raise MemmgrInputError(f"group {group!r}: expected a list or dict of tensors, got a single tensor; "
+                               f"wrap it in a list")
+    else:
+        items = [(f"{group}[{i}]", t) for i, t in enumerate(tensors)]
+    for name, tensor in items:
+        if not isinstance(tensor, torch.Tensor):
+            raise MemmgrInputError(f"group {group!r}: item {name!r} is a {type(tensor).__name__}, not a "
+                                   f"torch.Tensor; pass tensors only")
+    return items
+
+
+def validate_tensors(items: list[tuple[str, torch.Tensor]], group: str) -> None:
+    """Raises MemmgrInputError if any tensor cannot be coalesced safely; changes nothing."""
+    storages: dict[int, list[str]] = {}
+    seen: dict[int, str] = {}
+    for name, tensor in items:
+        if tensor.layout != torch.strided:
+            raise MemmgrInputError(f"group {group!r}: {_describe(name, tensor)} is {tensor.layout}; only dense "
+                                   f"(strided) tensors can live in a flat bucket. Convert it with .to_dense()")
+        if tensor.device.type == "meta":
+            raise MemmgrInputError(f"group {group!r}: {_describe(name, tensor)} is on the meta device and has no "
+                                   f"memory to manage; materialize it first")
+        if not tensor.is_contiguous():
+            raise MemmgrInputError(f"group {group!r}: {_describe(name, tensor)} is not contiguous (stride "
+                                   f"{tensor.stride()}) and cannot be viewed into a flat bucket. Make it "
+                                   f"contiguous first (t.data = t.data.contiguous())")
+        if id(tensor) in seen:
+            raise MemmgrInputError(f"group {group!r}: {_describe(name, tensor)} appears twice (also as "
+                                   f"{seen[id(tensor)]!r}); pass each tensor once")
+        seen[id(tensor)] = name
+        if tensor.untyped_storage().nbytes() > 0:
+            storages.setdefault(tensor.untyped_storage().data_ptr(), []).append(name)
+    for names in storages.values():
+        if len(names) > 1:
+            raise MemmgrInputError(f"group {group!r}: tensors {names} share one storage (views of each other); "
+                                   f"pass their base tensor once, or clone them")
+    for name, tensor in items:
+        if tensor.untyped_storage().nbytes() == 0:
+            continue
+        extra = _storage_use_count(tensor) - 1 - _PROBE_REFS
+        if extra > 0:
+            raise MemmgrInputError(
+                f"group {group!r}: the storage of {_describe(name, tensor)} is also held by {extra} other "
+                f"reference(s) outside the group (a view, its base tensor, or a tensor autograd saved for an "
+                f"unfinished backward). Coalescing would silently detach them. Finish the backward pass, drop the "
+                f"other references, or pass the base tensor instead")
+
+
+class FlatTensors:
+    """One flat bucket: a 1-D tensor of one device and dtype that holds (or is) a group of tensors."""
+
+    def __init__(self, flat: torch.Tensor, members: list[tuple[str, torch.Tensor, int]], *, name: str,
+                 policy: Policy | str = Policy.COPY, pool: HostMemoryPool | None = None):
+        self.flat = flat
+        self.members = members  # (name, tensor, element offset)
+        self.name = name
+        self.policy = Policy(policy)
+        self.nbytes = flat.numel() * flat.element_size()
+        self._pool = pool or default_pool()
+        self._host: HostBuffer | None = None
+        self._state = BucketState.ON_DEVICE
+        self._pending: TransferHandle | None = None
+        self._pending_state: BucketState | None = None
+
+    # ---- construction ----
+    @classmethod
+    def coalesce(cls, items: list[tuple[str, torch.Tensor]], *, name: str, policy: Policy | str = Policy.COPY,
+                 pool: HostMemoryPool | None = None, align_bytes: int = 64) -> "FlatTensors":
+        """Copies same-device, same-dtype tensors into one new flat buffer and rebinds each to a view of it."""
+        if not items:
+            raise MemmgrInputError(f"bucket {name!r}: no tensors to coalesce")
+        device, dtype = items[0][1].device, items[0][1].dtype
+        for tname, tensor in items:
+            if tensor.device != device:
+                raise MemmgrInputError(f"bucket {name!r}: {_describe(tname, tensor)} is on {tensor.device} but the "
+                                       f"bucket is on {device}; one bucket holds tensors of one device "
+                                       f"(BucketizedFlatTensors groups them for you)")
+            if tensor.dtype != dtype:
+                raise MemmgrInputError(f"bucket {name!r}: {_describe(tname, tensor)} is {tensor.dtype} but the "
+                                       f"bucket is {dtype}; use BucketizedFlatTensors for mixed dtypes")
+        align = max(1, align_bytes // torch.empty(0, dtype=dtype).element_size())
+        offsets, total = [], 0
+        for _, tensor in items:
+            offsets.append(total)
+            total += -(-tensor.numel() // align) * align
+        flat = torch.empty(total, dtype=dtype, device=device)
+        members = []
+        with torch.no_grad():
+            for (tname, tensor), offset in zip(items, offsets):
+                view = flat[offset:offset + tensor.numel()].view(tensor.shape)
+                view.copy_(tensor)
+                tensor.data = view
+                members.append((tname, tensor, offset))
+        return cls(flat, members, name=name, policy=policy, pool=pool)
+
+    @classmethod
+    def adopt(cls, buffer: torch.Tensor, *, name: str, policy: Policy | str = Policy.COPY,
+              pool: HostMemoryPool | None = None) -> "FlatTensors":
+        """Uses a flat buffer the caller owns (e.g. megatron-core's param_data) as a bucket, without a copy.
+
+        The buffer must span its whole storage: freeing that storage in place frees exactly this buffer, and every
+        view of it (the caller's parameters, bucket slices, optimizer shards) stays valid through a round trip.
+        """
+        if not isinstance(buffer, torch.Tensor):
+            raise MemmgrInputError(f"bucket {name!r}: adopt() takes a tensor, got {type(buffer).__name__}")
+        if buffer.dim() != 1 or not buffer.is_contiguous():
+            raise MemmgrInputError(f"bucket {name!r}: {_describe(name, buffer)} is not a 1-D contiguous buffer; "
+                                   f"only flat buffers can be adopted")
+        nbytes = buffer.numel() * buffer.element_size()
+        if buffer.storage_offset() != 0 or buffer.untyped_storage().nbytes() != nbytes:
+            raise MemmgrInputError(
+                f"bucket {name!r}: {_describe(name, buffer)} covers {nbytes} of its storage's "
+                f"{buffer.untyped_storage().nbytes()} bytes (offset {buffer.storage_offset()}); freeing the storage "
+                f"would free memory outside it. Adopt the tensor that owns the whole storage")
+        return cls(buffer, [(name, buffer, 0)], name=name, policy=policy, pool=pool)
+
+    # ---- state ----
+    @property
+    def state(self) -> BucketState:
+        if self._pending is not None:
+            self._pending.done()
+        return self._state
+
+    @property
+    def device(self) -> torch.device:
+        return self.flat.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flat.dtype
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of device storage this bucket holds now (0 once offloaded or discarded)."""
+        return self.flat.untyped_storage().nbytes()
+
+    @property
+    def host_bytes(self) -> int:
+        return self._host.nbytes if self._host is not None else 0
+
+    @property
+    def host_buffer(self) -> HostBuffer | None:
+        return self._host
+
+    def pending(self) -> TransferHandle | None:
+        return self._pending
+
+    def _start(self, handle: TransferHandle, in_flight: BucketState, final: BucketState) -> TransferHandle:
+        self._state = in_flight
+        self._pending = handle
+        self._pending_state = final
+        return handle
+
+    def _complete(self) -> None:
+        if self._pending_state is not None:
+            self._state = self._pending_state
+        self._pending = None
+        self._pending_state = None
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self._pending.wait()
+
+    def ensure_host_buffer(self) -> HostBuffer:
+        """Allocates (and pins) the exact-size host store now, off the critical path of the first offload."""
+        if self._host is None:
+            self._host = self._pool.acquire(self.nbytes)
+        return self._host
+
+    # ---- moves ----
+    def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
+        """Moves the contents to the host store (or drops them) and frees the device storage in place."""
+        state = self.state
+        if state in (BucketState.ON_HOST, BucketState.DISCARDED, BucketState.OFFLOADING):
+            logger.debug("bucket %s is already %s; offload is a no-op", self.name, state.value)
+            return self._pending or TransferHandle.completed()
+        if state is BucketState.ONLOADING:
+            self.wait()
+        discard = self.policy is Policy.DISCARD if discard is None else discard
+        storage = self.flat.untyped_storage()
+        if discard or self.nbytes == 0:
+            storage.resize_(0)
+            self._state = BucketState.DISCARDED if discard else BucketState.ON_HOST
+            return TransferHandle.completed()
+        host = self.ensure_host_buffer().tensor
+        src = self.flat.view(torch.uint8)
+        if self.flat.is_cuda:
+            stream = copy_stream(self.flat.device, "d2h")
+            stream.wait_stream(torch.cuda.current_stream(self.flat.device))
+            with torch.cuda.stream(stream):
+                host.copy_(src, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            # The allocator may hand this block out again only after the copy stream is done with it.
+            self.flat.record_stream(stream)
+            storage.resize_(0)
+            handle = self._start(TransferHandle([event], [self._complete]), BucketState.OFFLOADING,
+                                 BucketState.ON_HOST)
+            if not non_blocking:
+                handle.wait()
+            return handle
+        host.copy_(src)
+        storage.resize_(0)
+        self._state = BucketState.ON_HOST
+        return TransferHandle.completed()
+
+    def allocate(self) -> bool:
+        """Re-allocates the device storage in place (raises torch.OutOfMemoryError); True if it was freed."""
+        storage = self.flat.untyped_storage()
+        if storage.nbytes() == self.nbytes:
+            return False
+        storage.resize_(self.nbytes)
+        return True
+
+    def free_after_failed_onload(self) -> None:
+        """Undoes allocate() when a later bucket of the same onload could not be allocated."""
+        self.flat.untyped_storage().resize_(0)
+
+    def onload(self, non_blocking: bool = False) -> TransferHandle:
+        """Re-allocates the device storage in place and restores the contents (or zeroes a discarded bucket).
+
+        The copy is ordered before any later work on the current stream, so compute may follow immediately.
+        """
+        state = self.state
+        if state in (BucketState.ON_DEVICE, BucketState.ONLOADING):
+            logger.debug("bucket %s is already %s; onload is a no-op", self.name, state.value)
+            return self._pending or TransferHandle.completed()
+        offload_events = self._pending.events if self._pending is not None else []
+        if self._pending is not None and not self.flat.is_cuda:
+            self.wait()
+        self.allocate()
+        if state is BucketState.DISCARDED or self.nbytes == 0:
+            if offload_events:
+                self.wait()
+            with torch.no_grad():
+                self.flat.zero_()
+            self._pending = None
+            self._state = BucketState.ON_DEVICE
+            return TransferHandle.completed()
+        host = self._host.tensor  # type: ignore[union-attr]
+        dst = self.flat.view(torch.uint8)
+        if self.flat.is_cuda:
+            previous = self._pending
+            current = torch.cuda.current_stream(self.flat.device)
+            stream = copy_stream(self.flat.device, "h2d")
+            stream.wait_stream(current)
+            for event in offload_events:  # the host store is complete only once the offload copy is
+                stream.wait_event(event)
+            with torch.cuda.stream(stream):
+                dst.copy_(host, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            current.wait_event(event)
+            self.flat.record_stream(stream)
+            callbacks = [previous._finish] if previous is not None else []
+            handle = self._start(TransferHandle([event], callbacks + [self._complete]), BucketState.ONLOADING,
+                                 BucketState.ON_DEVICE)
+            if not non_blocking:
+                handle.wait()
+            return handle
+        dst.copy_(host)
+        self._state = BucketState.ON_DEVICE
+        return TransferHandle.completed()
+
+    def release_host_buffer(self) -> None:
+        """Returns the host store to the pool (only while the contents are on the device)."""
+        if self.state is not BucketState.ON_DEVICE:
+            raise MemmgrStateError(f"bucket {self.name!r} is {self._state.value}: its host buffer holds the only "
+                                   f"copy; onload before releasing it")
+        if self._host is not None:
+            self._pool.release(self._host)
+            self._host = None
+
+    def __repr__(self) -> str:
+        return (f"FlatTensors({self.name!r}, {len(self.members)} tensors, {self.nbytes} B, {self.dtype}, "
+                f"{self.device}, {self.state.value})")
+
+
+class BucketizedFlatTensors:
+    """A group of tensors of any devices and dtypes, coalesced into flat buckets of at most ``bucket_size_mb``.
+
+    Tensors are grouped by (device, dtype) in the order given; a tensor larger than the bucket size gets a bucket of
+    its own. Coalescing needs at most one bucket of extra memory at a time.
+    """
+
+    def __init__(self, tensors: TensorsArg, bucket_size_mb: float = 256, *, name: str = "tensors",
+                 policy: Policy | str = Policy.COPY, pool: HostMemoryPool | None = None, align_bytes: int = 64,
+                 pin_ahead: bool = True):
+        if bucket_size_mb <= 0:
+            raise MemmgrInputError(f"group {name!r}: bucket_size_mb must be > 0, got {bucket_size_mb}")
+        self.name = name
+        self.policy = Policy(policy)
+        self.bucket_size_bytes = int(bucket_size_mb * 2**20)
+        self._pool = pool or default_pool()
+        self._align_bytes = align_bytes
+        self.buckets: list[FlatTensors] = []
+        self.extend(tensors, pin_ahead=pin_ahead)
+
+    @classmethod
+    def from_buffers(cls, buffers: TensorsArg, *, name: str, policy: Policy | str = Policy.COPY,
+                     pool: HostMemoryPool | None = None, pin_ahead: bool = True) -> "BucketizedFlatTensors":
+        """Adopts flat buffers the caller owns, one bucket each, without copying (see FlatTensors.adopt)."""
+        group = cls([], name=name, policy=policy, pool=pool)
+        for bname, buffer in _name_tensors(buffers, name):
+            group.buckets.append(FlatTensors.adopt(buffer, name=bname, policy=group.policy, pool=group._pool))
+        if pin_ahead:
+            group.ensure_host_buffers()
+        return group
+
+    def extend(self, tensors: TensorsArg, pin_ahead: bool = True) -> list[FlatTensors]:
+        """Coalesces more tensors into new buckets (e.g. optimizer state created after the group was built)."""
+        items = _name_tensors(tensors, self.name)
+        if not items:
+            return []
+        if self.buckets and self.state is not BucketState.ON_DEVICE:
+            raise MemmgrStateError(f"group {self.name!r} is {self.state.value}; add tensors while it is on device")
+        existing = {id(t): n for n, t in self.named_tensors}
+        for tname, tensor in items:
+            if id(tensor) in existing:
+                raise MemmgrInputError(f"group {self.name!r}: {_describe(tname, tensor)} is already in the group "
+                                       f"as {existing[id(tensor)]!r}")
+        validate_tensors(items, self.name)
+        by_key: "OrderedDict[tuple[torch.device, torch.dtype], list[tuple[str, torch.Tensor]]]" = OrderedDict()
+        for item in items:
+            by_key.setdefault((item[1].device, item[1].dtype), []).append(item)
+        new: list[FlatTensors] = []
+        for (_device, _dtype), group_items in by_key.items():
+            chunk: list[tuple[str, torch.Tensor]] = []
+            chunk_bytes = 0
+            for item in group_items:
+                nbytes = -(-item[1].numel() * item[1].element_size() // self._align_bytes) * self._align_bytes
+                if chunk and chunk_bytes + nbytes > self.bucket_size_bytes:
+                    new.append(self._coalesce(chunk, len(self.buckets) + len(new)))
+                    chunk, chunk_bytes = [], 0
+                chunk.append(item)
+                chunk_bytes += nbytes
+            if chunk:
+                new.append(self._coalesce(chunk, len(self.buckets) + len(new)))
+        self.buckets.extend(new)
+        if pin_ahead and self.policy is Policy.COPY:
+            for bucket in new:
+                bucket.ensure_host_buffer()
+        return new
+
+    def _coalesce(self, chunk: list[tuple[str, torch.Tensor]], index: int) -> FlatTensors:
+        return FlatTensors.coalesce(chunk, name=f"{self.name}/{index}", policy=self.policy, pool=self._pool,
+                                    align_bytes=self._align_bytes)
+
+    def ensure_host_buffers(self) -> None:
+        for bucket in self.buckets:
+            if bucket.policy is Policy.COPY:
+                bucket.ensure_host_buffer()
+
+    # ---- moves ----
+    def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
+        handles = [b.offload(non_blocking=True, discard=discard) for b in self.buckets]
+        handle = TransferHandle.combine(handles)
+        if not non_blocking:
+            handle.wait()
+        return handle
+
+    def onload(self, non_blocking: bool = False) -> TransferHandle:
+        """Restores every bucket; if the GPU runs out of memory, frees what this call allocated and raises
+        MemmgrOutOfMemoryError with the host copies intact, so a retry after freeing memory succeeds."""
+        todo = [b for b in self.buckets if b.state not in (BucketState.ON_DEVICE, BucketState.ONLOADING)]
+        if not todo:
+            logger.debug("group %s is already %s; onload is a no-op", self.name, self.state.value)
+        allocated: list[FlatTensors] = []
+        try:
+            for bucket in todo:
+                if bucket.allocate():
+                    allocated.append(bucket)
+        except torch.OutOfMemoryError as exc:
+            for bucket in allocated:
+                bucket.free_after_failed_onload()
+            needed = sum(b.nbytes for b in todo)
+            free = None
+            device = todo[0].device if todo else None
+            if device is not None and device.type == "cuda":
+                free = torch.cuda.mem_get_info(device)[0]
+            raise MemmgrOutOfMemoryError(
+                f"group {self.name!r}: onload needs {needed} bytes on {device} but only "
+                f"{free if free is not None else 'unknown'} bytes are free; nothing was restored and the host copy "
+                f"is intact. Free GPU memory (offload another group, torch.cuda.empty_cache()) and retry",
+                group=self.name, bytes_needed=needed, bytes_free=free) from exc
+        handles = [b.onload(non_blocking=True) for b in todo]
+        handle = TransferHandle.combine(handles)
+        if not non_blocking:
+            handle.wait()
+        return handle
+
+    def wait(self) -> None:
+        for bucket in self.buckets:
+            bucket.wait()
+
+    # ---- introspection ----
+    @property
+    def state(self) -> BucketState:
+        states = {b.state for b in self.buckets}
+        if not states:
+            return BucketState.ON_DEVICE
+        if len(states) == 1:
+            return states.pop()
+        for in_flight in (BucketState.OFFLOADING, BucketState.ONLOADING):
+            if in_flight in states:
+                return in_flight
+        if states <= {BucketState.ON_HOST, BucketState.DISCARDED}:
+            return BucketState.ON_HOST
+        raise MemmgrStateError(f"group {self.name!r} is partly on device and partly off: "
+                               f"{sorted(s.value for s in states)}; onload or offload it as a whole")
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [m[1] for b in self.buckets for m in b.members]
+
+    @property
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return [(m[0], m[1]) for b in self.buckets for m in b.members]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buckets)
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(b.device_bytes for b in self.buckets)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(b.host_bytes for b in self.buckets)
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return sorted({b.device for b in self.buckets}, key=str)
+
+    @property
+    def device(self) -> torch.device | None:
+        devices = self.devices
+        return devices[0] if len(devices) == 1 else None
+
+    def require_on_device(self) -> None:
+        """Raises MemmgrStateError unless every bucket is on the device (use before touching the tensors)."""
+        state = self.state
+        if state not in (BucketState.ON_DEVICE, BucketState.ONLOADING):
+            raise MemmgrStateError(f"group {self.name!r} is {state.value}: its tensors have no device memory "
+                                   f"behind them; call onload() before using them")
+
+    def release_host_buffers(self) -> None:
+        for bucket in self.buckets:
+            bucket.release_host_buffer()
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def __repr__(self) -> str:
+        devices = ",".join(str(d) for d in self.devices) or "-"
+        return (f"BucketizedFlatTensors({self.name!r}, {len(self.tensors)} tensors in {len(self.buckets)} buckets, "
+                f"{self.nbytes / 2**20:.1f} MiB on {devices}, {self.policy.value}, {self.state.value})")

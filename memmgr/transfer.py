@@ -1,0 +1,95 @@
+"""Copy streams and the handles that non-blocking transfers return."""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterable
+
+import torch
+
+_streams: dict[tuple[int, str], torch.cuda.Stream] = {}
+_streams_lock = threading.Lock()
+
+
+def copy_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
+    """The dedicated stream for one direction ("d2h" or "h2d") on one GPU, created once.
+
+    Two streams per GPU let an offload of one group and an onload of another use both directions of the link at once.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, direction)
+    with _streams_lock:
+        stream = _streams.get(key)
+        if stream is None:
+            stream = torch.cuda.Stream(device=index)
+            _streams[key] = stream
+        return stream
+
+
+class TransferHandle:
+    """A transfer in flight: ``done()`` polls, ``wait()`` blocks; both run the completion steps exactly once.
+
+    A group counts as moved (and, for an offload, its memory as free) only once its handle reports done.
+    """
+
+    def __init__(self, events: Iterable[torch.cuda.Event] = (), on_complete: Iterable[Callable[[], None]] = ()):
+        self._events = list(events)
+        self._on_complete = list(on_complete)
+        self._completed = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def completed(cls) -> "TransferHandle":
+        handle = cls()
+        handle._completed = True
+        return handle
+
+    @classmethod
+    def combine(cls, handles: Iterable["TransferHandle"]) -> "TransferHandle":
+        handles = [h for h in handles if not h._completed]
+        combined = cls()
+        combined._children = handles  # type: ignore[attr-defined]
+        combined._completed = not handles
+        return combined
+
+    def _finish(self) -> None:
+        with self._lock:
+            if self._completed:
+                return
+            self._completed = True
+            callbacks, self._on_complete = self._on_complete, []
+        for callback in callbacks:
+            callback()
+
+    def done(self) -> bool:
+        if self._completed:
+            return True
+        children = getattr(self, "_children", None)
+        if children is not None:
+            if all(child.done() for child in children):
+                self._finish()
+            return self._completed
+        if all(event.query() for event in self._events):
+            self._finish()
+        return self._completed
+
+    def wait(self) -> None:
+        if self._completed:
+            return
+        children = getattr(self, "_children", None)
+        if children is not None:
+            for child in children:
+                child.wait()
+        else:
+            for event in self._events:
+                event.synchronize()
+        self._finish()
+
+    @property
+    def events(self) -> list[torch.cuda.Event]:
+        children = getattr(self, "_children", None)
+        if children is not None:
+            return [e for child in children for e in child.events]
+        return list(self._events)
+
+    def __repr__(self) -> str:
+        return f"TransferHandle(done={self._completed})"

@@ -1,0 +1,57 @@
+"""Build script for memmgr.
+
+The native extension ``memmgr._pinned`` (csrc/) is built whenever a CUDA toolkit is found (``nvcc`` on PATH or
+CUDA_HOME), including with a CPU-only torch: it links cudart statically and needs no torch CUDA headers, so CI can
+build and load it on machines without a GPU. Set MEMMGR_BUILD_EXT=0 to skip it, MEMMGR_BUILD_EXT=1 to fail if it
+cannot be built. Without the extension the pure-Python path runs (exact-size buffers pinned through
+torch.cuda.cudart().cudaHostRegister) and ``memmgr.backend_info()`` says so.
+"""
+import os
+import shutil
+
+from setuptools import setup
+
+
+def find_cuda_home():
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return home
+    return None
+
+
+def extension_modules():
+    wanted = os.environ.get("MEMMGR_BUILD_EXT", "auto")
+    if wanted == "0":
+        return [], {}
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        if wanted == "1":
+            raise RuntimeError("MEMMGR_BUILD_EXT=1 but no CUDA toolkit (nvcc, CUDA_HOME) was found")
+        print("memmgr: no CUDA toolkit found; installing the pure-Python path only")
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        if wanted == "1":
+            raise
+        print("memmgr: torch is not importable at build time (use pip --no-build-isolation); pure-Python path only")
+        return [], {}
+    lib_dirs = [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")) if os.path.isdir(d)]
+    ext = CppExtension(
+        name="memmgr._pinned",
+        sources=["csrc/pinned_host.cpp"],
+        include_dirs=[os.path.join(cuda_home, "include")],
+        library_dirs=lib_dirs,
+        libraries=["cudart_static", "dl", "rt", "pthread"],
+        extra_compile_args=["-O3"],
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+
+ext_modules, cmdclass = extension_modules()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
