@@ -11,6 +11,8 @@ from memmgr._native import BackendInfo, backend_info
 from memmgr.errors import (MemmgrCorruptionError, MemmgrError, MemmgrHostMemoryError, MemmgrInputError,
                            MemmgrIntegrationError, MemmgrOutOfMemoryError, MemmgrStateError)
 from memmgr.flat_tensors import BucketizedFlatTensors, BucketState, FlatTensors, Policy
+from memmgr.manager import GroupStatus, HookEvent, HookHandle, MemoryManager
+from memmgr.integrations.plain_torch import for_module
 from memmgr.host_memory import HostBuffer, HostMemoryPool, allocate_host_buffer, default_pool
 from memmgr.transfer import TransferHandle
 
@@ -22,5 +24,5 @@ __all__ = [
     "BackendInfo", "backend_info", "BucketizedFlatTensors", "BucketState", "FlatTensors", "Policy", "HostBuffer",
     "HostMemoryPool", "allocate_host_buffer", "default_pool", "TransferHandle", "MemmgrError", "MemmgrInputError",
     "MemmgrStateError", "MemmgrOutOfMemoryError", "MemmgrHostMemoryError", "MemmgrCorruptionError",
-    "MemmgrIntegrationError",
+    "MemmgrIntegrationError", "MemoryManager", "GroupStatus", "HookEvent", "HookHandle", "for_module",
 ]

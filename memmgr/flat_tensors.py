@@ -327,6 +327,15 @@ class FlatTensors:
         self._state = BucketState.ON_DEVICE
         return TransferHandle.completed()
 
+    def outside_references(self) -> int:
+        """References to this bucket's storage beyond the bucket and its members (0 for an adopted buffer, whose
+        views are the owner's business): a tensor autograd saved for backward, or a view someone kept."""
+        if self.members and self.members[0][1] is self.flat:
+            return 0
+        if self.flat.untyped_storage().nbytes() == 0:
+            return 0
+        return max(0, _storage_use_count(self.flat) - _PROBE_REFS - 1 - len(self.members))
+
     def release_host_buffer(self) -> None:
         """Returns the host store to the pool (only while the contents are on the device)."""
         if self.state is not BucketState.ON_DEVICE:
@@ -502,6 +511,17 @@ class BucketizedFlatTensors:
     def device(self) -> torch.device | None:
         devices = self.devices
         return devices[0] if len(devices) == 1 else None
+
+    def check_no_outside_references(self) -> None:
+        """Raises MemmgrStateError, before anything moves, if something outside the group still uses its memory
+        (e.g. tensors autograd saved for the backward of an unfinished step): freeing it would corrupt them."""
+        for bucket in self.buckets:
+            extra = bucket.outside_references()
+            if extra:
+                raise MemmgrStateError(
+                    f"group {self.name!r}: bucket {bucket.name!r} is still referenced {extra} time(s) from outside "
+                    f"the group, typically by tensors autograd saved for the backward pass of an unfinished step "
+                    f"(or a view you kept). Finish backward (or drop the graph / the view) before offloading")
 
     def require_on_device(self) -> None:
         """Raises MemmgrStateError unless every bucket is on the device (use before touching the tensors)."""

@@ -51,6 +51,14 @@ class TransferHandle:
         combined._completed = not handles
         return combined
 
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Runs ``fn`` once the transfer is complete (at once if it already is)."""
+        with self._lock:
+            if not self._completed:
+                self._on_complete.append(fn)
+                return
+        fn()
+
     def _finish(self) -> None:
         with self._lock:
             if self._completed:

@@ -1,0 +1,110 @@
+"""Plain PyTorch modules and torch.optim optimizers (reference, reward and critic models of an RL job)."""
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+
+from memmgr.errors import MemmgrInputError
+from memmgr.flat_tensors import BucketState, Policy
+from memmgr.manager import MemoryManager
+from memmgr.transfer import TransferHandle
+
+logger = logging.getLogger("memmgr")
+
+
+class DroppedGradients:
+    """The ``.grad`` tensors of a set of parameters, offloaded by dropping them (``.grad = None``).
+
+    Gradients need not survive a phase change; PyTorch recreates them at the next backward, which gives the same
+    result as accumulating into zeros. This is what ``optimizer.zero_grad(set_to_none=True)`` does too.
+    """
+
+    policy = Policy.DISCARD
+
+    def __init__(self, name: str, params: list[torch.nn.Parameter], names: list[str]):
+        self.name = name
+        self._params = params
+        self._names = names
+        self._dropped = False
+
+    def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
+        for p in self._params:
+            p.grad = None
+        self._dropped = True
+        return TransferHandle.completed()
+
+    def onload(self, non_blocking: bool = False) -> TransferHandle:
+        self._dropped = False
+        return TransferHandle.completed()
+
+    @property
+    def state(self) -> BucketState:
+        return BucketState.DISCARDED if self._dropped else BucketState.ON_DEVICE
+
+    @property
+    def nbytes(self) -> int:
+        return self.device_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(p.grad.untyped_storage().nbytes() for p in self._params if p.grad is not None)
+
+    @property
+    def host_bytes(self) -> int:
+        return 0
+
+    @property
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return [(f"{n}.grad", p.grad) for n, p in zip(self._names, self._params) if p.grad is not None]
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    """Every tensor in ``optimizer.state`` that lives on its parameter's device (Adam's CPU ``step`` counters are
+    left alone), named ``<param name>.<state key>``."""
+    found: dict[str, torch.Tensor] = {}
+    for param, state in optimizer.state.items():
+        pname = names.get(id(param), f"param{len(found)}")
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.device == param.device and value.numel() > 0:
+                found[f"{pname}.{key}"] = value
+    return found
+
+
+def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+               include_buffers: bool = True, bucket_size_mb: float = 256, empty_cache: bool = True,
+               pin_ahead: bool = True) -> MemoryManager:
+    """A MemoryManager for a plain PyTorch module (on CUDA or the CPU) and, optionally, its torch.optim optimizer.
+
+    Groups: ``weights`` (parameters and, with ``include_buffers``, floating-point and integer buffers), ``grads``
+    (``.grad``, dropped on offload) and, with an optimizer, ``optimizer_states`` (every tensor in
+    ``optimizer.state``; state the optimizer creates lazily at its first step is picked up at the next offload).
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise MemmgrInputError(f"for_module takes a torch.nn.Module, got {type(module).__name__}")
+    named_params = [(n, p) for n, p in module.named_parameters()]
+    if not named_params:
+        raise MemmgrInputError(f"module {type(module).__name__} has no parameters; there is nothing to manage")
+    param_ids = {id(p): n for n, p in named_params}
+    if optimizer is not None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise MemmgrInputError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; for "
+                                   f"megatron-core optimizers use memmgr.for_megatron")
+        foreign = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in param_ids]
+        if foreign:
+            raise MemmgrInputError(f"the optimizer holds {len(foreign)} parameter(s) that are not the module's "
+                                   f"(shapes {foreign[:3]}); pass the optimizer built over this module's parameters")
+    weights: dict[str, torch.Tensor] = dict(named_params)
+    if include_buffers:
+        for n, b in module.named_buffers():
+            if b is not None and b.numel() > 0:
+                weights[n] = b
+    mgr = MemoryManager(bucket_size_mb=bucket_size_mb, empty_cache=empty_cache,
+                        named_weights=lambda: list(weights.items()))
+    mgr.add_group("weights", weights, pin_ahead=pin_ahead)
+    mgr.add_group("grads", DroppedGradients("grads", [p for _, p in named_params], [n for n, _ in named_params]))
+    if optimizer is not None:
+        mgr.add_group("optimizer_states", optimizer_state_tensors(optimizer, param_ids), pin_ahead=pin_ahead,
+                      collect=lambda: optimizer_state_tensors(optimizer, param_ids))
+    return mgr

@@ -1,0 +1,324 @@
+"""MemoryManager: named state groups that leave and re-enter the GPU around the phases of an RL loop."""
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from memmgr.errors import MemmgrInputError, MemmgrStateError
+from memmgr.flat_tensors import BucketizedFlatTensors, BucketState, Policy, TensorsArg
+from memmgr.groups import StateGroup, default_priority
+from memmgr.host_memory import HostMemoryPool, default_pool
+from memmgr.transfer import TransferHandle
+
+logger = logging.getLogger("memmgr")
+
+
+class HookEvent(str, enum.Enum):
+    BEFORE_OFFLOAD = "before_offload"
+    AFTER_OFFLOAD = "after_offload"
+    BEFORE_ONLOAD = "before_onload"
+    AFTER_ONLOAD = "after_onload"
+    BEFORE_WEIGHT_SYNC = "before_weight_sync"
+    AFTER_WEIGHT_SYNC = "after_weight_sync"
+
+
+HookFn = Callable[[str, tuple], Any]
+
+
+class HookHandle:
+    """Returned by register_hook; ``remove()`` unregisters the hook."""
+
+    def __init__(self, hooks: list, entry: tuple):
+        self._hooks = hooks
+        self._entry = entry
+
+    def remove(self) -> None:
+        if self._entry in self._hooks:
+            self._hooks.remove(self._entry)
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    name: str
+    state: str
+    policy: str
+    nbytes: int
+    device_bytes: int
+    host_bytes: int
+
+
+@dataclass
+class _Entry:
+    group: StateGroup
+    priority: int
+    collect: Callable[[], TensorsArg] | None
+    index: int
+
+
+class MemoryManager:
+    """Holds named state groups and moves them off and onto the GPU.
+
+    ``offload(*names)`` / ``onload(*names)`` (no names: every group), ``phase(name, keep=...)`` for a block of
+    code during which the other groups are off the GPU, ``weight_sync()`` around each trainer->engine weight sync,
+    and ``register_hook(event, fn)`` to run code around each of these.
+    """
+
+    def __init__(self, *, bucket_size_mb: float = 256, empty_cache: bool = True, pool: HostMemoryPool | None = None,
+                 weights_group: str = "weights",
+                 named_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None):
+        self.bucket_size_mb = bucket_size_mb
+        self.empty_cache = empty_cache
+        self.pool = pool or default_pool()
+        self.weights_group = weights_group
+        self._named_weights = named_weights
+        self._groups: "OrderedDict[str, _Entry]" = OrderedDict()
+        self._hooks: list[tuple[str, HookFn]] = []
+        self._closed = False
+        self._phases: list[str] = []
+        self._ledger = None
+        self.left_behind: dict[str, int] = {}  # state an integration saw but does not move, by description -> bytes
+
+    # ---- building ----
+    def add_group(self, name: str, tensors: TensorsArg | StateGroup, policy: Policy | str = Policy.COPY, *,
+                  priority: int | None = None, collect: Callable[[], TensorsArg] | None = None,
+                  adopt: bool = False, pin_ahead: bool = True) -> StateGroup:
+        """Adds a named group: a list/dict of tensors to coalesce, flat buffers to adopt (``adopt=True``), or a
+        ready StateGroup. ``collect`` returns the group's current tensors; tensors it returns that the group does
+        not hold yet (optimizer state created lazily at the first step) are added at the next offload."""
+        self._check_open()
+        if name in self._groups:
+            raise MemmgrInputError(f"group {name!r} exists already; known groups: {list(self._groups)}")
+        policy = Policy(policy)
+        if isinstance(tensors, StateGroup) and not isinstance(tensors, (list, tuple, dict)):
+            group = tensors
+        elif adopt:
+            self._check_not_managed(name, tensors)
+            group = BucketizedFlatTensors.from_buffers(tensors, name=name, policy=policy, pool=self.pool,
+                                                       pin_ahead=pin_ahead)
+        else:
+            self._check_not_managed(name, tensors)
+            group = BucketizedFlatTensors(tensors, self.bucket_size_mb, name=name, policy=policy, pool=self.pool,
+                                          pin_ahead=pin_ahead)
+        prio = default_priority(name, group.policy) if priority is None else priority
+        self._groups[name] = _Entry(group, prio, collect, len(self._groups))
+        return group
+
+    def _check_not_managed(self, name: str, tensors: TensorsArg) -> None:
+        managed = {id(t): g for g, e in self._groups.items() for _, t in e.group.named_tensors}
+        values = tensors.values() if isinstance(tensors, dict) else tensors
+        for t in values:
+            if id(t) in managed:
+                raise MemmgrInputError(f"group {name!r}: tensor (shape {tuple(t.shape)}, {t.dtype}) is already in "
+                                       f"group {managed[id(t)]!r}; a tensor can belong to one group only")
+
+    def group(self, name: str) -> StateGroup:
+        return self._resolve([name])[0].group
+
+    @property
+    def group_names(self) -> list[str]:
+        return list(self._groups)
+
+    # ---- moving ----
+    def offload(self, *groups: str, non_blocking: bool = False) -> TransferHandle:
+        """Moves the named groups (all if none) off the GPU: discardable ones first, weights last."""
+        self._check_open()
+        entries = sorted(self._resolve(groups), key=lambda e: (e.priority, e.index))
+        for entry in entries:
+            self._collect_new_tensors(entry)
+        for entry in entries:
+            check = getattr(entry.group, "check_no_outside_references", None)
+            if check is not None and entry.group.state is BucketState.ON_DEVICE:
+                check()
+        names = tuple(e.group.name for e in entries)
+        self._fire(HookEvent.BEFORE_OFFLOAD, names)
+        handles = [e.group.offload(non_blocking=True) for e in entries]
+        handle = TransferHandle.combine(handles)
+        handle.add_done_callback(self._release_cached_memory)
+        if not non_blocking:
+            handle.wait()
+        self._fire(HookEvent.AFTER_OFFLOAD, names)
+        self._record(f"offload {','.join(names)}")
+        return handle
+
+    def onload(self, *groups: str, non_blocking: bool = False) -> TransferHandle:
+        """Brings the named groups (all if none) back: weights first, discardable ones (re-zeroed) last.
+
+        Onload's copies are ordered before later work on the current stream, so compute may follow at once."""
+        self._check_open()
+        entries = sorted(self._resolve(groups), key=lambda e: (-e.priority, e.index))
+        names = tuple(e.group.name for e in entries)
+        self._fire(HookEvent.BEFORE_ONLOAD, names)
+        handles = []
+        for entry in entries:
+            handles.append(entry.group.onload(non_blocking=True))
+        handle = TransferHandle.combine(handles)
+        if not non_blocking:
+            handle.wait()
+        self._fire(HookEvent.AFTER_ONLOAD, names)
+        self._record(f"onload {','.join(names)}")
+        return handle
+
+    def _release_cached_memory(self) -> None:
+        if self.empty_cache and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+    def _collect_new_tensors(self, entry: _Entry) -> None:
+        if entry.collect is None or not isinstance(entry.group, BucketizedFlatTensors):
+            return
+        if entry.group.state is not BucketState.ON_DEVICE:
+            return
+        held = {id(t) for t in entry.group.tensors}
+        current = entry.collect()
+        items = current.items() if isinstance(current, dict) else ((None, t) for t in current)
+        new = {n if n is not None else f"{entry.group.name}+{i}": t
+               for i, (n, t) in enumerate(items) if id(t) not in held}
+        if new:
+            self._check_not_managed(entry.group.name, new)
+            entry.group.extend(new)
+            logger.debug("group %s picked up %d new tensors", entry.group.name, len(new))
+
+    # ---- phases and weight sync ----
+    @contextlib.contextmanager
+    def phase(self, name: str, keep: Iterable[str] = ()) -> Iterator["MemoryManager"]:
+        """Offloads every group not in ``keep`` on entry and restores the previous placement on exit (also when
+        the block raises). Phases nest."""
+        self._check_open()
+        keep = tuple(keep)
+        self._resolve(keep)
+        before = {n: self._on_device(e) for n, e in self._groups.items()}
+        to_offload = [n for n in self._groups if n not in keep and before[n]]
+        self._phases.append(name)
+        try:
+            if to_offload:
+                self.offload(*to_offload)
+            self._record(f"enter {name}")
+            yield self
+        finally:
+            self._phases.pop()
+            if not self._closed:
+                now = {n: self._on_device(e) for n, e in self._groups.items()}
+                back_on = [n for n in self._groups if before[n] and not now[n]]
+                back_off = [n for n in self._groups if not before[n] and now[n]]
+                if back_off:
+                    self.offload(*back_off)
+                if back_on:
+                    self.onload(*back_on)
+                self._record(f"exit {name}")
+
+    @property
+    def current_phase(self) -> str | None:
+        return self._phases[-1] if self._phases else None
+
+    def named_weights(self) -> "OrderedDict[str, torch.Tensor]":
+        """The weights to sync, name -> tensor, in a stable order."""
+        if self._named_weights is not None:
+            return OrderedDict(self._named_weights())
+        return OrderedDict(self.group(self.weights_group).named_tensors)
+
+    def begin_weight_sync(self) -> "OrderedDict[str, torch.Tensor]":
+        """Fires before_weight_sync hooks and onloads only the weights group; pair with end_weight_sync()."""
+        self._check_open()
+        entry = self._resolve([self.weights_group])[0]
+        if entry.group.state is BucketState.DISCARDED:
+            raise MemmgrStateError(f"group {self.weights_group!r} was discarded, so there are no weights to sync; "
+                                   f"offload weights with the copy policy")
+        self._fire(HookEvent.BEFORE_WEIGHT_SYNC, (self.weights_group,))
+        self._sync_restore = not self._on_device(entry)
+        self.onload(self.weights_group)
+        return self.named_weights()
+
+    def end_weight_sync(self) -> None:
+        """Offloads the weights again if begin_weight_sync brought them back, then fires after_weight_sync."""
+        try:
+            if getattr(self, "_sync_restore", False):
+                self.offload(self.weights_group)
+        finally:
+            self._sync_restore = False
+            self._fire(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
+
+    @contextlib.contextmanager
+    def weight_sync(self) -> Iterator["OrderedDict[str, torch.Tensor]"]:
+        """Around one weight sync: only the weights come back (grads, main weights and optimizer states stay off),
+        the body gets name -> tensor, and the weights leave again afterwards (also when the body raises)."""
+        weights = self.begin_weight_sync()
+        try:
+            yield weights
+        finally:
+            self.end_weight_sync()
+
+    # ---- hooks ----
+    def register_hook(self, event: HookEvent | str, fn: HookFn) -> HookHandle:
+        """Calls ``fn(event, group_names)`` at ``event``; hooks run in registration order."""
+        try:
+            event = HookEvent(event)
+        except ValueError:
+            raise MemmgrInputError(f"unknown hook event {event!r}; events: {[e.value for e in HookEvent]}") from None
+        entry = (event.value, fn)
+        self._hooks.append(entry)
+        return HookHandle(self._hooks, entry)
+
+    def _fire(self, event: HookEvent, names: tuple) -> None:
+        for hook_event, fn in list(self._hooks):
+            if hook_event == event.value:
+                fn(event.value, names)
+
+    # ---- reports ----
+    def attach_ledger(self, ledger: Any) -> None:
+        """Records a snapshot in ``ledger`` (memmgr.report.Ledger) after every offload, onload and phase change."""
+        self._ledger = ledger
+
+    def _record(self, label: str) -> None:
+        if self._ledger is not None:
+            self._ledger.snapshot(label, phase=self.current_phase, managers=[self])
+
+    def state(self) -> "OrderedDict[str, GroupStatus]":
+        """Where each group is and how many bytes it holds on the GPU and on the host."""
+        return OrderedDict(
+            (n, GroupStatus(n, e.group.state.value, e.group.policy.value, e.group.nbytes, e.group.device_bytes,
+                            e.group.host_bytes)) for n, e in self._groups.items())
+
+    # ---- lifecycle ----
+    def close(self) -> None:
+        """Onloads every group, returns the host buffers to the pool and stops managing; later calls raise."""
+        if self._closed:
+            return
+        self.onload()
+        for entry in self._groups.values():
+            release = getattr(entry.group, "release_host_buffers", None)
+            if release is not None:
+                release()
+        self._closed = True
+
+    def __enter__(self) -> "MemoryManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- helpers ----
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MemmgrStateError("this MemoryManager is closed; build a new one (memmgr.for_module / for_megatron)")
+
+    def _resolve(self, names: Iterable[str]) -> list[_Entry]:
+        names = list(names)
+        if not names:
+            return list(self._groups.values())
+        unknown = [n for n in names if n not in self._groups]
+        if unknown:
+            raise MemmgrInputError(f"unknown group(s) {unknown}; known groups: {list(self._groups)}")
+        return [self._groups[n] for n in dict.fromkeys(names)]
+
+    @staticmethod
+    def _on_device(entry: _Entry) -> bool:
+        return entry.group.state in (BucketState.ON_DEVICE, BucketState.ONLOADING)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}={e.group.state.value}" for n, e in self._groups.items())
+        return f"MemoryManager({parts}{', closed' if self._closed else ''})"
