@@ -1,0 +1,3 @@
+from memmgr.cli import main
+
+main()

@@ -1,0 +1,53 @@
+"""The ``memmgr`` command line: ``bench`` (the main job), ``report`` and ``doctor``."""
+from __future__ import annotations
+
+import logging
+
+import click
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log memmgr's debug messages.")
+def main(verbose: bool) -> None:
+    """Free and restore GPU training state between RL phases, at PCIe speed."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--out", default="memmgr-bench", show_default=True, help="Directory for JSON, Markdown and PNG.")
+@click.option("--size-gb", type=float, default=None, help="State size in GB (default: fits the free memory).")
+@click.option("--sweep", is_flag=True, help="Also sweep state sizes and tensor counts.")
+@click.option("--cycles", type=int, default=3, show_default=True, help="Offload/onload cycles per method.")
+@click.option("--methods", default=None, help="Comma-separated subset of methods to run.")
+@click.option("--megatron/--no-megatron", default=None, help="Use a real megatron-core GPT when installed.")
+def bench(out: str, size_gb: float | None, sweep: bool, cycles: int, methods: str | None,
+          megatron: bool | None) -> None:
+    """Time offload/onload against the link's peak and against peers (the main job)."""
+    from memmgr.bench import run_bench
+
+    run_bench(out=out, size_gb=size_gb, sweep=sweep, cycles=cycles,
+              methods=methods.split(",") if methods else None, megatron=megatron)
+
+
+@main.command()
+@click.argument("logs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--plot", default=None, help="Write a PNG timeline here.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+def report(logs: tuple[str, ...], plot: str | None, as_json: bool) -> None:
+    """Render memory ledgers (JSON Lines written by memmgr.report.Ledger) as a table, JSON or a PNG."""
+    from memmgr.report import render_logs
+
+    render_logs(list(logs), plot=plot, as_json=as_json)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="Smaller transfers (faster, less precise).")
+def doctor(quick: bool) -> None:
+    """Check this machine for what will slow offload down (link, pinning, limits, versions)."""
+    from memmgr.doctor import run_doctor
+
+    run_doctor(quick=quick)
+
+
+if __name__ == "__main__":
+    main()
