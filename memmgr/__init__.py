@@ -26,3 +26,16 @@ __all__ = [
     "MemmgrStateError", "MemmgrOutOfMemoryError", "MemmgrHostMemoryError", "MemmgrCorruptionError",
     "MemmgrIntegrationError", "MemoryManager", "GroupStatus", "HookEvent", "HookHandle", "for_module",
 ]
+
+
+def __getattr__(name: str):
+    # Optional integrations and tools load on first use, so `import memmgr` stays light and needs no megatron-core.
+    if name == "for_megatron":
+        from memmgr.integrations.megatron import for_megatron
+
+        return for_megatron
+    if name in ("report", "sync", "doctor", "bench"):
+        import importlib
+
+        return importlib.import_module(f"memmgr.{name}")
+    raise AttributeError(f"module 'memmgr' has no attribute {name!r}")
