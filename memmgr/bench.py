@@ -1,0 +1,529 @@
+"""``memmgr bench``: offload/onload of a Megatron-shaped training state, timed against the link's peak and peers.
+
+Every method does the same work on the same state: the bf16 weights, fp32 main weights and fp32 Adam moments go to
+host memory and come back; the fp32 gradients are dropped and re-zeroed. Ratios are to the pinned-copy peak
+measured in the same run. On a machine without a GPU the CPU path runs (device tensors on ``cpu``; the "peak" is a
+host memcpy) and is labelled as such.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("memmgr")
+
+GB = 1e9
+GiB = 2**30
+
+
+# ---------------------------------------------------------------- the state
+@dataclass
+class TrainingState:
+    """Tensors shaped like a GPT's training state: per parameter bf16 weight, fp32 grad, fp32 main weight, Adam."""
+
+    weights: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor]
+    main_weights: dict[str, torch.Tensor]
+    moments: dict[str, torch.Tensor]
+
+    @property
+    def copied(self) -> list[torch.Tensor]:
+        return list(self.weights.values()) + list(self.main_weights.values()) + list(self.moments.values())
+
+    @property
+    def copied_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.copied)
+
+    @property
+    def dropped_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.grads.values())
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.weights) + len(self.grads) + len(self.main_weights) + len(self.moments)
+
+
+def gpt_shapes(hidden: int, layers: int, vocab: int = 32000) -> list[tuple[str, tuple[int, ...]]]:
+    shapes = [("embedding.word_embeddings.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"decoder.layers.{i}."
+        shapes += [(p + "input_layernorm.weight", (hidden,)), (p + "input_layernorm.bias", (hidden,)),
+                   (p + "self_attention.linear_qkv.weight", (3 * hidden, hidden)),
+                   (p + "self_attention.linear_qkv.bias", (3 * hidden,)),
+                   (p + "self_attention.linear_proj.weight", (hidden, hidden)),
+                   (p + "self_attention.linear_proj.bias", (hidden,)),
+                   (p + "pre_mlp_layernorm.weight", (hidden,)), (p + "pre_mlp_layernorm.bias", (hidden,)),
+                   (p + "mlp.linear_fc1.weight", (4 * hidden, hidden)), (p + "mlp.linear_fc1.bias", (4 * hidden,)),
+                   (p + "mlp.linear_fc2.weight", (hidden, 4 * hidden)), (p + "mlp.linear_fc2.bias", (hidden,))]
+    shapes += [("decoder.final_layernorm.weight", (hidden,)), ("decoder.final_layernorm.bias", (hidden,))]
+    return shapes
+
+
+def layers_for_size(copied_bytes: float, hidden: int, vocab: int = 32000) -> int:
+    per_param = 2 + 4 + 8  # copied bytes per parameter: bf16 weight, fp32 main weight, two fp32 moments
+    per_layer = 12 * hidden * hidden + 13 * hidden
+    return max(1, round((copied_bytes / per_param - vocab * hidden) / per_layer))
+
+
+def make_state(copied_bytes: float, device: torch.device, hidden: int | None = None, seed: int = 0) -> TrainingState:
+    if hidden is None:  # realistic widths for the size, so that small states are not all embedding
+        hidden = 2048 if copied_bytes >= 8 * GB else 1024 if copied_bytes >= 1 * GB else 256
+    shapes = gpt_shapes(hidden, layers_for_size(copied_bytes, hidden))
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(shape, dtype):
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+    return TrainingState(
+        weights={n: rand(s, torch.bfloat16) for n, s in shapes},
+        grads={n + ".grad": rand(s, torch.float32) for n, s in shapes},
+        main_weights={n + ".main": rand(s, torch.float32) for n, s in shapes},
+        moments={n + f".{k}": rand(s, torch.float32) for n, s in shapes for k in ("exp_avg", "exp_avg_sq")})
+
+
+def make_small_tensors(count: int, nbytes_each: int, device: torch.device) -> TrainingState:
+    numel = nbytes_each // 4
+    return TrainingState(weights={}, grads={}, main_weights={},
+                         moments={f"t{i}": torch.full((numel,), float(i), device=device) for i in range(count)})
+
+
+# ---------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def pinned_peak(device: torch.device, nbytes: int = 2 * GiB, repeats: int = 3) -> dict[str, float]:
+    """GB/s of one large copy each way, and both ways at once on two streams, into pinned memory."""
+    if device.type != "cuda":
+        src = torch.empty(nbytes, dtype=torch.uint8)
+        src.fill_(1)
+        dst = torch.empty_like(src)
+        best = min(timed(lambda: dst.copy_(src), device) for _ in range(repeats))
+        return {"d2h": nbytes / best / GB, "h2d": nbytes / best / GB, "both": 2 * nbytes / best / GB}
+    from memmgr.host_memory import allocate_host_buffer
+
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev2 = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    host = allocate_host_buffer(nbytes).tensor
+    host2 = allocate_host_buffer(nbytes).tensor
+    s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    out = {}
+    for name, fn in (("d2h", lambda: host.copy_(dev, non_blocking=True)),
+                     ("h2d", lambda: dev.copy_(host, non_blocking=True))):
+        fn()
+        out[name] = max(nbytes / timed(fn, device) / GB for _ in range(repeats))
+
+    def both():
+        with torch.cuda.stream(s1):
+            host.copy_(dev, non_blocking=True)
+        with torch.cuda.stream(s2):
+            dev2.copy_(host2, non_blocking=True)
+
+    both()
+    out["both"] = max(2 * nbytes / timed(both, device) / GB for _ in range(repeats))
+    del dev, dev2
+    return out
+
+
+def checksum(tensors: list[torch.Tensor]) -> list[int]:
+    """One integer per tensor from its raw bytes: equal lists mean the contents came back (cheap, on the device)."""
+    sums = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        raw = flat.view(torch.int16) if flat.element_size() == 2 else flat.view(torch.int32)
+        sums.append(int(raw.sum(dtype=torch.int64)) ^ (int(raw[:: max(1, raw.numel() // 997)].sum(dtype=torch.int64)) << 1))
+    return sums
+
+
+# ---------------------------------------------------------------- methods
+class Method:
+    """One way of moving the state off the GPU and back. ``setup`` may pin or allocate ahead of time."""
+
+    name = "method"
+    description = ""
+
+    def available(self) -> str | None:
+        return None  # or the reason it cannot run here
+
+    def setup(self, state: TrainingState) -> None: ...
+
+    def offload(self, state: TrainingState) -> None: ...
+
+    def onload(self, state: TrainingState) -> None: ...
+
+    def host_bytes(self) -> dict[str, int]:
+        return {}
+
+    def teardown(self) -> None: ...
+
+
+class MemmgrMethod(Method):
+    name = "memmgr"
+    description = "memmgr MemoryManager: flat buckets, exact-size pinned host stores, copy streams"
+
+    def setup(self, state):
+        from memmgr.host_memory import HostMemoryPool
+        from memmgr.manager import MemoryManager
+
+        self.pool = HostMemoryPool()
+        self.mgr = MemoryManager(pool=self.pool)
+        self.mgr.add_group("weights", state.weights)
+        self.mgr.add_group("grads", state.grads, policy="discard")
+        self.mgr.add_group("main_weights", state.main_weights)
+        self.mgr.add_group("optimizer_states", state.moments)
+
+    def offload(self, state):
+        self.mgr.offload()
+
+    def onload(self, state):
+        self.mgr.onload()
+
+    def host_bytes(self):
+        return {"pinned": self.pool.pinned_bytes_held, "pageable": self.pool.bytes_held - self.pool.pinned_bytes_held}
+
+    def teardown(self):
+        self.mgr.close()
+        self.pool.trim()
+
+
+class PerTensorMethod(Method):
+    """Per-tensor copies to fresh host tensors, storage freed in place (the pattern several RL frameworks use)."""
+
+    def __init__(self, pinned_cache: bool):
+        self.pinned_cache = pinned_cache
+        self.name = "per_tensor_to_cpu_non_blocking" if pinned_cache else "per_tensor_cpu_pageable"
+        self.description = ("per-tensor .to('cpu', non_blocking=True) (PyTorch's pinned cache)" if pinned_cache
+                            else "per-tensor .cpu() / copy back through pageable memory")
+        self.host: dict[int, torch.Tensor] = {}
+
+    def offload(self, state):
+        for t in state.copied:
+            if t.device.type == "cpu":  # .cpu() of a CPU tensor is the tensor itself: copy for the same work
+                self.host[id(t)] = t.clone()
+            else:
+                self.host[id(t)] = t.to("cpu", non_blocking=True) if self.pinned_cache else t.cpu()
+        _sync(state.copied[0].device)
+        for t in state.copied + list(state.grads.values()):
+            t.untyped_storage().resize_(0)
+
+    def onload(self, state):
+        for t in state.copied:
+            t.untyped_storage().resize_(t.numel() * t.element_size())
+            t.copy_(self.host.pop(id(t)), non_blocking=self.pinned_cache)
+        for g in state.grads.values():
+            g.untyped_storage().resize_(g.numel() * g.element_size())
+            g.zero_()
+        _sync(state.copied[0].device)
+
+    def host_bytes(self):
+        if self.pinned_cache and torch.cuda.is_available():
+            return {"pinned": int(torch.cuda.host_memory_stats().get("reserved_bytes.current", 0))}
+        return {"pageable": sum(t.numel() * t.element_size() for t in self.host.values())}
+
+    def teardown(self):
+        self.host.clear()
+        if self.pinned_cache and torch.cuda.is_available():
+            torch._C._host_emptyCache()
+
+
+class TorchMemorySaverMethod(Method):
+    name = "torch_memory_saver"
+    description = "torch_memory_saver region with CPU backup, pause/resume (hook_mode='torch')"
+    allocates_own_state = True
+
+    def available(self):
+        if not torch.cuda.is_available():
+            return "needs CUDA"
+        try:
+            import torch_memory_saver  # noqa: F401
+        except ImportError:
+            return "torch_memory_saver not installed"
+        return None
+
+    def make_state(self, copied_bytes, device):
+        from torch_memory_saver import torch_memory_saver as tms
+
+        tms.hook_mode = "torch"
+        with tms.region(enable_cpu_backup=True):
+            return make_state(copied_bytes, device)
+
+    def offload(self, state):
+        from torch_memory_saver import torch_memory_saver as tms
+
+        tms.pause()
+
+    def onload(self, state):
+        from torch_memory_saver import torch_memory_saver as tms
+
+        tms.resume()
+        for g in state.grads.values():
+            g.zero_()
+
+
+# ---------------------------------------------------------------- running
+@dataclass
+class MethodResult:
+    method: str
+    description: str
+    copied_bytes: int
+    dropped_bytes: int
+    num_tensors: int
+    offload_s: list[float] = field(default_factory=list)
+    onload_s: list[float] = field(default_factory=list)
+    setup_s: float = 0.0
+    host_bytes: dict = field(default_factory=dict)
+    gpu_released_bytes: int | None = None
+    gpu_left_over_bytes: int | None = None
+    torch_reserved_left_over: int | None = None
+    intact: bool | None = None
+    error: str | None = None
+
+    def gbps(self, seconds: float) -> float:
+        return self.copied_bytes / seconds / GB if seconds > 0 else math.inf
+
+    def summary(self, peak: dict[str, float]) -> dict:
+        out = asdict(self)
+        if self.offload_s:
+            steady_off = statistics.median(self.offload_s[1:] or self.offload_s)
+            steady_on = statistics.median(self.onload_s[1:] or self.onload_s)
+            out.update(first_offload_gbps=self.gbps(self.offload_s[0]), steady_offload_gbps=self.gbps(steady_off),
+                       first_onload_gbps=self.gbps(self.onload_s[0]), steady_onload_gbps=self.gbps(steady_on),
+                       first_offload_ratio=self.gbps(self.offload_s[0]) / peak["d2h"],
+                       steady_offload_ratio=self.gbps(steady_off) / peak["d2h"],
+                       steady_onload_ratio=self.gbps(steady_on) / peak["h2d"])
+        return out
+
+
+def _process_gpu_bytes(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    try:
+        from memmgr import nvml
+
+        used = nvml.process_used_bytes(device)
+        if used is not None:
+            return used
+    except Exception:  # the report module is optional here; fall back to the driver's device-wide figure
+        pass
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
+
+
+def run_method(method: Method, copied_bytes: float, device: torch.device, cycles: int,
+               make: Callable[[], TrainingState]) -> MethodResult:
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    baseline = _process_gpu_bytes(device)
+    reserved_baseline = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+    state = method.make_state(copied_bytes, device) if getattr(method, "allocates_own_state", False) else make()
+    result = MethodResult(method.name, method.description, state.copied_bytes, state.dropped_bytes, state.num_tensors)
+    try:
+        before = checksum(state.copied)
+        result.setup_s = timed(lambda: method.setup(state), device)
+        loaded = _process_gpu_bytes(device)
+        for cycle in range(cycles):
+            result.offload_s.append(timed(lambda: method.offload(state), device))
+            if cycle == 0:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                after = _process_gpu_bytes(device)
+                if loaded is not None and after is not None:
+                    result.gpu_released_bytes = loaded - after
+                    result.gpu_left_over_bytes = after - baseline
+                if device.type == "cuda":
+                    result.torch_reserved_left_over = torch.cuda.memory_reserved(device) - reserved_baseline
+                result.host_bytes = method.host_bytes()
+            result.onload_s.append(timed(lambda: method.onload(state), device))
+        result.intact = checksum(state.copied) == before
+        method.teardown()
+    except Exception as exc:  # a peer failing must not stop the comparison
+        logger.exception("method %s failed", method.name)
+        result.error = f"{type(exc).__name__}: {exc}"
+    del state
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def default_size(device: torch.device) -> float:
+    if device.type != "cuda":
+        return 0.25 * GB
+    free, _ = torch.cuda.mem_get_info(device)
+    # the state on the GPU is copied bytes * 18/14 (grads too); keep a wide margin for the peers' own buffers
+    return float(min(16 * GiB, free * 0.5 * 14 / 18))
+
+
+def all_methods() -> list[Method]:
+    return [MemmgrMethod(), PerTensorMethod(pinned_cache=True), PerTensorMethod(pinned_cache=False),
+            TorchMemorySaverMethod()]
+
+
+def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bool = False, cycles: int = 3,
+              methods: list[str] | None = None, megatron: bool | None = None) -> dict:
+    import click
+    from tqdm import tqdm
+
+    from memmgr import backend_info
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU only (no GPU: the CPU path)"
+    os.makedirs(out, exist_ok=True)
+    copied = size_gb * GB if size_gb else default_size(device)
+    chosen = [m for m in all_methods() if methods is None or m.name in methods]
+    if device.type != "cuda":
+        chosen = [m for m in chosen if not isinstance(m, TorchMemorySaverMethod)]
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": label, "torch": torch.__version__,
+            "backend": backend_info().describe(), "requested_copied_bytes": copied}
+    click.echo(f"memmgr bench on {label}: {backend_info().describe()}")
+    peak = pinned_peak(device, nbytes=min(2 * GiB, int(copied)) if device.type == "cuda" else 256 * 2**20)
+    click.echo(f"pinned-copy peak: d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s, both {peak['both']:.1f} GB/s")
+    results = []
+    progress = tqdm(chosen, desc="methods", unit="method")
+    for method in progress:
+        progress.set_postfix_str(method.name)
+        reason = method.available()
+        if reason:
+            results.append({"method": method.name, "skipped": reason})
+            continue
+        n = cycles if isinstance(method, MemmgrMethod) else max(2, min(cycles, 2))
+        results.append(run_method(method, copied, device, n, lambda: make_state(copied, device)).summary(peak))
+    small = run_method(MemmgrMethod(), 0, device, cycles,
+                       lambda: make_small_tensors(10_000, 64 * 1024, device)).summary(peak)
+    small["method"] = "memmgr_10000x64KiB"
+    results.append(small)
+    report = {"info": info, "peak_gbps": peak, "results": results}
+    if sweep:
+        report["sweep"] = run_sweep(device, peak, out)
+    write_outputs(report, out)
+    click.echo(format_table(report))
+    click.echo(f"wrote {out}/bench.json, {out}/bench.md, {out}/bench.png")
+    return report
+
+
+def run_sweep(device: torch.device, peak: dict, out: str) -> list[dict]:
+    """memmgr offload/onload time against state size and tensor count; fitted slope and intercept."""
+    from tqdm import tqdm
+
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 * GiB
+    sizes = [s for s in (1, 4, 16, 32) if s * GiB * 1.3 < free] if device.type == "cuda" else [0.0625, 0.125]
+    rows = []
+    for size in tqdm(sizes, desc="sweep sizes"):
+        for per_gib in (10, 100, 1000, 10000):
+            count = max(1, int(per_gib * size))
+            each = int(size * GiB) // count // 4096 * 4096
+            if each == 0:
+                continue
+            r = run_method(MemmgrMethod(), 0, device, 3, lambda: make_small_tensors(count, each, device))
+            rows.append({"size_gib": size, "tensors": count, "bytes": r.copied_bytes,
+                         "offload_s": statistics.median(r.offload_s[1:]), "onload_s": statistics.median(r.onload_s[1:]),
+                         "intact": r.intact})
+    import numpy as np
+
+    for key in ("offload_s", "onload_s"):
+        x = np.array([r["bytes"] for r in rows], dtype=float)
+        y = np.array([r[key] for r in rows])
+        if len(rows) >= 2:
+            slope, intercept = np.polyfit(x, y, 1)
+            for r in rows:
+                r[f"{key}_fit_gbps"] = 1 / slope / GB
+                r[f"{key}_fit_intercept_ms"] = intercept * 1e3
+    # per-tensor overhead: extra time per tensor at a fixed size, against the fewest-tensors run
+    for r in rows:
+        base = min((b for b in rows if b["size_gib"] == r["size_gib"]), key=lambda b: b["tensors"])
+        r["per_tensor_overhead_us"] = ((r["offload_s"] - base["offload_s"]) / max(1, r["tensors"] - base["tensors"])
+                                       * 1e6 if r["tensors"] > base["tensors"] else 0.0)
+    _plot_sweep(rows, peak, os.path.join(out, "sweep.png"))
+    return rows
+
+
+def _plot_sweep(rows, peak, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for per in sorted({r["tensors"] / max(r["size_gib"], 1e-9) for r in rows}):
+        sel = [r for r in rows if abs(r["tensors"] / max(r["size_gib"], 1e-9) - per) < 1e-6]
+        ax[0].plot([r["bytes"] / GB for r in sel], [r["offload_s"] for r in sel], "o-", label=f"{per:.0f}/GiB")
+        ax[1].plot([r["bytes"] / GB for r in sel], [r["onload_s"] for r in sel], "o-", label=f"{per:.0f}/GiB")
+    for a, title, key in ((ax[0], "offload", "d2h"), (ax[1], "onload", "h2d")):
+        xs = [0, max(r["bytes"] for r in rows) / GB]
+        a.plot(xs, [x / peak[key] for x in xs], "k--", label=f"peak {peak[key]:.0f} GB/s")
+        a.set_xlabel("state (GB)")
+        a.set_ylabel("seconds")
+        a.set_title(f"memmgr {title} time vs bytes (tensors per GiB)")
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(report: dict) -> str:
+    peak = report["peak_gbps"]
+    lines = [f"# memmgr bench — {report['info']['device']} — {report['info']['date']}", "",
+             f"pinned-copy peak (same run): d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s, "
+             f"both ways {peak['both']:.1f} GB/s", "",
+             "| method | state GB (copied/dropped) | tensors | offload 1st GB/s | offload steady GB/s (×peak) | "
+             "onload steady GB/s (×peak) | GPU left over GB | host GB / payload | intact |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        if "skipped" in r:
+            lines.append(f"| {r['method']} | skipped: {r['skipped']} | | | | | | | |")
+            continue
+        if r.get("error"):
+            lines.append(f"| {r['method']} | error: {r['error'][:80]} | | | | | | | |")
+            continue
+        host = sum(r["host_bytes"].values()) if r["host_bytes"] else 0
+        left = r["gpu_left_over_bytes"]
+        lines.append(
+            f"| {r['method']} | {r['copied_bytes'] / GB:.2f} / {r['dropped_bytes'] / GB:.2f} | {r['num_tensors']} | "
+            f"{r['first_offload_gbps']:.1f} | {r['steady_offload_gbps']:.1f} ({r['steady_offload_ratio']:.2f}) | "
+            f"{r['steady_onload_gbps']:.1f} ({r['steady_onload_ratio']:.2f}) | "
+            f"{'n/a' if left is None else f'{left / GB:.2f}'} | "
+            f"{host / GB:.2f} / {r['copied_bytes'] / GB:.2f} | {'yes' if r['intact'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def write_outputs(report: dict, out: str) -> None:
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    with open(os.path.join(out, "bench.md"), "w") as f:
+        f.write(format_table(report) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if "steady_offload_gbps" in r]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["steady_offload_gbps"] for r in rows], 0.4, label="offload (steady)")
+    ax.bar([x + 0.2 for x in xs], [r["steady_onload_gbps"] for r in rows], 0.4, label="onload (steady)")
+    ax.axhline(report["peak_gbps"]["d2h"], color="k", ls="--", lw=1, label="pinned peak d2h (same run)")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["method"] for r in rows], rotation=15, fontsize=8)
+    ax.set_ylabel("GB/s")
+    ax.set_title(f"memmgr bench — {report['info']['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "bench.png"), dpi=110)
+    plt.close(fig)
