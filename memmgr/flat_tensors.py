@@ -15,6 +15,13 @@ pointer, and most PyTorch kernels do not check storage bounds, so a read crashes
 on the CPU, an illegal-address error that poisons the CUDA context on a GPU) rather than raising. Onload first;
 ``require_on_device()`` raises a clear MemmgrStateError where code is unsure. Pointers captured before an offload (CUDA
 graphs, raw data_ptr) are stale after onload, since the storage gets a new allocation.
+
+Opt-in verification (``verify=True``, or ``group.verify = True`` after construction): offload takes a checksum of each
+bucket's bytes where they live (on the GPU for a CUDA bucket, ordered on the current stream before the copy) and
+onload recomputes it on the restored bytes; a mismatch raises ``MemmgrCorruptionError`` naming the bucket and both
+checksums, and leaves the group off the device with its host copies kept. The checksum is a position-weighted sum of
+the bytes (as 32-bit words, odd pseudo-random weights per position, int64 accumulation, in bounded chunks): any single
+changed byte is always detected, and swapped elements are detected unless the weights collide (odds ~2^-31).
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from typing import Iterable, Mapping, Sequence, Union
 
 import torch
 
-from memmgr.errors import MemmgrInputError, MemmgrOutOfMemoryError, MemmgrStateError
+from memmgr.errors import MemmgrCorruptionError, MemmgrInputError, MemmgrOutOfMemoryError, MemmgrStateError
 from memmgr.host_memory import HostBuffer, HostMemoryPool, default_pool
 from memmgr.transfer import TransferHandle, copy_stream
 
@@ -53,6 +60,72 @@ def _storage_use_count(tensor: torch.Tensor) -> int:
 
 # References the measurement itself adds (the temporary storage wrapper), calibrated on this torch build.
 _PROBE_REFS = _storage_use_count(torch.empty(1)) - 1
+
+
+# ---- verification checksums ----
+_CHECKSUM_ROW_WORDS = 1 << 16       # 32-bit words weighted by one table of odd weights
+_CHECKSUM_CHUNK_ROWS = 128          # rows per step: bounds the extra memory to 32 MiB (int32 products)
+
+
+def _signed64(value: int) -> int:
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_MIX_C1 = _signed64(0x9E3779B97F4A7C15)
+_MIX_C2 = _signed64(0xBF58476D1CE4E5B9)
+_MIX_C3 = _signed64(0x94D049BB133111EB)
+_word_weights: dict[torch.device, torch.Tensor] = {}
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """A splitmix64-style hash of int64 positions (wrapping arithmetic), deterministic on every device."""
+    x = (x + 1) * _MIX_C1
+    x = (x ^ (x >> 30)) * _MIX_C2
+    x = (x ^ (x >> 27)) * _MIX_C3
+    return x ^ (x >> 31)
+
+
+def _weights_for(device: torch.device) -> torch.Tensor:
+    """Odd 31-bit int32 weights for the positions of one row, made once per device (256 KiB)."""
+    weights = _word_weights.get(device)
+    if weights is None:
+        h = _mix64(torch.arange(_CHECKSUM_ROW_WORDS, dtype=torch.int64, device=device))
+        weights = ((h & 0x7FFFFFFF) | 1).to(torch.int32)
+        _word_weights[device] = weights
+    return weights
+
+
+def bucket_checksum(flat: torch.Tensor) -> torch.Tensor:
+    """A 0-dim int64 checksum of a 1-D contiguous tensor's bytes, computed where the tensor lives, asynchronously
+    on the current stream. Words are weighted by position (odd weights, so one changed byte always changes the
+    sum); extra memory is bounded by one chunk of int32 products."""
+    device = flat.device
+    data = flat.reshape(-1).view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8, device=device)
+    nbytes = data.numel()
+    nwords = nbytes // 4
+    full_rows, rem_words, tail_bytes = nwords // _CHECKSUM_ROW_WORDS, nwords % _CHECKSUM_ROW_WORDS, nbytes % 4
+    nrows = full_rows + 2  # + the partial row of words + the row of leftover bytes
+    weights = _weights_for(device)
+    row_sums = torch.zeros(nrows, dtype=torch.int64, device=device)
+    words = data[:nwords * 4].view(torch.int32) if nwords else None
+    if full_rows:
+        step = min(_CHECKSUM_CHUNK_ROWS, full_rows)
+        products = torch.empty(step, _CHECKSUM_ROW_WORDS, dtype=torch.int32, device=device)
+        for r0 in range(0, full_rows, step):
+            r1 = min(full_rows, r0 + step)
+            block = words[r0 * _CHECKSUM_ROW_WORDS:r1 * _CHECKSUM_ROW_WORDS].view(r1 - r0, _CHECKSUM_ROW_WORDS)
+            out = products[:r1 - r0]
+            torch.mul(block, weights, out=out)  # wraps modulo 2^32: still odd multiples of each word
+            row_sums[r0:r1] = out.sum(dim=1, dtype=torch.int64)
+    if rem_words:
+        tail = words[full_rows * _CHECKSUM_ROW_WORDS:]
+        row_sums[full_rows] = (tail * weights[:rem_words]).sum(dtype=torch.int64)
+    if tail_bytes:
+        leftover = data[nwords * 4:].to(torch.int32)
+        row_sums[full_rows + 1] = (leftover * weights[:tail_bytes]).sum(dtype=torch.int64)
+    row_weights = _mix64(torch.arange(nrows, dtype=torch.int64, device=device) + (nbytes << 1)) | 1
+    return (row_sums * row_weights).sum()
 
 
 def _describe(name: str, tensor: torch.Tensor) -> str:
@@ -115,7 +188,7 @@ class FlatTensors:
     """One flat bucket: a 1-D tensor of one device and dtype that holds (or is) a group of tensors."""
 
     def __init__(self, flat: torch.Tensor, members: list[tuple[str, torch.Tensor, int]], *, name: str,
-                 policy: Policy | str = Policy.COPY, pool: HostMemoryPool | None = None):
+                 policy: Policy | str = Policy.COPY, pool: HostMemoryPool | None = None, verify: bool = False):
         self.flat = flat
         self.members = members  # (name, tensor, element offset)
         self.name = name
@@ -126,11 +199,14 @@ class FlatTensors:
         self._state = BucketState.ON_DEVICE
         self._pending: TransferHandle | None = None
         self._pending_state: BucketState | None = None
+        self.verify = verify  # checksum at offload, check at onload (see the module docstring)
+        self._offload_checksum: torch.Tensor | None = None
+        self._restored_checksum: torch.Tensor | None = None
 
     # ---- construction ----
     @classmethod
     def coalesce(cls, items: list[tuple[str, torch.Tensor]], *, name: str, policy: Policy | str = Policy.COPY,
-                 pool: HostMemoryPool | None = None, align_bytes: int = 64) -> "FlatTensors":
+                 pool: HostMemoryPool | None = None, align_bytes: int = 64, verify: bool = False) -> "FlatTensors":
         """Copies same-device, same-dtype tensors into one new flat buffer and rebinds each to a view of it."""
         if not items:
             raise MemmgrInputError(f"bucket {name!r}: no tensors to coalesce")
@@ -156,11 +232,11 @@ class FlatTensors:
                 view.copy_(tensor)
                 tensor.data = view
                 members.append((tname, tensor, offset))
-        return cls(flat, members, name=name, policy=policy, pool=pool)
+        return cls(flat, members, name=name, policy=policy, pool=pool, verify=verify)
 
     @classmethod
     def adopt(cls, buffer: torch.Tensor, *, name: str, policy: Policy | str = Policy.COPY,
-              pool: HostMemoryPool | None = None) -> "FlatTensors":
+              pool: HostMemoryPool | None = None, verify: bool = False) -> "FlatTensors":
         """Uses a flat buffer the caller owns (e.g. megatron-core's param_data) as a bucket, without a copy.
 
         The buffer must span its whole storage: freeing that storage in place frees exactly this buffer, and every
@@ -177,7 +253,7 @@ class FlatTensors:
                 f"bucket {name!r}: {_describe(name, buffer)} covers {nbytes} of its storage's "
                 f"{buffer.untyped_storage().nbytes()} bytes (offset {buffer.storage_offset()}); freeing the storage "
                 f"would free memory outside it. Adopt the tensor that owns the whole storage")
-        return cls(buffer, [(name, buffer, 0)], name=name, policy=policy, pool=pool)
+        return cls(buffer, [(name, buffer, 0)], name=name, policy=policy, pool=pool, verify=verify)
 
     # ---- state ----
     @property
@@ -243,6 +319,12 @@ class FlatTensors:
             self.wait()
         discard = self.policy is Policy.DISCARD if discard is None else discard
         storage = self.flat.untyped_storage()
+        self._offload_checksum = None
+        self._restored_checksum = None
+        if self.verify and not discard and self.nbytes > 0:
+            # Taken where the bytes live, ordered on the current stream after the writes and before the copy.
+            with torch.no_grad():
+                self._offload_checksum = bucket_checksum(self.flat)
         if discard or self.nbytes == 0:
             storage.resize_(0)
             self._state = BucketState.DISCARDED if discard else BucketState.ON_HOST
@@ -317,15 +399,57 @@ class FlatTensors:
                 event.record(stream)
             current.wait_event(event)
             self.flat.record_stream(stream)
+            if self.verify and self._offload_checksum is not None:
+                with torch.no_grad():
+                    self._restored_checksum = bucket_checksum(self.flat)  # ordered after the copy
             callbacks = [previous._finish] if previous is not None else []
             handle = self._start(TransferHandle([event], callbacks + [self._complete]), BucketState.ONLOADING,
                                  BucketState.ON_DEVICE)
             if not non_blocking:
                 handle.wait()
+                self._check_restored(revert_to=BucketState.ON_HOST)
             return handle
         dst.copy_(host)
+        if self.verify and self._offload_checksum is not None:
+            with torch.no_grad():
+                self._restored_checksum = bucket_checksum(self.flat)
         self._state = BucketState.ON_DEVICE
+        if not non_blocking:
+            self._check_restored(revert_to=BucketState.ON_HOST)
         return TransferHandle.completed()
+
+    # ---- verification ----
+    def checksum_mismatch(self) -> tuple[int, int] | None:
+        """(offload checksum, restored checksum) if the last onload restored different bytes than the last offload
+        saw, else None (also when there is nothing to compare). Waits for the restore's copy."""
+        expected, restored = self._offload_checksum, self._restored_checksum
+        if expected is None or restored is None:
+            return None
+        self.wait()
+        want, got = int(expected.item()), int(restored.item())
+        return None if want == got else (want, got)
+
+    def _clear_checksums(self) -> None:
+        self._offload_checksum = None
+        self._restored_checksum = None
+
+    def revert_onload(self, state: BucketState) -> None:
+        """Frees the device storage again after an onload whose contents must not be used; the host store (and
+        the offload checksum) are kept, so the bucket is exactly as it was before that onload."""
+        self.wait()
+        self.flat.untyped_storage().resize_(0)
+        self._pending = None
+        self._pending_state = None
+        self._restored_checksum = None
+        self._state = state
+
+    def _check_restored(self, revert_to: BucketState) -> None:
+        mismatch = self.checksum_mismatch()
+        if mismatch is None:
+            self._clear_checksums()
+            return
+        self.revert_onload(revert_to)
+        raise _corruption_error(f"bucket {self.name!r}", [(self, mismatch)])
 
     def outside_references(self) -> int:
         """References to this bucket's storage beyond the bucket and its members (0 for an adopted buffer, whose
@@ -350,6 +474,19 @@ class FlatTensors:
                 f"{self.device}, {self.state.value})")
 
 
+def _corruption_error(what: str, bad: list[tuple[FlatTensors, tuple[int, int]]]) -> MemmgrCorruptionError:
+    mask = (1 << 64) - 1
+    details = "; ".join(f"bucket {b.name!r} ({b.nbytes} B, {b.dtype}, {b.device}): checksum at offload "
+                        f"{want & mask:#018x}, after onload {got & mask:#018x}" for b, (want, got) in bad)
+    logger.error("%s: restored contents differ from what was offloaded: %s", what, details)
+    error = MemmgrCorruptionError(
+        f"{what}: the contents restored by onload differ from what was offloaded ({details}). The restored device "
+        f"copy was freed again and the host store kept as it is (state {bad[0][0]._state.value}): retry onload if "
+        f"the transfer was at fault, or inspect bucket.host_buffer")
+    error.mismatches = {b.name: (want & mask, got & mask) for b, (want, got) in bad}  # type: ignore[attr-defined]
+    return error
+
+
 class BucketizedFlatTensors:
     """A group of tensors of any devices and dtypes, coalesced into flat buckets of at most ``bucket_size_mb``.
 
@@ -359,7 +496,8 @@ class BucketizedFlatTensors:
 
     def __init__(self, tensors: TensorsArg, bucket_size_mb: float = 256, *, name: str = "tensors",
                  policy: Policy | str = Policy.COPY, pool: HostMemoryPool | None = None, align_bytes: int = 64,
-                 pin_ahead: bool = True):
+                 pin_ahead: bool = True, verify: bool = False):
+        self._verify = bool(verify)
         if bucket_size_mb <= 0:
             raise MemmgrInputError(f"group {name!r}: bucket_size_mb must be > 0, got {bucket_size_mb}")
         self.name = name
@@ -372,11 +510,13 @@ class BucketizedFlatTensors:
 
     @classmethod
     def from_buffers(cls, buffers: TensorsArg, *, name: str, policy: Policy | str = Policy.COPY,
-                     pool: HostMemoryPool | None = None, pin_ahead: bool = True) -> "BucketizedFlatTensors":
+                     pool: HostMemoryPool | None = None, pin_ahead: bool = True,
+                     verify: bool = False) -> "BucketizedFlatTensors":
         """Adopts flat buffers the caller owns, one bucket each, without copying (see FlatTensors.adopt)."""
-        group = cls([], name=name, policy=policy, pool=pool)
+        group = cls([], name=name, policy=policy, pool=pool, verify=verify)
         for bname, buffer in _name_tensors(buffers, name):
-            group.buckets.append(FlatTensors.adopt(buffer, name=bname, policy=group.policy, pool=group._pool))
+            group.buckets.append(FlatTensors.adopt(buffer, name=bname, policy=group.policy, pool=group._pool,
+                                                   verify=group.verify))
         if pin_ahead:
             group.ensure_host_buffers()
         return group
@@ -418,7 +558,19 @@ class BucketizedFlatTensors:
 
     def _coalesce(self, chunk: list[tuple[str, torch.Tensor]], index: int) -> FlatTensors:
         return FlatTensors.coalesce(chunk, name=f"{self.name}/{index}", policy=self.policy, pool=self._pool,
-                                    align_bytes=self._align_bytes)
+                                    align_bytes=self._align_bytes, verify=self.verify)
+
+    @property
+    def verify(self) -> bool:
+        """Checksum each bucket at offload and check it at onload (MemmgrCorruptionError on a mismatch). May be set
+        at any time; it applies from the next offload, to every bucket (also those added later)."""
+        return getattr(self, "_verify", False)
+
+    @verify.setter
+    def verify(self, value: bool) -> None:
+        self._verify = bool(value)
+        for bucket in self.buckets:
+            bucket.verify = self._verify
 
     def ensure_host_buffers(self) -> None:
         for bucket in self.buckets:
@@ -457,11 +609,26 @@ class BucketizedFlatTensors:
                 f"{free if free is not None else 'unknown'} bytes are free; nothing was restored and the host copy "
                 f"is intact. Free GPU memory (offload another group, torch.cuda.empty_cache()) and retry",
                 group=self.name, bytes_needed=needed, bytes_free=free) from exc
+        previous = {id(b): (BucketState.ON_HOST if b.state is BucketState.OFFLOADING else b.state) for b in todo}
         handles = [b.onload(non_blocking=True) for b in todo]
         handle = TransferHandle.combine(handles)
+        if any(b._restored_checksum is not None for b in todo):
+            self._verify_restored(todo, previous)  # reads the checksums back: waits for this onload's copies
         if not non_blocking:
             handle.wait()
         return handle
+
+    def _verify_restored(self, todo: list[FlatTensors], previous: dict[int, BucketState]) -> None:
+        """Compares each restored bucket's checksum with its offload checksum; on any mismatch, puts every bucket of
+        this onload back where it was (device storage freed, host stores untouched) and raises."""
+        bad = [(b, m) for b in todo for m in [b.checksum_mismatch()] if m is not None]
+        if not bad:
+            for bucket in todo:
+                bucket._clear_checksums()
+            return
+        for bucket in todo:
+            bucket.revert_onload(previous[id(bucket)])
+        raise _corruption_error(f"group {self.name!r}", bad)
 
     def wait(self) -> None:
         for bucket in self.buckets:
