@@ -1,0 +1,581 @@
+"""GPU suite for memmgr.for_megatron: python benchmarks/gpu_megatron.py --out DIR [--quick] [--equivalence-only]
+
+One GPU, one process: the script initializes a 1-process NCCL group itself (MASTER_ADDR/MASTER_PORT default to
+127.0.0.1:29555). Sections, each in its own try/except (an error is recorded in the JSON and the rest still runs):
+
+1. equivalence: a small GPTModel trained N steps with a full offload+onload after every step vs. none, bitwise
+   (losses and parameters): bf16 + distributed optimizer (grad_reduce_in_fp32), fp32 + distributed optimizer,
+   bf16 + Float16OptimizerWithFloat16Params. The no-offload run is repeated to show the baseline is deterministic.
+2. speed (1.3B GPT, bf16, distributed optimizer, grad_reduce_in_fp32, torch AdamW, after one step): pinned-copy peak
+   each way in the same run, then memmgr full offload/onload cycles (GB/s of copied bytes, ratio to peak), then
+   megatron-core's built-in offload helpers where they exist; checksums of weights, main weights and Adam moments
+   before/after every method.
+3. memory: memory_reserved before the model vs after memmgr's full offload, itemized (allocator segments, live
+   CUDA tensors, mgr.left_behind), NVML process usage split into PyTorch-allocated, PyTorch-cached, non-PyTorch.
+4. selective: each group alone offloaded/onloaded on a mid-size model: NVML and memory_allocated deltas vs the
+   group's bytes (1%); onload("weights") alone, then a forward pass matches the one before offloading.
+
+--equivalence-only runs 1 and 4 (e.g. under megatron-core 0.14.0). Writes DIR/gpu_megatron.json and
+DIR/gpu_megatron.log and prints a summary table.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for the equivalence section
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+os.environ.setdefault("MASTER_PORT", "29555")
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import memmgr  # noqa: E402
+from memmgr import nvml  # noqa: E402
+from memmgr.host_memory import HostMemoryPool  # noqa: E402
+from memmgr.integrations.megatron import for_megatron  # noqa: E402
+
+log = logging.getLogger("gpu_megatron")
+GB = 1e9
+COPIED_GROUPS = ("weights", "main_weights", "optimizer_states")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------------------------------------------------
+def init_distributed() -> dict:
+    from megatron.core import parallel_state, tensor_parallel
+
+    torch.cuda.set_device(0)
+    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    import megatron.core
+
+    return {"megatron_core": getattr(megatron.core, "__version__", "?"), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0), "memmgr_backend": memmgr.backend_info().describe()}
+
+
+def build(*, layers: int, hidden: int, heads: int, vocab: int, seq: int, bf16: bool, dist_opt: bool,
+          ffn: int | None = None, seed: int = 0, cpu_init: bool = True) -> tuple[Any, Any]:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.module import Float16Module
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    torch.manual_seed(seed)
+    kw = {"ffn_hidden_size": ffn} if ffn else {}
+    cfg = TransformerConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, hidden_dropout=0.0,
+                            attention_dropout=0.0, bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
+                            use_cpu_initialization=cpu_init, **kw)
+    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab,
+                     max_sequence_length=seq)
+    model.cuda()
+    if bf16:
+        model = Float16Module(cfg, model)
+    ddp = DistributedDataParallel(
+        cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt), model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=bf16, params_dtype=dtype,
+                                                 use_distributed_optimizer=dist_opt, clip_grad=1.0), [ddp])
+    return ddp, opt
+
+
+def make_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 1) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, vocab, (batch, seq), generator=g).cuda(),
+             torch.randint(0, vocab, (batch, seq), generator=g).cuda()) for _ in range(n)]
+
+
+def positions(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
+
+
+def train_step(ddp, opt, tokens, labels) -> float:
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    loss = ddp(tokens, positions(tokens), None, labels=labels).float().mean()
+    loss.backward()
+    ddp.finish_grad_sync()
+    opt.step()
+    return float(loss.detach())
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def release(*objs: Any) -> None:
+    for o in objs:
+        if isinstance(o, memmgr.MemoryManager):
+            try:
+                o.close()
+            except Exception:  # noqa: BLE001
+                log.exception("close failed")
+    del objs
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def process_usage() -> int | None:
+    idx = nvml.nvml_index(0)
+    pm = nvml.process_memory(idx) if idx is not None else None
+    return pm.nbytes if pm is not None else None
+
+
+def memory_now() -> dict:
+    torch.cuda.synchronize()
+    usage = process_usage()
+    reserved = torch.cuda.memory_reserved()
+    allocated = torch.cuda.memory_allocated()
+    return {"allocated": allocated, "reserved": reserved, "cached": reserved - allocated, "nvml_process": usage,
+            "non_pytorch": (usage - reserved) if usage is not None else None}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checksums (chunked int32 sums, no large temporaries)
+# ---------------------------------------------------------------------------------------------------------------------
+def checksum(tensors: list[torch.Tensor]) -> list[int]:
+    out = [0, 0]
+    for t in tensors:
+        flat = bits(t)
+        n = flat.numel() - flat.numel() % 4
+        step = 1 << 28
+        for start in range(0, n, step):
+            words = flat[start:min(n, start + step)].view(torch.int32)
+            out[0] += int(words.sum(dtype=torch.int64))
+            out[1] += int(words[::7].sum(dtype=torch.int64))
+        if n < flat.numel():
+            out[0] += int(flat[n:].to(torch.int64).sum())
+    return out
+
+
+def state_checksums(ddp, opt) -> dict:
+    """Weights, main weights and optimizer states, read from megatron's own objects (method-independent)."""
+    weights = [b.param_data for b in ddp.buffers + ddp.expert_parallel_buffers if b.param_data is not None]
+    mains, states = [], []
+    for o in getattr(opt, "chained_optimizers", [opt]):
+        for group in getattr(o, "shard_fp32_from_float16_groups", []) or []:
+            mains += [p for p in group if p is not None]
+        for st in o.optimizer.state.values():
+            states += [v for v in st.values() if isinstance(v, torch.Tensor) and v.is_cuda and v.numel() > 1]
+    return {"weights": checksum(weights), "main_weights": checksum(mains), "optimizer_states": checksum(states)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------------------------------------------------
+EQ_CONFIGS = {"bf16-distopt": (True, True), "fp32-distopt": (False, True), "bf16-float16opt": (True, False)}
+SMALL = dict(layers=2, hidden=256, heads=8, vocab=1024, seq=64)
+
+
+def section_equivalence(args) -> dict:
+    steps = 5 if args.quick else 10
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    results = {}
+    try:
+        for name, (bf16, dist_opt) in EQ_CONFIGS.items():
+            try:
+                data = make_batches(steps, 4, SMALL["seq"], SMALL["vocab"])
+                runs = []
+                for offload in (False, False, True):
+                    ddp, opt = build(**SMALL, bf16=bf16, dist_opt=dist_opt)
+                    pool = HostMemoryPool()
+                    mgr = for_megatron(ddp, opt, pool=pool) if offload else None
+                    losses, zero_after_offload = [], True
+                    for b in data:
+                        losses.append(train_step(ddp, opt, *b))
+                        if mgr is not None:
+                            mgr.offload()
+                            zero_after_offload &= all(s.device_bytes == 0 for s in mgr.state().values())
+                            mgr.onload()
+                    params = {n: bits(p).cpu().clone() for n, p in ddp.named_parameters()}
+                    runs.append((losses, params, zero_after_offload))
+                    release(mgr)
+                    pool.trim()
+                    del ddp, opt, mgr
+                    release()
+
+                def same(a, b) -> bool:
+                    return a[0] == b[0] and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+                baseline_det = same(runs[0], runs[1])
+                results[name] = {
+                    "pass": same(runs[0], runs[2]) and runs[2][2],
+                    "baseline_deterministic": baseline_det,
+                    "all_groups_zero_after_offload": runs[2][2],
+                    "losses_ref": runs[0][0], "losses_offload": runs[2][0],
+                    "params_differing": [k for k in runs[0][1] if not torch.equal(runs[0][1][k], runs[2][1][k])][:10],
+                }
+                log.info("equivalence %s: %s", name, results[name]["pass"])
+            except Exception as exc:  # noqa: BLE001
+                results[name] = {"pass": False, "error": f"{type(exc).__name__}: {exc}",
+                                 "traceback": traceback.format_exc()}
+                log.exception("equivalence %s failed", name)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    return results
+
+
+def pinned_peak(nbytes: int, reps: int = 3) -> dict:
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dev.fill_(1)
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    out = {}
+    for name, dst, src in (("d2h", host, dev), ("h2d", dev, host)):
+        best = float("inf")
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        out[name] = {"seconds": best, "GBps": nbytes / best / GB}
+    del dev, host
+    gc.collect()
+    torch.cuda.empty_cache()
+    if hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()
+    out["bytes"] = nbytes
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def itemize_live_cuda_tensors(top: int = 15) -> list[dict]:
+    seen, items = set(), {}
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or not obj.is_cuda:
+                continue
+            st = obj.untyped_storage()
+            if st.nbytes() == 0 or st.data_ptr() in seen:
+                continue
+            seen.add(st.data_ptr())
+            key = f"{tuple(obj.shape)} {obj.dtype}"
+            entry = items.setdefault(key, {"what": key, "count": 0, "bytes": 0})
+            entry["count"] += 1
+            entry["bytes"] += st.nbytes()
+        except Exception:  # noqa: BLE001
+            continue
+    return sorted(items.values(), key=lambda e: -e["bytes"])[:top]
+
+
+def itemize_segments() -> dict:
+    segs = torch.cuda.memory_snapshot()
+    return {"segments": len(segs), "total_size": sum(s["total_size"] for s in segs),
+            "allocated_size": sum(s["allocated_size"] for s in segs),
+            "largest": sorted(({"total_size": s["total_size"], "allocated_size": s["allocated_size"],
+                                "segment_type": s.get("segment_type")} for s in segs),
+                              key=lambda s: -s["total_size"])[:10]}
+
+
+def section_speed_and_memory(args, baseline: dict, results: dict) -> None:
+    big = dict(layers=12 if args.quick else 24, hidden=2048, heads=16, ffn=8192, vocab=32000, seq=128)
+    speed: dict[str, Any] = {"model": big}
+    memory: dict[str, Any] = {"baseline_before_model": baseline}
+    results["speed"], results["memory"] = speed, memory
+    cycles = 2 if args.quick else 3
+    peak = pinned_peak((1 if args.quick else 4) << 30)
+    speed["pinned_peak"] = peak
+    ddp, opt = build(**big, bf16=True, dist_opt=True, cpu_init=False)
+    data = make_batches(2, 2, big["seq"], big["vocab"])
+    speed["loss_step1"] = train_step(ddp, opt, *data[0])
+    speed["state_after_step"] = memory_now()
+    reference = state_checksums(ddp, opt)
+    speed["checksums_reference"] = reference
+
+    pool = HostMemoryPool()
+    mgr = None
+    try:
+        t0 = time.perf_counter()
+        mgr = for_megatron(ddp, opt, pool=pool)
+        speed["memmgr_build_seconds"] = time.perf_counter() - t0  # includes pinning the host copies
+        speed["groups"] = {n: {"nbytes": s.nbytes, "policy": s.policy} for n, s in mgr.state().items()}
+        copied = sum(mgr.group(n).nbytes for n in COPIED_GROUPS)
+        speed["memmgr_copied_bytes"] = copied
+        cyc = []
+        for i in range(cycles):
+            off = timed(mgr.offload)
+            left = memory_now()
+            on = timed(mgr.onload)
+            intact = state_checksums(ddp, opt) == reference
+            cyc.append({"offload_s": off, "onload_s": on, "offload_GBps": copied / off / GB,
+                        "onload_GBps": copied / on / GB, "offload_vs_peak": copied / off / GB / peak["d2h"]["GBps"],
+                        "onload_vs_peak": copied / on / GB / peak["h2d"]["GBps"], "intact": intact,
+                        "reserved_after_offload": left["reserved"]})
+            log.info("memmgr cycle %d: offload %.3fs onload %.3fs intact=%s", i, off, on, intact)
+        speed["memmgr_cycles"] = cyc
+        speed["memmgr_intact"] = all(c["intact"] for c in cyc)
+        speed["loss_step2_after_cycles"] = train_step(ddp, opt, *data[1])
+        reference = state_checksums(ddp, opt)
+        speed["checksums_reference_after_step2"] = reference
+
+        # memory after a full offload
+        try:
+            mgr.offload()
+            torch.cuda.empty_cache()
+            now = memory_now()
+            memory["after_full_offload"] = now
+            memory["reserved_over_baseline"] = now["reserved"] - baseline["reserved"]
+            if now["nvml_process"] is not None and baseline["nvml_process"] is not None:
+                memory["nvml_over_baseline"] = now["nvml_process"] - baseline["nvml_process"]
+            memory["segments"] = itemize_segments()
+            memory["live_cuda_tensors"] = itemize_live_cuda_tensors()
+            memory["left_behind"] = dict(mgr.left_behind)
+            memory["group_state"] = {n: {"state": s.state, "device_bytes": s.device_bytes, "host_bytes": s.host_bytes}
+                                     for n, s in mgr.state().items()}
+        except Exception as exc:  # noqa: BLE001
+            memory["error"] = f"{type(exc).__name__}: {exc}"
+            memory["traceback"] = traceback.format_exc()
+        finally:
+            mgr.onload()
+            speed["intact_after_memory_section"] = state_checksums(ddp, opt) == reference
+    finally:
+        release(mgr)  # the built-in helpers rebind tensors, so memmgr lets go first
+        pool.trim()
+
+    speed["builtin"] = builtin_cycles(ddp, opt, reference, peak, 1 if args.quick else 2, baseline)
+    del ddp, opt, mgr
+    release()
+
+
+def builtin_cycles(ddp, opt, reference: dict, peak: dict, cycles: int, baseline: dict) -> dict:
+    bufs = ddp.buffers + ddp.expert_parallel_buffers
+    have = {"DDP.offload_grad_buffers/restore_grad_buffers":
+            hasattr(ddp, "offload_grad_buffers") and hasattr(ddp, "restore_grad_buffers"),
+            "_ParamAndGradBuffer.offload_to_cpu/reload_from_cpu":
+            all(hasattr(b, "offload_to_cpu") and hasattr(b, "reload_from_cpu") for b in bufs),
+            "MegatronOptimizer.offload_to_cpu/restore_from_cpu":
+            hasattr(opt, "offload_to_cpu") and hasattr(opt, "restore_from_cpu")}
+    out: dict[str, Any] = {"available": {k: (v or "not available") for k, v in have.items()}}
+    if not any(have.values()):
+        return out
+    copied = sum(b.param_data.numel() * b.param_data.element_size() for b in bufs if b.param_data is not None) \
+        if have["_ParamAndGradBuffer.offload_to_cpu/reload_from_cpu"] else 0
+    if have["MegatronOptimizer.offload_to_cpu/restore_from_cpu"]:
+        for o in getattr(opt, "chained_optimizers", [opt]):
+            for g in o.optimizer.param_groups:
+                copied += sum(p.numel() * p.element_size() for p in g["params"] if p.is_cuda)
+            for st in o.optimizer.state.values():
+                copied += sum(v.numel() * v.element_size() for v in st.values()
+                              if isinstance(v, torch.Tensor) and v.is_cuda)
+    out["copied_bytes"] = copied
+
+    def offload() -> None:
+        if have["DDP.offload_grad_buffers/restore_grad_buffers"]:
+            ddp.offload_grad_buffers()
+        if have["_ParamAndGradBuffer.offload_to_cpu/reload_from_cpu"]:
+            for b in bufs:
+                b.offload_to_cpu(move_params=True, move_grads=False)
+        if have["MegatronOptimizer.offload_to_cpu/restore_from_cpu"]:
+            opt.offload_to_cpu()
+        torch.cuda.empty_cache()
+
+    def onload() -> None:
+        if have["DDP.offload_grad_buffers/restore_grad_buffers"]:
+            ddp.restore_grad_buffers()
+        if have["_ParamAndGradBuffer.offload_to_cpu/reload_from_cpu"]:
+            for b in bufs:
+                b.reload_from_cpu(move_params=True, move_grads=False)
+        if have["MegatronOptimizer.offload_to_cpu/restore_from_cpu"]:
+            opt.restore_from_cpu()
+
+    cyc = []
+    for i in range(cycles):
+        off = timed(offload)
+        left = memory_now()
+        on = timed(onload)
+        intact = state_checksums(ddp, opt) == reference
+        cyc.append({"offload_s": off, "onload_s": on, "offload_GBps": copied / off / GB, "onload_GBps": copied / on / GB,
+                    "offload_vs_peak": copied / off / GB / peak["d2h"]["GBps"],
+                    "onload_vs_peak": copied / on / GB / peak["h2d"]["GBps"], "intact": intact,
+                    "reserved_after_offload": left["reserved"],
+                    "reserved_over_baseline_after_offload": left["reserved"] - baseline["reserved"]})
+        log.info("builtin cycle %d: offload %.3fs onload %.3fs intact=%s", i, off, on, intact)
+    out["cycles"] = cyc
+    out["intact"] = all(c["intact"] for c in cyc)
+    return out
+
+
+def section_selective(args) -> dict:
+    mid = dict(layers=2 if args.quick else 4, hidden=1024, heads=16, vocab=32000, seq=128)
+    ddp, opt = build(**mid, bf16=True, dist_opt=True, cpu_init=False)
+    data = make_batches(2, 4, mid["seq"], mid["vocab"])
+    train_step(ddp, opt, *data[0])
+    pool = HostMemoryPool()
+    mgr = for_megatron(ddp, opt, pool=pool)
+    out: dict[str, Any] = {"groups": {}}
+    try:
+        for name in mgr.group_names:
+            nbytes = mgr.group(name).nbytes
+            entry: dict[str, Any] = {"nbytes": nbytes}
+            try:
+                torch.cuda.empty_cache()
+                before = memory_now()
+                mgr.offload(name)
+                torch.cuda.empty_cache()
+                mid_ = memory_now()
+                mgr.onload(name)
+                after = memory_now()
+                entry["allocated_freed"] = before["allocated"] - mid_["allocated"]
+                entry["allocated_restored"] = after["allocated"] - mid_["allocated"]
+                if before["nvml_process"] is not None:
+                    entry["nvml_freed"] = before["nvml_process"] - mid_["nvml_process"]
+                    entry["nvml_restored"] = after["nvml_process"] - mid_["nvml_process"]
+                judged = nbytes >= 16 << 20
+                keys = [k for k in ("allocated_freed", "allocated_restored", "nvml_freed", "nvml_restored")
+                        if k in entry]
+                if name in ("grads", "scratch"):
+                    # their bytes are what they hold right now; onload recreates nothing (megatron does, lazily)
+                    keys = [k for k in keys if k.endswith("freed")]
+                entry["within_1pct"] = {k: abs(entry[k] - nbytes) <= 0.01 * nbytes for k in keys} if judged else \
+                    "too small to judge"
+                entry["pass"] = (all(entry["within_1pct"].values()) if judged else True)
+            except Exception as exc:  # noqa: BLE001
+                entry.update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(), **{"pass": False})
+            out["groups"][name] = entry
+        # weights alone, then a forward pass
+        tokens, labels = data[1]
+        with torch.no_grad():
+            expected = ddp(tokens, positions(tokens), None, labels=labels).clone()
+        mgr.offload()
+        mgr.onload("weights")
+        st = mgr.state()
+        with torch.no_grad():
+            got = ddp(tokens, positions(tokens), None, labels=labels)
+        out["weights_alone_forward"] = {
+            "pass": bool(torch.equal(bits(got), bits(expected))) and st["optimizer_states"].device_bytes == 0
+            and st["main_weights"].device_bytes == 0 and st["grad_buffers"].device_bytes == 0,
+            "memory_with_weights_only": memory_now()}
+        mgr.onload()
+        out["train_after"] = train_step(ddp, opt, *data[1])
+    finally:
+        release(mgr)
+        pool.trim()
+        del ddp, opt, mgr
+        release()
+    out["pass"] = all(g.get("pass") for g in out["groups"].values()) and out["weights_alone_forward"]["pass"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def run_section(results: dict, name: str, fn: Callable[[], Any]) -> None:
+    t0 = time.perf_counter()
+    try:
+        value = fn()
+        if value is not None:
+            results[name] = value
+    except Exception as exc:  # noqa: BLE001
+        log.exception("section %s failed", name)
+        results.setdefault(name, {})
+        if isinstance(results[name], dict):
+            results[name].update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+    results.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
+
+
+def summary(results: dict) -> str:
+    rows = [("check", "result")]
+    for name, r in (results.get("equivalence") or {}).items():
+        if isinstance(r, dict):
+            rows.append((f"equivalence {name}", ("PASS" if r.get("pass") else "FAIL") +
+                         ("" if r.get("baseline_deterministic", True) else " (baseline nondeterministic)") +
+                         (f" error: {r['error']}" if "error" in r else "")))
+    sp = results.get("speed") or {}
+    if "pinned_peak" in sp:
+        p = sp["pinned_peak"]
+        rows.append(("pinned peak d2h / h2d", f"{p['d2h']['GBps']:.1f} / {p['h2d']['GBps']:.1f} GB/s"))
+    for label, cyc in (("memmgr", sp.get("memmgr_cycles")), ("megatron built-in", (sp.get("builtin") or {}).get("cycles"))):
+        for i, c in enumerate(cyc or []):
+            rows.append((f"{label} cycle {i} off/on", f"{c['offload_s']:.2f}s {c['offload_GBps']:.1f} GB/s "
+                         f"({c['offload_vs_peak']:.0%}) / {c['onload_s']:.2f}s {c['onload_GBps']:.1f} GB/s "
+                         f"({c['onload_vs_peak']:.0%}) intact={c['intact']}"))
+    if "builtin" in sp and "cycles" not in sp["builtin"]:
+        rows.append(("megatron built-in", str(sp["builtin"].get("available"))))
+    mem = results.get("memory") or {}
+    if "after_full_offload" in mem:
+        a = mem["after_full_offload"]
+        rows.append(("reserved over pre-model baseline", f"{mem['reserved_over_baseline'] / GB:.3f} GB"))
+        if a.get("nvml_process") is not None:
+            rows.append(("after offload: allocated/cached/non-PyTorch",
+                         f"{a['allocated'] / GB:.3f} / {a['cached'] / GB:.3f} / {a['non_pytorch'] / GB:.3f} GB"))
+    sel = results.get("selective") or {}
+    if "groups" in sel:
+        rows.append(("selective per-group deltas (1%)", "PASS" if sel.get("pass") else "FAIL"))
+        rows.append(("onload weights alone + forward",
+                     "PASS" if (sel.get("weights_alone_forward") or {}).get("pass") else "FAIL"))
+    for name, r in results.items():
+        if isinstance(r, dict) and "error" in r and name != "equivalence":
+            rows.append((f"{name} ERROR", r["error"][:100]))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a.ljust(width)}  {b}" for a, b in rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--equivalence-only", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(args.out / "gpu_megatron.log", mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("gpu_megatron", "memmgr"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("gpu_megatron").addHandler(logging.StreamHandler(sys.stdout))
+    warnings.filterwarnings("ignore")
+
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    t_start = time.perf_counter()
+    try:
+        results["env"] = init_distributed()
+        baseline = memory_now()
+        results["baseline_before_model"] = baseline
+        if not args.equivalence_only:
+            run_section(results, "speed_and_memory", lambda: section_speed_and_memory(args, baseline, results))
+        run_section(results, "equivalence", lambda: section_equivalence(args))
+        run_section(results, "selective", lambda: section_selective(args))
+    except Exception as exc:  # noqa: BLE001
+        results["fatal"] = f"{type(exc).__name__}: {exc}"
+        results["fatal_traceback"] = traceback.format_exc()
+        log.exception("setup failed")
+    results["total_seconds"] = time.perf_counter() - t_start
+    (args.out / "gpu_megatron.json").write_text(json.dumps(results, indent=2, default=str))
+    table = summary(results)
+    (args.out / "summary.txt").write_text(table + "\n")
+    print(table)
+    try:
+        torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
