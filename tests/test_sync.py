@@ -411,7 +411,8 @@ def test_module_loader_copies_bit_for_bit():
 
 def test_module_loader_errors_name_tensor_and_both_shapes_and_dtypes():
     loader = ModuleWeightLoader(Net(seed=1))
-    with pytest.raises(MemmgrInputError, match=r"no parameter or buffer 'layers\.0\.wieght'.*closest.*layers\.0\.weight"):
+    with pytest.raises(MemmgrInputError,
+                       match=r"no parameter or buffer 'layers\.0\.wieght'.*closest.*layers\.0\.weight"):
         loader([("layers.0.wieght", torch.zeros(24, 24))])
     with pytest.raises(MemmgrInputError, match=r"'layers\.0\.weight' arrived as shape \(3, 3\), torch.float32.*"
                                                r"shape \(24, 24\), torch.float32"):
