@@ -356,6 +356,8 @@ def section_speed_and_memory(args, baseline: dict, results: dict) -> None:
     finally:
         release(mgr)  # the built-in helpers rebind tensors, so memmgr lets go first
         pool.trim()
+        mgr = None  # its buckets must not keep the old storages alive while the built-ins offload
+        release()
 
     speed["builtin"] = builtin_cycles(ddp, opt, reference, peak, 1 if args.quick else 2, baseline)
     del ddp, opt, mgr
