@@ -46,13 +46,20 @@ def mixed_tensors(total_bytes: int, count: int, seed: int = 0) -> list[torch.Ten
 
 def core_section(total_gib: float, count: int, cycles: int) -> dict:
     out: dict = {}
-    torch.cuda.empty_cache()
     peak = pinned_peak(DEV, nbytes=4 * GiB)
     out["peak_gbps"] = peak
+    torch.cuda.empty_cache()  # the peak's buffers must not leave cached segments for the state to be carved from
     tensors = mixed_tensors(int(total_gib * GiB), count)
     payload = sum(t.numel() * t.element_size() for t in tensors)
     out.update(payload_bytes=payload, tensors=len(tensors), dtypes=sorted({str(t.dtype) for t in tensors}))
-    reference = [t.clone() for t in tensors]  # on the GPU: a bit-exact compare without host round trips
+    # The reference copy lives on the host, so nothing else of this test shares the GPU's allocator segments.
+    reference_store = memmgr.allocate_host_buffer(payload).tensor
+    reference, offset = [], 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        reference.append(reference_store[offset:offset + n])
+        reference[-1].copy_(t.view(torch.uint8).reshape(-1))
+        offset += n
     pool = memmgr.HostMemoryPool()
     t0 = time.perf_counter()
     group = memmgr.BucketizedFlatTensors(tensors, bucket_size_mb=512, name="state", pool=pool, pin_ahead=False)
@@ -77,14 +84,14 @@ def core_section(total_gib: float, count: int, cycles: int) -> dict:
             out["storage_zero_while_offloaded"] = all(t.untyped_storage().nbytes() == 0 for t in tensors)
         ons.append(timed(group.onload, DEV))
     out["offload_s"], out["onload_s"] = offs, ons
-    out["bit_exact"] = all(torch.equal(t.view(torch.uint8), r.view(torch.uint8)) for t, r in zip(tensors, reference))
+    out["bit_exact"] = all(torch.equal(t.view(torch.uint8).reshape(-1).cpu(), r) for t, r in zip(tensors, reference))
     steady_off, steady_on = statistics.median(offs[1:]), statistics.median(ons[1:])
     out["first_offload_gbps"] = payload / offs[0] / GB
     out["steady_offload_gbps"] = payload / steady_off / GB
     out["steady_onload_gbps"] = payload / steady_on / GB
     out["steady_offload_ratio"] = out["steady_offload_gbps"] / peak["d2h"]
     out["steady_onload_ratio"] = out["steady_onload_gbps"] / peak["h2d"]
-    del group, tensors, reference
+    del group, tensors, reference, reference_store
     torch.cuda.empty_cache()
     # PyTorch's pinned allocator beside ours, same size as one large bucket
     for gib in (1, 4):
@@ -132,10 +139,10 @@ class Transformer(torch.nn.Module):
 
 def manager_section(cycles: int) -> dict:
     out: dict = {}
-    torch.cuda.empty_cache()
-    reserved_before = torch.cuda.memory_reserved(DEV)
     peak = pinned_peak(DEV, nbytes=4 * GiB)
     out["peak_gbps"] = peak
+    torch.cuda.empty_cache()
+    reserved_before = torch.cuda.memory_reserved(DEV)
     torch.manual_seed(0)
     model = Transformer().to(DEV)
     out["params"] = sum(p.numel() for p in model.parameters())
@@ -158,6 +165,9 @@ def manager_section(cycles: int) -> dict:
         offs.append(timed(mgr.offload, DEV))
         if cycle == 0:
             out["reserved_over_pre_model_bytes"] = torch.cuda.memory_reserved(DEV) - reserved_before
+            out["live_tensors_after_offload"] = [
+                {"bytes": b["allocated_size"], "segment_bytes": s["total_size"]}
+                for s in torch.cuda.memory_snapshot() for b in s["blocks"] if b["state"] == "active_allocated"]
             out["nvml_drop_bytes"] = used_loaded - nvml_used()
             out["nvml_drop_over_moved"] = out["nvml_drop_bytes"] / moved
         ons.append(timed(mgr.onload, DEV))

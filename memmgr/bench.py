@@ -117,29 +117,9 @@ def pinned_peak(device: torch.device, nbytes: int = 2 * GiB, repeats: int = 3) -
         dst = torch.empty_like(src)
         best = min(timed(lambda: dst.copy_(src), device) for _ in range(repeats))
         return {"d2h": nbytes / best / GB, "h2d": nbytes / best / GB, "both": 2 * nbytes / best / GB}
-    from memmgr.host_memory import allocate_host_buffer
+    from memmgr.measure import measure_pinned_peak
 
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dev2 = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    host = allocate_host_buffer(nbytes).tensor
-    host2 = allocate_host_buffer(nbytes).tensor
-    s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
-    out = {}
-    for name, fn in (("d2h", lambda: host.copy_(dev, non_blocking=True)),
-                     ("h2d", lambda: dev.copy_(host, non_blocking=True))):
-        fn()
-        out[name] = max(nbytes / timed(fn, device) / GB for _ in range(repeats))
-
-    def both():
-        with torch.cuda.stream(s1):
-            host.copy_(dev, non_blocking=True)
-        with torch.cuda.stream(s2):
-            dev2.copy_(host2, non_blocking=True)
-
-    both()
-    out["both"] = max(2 * nbytes / timed(both, device) / GB for _ in range(repeats))
-    del dev, dev2
-    return out
+    return measure_pinned_peak(nbytes, device, iters=repeats)
 
 
 def checksum(tensors: list[torch.Tensor]) -> list[int]:
@@ -234,7 +214,9 @@ class PerTensorMethod(Method):
 
     def host_bytes(self):
         if self.pinned_cache and torch.cuda.is_available():
-            return {"pinned": int(torch.cuda.host_memory_stats().get("reserved_bytes.current", 0))}
+            stats = torch.cuda.host_memory_stats()  # the pinned cache rounds each block up to a power of two
+            held = max([v for k, v in stats.items() if k.endswith("bytes.current")] or [0])
+            return {"pinned": int(held)}
         return {"pageable": sum(t.numel() * t.element_size() for t in self.host.values())}
 
     def teardown(self):
@@ -312,16 +294,15 @@ class MethodResult:
 
 
 def _process_gpu_bytes(device: torch.device) -> int | None:
+    """This process's GPU memory as NVML sees it (the driver's device-wide figure where NVML cannot say)."""
     if device.type != "cuda":
         return None
-    try:
-        from memmgr import nvml
+    from memmgr import nvml
 
-        used = nvml.process_used_bytes(device)
-        if used is not None:
-            return used
-    except Exception:  # the report module is optional here; fall back to the driver's device-wide figure
-        pass
+    index = nvml.nvml_index(device.index or 0)
+    proc = nvml.process_memory(index) if index is not None else None
+    if proc is not None and proc.nbytes is not None:
+        return proc.nbytes
     free, total = torch.cuda.mem_get_info(device)
     return total - free
 

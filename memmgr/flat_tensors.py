@@ -54,6 +54,14 @@ class Policy(str, enum.Enum):
     DISCARD = "discard"
 
 
+def _policy(policy: Policy | str, name: str) -> Policy:
+    try:
+        return Policy(policy)
+    except ValueError:
+        raise MemmgrInputError(f"group {name!r}: unknown policy {policy!r}; use one of "
+                               f"{[p.value for p in Policy]}") from None
+
+
 def _storage_use_count(tensor: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
 
@@ -192,7 +200,7 @@ class FlatTensors:
         self.flat = flat
         self.members = members  # (name, tensor, element offset)
         self.name = name
-        self.policy = Policy(policy)
+        self.policy = _policy(policy, name)
         self.nbytes = flat.numel() * flat.element_size()
         self._pool = pool or default_pool()
         self._host: HostBuffer | None = None
@@ -326,8 +334,9 @@ class FlatTensors:
             with torch.no_grad():
                 self._offload_checksum = bucket_checksum(self.flat)
         if discard or self.nbytes == 0:
-            storage.resize_(0)
+            # state first: an interrupt between the two lines must never leave "on device" with no memory behind it
             self._state = BucketState.DISCARDED if discard else BucketState.ON_HOST
+            storage.resize_(0)
             return TransferHandle.completed()
         host = self.ensure_host_buffer().tensor
         src = self.flat.view(torch.uint8)
@@ -340,15 +349,15 @@ class FlatTensors:
                 event.record(stream)
             # The allocator may hand this block out again only after the copy stream is done with it.
             self.flat.record_stream(stream)
-            storage.resize_(0)
             handle = self._start(TransferHandle([event], [self._complete]), BucketState.OFFLOADING,
                                  BucketState.ON_HOST)
+            storage.resize_(0)
             if not non_blocking:
                 handle.wait()
             return handle
         host.copy_(src)
-        storage.resize_(0)
         self._state = BucketState.ON_HOST
+        storage.resize_(0)
         return TransferHandle.completed()
 
     def allocate(self) -> bool:
@@ -358,10 +367,6 @@ class FlatTensors:
             return False
         storage.resize_(self.nbytes)
         return True
-
-    def free_after_failed_onload(self) -> None:
-        """Undoes allocate() when a later bucket of the same onload could not be allocated."""
-        self.flat.untyped_storage().resize_(0)
 
     def onload(self, non_blocking: bool = False) -> TransferHandle:
         """Re-allocates the device storage in place and restores the contents (or zeroes a discarded bucket).
@@ -501,7 +506,7 @@ class BucketizedFlatTensors:
         if bucket_size_mb <= 0:
             raise MemmgrInputError(f"group {name!r}: bucket_size_mb must be > 0, got {bucket_size_mb}")
         self.name = name
-        self.policy = Policy(policy)
+        self.policy = _policy(policy, name)
         self.bucket_size_bytes = int(bucket_size_mb * 2**20)
         self._pool = pool or default_pool()
         self._align_bytes = align_bytes
@@ -579,7 +584,17 @@ class BucketizedFlatTensors:
 
     # ---- moves ----
     def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
-        handles = [b.offload(non_blocking=True, discard=discard) for b in self.buckets]
+        handles = []
+        try:
+            for bucket in self.buckets:
+                handles.append(bucket.offload(non_blocking=True, discard=discard))
+        except BaseException:
+            # Interrupted part-way (KeyboardInterrupt, a signal): finish moving the group so that it is wholly on
+            # the host rather than split, then let the interrupt through.
+            for bucket in self.buckets:
+                if bucket.state is BucketState.ON_DEVICE:
+                    bucket.offload(non_blocking=True, discard=discard)
+            raise
         handle = TransferHandle.combine(handles)
         if not non_blocking:
             handle.wait()
@@ -591,26 +606,28 @@ class BucketizedFlatTensors:
         todo = [b for b in self.buckets if b.state not in (BucketState.ON_DEVICE, BucketState.ONLOADING)]
         if not todo:
             logger.debug("group %s is already %s; onload is a no-op", self.name, self.state.value)
-        allocated: list[FlatTensors] = []
+        previous = {id(b): (BucketState.ON_HOST if b.state is BucketState.OFFLOADING else b.state) for b in todo}
+        handles: list[TransferHandle] = []
+        done: list[FlatTensors] = []
+        # Allocate and copy bucket by bucket, so each allocation overlaps the copy of the bucket before it.
         try:
             for bucket in todo:
-                if bucket.allocate():
-                    allocated.append(bucket)
-        except torch.OutOfMemoryError as exc:
-            for bucket in allocated:
-                bucket.free_after_failed_onload()
+                bucket.allocate()
+                handles.append(bucket.onload(non_blocking=True))
+                done.append(bucket)
+        except BaseException as exc:
+            for bucket in done:  # back wholly to the host: nothing half-restored
+                bucket.revert_onload(previous[id(bucket)])
+            if not isinstance(exc, torch.OutOfMemoryError):
+                raise
             needed = sum(b.nbytes for b in todo)
-            free = None
-            device = todo[0].device if todo else None
-            if device is not None and device.type == "cuda":
-                free = torch.cuda.mem_get_info(device)[0]
+            device = todo[0].device
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
             raise MemmgrOutOfMemoryError(
                 f"group {self.name!r}: onload needs {needed} bytes on {device} but only "
                 f"{free if free is not None else 'unknown'} bytes are free; nothing was restored and the host copy "
                 f"is intact. Free GPU memory (offload another group, torch.cuda.empty_cache()) and retry",
                 group=self.name, bytes_needed=needed, bytes_free=free) from exc
-        previous = {id(b): (BucketState.ON_HOST if b.state is BucketState.OFFLOADING else b.state) for b in todo}
-        handles = [b.onload(non_blocking=True) for b in todo]
         handle = TransferHandle.combine(handles)
         if any(b._restored_checksum is not None for b in todo):
             self._verify_restored(todo, previous)  # reads the checksums back: waits for this onload's copies

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from memmgr.errors import MemmgrInputError, MemmgrStateError
-from memmgr.flat_tensors import BucketizedFlatTensors, BucketState, Policy, TensorsArg
+from memmgr.flat_tensors import BucketizedFlatTensors, BucketState, Policy, TensorsArg, _policy
 from memmgr.groups import StateGroup, default_priority
 from memmgr.host_memory import HostMemoryPool, default_pool
 from memmgr.transfer import TransferHandle
@@ -87,24 +87,25 @@ class MemoryManager:
     # ---- building ----
     def add_group(self, name: str, tensors: TensorsArg | StateGroup, policy: Policy | str = Policy.COPY, *,
                   priority: int | None = None, collect: Callable[[], TensorsArg] | None = None,
-                  adopt: bool = False, pin_ahead: bool = True) -> StateGroup:
+                  adopt: bool = False, pin_ahead: bool = True, verify: bool = False) -> StateGroup:
         """Adds a named group: a list/dict of tensors to coalesce, flat buffers to adopt (``adopt=True``), or a
         ready StateGroup. ``collect`` returns the group's current tensors; tensors it returns that the group does
-        not hold yet (optimizer state created lazily at the first step) are added at the next offload."""
+        not hold yet (optimizer state created lazily at the first step) are added at the next offload.
+        ``verify`` checksums each bucket at offload and checks it at onload (MemmgrCorruptionError on mismatch)."""
         self._check_open()
         if name in self._groups:
             raise MemmgrInputError(f"group {name!r} exists already; known groups: {list(self._groups)}")
-        policy = Policy(policy)
+        policy = _policy(policy, name)
         if isinstance(tensors, StateGroup) and not isinstance(tensors, (list, tuple, dict)):
             group = tensors
         elif adopt:
             self._check_not_managed(name, tensors)
             group = BucketizedFlatTensors.from_buffers(tensors, name=name, policy=policy, pool=self.pool,
-                                                       pin_ahead=pin_ahead)
+                                                       pin_ahead=pin_ahead, verify=verify)
         else:
             self._check_not_managed(name, tensors)
             group = BucketizedFlatTensors(tensors, self.bucket_size_mb, name=name, policy=policy, pool=self.pool,
-                                          pin_ahead=pin_ahead)
+                                          pin_ahead=pin_ahead, verify=verify)
         prio = default_priority(name, group.policy) if priority is None else priority
         self._groups[name] = _Entry(group, prio, collect, len(self._groups))
         return group

@@ -60,12 +60,16 @@ class TransferHandle:
         fn()
 
     def _finish(self) -> None:
-        with self._lock:
-            if self._completed:
-                return
-            self._completed = True
-            callbacks, self._on_complete = self._on_complete, []
-        for callback in callbacks:
+        # Each callback is taken off the list before it runs and the handle counts as complete only after the last,
+        # so an interrupt in between leaves the remaining callbacks to the next done()/wait().
+        while True:
+            with self._lock:
+                if self._completed:
+                    return
+                if not self._on_complete:
+                    self._completed = True
+                    return
+                callback = self._on_complete.pop(0)
             callback()
 
     def done(self) -> bool:

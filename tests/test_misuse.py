@@ -383,9 +383,7 @@ CASES = [
     (weight_sync_on_discarded_weights, MemmgrStateError, r"group 'weights' was discarded, so there are no weights"),
     (weight_sync_without_weights_group, MemmgrInputError, r"unknown group\(s\) \['weights'\]; known groups: "
                                                           r"\['params'\]"),
-    pytest.param(bad_policy, MemmgrInputError, r"'keep' is not a valid Policy", marks=pytest.mark.xfail(
-        strict=True, raises=ValueError, reason="known bug: Policy('keep') escapes as a bare ValueError, not "
-                                               "MemmgrInputError (manager.add_group / BucketizedFlatTensors)")),
+    (bad_policy, MemmgrInputError, r"group 'g': unknown policy 'keep'; use one of \['copy', 'discard'\]"),
     (closed_manager("offload"), MemmgrStateError, r"MemoryManager is closed"),
     (closed_manager("onload"), MemmgrStateError, r"MemoryManager is closed"),
     (closed_manager("add_group"), MemmgrStateError, r"MemoryManager is closed"),
