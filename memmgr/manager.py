@@ -126,15 +126,22 @@ class MemoryManager:
         return list(self._groups)
 
     # ---- moving ----
-    def offload(self, *groups: str, non_blocking: bool = False) -> TransferHandle:
-        """Moves the named groups (all if none) off the GPU: discardable ones first, weights last."""
+    def offload(self, *groups: str, non_blocking: bool = False, budget_bytes: int | None = None) -> Any:
+        """Moves the named groups (all if none) off the GPU: discardable ones first, weights last.
+
+        With ``budget_bytes``: frees at least that many bytes, cheapest whole buckets first, and returns the
+        ``memmgr.budget.OffloadPlan`` it carried out (``plan.onload()`` restores exactly it)."""
+        if budget_bytes is not None:
+            from memmgr.budget import offload_budget
+
+            return offload_budget(self, budget_bytes, groups, non_blocking=non_blocking)
         self._check_open()
         entries = sorted(self._resolve(groups), key=lambda e: (e.priority, e.index))
         for entry in entries:
             self._collect_new_tensors(entry)
         for entry in entries:
             check = getattr(entry.group, "check_no_outside_references", None)
-            if check is not None and entry.group.state is BucketState.ON_DEVICE:
+            if check is not None and _state_label(entry.group) in (BucketState.ON_DEVICE.value, "partial"):
                 check()
         names = tuple(e.group.name for e in entries)
         self._fire(HookEvent.BEFORE_OFFLOAD, names)
@@ -165,6 +172,16 @@ class MemoryManager:
         self._record(f"onload {','.join(names)}")
         return handle
 
+    def free(self, nbytes: int, *groups: str, non_blocking: bool = False) -> Any:
+        """Frees at least ``nbytes`` of GPU memory, cheapest buckets first; returns the OffloadPlan (memmgr.budget)."""
+        return self.offload(*groups, non_blocking=non_blocking, budget_bytes=nbytes)
+
+    def plan_offload(self, budget_bytes: int, *groups: str) -> Any:
+        """The OffloadPlan ``offload(budget_bytes=...)`` would carry out, without moving anything (a dry run)."""
+        from memmgr.budget import plan_offload
+
+        return plan_offload(self, budget_bytes, groups)
+
     def _release_cached_memory(self) -> None:
         if self.empty_cache and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
@@ -172,7 +189,7 @@ class MemoryManager:
     def _collect_new_tensors(self, entry: _Entry) -> None:
         if entry.collect is None or not isinstance(entry.group, BucketizedFlatTensors):
             return
-        if entry.group.state is not BucketState.ON_DEVICE:
+        if _state_label(entry.group) != BucketState.ON_DEVICE.value:
             return
         held = {id(t) for t in entry.group.tensors}
         current = entry.collect()
@@ -226,7 +243,7 @@ class MemoryManager:
         """Fires before_weight_sync hooks and onloads only the weights group; pair with end_weight_sync()."""
         self._check_open()
         entry = self._resolve([self.weights_group])[0]
-        if entry.group.state is BucketState.DISCARDED:
+        if _state_label(entry.group) == BucketState.DISCARDED.value:
             raise MemmgrStateError(f"group {self.weights_group!r} was discarded, so there are no weights to sync; "
                                    f"offload weights with the copy policy")
         self._fire(HookEvent.BEFORE_WEIGHT_SYNC, (self.weights_group,))
@@ -281,7 +298,7 @@ class MemoryManager:
     def state(self) -> "OrderedDict[str, GroupStatus]":
         """Where each group is and how many bytes it holds on the GPU and on the host."""
         return OrderedDict(
-            (n, GroupStatus(n, e.group.state.value, e.group.policy.value, e.group.nbytes, e.group.device_bytes,
+            (n, GroupStatus(n, _state_label(e.group), e.group.policy.value, e.group.nbytes, e.group.device_bytes,
                             e.group.host_bytes)) for n, e in self._groups.items())
 
     # ---- lifecycle ----
@@ -318,8 +335,18 @@ class MemoryManager:
 
     @staticmethod
     def _on_device(entry: _Entry) -> bool:
-        return entry.group.state in (BucketState.ON_DEVICE, BucketState.ONLOADING)
+        # a partly offloaded group (budgeted offload) still holds device memory: phases offload the rest
+        return _state_label(entry.group) in (BucketState.ON_DEVICE.value, BucketState.ONLOADING.value, "partial")
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{n}={e.group.state.value}" for n, e in self._groups.items())
+        parts = ", ".join(f"{n}={_state_label(e.group)}" for n, e in self._groups.items())
         return f"MemoryManager({parts}{', closed' if self._closed else ''})"
+
+
+def _state_label(group: StateGroup) -> str:
+    """The group's state value, or "partial" for a group with some buckets on the device and some off (after a
+    budgeted offload), where ``group.state`` raises."""
+    try:
+        return group.state.value
+    except MemmgrStateError:
+        return "partial"

@@ -66,7 +66,9 @@ def test_ledger_records_cpu_managers(tmp_path):
     assert groups["optimizer_states"]["host_bytes"] == groups["optimizer_states"]["nbytes"] > 0
     assert groups["grads"]["state"] == "discarded"
     for r in ledger.records:
-        assert r["rank"] == 0 and r["gpus"] == [] and r["cuda"] != "ok"
+        assert r["rank"] == 0
+        if not torch.cuda.is_available():  # CPU managers on a GPU machine still see (and report) the GPUs
+            assert r["gpus"] == [] and r["cuda"] != "ok"
         assert r["nvml"].startswith("unavailable") or r["nvml"] == "ok"
         assert r["host_memory"]["rss"] and r["host_memory"]["rss"] > 0
         assert isinstance(r["time"], float)
