@@ -30,7 +30,7 @@ import torch
 
 from memmgr.budget import MemmgrBudgetError, unit_on_device, units_of
 from memmgr.errors import MemmgrInputError, MemmgrOutOfMemoryError
-from memmgr.flat_tensors import BucketizedFlatTensors, BucketState, FlatTensors
+from memmgr.flat_tensors import BucketState, FlatTensors
 from memmgr.transfer import TransferHandle
 
 logger = logging.getLogger("memmgr")
@@ -187,10 +187,8 @@ def _device_of(groups: list[Any]) -> torch.device | None:
 
 
 def _out_unit(u: Any) -> SwapUnit:
-    nbytes = int(u.device_bytes)
-    if isinstance(u, FlatTensors):
-        return SwapUnit(u.name, nbytes, lambda: u.offload(non_blocking=True))
-    return SwapUnit(u.name, nbytes, lambda: u.offload(non_blocking=True))
+    """A bucket (or a bucketless group such as DroppedGradients) to offload; its bytes are what it holds now."""
+    return SwapUnit(u.name, int(u.device_bytes), lambda: u.offload(non_blocking=True))
 
 
 def swap(out: Any, into: Any, margin_bytes: int = 0, *, out_groups: Sequence[str] | None = None,
