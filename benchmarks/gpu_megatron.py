@@ -297,7 +297,7 @@ def section_speed_and_memory(args, baseline: dict, results: dict) -> None:
     speed: dict[str, Any] = {"model": big}
     memory: dict[str, Any] = {"baseline_before_model": baseline}
     results["speed"], results["memory"] = speed, memory
-    cycles = 2 if args.quick else 3
+    cycles = args.cycles or (2 if args.quick else 3)
     peak = pinned_peak((1 if args.quick else 4) << 30)
     speed["pinned_peak"] = peak
     ddp, opt = build(**big, bf16=True, dist_opt=True, cpu_init=False)
@@ -359,6 +359,9 @@ def section_speed_and_memory(args, baseline: dict, results: dict) -> None:
         mgr = None  # its buckets must not keep the old storages alive while the built-ins offload
         release()
 
+    if getattr(args, "skip_builtin", False):
+        speed["builtin"] = {"available": "skipped (--skip-builtin)"}
+        return speed
     speed["builtin"] = builtin_cycles(ddp, opt, reference, peak, 1 if args.quick else 2, baseline)
     del ddp, opt, mgr
     release()
@@ -543,6 +546,9 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--equivalence-only", action="store_true")
+    parser.add_argument("--speed-only", action="store_true", help="only the 1.3B speed and memory section")
+    parser.add_argument("--skip-builtin", action="store_true", help="do not time megatron-core's own helpers")
+    parser.add_argument("--cycles", type=int, default=None, help="memmgr offload/onload cycles (default 3)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(args.out / "gpu_megatron.log", mode="w")
@@ -561,8 +567,9 @@ def main() -> int:
         results["baseline_before_model"] = baseline
         if not args.equivalence_only:
             run_section(results, "speed_and_memory", lambda: section_speed_and_memory(args, baseline, results))
-        run_section(results, "equivalence", lambda: section_equivalence(args))
-        run_section(results, "selective", lambda: section_selective(args))
+        if not args.speed_only:
+            run_section(results, "equivalence", lambda: section_equivalence(args))
+            run_section(results, "selective", lambda: section_selective(args))
     except Exception as exc:  # noqa: BLE001
         results["fatal"] = f"{type(exc).__name__}: {exc}"
         results["fatal_traceback"] = traceback.format_exc()

@@ -387,7 +387,7 @@ def sleep_cycles(seconds: float) -> int:
 def section_streams(sec: Section, device: torch.device, pool: HostMemoryPool) -> None:
     tensors, specs = make_tensors(1.0, 3000, device)
     group = BucketizedFlatTensors(tensors, 256, name="streams", pool=pool)
-    cycles = sleep_cycles(0.2)
+    cycles = sleep_cycles(1.0)
 
     # a) long kernel, then the writes, then offload at once: the host store must hold the written values
     torch.cuda.synchronize()

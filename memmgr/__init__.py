@@ -34,7 +34,11 @@ def __getattr__(name: str):
         from memmgr.integrations.megatron import for_megatron
 
         return for_megatron
-    if name in ("report", "sync", "doctor", "bench"):
+    if name == "swap":
+        from memmgr.swap import swap
+
+        return swap
+    if name in ("report", "sync", "doctor", "bench", "budget", "ordered"):
         import importlib
 
         return importlib.import_module(f"memmgr.{name}")

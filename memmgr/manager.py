@@ -184,6 +184,11 @@ class MemoryManager:
 
     def _release_cached_memory(self) -> None:
         if self.empty_cache and torch.cuda.is_available() and torch.cuda.is_initialized():
+            # cuBLAS workspaces (tens of MiB per stream) are re-created at the next matmul; between phases they are
+            # memory the engine could use, so they go back too.
+            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear_workspaces is not None:
+                clear_workspaces()
             torch.cuda.empty_cache()
 
     def _collect_new_tensors(self, entry: _Entry) -> None:

@@ -120,7 +120,9 @@ def test_table_has_labels_and_deltas(tmp_path):
     table = format_table(ledger.records)
     for label in ("start", "after train step", "enter generate", "exit generate"):
         assert label in table
-    assert "ΔRSS" in table and "+" in table
+    assert "+" in table
+    if not torch.cuda.is_available():  # with GPUs the table is per GPU and shows GPU columns instead
+        assert "ΔRSS" in table
     assert "weights" in table and "optimizer_states" in table and "host" in table and "freed" in table
     assert "snapshot(s); each took" in table
     assert format_table([]) == "no snapshots"
