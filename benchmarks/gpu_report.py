@@ -83,42 +83,21 @@ def build_plain(args: argparse.Namespace, device: torch.device):
 
 
 def build_megatron(args: argparse.Namespace, device: torch.device):
-    """A megatron-core GPT (world size 1) with its DDP and distributed optimizer, managed by memmgr.for_megatron."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer import TransformerConfig
+    """A megatron-core GPT (world size 1, bf16, DDP + distributed optimizer) built by the same helpers as
+    benchmarks/gpu_megatron.py, managed by memmgr.for_megatron."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import gpu_megatron as gm
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    cfg = TransformerConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-                            use_cpu_initialization=False, bf16=True, params_dtype=torch.bfloat16)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=args.vocab,
-                     max_sequence_length=512).to(device)
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
-    model = DistributedDataParallel(cfg, ddp_cfg, model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, bf16=True,
-                                                 use_distributed_optimizer=True), [model])
-    mgr = memmgr.for_megatron([model], opt)
+    gm.init_distributed()
+    ddp, opt = gm.build(layers=args.layers, hidden=args.hidden, heads=args.heads, vocab=args.vocab, seq=256,
+                        bf16=True, dist_opt=True)
+    mgr = memmgr.for_megatron([ddp], opt)
+    batches = gm.make_batches(2, 2, 256, args.vocab)
 
     def step() -> float:
-        tokens = torch.randint(0, args.vocab, (2, 256), device=device)
-        pos = torch.arange(256, device=device).unsqueeze(0).expand(2, -1)
-        model.zero_grad_buffer()
-        opt.zero_grad()
-        loss = model(tokens, pos, None, labels=tokens).float().mean()
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
+        return float(gm.train_step(ddp, opt, *batches[0]))
 
-    return model, mgr, step
+    return ddp, mgr, step
 
 
 def check_record(rec: dict, tolerance: float = 0.01) -> dict:
