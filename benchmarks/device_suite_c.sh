@@ -5,8 +5,8 @@ source benchmarks/device_setup.sh
 R=$OUT/c; mkdir -p $R; pack() { tar czf $OUT/suite_c.tgz -C $OUT c; }
 N=$(python3 -c "import torch; print(torch.cuda.device_count())")
 timeout 230 python3 benchmarks/rl_cycle.py --gpus $N --iters 3 --out $R/rl_megatron --trainer megatron --deadline 220 > $R/rl_megatron.log 2>&1
-tail -25 $R/rl_megatron.log; pack
-if ! grep -q '"ok": true' $R/rl_megatron/results.json 2>/dev/null && grep -q '"error"' $R/rl_megatron/results.json 2>/dev/null; then
+rc=$?; tail -25 $R/rl_megatron.log; pack
+if [ $rc -ne 0 ]; then
   timeout 160 python3 benchmarks/rl_cycle.py --gpus $N --iters 3 --out $R/rl_plain --trainer plain --deadline 150 > $R/rl_plain.log 2>&1; tail -15 $R/rl_plain.log; pack
 fi
 CUDA_VISIBLE_DEVICES=0 timeout 100 python3 benchmarks/gpu_report.py --out $R/report --megatron --quick-doctor > $R/report.log 2>&1; tail -12 $R/report.log; pack
