@@ -178,9 +178,14 @@ def build_megatron(args: argparse.Namespace, device: torch.device, dtype: torch.
         return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=args.vocab,
                         max_sequence_length=args.max_seq).to(device)
 
+    from megatron.core.transformer.module import Float16Module
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:  # bf16 GPTModels run under Float16Module
+        return Float16Module(cfg, model) if dtype != torch.float32 else model
+
     core = gpt()
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                                     use_distributed_optimizer=True), core)
+                                                                     use_distributed_optimizer=True), wrap(core))
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=dtype == torch.bfloat16,
                                                  params_dtype=dtype, use_distributed_optimizer=True,
                                                  clip_grad=1.0), [ddp])
@@ -206,7 +211,7 @@ def build_megatron(args: argparse.Namespace, device: torch.device, dtype: torch.
     torch.manual_seed(4321 + dist.get_rank())
     engine_model = gpt()
     engine_model.eval()
-    engine = Side(kind="megatron", model=engine_model, forward=fwd(engine_model), name_map=megatron_name_map)
+    engine = Side(kind="megatron", model=engine_model, forward=fwd(wrap(engine_model)), name_map=megatron_name_map)
     return trainer, engine
 
 

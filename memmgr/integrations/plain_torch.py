@@ -49,7 +49,19 @@ class DroppedGradients:
 
     @property
     def device_bytes(self) -> int:
-        return sum(p.grad.untyped_storage().nbytes() for p in self._params if p.grad is not None)
+        """Bytes of gradient storage this group frees: each storage once, and only storages a gradient spans
+        whole (a .grad that views another buffer, e.g. megatron's grad_data, frees nothing by itself)."""
+        seen, total = set(), 0
+        for p in self._params:
+            g = p.grad
+            if g is None:
+                continue
+            storage = g.untyped_storage()
+            if storage.data_ptr() in seen or storage.nbytes() != g.numel() * g.element_size():
+                continue
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return total
 
     @property
     def host_bytes(self) -> int:
