@@ -287,3 +287,16 @@ def test_model_without_optimizer_and_fp32_optimizer_groups(megatron_env):
     ddp, opt = build("fp32-opt")
     mgr = for_megatron(ddp, opt)
     assert mgr.group("main_weights").nbytes == 0  # FP32Optimizer updates the weights themselves
+
+
+def test_grad_views_into_reallocated_grad_buffers_are_not_counted_twice(megatron_env):
+    """Gradients on main-weight shards that view grad_data hold no memory of their own, also after an onload gave
+    grad_data a new address (a stale address once made reports count them twice)."""
+    ddp, opt = build("distopt-bf16")
+    mgr = for_megatron(ddp, opt)
+    for tokens, labels in batches(2):
+        train_step(ddp, opt, tokens, labels)
+        mgr.offload()
+        mgr.onload()
+    train_step(ddp, opt, *batches(1)[0])
+    assert mgr.state()["grads"].device_bytes == 0

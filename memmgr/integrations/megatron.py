@@ -408,11 +408,12 @@ class _ShardGrads(_DroppedHolders):
     With fp32 gradient reduction they are views into ``grad_data`` (no memory of their own, counted there); with
     bf16 gradients they are fp32 copies. The next step recreates them (``prepare_grads``), so dropping is exact."""
 
-    def __init__(self, name: str, holders: list[torch.Tensor], names: dict[int, str], grad_storages: set[int]):
+    def __init__(self, name: str, holders: list[torch.Tensor], names: dict[int, str],
+                 grad_buffers: list[torch.Tensor]):
         super().__init__(name)
         self._holders = list({id(h): h for h in holders}.values())
         self._names = names
-        self._grad_storages = grad_storages
+        self._grad_buffers = grad_buffers
 
     def _tensors(self) -> list[tuple[str, torch.Tensor]]:
         found = []
@@ -426,7 +427,8 @@ class _ShardGrads(_DroppedHolders):
         return found
 
     def _exclude(self) -> set[int]:
-        return self._grad_storages
+        # Looked up each time: an onload re-allocates the grad buffers, so their addresses change every cycle.
+        return {_storage_key(t) for t in self._grad_buffers}
 
     def _drop(self) -> None:
         with warnings.catch_warnings():
@@ -532,7 +534,8 @@ def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], opti
     mgr = MegatronMemoryManager(found, bucket_size_mb=bucket_size_mb, empty_cache=empty_cache, pool=pool,
                                 named_weights=lambda: list(named_params))
     mgr.add_group("grad_buffers", found.grad_buffers, Policy.DISCARD, adopt=True, pin_ahead=pin_ahead)
-    mgr.add_group("grads", _ShardGrads("grads", found.grad_holders, found.opt_param_names, found.grad_storages))
+    mgr.add_group("grads", _ShardGrads("grads", found.grad_holders, found.opt_param_names,
+                                       list(found.grad_buffers.values())))
     weights = BucketizedFlatTensors.from_buffers(found.param_buffers, name="weights", pool=mgr.pool,
                                                  pin_ahead=pin_ahead)
     if loose:
