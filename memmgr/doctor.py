@@ -135,7 +135,7 @@ def run_doctor(quick: bool = False) -> dict[str, Any]:
     if cuda:
         n = torch.cuda.device_count()
         echo(f"  torch sees {n} GPU(s)" + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "") +
-             f": " + ", ".join(f"cuda:{i}=NVML {nvml.nvml_index(i)}" for i in range(n)))
+             ": " + ", ".join(f"cuda:{i}=NVML {nvml.nvml_index(i)}" for i in range(n)))
     else:
         reason = "torch is a CPU build" if torch.version.cuda is None else "no GPU or driver visible to torch"
         echo(f"  no GPU: {reason}; offload has nothing to move here and link speeds cannot be measured")

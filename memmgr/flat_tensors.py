@@ -28,7 +28,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import OrderedDict
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 

@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from memmgr.errors import MemmgrIntegrationError, MemmgrStateError
 from memmgr.host_memory import HostMemoryPool
-from memmgr.flat_tensors import BucketizedFlatTensors, BucketState, Policy, validate_tensors
+from memmgr.flat_tensors import BucketizedFlatTensors, Policy, validate_tensors
+from memmgr.groups import DroppedTensors, unique_storage_bytes
 from memmgr.manager import HookEvent, MemoryManager
 from memmgr.transfer import TransferHandle
 
@@ -77,19 +78,6 @@ def _spans_storage(t: torch.Tensor) -> bool:
 
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
-
-
-def _unique_storage_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] = frozenset()) -> int:
-    seen: set[int] = set()
-    total = 0
-    for t in tensors:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if storage.nbytes() == 0 or ptr in seen or ptr in exclude:
-            continue
-        seen.add(ptr)
-        total += storage.nbytes()
-    return total
 
 
 def _flatten(groups: Any) -> list:
@@ -314,7 +302,7 @@ class _Discovery:
         for i, chunk in enumerate(self.chunks):
             bufs = [b for _, b in chunk.named_buffers() if b is not None and b.device.type == dev
                     and id(b) not in managed]
-            size = _unique_storage_bytes(bufs)
+            size = unique_storage_bytes(bufs)
             if size:
                 out[f"chunk{i} registered module buffers ({len(bufs)} tensors)"] = size
             for mname, module in chunk.named_modules():
@@ -323,7 +311,7 @@ class _Discovery:
                     continue
                 tensors = [v for v in vars(dispatcher).values() if isinstance(v, torch.Tensor)
                            and v.device.type == dev]
-                size = _unique_storage_bytes(tensors)
+                size = unique_storage_bytes(tensors)
                 if size:
                     out[f"chunk{i}.{mname}.token_dispatcher state of the last forward"] = size
         scalars = []
@@ -336,7 +324,7 @@ class _Discovery:
             for value in vars(scaler).values() if scaler is not None else ():
                 if isinstance(value, torch.Tensor) and value.device.type == dev:
                     scalars.append(value)
-        size = _unique_storage_bytes(scalars)
+        size = unique_storage_bytes(scalars)
         if size:
             out[f"optimizer scalars (found_inf, loss scale; {len(scalars)} tensors)"] = size
         states_skipped = []
@@ -345,7 +333,7 @@ class _Discovery:
                 for value in (state.values() if isinstance(state, dict) else ()):
                     if isinstance(value, torch.Tensor) and value.device.type == dev and id(value) not in managed:
                         states_skipped.append(value)
-        size = _unique_storage_bytes(states_skipped)
+        size = unique_storage_bytes(states_skipped)
         if size:
             out[f"optimizer state tensors not coalesced ({len(states_skipped)})"] = size
         return out
@@ -354,55 +342,7 @@ class _Discovery:
 # ---------------------------------------------------------------------------------------------------------------
 # groups that are not flat buffers
 # ---------------------------------------------------------------------------------------------------------------
-class _DroppedHolders:
-    """A discard group whose offload drops references (``.grad`` attributes, cache entries) instead of copying."""
-
-    policy = Policy.DISCARD
-
-    def __init__(self, name: str):
-        self.name = name
-        self._dropped = False
-
-    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
-        raise NotImplementedError
-
-    def _drop(self) -> None:
-        raise NotImplementedError
-
-    def _exclude(self) -> set[int]:
-        return set()
-
-    def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
-        self._drop()
-        self._dropped = True
-        return TransferHandle.completed()
-
-    def onload(self, non_blocking: bool = False) -> TransferHandle:
-        self._dropped = False  # recreated by megatron when next needed
-        return TransferHandle.completed()
-
-    @property
-    def state(self) -> BucketState:
-        return BucketState.DISCARDED if self._dropped else BucketState.ON_DEVICE
-
-    @property
-    def nbytes(self) -> int:
-        return self.device_bytes
-
-    @property
-    def device_bytes(self) -> int:
-        return _unique_storage_bytes((t for _, t in self._tensors()), self._exclude())
-
-    @property
-    def host_bytes(self) -> int:
-        return 0
-
-    @property
-    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        return self._tensors()
-
-
-class _ShardGrads(_DroppedHolders):
+class _ShardGrads(DroppedTensors):
     """``.grad`` / ``.decoupled_grad`` left on main-weight shards and parameters after the optimizer step.
 
     With fp32 gradient reduction they are views into ``grad_data`` (no memory of their own, counted there); with
@@ -440,7 +380,7 @@ class _ShardGrads(_DroppedHolders):
                     h.decoupled_grad = None
 
 
-class _GlobalMemoryBufferGroup(_DroppedHolders):
+class _GlobalMemoryBufferGroup(DroppedTensors):
     """megatron's ``GlobalMemoryBuffer`` (scratch tensors keyed by name and dtype, re-allocated on next use)."""
 
     def __init__(self, name: str, device_type: str):

@@ -2,74 +2,34 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterable
 
 import torch
 
 from memmgr.errors import MemmgrInputError
-from memmgr.flat_tensors import BucketState, Policy
+from memmgr.groups import DroppedTensors
 from memmgr.manager import MemoryManager
-from memmgr.transfer import TransferHandle
 
 logger = logging.getLogger("memmgr")
 
 
-class DroppedGradients:
+class DroppedGradients(DroppedTensors):
     """The ``.grad`` tensors of a set of parameters, offloaded by dropping them (``.grad = None``).
 
     Gradients need not survive a phase change; PyTorch recreates them at the next backward, which gives the same
     result as accumulating into zeros. This is what ``optimizer.zero_grad(set_to_none=True)`` does too.
     """
 
-    policy = Policy.DISCARD
-
     def __init__(self, name: str, params: list[torch.nn.Parameter], names: list[str]):
-        self.name = name
+        super().__init__(name)
         self._params = params
         self._names = names
-        self._dropped = False
 
-    def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
+    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return [(f"{n}.grad", p.grad) for n, p in zip(self._names, self._params) if p.grad is not None]
+
+    def _drop(self) -> None:
         for p in self._params:
             p.grad = None
-        self._dropped = True
-        return TransferHandle.completed()
-
-    def onload(self, non_blocking: bool = False) -> TransferHandle:
-        self._dropped = False
-        return TransferHandle.completed()
-
-    @property
-    def state(self) -> BucketState:
-        return BucketState.DISCARDED if self._dropped else BucketState.ON_DEVICE
-
-    @property
-    def nbytes(self) -> int:
-        return self.device_bytes
-
-    @property
-    def device_bytes(self) -> int:
-        """Bytes of gradient storage this group frees: each storage once, and only storages a gradient spans
-        whole (a .grad that views another buffer, e.g. megatron's grad_data, frees nothing by itself)."""
-        seen, total = set(), 0
-        for p in self._params:
-            g = p.grad
-            if g is None:
-                continue
-            storage = g.untyped_storage()
-            if storage.data_ptr() in seen or storage.nbytes() != g.numel() * g.element_size():
-                continue
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-        return total
-
-    @property
-    def host_bytes(self) -> int:
-        return 0
-
-    @property
-    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        return [(f"{n}.grad", p.grad) for n, p in zip(self._names, self._params) if p.grad is not None]
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
