@@ -31,9 +31,11 @@ class TransferHandle:
     A group counts as moved (and, for an offload, its memory as free) only once its handle reports done.
     """
 
-    def __init__(self, events: Iterable[torch.cuda.Event] = (), on_complete: Iterable[Callable[[], None]] = ()):
+    def __init__(self, events: Iterable[torch.cuda.Event] = (), on_complete: Iterable[Callable[[], None]] = (),
+                 children: Iterable["TransferHandle"] = ()):
         self._events = list(events)
         self._on_complete = list(on_complete)
+        self._children = list(children)  # a combined handle is done when all of these are
         self._completed = False
         self._lock = threading.Lock()
 
@@ -45,11 +47,8 @@ class TransferHandle:
 
     @classmethod
     def combine(cls, handles: Iterable["TransferHandle"]) -> "TransferHandle":
-        handles = [h for h in handles if not h._completed]
-        combined = cls()
-        combined._children = handles  # type: ignore[attr-defined]
-        combined._completed = not handles
-        return combined
+        pending = [h for h in handles if not h._completed]
+        return cls(children=pending) if pending else cls.completed()
 
     def add_done_callback(self, fn: Callable[[], None]) -> None:
         """Runs ``fn`` once the transfer is complete (at once if it already is)."""
@@ -75,33 +74,22 @@ class TransferHandle:
     def done(self) -> bool:
         if self._completed:
             return True
-        children = getattr(self, "_children", None)
-        if children is not None:
-            if all(child.done() for child in children):
-                self._finish()
-            return self._completed
-        if all(event.query() for event in self._events):
+        if all(child.done() for child in self._children) and all(event.query() for event in self._events):
             self._finish()
         return self._completed
 
     def wait(self) -> None:
         if self._completed:
             return
-        children = getattr(self, "_children", None)
-        if children is not None:
-            for child in children:
-                child.wait()
-        else:
-            for event in self._events:
-                event.synchronize()
+        for child in self._children:
+            child.wait()
+        for event in self._events:
+            event.synchronize()
         self._finish()
 
     @property
     def events(self) -> list[torch.cuda.Event]:
-        children = getattr(self, "_children", None)
-        if children is not None:
-            return [e for child in children for e in child.events]
-        return list(self._events)
+        return [e for child in self._children for e in child.events] + list(self._events)
 
     def __repr__(self) -> str:
         return f"TransferHandle(done={self._completed})"
