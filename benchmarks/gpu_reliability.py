@@ -388,6 +388,9 @@ def section_streams(sec: Section, device: torch.device, pool: HostMemoryPool) ->
     tensors, specs = make_tensors(1.0, 3000, device)
     group = BucketizedFlatTensors(tensors, 256, name="streams", pool=pool)
     cycles = sleep_cycles(1.0)
+    # Pin before the long kernel: registering host memory (cudaHostRegister) synchronizes the device, so a first
+    # offload that pins lazily would wait for the kernel and the test would no longer race the copy against it.
+    group.ensure_host_buffers()
 
     # a) long kernel, then the writes, then offload at once: the host store must hold the written values
     torch.cuda.synchronize()
@@ -395,7 +398,9 @@ def section_streams(sec: Section, device: torch.device, pool: HostMemoryPool) ->
     with torch.no_grad():
         for i, t in enumerate(tensors):
             t.fill_(i + 1)
+    t_issue = time.perf_counter()
     handle = group.offload(non_blocking=True)
+    sec.data["offload_call_seconds"] = round(time.perf_counter() - t_issue, 4)
     issued_while_busy = not torch.cuda.current_stream().query()
     # b) the freed block must not be handed out while the copy still reads it: allocate the same size at once
     junk = [torch.empty(b.nbytes, dtype=torch.uint8, device=device).fill_(0xAB) for b in group.buckets]

@@ -1,0 +1,189 @@
+"""Where do offload/onload lose time against the copy peak? python benchmarks/gpu_alloc_probe.py --out DIR
+
+Measures, on one GPU: cudaMalloc and cudaFree cost per GiB (through PyTorch's allocator after empty_cache), whether
+an allocation waits for an in-flight copy, onload strategies (allocate-then-copy interleaved per bucket, all
+allocations first, no allocation at all) and offload with and without returning memory to the driver, then profiles
+memmgr's own offload/onload of the bench state. Writes DIR/alloc_probe.json and DIR/profile.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GiB = 1 << 30
+GB = 1e9
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def wall(fn) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def alloc_costs(total: int, chunk: int) -> dict:
+    torch.cuda.empty_cache()
+    held: list[torch.Tensor] = []
+    t_alloc = wall(lambda: held.extend(torch.empty(chunk, dtype=torch.uint8, device="cuda")
+                                       for _ in range(total // chunk)))
+    held.clear()
+    t_free = wall(torch.cuda.empty_cache)
+    return {"chunk_MiB": chunk >> 20, "alloc_s_per_GiB": t_alloc / (total / GiB),
+            "free_s_per_GiB": t_free / (total / GiB)}
+
+
+def alloc_while_copying(host: torch.Tensor) -> dict:
+    """Issue one large h2d copy, then allocate at once: does the allocation return before the copy ends?"""
+    dev = torch.empty_like(host, device="cuda")
+    torch.cuda.empty_cache()
+    side = torch.cuda.Stream()
+    sync()
+    t0 = time.perf_counter()
+    with torch.cuda.stream(side):
+        dev.copy_(host, non_blocking=True)
+    t_issued = time.perf_counter() - t0
+    chunks = [torch.empty(256 << 20, dtype=torch.uint8, device="cuda") for _ in range(16)]
+    t_alloc_done = time.perf_counter() - t0
+    busy_after_alloc = not side.query()
+    side.synchronize()
+    t_copy_done = time.perf_counter() - t0
+    del chunks, dev
+    torch.cuda.empty_cache()
+    return {"copy_issued_s": t_issued, "alloc_4GiB_returned_s": t_alloc_done, "copy_done_s": t_copy_done,
+            "copy_still_busy_after_alloc": busy_after_alloc}
+
+
+def onload_strategies(hosts: list[torch.Tensor]) -> dict:
+    nbytes = sum(h.numel() for h in hosts)
+    stream = torch.cuda.Stream()
+    out = {}
+
+    def interleaved():
+        devs = []
+        for h in hosts:
+            d = torch.empty_like(h, device="cuda")
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                d.copy_(h, non_blocking=True)
+            devs.append(d)
+        stream.synchronize()
+        return devs
+
+    def alloc_first():
+        devs = [torch.empty_like(h, device="cuda") for h in hosts]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for d, h in zip(devs, hosts):
+                d.copy_(h, non_blocking=True)
+        stream.synchronize()
+        return devs
+
+    for name, fn in (("interleaved", interleaved), ("alloc_first", alloc_first)):
+        times = []
+        for _ in range(3):
+            torch.cuda.empty_cache()
+            holder: list = []
+            times.append(wall(lambda: holder.extend(fn())))
+            holder.clear()
+        out[name] = {"seconds": times, "GBps_best": nbytes / min(times) / GB}
+    # no allocation at all: the blocks stay cached between rounds (the lower bound)
+    devs = [torch.empty_like(h, device="cuda") for h in hosts]
+    times = []
+    for _ in range(3):
+        def copy_only():
+            with torch.cuda.stream(stream):
+                for d, h in zip(devs, hosts):
+                    d.copy_(h, non_blocking=True)
+            stream.synchronize()
+        times.append(wall(copy_only))
+    out["no_alloc"] = {"seconds": times, "GBps_best": nbytes / min(times) / GB}
+    # offload: copies d2h, then free, with and without giving the memory back to the driver
+    for name, give_back in (("offload_copy_only", False), ("offload_copy_then_empty_cache", True)):
+        times = []
+        for _ in range(3):
+            devs = [torch.empty_like(h, device="cuda") for h in hosts]
+            def off():
+                with torch.cuda.stream(stream):
+                    for d, h in zip(devs, hosts):
+                        h.copy_(d, non_blocking=True)
+                stream.synchronize()
+                devs.clear()
+                if give_back:
+                    torch.cuda.empty_cache()
+            times.append(wall(off))
+        out[name] = {"seconds": times, "GBps_best": nbytes / min(times) / GB}
+    out["bytes"] = nbytes
+    return out
+
+
+def profile_memmgr(gib: float) -> str:
+    from memmgr.bench import MemmgrMethod, make_state
+
+    state = make_state(gib * GiB, torch.device("cuda"))
+    m = MemmgrMethod()
+    m.setup(state)
+    m.offload(state)
+    m.onload(state)
+    text = io.StringIO()
+    for name in ("offload", "onload"):
+        prof = cProfile.Profile()
+        fn = getattr(m, name)
+        sync()
+        t0 = time.perf_counter()
+        prof.enable()
+        fn(state)
+        sync()
+        prof.disable()
+        text.write(f"===== memmgr {name}: {time.perf_counter() - t0:.4f} s for {state.copied_bytes / GB:.2f} GB "
+                   f"copied + {state.dropped_bytes / GB:.2f} GB dropped\n")
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(18)
+    m.teardown()
+    return text.getvalue()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--gib", type=float, default=16)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                 "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    total = int(args.gib * GiB)
+    res["alloc_costs"] = [alloc_costs(total, c) for c in (2 << 20, 64 << 20, 256 << 20, 1 << 30)]
+    print(json.dumps(res["alloc_costs"], indent=1), flush=True)
+    host4 = torch.empty(4 * GiB, dtype=torch.uint8, pin_memory=True)
+    res["alloc_while_copying"] = alloc_while_copying(host4)
+    print(json.dumps(res["alloc_while_copying"], indent=1), flush=True)
+    del host4
+    for chunk in (256 << 20, 1 << 30):
+        hosts = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(total // chunk)]
+        res[f"strategies_{chunk >> 20}MiB"] = onload_strategies(hosts)
+        print(chunk >> 20, json.dumps({k: v["GBps_best"] for k, v in res[f"strategies_{chunk >> 20}MiB"].items()
+                                       if isinstance(v, dict)}), flush=True)
+        del hosts
+        torch._C._host_emptyCache()
+    (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
+    prof = profile_memmgr(args.gib)
+    (args.out / "profile.txt").write_text(prof)
+    print(prof[:6000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
