@@ -156,14 +156,83 @@ def profile_memmgr(gib: float) -> str:
     return text.getvalue()
 
 
+def copy_trace(fn, label: str) -> dict:
+    """The memcpy activity of one call, from torch.profiler: busy time, gaps between copies, per-copy GB/s."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fn()
+        sync()
+    wall_s = time.perf_counter() - t0
+    copies, others = [], []
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        start = e.time_range.start
+        dur = e.time_range.end - e.time_range.start
+        (copies if "Memcpy" in e.name or "memcpy" in e.name else others).append((start, dur, e.name))
+    copies.sort()
+    gaps = [b[0] - (a[0] + a[1]) for a, b in zip(copies, copies[1:])]
+    busy = sum(d for _, d, _ in copies)
+    span = (copies[-1][0] + copies[-1][1] - copies[0][0]) if copies else 0
+    return {"label": label, "wall_s": wall_s, "copies": len(copies), "copy_busy_ms": busy / 1e3,
+            "copy_span_ms": span / 1e3, "gap_total_ms": sum(gaps) / 1e3, "gap_max_ms": max(gaps, default=0) / 1e3,
+            "first_copy_start_after_first_event_ms": (copies[0][0] - min(s for s, _, _ in copies + others)) / 1e3
+            if copies else None,
+            "kernels": [(n, round(d / 1e3, 3)) for _, d, n in others][:12],
+            "copy_durations_ms": [round(d / 1e3, 3) for _, d, _ in copies][:100]}
+
+
+def trace_memmgr(gib: float) -> dict:
+    """memmgr's onload/offload of the bench state under the profiler, next to raw loops over the same host buffers."""
+    from memmgr.bench import MemmgrMethod, make_state
+
+    state = make_state(gib * GiB, torch.device("cuda"))
+    m = MemmgrMethod()
+    m.setup(state)
+    m.offload(state)
+    m.onload(state)
+    out = {"memmgr_offload": copy_trace(lambda: m.offload(state), "memmgr offload")}
+    out["memmgr_onload"] = copy_trace(lambda: m.onload(state), "memmgr onload")
+    # raw loop over memmgr's own host buffers and device buckets: same bytes, no manager logic
+    buckets = [b for name in m.mgr.group_names() for b in m.mgr.group(name).buckets if b.host_buffer is not None]
+    m.offload(state)
+    stream = torch.cuda.Stream()
+
+    def raw_onload():
+        for b in buckets:
+            b.allocate()
+            with torch.cuda.stream(stream):
+                b.flat.view(torch.uint8).copy_(b.host_buffer.tensor, non_blocking=True)
+        stream.synchronize()
+
+    out["raw_onload_same_buffers"] = copy_trace(raw_onload, "raw onload over memmgr's buffers")
+    for key in list(out):
+        print(key, {k: v for k, v in out[key].items() if k not in ("copy_durations_ms",)}, flush=True)
+    try:  # the raw loop bypassed the buckets' states; only the memory matters from here
+        m.teardown()
+    except Exception as exc:  # noqa: BLE001
+        print("teardown:", exc)
+    del state, buckets
+    torch.cuda.empty_cache()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--gib", type=float, default=16)
+    ap.add_argument("--trace-only", action="store_true", help="only the profiler traces of memmgr's copies")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    res["trace"] = trace_memmgr(args.gib)
+    (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
+    if args.trace_only:
+        return 0
     total = int(args.gib * GiB)
     res["alloc_costs"] = [alloc_costs(total, c) for c in (2 << 20, 64 << 20, 256 << 20, 1 << 30)]
     print(json.dumps(res["alloc_costs"], indent=1), flush=True)

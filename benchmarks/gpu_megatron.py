@@ -1,7 +1,9 @@
 """GPU suite for memmgr.for_megatron: python benchmarks/gpu_megatron.py --out DIR [--quick] [--equivalence-only]
 
-One GPU, one process: the script initializes a 1-process NCCL group itself (MASTER_ADDR/MASTER_PORT default to
-127.0.0.1:29555). Sections, each in its own try/except (an error is recorded in the JSON and the rest still runs):
+One process per GPU: started as a plain script it initializes a 1-process NCCL group itself (MASTER_ADDR/MASTER_PORT
+default to 127.0.0.1:29555); under `torchrun --nproc_per_node N` every rank is a data-parallel rank, each trains on
+its own samples, and the equivalence section also checks that the ranks end with the same parameters (the selective
+section runs only at N = 1). Per-rank outputs then carry a `_rankR` suffix. Sections, each in its own try/except (an error is recorded in the JSON and the rest still runs):
 
 1. equivalence: a small GPTModel trained N steps with a full offload+onload after every step vs. none, bitwise
    (losses and parameters): bf16 + distributed optimizer (grad_reduce_in_fp32), fp32 + distributed optimizer,
@@ -54,17 +56,24 @@ COPIED_GROUPS = ("weights", "main_weights", "optimizer_states")
 # ---------------------------------------------------------------------------------------------------------------------
 # setup
 # ---------------------------------------------------------------------------------------------------------------------
+def world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when started as a plain script."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def init_distributed() -> dict:
+    """One process per GPU; every rank is a data-parallel rank (tensor and pipeline parallel size 1)."""
     from megatron.core import parallel_state, tensor_parallel
 
-    torch.cuda.set_device(0)
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    rank, world_size, local_rank = world()
+    torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group("nccl", rank=rank, world_size=world_size)
     parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     import megatron.core
 
     return {"megatron_core": getattr(megatron.core, "__version__", "?"), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(0), "memmgr_backend": memmgr.backend_info().describe()}
+            "device": torch.cuda.get_device_name(), "rank": rank, "data_parallel_size": world_size, "memmgr_backend": memmgr.backend_info().describe()}
 
 
 def build(*, layers: int, hidden: int, heads: int, vocab: int, seq: int, bf16: bool, dist_opt: bool,
@@ -95,7 +104,7 @@ def build(*, layers: int, hidden: int, heads: int, vocab: int, seq: int, bf16: b
 
 
 def make_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 1) -> list:
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1000 * world()[0])  # each data-parallel rank its own samples
     return [(torch.randint(0, vocab, (batch, seq), generator=g).cuda(),
              torch.randint(0, vocab, (batch, seq), generator=g).cuda()) for _ in range(n)]
 
@@ -132,7 +141,7 @@ def release(*objs: Any) -> None:
 
 
 def process_usage() -> int | None:
-    idx = nvml.nvml_index(0)
+    idx = nvml.nvml_index(torch.cuda.current_device())
     pm = nvml.process_memory(idx) if idx is not None else None
     return pm.nbytes if pm is not None else None
 
@@ -214,8 +223,11 @@ def section_equivalence(args) -> dict:
                     return a[0] == b[0] and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
 
                 baseline_det = same(runs[0], runs[1])
+                ranks_agree = ranks_hold_same_params(runs[2][1])
                 results[name] = {
-                    "pass": same(runs[0], runs[2]) and runs[2][2],
+                    "pass": same(runs[0], runs[2]) and runs[2][2] and ranks_agree,
+                    "data_parallel_size": world()[1],
+                    "ranks_hold_same_final_params": ranks_agree,
                     "baseline_deterministic": baseline_det,
                     "all_groups_zero_after_offload": runs[2][2],
                     "losses_ref": runs[0][0], "losses_offload": runs[2][0],
@@ -229,6 +241,20 @@ def section_equivalence(args) -> dict:
     finally:
         torch.use_deterministic_algorithms(False)
     return results
+
+
+def ranks_hold_same_params(params: dict) -> bool:
+    """Data-parallel ranks must end with the same parameters: one checksum per rank, gathered and compared."""
+    if world()[1] == 1:
+        return True
+    total = torch.zeros(2, dtype=torch.int64, device="cuda")
+    for k in sorted(params):
+        words = params[k].cuda()
+        total[0] += words.to(torch.int64).sum()
+        total[1] += (words.to(torch.int64) * torch.arange(words.numel(), device="cuda") % 65521).sum()
+    gathered = [torch.zeros_like(total) for _ in range(world()[1])]
+    torch.distributed.all_gather(gathered, total)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 def pinned_peak(nbytes: int, reps: int = 3) -> dict:
@@ -551,7 +577,9 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=None, help="memmgr offload/onload cycles (default 3)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(args.out / "gpu_megatron.log", mode="w")
+    rank, world_size, _ = world()
+    suffix = f"_rank{rank}" if world_size > 1 else ""
+    handler = logging.FileHandler(args.out / f"gpu_megatron{suffix}.log", mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in ("gpu_megatron", "memmgr"):
         logging.getLogger(name).addHandler(handler)
@@ -569,16 +597,17 @@ def main() -> int:
             run_section(results, "speed_and_memory", lambda: section_speed_and_memory(args, baseline, results))
         if not args.speed_only:
             run_section(results, "equivalence", lambda: section_equivalence(args))
-            run_section(results, "selective", lambda: section_selective(args))
+            if world_size == 1:  # NVML deltas per group are measured on one GPU
+                run_section(results, "selective", lambda: section_selective(args))
     except Exception as exc:  # noqa: BLE001
         results["fatal"] = f"{type(exc).__name__}: {exc}"
         results["fatal_traceback"] = traceback.format_exc()
         log.exception("setup failed")
     results["total_seconds"] = time.perf_counter() - t_start
-    (args.out / "gpu_megatron.json").write_text(json.dumps(results, indent=2, default=str))
+    (args.out / f"gpu_megatron{suffix}.json").write_text(json.dumps(results, indent=2, default=str))
     table = summary(results)
-    (args.out / "summary.txt").write_text(table + "\n")
-    print(table)
+    (args.out / f"summary{suffix}.txt").write_text(table + "\n")
+    print(f"[rank {rank} of {world_size}]\n{table}" if world_size > 1 else table)
     try:
         torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001

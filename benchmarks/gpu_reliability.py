@@ -392,12 +392,21 @@ def section_streams(sec: Section, device: torch.device, pool: HostMemoryPool) ->
     # offload that pins lazily would wait for the kernel and the test would no longer race the copy against it.
     group.ensure_host_buffers()
 
-    # a) long kernel, then the writes, then offload at once: the host store must hold the written values
+    # a) long kernel, then the writes, then offload at once: the host store must hold the written values.
+    # One write per bucket: thousands of small kernels queued behind the long one would fill the launch queue and
+    # block the CPU until the long kernel ended, so the offload would no longer be issued while the stream is busy.
+    index = {id(t): i for i, t in enumerate(tensors)}
+    sources = []
+    for b in group.buckets:
+        src = torch.empty_like(b.flat)
+        for _name, t, offset in b.members:
+            src[offset:offset + t.numel()].fill_(index[id(t)] + 1)
+        sources.append(src)
     torch.cuda.synchronize()
     torch.cuda._sleep(cycles)
     with torch.no_grad():
-        for i, t in enumerate(tensors):
-            t.fill_(i + 1)
+        for b, src in zip(group.buckets, sources):
+            b.flat.copy_(src)
     t_issue = time.perf_counter()
     handle = group.offload(non_blocking=True)
     sec.data["offload_call_seconds"] = round(time.perf_counter() - t_issue, 4)
@@ -406,7 +415,7 @@ def section_streams(sec: Section, device: torch.device, pool: HostMemoryPool) ->
     junk = [torch.empty(b.nbytes, dtype=torch.uint8, device=device).fill_(0xAB) for b in group.buckets]
     handle.wait()
     sec.check("a.offload_issued_while_stream_busy", issued_while_busy)
-    index = {id(t): i for i, t in enumerate(tensors)}
+    del sources
     wrong = []
     for b in group.buckets:
         store = b.host_buffer.tensor.view(b.dtype)
