@@ -197,7 +197,7 @@ def trace_memmgr(gib: float) -> dict:
     out = {"memmgr_offload": copy_trace(lambda: m.offload(state), "memmgr offload")}
     out["memmgr_onload"] = copy_trace(lambda: m.onload(state), "memmgr onload")
     # raw loop over memmgr's own host buffers and device buckets: same bytes, no manager logic
-    buckets = [b for name in m.mgr.group_names() for b in m.mgr.group(name).buckets if b.host_buffer is not None]
+    buckets = [b for name in m.mgr.group_names for b in m.mgr.group(name).buckets if b.host_buffer is not None]
     m.offload(state)
     stream = torch.cuda.Stream()
 
@@ -209,6 +209,42 @@ def trace_memmgr(gib: float) -> dict:
         stream.synchronize()
 
     out["raw_onload_same_buffers"] = copy_trace(raw_onload, "raw onload over memmgr's buffers")
+    for b in buckets:
+        b.flat.untyped_storage().resize_(0)
+    torch.cuda.empty_cache()
+
+    def chained_onload():  # memmgr's per-bucket pattern: copy stream waits on current, current waits on the copy
+        current = torch.cuda.current_stream()
+        for b in buckets:
+            b.allocate()
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                b.flat.view(torch.uint8).copy_(b.host_buffer.tensor, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            current.wait_event(ev)
+        current.synchronize()
+
+    out["chained_onload_same_buffers"] = copy_trace(chained_onload, "raw onload, memmgr's stream pattern")
+    for b in buckets:
+        b.flat.untyped_storage().resize_(0)
+    torch.cuda.empty_cache()
+
+    def once_waited_onload():  # one wait on current before the first copy, current waits on each copy
+        current = torch.cuda.current_stream()
+        start = torch.cuda.Event()
+        start.record(current)
+        stream.wait_event(start)
+        for b in buckets:
+            b.allocate()
+            with torch.cuda.stream(stream):
+                b.flat.view(torch.uint8).copy_(b.host_buffer.tensor, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            current.wait_event(ev)
+        current.synchronize()
+
+    out["once_waited_onload_same_buffers"] = copy_trace(once_waited_onload, "raw onload, one wait on current")
     for key in list(out):
         print(key, {k: v for k, v in out[key].items() if k not in ("copy_durations_ms",)}, flush=True)
     try:  # the raw loop bypassed the buckets' states; only the memory matters from here
