@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import memmgr  # noqa: E402
 from memmgr import nvml  # noqa: E402
 from memmgr.host_memory import HostMemoryPool  # noqa: E402
+from memmgr.bench_megatron import build_gpt, train_step  # noqa: E402,F401 (train_step: used here and by importers)
 from memmgr.integrations.megatron import for_megatron  # noqa: E402
 
 log = logging.getLogger("gpu_megatron")
@@ -76,31 +77,9 @@ def init_distributed() -> dict:
             "device": torch.cuda.get_device_name(), "rank": rank, "data_parallel_size": world_size, "memmgr_backend": memmgr.backend_info().describe()}
 
 
-def build(*, layers: int, hidden: int, heads: int, vocab: int, seq: int, bf16: bool, dist_opt: bool,
-          ffn: int | None = None, seed: int = 0, cpu_init: bool = True) -> tuple[Any, Any]:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
-
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    torch.manual_seed(seed)
-    kw = {"ffn_hidden_size": ffn} if ffn else {}
-    cfg = TransformerConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, hidden_dropout=0.0,
-                            attention_dropout=0.0, bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
-                            use_cpu_initialization=cpu_init, **kw)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab,
-                     max_sequence_length=seq)
-    model.cuda()
-    if bf16:
-        model = Float16Module(cfg, model)
-    ddp = DistributedDataParallel(
-        cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt), model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=bf16, params_dtype=dtype,
-                                                 use_distributed_optimizer=dist_opt, clip_grad=1.0), [ddp])
-    return ddp, opt
+def build(*, cpu_init: bool = True, **model: Any) -> tuple[Any, Any]:
+    """memmgr.bench_megatron.build_gpt, with CPU initialization by default (the same weights on every run)."""
+    return build_gpt(cpu_init=cpu_init, **model)
 
 
 def make_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 1) -> list:
@@ -111,16 +90,6 @@ def make_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 1) -> lis
 
 def positions(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
-
-
-def train_step(ddp, opt, tokens, labels) -> float:
-    ddp.zero_grad_buffer()
-    opt.zero_grad()
-    loss = ddp(tokens, positions(tokens), None, labels=labels).float().mean()
-    loss.backward()
-    ddp.finish_grad_sync()
-    opt.step()
-    return float(loss.detach())
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

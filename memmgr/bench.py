@@ -184,7 +184,10 @@ class MemmgrMethod(Method):
 
 
 class PerTensorMethod(Method):
-    """Per-tensor copies to fresh host tensors, storage freed in place (the pattern several RL frameworks use)."""
+    """Per-tensor copies to fresh host tensors, storage freed in place (the pattern several RL frameworks use).
+
+    Like memmgr, it ends its offload with ``torch.cuda.empty_cache()`` (as verl does after offloading): the point of an
+    offload is memory the inference engine can allocate, and memory PyTorch still caches is not."""
 
     def __init__(self, pinned_cache: bool):
         self.pinned_cache = pinned_cache
@@ -192,23 +195,30 @@ class PerTensorMethod(Method):
         self.description = ("per-tensor .to('cpu', non_blocking=True) (PyTorch's pinned cache)" if pinned_cache
                             else "per-tensor .cpu() / copy back through pageable memory")
         self.host: dict[int, torch.Tensor] = {}
+        self.storage_bytes: dict[int, int] = {}
 
     def offload(self, state):
+        device = state.copied[0].device
         for t in state.copied:
             if t.device.type == "cpu":  # .cpu() of a CPU tensor is the tensor itself: copy for the same work
                 self.host[id(t)] = t.clone()
             else:
                 self.host[id(t)] = t.to("cpu", non_blocking=True) if self.pinned_cache else t.cpu()
-        _sync(state.copied[0].device)
-        for t in state.copied + list(state.grads.values()):
+        _sync(device)
+        freed = state.copied + list(state.grads.values())
+        for t in freed:  # all sizes first: tensors that share a storage see it freed by the first resize
+            self.storage_bytes.setdefault(id(t), t.untyped_storage().nbytes())
+        for t in freed:
             t.untyped_storage().resize_(0)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def onload(self, state):
         for t in state.copied:
-            t.untyped_storage().resize_(t.numel() * t.element_size())
+            t.untyped_storage().resize_(self.storage_bytes[id(t)])
             t.copy_(self.host.pop(id(t)), non_blocking=self.pinned_cache)
         for g in state.grads.values():
-            g.untyped_storage().resize_(g.numel() * g.element_size())
+            g.untyped_storage().resize_(self.storage_bytes[id(g)])
             g.zero_()
         _sync(state.copied[0].device)
 
@@ -285,7 +295,8 @@ class MethodResult:
         if self.offload_s:
             steady_off = statistics.median(self.offload_s[1:] or self.offload_s)
             steady_on = statistics.median(self.onload_s[1:] or self.onload_s)
-            out.update(first_offload_gbps=self.gbps(self.offload_s[0]), steady_offload_gbps=self.gbps(steady_off),
+            out.update(cycles=len(self.offload_s), first_offload_gbps=self.gbps(self.offload_s[0]),
+                       steady_offload_gbps=self.gbps(steady_off),
                        first_onload_gbps=self.gbps(self.onload_s[0]), steady_onload_gbps=self.gbps(steady_on),
                        first_offload_ratio=self.gbps(self.offload_s[0]) / peak["d2h"],
                        steady_offload_ratio=self.gbps(steady_off) / peak["d2h"],
@@ -308,12 +319,15 @@ def _process_gpu_bytes(device: torch.device) -> int | None:
 
 
 def run_method(method: Method, copied_bytes: float, device: torch.device, cycles: int,
-               make: Callable[[], TrainingState]) -> MethodResult:
+               make: Callable[[], TrainingState], baseline: tuple[int | None, int] | None = None) -> MethodResult:
+    """Times ``cycles`` offload/onload rounds of one method. ``baseline``: (NVML bytes, memory_reserved) before the
+    state existed, when ``make`` returns a state built earlier (the Megatron workload); else measured here."""
     _sync(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    baseline = _process_gpu_bytes(device)
-    reserved_baseline = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+    if baseline is None:
+        baseline = (_process_gpu_bytes(device), torch.cuda.memory_reserved(device) if device.type == "cuda" else 0)
+    baseline, reserved_baseline = baseline
     state = method.make_state(copied_bytes, device) if getattr(method, "allocates_own_state", False) else make()
     result = MethodResult(method.name, method.description, state.copied_bytes, state.dropped_bytes, state.num_tensors)
     try:
@@ -328,7 +342,7 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
                 after = _process_gpu_bytes(device)
                 if loaded is not None and after is not None:
                     result.gpu_released_bytes = loaded - after
-                    result.gpu_left_over_bytes = after - baseline
+                    result.gpu_left_over_bytes = after - baseline if baseline is not None else None
                 if device.type == "cuda":
                     result.torch_reserved_left_over = torch.cuda.memory_reserved(device) - reserved_baseline
                 result.host_bytes = method.host_bytes()
@@ -342,6 +356,12 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def memmgr_cycles(cycles: int) -> int:
+    """memmgr's cycles take a second, the peers' up to a minute: memmgr runs at least 5, so that its steady state is
+    a median of 4 rather than 2 (the link's throughput varies by several percent from cycle to cycle)."""
+    return max(cycles, 5)
 
 
 def default_size(device: torch.device) -> float:
@@ -384,19 +404,41 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
         if reason:
             results.append({"method": method.name, "skipped": reason})
             continue
-        n = cycles if isinstance(method, MemmgrMethod) else max(2, min(cycles, 2))
+        n = memmgr_cycles(cycles) if isinstance(method, MemmgrMethod) else cycles
         results.append(run_method(method, copied, device, n, lambda: make_state(copied, device)).summary(peak))
     small = run_method(MemmgrMethod(), 0, device, cycles,
                        lambda: make_small_tensors(10_000, 64 * 1024, device)).summary(peak)
     small["method"] = "memmgr_10000x64KiB"
     results.append(small)
     report = {"info": info, "peak_gbps": peak, "results": results}
+    report["megatron"] = _megatron_section(device, megatron, peak, cycles, methods, progress)
     if sweep:
         report["sweep"] = run_sweep(device, peak, out)
     write_outputs(report, out)
     click.echo(format_table(report))
     click.echo(f"wrote {out}/bench.json, {out}/bench.md, {out}/bench.png")
     return report
+
+
+def _megatron_section(device: torch.device, wanted: bool | None, peak: dict, cycles: int,
+                      methods: list[str] | None, progress) -> dict | None:
+    """The same comparison on a real megatron-core GPT (with megatron's built-in helpers beside memmgr), when
+    megatron-core is installed and a GPU is present (``wanted`` None: whenever it can run; False: never)."""
+    if wanted is False:
+        return None
+    from memmgr import bench_megatron
+
+    reason = bench_megatron.unavailable_reason()
+    if reason:
+        if wanted:
+            return {"skipped": reason}
+        logger.info("Megatron workload skipped: %s", reason)
+        return None
+    try:
+        return bench_megatron.run_megatron_workload(peak, cycles, methods, progress)
+    except Exception as exc:  # the synthetic comparison above still stands
+        logger.exception("the Megatron workload failed")
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def run_sweep(device: torch.device, peak: dict, out: str) -> list[dict]:
@@ -458,15 +500,14 @@ def _plot_sweep(rows, peak, path):
     plt.close(fig)
 
 
-def format_table(report: dict) -> str:
-    peak = report["peak_gbps"]
-    lines = [f"# memmgr bench — {report['info']['device']} — {report['info']['date']}", "",
-             f"pinned-copy peak (same run): d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s, "
-             f"both ways {peak['both']:.1f} GB/s", "",
-             "| method | state GB (copied/dropped) | tensors | offload 1st GB/s | offload steady GB/s (×peak) | "
-             "onload steady GB/s (×peak) | GPU left over GB | host GB / payload | intact |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
+_TABLE_HEAD = ["| method | state GB (copied/dropped) | tensors | offload 1st GB/s | offload steady GB/s (×peak) | "
+               "onload steady GB/s (×peak) | GPU left over GB | host GB / payload | intact |",
+               "|---|---|---|---|---|---|---|---|---|"]
+
+
+def _table_rows(results: list[dict]) -> list[str]:
+    lines = list(_TABLE_HEAD)
+    for r in results:
         if "skipped" in r:
             lines.append(f"| {r['method']} | skipped: {r['skipped']} | | | | | | | |")
             continue
@@ -481,6 +522,45 @@ def format_table(report: dict) -> str:
             f"{r['steady_onload_gbps']:.1f} ({r['steady_onload_ratio']:.2f}) | "
             f"{'n/a' if left is None else f'{left / GB:.2f}'} | "
             f"{host / GB:.2f} / {r['copied_bytes'] / GB:.2f} | {'yes' if r['intact'] else 'NO'} |")
+    return lines
+
+
+def against_best_peer(results: list[dict]) -> dict | None:
+    """memmgr's offload throughput over the best peer's, first cycle and steady state (peers: every other method
+    on the same state)."""
+    timed = [r for r in results if "steady_offload_gbps" in r and not r.get("error")]
+    ours = next((r for r in timed if r["method"] == "memmgr"), None)
+    peers = [r for r in timed if r["method"] != "memmgr" and not r["method"].startswith("memmgr_")]
+    if ours is None or not peers:
+        return None
+    best_first = max(peers, key=lambda r: r["first_offload_gbps"])
+    best_steady = max(peers, key=lambda r: r["steady_offload_gbps"])
+    return {"first": ours["first_offload_gbps"] / best_first["first_offload_gbps"], "first_peer": best_first["method"],
+            "steady": ours["steady_offload_gbps"] / best_steady["steady_offload_gbps"],
+            "steady_peer": best_steady["method"]}
+
+
+def _peer_line(results: list[dict]) -> list[str]:
+    vs = against_best_peer(results)
+    if vs is None:
+        return []
+    return ["", f"memmgr offload against the best peer: first cycle {vs['first']:.1f}× ({vs['first_peer']}), "
+                f"steady state {vs['steady']:.2f}× ({vs['steady_peer']})"]
+
+
+def format_table(report: dict) -> str:
+    peak = report["peak_gbps"]
+    lines = [f"# memmgr bench — {report['info']['device']} — {report['info']['date']}", "",
+             f"pinned-copy peak (same run): d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s, "
+             f"both ways {peak['both']:.1f} GB/s", "", "## Megatron-shaped synthetic state", ""]
+    lines += _table_rows(report["results"]) + _peer_line(report["results"])
+    mg = report.get("megatron")
+    if mg:
+        lines += ["", "## Real megatron-core GPT", ""]
+        if "results" in mg:
+            lines += [mg["description"], ""] + _table_rows(mg["results"]) + _peer_line(mg["results"])
+        else:
+            lines.append(f"not run: {mg.get('skipped') or mg.get('error')}")
     return "\n".join(lines)
 
 
@@ -495,13 +575,15 @@ def write_outputs(report: dict, out: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["results"] if "steady_offload_gbps" in r]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    rows += [dict(r, method=f"megatron:{r['method']}") for r in (report.get("megatron") or {}).get("results", [])
+             if "steady_offload_gbps" in r]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["steady_offload_gbps"] for r in rows], 0.4, label="offload (steady)")
     ax.bar([x + 0.2 for x in xs], [r["steady_onload_gbps"] for r in rows], 0.4, label="onload (steady)")
     ax.axhline(report["peak_gbps"]["d2h"], color="k", ls="--", lw=1, label="pinned peak d2h (same run)")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels([r["method"] for r in rows], rotation=15, fontsize=8)
+    ax.set_xticklabels([r["method"] for r in rows], rotation=25, ha="right", fontsize=7)
     ax.set_ylabel("GB/s")
     ax.set_title(f"memmgr bench — {report['info']['device']}")
     ax.legend(fontsize=8)

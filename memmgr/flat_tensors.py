@@ -210,6 +210,11 @@ class FlatTensors:
         self.verify = verify  # checksum at offload, check at onload (see the module docstring)
         self._offload_checksum: torch.Tensor | None = None
         self._restored_checksum: torch.Tensor | None = None
+        if flat.is_cuda:
+            # Created now, off the critical path: the process's first stream creation waits for the whole GPU,
+            # which would turn the first non-blocking offload into a blocking one.
+            copy_stream(flat.device, "d2h")
+            copy_stream(flat.device, "h2d")
 
     # ---- construction ----
     @classmethod

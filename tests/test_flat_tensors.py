@@ -273,3 +273,35 @@ def test_releasing_host_store_of_an_offloaded_bucket_is_refused():
 def test_repr_is_short_and_informative():
     group = BucketizedFlatTensors([torch.randn(8)], name="weights")
     assert repr(group).startswith("BucketizedFlatTensors('weights', 1 tensors in 1 buckets")
+
+
+_BUSY_GPU_OFFLOAD = """
+import time, torch
+from memmgr import FlatTensors, HostMemoryPool
+t = torch.ones(16 << 20, device="cuda")
+bucket = FlatTensors.coalesce([("t", t)], name="busy", pool=HostMemoryPool())
+bucket.ensure_host_buffer()
+torch.cuda.synchronize()
+props = torch.cuda.get_device_properties(0)
+torch.cuda._sleep(int(0.5 * getattr(props, "clock_rate", 1_800_000) * 1000))
+start = time.perf_counter()
+bucket.offload(non_blocking=True)
+took = time.perf_counter() - start
+busy = not torch.cuda.current_stream().query()
+bucket.wait()
+print(took, busy, bool((bucket.host_buffer.tensor.view(torch.float32) == 1).all()))
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_first_non_blocking_offload_of_a_process_returns_while_the_gpu_is_busy():
+    # A fresh process: the first copy-stream creation of a process waits for the GPU, so the bucket makes its streams
+    # when it is built, not inside the first offload.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _BUSY_GPU_OFFLOAD], capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split()
+    took, busy, intact = float(out[0]), out[1] == "True", out[2] == "True"
+    assert took < 0.25 and busy, f"offload(non_blocking=True) took {took:.3f} s behind a 0.5 s kernel"
+    assert intact

@@ -300,3 +300,36 @@ def test_grad_views_into_reallocated_grad_buffers_are_not_counted_twice(megatron
         mgr.onload()
     train_step(ddp, opt, *batches(1)[0])
     assert mgr.state()["grads"].device_bytes == 0
+
+
+# ---- the bench's Megatron workload reads the same state for_megatron manages ----
+def test_bench_megatron_state_matches_the_groups_and_a_peer_round_trip_is_exact(megatron_env):
+    from memmgr.bench import PerTensorMethod, run_method
+    from memmgr.bench_megatron import MegatronBuiltinMethod, MegatronState
+
+    ddp, opt = build("distopt-bf16")
+    tokens, labels = batches(1)[0]
+    train_step(ddp, opt, tokens, labels)
+    state = MegatronState(ddp, opt)
+
+    # a per-tensor peer first, as in the bench (before memmgr coalesces main weights and moments)
+    before = snapshot(ddp, opt)
+    result = run_method(PerTensorMethod(pinned_cache=False), 0, torch.device("cpu"), 2, lambda: state)
+    assert result.error is None and result.intact
+    assert result.copied_bytes == sum(t.numel() * t.element_size() for t in state.copied)
+    after = snapshot(ddp, opt)
+    assert before.keys() == after.keys() and all(torch.equal(before[k][2], after[k][2]) for k in before)
+
+    mgr = mm.for_megatron(ddp, opt, pool=HostMemoryPool(pin=False))
+    groups = mgr.state()
+    assert sum(t.numel() * t.element_size() for t in state.weights.values()) == groups["weights"].nbytes
+    assert sum(t.numel() * t.element_size() for t in state.main_weights.values()) == groups["main_weights"].nbytes
+    # the group also holds Adam's one-element step counters, which the bench's peers leave where they are
+    in_group = {id(t): t for t in mgr.group("optimizer_states").tensors}
+    moments = {id(t) for t in state.moments.values()}
+    assert moments <= in_group.keys()
+    assert all(t.numel() == 1 for i, t in in_group.items() if i not in moments)
+    assert state.dropped_bytes == groups["grad_buffers"].nbytes
+    mgr.close()
+    reason = MegatronBuiltinMethod(state).available()
+    assert reason is None or "megatron-core has no" in reason
