@@ -228,7 +228,8 @@ def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = N
         if methods is not None and method.name not in methods:
             continue
         if progress is not None:
-            progress.set_postfix_str(f"megatron {method.name}")
+            progress.set_postfix_str(method.name)
+            progress.update(1)
         reason = method.available()
         if reason:
             results.append({"method": method.name, "skipped": reason})
