@@ -7,6 +7,7 @@ host memcpy) and is labelled as such.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -181,6 +182,7 @@ class MemmgrMethod(Method):
     def teardown(self):
         self.mgr.close()
         self.pool.trim()
+        del self.mgr, self.pool  # the buckets must not keep the state's storages alive for the next method
 
 
 class PerTensorMethod(Method):
@@ -232,6 +234,7 @@ class PerTensorMethod(Method):
     def teardown(self):
         self.host.clear()
         if self.pinned_cache and torch.cuda.is_available():
+            torch.cuda.synchronize()  # cached pinned blocks are released only once their copies are complete
             torch._C._host_emptyCache()
 
 
@@ -322,6 +325,7 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
                make: Callable[[], TrainingState], baseline: tuple[int | None, int] | None = None) -> MethodResult:
     """Times ``cycles`` offload/onload rounds of one method. ``baseline``: (NVML bytes, memory_reserved) before the
     state existed, when ``make`` returns a state built earlier (the Megatron workload); else measured here."""
+    gc.collect()  # a model freed by the previous method may still sit in reference cycles
     _sync(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ shards and the Adam moments go to the host and come back; the grad buffers are d
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import Any
@@ -160,6 +161,7 @@ class MegatronMemmgrMethod(Method):
     def teardown(self):
         self.mgr.close()
         self.pool.trim()
+        del self.mgr, self.pool  # megatron's built-ins run next: memmgr's buckets must not keep old storages alive
 
 
 class MegatronBuiltinMethod(Method):
@@ -240,7 +242,8 @@ def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = N
         logger.info("Megatron workload %s: offload %s s, onload %s s, intact %s", method.name,
                     [round(x, 3) for x in r.offload_s], [round(x, 3) for x in r.onload_s], r.intact)
     out["results"] = results
-    del state, ddp, opt
+    del state, ddp, opt, candidates
+    gc.collect()  # megatron's modules hold reference cycles
     torch.cuda.empty_cache()
     if created_group:
         from megatron.core import parallel_state
