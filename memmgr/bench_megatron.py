@@ -242,7 +242,7 @@ def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = N
         logger.info("Megatron workload %s: offload %s s, onload %s s, intact %s", method.name,
                     [round(x, 3) for x in r.offload_s], [round(x, 3) for x in r.onload_s], r.intact)
     out["results"] = results
-    del state, ddp, opt, candidates
+    del state, ddp, opt, candidates, method
     gc.collect()  # megatron's modules hold reference cycles
     torch.cuda.empty_cache()
     if created_group:
