@@ -5,6 +5,9 @@ CUDA_HOME), including with a CPU-only torch: it links cudart statically and need
 build and load it on machines without a GPU. Set MEMMGR_BUILD_EXT=0 to skip it, MEMMGR_BUILD_EXT=1 to fail if it
 cannot be built. Without the extension the pure-Python path runs (exact-size buffers pinned through
 torch.cuda.cudart().cudaHostRegister) and ``memmgr.backend_info()`` says so.
+
+Metadata, dependencies and the supported megatron-core range (the ``megatron`` extra: >=0.12,<0.20) are declared in
+pyproject.toml; this file only adds the extension.
 """
 import os
 import shutil
