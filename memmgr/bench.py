@@ -161,14 +161,19 @@ class MemmgrMethod(Method):
 
     def setup(self, state):
         from memmgr.host_memory import HostMemoryPool
-        from memmgr.manager import MemoryManager
 
         self.pool = HostMemoryPool()
-        self.mgr = MemoryManager(pool=self.pool)
-        self.mgr.add_group("weights", state.weights)
-        self.mgr.add_group("grads", state.grads, policy="discard")
-        self.mgr.add_group("main_weights", state.main_weights)
-        self.mgr.add_group("optimizer_states", state.moments)
+        self.mgr = self.build_manager(state, self.pool)
+
+    def build_manager(self, state, pool):
+        from memmgr.manager import MemoryManager
+
+        mgr = MemoryManager(pool=pool)
+        mgr.add_group("weights", state.weights)
+        mgr.add_group("grads", state.grads, policy="discard")
+        mgr.add_group("main_weights", state.main_weights)
+        mgr.add_group("optimizer_states", state.moments)
+        return mgr
 
     def offload(self, state):
         self.mgr.offload()
@@ -182,7 +187,8 @@ class MemmgrMethod(Method):
     def teardown(self):
         self.mgr.close()
         self.pool.trim()
-        del self.mgr, self.pool  # the buckets must not keep the state's storages alive for the next method
+        # the buckets must not keep the state's storages alive for the next method (megatron's built-ins rebind)
+        del self.mgr, self.pool
 
 
 class PerTensorMethod(Method):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from memmgr.bench import Method, PerTensorMethod, TrainingState, memmgr_cycles, run_method
+from memmgr.bench import MemmgrMethod, Method, PerTensorMethod, TrainingState, memmgr_cycles, run_method
 
 logger = logging.getLogger("memmgr")
 
@@ -138,30 +138,14 @@ class MegatronState(TrainingState):
         return out
 
 
-class MegatronMemmgrMethod(Method):
+class MegatronMemmgrMethod(MemmgrMethod):
     name = "memmgr"
     description = "memmgr.for_megatron: DDP buffers adopted, main weights and Adam moments coalesced, pinned ahead"
 
-    def setup(self, state: MegatronState) -> None:
-        from memmgr.host_memory import HostMemoryPool
+    def build_manager(self, state: MegatronState, pool):
         from memmgr.integrations.megatron import for_megatron
 
-        self.pool = HostMemoryPool()
-        self.mgr = for_megatron(state.ddp, state.opt, pool=self.pool)
-
-    def offload(self, state):
-        self.mgr.offload()
-
-    def onload(self, state):
-        self.mgr.onload()
-
-    def host_bytes(self):
-        return {"pinned": self.pool.pinned_bytes_held, "pageable": self.pool.bytes_held - self.pool.pinned_bytes_held}
-
-    def teardown(self):
-        self.mgr.close()
-        self.pool.trim()
-        del self.mgr, self.pool  # megatron's built-ins run next: memmgr's buckets must not keep old storages alive
+        return for_megatron(state.ddp, state.opt, pool=pool)
 
 
 class MegatronBuiltinMethod(Method):

@@ -1,0 +1,46 @@
+"""memmgr bench on the CPU path: every method round-trips the state intact, and the report compares honestly."""
+import torch
+
+from memmgr import bench
+
+
+def test_every_cpu_method_round_trips_the_state_intact_and_frees_in_place():
+    device = torch.device("cpu")
+    for method in (bench.MemmgrMethod(), bench.PerTensorMethod(pinned_cache=False),
+                   bench.PerTensorMethod(pinned_cache=True)):
+        result = bench.run_method(method, 0.02 * bench.GB, device, 2, lambda: bench.make_state(0.02 * bench.GB, device))
+        assert result.error is None, result.error
+        assert result.intact, method.name
+        assert len(result.offload_s) == len(result.onload_s) == 2
+
+
+def test_per_tensor_peer_restores_tensors_that_share_one_storage():
+    base = torch.arange(64, dtype=torch.float32)
+    views = {"a": base[:32], "b": base[32:]}
+    state = bench.TrainingState(weights=views, grads={}, main_weights={}, moments={})
+    peer = bench.PerTensorMethod(pinned_cache=False)
+    peer.offload(state)
+    assert base.untyped_storage().nbytes() == 0
+    peer.onload(state)
+    assert torch.equal(base, torch.arange(64, dtype=torch.float32))
+
+
+def _row(method, first, steady):
+    return {"method": method, "first_offload_gbps": first, "steady_offload_gbps": steady}
+
+
+def test_best_peer_ratio_takes_the_fastest_peer_for_each_cycle_kind():
+    rows = [_row("memmgr", 48.0, 50.0), _row("memmgr_10000x64KiB", 40.0, 49.0), _row("slow_peer", 1.5, 1.6),
+            _row("pinned_cache_peer", 2.0, 48.0), {"method": "skipped_peer", "skipped": "not installed"},
+            dict(_row("failed_peer", 99.0, 99.0), error="RuntimeError")]
+    vs = bench.against_best_peer(rows)
+    assert vs["first_peer"] == "pinned_cache_peer" and vs["first"] == 24.0
+    assert vs["steady_peer"] == "pinned_cache_peer" and abs(vs["steady"] - 50.0 / 48.0) < 1e-12
+    assert bench.against_best_peer([_row("memmgr", 1.0, 1.0)]) is None
+
+
+def test_report_names_why_the_megatron_workload_did_not_run():
+    report = {"info": {"device": "CPU only", "date": "today"}, "peak_gbps": {"d2h": 10.0, "h2d": 10.0, "both": 20.0},
+              "results": [], "megatron": {"skipped": "needs a CUDA GPU"}}
+    text = bench.format_table(report)
+    assert "## Real megatron-core GPT" in text and "not run: needs a CUDA GPU" in text
