@@ -245,7 +245,8 @@ class MemoryManager:
         return OrderedDict(self.group(self.weights_group).named_tensors)
 
     def begin_weight_sync(self) -> "OrderedDict[str, torch.Tensor]":
-        """Fires before_weight_sync hooks and onloads only the weights group; pair with end_weight_sync()."""
+        """Fires before_weight_sync hooks and onloads only the weights group; pair with end_weight_sync(). If the
+        onload fails, the after_weight_sync hooks run before the error propagates (every before has its after)."""
         self._check_open()
         entry = self._resolve([self.weights_group])[0]
         if _state_label(entry.group) == BucketState.DISCARDED.value:
@@ -253,7 +254,14 @@ class MemoryManager:
                                    f"offload weights with the copy policy")
         self._fire(HookEvent.BEFORE_WEIGHT_SYNC, (self.weights_group,))
         self._sync_restore = not self._on_device(entry)
-        self.onload(self.weights_group)
+        try:
+            self.onload(self.weights_group)
+        except BaseException:
+            # No sync will happen and end_weight_sync() will not be called: the after-hooks still run, so that
+            # whatever the before-hooks released (an engine's KV cache, say) is restored. The onload rolled back.
+            self._sync_restore = False
+            self._fire(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
+            raise
         return self.named_weights()
 
     def end_weight_sync(self) -> None:

@@ -148,6 +148,33 @@ def test_weight_sync_brings_back_only_weights_and_offloads_them_again_even_on_er
     assert events[-1] == ("after_weight_sync", "on_host")
 
 
+def test_weight_sync_whose_onload_fails_still_runs_the_after_hooks(monkeypatch):
+    from memmgr import MemmgrOutOfMemoryError
+    from memmgr.flat_tensors import FlatTensors
+
+    model = make_mlp("cpu")
+    mgr = memmgr.for_module(model)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mgr.offload()
+    events = []
+    mgr.register_hook("before_weight_sync", lambda e, g: events.append(e))
+    mgr.register_hook("after_weight_sync", lambda e, g: events.append(e))
+
+    def no_memory(self):
+        raise torch.OutOfMemoryError("simulated: the engine still holds the GPU")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FlatTensors, "allocate", no_memory)
+        with pytest.raises(MemmgrOutOfMemoryError, match="weights"):
+            with mgr.weight_sync():
+                pytest.fail("the body must not run without the weights")
+    assert events == ["before_weight_sync", "after_weight_sync"]  # what the before-hooks freed is given back
+    assert mgr.state()["weights"].state == "on_host"
+    with mgr.weight_sync() as weights:  # a retry once memory is free syncs the same bits
+        assert all(same_bits(weights[n], expected[n]) for n in expected)
+    assert events == ["before_weight_sync", "after_weight_sync"] * 2
+
+
 def test_weight_sync_of_discarded_weights_is_refused():
     mgr = MemoryManager()
     mgr.add_group("weights", [torch.randn(4)], policy="discard")
