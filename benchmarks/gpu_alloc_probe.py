@@ -256,6 +256,24 @@ def trace_memmgr(gib: float) -> dict:
     return out
 
 
+def anon_huge_pages() -> dict:
+    """How much of this process's anonymous memory the kernel backs with transparent huge pages (memmgr's buffers
+    ask for them with MADV_HUGEPAGE), next to the machine's THP setting."""
+    out = {}
+    for path, key in (("/proc/self/smaps_rollup", "AnonHugePages"), ("/proc/self/smaps_rollup", "Anonymous")):
+        try:
+            for line in open(path):
+                if line.startswith(key + ":"):
+                    out[key + "_kB"] = int(line.split()[1])
+        except OSError as exc:
+            out["error"] = str(exc)
+    try:
+        out["thp_enabled"] = open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip()
+    except OSError:
+        pass
+    return out
+
+
 def host_memory_ab(gib: float, rounds: int = 6) -> dict:
     """Onload of the bench state's buckets from memmgr's host buffers (mmap + parallel first touch +
     cudaHostRegister) against the same bytes in cudaHostAlloc'd memory (torch pin_memory=True), alternating arms
@@ -295,7 +313,8 @@ def host_memory_ab(gib: float, rounds: int = 6) -> dict:
         for name, hosts in (order if i % 2 == 0 else order[::-1]):
             times[name].append(onload_from(hosts))
     out = {"bytes": nbytes, "seconds": times,
-           "GBps_median": {k: nbytes / sorted(v)[len(v) // 2] / GB for k, v in times.items()}}
+           "GBps_median": {k: nbytes / sorted(v)[len(v) // 2] / GB for k, v in times.items()},
+           "process_huge_pages": anon_huge_pages()}
     print("host memory A/B:", json.dumps(out["GBps_median"]), flush=True)
     try:
         m.teardown()
