@@ -123,13 +123,23 @@ def pinned_peak(device: torch.device, nbytes: int = 2 * GiB, repeats: int = 3) -
     return measure_pinned_peak(nbytes, device, iters=repeats)
 
 
+_CHECKSUM_CHUNK = 1 << 26  # words per reduction: bounds its int64 temporary to 512 MiB whatever the tensor's size
+
+
 def checksum(tensors: list[torch.Tensor]) -> list[int]:
     """One integer per tensor from its raw bytes: equal lists mean the contents came back (cheap, on the device)."""
     sums = []
     for t in tensors:
-        flat = t.detach().reshape(-1)
-        raw = flat.view(torch.int16) if flat.element_size() == 2 else flat.view(torch.int32)
-        sums.append(int(raw.sum(dtype=torch.int64)) ^ (int(raw[:: max(1, raw.numel() // 997)].sum(dtype=torch.int64)) << 1))
+        raw = t.detach().reshape(-1).view(torch.uint8)
+        aligned = raw.numel() - raw.numel() % 4 if raw.storage_offset() % 4 == 0 else 0
+        words = raw[:aligned].view(torch.int32) if aligned else raw.new_empty(0, dtype=torch.int32)
+        total = strided = 0
+        for part in (words[i:i + _CHECKSUM_CHUNK] for i in range(0, words.numel(), _CHECKSUM_CHUNK)):
+            total += int(part.sum(dtype=torch.int64))
+            strided += int(part[::7].sum(dtype=torch.int64))
+        for part in (raw[i:i + _CHECKSUM_CHUNK] for i in range(aligned, raw.numel(), _CHECKSUM_CHUNK)):
+            total += int(part.sum(dtype=torch.int64))
+        sums.append(total ^ (strided << 1))
     return sums
 
 

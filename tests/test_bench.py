@@ -44,3 +44,17 @@ def test_report_names_why_the_megatron_workload_did_not_run():
               "results": [], "megatron": {"skipped": "needs a CUDA GPU"}}
     text = bench.format_table(report)
     assert "## Real megatron-core GPT" in text and "not run: needs a CUDA GPU" in text
+
+
+def test_checksum_sees_one_changed_byte_in_aligned_odd_sized_and_misaligned_tensors(monkeypatch):
+    monkeypatch.setattr(bench, "_CHECKSUM_CHUNK", 5)  # several chunks even for small tensors
+    backing = torch.arange(103, dtype=torch.uint8)
+    tensors = [torch.arange(40, dtype=torch.float32), backing[:99], backing[1:]]  # aligned, odd size, offset 1
+    before = bench.checksum(tensors)
+    for i, t in enumerate(tensors):
+        raw = t.view(torch.uint8)
+        raw[-2] += 1
+        after = bench.checksum(tensors)
+        assert after[i] != before[i]
+        raw[-2] -= 1
+    assert bench.checksum(tensors) == before
