@@ -46,7 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import memmgr  # noqa: E402
 from memmgr import nvml  # noqa: E402
 from memmgr.host_memory import HostMemoryPool  # noqa: E402
-from memmgr.bench_megatron import build_gpt, train_step  # noqa: E402,F401 (train_step: used here and by importers)
+from memmgr.bench import checksum  # noqa: E402
+from memmgr.bench_megatron import (MegatronBuiltinMethod, MegatronState, build_gpt,  # noqa: E402
+                                   train_step)
 from memmgr.integrations.megatron import for_megatron  # noqa: E402
 
 log = logging.getLogger("gpu_megatron")
@@ -124,34 +126,12 @@ def memory_now() -> dict:
             "non_pytorch": (usage - reserved) if usage is not None else None}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# checksums (chunked int32 sums, no large temporaries)
-# ---------------------------------------------------------------------------------------------------------------------
-def checksum(tensors: list[torch.Tensor]) -> list[int]:
-    out = [0, 0]
-    for t in tensors:
-        flat = bits(t)
-        n = flat.numel() - flat.numel() % 4
-        step = 1 << 28
-        for start in range(0, n, step):
-            words = flat[start:min(n, start + step)].view(torch.int32)
-            out[0] += int(words.sum(dtype=torch.int64))
-            out[1] += int(words[::7].sum(dtype=torch.int64))
-        if n < flat.numel():
-            out[0] += int(flat[n:].to(torch.int64).sum())
-    return out
-
-
 def state_checksums(ddp, opt) -> dict:
     """Weights, main weights and optimizer states, read from megatron's own objects (method-independent)."""
-    weights = [b.param_data for b in ddp.buffers + ddp.expert_parallel_buffers if b.param_data is not None]
-    mains, states = [], []
-    for o in getattr(opt, "chained_optimizers", [opt]):
-        for group in getattr(o, "shard_fp32_from_float16_groups", []) or []:
-            mains += [p for p in group if p is not None]
-        for st in o.optimizer.state.values():
-            states += [v for v in st.values() if isinstance(v, torch.Tensor) and v.is_cuda and v.numel() > 1]
-    return {"weights": checksum(weights), "main_weights": checksum(mains), "optimizer_states": checksum(states)}
+    state = MegatronState(ddp, opt)
+    return {"weights": checksum(list(state.weights.values())),
+            "main_weights": checksum(list(state.main_weights.values())),
+            "optimizer_states": checksum(list(state.moments.values()))}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -363,51 +343,19 @@ def section_speed_and_memory(args, baseline: dict, results: dict) -> None:
 
 
 def builtin_cycles(ddp, opt, reference: dict, peak: dict, cycles: int, baseline: dict) -> dict:
-    bufs = ddp.buffers + ddp.expert_parallel_buffers
-    have = {"DDP.offload_grad_buffers/restore_grad_buffers":
-            hasattr(ddp, "offload_grad_buffers") and hasattr(ddp, "restore_grad_buffers"),
-            "_ParamAndGradBuffer.offload_to_cpu/reload_from_cpu":
-            all(hasattr(b, "offload_to_cpu") and hasattr(b, "reload_from_cpu") for b in bufs),
-            "MegatronOptimizer.offload_to_cpu/restore_from_cpu":
-            hasattr(opt, "offload_to_cpu") and hasattr(opt, "restore_from_cpu")}
-    out: dict[str, Any] = {"available": {k: (v or "not available") for k, v in have.items()}}
-    if not any(have.values()):
-        return out
-    copied = sum(b.param_data.numel() * b.param_data.element_size() for b in bufs if b.param_data is not None) \
-        if have["_ParamAndGradBuffer.offload_to_cpu/reload_from_cpu"] else 0
-    if have["MegatronOptimizer.offload_to_cpu/restore_from_cpu"]:
-        for o in getattr(opt, "chained_optimizers", [opt]):
-            for g in o.optimizer.param_groups:
-                copied += sum(p.numel() * p.element_size() for p in g["params"] if p.is_cuda)
-            for st in o.optimizer.state.values():
-                copied += sum(v.numel() * v.element_size() for v in st.values()
-                              if isinstance(v, torch.Tensor) and v.is_cuda)
-    out["copied_bytes"] = copied
-
-    def offload() -> None:
-        if have["DDP.offload_grad_buffers/restore_grad_buffers"]:
-            ddp.offload_grad_buffers()
-        if have["_ParamAndGradBuffer.offload_to_cpu/reload_from_cpu"]:
-            for b in bufs:
-                b.offload_to_cpu(move_params=True, move_grads=False)
-        if have["MegatronOptimizer.offload_to_cpu/restore_from_cpu"]:
-            opt.offload_to_cpu()
-        torch.cuda.empty_cache()
-
-    def onload() -> None:
-        if have["DDP.offload_grad_buffers/restore_grad_buffers"]:
-            ddp.restore_grad_buffers()
-        if have["_ParamAndGradBuffer.offload_to_cpu/reload_from_cpu"]:
-            for b in bufs:
-                b.reload_from_cpu(move_params=True, move_grads=False)
-        if have["MegatronOptimizer.offload_to_cpu/restore_from_cpu"]:
-            opt.restore_from_cpu()
-
+    """megatron-core's own offload helpers on the same state (memmgr.bench_megatron.MegatronBuiltinMethod)."""
+    state = MegatronState(ddp, opt)
+    method = MegatronBuiltinMethod(state)
+    reason = method.available()
+    if reason:
+        return {"available": reason}
+    copied = state.copied_bytes
+    out: dict[str, Any] = {"available": True, "copied_bytes": copied}
     cyc = []
     for i in range(cycles):
-        off = timed(offload)
+        off = timed(lambda: method.offload(state))
         left = memory_now()
-        on = timed(onload)
+        on = timed(lambda: method.onload(state))
         intact = state_checksums(ddp, opt) == reference
         cyc.append({"offload_s": off, "onload_s": on, "offload_GBps": copied / off / GB, "onload_GBps": copied / on / GB,
                     "offload_vs_peak": copied / off / GB / peak["d2h"]["GBps"],

@@ -129,7 +129,7 @@ class MegatronState(TrainingState):
     @property
     def moments(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """Optimizer state tensors on the training device (Adam's step counter, one element, stays)."""
-        device = next(iter(self.main_weights.values())).device
+        device = next(self.ddp.parameters()).device
         out = {}
         for k, o in enumerate(_inner_optimizers(self.opt)):
             for i, state in enumerate(o.optimizer.state.values()):
@@ -158,10 +158,14 @@ class MegatronBuiltinMethod(Method):
 
     def available(self) -> str | None:
         ddp, opt = self.state.ddp, self.state.opt
+        buffers = self.state._buffers()
         missing = [name for name, ok in (
-            ("DDP.offload_grad_buffers", hasattr(ddp, "offload_grad_buffers")),
-            ("_ParamAndGradBuffer.offload_to_cpu", all(hasattr(b, "offload_to_cpu") for b in self.state._buffers())),
-            ("MegatronOptimizer.offload_to_cpu", hasattr(opt, "offload_to_cpu"))) if not ok]
+            ("DDP.offload_grad_buffers/restore_grad_buffers",
+             hasattr(ddp, "offload_grad_buffers") and hasattr(ddp, "restore_grad_buffers")),
+            ("_ParamAndGradBuffer.offload_to_cpu/reload_from_cpu",
+             all(hasattr(b, "offload_to_cpu") and hasattr(b, "reload_from_cpu") for b in buffers)),
+            ("MegatronOptimizer.offload_to_cpu/restore_from_cpu",
+             hasattr(opt, "offload_to_cpu") and hasattr(opt, "restore_from_cpu"))) if not ok]
         return f"this megatron-core has no {', '.join(missing)} (added in 0.16)" if missing else None
 
     def offload(self, state):
