@@ -131,7 +131,8 @@ def onload_strategies(hosts: list[torch.Tensor]) -> dict:
     return out
 
 
-def profile_memmgr(gib: float) -> str:
+def warmed_memmgr(gib: float):
+    """The bench's state under memmgr, after one full cycle (host buffers pinned, copy streams made)."""
     from memmgr.bench import MemmgrMethod, make_state
 
     state = make_state(gib * GiB, torch.device("cuda"))
@@ -139,6 +140,15 @@ def profile_memmgr(gib: float) -> str:
     m.setup(state)
     m.offload(state)
     m.onload(state)
+    return state, m
+
+
+def copied_buckets(m) -> list:
+    return [b for name in m.mgr.group_names for b in m.mgr.group(name).buckets if b.host_buffer is not None]
+
+
+def profile_memmgr(gib: float) -> str:
+    state, m = warmed_memmgr(gib)
     text = io.StringIO()
     for name in ("offload", "onload"):
         prof = cProfile.Profile()
@@ -187,17 +197,11 @@ def copy_trace(fn, label: str) -> dict:
 
 def trace_memmgr(gib: float) -> dict:
     """memmgr's onload/offload of the bench state under the profiler, next to raw loops over the same host buffers."""
-    from memmgr.bench import MemmgrMethod, make_state
-
-    state = make_state(gib * GiB, torch.device("cuda"))
-    m = MemmgrMethod()
-    m.setup(state)
-    m.offload(state)
-    m.onload(state)
+    state, m = warmed_memmgr(gib)
     out = {"memmgr_offload": copy_trace(lambda: m.offload(state), "memmgr offload")}
     out["memmgr_onload"] = copy_trace(lambda: m.onload(state), "memmgr onload")
     # raw loop over memmgr's own host buffers and device buckets: same bytes, no manager logic
-    buckets = [b for name in m.mgr.group_names for b in m.mgr.group(name).buckets if b.host_buffer is not None]
+    buckets = copied_buckets(m)
     m.offload(state)
     stream = torch.cuda.Stream()
 
@@ -281,14 +285,8 @@ def host_memory_ab(gib: float, rounds: int = 6) -> dict:
 
     Why: in every H100 bench run so far, per-tensor copies out of PyTorch's pinned cache (cudaHostAlloc) came back
     faster (0.92-0.98x of peak) than memmgr's onload out of registered memory (0.83-0.89x)."""
-    from memmgr.bench import MemmgrMethod, make_state
-
-    state = make_state(gib * GiB, torch.device("cuda"))
-    m = MemmgrMethod()
-    m.setup(state)
-    m.offload(state)
-    m.onload(state)
-    buckets = [b for name in m.mgr.group_names for b in m.mgr.group(name).buckets if b.host_buffer is not None]
+    state, m = warmed_memmgr(gib)
+    buckets = copied_buckets(m)
     registered = [b.host_buffer.tensor for b in buckets]
     host_alloc = [torch.empty(t.numel(), dtype=torch.uint8, pin_memory=True).copy_(t) for t in registered]
     nbytes = sum(t.numel() for t in registered)
