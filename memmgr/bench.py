@@ -347,7 +347,7 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
         torch.cuda.empty_cache()
     if baseline is None:
         baseline = (_process_gpu_bytes(device), torch.cuda.memory_reserved(device) if device.type == "cuda" else 0)
-    baseline, reserved_baseline = baseline
+    gpu_baseline, reserved_baseline = baseline
     state = method.make_state(copied_bytes, device) if getattr(method, "allocates_own_state", False) else make()
     result = MethodResult(method.name, method.description, state.copied_bytes, state.dropped_bytes, state.num_tensors)
     try:
@@ -362,7 +362,7 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
                 after = _process_gpu_bytes(device)
                 if loaded is not None and after is not None:
                     result.gpu_released_bytes = loaded - after
-                    result.gpu_left_over_bytes = after - baseline if baseline is not None else None
+                    result.gpu_left_over_bytes = after - gpu_baseline if gpu_baseline is not None else None
                 if device.type == "cuda":
                     result.torch_reserved_left_over = torch.cuda.memory_reserved(device) - reserved_baseline
                 result.host_bytes = method.host_bytes()
@@ -422,8 +422,8 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
     megatron_bar = tqdm(total=4, desc="megatron GPT methods", unit="method", disable=device.type != "cuda")
     megatron_report = _megatron_section(device, megatron, peak, cycles, methods, megatron_bar)
     megatron_bar.close()
-    if device.type == "cuda" and size_gb is None:
-        copied = default_size(device)
+    if device.type == "cuda" and size_gb is None:  # sized again to what the GPT left free
+        copied = info["requested_copied_bytes"] = default_size(device)
     results = []
     progress = tqdm(chosen, desc="methods", unit="method")
     for method in progress:
