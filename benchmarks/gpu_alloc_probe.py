@@ -1,6 +1,7 @@
 """Where do offload/onload lose time against the copy peak? python benchmarks/gpu_alloc_probe.py --out DIR
 
-Measures, on one GPU (--host-ab: only the host-memory A/B below; --trace-only: only the traces): cudaMalloc and cudaFree cost per GiB (through PyTorch's allocator after empty_cache), whether
+Measures, on one GPU (--host-ab: only the host-memory A/B below; --trace-only: only the traces; --link: only
+the link probe of working-set size and copy pattern; --gap: memmgr against raw loops over its own buffers): cudaMalloc and cudaFree cost per GiB (through PyTorch's allocator after empty_cache), whether
 an allocation waits for an in-flight copy, onload strategies (allocate-then-copy interleaved per bucket, all
 allocations first, no allocation at all) and offload with and without returning memory to the driver, then profiles
 memmgr's own offload/onload of the bench state. Writes DIR/alloc_probe.json and DIR/profile.txt.
@@ -323,16 +324,280 @@ def host_memory_ab(gib: float, rounds: int = 6) -> dict:
     return out
 
 
+def link_probe(gib: float, rounds: int = 5) -> dict:
+    """Is memmgr's gap to the peak memmgr's, or the link's on a large working set? In one process, interleaved so
+    that drift hits every arm: the peak's own copy (one 2 GiB buffer, re-copied), the same 2 GiB copies walking over
+    host/device working sets of 4, 8 and 16 GiB, one single 16 GiB copy, and memmgr's onload/offload of the bench
+    state. Copies are timed with events around the whole arm; memmgr with the wall clock, as the bench does."""
+    from memmgr.host_memory import allocate_host_buffer
+
+    chunk = 2 * GiB
+    ws_max = 16 * GiB
+    host = allocate_host_buffer(ws_max, pin=True)
+    dev = torch.empty(ws_max, dtype=torch.uint8, device="cuda")
+    dev.fill_(1)
+    host.tensor.fill_(2)
+    stream = torch.cuda.Stream()
+    state, m = warmed_memmgr(gib)
+
+    def copies(ws: int, size: int, h2d: bool) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        sync()
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            for off in range(0, ws, size):
+                d, h = dev[off:off + size], host.tensor[off:off + size]
+                (d.copy_(h, non_blocking=True) if h2d else h.copy_(d, non_blocking=True))
+            end.record(stream)
+        end.synchronize()
+        return ws / (start.elapsed_time(end) / 1e3) / GB
+
+    arms = {}
+    for direction, h2d in (("h2d", True), ("d2h", False)):
+        arms[f"{direction}_peak_2GiB_same_buffer"] = lambda h2d=h2d: copies(chunk, chunk, h2d)
+        for ws in (4, 8, 16):
+            arms[f"{direction}_2GiB_copies_over_{ws}GiB"] = lambda h2d=h2d, ws=ws: copies(ws * GiB, chunk, h2d)
+        arms[f"{direction}_one_16GiB_copy"] = lambda h2d=h2d: copies(ws_max, ws_max, h2d)
+        arms[f"{direction}_256MiB_copies_over_16GiB"] = lambda h2d=h2d: copies(ws_max, 256 << 20, h2d)
+    state_bytes = state.copied_bytes
+    arms["d2h_memmgr_offload"] = lambda: state_bytes / wall(lambda: m.offload(state)) / GB
+    arms["h2d_memmgr_onload"] = lambda: state_bytes / wall(lambda: m.onload(state)) / GB
+    results: dict[str, list[float]] = {k: [] for k in arms}
+    names = list(arms)
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        if r % 2 == 1:  # onload must follow offload
+            i, j = order.index("h2d_memmgr_onload"), order.index("d2h_memmgr_offload")
+            order[i], order[j] = order[j], order[i]
+        for name in order:
+            results[name].append(arms[name]())
+    out = {"rounds": rounds, "state_bytes": state_bytes, "GBps": results,
+           "median": {k: sorted(v)[len(v) // 2] for k, v in results.items()},
+           "best": {k: max(v) for k, v in results.items()}}
+    for k in names:
+        print(f"{k:40s} median {out['median'][k]:6.2f}  best {out['best'][k]:6.2f}  all "
+              + " ".join(f"{x:.1f}" for x in results[k]), flush=True)
+    m.teardown()
+    del dev, state
+    host.release()
+    torch.cuda.empty_cache()
+    return out
+
+
+def memmgr_gap(gib: float, rounds: int = 7) -> dict:
+    """memmgr's own moves against raw loops over the very same host buffers and device buckets, interleaved: with
+    the device storage re-allocated after empty_cache (what memmgr does), re-allocated from PyTorch's cache, and
+    kept allocated (copies alone); and a control of 2 GiB copies between two fixed buffers. Separates the cost of
+    fresh device memory from the cost of memmgr's bookkeeping and from the link's drift."""
+    from memmgr.host_memory import allocate_host_buffer
+
+    state, m = warmed_memmgr(gib)
+    buckets = copied_buckets(m)
+    nbytes = sum(b.nbytes for b in buckets)
+    stream = torch.cuda.Stream()
+    ctrl_host = allocate_host_buffer(2 * GiB, pin=True)
+    ctrl_dev = torch.empty(2 * GiB, dtype=torch.uint8, device="cuda")
+
+    def free(give_back: bool) -> None:
+        for b in buckets:
+            b.flat.untyped_storage().resize_(0)
+        if give_back:
+            torch.cuda.empty_cache()
+
+    def raw(h2d: bool, realloc: bool, give_back: bool) -> float:
+        if realloc and h2d:
+            free(give_back)
+        sync()
+        t0 = time.perf_counter()
+        for b in buckets:
+            if realloc and h2d:
+                b.allocate()
+            with torch.cuda.stream(stream):
+                d, h = b.flat.view(torch.uint8), b.host_buffer.tensor
+                (d.copy_(h, non_blocking=True) if h2d else h.copy_(d, non_blocking=True))
+        stream.synchronize()
+        if realloc and not h2d:
+            free(give_back)
+        secs = time.perf_counter() - t0
+        if realloc and not h2d:  # back on the device for the next arm, contents from the host stores
+            for b in buckets:
+                b.allocate()
+                b.flat.view(torch.uint8).copy_(b.host_buffer.tensor)
+            sync()
+        return nbytes / secs / GB
+
+    def control(h2d: bool) -> float:
+        sync()
+        t0 = time.perf_counter()
+        with torch.cuda.stream(stream):
+            for _ in range(4):
+                (ctrl_dev.copy_(ctrl_host.tensor, non_blocking=True) if h2d
+                 else ctrl_host.tensor.copy_(ctrl_dev, non_blocking=True))
+        stream.synchronize()
+        return 8 * GiB / (time.perf_counter() - t0) / GB
+
+    def memmgr_cycle() -> tuple[float, float]:
+        off = wall(lambda: m.offload(state))
+        on = wall(lambda: m.onload(state))
+        return state.copied_bytes / off / GB, state.copied_bytes / on / GB
+
+    arms = {
+        "control_2GiB_x4": lambda: (control(False), control(True)),
+        "memmgr": memmgr_cycle,
+        "raw_copies_only": lambda: (raw(False, False, False), raw(True, False, False)),
+        "raw_realloc_from_cache": lambda: (raw(False, True, False), raw(True, True, False)),
+        "raw_realloc_after_empty_cache": lambda: (raw(False, True, True), raw(True, True, True)),
+    }
+    results: dict[str, dict[str, list[float]]] = {k: {"d2h": [], "h2d": []} for k in arms}
+    names = list(arms)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            d2h, h2d = arms[name]()
+            results[name]["d2h"].append(d2h)
+            results[name]["h2d"].append(h2d)
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    out = {"rounds": rounds, "bucket_bytes": nbytes, "buckets": len(buckets), "state_bytes": state.copied_bytes,
+           "GBps": results, "median": {k: {d: med(v) for d, v in r.items()} for k, r in results.items()}}
+    for k in names:
+        print(f"{k:32s} d2h median {out['median'][k]['d2h']:6.2f} [" + " ".join(f"{x:.1f}" for x in results[k]["d2h"])
+              + f"]  h2d median {out['median'][k]['h2d']:6.2f} [" + " ".join(f"{x:.1f}" for x in results[k]["h2d"])
+              + "]", flush=True)
+    m.teardown()
+    del state, buckets, ctrl_dev
+    ctrl_host.release()
+    torch.cuda.empty_cache()
+    return out
+
+
+def fresh_memory_onload(gib: float, rounds: int = 7) -> dict:
+    """Onload into device memory that empty_cache gave back to the driver is slower than into cached blocks (the
+    --gap probe). Which order of allocation and copy recovers it? Arms, interleaved, over memmgr's buckets: allocate
+    and copy bucket by bucket (memmgr's order), allocate every bucket first and then copy, the same with a device
+    synchronize between (copies timed alone, allocation timed apart), and re-allocation from PyTorch's cache."""
+    state, m = warmed_memmgr(gib)
+    buckets = copied_buckets(m)
+    nbytes = sum(b.nbytes for b in buckets)
+    stream = torch.cuda.Stream()
+
+    def free(give_back: bool = True) -> None:
+        for b in buckets:
+            b.flat.untyped_storage().resize_(0)
+        if give_back:
+            torch.cuda.empty_cache()
+        sync()
+
+    def copy_all() -> None:
+        with torch.cuda.stream(stream):
+            for b in buckets:
+                b.flat.view(torch.uint8).copy_(b.host_buffer.tensor, non_blocking=True)
+        stream.synchronize()
+
+    def interleaved(pause_s: float = 0.0) -> dict:
+        free()
+        time.sleep(pause_s)
+        t0 = time.perf_counter()
+        for b in buckets:
+            b.allocate()
+            with torch.cuda.stream(stream):
+                b.flat.view(torch.uint8).copy_(b.host_buffer.tensor, non_blocking=True)
+        stream.synchronize()
+        return {"GBps": nbytes / (time.perf_counter() - t0) / GB}
+
+    def alloc_first(split: bool, give_back: bool = True) -> dict:
+        free(give_back)
+        t0 = time.perf_counter()
+        for b in buckets:
+            b.allocate()
+        if split:
+            sync()
+        t1 = time.perf_counter()
+        copy_all()
+        t2 = time.perf_counter()
+        return {"GBps": nbytes / (t2 - t0) / GB, "alloc_ms": (t1 - t0) * 1e3, "copy_GBps": nbytes / (t2 - t1) / GB}
+
+    def touched_first(give_back: bool = True) -> dict:
+        free(give_back)
+        t0 = time.perf_counter()
+        for b in buckets:
+            b.allocate()
+        sync()
+        t1 = time.perf_counter()
+        for b in buckets:
+            b.flat.view(torch.uint8).zero_()
+        sync()
+        t2 = time.perf_counter()
+        copy_all()
+        t3 = time.perf_counter()
+        return {"GBps": nbytes / (t3 - t0) / GB, "alloc_ms": (t1 - t0) * 1e3, "touch_ms": (t2 - t1) * 1e3,
+                "copy_GBps": nbytes / (t3 - t2) / GB}
+
+    touch_stream = torch.cuda.Stream()
+
+    def pipelined_touch() -> dict:
+        free()
+        t0 = time.perf_counter()
+        for b in buckets:
+            b.allocate()
+            with torch.cuda.stream(touch_stream):
+                b.flat.view(torch.uint8).zero_()
+                ev = torch.cuda.Event()
+                ev.record(touch_stream)
+            stream.wait_event(ev)
+            with torch.cuda.stream(stream):
+                b.flat.view(torch.uint8).copy_(b.host_buffer.tensor, non_blocking=True)
+        stream.synchronize()
+        return {"GBps": nbytes / (time.perf_counter() - t0) / GB}
+
+    arms = {**{f"interleaved_{p}s_after_empty_cache": (lambda p=p: interleaved(p)) for p in (0.1, 0.5, 2.0)},
+            "touched_first_after_empty_cache": touched_first,
+            "touched_first_from_cache": lambda: touched_first(give_back=False),
+            "pipelined_touch_after_empty_cache": pipelined_touch,
+            "interleaved_after_empty_cache": interleaved,
+            "alloc_first_after_empty_cache": lambda: alloc_first(False),
+            "alloc_first_sync_after_empty_cache": lambda: alloc_first(True),
+            "alloc_first_sync_from_cache": lambda: alloc_first(True, give_back=False)}
+    results: dict[str, list[dict]] = {k: [] for k in arms}
+    names = list(arms)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            results[name].append(arms[name]())
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    out = {"rounds": rounds, "bytes": nbytes, "buckets": len(buckets), "runs": results,
+           "median": {k: {f: med([x[f] for x in v]) for f in v[0]} for k, v in results.items()}}
+    for k in names:
+        print(f"{k:38s}", {f: round(x, 2) for f, x in out["median"][k].items()},
+              "GBps:", " ".join(f"{x['GBps']:.1f}" for x in results[k]), flush=True)
+    m.teardown()
+    del state, buckets
+    torch.cuda.empty_cache()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--gib", type=float, default=16)
     ap.add_argument("--trace-only", action="store_true", help="only the profiler traces of memmgr's copies")
     ap.add_argument("--host-ab", action="store_true", help="only the registered vs cudaHostAlloc onload A/B")
+    ap.add_argument("--link", action="store_true", help="only the link probe: working-set size and copy pattern")
+    ap.add_argument("--gap", action="store_true", help="only memmgr against raw loops over its own buffers")
+    ap.add_argument("--fresh", action="store_true", help="only the onload-into-fresh-memory orders")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if args.fresh:
+        res["fresh"] = fresh_memory_onload(args.gib)
+        (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
+        return 0
+    if args.gap:
+        res["gap"] = memmgr_gap(args.gib)
+        (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
+        return 0
+    if args.link:
+        res["link"] = link_probe(args.gib)
+        (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
+        return 0
     if args.host_ab:
         res["host_memory_ab"] = host_memory_ab(args.gib)
         (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))

@@ -9,7 +9,8 @@ section runs only at N = 1). Per-rank outputs then carry a `_rankR` suffix. Sect
    (losses and parameters): bf16 + distributed optimizer (grad_reduce_in_fp32), fp32 + distributed optimizer,
    bf16 + Float16OptimizerWithFloat16Params. The no-offload run is repeated to show the baseline is deterministic.
 2. speed (1.3B GPT, bf16, distributed optimizer, grad_reduce_in_fp32, torch AdamW, after one step): pinned-copy peak
-   each way in the same run, then memmgr full offload/onload cycles (GB/s of copied bytes, ratio to peak), then
+   each way in the same run, then memmgr full offload/onload cycles (GB/s of copied bytes, ratio to peak; an untimed
+   --phase-gap pause after each move stands in for the phases in between, as in memmgr bench), then
    megatron-core's built-in offload helpers where they exist; checksums of weights, main weights and Adam moments
    before/after every method.
 3. memory: memory_reserved before the model vs after memmgr's full offload, itemized (allocator segments, live
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import memmgr  # noqa: E402
 from memmgr import nvml  # noqa: E402
 from memmgr.host_memory import HostMemoryPool  # noqa: E402
-from memmgr.bench import checksum  # noqa: E402
+from memmgr.bench import DEFAULT_PHASE_GAP_S, checksum  # noqa: E402
 from memmgr.bench_megatron import (MegatronBuiltinMethod, MegatronState, build_gpt,  # noqa: E402
                                    train_step)
 from memmgr.integrations.megatron import for_megatron  # noqa: E402
@@ -292,11 +293,14 @@ def section_speed_and_memory(args, baseline: dict, results: dict) -> None:
         copied = sum(mgr.group(n).nbytes for n in COPIED_GROUPS)
         speed["memmgr_copied_bytes"] = copied
         cyc = []
+        speed["phase_gap_s"] = args.phase_gap
         for i in range(cycles):
             off = timed(mgr.offload)
             left = memory_now()
+            time.sleep(args.phase_gap)
             on = timed(mgr.onload)
             intact = state_checksums(ddp, opt) == reference
+            time.sleep(args.phase_gap)
             cyc.append({"offload_s": off, "onload_s": on, "offload_GBps": copied / off / GB,
                         "onload_GBps": copied / on / GB, "offload_vs_peak": copied / off / GB / peak["d2h"]["GBps"],
                         "onload_vs_peak": copied / on / GB / peak["h2d"]["GBps"], "intact": intact,
@@ -337,12 +341,12 @@ def section_speed_and_memory(args, baseline: dict, results: dict) -> None:
     if getattr(args, "skip_builtin", False):
         speed["builtin"] = {"available": "skipped (--skip-builtin)"}
         return speed
-    speed["builtin"] = builtin_cycles(ddp, opt, reference, peak, 1 if args.quick else 2, baseline)
+    speed["builtin"] = builtin_cycles(ddp, opt, reference, peak, 1 if args.quick else 2, baseline, args.phase_gap)
     del ddp, opt, mgr
     release()
 
 
-def builtin_cycles(ddp, opt, reference: dict, peak: dict, cycles: int, baseline: dict) -> dict:
+def builtin_cycles(ddp, opt, reference: dict, peak: dict, cycles: int, baseline: dict, phase_gap_s: float) -> dict:
     """megatron-core's own offload helpers on the same state (memmgr.bench_megatron.MegatronBuiltinMethod)."""
     state = MegatronState(ddp, opt)
     method = MegatronBuiltinMethod(state)
@@ -355,8 +359,10 @@ def builtin_cycles(ddp, opt, reference: dict, peak: dict, cycles: int, baseline:
     for i in range(cycles):
         off = timed(lambda: method.offload(state))
         left = memory_now()
+        time.sleep(phase_gap_s)
         on = timed(lambda: method.onload(state))
         intact = state_checksums(ddp, opt) == reference
+        time.sleep(phase_gap_s)
         cyc.append({"offload_s": off, "onload_s": on, "offload_GBps": copied / off / GB, "onload_GBps": copied / on / GB,
                     "offload_vs_peak": copied / off / GB / peak["d2h"]["GBps"],
                     "onload_vs_peak": copied / on / GB / peak["h2d"]["GBps"], "intact": intact,
@@ -492,6 +498,8 @@ def main() -> int:
     parser.add_argument("--speed-only", action="store_true", help="only the 1.3B speed and memory section")
     parser.add_argument("--skip-builtin", action="store_true", help="do not time megatron-core's own helpers")
     parser.add_argument("--cycles", type=int, default=None, help="memmgr offload/onload cycles (default 3)")
+    parser.add_argument("--phase-gap", type=float, default=DEFAULT_PHASE_GAP_S,
+                        help="untimed seconds after each offload and onload, as in memmgr bench (0: back to back)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rank, world_size, _ = world()

@@ -4,6 +4,13 @@ Every method does the same work on the same state: the bf16 weights, fp32 main w
 host memory and come back; the fp32 gradients are dropped and re-zeroed. Ratios are to the pinned-copy peak
 measured in the same run. On a machine without a GPU the CPU path runs (device tensors on ``cpu``; the "peak" is a
 host memcpy) and is labelled as such.
+
+Each cycle is offload, a pause, onload, a pause: the pauses stand in for the phases in between (generation, training)
+and are not timed. They matter on a GPU: for about 0.1 s after memory goes back to the driver (``empty_cache``), the
+driver is still working on it in the background, and copies into device memory started in that window run ~10%
+slower, for every method alike (``benchmarks/gpu_alloc_probe.py --fresh``; 2026-11-21 run L). In an RL loop the
+generate phase sits there, so the bench measures the onload a trainer actually gets; ``--phase-gap 0`` measures
+back-to-back cycles.
 """
 from __future__ import annotations
 
@@ -23,6 +30,19 @@ logger = logging.getLogger("memmgr")
 
 GB = 1e9
 GiB = 2**30
+DEFAULT_PHASE_GAP_S = 0.5  # on a GPU; see the module docstring
+
+
+def phase_gap_for(device: torch.device, requested: float | None) -> float:
+    """The untimed pause between offload and onload (and after onload): ``requested`` if given, else
+    DEFAULT_PHASE_GAP_S on a GPU and none on the CPU path (nothing there works in the background)."""
+    if requested is not None:
+        if requested < 0:
+            from memmgr.errors import MemmgrInputError
+
+            raise MemmgrInputError(f"bench phase gap: {requested} s is negative; give 0 (back-to-back cycles) or more")
+        return requested
+    return DEFAULT_PHASE_GAP_S if device.type == "cuda" else 0.0
 
 
 # ---------------------------------------------------------------- the state
@@ -338,9 +358,11 @@ def _process_gpu_bytes(device: torch.device) -> int | None:
 
 
 def run_method(method: Method, copied_bytes: float, device: torch.device, cycles: int,
-               make: Callable[[], TrainingState], baseline: tuple[int | None, int] | None = None) -> MethodResult:
-    """Times ``cycles`` offload/onload rounds of one method. ``baseline``: (NVML bytes, memory_reserved) before the
-    state existed, when ``make`` returns a state built earlier (the Megatron workload); else measured here."""
+               make: Callable[[], TrainingState], baseline: tuple[int | None, int] | None = None,
+               phase_gap_s: float = 0.0) -> MethodResult:
+    """Times ``cycles`` offload/onload rounds of one method, with an untimed pause of ``phase_gap_s`` after each
+    offload and each onload (the phases in between). ``baseline``: (NVML bytes, memory_reserved) before the state
+    existed, when ``make`` returns a state built earlier (the Megatron workload); else measured here."""
     gc.collect()  # a model freed by the previous method may still sit in reference cycles
     _sync(device)
     if device.type == "cuda":
@@ -366,7 +388,9 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
                 if device.type == "cuda":
                     result.torch_reserved_left_over = torch.cuda.memory_reserved(device) - reserved_baseline
                 result.host_bytes = method.host_bytes()
+            time.sleep(phase_gap_s)
             result.onload_s.append(timed(lambda: method.onload(state), device))
+            time.sleep(phase_gap_s)
         result.intact = checksum(state.copied) == before
         method.teardown()
     except Exception as exc:  # a peer failing must not stop the comparison
@@ -398,7 +422,8 @@ def all_methods() -> list[Method]:
 
 
 def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bool = False, cycles: int = 3,
-              methods: list[str] | None = None, megatron: bool | None = None) -> dict:
+              methods: list[str] | None = None, megatron: bool | None = None,
+              phase_gap_s: float | None = None) -> dict:
     import click
     from tqdm import tqdm
 
@@ -411,8 +436,9 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
     chosen = [m for m in all_methods() if methods is None or m.name in methods]
     if device.type != "cuda":
         chosen = [m for m in chosen if not isinstance(m, TorchMemorySaverMethod)]
+    gap = phase_gap_for(device, phase_gap_s)
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": label, "torch": torch.__version__,
-            "backend": backend_info().describe(), "requested_copied_bytes": copied}
+            "backend": backend_info().describe(), "requested_copied_bytes": copied, "phase_gap_s": gap}
     click.echo(f"memmgr bench on {label}: {backend_info().describe()}")
     peak = pinned_peak(device, nbytes=min(2 * GiB, int(copied)) if device.type == "cuda" else 256 * 2**20)
     click.echo(f"pinned-copy peak: d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s, both {peak['both']:.1f} GB/s")
@@ -420,7 +446,7 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
     # (megatron 0.19 probes torch_memory_saver's singleton at import), and its state is gone before the synthetic
     # state is sized to the free memory.
     megatron_bar = tqdm(total=4, desc="megatron GPT methods", unit="method", disable=device.type != "cuda")
-    megatron_report = _megatron_section(device, megatron, peak, cycles, methods, megatron_bar)
+    megatron_report = _megatron_section(device, megatron, peak, cycles, methods, megatron_bar, gap)
     megatron_bar.close()
     if device.type == "cuda" and size_gb is None:  # sized again to what the GPT left free
         copied = info["requested_copied_bytes"] = default_size(device)
@@ -433,15 +459,16 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
             results.append({"method": method.name, "skipped": reason})
             continue
         n = memmgr_cycles(cycles) if isinstance(method, MemmgrMethod) else cycles
-        results.append(run_method(method, copied, device, n, lambda: make_state(copied, device)).summary(peak))
-    small = run_method(MemmgrMethod(), 0, device, cycles,
-                       lambda: make_small_tensors(10_000, 64 * 1024, device)).summary(peak)
+        results.append(run_method(method, copied, device, n, lambda: make_state(copied, device),
+                                  phase_gap_s=gap).summary(peak))
+    small = run_method(MemmgrMethod(), 0, device, cycles, lambda: make_small_tensors(10_000, 64 * 1024, device),
+                       phase_gap_s=gap).summary(peak)
     small["method"] = "memmgr_10000x64KiB"
     results.append(small)
     report = {"info": info, "peak_gbps": peak, "results": results}
     report["megatron"] = megatron_report
     if sweep:
-        report["sweep"] = run_sweep(device, peak, out)
+        report["sweep"] = run_sweep(device, peak, out, gap)
     write_outputs(report, out)
     click.echo(format_table(report))
     click.echo(f"wrote {out}/bench.json, {out}/bench.md, {out}/bench.png")
@@ -449,7 +476,7 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
 
 
 def _megatron_section(device: torch.device, wanted: bool | None, peak: dict, cycles: int,
-                      methods: list[str] | None, progress) -> dict | None:
+                      methods: list[str] | None, progress, phase_gap_s: float) -> dict | None:
     """The same comparison on a real megatron-core GPT (with megatron's built-in helpers beside memmgr), when
     megatron-core is installed and a GPU is present (``wanted`` None: whenever it can run; False: never)."""
     if wanted is False:
@@ -463,13 +490,13 @@ def _megatron_section(device: torch.device, wanted: bool | None, peak: dict, cyc
         logger.info("Megatron workload skipped: %s", reason)
         return None
     try:
-        return bench_megatron.run_megatron_workload(peak, cycles, methods, progress)
+        return bench_megatron.run_megatron_workload(peak, cycles, methods, progress, phase_gap_s)
     except Exception as exc:  # the synthetic comparison above still stands
         logger.exception("the Megatron workload failed")
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def run_sweep(device: torch.device, peak: dict, out: str) -> list[dict]:
+def run_sweep(device: torch.device, peak: dict, out: str, phase_gap_s: float = 0.0) -> list[dict]:
     """memmgr offload/onload time against state size and tensor count; fitted slope and intercept."""
     from tqdm import tqdm
 
@@ -482,7 +509,8 @@ def run_sweep(device: torch.device, peak: dict, out: str) -> list[dict]:
             each = int(size * GiB) // count // 4096 * 4096
             if each == 0:
                 continue
-            r = run_method(MemmgrMethod(), 0, device, 3, lambda: make_small_tensors(count, each, device))
+            r = run_method(MemmgrMethod(), 0, device, 3, lambda: make_small_tensors(count, each, device),
+                           phase_gap_s=phase_gap_s)
             rows.append({"size_gib": size, "tensors": count, "bytes": r.copied_bytes,
                          "offload_s": statistics.median(r.offload_s[1:]), "onload_s": statistics.median(r.onload_s[1:]),
                          "intact": r.intact})
@@ -580,7 +608,11 @@ def format_table(report: dict) -> str:
     peak = report["peak_gbps"]
     lines = [f"# memmgr bench — {report['info']['device']} — {report['info']['date']}", "",
              f"pinned-copy peak (same run): d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s, "
-             f"both ways {peak['both']:.1f} GB/s", "", "## Megatron-shaped synthetic state", ""]
+             f"both ways {peak['both']:.1f} GB/s", ""]
+    gap = report["info"].get("phase_gap_s")
+    if gap is not None:
+        lines += [f"untimed pause after each offload and onload (the phases in between): {gap:g} s", ""]
+    lines += ["## Megatron-shaped synthetic state", ""]
     lines += _table_rows(report["results"]) + _peer_line(report["results"])
     mg = report.get("megatron")
     if mg:

@@ -183,7 +183,7 @@ class MegatronBuiltinMethod(Method):
 
 
 def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = None,
-                          progress: Any = None) -> dict:
+                          progress: Any = None, phase_gap_s: float = 0.0) -> dict:
     """Builds the GPT, takes one step, and times each method on it. Returns {"model", "description", "loss_step1",
     "state_bytes", "results": [MethodResult.summary(...)]}."""
     from memmgr.bench import _process_gpu_bytes
@@ -225,7 +225,7 @@ def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = N
             results.append({"method": method.name, "skipped": reason})
             continue
         n = memmgr_cycles(cycles) if isinstance(method, MegatronMemmgrMethod) else cycles
-        r = run_method(method, 0, device, n, lambda: state, baseline=baseline)
+        r = run_method(method, 0, device, n, lambda: state, baseline=baseline, phase_gap_s=phase_gap_s)
         results.append(r.summary(peak))
         logger.info("Megatron workload %s: offload %s s, onload %s s, intact %s", method.name,
                     [round(x, 3) for x in r.offload_s], [round(x, 3) for x in r.onload_s], r.intact)

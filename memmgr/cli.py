@@ -20,13 +20,16 @@ def main(verbose: bool) -> None:
 @click.option("--cycles", type=int, default=3, show_default=True, help="Offload/onload cycles per method.")
 @click.option("--methods", default=None, help="Comma-separated subset of methods to run.")
 @click.option("--megatron/--no-megatron", default=None, help="Use a real megatron-core GPT when installed.")
+@click.option("--phase-gap", type=click.FloatRange(min=0), default=None,
+              help="Untimed seconds after each offload and onload, standing in for the phases in between "
+                   "[default: 0.5 on a GPU, 0 on the CPU path]; 0 times back-to-back cycles.")
 def bench(out: str, size_gb: float | None, sweep: bool, cycles: int, methods: str | None,
-          megatron: bool | None) -> None:
+          megatron: bool | None, phase_gap: float | None) -> None:
     """Time offload/onload against the link's peak and against peers (the main job)."""
     from memmgr.bench import run_bench
 
     run_bench(out=out, size_gb=size_gb, sweep=sweep, cycles=cycles,
-              methods=methods.split(",") if methods else None, megatron=megatron)
+              methods=methods.split(",") if methods else None, megatron=megatron, phase_gap_s=phase_gap)
 
 
 @main.command()

@@ -58,3 +58,37 @@ def test_checksum_sees_one_changed_byte_in_aligned_odd_sized_and_misaligned_tens
         assert after[i] != before[i]
         raw[-2] -= 1
     assert bench.checksum(tensors) == before
+
+
+class _InstantMethod(bench.Method):
+    """Moves nothing (the base class's no-op moves), so that only the bench's own pauses take time."""
+
+    name = "instant"
+
+
+def test_phase_gap_pauses_between_moves_without_being_timed():
+    import time
+
+    device = torch.device("cpu")
+    t0 = time.perf_counter()
+    result = bench.run_method(_InstantMethod(), 0.001 * bench.GB, device, 2,
+                              lambda: bench.make_state(0.001 * bench.GB, device), phase_gap_s=0.15)
+    elapsed = time.perf_counter() - t0
+    assert result.error is None, result.error
+    assert elapsed >= 4 * 0.15  # after each offload and each onload
+    assert max(result.offload_s + result.onload_s) < 0.1
+
+
+def test_phase_gap_defaults_to_half_a_second_on_a_gpu_and_none_on_the_cpu_path():
+    import pytest
+
+    from memmgr.errors import MemmgrInputError
+
+    assert bench.phase_gap_for(torch.device("cuda", 0), None) == bench.DEFAULT_PHASE_GAP_S == 0.5
+    assert bench.phase_gap_for(torch.device("cpu"), None) == 0.0
+    assert bench.phase_gap_for(torch.device("cuda", 0), 0.0) == 0.0
+    with pytest.raises(MemmgrInputError, match="negative"):
+        bench.phase_gap_for(torch.device("cpu"), -1.0)
+    report = {"info": {"device": "CPU only", "date": "today", "phase_gap_s": 0.5},
+              "peak_gbps": {"d2h": 10.0, "h2d": 10.0, "both": 20.0}, "results": []}
+    assert "pause after each offload and onload (the phases in between): 0.5 s" in bench.format_table(report)
