@@ -387,6 +387,9 @@ def section_selective(args) -> dict:
             nbytes = mgr.group(name).nbytes
             entry: dict[str, Any] = {"nbytes": nbytes}
             try:
+                # The manager gives cuBLAS's workspaces back with the cache at every offload; released here first,
+                # so that they are not counted as the first group's bytes.
+                torch._C._cuda_clearCublasWorkspaces()
                 torch.cuda.empty_cache()
                 before = memory_now()
                 mgr.offload(name)

@@ -148,6 +148,7 @@ class MemoryManager:
         handles = [e.group.offload(non_blocking=True) for e in entries]
         handle = TransferHandle.combine(handles)
         handle.add_done_callback(self._release_cached_memory)
+        self._while_copies_in_flight(names)
         if not non_blocking:
             handle.wait()
         self._fire(HookEvent.AFTER_OFFLOAD, names)
@@ -181,6 +182,10 @@ class MemoryManager:
         from memmgr.budget import plan_offload
 
         return plan_offload(self, budget_bytes, groups)
+
+    def _while_copies_in_flight(self, names: tuple[str, ...]) -> None:
+        """Host-side bookkeeping a subclass wants after an offload: run here, while the copies are in flight, it
+        costs no time on the offload's critical path."""
 
     def _release_cached_memory(self) -> None:
         if self.empty_cache and torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -267,6 +267,33 @@ def test_bad_inputs_raise_and_leave_tensors_unchanged(megatron_env):
     assert isinstance(mgr.left_behind, dict) and all(isinstance(v, int) for v in mgr.left_behind.values())
 
 
+def test_state_added_after_the_manager_is_picked_up_at_the_next_offload(megatron_env):
+    ddp, opt = build("distopt-bf16")
+    train_step(ddp, opt, *batches(1)[0])
+    mgr = for_megatron(ddp, opt)
+    mgr.offload()
+    mgr.onload()
+    held = mgr.group("optimizer_states").nbytes
+    state = next(iter(opt.chained_optimizers[0].optimizer.state.values()))
+    state["extra_new"] = torch.full((8,), 3.0)
+    mgr.offload()
+    assert state["extra_new"].untyped_storage().nbytes() == 0  # moved with the group, not left on the device
+    assert mgr.group("optimizer_states").nbytes >= held + 8 * 4  # in a new bucket (aligned size)
+    mgr.onload()
+    assert torch.equal(state["extra_new"], torch.full((8,), 3.0))
+
+
+def test_left_behind_is_refreshed_at_every_offload(megatron_env):
+    ddp, opt = build("distopt-bf16")
+    train_step(ddp, opt, *batches(1)[0])
+    mgr = for_megatron(ddp, opt)
+    before = sum(mgr.left_behind.values())
+    ddp.module.register_buffer("added_after_the_manager", torch.zeros(1024))
+    mgr.offload()
+    assert sum(mgr.left_behind.values()) == before + 1024 * 4
+    mgr.onload()
+
+
 def test_bf16_grads_left_on_main_shards_are_dropped(megatron_env):
     ddp, opt = build("distopt-bf16", grad_reduce_in_fp32=False)
     mgr = for_megatron(ddp, opt)

@@ -20,7 +20,7 @@
   and re-allocated lazily by megatron at its next use.
 
 GPU memory that is seen but not moved (registered module buffers, MoE token-dispatcher state of the last forward,
-optimizer scalars such as ``found_inf``) is listed in ``mgr.left_behind`` (description -> bytes), refreshed after
+optimizer scalars such as ``found_inf``) is listed in ``mgr.left_behind`` (description -> bytes), refreshed at
 every offload.
 
 Onloading part of the state (what ChatLearn's ``offload_weights``/``free_grad_buffers``/``offload_optimizer_states``
@@ -51,7 +51,7 @@ from memmgr.errors import MemmgrIntegrationError, MemmgrStateError
 from memmgr.host_memory import HostMemoryPool
 from memmgr.flat_tensors import BucketizedFlatTensors, Policy, validate_tensors
 from memmgr.groups import DroppedTensors, unique_storage_bytes
-from memmgr.manager import HookEvent, MemoryManager
+from memmgr.manager import MemoryManager
 from memmgr.transfer import TransferHandle
 
 logger = logging.getLogger("memmgr")
@@ -271,19 +271,27 @@ class _Discovery:
                 f"so it cannot be freed in place; this megatron-core configuration is not supported")
 
     # ---- optimizer state (re-read at every offload: Adam creates it lazily) ----
-    def optimizer_states(self, exclude: set[int] = frozenset()) -> dict[str, torch.Tensor]:
+    def optimizer_states(self, exclude: set[int] = frozenset(),
+                         managed_storages: set[int] = frozenset()) -> dict[str, torch.Tensor]:
+        """The device tensors in the inner optimizers' state, one per storage, leaving out the tensors whose id is in
+        ``exclude`` and any tensor whose storage (data pointer) is in ``managed_storages``. Runs before every
+        offload, so tensors already held are skipped by id before any of the costlier checks."""
         found: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
+        seen: set[int] = set(managed_storages)
         for path, _kind, opt in self.optimizers:
             for param, state in opt.optimizer.state.items():
                 if not isinstance(state, dict):
                     continue
-                pname = self.opt_param_names.get(id(param), f"{path}.param{len(found)}")
+                pname = None
                 for key, value in state.items():
+                    if id(value) in exclude:
+                        continue
+                    if pname is None:
+                        pname = self.opt_param_names.get(id(param), f"{path}.param{len(found)}")
                     if not (isinstance(value, torch.Tensor) and value.device.type == self.device.type
                             and value.numel() > 0 and value.layout == torch.strided and value.is_contiguous()):
                         continue
-                    if id(value) in exclude or value.untyped_storage().nbytes() == 0:
+                    if value.untyped_storage().nbytes() == 0:
                         continue
                     ptr = _storage_key(value)
                     if ptr in seen:
@@ -439,6 +447,18 @@ class MegatronMemoryManager(MemoryManager):
                         f"(param_gather_handle is set); nothing was moved. Finish it (bucket_group."
                         f"finish_param_sync(), or run the forward that waits for it) before offloading")
 
+    def _while_copies_in_flight(self, names: tuple[str, ...]) -> None:
+        self._refresh_left_behind()
+
+    def _collect_optimizer_states(self, main_ids: set[int]) -> dict[str, torch.Tensor]:
+        """Optimizer state created since the last offload (Adam creates it lazily at the first step): the tensors the
+        group already holds, and views of its buckets, are skipped cheaply."""
+        group = self.group("optimizer_states")
+        held = {id(t) for t in group.tensors}
+        storages = {b.flat.untyped_storage().data_ptr() for b in group.buckets}
+        storages.discard(0)
+        return self._discovery.optimizer_states(exclude=main_ids | held, managed_storages=storages)
+
     def _refresh_left_behind(self, *_: Any) -> None:
         managed = {id(t) for name in self.group_names for _, t in self.group(name).named_tensors}
         self.left_behind.clear()
@@ -484,9 +504,8 @@ def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], opti
     mgr.add_group("weights", weights)
     mgr.add_group("main_weights", found.main_weights, pin_ahead=pin_ahead)
     mgr.add_group("optimizer_states", states, pin_ahead=pin_ahead,
-                  collect=lambda: found.optimizer_states(exclude=main_ids))
+                  collect=lambda: mgr._collect_optimizer_states(main_ids))
     mgr.add_group("scratch", _GlobalMemoryBufferGroup("scratch", found.device.type))
-    mgr.register_hook(HookEvent.AFTER_OFFLOAD, mgr._refresh_left_behind)
     mgr._refresh_left_behind()
     logger.info("for_megatron: %d chunk(s), %d inner optimizer(s); %s", len(chunks), len(found.optimizers),
                 ", ".join(f"{n}={s.nbytes / 2**20:.1f} MiB" for n, s in mgr.state().items()))
