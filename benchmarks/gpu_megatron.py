@@ -207,7 +207,7 @@ def ranks_hold_same_params(params: dict) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def pinned_peak(nbytes: int, reps: int = 3) -> dict:
+def pinned_peak(nbytes: int, reps: int = 10) -> dict:
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dev.fill_(1)
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
