@@ -384,11 +384,12 @@ def link_probe(gib: float, rounds: int = 5) -> dict:
     return out
 
 
-def memmgr_gap(gib: float, rounds: int = 7) -> dict:
+def memmgr_gap(gib: float, rounds: int = 7, pause_s: float = 0.0) -> dict:
     """memmgr's own moves against raw loops over the very same host buffers and device buckets, interleaved: with
     the device storage re-allocated after empty_cache (what memmgr does), re-allocated from PyTorch's cache, and
     kept allocated (copies alone); and a control of 2 GiB copies between two fixed buffers. Separates the cost of
-    fresh device memory from the cost of memmgr's bookkeeping and from the link's drift."""
+    fresh device memory from the cost of memmgr's bookkeeping and from the link's drift. ``pause_s``: an untimed
+    pause between giving memory back (empty_cache) and the next timed onload, as memmgr bench's phase gap."""
     from memmgr.host_memory import allocate_host_buffer
 
     state, m = warmed_memmgr(gib)
@@ -403,6 +404,7 @@ def memmgr_gap(gib: float, rounds: int = 7) -> dict:
             b.flat.untyped_storage().resize_(0)
         if give_back:
             torch.cuda.empty_cache()
+            time.sleep(pause_s)
 
     def raw(h2d: bool, realloc: bool, give_back: bool) -> float:
         if realloc and h2d:
@@ -438,6 +440,7 @@ def memmgr_gap(gib: float, rounds: int = 7) -> dict:
 
     def memmgr_cycle() -> tuple[float, float]:
         off = wall(lambda: m.offload(state))
+        time.sleep(pause_s)
         on = wall(lambda: m.onload(state))
         return state.copied_bytes / off / GB, state.copied_bytes / on / GB
 
@@ -456,7 +459,7 @@ def memmgr_gap(gib: float, rounds: int = 7) -> dict:
             results[name]["d2h"].append(d2h)
             results[name]["h2d"].append(h2d)
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    out = {"rounds": rounds, "bucket_bytes": nbytes, "buckets": len(buckets), "state_bytes": state.copied_bytes,
+    out = {"rounds": rounds, "pause_s": pause_s, "bucket_bytes": nbytes, "buckets": len(buckets), "state_bytes": state.copied_bytes,
            "GBps": results, "median": {k: {d: med(v) for d, v in r.items()} for k, r in results.items()}}
     for k in names:
         print(f"{k:32s} d2h median {out['median'][k]['d2h']:6.2f} [" + " ".join(f"{x:.1f}" for x in results[k]["d2h"])
@@ -581,6 +584,7 @@ def main() -> int:
     ap.add_argument("--host-ab", action="store_true", help="only the registered vs cudaHostAlloc onload A/B")
     ap.add_argument("--link", action="store_true", help="only the link probe: working-set size and copy pattern")
     ap.add_argument("--gap", action="store_true", help="only memmgr against raw loops over its own buffers")
+    ap.add_argument("--pause", type=float, default=0.0, help="--gap: untimed seconds after empty_cache")
     ap.add_argument("--fresh", action="store_true", help="only the onload-into-fresh-memory orders")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -591,7 +595,7 @@ def main() -> int:
         (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
         return 0
     if args.gap:
-        res["gap"] = memmgr_gap(args.gib)
+        res["gap"] = memmgr_gap(args.gib, pause_s=args.pause)
         (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
         return 0
     if args.link:
