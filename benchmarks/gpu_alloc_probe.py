@@ -576,6 +576,45 @@ def fresh_memory_onload(gib: float, rounds: int = 7) -> dict:
     return out
 
 
+def free_cost(rounds: int = 3) -> dict:
+    """What giving 16 GiB back to the driver costs at the end of an offload, by segment size: the time of
+    empty_cache right after d2h copies out of buffers of that size (on a side stream, record_stream'd as memmgr
+    does), against empty_cache of the same buffers when idle."""
+    from memmgr.host_memory import allocate_host_buffer
+
+    total = 16 * GiB
+    host = allocate_host_buffer(total, pin=True)
+    stream = torch.cuda.Stream()
+    out = {}
+    for chunk_mib in (256, 1024, 4096):
+        chunk = chunk_mib << 20
+        rows = {"after_copies_ms": [], "idle_ms": [], "copy_GBps": []}
+        for _ in range(rounds):
+            for after_copies in (True, False):
+                torch.cuda.empty_cache()
+                devs = [torch.empty(chunk, dtype=torch.uint8, device="cuda") for _ in range(total // chunk)]
+                sync()
+                if after_copies:
+                    t0 = time.perf_counter()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        for i, d in enumerate(devs):
+                            host.tensor[i * chunk:(i + 1) * chunk].copy_(d, non_blocking=True)
+                            d.record_stream(stream)
+                    for d in devs:
+                        d.untyped_storage().resize_(0)
+                    stream.synchronize()
+                    rows["copy_GBps"].append(total / (time.perf_counter() - t0) / GB)
+                devs.clear()
+                t1 = time.perf_counter()
+                torch.cuda.empty_cache()
+                rows["after_copies_ms" if after_copies else "idle_ms"].append((time.perf_counter() - t1) * 1e3)
+        out[f"{chunk_mib}MiB"] = rows
+        print(chunk_mib, "MiB segments:", {k: [round(x, 1) for x in v] for k, v in rows.items()}, flush=True)
+    host.release()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -586,10 +625,15 @@ def main() -> int:
     ap.add_argument("--gap", action="store_true", help="only memmgr against raw loops over its own buffers")
     ap.add_argument("--pause", type=float, default=0.0, help="--gap: untimed seconds after empty_cache")
     ap.add_argument("--fresh", action="store_true", help="only the onload-into-fresh-memory orders")
+    ap.add_argument("--free", action="store_true", help="only the cost of empty_cache by segment size")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if args.free:
+        res["free"] = free_cost()
+        (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
+        return 0
     if args.fresh:
         res["fresh"] = fresh_memory_onload(args.gib)
         (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
