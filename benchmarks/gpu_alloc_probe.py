@@ -615,6 +615,35 @@ def free_cost(rounds: int = 3) -> dict:
     return out
 
 
+def free_while_copying() -> dict:
+    """Does giving idle cached memory back (empty_cache) wait for copies in flight on another stream? If not, the
+    dropped gradients' memory could go back while the offload's copies run."""
+    from memmgr.host_memory import allocate_host_buffer
+
+    host = allocate_host_buffer(8 * GiB, pin=True)
+    src = torch.empty(8 * GiB, dtype=torch.uint8, device="cuda")
+    idle = [torch.empty(256 << 20, dtype=torch.uint8, device="cuda") for _ in range(16)]  # 4 GiB
+    side = torch.cuda.Stream()
+    sync()
+    idle.clear()  # cached, not in use
+    t0 = time.perf_counter()
+    with torch.cuda.stream(side):
+        host.tensor.copy_(src, non_blocking=True)
+    t_issued = time.perf_counter() - t0
+    torch.cuda.empty_cache()
+    t_freed = time.perf_counter() - t0
+    busy_after_free = not side.query()
+    side.synchronize()
+    t_copy = time.perf_counter() - t0
+    out = {"copy_issued_s": t_issued, "empty_cache_4GiB_returned_s": t_freed, "copy_done_s": t_copy,
+           "copy_still_busy_after_empty_cache": busy_after_free}
+    print("free while copying:", json.dumps(out), flush=True)
+    del src
+    host.release()
+    torch.cuda.empty_cache()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -626,10 +655,15 @@ def main() -> int:
     ap.add_argument("--pause", type=float, default=0.0, help="--gap: untimed seconds after empty_cache")
     ap.add_argument("--fresh", action="store_true", help="only the onload-into-fresh-memory orders")
     ap.add_argument("--free", action="store_true", help="only the cost of empty_cache by segment size")
+    ap.add_argument("--free-while-copying", action="store_true", help="only: does empty_cache wait for copies")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if args.free_while_copying:
+        res["free_while_copying"] = free_while_copying()
+        (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
+        return 0
     if args.free:
         res["free"] = free_cost()
         (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
