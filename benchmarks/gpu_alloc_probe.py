@@ -1,10 +1,16 @@
-"""Where do offload/onload lose time against the copy peak? python benchmarks/gpu_alloc_probe.py --out DIR
+"""Where do offload/onload lose time against the copy peak? python benchmarks/gpu_alloc_probe.py --out DIR [FLAG]
 
-Measures, on one GPU (--host-ab: only the host-memory A/B below; --trace-only: only the traces; --link: only
-the link probe of working-set size and copy pattern; --gap: memmgr against raw loops over its own buffers): cudaMalloc and cudaFree cost per GiB (through PyTorch's allocator after empty_cache), whether
-an allocation waits for an in-flight copy, onload strategies (allocate-then-copy interleaved per bucket, all
-allocations first, no allocation at all) and offload with and without returning memory to the driver, then profiles
-memmgr's own offload/onload of the bench state. Writes DIR/alloc_probe.json and DIR/profile.txt.
+With no flag, on one GPU: profiler traces of memmgr's copies, cudaMalloc and cudaFree cost per GiB (through
+PyTorch's allocator after empty_cache), whether an allocation waits for an in-flight copy, onload strategies
+(allocate-then-copy interleaved per bucket, all allocations first, no allocation at all), offload with and without
+returning memory to the driver, and a cProfile of memmgr's own offload/onload of the bench state. Writes
+DIR/alloc_probe.json and DIR/profile.txt.
+
+Each flag runs one probe alone (their findings are in benchmarks/results/2026-11-21/README.md, runs K, L and N):
+--trace-only (the traces), --host-ab (registered against cudaHostAlloc'd host memory), --link (the link's drift,
+working-set size and copy pattern), --gap [--pause S] (memmgr against raw loops over its own buffers), --fresh
+(onload into memory just given back to the driver), --free (the cost of empty_cache by segment size),
+--free-while-copying (does empty_cache wait for copies in flight).
 """
 from __future__ import annotations
 
@@ -660,30 +666,19 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    if args.free_while_copying:
-        res["free_while_copying"] = free_while_copying()
-        (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
-        return 0
-    if args.free:
-        res["free"] = free_cost()
-        (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
-        return 0
-    if args.fresh:
-        res["fresh"] = fresh_memory_onload(args.gib)
-        (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
-        return 0
-    if args.gap:
-        res["gap"] = memmgr_gap(args.gib, pause_s=args.pause)
-        (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
-        return 0
-    if args.link:
-        res["link"] = link_probe(args.gib)
-        (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
-        return 0
-    if args.host_ab:
-        res["host_memory_ab"] = host_memory_ab(args.gib)
-        (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
-        return 0
+    single = {  # flag -> (JSON key, probe): each runs alone
+        "free_while_copying": ("free_while_copying", free_while_copying),
+        "free": ("free", free_cost),
+        "fresh": ("fresh", lambda: fresh_memory_onload(args.gib)),
+        "gap": ("gap", lambda: memmgr_gap(args.gib, pause_s=args.pause)),
+        "link": ("link", lambda: link_probe(args.gib)),
+        "host_ab": ("host_memory_ab", lambda: host_memory_ab(args.gib)),
+    }
+    for flag, (key, probe) in single.items():
+        if getattr(args, flag):
+            res[key] = probe()
+            (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
+            return 0
     res["trace"] = trace_memmgr(args.gib)
     (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
     if args.trace_only:
