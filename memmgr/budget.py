@@ -298,6 +298,7 @@ def apply_plan(plan: OffloadPlan, *, non_blocking: bool = False) -> OffloadPlan:
     handle = TransferHandle.combine(handles)
     if mgr is not None:
         handle.add_done_callback(mgr._release_cached_memory)
+        mgr._while_copies_in_flight(names)
     plan.dry_run = False
     plan.handle = handle
     if not non_blocking:

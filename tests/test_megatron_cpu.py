@@ -294,6 +294,20 @@ def test_left_behind_is_refreshed_at_every_offload(megatron_env):
     mgr.onload()
 
 
+def test_budgeted_offload_frees_what_it_planned_and_restores_exactly(megatron_env):
+    ddp, opt = build("distopt-bf16")
+    train_step(ddp, opt, *batches(1)[0])
+    mgr = for_megatron(ddp, opt)
+    before = snapshot(ddp, opt)
+    on_device = sum(s.device_bytes for s in mgr.state().values())
+    plan = mgr.free(1 << 20)
+    assert plan.planned_bytes >= 1 << 20
+    assert on_device - sum(s.device_bytes for s in mgr.state().values()) == plan.planned_bytes
+    plan.onload()
+    after = snapshot(ddp, opt)
+    assert before.keys() == after.keys() and all(torch.equal(before[k][2], after[k][2]) for k in before)
+
+
 def test_bf16_grads_left_on_main_shards_are_dropped(megatron_env):
     ddp, opt = build("distopt-bf16", grad_reduce_in_fp32=False)
     mgr = for_megatron(ddp, opt)

@@ -428,10 +428,10 @@ class MegatronMemoryManager(MemoryManager):
         super().__init__(**kwargs)
         self._discovery = discovery
 
-    def offload(self, *groups: str, non_blocking: bool = False) -> TransferHandle:
+    def offload(self, *groups: str, non_blocking: bool = False, budget_bytes: int | None = None) -> Any:
         names = set(groups) if groups else set(self.group_names)
         self._check_no_communication(names)
-        return super().offload(*groups, non_blocking=non_blocking)
+        return super().offload(*groups, non_blocking=non_blocking, budget_bytes=budget_bytes)
 
     def _check_no_communication(self, names: set[str]) -> None:
         for i, chunk in enumerate(self._discovery.chunks):
