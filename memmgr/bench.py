@@ -6,9 +6,9 @@ measured in the same run. On a machine without a GPU the CPU path runs (device t
 host memcpy) and is labelled as such.
 
 Each cycle is offload, a pause, onload, a pause: the pauses stand in for the phases in between (generation, training)
-and are not timed. They matter on a GPU: for about 0.1 s after memory goes back to the driver (``empty_cache``), the
-driver is still working on it in the background, and copies into device memory started in that window run ~10%
-slower, for every method alike (``benchmarks/gpu_alloc_probe.py --fresh``; 2026-11-21 run L). In an RL loop the
+and are not timed. They matter on a GPU: for about 0.1 s after memory goes back to the driver (``empty_cache``),
+copies into newly allocated device memory run ~10% slower (the driver's doing, likely background work on the freed
+memory), for every method alike (``benchmarks/gpu_alloc_probe.py --fresh``; 2026-11-21 run L). In an RL loop the
 generate phase sits there, so the bench measures the onload a trainer actually gets; ``--phase-gap 0`` measures
 back-to-back cycles.
 """
@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from memmgr.errors import MemmgrInputError
+
 logger = logging.getLogger("memmgr")
 
 GB = 1e9
@@ -38,8 +40,6 @@ def phase_gap_for(device: torch.device, requested: float | None) -> float:
     DEFAULT_PHASE_GAP_S on a GPU and none on the CPU path (nothing there works in the background)."""
     if requested is not None:
         if requested < 0:
-            from memmgr.errors import MemmgrInputError
-
             raise MemmgrInputError(f"bench phase gap: {requested} s is negative; give 0 (back-to-back cycles) or more")
         return requested
     return DEFAULT_PHASE_GAP_S if device.type == "cuda" else 0.0
