@@ -1,0 +1,11 @@
+"""Transports of the weight sync: each moves a stream of flat per-dtype ``WeightBucket`` s from the trainer to an
+engine. ``base`` defines the bucket, the pre-flight check and the ``Transport`` interface; ``inproc`` hands buckets
+to a ``load_weights`` callable in the same process; ``gloo`` broadcasts them over a gloo group (CPU engines, tests).
+"""
+from memmgr.sync.transports.base import (ALIGN_BYTES, DEFAULT_BUCKET_BYTES, MemmgrSyncMismatchError,
+                                         MemmgrSyncTimeoutError, ParamSpec, TensorEntry, Transport, WeightBucket,
+                                         bucketize, check_specs, specs_of)
+from memmgr.sync.transports.inproc import InProcessTransport
+
+__all__ = ["ALIGN_BYTES", "DEFAULT_BUCKET_BYTES", "MemmgrSyncMismatchError", "MemmgrSyncTimeoutError", "ParamSpec",
+           "TensorEntry", "Transport", "WeightBucket", "bucketize", "check_specs", "specs_of", "InProcessTransport"]
