@@ -7,7 +7,7 @@ import torch
 from memmgr.errors import MemmgrError, MemmgrInputError
 from memmgr.sync import MemmgrSyncError, ModuleWeightLoader
 from memmgr.sync.transports import (ALIGN_BYTES, InProcessTransport, MemmgrSyncMismatchError, ParamSpec, WeightBucket,
-                                    bucketize, check_specs, specs_of)
+                                    as_specs, bucketize, check_specs, specs_of, split_per_dtype)
 
 from conftest import random_tensor, same_bits
 
@@ -106,3 +106,27 @@ def test_inproc_transport_failure_names_the_tensor():
     assert isinstance(info.value.__cause__, MemmgrInputError)
     with pytest.raises(MemmgrInputError, match="load_weights callable"):
         InProcessTransport(None)  # type: ignore[arg-type]
+
+
+def export_like_bucket(weights: dict[str, torch.Tensor]):
+    """A bucket shaped like the Megatron export's: one flat tensor per dtype, entries with element offsets."""
+    from types import SimpleNamespace
+
+    flats, entries, fill = {}, [], {}
+    for name, t in weights.items():
+        entries.append(SimpleNamespace(name=name, shape=tuple(t.shape), dtype=t.dtype, offset=fill.get(t.dtype, 0)))
+        fill[t.dtype] = fill.get(t.dtype, 0) + t.numel()
+    for dtype, n in fill.items():
+        flats[dtype] = torch.cat([t.reshape(-1) for t in weights.values() if t.dtype == dtype])
+    return SimpleNamespace(flats=flats, entries=entries)
+
+
+def test_split_per_dtype_turns_an_export_bucket_into_weight_buckets_without_copying():
+    w = _weights()
+    export = export_like_bucket(w)
+    buckets = split_per_dtype(export)
+    assert sorted(str(b.dtype) for b in buckets) == sorted(str(d) for d in export.flats)
+    got = {n: v for b in buckets for n, v in b.views()}
+    assert all(same_bits(got[n], w[n]) for n in w)
+    assert all(b.flat.data_ptr() == export.flats[b.dtype].data_ptr() for b in buckets)
+    assert as_specs(export.entries) == specs_of(w)

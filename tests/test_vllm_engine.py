@@ -18,6 +18,7 @@ from memmgr.sync.engines.vllm import MemmgrGlooTrainerInitInfo, OfflineLLMClient
 from memmgr.sync.transports import MemmgrSyncMismatchError, bucketize, specs_of  # noqa: E402
 
 import vllm_support as vs  # noqa: E402
+from test_transports import export_like_bucket  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,11 @@ def test_second_sync_from_prebuilt_buckets_generates_like_transformers(engine, s
     # a one-pass stream is accepted with its specs
     w3 = vs.new_weights(engine[1], seed=3)
     _sync_and_compare(engine, sync, iter(list(w3.items())), "step-3", reference=w3, specs=specs_of(w3))
+    # the Megatron export's buckets (one flat tensor per dtype), streamed with the export's entries as specs
+    w4 = vs.new_weights(engine[1], seed=4)
+    export = [export_like_bucket(dict(list(w4.items())[i:i + 4])) for i in range(0, len(w4), 4)]
+    entries = [e for b in export for e in b.entries]
+    _sync_and_compare(engine, sync, iter(export), "step-4", reference=w4, specs=entries)
 
 
 def test_one_pass_stream_without_specs_is_refused(engine, sync):

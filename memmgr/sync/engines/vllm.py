@@ -45,8 +45,9 @@ from vllm.distributed.weight_transfer.base import (TrainerInitInfo, TrainerWeigh
 from memmgr.errors import MemmgrInputError
 from memmgr.sync import MemmgrSyncError
 from memmgr.sync.transports.base import (DEFAULT_BUCKET_BYTES, MemmgrSyncMismatchError, MemmgrSyncTimeoutError,
-                                         ParamSpec, WeightBucket, bucketize, check_specs, dtype_from_name,
-                                         dtype_name, specs_of)
+                                         ParamSpec, WeightBucket, as_specs, bucketize, check_specs,
+                                         dtype_from_name, dtype_name, is_multi_dtype_bucket, specs_of,
+                                         split_per_dtype)
 from memmgr.sync.transports.gloo import GlooReceiver, GlooTransport, connect
 
 logger = logging.getLogger("memmgr")
@@ -321,34 +322,40 @@ class VLLMSyncReport:
 Weights = Any  # Mapping[str, Tensor] | Sequence[(name, Tensor)] | Sequence[WeightBucket] | Iterable of either
 
 
-def _plan(weights: Weights, specs: Sequence[ParamSpec] | None, bucket_bytes: int
+def _plan(weights: Weights, specs: Sequence[Any] | None, bucket_bytes: int
           ) -> tuple[list[ParamSpec], Iterator[WeightBucket]]:
     """The specs to check and the bucket stream to send, from whatever form the weights come in."""
+    if specs is not None:
+        specs = as_specs(specs)
     if isinstance(weights, Mapping):
-        return (list(specs) if specs is not None else specs_of(weights),
+        return (specs if specs is not None else specs_of(weights),
                 bucketize(weights.items(), bucket_bytes, device="cpu"))
     if isinstance(weights, Sequence) and not isinstance(weights, (str, bytes)):
-        if all(isinstance(w, WeightBucket) for w in weights):
-            derived = [s for b in weights for s in b.specs()]
-            return (list(specs) if specs is not None else derived, iter(weights))
-        return (list(specs) if specs is not None else specs_of(weights),
+        if weights and all(isinstance(w, WeightBucket) or is_multi_dtype_bucket(w) for w in weights):
+            buckets = [b for w in weights for b in (split_per_dtype(w) if is_multi_dtype_bucket(w) else [w])]
+            return (specs if specs is not None else [s for b in buckets for s in b.specs()], iter(buckets))
+        return (specs if specs is not None else specs_of(weights),
                 bucketize(iter(weights), bucket_bytes, device="cpu"))
     if specs is None:
         raise MemmgrInputError("VLLMWeightSync.sync: the weights are a one-pass iterator, so their names, shapes and "
-                               "dtypes cannot be checked before they move; pass specs= (the export's metadata: "
+                               "dtypes cannot be checked before they move; pass specs= (the export's entries, or a "
                                "ParamSpec per tensor) or a list/dict of tensors or buckets")
     it = iter(weights)
     first = next(it, None)
     if first is None:
-        return list(specs), iter(())
+        return specs, iter(())
 
     def chain() -> Iterator[Any]:
         yield first
         yield from it
 
-    if isinstance(first, WeightBucket):
-        return list(specs), chain()
-    return list(specs), bucketize(chain(), bucket_bytes, device="cpu")
+    if isinstance(first, WeightBucket) or is_multi_dtype_bucket(first):
+        def flat() -> Iterator[WeightBucket]:
+            for w in chain():
+                yield from (split_per_dtype(w) if is_multi_dtype_bucket(w) else [w])
+
+        return specs, flat()
+    return specs, bucketize(chain(), bucket_bytes, device="cpu")
 
 
 class OfflineLLMClient:
@@ -488,12 +495,13 @@ class VLLMWeightSync:
         self.client.update_weights({"buckets": [description]})
 
     # -- one sync -------------------------------------------------------------------------------------------------------
-    def sync(self, weights: Weights, *, specs: Sequence[ParamSpec] | None = None,
+    def sync(self, weights: Weights, *, specs: Sequence[Any] | None = None,
              weight_version: str | None = None) -> VLLMSyncReport:
         """Sends ``weights`` to the engine and commits ``weight_version`` (default: the count of syncs so far).
 
-        ``weights``: a dict or list of ``(hf_name, tensor)``, a list of ``WeightBucket`` s, or a one-pass iterator
-        of either together with ``specs``. Names, shapes and dtypes are checked against the engine before any weight
+        ``weights``: a dict or list of ``(hf_name, tensor)``, a list of ``WeightBucket`` s (or of the Megatron
+        export's buckets, one flat tensor per dtype), or a one-pass iterator of any of these together with ``specs``
+        (``ParamSpec`` s, or the export's ``entries``: anything with name, shape and dtype). Names, shapes and dtypes are checked against the engine before any weight
         moves (``MemmgrSyncMismatchError``; the engine keeps its previous weights). The version is committed only
         after every engine worker finished loading.
         """
@@ -526,6 +534,8 @@ class VLLMWeightSync:
                             f"{dtype_name(e.dtype)}) which its specs do not announce, or twice; the stream and its "
                             f"specs must agree. The sync was abandoned")
                     seen.add(e.name)
+                if bucket.flat.device.type != "cpu":  # gloo moves host memory
+                    bucket = WeightBucket(bucket.flat.cpu(), bucket.entries)
                 transport.send_bucket(bucket)
                 nbuckets += 1
                 nbytes += bucket.payload_bytes

@@ -208,6 +208,32 @@ class WeightBucket:
         return bucket
 
 
+def split_per_dtype(bucket: Any) -> list[WeightBucket]:
+    """The ``WeightBucket`` s (one per dtype) of a bucket that holds one flat tensor per dtype: an object with
+    ``flats`` (dtype -> flat 1-D tensor) and ``entries`` (each with ``name``, ``shape``, ``dtype`` and ``offset`` in
+    elements of its dtype), like the Megatron export's ``ExportBucket``. No data is copied."""
+    out = []
+    for dtype, flat in bucket.flats.items():
+        item = flat.element_size()
+        entries = tuple(TensorEntry(e.name, tuple(int(s) for s in e.shape), e.dtype, int(e.offset) * item)
+                        for e in bucket.entries if e.dtype == dtype)
+        if entries:
+            out.append(WeightBucket(flat, entries))
+    return out
+
+
+def is_multi_dtype_bucket(obj: Any) -> bool:
+    """Whether ``obj`` is a bucket with one flat tensor per dtype (see ``split_per_dtype``)."""
+    return not isinstance(obj, WeightBucket) and hasattr(obj, "flats") and hasattr(obj, "entries")
+
+
+def as_specs(items: Iterable[Any]) -> list[ParamSpec]:
+    """``ParamSpec`` s from anything with ``name``, ``shape`` and ``dtype`` (e.g. the export's entries, vLLM's
+    ``ParamMeta``)."""
+    return [s if isinstance(s, ParamSpec) else ParamSpec(str(s.name), tuple(int(d) for d in s.shape), s.dtype)
+            for s in items]
+
+
 def bucketize(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES, *,
               device: torch.device | str | None = None) -> Iterator[WeightBucket]:
     """Packs a stream of ``(name, tensor)`` pairs into flat per-dtype buckets of at most ``bucket_bytes`` (a larger
@@ -314,5 +340,5 @@ class Transport(ABC):
 
 
 __all__ = ["ALIGN_BYTES", "DEFAULT_BUCKET_BYTES", "MemmgrSyncMismatchError", "MemmgrSyncTimeoutError", "ParamSpec",
-           "TensorEntry", "WeightBucket", "bucketize", "specs_of", "check_specs", "Transport", "dtype_name",
+           "TensorEntry", "WeightBucket", "bucketize", "split_per_dtype", "is_multi_dtype_bucket", "as_specs", "specs_of", "check_specs", "Transport", "dtype_name",
            "dtype_from_name"]
