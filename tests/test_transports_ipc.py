@@ -26,9 +26,7 @@ def _weights(device, n=12):
     return out
 
 
-def _consumer(descs, acks, results, delay_s: float, visible: str | None) -> None:
-    if visible is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible  # before this process touches CUDA
+def _consumer(descs, acks, results, delay_s: float) -> None:
     from memmgr.sync.transports.ipc import CudaIpcReceiver
 
     receiver = CudaIpcReceiver(torch.device("cuda", 0))
@@ -58,9 +56,19 @@ class _Engine:
     def __init__(self, delay_s=0.0, visible=None):
         ctx = mp.get_context("spawn")
         self.descs, self.acks, self.results = ctx.Queue(), ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=_consumer, args=(self.descs, self.acks, self.results, delay_s, visible),
-                                daemon=True)
-        self.proc.start()
+        self.proc = ctx.Process(target=_consumer, args=(self.descs, self.acks, self.results, delay_s), daemon=True)
+        # the child reads CUDA_VISIBLE_DEVICES when it starts (importing this module initializes CUDA there)
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        try:
+            self.proc.start()
+        finally:
+            if visible is not None:
+                if saved is None:
+                    del os.environ["CUDA_VISIBLE_DEVICES"]
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
         self.fail_next = False
 
     def announce(self, desc):
@@ -79,14 +87,12 @@ class _Engine:
         return got
 
 
-@pytest.mark.parametrize("source", ["gpu", "pinned_host", "pairs"])
+@pytest.mark.parametrize("source", ["gpu", "host", "pairs"])
 def test_ipc_ring_delivers_every_bucket_bit_exact_to_a_slow_engine(source):
     from memmgr.sync.transports.ipc import CudaIpcTransport
 
     dev = torch.device("cuda", 0)
-    weights = _weights(dev if source != "pinned_host" else "cpu")
-    if source == "pinned_host":
-        weights = {n: t.pin_memory() for n, t in weights.items()}
+    weights = _weights(dev if source != "host" else "cpu")
     engine = _Engine(delay_s=0.02)
     transport = CudaIpcTransport(engine.announce, device=dev, buffer_bytes=96 << 10, num_buffers=2)
     try:

@@ -34,7 +34,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from vllm.distributed.weight_transfer import WeightTransferEngineFactory, WeightTransferTrainerFactory
@@ -246,8 +246,8 @@ class MemmgrGlooWeightTransferEngine(WeightTransferEngine[MemmgrGlooInitInfo, Me
             raise MemmgrSyncError("memmgr_gloo: update_weights before init_weight_transfer_engine; the trainer must "
                                   "connect first (VLLMWeightSync.connect)")
         if not self._reloading:
-            raise MemmgrSyncError("memmgr_gloo: weights arrived before the manifest; the trainer must send the manifest "
-                                  "as the first update_weights chunk of a sync (VLLMWeightSync.sync does)")
+            raise MemmgrSyncError("memmgr_gloo: weights arrived before the manifest; the trainer must send the "
+                                  "manifest as the first update_weights chunk of a sync (VLLMWeightSync.sync does)")
         try:
             for meta in update_info.buckets:
                 bucket = self._receiver.receive(meta)
@@ -398,10 +398,10 @@ def _as_client(client: Any) -> Any:
 class VLLMWeightSync:
     """Trainer side of memmgr's vLLM weight sync (the ``memmgr_gloo`` backend).
 
-    ``client`` is the engine's control plane: a ``vllm.LLM`` (offline), or anything with vLLM's four
-    weight-transfer methods plus ``collective_rpc`` (to ask the engine what it holds), as vLLM's
-    ``VLLMWeightSyncClient`` protocol has them (plain dicts; a ``vllm.LLM`` is wrapped in ``OfflineLLMClient``). ``num_workers`` is the number
-    of engine worker processes (tensor x pipeline x data parallel; default: as many as answer ``collective_rpc``).
+    ``client`` is the engine's control plane: a ``vllm.LLM`` (offline, wrapped in ``OfflineLLMClient``), or
+    anything with the four methods of vLLM's ``VLLMWeightSyncClient`` protocol (plain dicts) plus ``collective_rpc``
+    (to ask the engine what it holds). ``num_workers`` is the number of engine worker processes (tensor x pipeline
+    x data parallel; default: as many as answer ``collective_rpc``).
     Every step is bounded by ``timeout_s``; a peer that does not answer raises ``MemmgrSyncTimeoutError``.
     """
 
@@ -494,16 +494,16 @@ class VLLMWeightSync:
     def _announce(self, description: dict[str, Any]) -> None:
         self.client.update_weights({"buckets": [description]})
 
-    # -- one sync -------------------------------------------------------------------------------------------------------
+    # -- one sync ------------------------------------------------------------------------------------------------------
     def sync(self, weights: Weights, *, specs: Sequence[Any] | None = None,
              weight_version: str | None = None) -> VLLMSyncReport:
         """Sends ``weights`` to the engine and commits ``weight_version`` (default: the count of syncs so far).
 
         ``weights``: a dict or list of ``(hf_name, tensor)``, a list of ``WeightBucket`` s (or of the Megatron
         export's buckets, one flat tensor per dtype), or a one-pass iterator of any of these together with ``specs``
-        (``ParamSpec`` s, or the export's ``entries``: anything with name, shape and dtype). Names, shapes and dtypes are checked against the engine before any weight
-        moves (``MemmgrSyncMismatchError``; the engine keeps its previous weights). The version is committed only
-        after every engine worker finished loading.
+        (``ParamSpec`` s, or the export's ``entries``: anything with name, shape and dtype). Names, shapes and dtypes
+        are checked against the engine before any weight moves (``MemmgrSyncMismatchError``; the engine keeps its
+        previous weights). The version is committed only after every engine worker finished loading.
         """
         t0 = time.perf_counter()
         if self.transport is None:

@@ -8,4 +8,5 @@ from memmgr.sync.transports.base import (ALIGN_BYTES, DEFAULT_BUCKET_BYTES, Memm
 from memmgr.sync.transports.inproc import InProcessTransport
 
 __all__ = ["ALIGN_BYTES", "DEFAULT_BUCKET_BYTES", "MemmgrSyncMismatchError", "MemmgrSyncTimeoutError", "ParamSpec",
-           "TensorEntry", "Transport", "WeightBucket", "as_specs", "bucketize", "split_per_dtype", "check_specs", "specs_of", "InProcessTransport"]
+           "TensorEntry", "Transport", "WeightBucket", "as_specs", "bucketize", "split_per_dtype", "check_specs",
+           "specs_of", "InProcessTransport"]

@@ -340,5 +340,5 @@ class Transport(ABC):
 
 
 __all__ = ["ALIGN_BYTES", "DEFAULT_BUCKET_BYTES", "MemmgrSyncMismatchError", "MemmgrSyncTimeoutError", "ParamSpec",
-           "TensorEntry", "WeightBucket", "bucketize", "split_per_dtype", "is_multi_dtype_bucket", "as_specs", "specs_of", "check_specs", "Transport", "dtype_name",
-           "dtype_from_name"]
+           "TensorEntry", "WeightBucket", "bucketize", "split_per_dtype", "is_multi_dtype_bucket", "as_specs",
+           "specs_of", "check_specs", "Transport", "dtype_name", "dtype_from_name"]

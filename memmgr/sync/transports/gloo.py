@@ -10,7 +10,6 @@ JSON layout are broadcast before the data.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import time
@@ -127,8 +126,8 @@ class GlooTransport(Transport):
         self._check_usable()
         step = f"bucket {self.buckets} ({bucket.dtype}, {bucket.nbytes} B)"
         if bucket.flat.device.type != "cpu":
-            raise MemmgrInputError(f"GlooTransport: {step} is on {bucket.flat.device}; gloo sends CPU tensors (bucketize "
-                                   f"with device='cpu', or use the NCCL or IPC transport for GPU weights)")
+            raise MemmgrInputError(f"GlooTransport: {step} is on {bucket.flat.device}; gloo sends CPU tensors "
+                                   f"(bucketize with device='cpu', or use the NCCL or IPC transport for GPU weights)")
         control = None
         if self.announce is not None:
             control = self._pool.submit(self.announce, self.describe(bucket))

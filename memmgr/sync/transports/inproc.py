@@ -51,9 +51,11 @@ class InProcessTransport(Transport):
         except Exception as exc:
             names = [n for n, _ in pairs]
             named = [n for n in names if n in str(exc)]
+            shown = named or names[:5]
+            more = " ..." if len(names) > 5 and not named else ""
             raise MemmgrSyncError(
                 f"in-process weight sync: load_weights raised {type(exc).__name__}: {exc} while loading bucket "
-                f"{self.buckets} ({bucket.dtype}, tensors {named or names[:5]}{' ...' if len(names) > 5 and not named else ''}); "
+                f"{self.buckets} ({bucket.dtype}, tensors {shown}{more}); "
                 f"the engine holds the buckets before this one. Fix the cause and sync again") from exc
         self.buckets += 1
         self.nbytes += bucket.payload_bytes

@@ -26,7 +26,7 @@ import torch
 
 from memmgr.errors import MemmgrInputError
 from memmgr.sync import MemmgrSyncError, device_uuid
-from memmgr.sync.transports.base import (DEFAULT_BUCKET_BYTES, MemmgrSyncTimeoutError, ParamSpec, Transport,
+from memmgr.sync.transports.base import (DEFAULT_BUCKET_BYTES, MemmgrSyncTimeoutError, Transport,
                                          WeightBucket)
 
 logger = logging.getLogger("memmgr")
