@@ -165,3 +165,34 @@ def test_ipc_matches_the_gpu_by_uuid_across_different_visible_devices():
         transport.close()
         got = engine.stop()
     assert all(same_bits(got[n], weights[n].cpu()) for n in weights)
+
+
+def test_ipc_sync_into_a_transformers_engine_on_the_same_gpu_is_bit_exact_and_logits_match():
+    transformers = pytest.importorskip("transformers", reason="the engine of this test is a transformers model")
+    from ipc_support import EngineProcess, checksums
+    from memmgr.sync.transports import group_pairs
+    from memmgr.sync.transports.ipc import CudaIpcTransport
+
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        trainer = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    weights = dict(trainer.state_dict())
+    engine = EngineProcess(config, torch.bfloat16)
+    transport = CudaIpcTransport(engine.announce, buffer_bytes=512 << 10, num_buffers=2)
+    try:
+        for group in group_pairs(weights.items(), 256 << 10):
+            transport.send_pairs(group)
+        transport.finish()
+        report = engine.report([1, 5, 9, 13])
+    finally:
+        transport.close()
+        engine.stop()
+    assert report["checksums"] == checksums(weights.items())  # every engine tensor, bit for bit
+    assert all("rotary" in n for n in report["missing"])  # only non-persistent buffers were not sent
+    with torch.no_grad():
+        logits = trainer(torch.tensor([[1, 5, 9, 13]], device="cuda")).logits.float().cpu()
+    # same weights, same kernels, same GPU: equal up to kernel nondeterminism
+    torch.testing.assert_close(report["logits"], logits, rtol=1e-3, atol=1e-3)

@@ -4,9 +4,10 @@ to a ``load_weights`` callable in the same process; ``gloo`` broadcasts them ove
 """
 from memmgr.sync.transports.base import (ALIGN_BYTES, DEFAULT_BUCKET_BYTES, MemmgrSyncMismatchError,
                                          MemmgrSyncTimeoutError, ParamSpec, TensorEntry, Transport, WeightBucket,
-                                         as_specs, bucketize, check_specs, specs_of, split_per_dtype)
+                                         as_specs, bucketize, check_specs, group_pairs, specs_of, split_per_dtype)
 from memmgr.sync.transports.inproc import InProcessTransport
 
 __all__ = ["ALIGN_BYTES", "DEFAULT_BUCKET_BYTES", "MemmgrSyncMismatchError", "MemmgrSyncTimeoutError", "ParamSpec",
-           "TensorEntry", "Transport", "WeightBucket", "as_specs", "bucketize", "split_per_dtype", "check_specs",
+           "TensorEntry", "Transport", "WeightBucket", "as_specs", "bucketize", "group_pairs",
+           "split_per_dtype", "check_specs",
            "specs_of", "InProcessTransport"]

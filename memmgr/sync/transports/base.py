@@ -234,12 +234,12 @@ def as_specs(items: Iterable[Any]) -> list[ParamSpec]:
             for s in items]
 
 
-def bucketize(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES, *,
-              device: torch.device | str | None = None) -> Iterator[WeightBucket]:
-    """Packs a stream of ``(name, tensor)`` pairs into flat per-dtype buckets of at most ``bucket_bytes`` (a larger
-    tensor gets a bucket of its own), keeping the stream's order within each dtype. Lazy: a bucket is built when it
-    is full, so at most one open bucket per dtype is held.
-    """
+def group_pairs(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES
+                ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Groups a stream of ``(name, tensor)`` pairs into lists of one dtype whose aligned bytes stay within
+    ``bucket_bytes`` (a larger tensor gets a list of its own), keeping the stream's order within each dtype. Lazy: a
+    list is yielded when it is full, so at most one open list per dtype is held. What ``bucketize`` packs, and what
+    a transport that packs straight into its own buffers (``CudaIpcTransport.send_pairs``) takes."""
     if bucket_bytes <= 0:
         raise MemmgrInputError(f"bucketize: bucket_bytes must be positive, got {bucket_bytes}")
     open_: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
@@ -253,14 +253,23 @@ def bucketize(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEF
         nbytes = _aligned(t.numel() * t.element_size())
         members = open_.setdefault(t.dtype, [])
         if members and fill[t.dtype] + nbytes > bucket_bytes:
-            yield WeightBucket.pack(members, device=device)
+            yield list(members)
             members.clear()
             fill[t.dtype] = 0
         members.append((name, t))
         fill[t.dtype] = fill.get(t.dtype, 0) + nbytes
     for members in open_.values():
         if members:
-            yield WeightBucket.pack(members, device=device)
+            yield list(members)
+
+
+def bucketize(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES, *,
+              device: torch.device | str | None = None) -> Iterator[WeightBucket]:
+    """Packs a stream of ``(name, tensor)`` pairs into flat per-dtype buckets of at most ``bucket_bytes`` (a larger
+    tensor gets a bucket of its own), keeping the stream's order within each dtype (see ``group_pairs``). Each bucket
+    is a new tensor on ``device`` (default: its first tensor's device)."""
+    for group in group_pairs(pairs, bucket_bytes):
+        yield WeightBucket.pack(group, device=device)
 
 
 def specs_of(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> list[ParamSpec]:
@@ -340,5 +349,6 @@ class Transport(ABC):
 
 
 __all__ = ["ALIGN_BYTES", "DEFAULT_BUCKET_BYTES", "MemmgrSyncMismatchError", "MemmgrSyncTimeoutError", "ParamSpec",
-           "TensorEntry", "WeightBucket", "bucketize", "split_per_dtype", "is_multi_dtype_bucket", "as_specs",
+           "TensorEntry", "WeightBucket", "bucketize", "group_pairs",
+           "split_per_dtype", "is_multi_dtype_bucket", "as_specs",
            "specs_of", "check_specs", "Transport", "dtype_name", "dtype_from_name"]
