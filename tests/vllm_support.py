@@ -96,12 +96,15 @@ def greedy_vllm(llm, prompts: Sequence[Sequence[int]] = PROMPTS, max_tokens: int
 
 @torch.no_grad()
 def greedy_hf(model, prompts: Sequence[Sequence[int]] = PROMPTS, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    """Plain greedy decoding (argmax of the last position, no end-of-sequence handling: vLLM runs with
+    ignore_eos)."""
     result = []
     for p in prompts:
         ids = torch.tensor([list(p)])
-        out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                             pad_token_id=3)
-        result.append(out[0, len(p):].tolist())
+        for _ in range(max_tokens):
+            nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+        result.append(ids[0, len(p):].tolist())
     return result
 
 
