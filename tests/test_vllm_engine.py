@@ -15,7 +15,8 @@ pytest.importorskip("transformers", reason="transformers is the reference model 
 
 from memmgr.errors import MemmgrInputError  # noqa: E402
 from memmgr.sync.engines.vllm import MemmgrGlooTrainerInitInfo, OfflineLLMClient, VLLMWeightSync  # noqa: E402
-from memmgr.sync.transports import MemmgrSyncMismatchError, bucketize, specs_of  # noqa: E402
+from memmgr.sync import MemmgrSyncError  # noqa: E402
+from memmgr.sync.transports import MemmgrSyncMismatchError, WeightBucket, bucketize, specs_of  # noqa: E402
 
 import vllm_support as vs  # noqa: E402
 from test_transports import export_like_bucket  # noqa: E402
@@ -148,6 +149,26 @@ def test_stream_that_breaks_its_specs_is_abandoned_and_engine_keeps_serving(engi
     assert len(vs.greedy_vllm(llm)[0]) == vs.MAX_TOKENS  # still serving
     # and a full sync afterwards brings it back in line with transformers
     _sync_and_compare(engine, sync, vs.new_weights(hf, seed=7), "step-7")
+
+
+def test_engine_that_fails_while_loading_restores_its_layers_and_keeps_its_weights(engine, sync):
+    """A bucket that passes the manifest but fails in vLLM's loader (same bytes, transposed shape): the worker puts
+    every layer back on its previous weights, the trainer gets a MemmgrSyncError, and the next sync reconnects."""
+    llm, hf, _ = engine
+    before, version = vs.greedy_vllm(llm), llm.get_weight_version()
+    sync.connect()
+    held = sync.engine_metadata()
+    client = OfflineLLMClient(llm)
+    client.start_weight_update()
+    client.update_weights({"manifest": [[n, list(s), str(d).replace("torch.", "")] for n, (s, d) in held.items()]})
+    name = "model.layers.0.mlp.down_proj.weight"
+    wrong = torch.randn(tuple(reversed(held[name][0])))
+    with pytest.raises(MemmgrSyncError, match="engine failed"):
+        sync.transport.send_bucket(WeightBucket.pack([(name, wrong)]))
+    assert vs.greedy_vllm(llm) == before
+    assert llm.get_weight_version() == version
+    sync.close()
+    _sync_and_compare(engine, sync, vs.new_weights(hf, seed=10), "step-10")
 
 
 def test_vllm_trainer_factory_drives_memmgr_backend(engine, sync):

@@ -205,6 +205,9 @@ class MemmgrGlooWeightTransferEngine(WeightTransferEngine[MemmgrGlooInitInfo, Me
         self._loaded: set[str] = set()
 
     def init_transfer_engine(self, init_info: MemmgrGlooInitInfo) -> None:
+        if self._receiver is not None:  # a trainer reconnects: its previous group is gone
+            self._receiver.close()
+            self._receiver = None
         pc = self.parallel_config
         rank = init_info.rank_offset + getattr(pc, "data_parallel_index", 0) * pc.world_size + pc.rank
         group = connect(init_info.master_address, init_info.master_port, init_info.world_size, rank,
@@ -418,6 +421,7 @@ class VLLMWeightSync:
         self.client = client
         self.master_address = master_address
         self.master_port = master_port
+        self._fixed_port = master_port is not None
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self.bucket_bytes = int(bucket_bytes)
@@ -458,7 +462,8 @@ class VLLMWeightSync:
         if self.num_workers is None:
             self.engine_metadata()
         assert self.num_workers is not None
-        port = self.master_port or free_port(self.master_address)
+        # a fixed port is the caller's; otherwise a fresh one per connection (a previous group's store may linger)
+        port = self.master_port if self._fixed_port else free_port(self.master_address)
         world = 1 + int(self.num_workers)
         init = {"master_address": self.master_address, "master_port": port, "world_size": world, "rank_offset": 1,
                 "timeout_s": self.timeout_s}
