@@ -33,13 +33,13 @@ def _weights():
 
 
 def _receiver(port: int, nbuckets: int, metas, results, mode: str) -> None:
-    group = connect("127.0.0.1", port, 2, 1, timeout_s=30)
+    group = connect("127.0.0.1", port, 2, 1, timeout_s=120)
     if mode == "die":
         os._exit(0)
     receiver = GlooReceiver(group)
     got = {}
     for _ in range(nbuckets):
-        bucket = receiver.receive(metas.get(timeout=30) if mode == "announce" else None)
+        bucket = receiver.receive(metas.get(timeout=120) if mode == "announce" else None)
         got.update({n: v.clone() for n, v in bucket.views()})  # the buffer is reused by the next receive
     results.put(got)
     receiver.close()
@@ -55,12 +55,12 @@ def test_gloo_buckets_arrive_bit_exact_in_another_process(mode):
     proc = ctx.Process(target=_receiver, args=(port, len(buckets), metas, results, mode), daemon=True)
     proc.start()
     try:
-        group = connect("127.0.0.1", port, 2, 0, timeout_s=30)
+        group = connect("127.0.0.1", port, 2, 0, timeout_s=120)  # generous: the child imports torch first
         transport = GlooTransport(group, announce=metas.put if mode == "announce" else None)
         for b in buckets:
             transport.send_bucket(b)
         transport.finish()
-        got = results.get(timeout=60)
+        got = results.get(timeout=120)
         transport.close()
     finally:
         proc.join(30)
@@ -80,9 +80,9 @@ def test_gloo_peer_that_dies_raises_naming_the_rank():
     proc = ctx.Process(target=_receiver, args=(port, 1, None, None, "die"), daemon=True)
     proc.start()
     try:
-        group = connect("127.0.0.1", port, 2, 0, timeout_s=5)
-        proc.join(30)
-        transport = GlooTransport(group, timeout_s=5)
+        group = connect("127.0.0.1", port, 2, 0, timeout_s=120)
+        proc.join(60)
+        transport = GlooTransport(group, timeout_s=10)
         with pytest.raises(MemmgrSyncError, match="engine worker rank 1"):
             for b in bucketize(_weights().items(), bucket_bytes=4096):
                 transport.send_bucket(b)
