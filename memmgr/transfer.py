@@ -1,10 +1,33 @@
-"""Copy streams and the handles that non-blocking transfers return."""
+"""Copy streams, the copy-path policy that moves a bucket's bytes, and the handles that non-blocking transfers return.
+
+Two ways move bytes between a GPU and pinned host memory:
+
+- ``engine``: ``Tensor.copy_``, which runs on the GPU's copy engines (DMA). At the link's peak when the engines are
+  free; but for a few seconds after another process released GPU memory the driver keeps them busy and a
+  host->device copy runs at about half the link's speed.
+- ``kernel``: the extension's copy kernel (csrc/copy_kernels.cu): the SMs load and store across the link through the
+  host buffer's mapped address (zero-copy). Unaffected by busy copy engines; it occupies SM slots while it runs and
+  needs the native extension and pinned host memory.
+- ``split``: both at once on disjoint parts of the bytes (the engines take ``engine_fraction`` of them, the kernel
+  the rest, on a second stream joined back before the copy counts as done).
+
+``issue_copy`` picks one per move: its ``path`` argument, else the ``MEMMGR_COPY_PATH`` environment variable
+(``auto``, ``engine``, ``kernel`` or ``split``), else ``auto``; ``MEMMGR_COPY_SPLIT`` sets the engines' fraction of a
+split. ``copy_paths_status()`` says which paths are available and which ran last in each direction.
+"""
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from typing import Callable, Iterable
 
 import torch
+
+from memmgr._native import native_module
+from memmgr.errors import MemmgrInputError
+
+logger = logging.getLogger("memmgr")
 
 _streams: dict[tuple[int, str], torch.cuda.Stream] = {}
 _streams_lock = threading.Lock()
@@ -14,6 +37,7 @@ def copy_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
     """The dedicated stream for one direction ("d2h" or "h2d") on one GPU, created once.
 
     Two streams per GPU let an offload of one group and an onload of another use both directions of the link at once.
+    Any other name gives another stream of its own (the kernel half of a split copy runs on "h2d-kernel"/"d2h-kernel").
     """
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (index, direction)
@@ -22,6 +46,10 @@ def copy_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
         if stream is None:
             stream = torch.cuda.Stream(device=index)
             _streams[key] = stream
+            companion = (index, direction + "-kernel")
+            if direction in ("h2d", "d2h") and companion not in _streams and kernels_available():
+                # Created with its direction's stream, off the critical path, for the kernel half of split copies.
+                _streams[companion] = torch.cuda.Stream(device=index)
         return stream
 
 
@@ -93,3 +121,170 @@ class TransferHandle:
 
     def __repr__(self) -> str:
         return f"TransferHandle(done={self._completed})"
+
+
+# ---- copy paths ----
+COPY_PATHS = ("auto", "engine", "kernel", "split")
+COPY_PATH_ENV = "MEMMGR_COPY_PATH"
+COPY_SPLIT_ENV = "MEMMGR_COPY_SPLIT"
+
+# Split points are multiples of this many bytes from the start, so both parts keep the relative alignment of the
+# whole (the kernel moves 16-byte vectors wherever source and destination are co-aligned).
+_SPLIT_ALIGN = 4096
+# Default share of the bytes the copy engines move in a split (see AUTO_POLICY for the measurements behind it).
+DEFAULT_ENGINE_FRACTION = 0.5
+# Below this size 'auto' does not split: two launches and a stream join cost more than the parts gain.
+AUTO_SPLIT_MIN_BYTES = 8 << 20
+
+# What 'auto' runs for each direction, and why: filled in from the measurements of benchmarks/copy_path_probe.py.
+AUTO_POLICY: dict[str, str] = {"h2d": "split", "d2h": "split"}
+
+_last_paths: dict[str, str] = {}
+_last_lock = threading.Lock()
+_warned_kernel_failure = False
+
+
+def kernels_available() -> bool:
+    """Whether the copy-kernel path can run here: the native extension is built with its kernels and CUDA is up."""
+    native = native_module()
+    return native is not None and hasattr(native, "kernel_copy") and torch.cuda.is_available()
+
+
+def resolve_copy_path(path: str | None = None) -> str:
+    """The requested copy path: ``path`` if given, else ``$MEMMGR_COPY_PATH``, else "auto"; validated."""
+    source = "path argument"
+    if path is None:
+        path = os.environ.get(COPY_PATH_ENV) or "auto"
+        source = f"${COPY_PATH_ENV}"
+    path = path.strip().lower()
+    if path not in COPY_PATHS:
+        raise MemmgrInputError(f"copy path {path!r} (from the {source}) is not one of {', '.join(COPY_PATHS)}; "
+                               f"pass one of those, or unset {COPY_PATH_ENV} for 'auto'")
+    return path
+
+
+def resolve_engine_fraction(engine_fraction: float | None = None) -> float:
+    """The engines' share of a split copy: the argument, else ``$MEMMGR_COPY_SPLIT``, else the default."""
+    source = "engine_fraction argument"
+    if engine_fraction is None:
+        raw = os.environ.get(COPY_SPLIT_ENV)
+        if not raw:
+            return DEFAULT_ENGINE_FRACTION
+        source = f"${COPY_SPLIT_ENV}"
+        try:
+            engine_fraction = float(raw)
+        except ValueError:
+            raise MemmgrInputError(f"{source}={raw!r} is not a number; set it to the copy engines' share of a split "
+                                   f"copy, between 0 and 1 (e.g. 0.5)") from None
+    if not 0.0 <= engine_fraction <= 1.0:
+        raise MemmgrInputError(f"the copy engines' share of a split copy ({source}) must be between 0 and 1, got "
+                               f"{engine_fraction}; e.g. 0.5 gives each path half the bytes")
+    return float(engine_fraction)
+
+
+def _record(direction: str, ran: str) -> None:
+    with _last_lock:
+        _last_paths[direction] = ran
+
+
+def copy_paths_status() -> dict[str, object]:
+    """Which copy paths can run here, what 'auto' picks per direction, and which path ran last in each direction."""
+    kernels = kernels_available()
+    with _last_lock:
+        last = dict(_last_paths)
+    return {"available": ["engine", "kernel", "split"] if kernels else ["engine"],
+            "requested": os.environ.get(COPY_PATH_ENV) or "auto",
+            "auto": dict(AUTO_POLICY) if kernels else {"h2d": "engine", "d2h": "engine"},
+            "last": last}
+
+
+def _direction(dst: torch.Tensor, src: torch.Tensor) -> str:
+    if dst.is_cuda and not src.is_cuda:
+        return "h2d"
+    if src.is_cuda and not dst.is_cuda:
+        return "d2h"
+    return "d2d" if dst.is_cuda else "h2h"
+
+
+def _check_views(dst: torch.Tensor, src: torch.Tensor) -> None:
+    for name, t in (("dst", dst), ("src", src)):
+        if t.dtype != torch.uint8 or t.dim() != 1 or not t.is_contiguous():
+            raise MemmgrInputError(f"issue_copy: {name} must be a contiguous 1-D uint8 view, got {t.dtype} of shape "
+                                   f"{tuple(t.shape)}; pass tensor.view(torch.uint8) of a contiguous tensor")
+    if dst.numel() != src.numel():
+        raise MemmgrInputError(f"issue_copy: dst holds {dst.numel()} bytes but src {src.numel()}; pass views of the "
+                               f"same size")
+
+
+def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, *, path: str | None = None,
+               engine_fraction: float | None = None, kernel_blocks: int = 0) -> str:
+    """Issues the copy of ``src`` into ``dst`` on ``stream``, asynchronously, and returns the path that ran.
+
+    ``dst`` and ``src`` are contiguous 1-D uint8 views of equal size; one of them is on the stream's GPU and the other
+    is host memory (or also on that GPU). The copy is complete once the work enqueued on ``stream`` up to the return
+    is: a split's kernel part runs on a second stream that ``stream`` waits for. ``path`` (else ``$MEMMGR_COPY_PATH``,
+    else "auto") picks the copy engines, the copy kernel, or both on disjoint parts (``engine_fraction`` of the bytes
+    to the engines, else ``$MEMMGR_COPY_SPLIT``, else 0.5); "auto" picks per direction from ``AUTO_POLICY``.
+    Where the kernel cannot run (no extension, pageable host memory, host<->host or device<->device), the engines
+    move everything, whatever was asked. ``kernel_blocks`` > 0 overrides the kernel's grid size (for measurements).
+    Returns "engine", "kernel" or "split".
+    """
+    _check_views(dst, src)
+    requested = resolve_copy_path(path)
+    fraction = resolve_engine_fraction(engine_fraction)
+    direction = _direction(dst, src)
+    nbytes = dst.numel()
+    chosen = requested
+    if direction not in ("h2d", "d2h") or nbytes == 0 or not kernels_available():
+        chosen = "engine"
+    elif chosen == "auto":
+        chosen = AUTO_POLICY.get(direction, "engine")
+        if chosen == "split" and nbytes < AUTO_SPLIT_MIN_BYTES:
+            chosen = "engine"
+    if chosen != "engine" and not (src if direction == "h2d" else dst).is_pinned():
+        chosen = "engine"  # the kernels reach pinned host memory only; a pageable fallback buffer takes the engines
+    split_at = 0
+    if chosen == "split":
+        split_at = int(nbytes * fraction) // _SPLIT_ALIGN * _SPLIT_ALIGN
+        if split_at <= 0:
+            chosen = "kernel"
+        elif split_at >= nbytes:
+            chosen = "engine"
+    if chosen != "engine":
+        try:
+            _issue_kernel_part(dst, src, stream, direction, split_at, kernel_blocks, separate=chosen == "split")
+        except RuntimeError as exc:
+            # Nothing of the kernel part was enqueued (the extension checks before it launches): the engines take it.
+            _warn_kernel_failure(exc)
+            chosen, split_at = "engine", nbytes
+    else:
+        split_at = nbytes
+    if split_at > 0:
+        with torch.cuda.stream(stream):
+            dst[:split_at].copy_(src[:split_at], non_blocking=True)
+    if chosen == "split":
+        stream.wait_stream(copy_stream(stream.device, direction + "-kernel"))
+    _record(direction, chosen if chosen != "split" else f"split (engines {split_at / nbytes:.0%})")
+    return chosen
+
+
+def _issue_kernel_part(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str, start: int,
+                       kernel_blocks: int, separate: bool) -> None:
+    """Launches the copy kernel on bytes [start, end): on ``stream``, or (``separate``) on the direction's kernel
+    stream ordered after ``stream``'s work so far, so the engines' part on ``stream`` runs at the same time."""
+    native = native_module()
+    device = stream.device.index if stream.device.index is not None else torch.cuda.current_device()
+    run_on = stream
+    if separate:
+        run_on = copy_stream(stream.device, direction + "-kernel")
+        run_on.wait_stream(stream)
+    native.kernel_copy(dst.data_ptr() + start, src.data_ptr() + start, dst.numel() - start, run_on.cuda_stream,
+                       device, kernel_blocks)
+
+
+def _warn_kernel_failure(exc: Exception) -> None:
+    global _warned_kernel_failure
+    if not _warned_kernel_failure:
+        _warned_kernel_failure = True
+        logger.warning("the copy kernel could not run (%s); the copy engines move these bytes instead. Set "
+                       "MEMMGR_COPY_PATH=engine to stop trying the kernel.", exc)
