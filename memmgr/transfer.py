@@ -246,10 +246,10 @@ def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, 
     split_at = 0
     if chosen == "split":
         split_at = int(nbytes * fraction) // _SPLIT_ALIGN * _SPLIT_ALIGN
-        if split_at <= 0:
-            chosen = "kernel"
-        elif split_at >= nbytes:
+        if fraction >= 1.0 or split_at >= nbytes:
             chosen = "engine"
+        elif split_at <= 0:
+            chosen = "kernel"
     if chosen != "engine":
         try:
             _issue_kernel_part(dst, src, stream, direction, split_at, kernel_blocks, separate=chosen == "split")
