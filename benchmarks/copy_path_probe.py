@@ -12,6 +12,12 @@ What it measures (GB/s = 1e9 bytes/s, CUDA-event time on the copy stream):
   fresh (h2d: the destination; d2h: the source, filled on the GPU) and copies ``--size-gib`` pinned->device or
   device->pinned with each path: ``engine``, ``kernel``, and ``split`` at each engine fraction of ``--splits``.
   Every copy's bytes are checked (h2d: all of them on the GPU; d2h: sampled windows and every split point).
+- ``warm``: the same copies into/out of device memory allocated once, long before (no release anywhere).
+  ``auto`` is the policy of memmgr.transfer (h2d: a probe of both paths on the first 2 x 64 MiB decides).
+- FlatTensors cycles (``--flat-cycles``): one ``--size-gib`` bucket offloaded and onloaded (blocking, wall time,
+  allocation included) with ``MEMMGR_COPY_PATH`` engine and auto, with the GPU's cache emptied after each offload
+  and, in ``after_release``, the helper taking and releasing ``--other-gib`` between offload and onload: the
+  colocated loop's onload.
 - timeline: after one release, back-to-back 1 GiB copies with one path for ``--timeline-s`` seconds, to show how long
   the copy engines stay slow and whether the kernel is affected.
 
@@ -34,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import memmgr  # noqa: E402
 from memmgr.host_memory import allocate_host_buffer  # noqa: E402
 from memmgr.tools.engine_standin import EngineStandin  # noqa: E402
-from memmgr.transfer import copy_stream, issue_copy, kernels_available  # noqa: E402
+from memmgr.flat_tensors import FlatTensors  # noqa: E402
+from memmgr.transfer import copy_paths_status, copy_stream, issue_copy, kernels_available  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -48,10 +55,11 @@ def parse_args(argv=None):
                    help="GPU memory the helper process takes and releases before each after_release copy")
     p.add_argument("--repeats", type=int, default=3, help="copies per path, scenario and direction")
     p.add_argument("--peak-iters", type=int, default=5)
-    p.add_argument("--splits", default="0.3,0.5,0.7", help="engine fractions of the split path to try")
+    p.add_argument("--splits", default="0.5", help="engine fractions of the split path to try")
     p.add_argument("--blocks", default="132,264,528,1056", help="kernel grid sizes for the sweep ('' skips it)")
     p.add_argument("--timeline-s", type=float, default=3.0, help="seconds of the timeline after a release (0 skips)")
-    p.add_argument("--scenarios", default="alone,after_release")
+    p.add_argument("--scenarios", default="warm,alone,after_release")
+    p.add_argument("--flat-cycles", type=int, default=3, help="FlatTensors cycles per path and scenario (0 skips)")
     p.add_argument("--directions", default="h2d,d2h")
     return p.parse_args(argv)
 
@@ -86,18 +94,31 @@ class Probe:
         end.synchronize()
         return dst.numel() / (start.elapsed_time(end) / 1e3) / 1e9, ran
 
+    def windows(self, fraction: float | None) -> list[tuple[int, int]]:
+        """The sampled byte ranges a device->host copy is checked on: ends, middle, every possible split point and
+        the auto probe's boundaries."""
+        n = self.n
+        points = [0, n // 3, n // 2, n - MiB, 64 * MiB, 128 * MiB]
+        points += [int(n * f) // 4096 * 4096 for f in (0.3, 0.5, 0.7)]
+        if fraction is not None:
+            points.append(int(n * fraction) // 4096 * 4096)
+        return [(max(0, p - MiB // 2), min(n, p + MiB // 2)) for p in points]
+
+    def poison(self, direction: str, dst: torch.Tensor, fraction: float | None) -> None:
+        """Overwrites what the check will look at, so that a copy that skips bytes cannot pass on old contents."""
+        if direction == "h2d":
+            dst.zero_()
+            torch.cuda.synchronize()
+        else:
+            for lo, hi in self.windows(fraction):
+                self.host_dst.tensor[lo:hi].fill_(0xA5)
+
     def check(self, direction: str, dst: torch.Tensor, label: str, fraction: float | None) -> bool:
         if direction == "h2d":
             ok = bool(torch.equal(dst, self.ref))
         else:
-            n = self.n
-            points = [0, n // 3, n // 2, n - MiB] + [int(n * f) // 4096 * 4096 for f in (0.3, 0.5, 0.7)]
-            if fraction is not None:
-                points.append(int(n * fraction) // 4096 * 4096)
-            ok = True
-            for p in points:
-                lo, hi = max(0, p - MiB // 2), min(n, p + MiB // 2)
-                ok = ok and torch.equal(self.host_dst.tensor[lo:hi], self.ref[lo:hi].cpu())
+            ok = all(torch.equal(self.host_dst.tensor[lo:hi], self.ref[lo:hi].cpu())
+                     for lo, hi in self.windows(fraction))
         if not ok:
             self.errors.append(f"{label}: contents differ")
             print(f"  !! {label}: contents differ", flush=True)
@@ -142,7 +163,7 @@ class Probe:
     def configs(self) -> list[tuple[str, float | None]]:
         configs: list[tuple[str, float | None]] = [("engine", None)]
         if self.kernels:
-            configs.append(("kernel", None))
+            configs += [("kernel", None), ("auto", None)]
             configs += [("split", float(f)) for f in self.args.splits.split(",") if f.strip()]
         return configs
 
@@ -151,27 +172,76 @@ class Probe:
         other = int(self.args.other_gib * GiB)
         for scenario in self.args.scenarios.split(","):
             for direction in self.args.directions.split(","):
+                warm = self.fresh_device(direction) if scenario == "warm" else None
                 for rep in range(self.args.repeats):
                     for path, fraction in self.configs():
-                        torch.cuda.empty_cache()
                         released_at = None
                         helper = None
+                        if scenario != "warm":
+                            torch.cuda.empty_cache()
                         if scenario == "after_release":
                             took = engine.take(other)
                             rel = engine.release()
                             released_at = rel["released_at"]
                             helper = {"take_s": took["seconds"], "release_s": rel["seconds"], "bytes": took["bytes"]}
-                        dst, src = self.fresh_device(direction)
+                        dst, src = warm if warm is not None else self.fresh_device(direction)
+                        self.poison(direction, dst, fraction)
                         since = time.time() - released_at if released_at is not None else None
                         gbps, ran = self.timed(direction, dst, src, path, fraction)
+                        probe = copy_paths_status()["last_probe"].get(self.dev.index) if path == "auto" else None
                         label = f"{scenario} {direction} {path}{'' if fraction is None else f'@{fraction}'} #{rep}"
                         ok = self.check(direction, dst if direction == "h2d" else None, label, fraction)
                         del dst, src
                         rows.append({"scenario": scenario, "direction": direction, "path": path,
                                      "engine_fraction": fraction, "repeat": rep, "gbps": gbps, "ran": ran,
-                                     "seconds_since_release": since, "helper": helper, "bytes_ok": ok})
+                                     "seconds_since_release": since, "helper": helper, "bytes_ok": ok,
+                                     "auto_probe": probe})
                         print(f"{label}: {gbps:.1f} GB/s (ran {ran}"
                               f"{'' if since is None else f', {since:.2f} s after the release'})", flush=True)
+                del warm
+        return rows
+
+    def flat_cycles(self, engine: EngineStandin | None) -> list[dict]:
+        rows = []
+        other = int(self.args.other_gib * GiB)
+        saved = os.environ.get("MEMMGR_COPY_PATH")
+        try:
+            for scenario in [s for s in self.args.scenarios.split(",") if s != "warm"]:
+                for path in ("engine", "auto") if self.kernels else ("engine",):
+                    os.environ["MEMMGR_COPY_PATH"] = path
+                    torch.cuda.empty_cache()
+                    bucket = FlatTensors.adopt(self.ref.clone(), name=f"probe-{path}")
+                    for cycle in range(self.args.flat_cycles):
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        bucket.offload()
+                        off_s = time.perf_counter() - t0
+                        off_ran = memmgr.backend_info().copy_path_last.get("d2h")
+                        torch.cuda.empty_cache()
+                        if scenario == "after_release":
+                            engine.take(other)
+                            engine.release()
+                        t0 = time.perf_counter()
+                        bucket.onload()
+                        on_s = time.perf_counter() - t0
+                        on_ran = memmgr.backend_info().copy_path_last.get("h2d")
+                        ok = bool(torch.equal(bucket.flat, self.ref))
+                        if not ok:
+                            self.errors.append(f"flat {scenario} {path} #{cycle}: contents differ")
+                        row = {"scenario": scenario, "path": path, "cycle": cycle,
+                               "offload_gbps": self.n / off_s / 1e9, "onload_gbps": self.n / on_s / 1e9,
+                               "offload_ran": off_ran, "onload_ran": on_ran, "bytes_ok": ok}
+                        rows.append(row)
+                        print(f"flat {scenario} {path} #{cycle}: offload {row['offload_gbps']:.1f} GB/s ({off_ran}), "
+                              f"onload {row['onload_gbps']:.1f} GB/s ({on_ran}){'' if ok else ' CONTENTS DIFFER'}",
+                              flush=True)
+                    bucket.release_host_buffer()
+                    del bucket
+        finally:
+            if saved is None:
+                os.environ.pop("MEMMGR_COPY_PATH", None)
+            else:
+                os.environ["MEMMGR_COPY_PATH"] = saved
         return rows
 
     def timeline(self, engine: EngineStandin, path: str) -> list[dict]:
@@ -233,6 +303,8 @@ def main(argv=None) -> int:
         if probe.kernels and args.blocks:
             result["kernel_block_sweep"] = probe.block_sweep()
         result["scenarios"] = probe.scenarios(engine)
+        if args.flat_cycles > 0:
+            result["flat_cycles"] = probe.flat_cycles(engine)
         if engine is not None and args.timeline_s > 0:
             result["timeline"] = {"engine": probe.timeline(engine, "engine")}
             if probe.kernels:
@@ -251,6 +323,9 @@ def main(argv=None) -> int:
         name = r["path"] + ("" if r["engine_fraction"] is None else f"@{r['engine_fraction']}")
         print(f"{r['scenario']:14} {r['direction']:4} {name:10} {r['first']:6.1f} {r['median']:6.1f} {r['min']:6.1f}"
               f"  {r['median_vs_peak']:11.3f}  {r['min_vs_peak']:8.3f}")
+    for r in result.get("flat_cycles", []):
+        print(f"flat {r['scenario']:14} {r['path']:6} #{r['cycle']}: offload {r['offload_gbps']:5.1f} GB/s "
+              f"({r['offload_ran']}), onload {r['onload_gbps']:5.1f} GB/s ({r['onload_ran']})")
     print(f"peak h2d {result['peak']['h2d']['best']:.1f}, d2h {result['peak']['d2h']['best']:.1f} GB/s; "
           f"{len(probe.errors)} content errors; {result['seconds']:.0f} s", flush=True)
     return 1 if probe.errors else 0

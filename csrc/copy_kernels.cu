@@ -100,6 +100,24 @@ extern "C" int memmgr_copy_kernel_default_blocks(int device) {
   return std::max(1, sms) * kBlocksPerSm;
 }
 
+extern "C" cudaError_t memmgr_prepare_copy_kernels(int device) {
+  int previous = -1;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err != cudaSuccess) return err;
+  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  // Looking a kernel up loads it into the context now. Under lazy module loading the first launch would load it,
+  // and loading may wait for the whole device: a copy issued behind a long kernel would block the caller.
+  cudaFuncAttributes attrs;
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<uint4>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<uint2>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned int>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned short>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned char>);
+  if (err == cudaSuccess && sm_count(device) == 0) err = cudaErrorInvalidDevice;
+  if (previous != device && previous >= 0) cudaSetDevice(previous);
+  return err;
+}
+
 extern "C" cudaError_t memmgr_launch_copy_kernel(void* dst, const void* src, size_t nbytes, cudaStream_t stream,
                                                  int device, int blocks) {
   if (nbytes == 0) return cudaSuccess;

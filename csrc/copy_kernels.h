@@ -17,6 +17,10 @@ extern "C" {
 cudaError_t memmgr_launch_copy_kernel(void* dst, const void* src, size_t nbytes, cudaStream_t stream,
                                       int device, int blocks);
 
+// Loads the kernels into `device`'s context and caches its multiprocessor count, so that no later launch has to
+// (a lazy load can wait for the whole device). Call where a pause does not matter.
+cudaError_t memmgr_prepare_copy_kernels(int device);
+
 // The block count the launcher uses when `blocks` == 0, for a device; for reports.
 int memmgr_copy_kernel_default_blocks(int device);
 

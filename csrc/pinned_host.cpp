@@ -167,6 +167,15 @@ void kernel_copy(int64_t dst, int64_t src, int64_t nbytes, int64_t stream, int64
   }
 }
 
+// Loads the copy kernels into `device`'s context now rather than at their first launch.
+void kernel_prepare(int64_t device) {
+  cudaError_t err = memmgr_prepare_copy_kernels(static_cast<int>(device));
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    TORCH_CHECK(false, "memmgr._pinned.kernel_prepare failed (", cuda_error_text(err), ")");
+  }
+}
+
 // (threads per block, default blocks) of the copy kernel on `device`.
 std::tuple<int64_t, int64_t> kernel_copy_config(int64_t device) {
   return {memmgr_copy_kernel_threads(), memmgr_copy_kernel_default_blocks(static_cast<int>(device))};
@@ -199,6 +208,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kernel_copy", &kernel_copy, "copy kernel between device memory and mapped pinned host memory, on a stream",
         pybind11::arg("dst"), pybind11::arg("src"), pybind11::arg("nbytes"), pybind11::arg("stream"),
         pybind11::arg("device"), pybind11::arg("blocks") = 0);
+  m.def("kernel_prepare", &kernel_prepare, "loads the copy kernels into a device's context ahead of use");
   m.def("kernel_copy_config", &kernel_copy_config, "(threads per block, default blocks) of the copy kernel");
   m.def("cuda_status", &cuda_status);
   m.def("cuda_runtime_version", &cuda_runtime_version);

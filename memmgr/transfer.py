@@ -48,8 +48,10 @@ def copy_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
             _streams[key] = stream
             companion = (index, direction + "-kernel")
             if direction in ("h2d", "d2h") and companion not in _streams and kernels_available():
-                # Created with its direction's stream, off the critical path, for the kernel half of split copies.
+                # Made with its direction's stream, off the critical path: the stream for the kernel half of split
+                # copies, and the kernels loaded into the context.
                 _streams[companion] = torch.cuda.Stream(device=index)
+                prepare_kernels(index)
         return stream
 
 
@@ -131,23 +133,50 @@ COPY_SPLIT_ENV = "MEMMGR_COPY_SPLIT"
 # Split points are multiples of this many bytes from the start, so both parts keep the relative alignment of the
 # whole (the kernel moves 16-byte vectors wherever source and destination are co-aligned).
 _SPLIT_ALIGN = 4096
-# Default share of the bytes the copy engines move in a split (see AUTO_POLICY for the measurements behind it).
 DEFAULT_ENGINE_FRACTION = 0.5
-# Below this size 'auto' does not split: two launches and a stream join cost more than the parts gain.
-AUTO_SPLIT_MIN_BYTES = 8 << 20
 
-# What 'auto' runs for each direction, and why: filled in from the measurements of benchmarks/copy_path_probe.py.
-AUTO_POLICY: dict[str, str] = {"h2d": "split", "d2h": "split"}
+# What 'auto' does, from benchmarks/copy_path_probe.py on an H200 (PCIe Gen5 x16, pinned-copy peak 55.2 GB/s each
+# way; benchmarks/results/2026-11-29/h200-copy-paths-1/), 8 GiB copies into or out of freshly allocated memory:
+# - device->host: the engines ran at 55.2 GB/s whether or not another process had just released memory; the kernel
+#   52.4, engines+kernel splits 53.3-54.4. So 'auto' uses the engines.
+# - host->device: the engines ran at 55.3 on memory allocated long before, but at 31.4 right after another process
+#   released 48 GiB (28 GB/s for the first ~0.2 s, then 55) and at 44.6 right after this process's own empty_cache;
+#   the kernel ran at 51.3-51.4 (0.93x) in every case; splits were slower than the kernel alone in every case
+#   (32-44 GB/s: the two paths slow each other down on reads from the host). So neither path is best in both states,
+#   and 'auto' asks the link: a large copy issued on an idle stream starts with AUTO_PROBE_BYTES through the engines
+#   and the next AUTO_PROBE_BYTES through the kernel, waits for both (~2.5 ms), and copies the rest with whichever
+#   was faster; copies that cannot probe (small, or queued behind other work) reuse the device's last verdict.
+AUTO_POLICY: dict[str, str] = {"h2d": "probe", "d2h": "engine"}
+AUTO_PROBE_MIN_BYTES = 512 << 20
+AUTO_PROBE_BYTES = 64 << 20
 
 _last_paths: dict[str, str] = {}
-_last_lock = threading.Lock()
+_last_probe: dict[int, dict[str, float | str]] = {}  # per device: the last probe's speeds and verdict
+_state_lock = threading.Lock()
 _warned_kernel_failure = False
+_prepared_devices: set[int] = set()
 
 
 def kernels_available() -> bool:
     """Whether the copy-kernel path can run here: the native extension is built with its kernels and CUDA is up."""
     native = native_module()
     return native is not None and hasattr(native, "kernel_copy") and torch.cuda.is_available()
+
+
+def prepare_kernels(device: int) -> bool:
+    """Loads the copy kernels into a device's context now (a first launch would, and may wait for the device to go
+    idle). Called when the device's copy streams are made; False if the kernels cannot run there."""
+    if not kernels_available():
+        return False
+    if device in _prepared_devices:
+        return True
+    try:
+        native_module().kernel_prepare(device)
+    except RuntimeError as exc:
+        _warn_kernel_failure(exc)
+        return False
+    _prepared_devices.add(device)
+    return True
 
 
 def resolve_copy_path(path: str | None = None) -> str:
@@ -183,19 +212,21 @@ def resolve_engine_fraction(engine_fraction: float | None = None) -> float:
 
 
 def _record(direction: str, ran: str) -> None:
-    with _last_lock:
+    with _state_lock:
         _last_paths[direction] = ran
 
 
 def copy_paths_status() -> dict[str, object]:
-    """Which copy paths can run here, what 'auto' picks per direction, and which path ran last in each direction."""
+    """Which copy paths can run here, what 'auto' does per direction, which path ran last in each direction, and the
+    last auto probe per device."""
     kernels = kernels_available()
-    with _last_lock:
+    with _state_lock:
         last = dict(_last_paths)
+        probes = {dev: dict(p) for dev, p in _last_probe.items()}
     return {"available": ["engine", "kernel", "split"] if kernels else ["engine"],
             "requested": os.environ.get(COPY_PATH_ENV) or "auto",
             "auto": dict(AUTO_POLICY) if kernels else {"h2d": "engine", "d2h": "engine"},
-            "last": last}
+            "last": last, "last_probe": probes}
 
 
 def _direction(dst: torch.Tensor, src: torch.Tensor) -> str:
@@ -218,16 +249,16 @@ def _check_views(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, *, path: str | None = None,
                engine_fraction: float | None = None, kernel_blocks: int = 0) -> str:
-    """Issues the copy of ``src`` into ``dst`` on ``stream``, asynchronously, and returns the path that ran.
+    """Issues the copy of ``src`` into ``dst`` on ``stream``, asynchronously, and returns the path that moved the bulk.
 
     ``dst`` and ``src`` are contiguous 1-D uint8 views of equal size; one of them is on the stream's GPU and the other
     is host memory (or also on that GPU). The copy is complete once the work enqueued on ``stream`` up to the return
     is: a split's kernel part runs on a second stream that ``stream`` waits for. ``path`` (else ``$MEMMGR_COPY_PATH``,
     else "auto") picks the copy engines, the copy kernel, or both on disjoint parts (``engine_fraction`` of the bytes
-    to the engines, else ``$MEMMGR_COPY_SPLIT``, else 0.5); "auto" picks per direction from ``AUTO_POLICY``.
-    Where the kernel cannot run (no extension, pageable host memory, host<->host or device<->device), the engines
-    move everything, whatever was asked. ``kernel_blocks`` > 0 overrides the kernel's grid size (for measurements).
-    Returns "engine", "kernel" or "split".
+    to the engines, else ``$MEMMGR_COPY_SPLIT``, else 0.5); "auto" does what ``AUTO_POLICY`` says per direction, and
+    when it probes (see there) it waits a few milliseconds for the probe. Where the kernel cannot run (no extension,
+    pageable host memory, host<->host or device<->device), the engines move everything, whatever was asked.
+    ``kernel_blocks`` > 0 overrides the kernel's grid size (for measurements). Returns "engine", "kernel" or "split".
     """
     _check_views(dst, src)
     requested = resolve_copy_path(path)
@@ -237,12 +268,12 @@ def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, 
     chosen = requested
     if direction not in ("h2d", "d2h") or nbytes == 0 or not kernels_available():
         chosen = "engine"
-    elif chosen == "auto":
-        chosen = AUTO_POLICY.get(direction, "engine")
-        if chosen == "split" and nbytes < AUTO_SPLIT_MIN_BYTES:
-            chosen = "engine"
-    if chosen != "engine" and not (src if direction == "h2d" else dst).is_pinned():
+    elif not (src if direction == "h2d" else dst).is_pinned():
         chosen = "engine"  # the kernels reach pinned host memory only; a pageable fallback buffer takes the engines
+    if chosen == "auto":
+        if AUTO_POLICY.get(direction) == "probe":
+            return _issue_auto_probed(dst, src, stream, direction, kernel_blocks)
+        chosen = AUTO_POLICY.get(direction, "engine")
     split_at = 0
     if chosen == "split":
         split_at = int(nbytes * fraction) // _SPLIT_ALIGN * _SPLIT_ALIGN
@@ -250,6 +281,21 @@ def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, 
             chosen = "engine"
         elif split_at <= 0:
             chosen = "kernel"
+    chosen = _issue(dst, src, stream, direction, chosen, split_at, kernel_blocks)
+    nbytes = max(nbytes, 1)
+    _record(direction, chosen if chosen != "split" else f"split (engines {split_at / nbytes:.0%})")
+    return chosen
+
+
+def _issue(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str, chosen: str,
+           split_at: int, kernel_blocks: int) -> str:
+    """Enqueues one path on ``stream`` ("split": engines on bytes [0, split_at), kernel on the rest); returns the
+    path that ran (the engines if the kernel could not be launched)."""
+    nbytes = dst.numel()
+    if chosen == "engine":
+        split_at = nbytes
+    elif chosen == "kernel":
+        split_at = 0
     if chosen != "engine":
         try:
             _issue_kernel_part(dst, src, stream, direction, split_at, kernel_blocks, separate=chosen == "split")
@@ -257,15 +303,47 @@ def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, 
             # Nothing of the kernel part was enqueued (the extension checks before it launches): the engines take it.
             _warn_kernel_failure(exc)
             chosen, split_at = "engine", nbytes
-    else:
-        split_at = nbytes
     if split_at > 0:
         with torch.cuda.stream(stream):
             dst[:split_at].copy_(src[:split_at], non_blocking=True)
     if chosen == "split":
         stream.wait_stream(copy_stream(stream.device, direction + "-kernel"))
-    _record(direction, chosen if chosen != "split" else f"split (engines {split_at / nbytes:.0%})")
     return chosen
+
+
+def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str,
+                       kernel_blocks: int) -> str:
+    device = stream.device.index if stream.device.index is not None else torch.cuda.current_device()
+    nbytes = dst.numel()
+    probe = AUTO_PROBE_BYTES // _SPLIT_ALIGN * _SPLIT_ALIGN
+    with _state_lock:
+        verdict = str(_last_probe.get(device, {}).get("verdict", "engine"))
+    if probe <= 0 or nbytes < max(AUTO_PROBE_MIN_BYTES, 2 * probe) or not stream.query():
+        # Too small to measure, or queued behind other work (waiting would stall the caller): the last verdict.
+        ran = _issue(dst, src, stream, direction, verdict, 0, kernel_blocks)
+        _record(direction, f"{ran} (auto, last probe)")
+        return ran
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    marks[0].record(stream)
+    _issue(dst[:probe], src[:probe], stream, direction, "engine", 0, kernel_blocks)
+    marks[1].record(stream)
+    kernel_ran = _issue(dst[probe:2 * probe], src[probe:2 * probe], stream, direction, "kernel", 0,
+                        kernel_blocks) == "kernel"  # else it could not launch and the engines did its part
+    marks[2].record(stream)
+    marks[2].synchronize()
+    engine_s = marks[0].elapsed_time(marks[1]) / 1e3
+    kernel_s = marks[1].elapsed_time(marks[2]) / 1e3
+    engine_gbps = probe / engine_s / 1e9 if engine_s > 0 else float("inf")
+    kernel_gbps = probe / kernel_s / 1e9 if kernel_s > 0 else float("inf")
+    verdict = "kernel" if kernel_ran and kernel_gbps > engine_gbps else "engine"
+    with _state_lock:
+        _last_probe[device] = {"verdict": verdict, "engine_gbps": engine_gbps, "kernel_gbps": kernel_gbps,
+                               "probe_bytes": probe}
+    ran = _issue(dst[2 * probe:], src[2 * probe:], stream, direction, verdict, 0, kernel_blocks)
+    _record(direction, f"{ran} (auto, probe: engines {engine_gbps:.1f} GB/s, kernel {kernel_gbps:.1f} GB/s)")
+    logger.debug("copy-path probe on cuda:%d: engines %.1f GB/s, kernel %.1f GB/s -> %s", device, engine_gbps,
+                 kernel_gbps, ran)
+    return ran
 
 
 def _issue_kernel_part(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str, start: int,
@@ -274,6 +352,7 @@ def _issue_kernel_part(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.
     stream ordered after ``stream``'s work so far, so the engines' part on ``stream`` runs at the same time."""
     native = native_module()
     device = stream.device.index if stream.device.index is not None else torch.cuda.current_device()
+    prepare_kernels(device)
     run_on = stream
     if separate:
         run_on = copy_stream(stream.device, direction + "-kernel")

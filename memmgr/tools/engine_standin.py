@@ -56,11 +56,11 @@ def _serve(conn: Any, device: int) -> None:
                     free, _ = torch.cuda.mem_get_info(device)
                     nbytes = int(free * fraction)
                 nbytes = max(_ALIGN, nbytes // _ALIGN * _ALIGN)
-                block = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{device}")
+                # Only `held` refers to the block: a local name would keep it alive through release().
+                held.append(torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{device}"))
                 if fill:
-                    block.fill_(0x5A)  # an engine writes what it allocates (weights, KV cache)
+                    held[-1].fill_(0x5A)  # an engine writes what it allocates (weights, KV cache)
                 torch.cuda.synchronize(device)
-                held.append(block)
                 conn.send(("ok", {"bytes": nbytes, "seconds": time.perf_counter() - t0,
                                   "held_bytes": sum(b.numel() for b in held)}))
             elif command == "release":
