@@ -10,7 +10,8 @@ What it measures (GB/s = 1e9 bytes/s, CUDA-event time on the copy stream):
   and in ``after_release`` a helper process (memmgr.tools.engine_standin, started once) allocates and writes
   ``--other-gib`` of GPU memory and frees it (empty_cache) right before. Then the probe allocates the device side
   fresh (h2d: the destination; d2h: the source, filled on the GPU) and copies ``--size-gib`` pinned->device or
-  device->pinned with each path: ``engine``, ``kernel``, and ``split`` at each engine fraction of ``--splits``.
+  device->pinned with each path of ``--paths``: ``engine``, ``kernel``, ``auto``, ``split`` at each engine fraction
+  of ``--splits``, and ``engineN`` (the engines on N streams at once).
   Every copy's bytes are checked (h2d: all of them on the GPU; d2h: sampled windows and every split point).
 - ``warm``: the same copies into/out of device memory allocated once, long before (no release anywhere).
   ``auto`` is the policy of memmgr.transfer (h2d: a probe of both paths on the first 2 x 64 MiB decides).
@@ -61,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--scenarios", default="warm,alone,after_release")
     p.add_argument("--flat-cycles", type=int, default=3, help="FlatTensors cycles per path and scenario (0 skips)")
     p.add_argument("--directions", default="h2d,d2h")
+    p.add_argument("--paths", default="engine,kernel,auto,split",
+                   help="paths to compare: engine, kernel, auto, split (at each --splits fraction), and engineN: the "
+                        "copy engines on N streams at once, each with 1/N of the bytes (probe only, not a memmgr path)")
     return p.parse_args(argv)
 
 
@@ -89,7 +93,11 @@ class Probe:
         end = torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
             start.record(stream)
-            ran = issue_copy(dst, src, stream, path=path, engine_fraction=fraction, kernel_blocks=blocks)
+            if path.startswith("engine") and path[6:].isdigit():
+                self.multi_engine(direction, dst, src, int(path[6:]), stream)
+                ran = path
+            else:
+                ran = issue_copy(dst, src, stream, path=path, engine_fraction=fraction, kernel_blocks=blocks)
             end.record(stream)
         end.synchronize()
         return dst.numel() / (start.elapsed_time(end) / 1e3) / 1e9, ran
@@ -161,11 +169,29 @@ class Probe:
         return rows
 
     def configs(self) -> list[tuple[str, float | None]]:
-        configs: list[tuple[str, float | None]] = [("engine", None)]
-        if self.kernels:
-            configs += [("kernel", None), ("auto", None)]
-            configs += [("split", float(f)) for f in self.args.splits.split(",") if f.strip()]
+        configs: list[tuple[str, float | None]] = []
+        for path in [p.strip() for p in self.args.paths.split(",") if p.strip()]:
+            if path in ("kernel", "auto", "split") and not self.kernels:
+                continue
+            if path == "split":
+                configs += [("split", float(f)) for f in self.args.splits.split(",") if f.strip()]
+            else:
+                configs.append((path, None))
         return configs
+
+    def multi_engine(self, direction: str, dst: torch.Tensor, src: torch.Tensor, streams: int,
+                     stream: torch.cuda.Stream) -> None:
+        """The copy engines on several streams at once, each on a contiguous 1/streams of the bytes."""
+        n = dst.numel()
+        bounds = [0] + [n * i // streams // 4096 * 4096 for i in range(1, streams)] + [n]
+        helpers = [copy_stream(self.dev, f"{direction}-x{i}") for i in range(1, streams)]
+        for h in helpers:
+            h.wait_stream(stream)
+        for i, s in enumerate([stream] + helpers):
+            with torch.cuda.stream(s):
+                dst[bounds[i]:bounds[i + 1]].copy_(src[bounds[i]:bounds[i + 1]], non_blocking=True)
+        for h in helpers:
+            stream.wait_stream(h)
 
     def scenarios(self, engine: EngineStandin | None) -> list[dict]:
         rows = []

@@ -144,11 +144,15 @@ DEFAULT_ENGINE_FRACTION = 0.5
 #   the kernel ran at 51.3-51.4 (0.93x) in every case; splits were slower than the kernel alone in every case
 #   (32-44 GB/s: the two paths slow each other down on reads from the host). So neither path is best in both states,
 #   and 'auto' asks the link: a large copy issued on an idle stream starts with AUTO_PROBE_BYTES through the engines
-#   and the next AUTO_PROBE_BYTES through the kernel, waits for both (~2.5 ms), and copies the rest with whichever
-#   was faster; copies that cannot probe (small, or queued behind other work) reuse the device's last verdict.
+#   and the next AUTO_PROBE_BYTES through the kernel, waits for both (~2.5 ms), and copies the rest with the kernel
+#   only if it was more than AUTO_KERNEL_MARGIN times faster; copies that cannot probe (small, or queued behind
+#   other work) reuse the device's last verdict. The margin: a 64 MiB probe undersells the engines (48-51 GB/s on
+#   memory where a whole copy runs at 55) but not the kernel (50.9), so on free engines the kernel probe read
+#   0.99-1.05x the engine probe; right after a release it read 1.7-2.6x (engines 19-29.5 GB/s, kernel 49.5-50.5).
 AUTO_POLICY: dict[str, str] = {"h2d": "probe", "d2h": "engine"}
 AUTO_PROBE_MIN_BYTES = 512 << 20
 AUTO_PROBE_BYTES = 64 << 20
+AUTO_KERNEL_MARGIN = 1.3
 
 _last_paths: dict[str, str] = {}
 _last_probe: dict[int, dict[str, float | str]] = {}  # per device: the last probe's speeds and verdict
@@ -335,7 +339,7 @@ def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.
     kernel_s = marks[1].elapsed_time(marks[2]) / 1e3
     engine_gbps = probe / engine_s / 1e9 if engine_s > 0 else float("inf")
     kernel_gbps = probe / kernel_s / 1e9 if kernel_s > 0 else float("inf")
-    verdict = "kernel" if kernel_ran and kernel_gbps > engine_gbps else "engine"
+    verdict = "kernel" if kernel_ran and kernel_gbps > AUTO_KERNEL_MARGIN * engine_gbps else "engine"
     with _state_lock:
         _last_probe[device] = {"verdict": verdict, "engine_gbps": engine_gbps, "kernel_gbps": kernel_gbps,
                                "probe_bytes": probe}
