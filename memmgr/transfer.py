@@ -3,8 +3,9 @@
 Two ways move bytes between a GPU and pinned host memory:
 
 - ``engine``: ``Tensor.copy_``, which runs on the GPU's copy engines (DMA). At the link's peak when the engines are
-  free; but for a few seconds after another process released GPU memory the driver keeps them busy and a
-  host->device copy runs at about half the link's speed.
+  free; but for a while after GPU memory was given back to the driver (by another process, or by this one's
+  ``empty_cache``) a host->device copy runs at about half the link's speed (measured: ~0.35 s after a 48 GiB release
+  on an H200; ~2 s elsewhere), also on several streams at once. Device->host copies are not affected.
 - ``kernel``: the extension's copy kernel (csrc/copy_kernels.cu): the SMs load and store across the link through the
   host buffer's mapped address (zero-copy). Unaffected by busy copy engines; it occupies SM slots while it runs and
   needs the native extension and pinned host memory.
@@ -136,7 +137,7 @@ _SPLIT_ALIGN = 4096
 DEFAULT_ENGINE_FRACTION = 0.5
 
 # What 'auto' does, from benchmarks/copy_path_probe.py on an H200 (PCIe Gen5 x16, pinned-copy peak 55.2 GB/s each
-# way; benchmarks/results/2026-11-29/h200-copy-paths-1/), 8 GiB copies into or out of freshly allocated memory:
+# way; benchmarks/results/2026-11-29/h200-copy-paths-{1,2,3}/), 8 GiB copies into or out of freshly allocated memory:
 # - device->host: the engines ran at 55.2 GB/s whether or not another process had just released memory; the kernel
 #   52.4, engines+kernel splits 53.3-54.4. So 'auto' uses the engines.
 # - host->device: the engines ran at 55.3 on memory allocated long before, but at 31.4 right after another process
