@@ -24,7 +24,7 @@ with cpu_megatron():
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
-    from memmgr.bench_megatron import build_gpt, train_step
+    from memmgr.tools.bench_megatron import build_gpt, train_step
     from memmgr.integrations.megatron import for_megatron
 
     ddp, opt = build_gpt(layers=24, hidden=256, heads=8, ffn=1024, vocab=1000, seq=16, cpu_init=True)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import memmgr  # noqa: E402
-from memmgr.bench import GB, GiB, _process_gpu_bytes, checksum, make_state, pinned_peak, timed  # noqa: E402
+from memmgr.tools.bench import GB, GiB, process_gpu_bytes, checksum, make_state, pinned_peak, timed  # noqa: E402
 from memmgr.host_memory import HostMemoryPool  # noqa: E402
 from memmgr.manager import MemoryManager  # noqa: E402
 from memmgr.ordered import onload_in_order, record_first_use  # noqa: E402
@@ -89,13 +89,13 @@ def swap_section(peak: dict, gib: float, margin_mib: int, reps: int) -> dict:
     cur_on, cur_off = b, a
     for i in range(reps):
         torch.cuda.synchronize()
-        used0 = _process_gpu_bytes(DEV)
+        used0 = process_gpu_bytes(DEV)
         r = swap(out=cur_on, into=cur_off, margin_bytes=margin_mib * MiB)
         torch.cuda.synchronize()
         row = r.as_dict()
         row["ratio_to_one_way_peak"] = r.gbps / one_way
         row["ratio_to_both_peak"] = r.gbps / peak["both"] if peak.get("both") else None
-        row["nvml_after_minus_before"] = (_process_gpu_bytes(DEV) - used0) if used0 is not None else None
+        row["nvml_after_minus_before"] = (process_gpu_bytes(DEV) - used0) if used0 is not None else None
         row["direction"] = "b->a" if cur_on is b else "a->b"
         runs.append(row)
         cur_on, cur_off = cur_off, cur_on
@@ -280,7 +280,7 @@ def budget_section(state_gb: float, budget_gib: float) -> dict:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     free0 = torch.cuda.mem_get_info(DEV)[0]
-    nv0 = _process_gpu_bytes(DEV)
+    nv0 = process_gpu_bytes(DEV)
     alloc0 = torch.cuda.memory_allocated(DEV)
     t0 = time.perf_counter()
     plan = mgr.offload(budget_bytes=n)
@@ -288,7 +288,7 @@ def budget_section(state_gb: float, budget_gib: float) -> dict:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     free1 = torch.cuda.mem_get_info(DEV)[0]
-    nv1 = _process_gpu_bytes(DEV)
+    nv1 = process_gpu_bytes(DEV)
     out["plan"] = [list(item) for item in plan]
     out["plan_equals_dry_run"] = list(plan) == list(dry)
     out["moved_bytes"] = plan.planned_bytes

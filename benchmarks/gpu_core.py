@@ -15,7 +15,7 @@ import traceback
 import torch
 
 import memmgr
-from memmgr.bench import GB, GiB, pinned_peak, timed
+from memmgr.tools.bench import GB, GiB, pinned_peak, timed
 
 DEV = torch.device("cuda", 0)
 

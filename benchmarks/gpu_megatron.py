@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import memmgr  # noqa: E402
 from memmgr import nvml  # noqa: E402
 from memmgr.host_memory import HostMemoryPool  # noqa: E402
-from memmgr.bench import DEFAULT_PHASE_GAP_S, checksum  # noqa: E402
-from memmgr.bench_megatron import (MegatronBuiltinMethod, MegatronState, build_gpt,  # noqa: E402
+from memmgr.tools.bench import DEFAULT_PHASE_GAP_S, checksum  # noqa: E402
+from memmgr.tools.bench_megatron import (MegatronBuiltinMethod, MegatronState, build_gpt,  # noqa: E402
                                    train_step)
 from memmgr.integrations.megatron import for_megatron  # noqa: E402
 
@@ -81,7 +81,7 @@ def init_distributed() -> dict:
 
 
 def build(*, cpu_init: bool = True, **model: Any) -> tuple[Any, Any]:
-    """memmgr.bench_megatron.build_gpt, with CPU initialization by default (the same weights on every run)."""
+    """memmgr.tools.bench_megatron.build_gpt, with CPU initialization by default (the same weights on every run)."""
     return build_gpt(cpu_init=cpu_init, **model)
 
 
@@ -347,7 +347,7 @@ def section_speed_and_memory(args, baseline: dict, results: dict) -> None:
 
 
 def builtin_cycles(ddp, opt, reference: dict, peak: dict, cycles: int, baseline: dict, phase_gap_s: float) -> dict:
-    """megatron-core's own offload helpers on the same state (memmgr.bench_megatron.MegatronBuiltinMethod)."""
+    """megatron-core's own offload helpers on the same state (memmgr.tools.bench_megatron.MegatronBuiltinMethod)."""
     state = MegatronState(ddp, opt)
     method = MegatronBuiltinMethod(state)
     reason = method.available()

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import memmgr  # noqa: E402
 from memmgr import nvml  # noqa: E402
-from memmgr.report import GiB, Ledger, format_table, gpu_categories, plot_timeline  # noqa: E402
+from memmgr.ledger import GiB, Ledger, gpu_categories  # noqa: E402
+from memmgr.tools.report import format_table, plot_timeline  # noqa: E402
 
 HAVE_MEGATRON_INTEGRATION = (Path(memmgr.__file__).parent / "integrations" / "megatron.py").exists()
 

@@ -48,7 +48,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import memmgr  # noqa: E402
 from memmgr.sync import ModuleWeightLoader, WeightReceiver, WeightSender, init_sync_group  # noqa: E402
-from memmgr.sync import _Comm  # noqa: E402  (the benchmark's own untimed checks use the same pair groups)
+from memmgr.sync.comm import Comm  # noqa: E402  (the benchmark's own untimed checks use the same pair groups)
 
 GB = 1e9
 GiB = 2**30
@@ -424,7 +424,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
         def peaks() -> None:
             res: dict[str, Any] = {}
             if cuda:
-                from memmgr.measure import measure_pinned_peak
+                from memmgr.tools.measure import measure_pinned_peak
 
                 dist.barrier()
                 res["pinned"] = measure_pinned_peak(nbytes=args.peak_mb * 2**20, device=device)
@@ -434,7 +434,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
             best: dict[str, float] = {}
 
             def one(edge: int, side: str) -> None:  # best of 3 after a warm-up, timed on each side
-                comm = _Comm(groups[edge])
+                comm = Comm(groups[edge])
                 for i in range(4):
                     comm.broadcast(tiny, src_index[edge]).wait()
                     sync_device(device)
@@ -512,7 +512,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
                 res: dict[str, Any] = {}
 
                 def send() -> None:
-                    comm = _Comm(groups[send_edge])
+                    comm = Comm(groups[send_edge])
                     with mgr.weight_sync() as weights:
                         for _, t in weights.items():
                             comm.broadcast(t.detach().contiguous(), src_index[send_edge]).wait()
@@ -523,7 +523,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
                         del logits
 
                 def recv() -> None:
-                    comm = _Comm(groups[recv_edge])
+                    comm = Comm(groups[recv_edge])
                     targets = dict(engine.model.named_parameters())
                     targets.update(dict(engine.model.named_buffers()))
                     bad = []

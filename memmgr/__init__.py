@@ -38,7 +38,7 @@ def __getattr__(name: str):
         from memmgr.swap import swap
 
         return swap
-    if name in ("report", "sync", "doctor", "bench", "budget", "ordered"):
+    if name in ("ledger", "sync", "budget", "ordered", "tools"):
         import importlib
 
         return importlib.import_module(f"memmgr.{name}")

@@ -74,6 +74,8 @@ def allocate_host_buffer(nbytes: int, pin: bool | None = None, num_threads: int 
         if not pin:
             return HostBuffer(tensor, False, "pageable")
         ptr = tensor.data_ptr()
+        if nbytes > 0 and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available to pin host memory")
         if nbytes > 0:
             err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
             if err != 0:
@@ -155,17 +157,18 @@ class HostMemoryPool:
             b.release()
         return sum(b.nbytes for b in bufs)
 
+    def buffers(self) -> list[HostBuffer]:
+        """Every buffer the pool handed out or keeps for reuse (a snapshot)."""
+        with self._lock:
+            return list(self._in_use.values()) + [b for lst in self._free.values() for b in lst]
+
     @property
     def bytes_held(self) -> int:
-        with self._lock:
-            return sum(b.nbytes for b in self._in_use.values()) + sum(
-                b.nbytes for lst in self._free.values() for b in lst)
+        return sum(b.nbytes for b in self.buffers())
 
     @property
     def pinned_bytes_held(self) -> int:
-        with self._lock:
-            bufs = list(self._in_use.values()) + [b for lst in self._free.values() for b in lst]
-        return sum(b.nbytes for b in bufs if b.pinned)
+        return sum(b.nbytes for b in self.buffers() if b.pinned)
 
     def __repr__(self) -> str:
         return f"HostMemoryPool(bytes_held={self.bytes_held})"

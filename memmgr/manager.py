@@ -306,7 +306,7 @@ class MemoryManager:
 
     # ---- reports ----
     def attach_ledger(self, ledger: Any) -> None:
-        """Records a snapshot in ``ledger`` (memmgr.report.Ledger) after every offload, onload and phase change."""
+        """Records a snapshot in ``ledger`` (memmgr.ledger.Ledger) after every offload, onload and phase change."""
         self._ledger = ledger
 
     def _record(self, label: str) -> None:

@@ -1,7 +1,7 @@
 """memmgr bench on the CPU path: every method round-trips the state intact, and the report compares honestly."""
 import torch
 
-from memmgr import bench
+from memmgr.tools import bench
 
 
 def test_every_cpu_method_round_trips_the_state_intact_and_frees_in_place():

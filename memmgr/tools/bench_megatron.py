@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from memmgr.bench import MemmgrMethod, Method, PerTensorMethod, TrainingState, memmgr_cycles, run_method
+from memmgr.tools.bench import MemmgrMethod, Method, PerTensorMethod, TrainingState, memmgr_cycles, run_method
 
 logger = logging.getLogger("memmgr")
 
@@ -186,13 +186,13 @@ def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = N
                           progress: Any = None, phase_gap_s: float = 0.0) -> dict:
     """Builds the GPT, takes one step, and times each method on it. Returns {"model", "description", "loss_step1",
     "state_bytes", "results": [MethodResult.summary(...)]}."""
-    from memmgr.bench import _process_gpu_bytes
+    from memmgr.tools.bench import process_gpu_bytes
 
     device = torch.device("cuda", torch.cuda.current_device())
     created_group = not torch.distributed.is_initialized()
     init_single_process()
     torch.cuda.empty_cache()
-    baseline = (_process_gpu_bytes(device), torch.cuda.memory_reserved(device))
+    baseline = (process_gpu_bytes(device), torch.cuda.memory_reserved(device))
     free = torch.cuda.mem_get_info(device)[0]
     model = dict(GPT_1_3B, layers=layers_that_fit(free))
     logger.info("Megatron workload: GPT %s", model)

@@ -140,7 +140,7 @@ def pinned_peak(device: torch.device, nbytes: int = 2 * GiB, repeats: int = 10) 
         dst = torch.empty_like(src)
         best = min(timed(lambda: dst.copy_(src), device) for _ in range(repeats))
         return {"d2h": nbytes / best / GB, "h2d": nbytes / best / GB, "both": 2 * nbytes / best / GB}
-    from memmgr.measure import measure_pinned_peak
+    from memmgr.tools.measure import measure_pinned_peak
 
     return measure_pinned_peak(nbytes, device, iters=repeats)
 
@@ -345,7 +345,7 @@ class MethodResult:
         return out
 
 
-def _process_gpu_bytes(device: torch.device) -> int | None:
+def process_gpu_bytes(device: torch.device) -> int | None:
     """This process's GPU memory as NVML sees it (the driver's device-wide figure where NVML cannot say)."""
     if device.type != "cuda":
         return None
@@ -370,20 +370,20 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if baseline is None:
-        baseline = (_process_gpu_bytes(device), torch.cuda.memory_reserved(device) if device.type == "cuda" else 0)
+        baseline = (process_gpu_bytes(device), torch.cuda.memory_reserved(device) if device.type == "cuda" else 0)
     gpu_baseline, reserved_baseline = baseline
     state = method.make_state(copied_bytes, device) if getattr(method, "allocates_own_state", False) else make()
     result = MethodResult(method.name, method.description, state.copied_bytes, state.dropped_bytes, state.num_tensors)
     try:
         before = checksum(state.copied)
         result.setup_s = timed(lambda: method.setup(state), device)
-        loaded = _process_gpu_bytes(device)
+        loaded = process_gpu_bytes(device)
         for cycle in range(cycles):
             result.offload_s.append(timed(lambda: method.offload(state), device))
             if cycle == 0:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                after = _process_gpu_bytes(device)
+                after = process_gpu_bytes(device)
                 if loaded is not None and after is not None:
                     result.gpu_released_bytes = loaded - after
                     result.gpu_left_over_bytes = after - gpu_baseline if gpu_baseline is not None else None
@@ -483,7 +483,7 @@ def _megatron_section(device: torch.device, wanted: bool | None, peak: dict, cyc
     megatron-core is installed and a GPU is present (``wanted`` None: whenever it can run; False: never)."""
     if wanted is False:
         return None
-    from memmgr import bench_megatron
+    from memmgr.tools import bench_megatron
 
     reason = bench_megatron.unavailable_reason()
     if reason:
