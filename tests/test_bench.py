@@ -1,7 +1,7 @@
 """memmgr bench on the CPU path: every method round-trips the state intact, and the report compares honestly."""
 import torch
 
-from memmgr.tools import bench
+from memmgr.tools import bench, bench_methods
 
 
 def test_every_cpu_method_round_trips_the_state_intact_and_frees_in_place():
@@ -47,7 +47,7 @@ def test_report_names_why_the_megatron_workload_did_not_run():
 
 
 def test_checksum_sees_one_changed_byte_in_aligned_odd_sized_and_misaligned_tensors(monkeypatch):
-    monkeypatch.setattr(bench, "_CHECKSUM_CHUNK", 5)  # several chunks even for small tensors
+    monkeypatch.setattr(bench_methods, "_CHECKSUM_CHUNK", 5)  # several chunks even for small tensors
     backing = torch.arange(103, dtype=torch.uint8)
     tensors = [torch.arange(40, dtype=torch.float32), backing[:99], backing[1:]]  # aligned, odd size, offset 1
     before = bench.checksum(tensors)

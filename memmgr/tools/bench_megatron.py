@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from memmgr.tools.bench import MemmgrMethod, Method, PerTensorMethod, TrainingState, memmgr_cycles, run_method
+from memmgr.tools.bench_methods import MemmgrMethod, Method, PerTensorMethod, TrainingState, memmgr_cycles, run_method
 
 logger = logging.getLogger("memmgr")
 
@@ -106,17 +106,17 @@ class MegatronState(TrainingState):
     def __init__(self, ddp: Any, opt: Any):
         self.ddp, self.opt = ddp, opt
 
-    def _buffers(self) -> list:
+    def buffers(self) -> list:
         return list(self.ddp.buffers) + list(getattr(self.ddp, "expert_parallel_buffers", []) or [])
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return {f"buffer{i}.param_data": b.param_data for i, b in enumerate(self._buffers())
+        return {f"buffer{i}.param_data": b.param_data for i, b in enumerate(self.buffers())
                 if b.param_data is not None}
 
     @property
     def grads(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return {f"buffer{i}.grad_data": b.grad_data for i, b in enumerate(self._buffers()) if b.grad_data is not None}
+        return {f"buffer{i}.grad_data": b.grad_data for i, b in enumerate(self.buffers()) if b.grad_data is not None}
 
     @property
     def main_weights(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
@@ -158,7 +158,7 @@ class MegatronBuiltinMethod(Method):
 
     def available(self) -> str | None:
         ddp, opt = self.state.ddp, self.state.opt
-        buffers = self.state._buffers()
+        buffers = self.state.buffers()
         missing = [name for name, ok in (
             ("DDP.offload_grad_buffers/restore_grad_buffers",
              hasattr(ddp, "offload_grad_buffers") and hasattr(ddp, "restore_grad_buffers")),
@@ -170,14 +170,14 @@ class MegatronBuiltinMethod(Method):
 
     def offload(self, state):
         state.ddp.offload_grad_buffers()
-        for b in state._buffers():
+        for b in state.buffers():
             b.offload_to_cpu(move_params=True, move_grads=False)
         state.opt.offload_to_cpu()
         torch.cuda.empty_cache()
 
     def onload(self, state):
         state.ddp.restore_grad_buffers()
-        for b in state._buffers():
+        for b in state.buffers():
             b.reload_from_cpu(move_params=True, move_grads=False)
         state.opt.restore_from_cpu()
 
@@ -186,7 +186,7 @@ def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = N
                           progress: Any = None, phase_gap_s: float = 0.0) -> dict:
     """Builds the GPT, takes one step, and times each method on it. Returns {"model", "description", "loss_step1",
     "state_bytes", "results": [MethodResult.summary(...)]}."""
-    from memmgr.tools.bench import process_gpu_bytes
+    from memmgr.tools.bench_methods import process_gpu_bytes
 
     device = torch.device("cuda", torch.cuda.current_device())
     created_group = not torch.distributed.is_initialized()
