@@ -118,8 +118,8 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 def pinned_peak(device: torch.device, nbytes: int = 2 * GiB, repeats: int = 10) -> dict[str, float]:
     """GB/s of one large copy each way, and both ways at once on two streams, into pinned memory: the best of
-    ``repeats``, because the link's throughput drifts by up to ~15% from one copy to the next (H100, 2026-11-21 run
-    L) and a peak taken from three copies could land in a slow stretch and flatter every ratio."""
+    ``repeats``, because the link's throughput can drift by up to ~15% from one copy to the next, and a peak taken
+    from a few copies could land in a slow stretch and flatter every ratio."""
     if device.type != "cuda":
         src = torch.empty(nbytes, dtype=torch.uint8)
         src.fill_(1)
