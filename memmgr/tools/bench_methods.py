@@ -347,10 +347,12 @@ def process_gpu_bytes(device: torch.device) -> int | None:
 
 def run_method(method: Method, copied_bytes: float, device: torch.device, cycles: int,
                make: Callable[[], TrainingState], baseline: tuple[int | None, int] | None = None,
-               phase_gap_s: float = 0.0) -> MethodResult:
+               phase_gap_s: float = 0.0, between: Callable[[], object] | None = None) -> MethodResult:
     """Times ``cycles`` offload/onload rounds of one method, with an untimed pause of ``phase_gap_s`` after each
-    offload and each onload (the phases in between). ``baseline``: (NVML bytes, memory_reserved) before the state
-    existed, when ``make`` returns a state built earlier (the Megatron workload); else measured here."""
+    offload and each onload (the phases in between). ``between``, if given, replaces the pause after each offload
+    (e.g. an engine in another process taking the freed memory and releasing it: ``EngineStandIn.cycle``), so the
+    onload starts right after it returns. ``baseline``: (NVML bytes, memory_reserved) before the state existed,
+    when ``make`` returns a state built earlier (the Megatron workload); else measured here."""
     gc.collect()  # a model freed by the previous method may still sit in reference cycles
     _sync(device)
     if device.type == "cuda":
@@ -376,7 +378,10 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
                 if device.type == "cuda":
                     result.torch_reserved_left_over = torch.cuda.memory_reserved(device) - reserved_baseline
                 result.host_bytes = method.host_bytes()
-            time.sleep(phase_gap_s)
+            if between is not None:
+                between()
+            else:
+                time.sleep(phase_gap_s)
             result.onload_s.append(timed(lambda: method.onload(state), device))
             time.sleep(phase_gap_s)
         result.intact = checksum(state.copied) == before
