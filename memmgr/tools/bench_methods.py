@@ -319,7 +319,7 @@ class MethodResult:
 
     def summary(self, peak: dict[str, float]) -> dict:
         out = asdict(self)
-        if self.offload_s:
+        if self.offload_s and self.onload_s:  # a method that failed part-way reports its error instead
             steady_off = statistics.median(self.offload_s[1:] or self.offload_s)
             steady_on = statistics.median(self.onload_s[1:] or self.onload_s)
             out.update(cycles=len(self.offload_s), first_offload_gbps=self.gbps(self.offload_s[0]),
