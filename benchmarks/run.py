@@ -215,6 +215,9 @@ def setup(setup_dir: Path, env: dict[str, str]) -> dict[str, str]:
     build_env = dict(env, MEMMGR_BUILD_EXT="1")
     rc, _ = sh([PY, "setup.py", "-q", "build_ext", "--inplace"], setup_dir / "build.log", build_env, 300, cwd=str(ROOT))
     log(f"setup: native extension built in place: {'ok' if rc == 0 else f'FAILED (rc {rc}), see setup/build.log'}")
+    if rc != 0:  # the steps still run, on the pure-Python path; the build's last lines say why
+        for ln in shown_lines(setup_dir / "build.log", "", tail=20):
+            log(f"   {ln}")
     # the `memmgr` command and the package's metadata; the extension is built already, the imports come from ROOT
     rc, _ = sh([PY, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", str(ROOT)],
                setup_dir / "build.log", dict(env, MEMMGR_BUILD_EXT="0"), 180, cwd=str(ROOT))
