@@ -130,7 +130,7 @@ def onload_strategies(hosts: list[torch.Tensor]) -> dict:
 
 def warmed_memmgr(gib: float):
     """The bench's state under memmgr, after one full cycle (host buffers pinned, copy streams made)."""
-    from memmgr.tools.bench import MemmgrMethod, make_state
+    from memmgr.tools.bench_methods import MemmgrMethod, make_state
 
     state = make_state(gib * GiB, torch.device("cuda"))
     m = MemmgrMethod()

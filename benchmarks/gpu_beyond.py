@@ -38,7 +38,7 @@ from memmgr.host_memory import HostMemoryPool
 from memmgr.manager import MemoryManager
 from memmgr.ordered import onload_in_order, record_first_use
 from memmgr.swap import swap
-from memmgr.tools.bench import make_state
+from memmgr.tools.bench_methods import make_state
 
 DEV = torch.device("cuda", 0)
 

@@ -41,7 +41,7 @@ from lab import bits, positions, timed, world
 from memmgr import nvml
 from memmgr.host_memory import HostMemoryPool
 from memmgr.integrations.megatron import for_megatron
-from memmgr.tools.bench import DEFAULT_PHASE_GAP_S, checksum
+from memmgr.tools.bench_methods import DEFAULT_PHASE_GAP_S, checksum
 from memmgr.tools.bench_megatron import MegatronBuiltinMethod, MegatronState, train_step
 
 lab.megatron_env()  # deterministic cuBLAS for the equivalence section, before any cuBLAS call

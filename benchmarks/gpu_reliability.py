@@ -37,9 +37,9 @@ import torch
 import lab
 import memmgr
 from lab import GiB, MiB, bits, sync, timed
-from memmgr import (BucketizedFlatTensors, BucketState, HostMemoryPool, MemmgrCorruptionError, MemmgrOutOfMemoryError,
-                    MemoryManager)
-from memmgr.flat_tensors import bucket_checksum
+from memmgr import (BucketizedFlatTensors, BucketState, GroupState, HostMemoryPool, MemmgrCorruptionError,
+                    MemmgrOutOfMemoryError, MemoryManager)
+from memmgr.checksum import bucket_checksum
 
 TENSOR_BYTES = 256 * MiB
 
@@ -150,7 +150,7 @@ def section_oom(sec: Section, device: torch.device, pool: HostMemoryPool, gib: f
     sec.data["buckets"] = len(group.buckets)
     group.offload()
     torch.cuda.empty_cache()
-    sec.check("offloaded", group.state is BucketState.ON_HOST and group.device_bytes == 0)
+    sec.check("offloaded", group.state is GroupState.ON_HOST and group.device_bytes == 0)
     filler = fill_gpu(device)
     sec.data["free_after_fill"] = torch.cuda.mem_get_info(device)[0]
     # leave room for a few buckets but not the group, so onload allocates some buckets before it fails and must
@@ -189,7 +189,7 @@ def section_oom(sec: Section, device: torch.device, pool: HostMemoryPool, gib: f
     torch.cuda.empty_cache()
     t = timed(group.onload)
     sec.data["retry_onload_s"] = round(t, 3)
-    sec.check("retry_on_device", group.state is BucketState.ON_DEVICE and group.device_bytes == group.nbytes)
+    sec.check("retry_on_device", group.state is GroupState.ON_DEVICE and group.device_bytes == group.nbytes)
     bad = mismatches(tensors, specs, device)
     sec.check("retry_bit_exact", not bad, f"{len(bad)} tensors differ" if bad else None)
     release(group, pool)
@@ -435,7 +435,7 @@ def section_streams(sec: Section, device: torch.device, pool: HostMemoryPool) ->
     bad = [i for i, (r, (s, b, d)) in enumerate(zip(reads, specs)) if not torch.equal(r, bits(make_tensor(s, b, d,
                                                                                                         device)))]
     sec.check("d.back_to_back_offload_onload_bit_exact", not bad, bad or None)
-    sec.check("d.state_on_device", group.state is BucketState.ON_DEVICE and group.device_bytes == group.nbytes)
+    sec.check("d.state_on_device", group.state is GroupState.ON_DEVICE and group.device_bytes == group.nbytes)
     release(group, pool)
     del tensors, group, reads
     torch.cuda.empty_cache()
@@ -463,7 +463,7 @@ def section_verify(sec: Section, device: torch.device, pool: HostMemoryPool, gib
         msg = str(err)
         sec.data["message"] = msg
         sec.check("names_bucket_and_both_checksums", f"'{victim.name}'" in msg and msg.count("0x") >= 2)
-    sec.check("left_on_host", group.state is BucketState.ON_HOST and group.device_bytes == 0,
+    sec.check("left_on_host", group.state is GroupState.ON_HOST and group.device_bytes == 0,
               whole_state(group))
     store[pos] ^= 0x01
     group.onload()

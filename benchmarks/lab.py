@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from memmgr.tools import bench as _bench  # noqa: E402
+from memmgr.tools import bench_methods as _bench  # noqa: E402
 
 GB = 1e9
 GiB = 1 << 30
@@ -128,7 +128,8 @@ def sync(device: torch.device | None = None) -> None:
 
 
 def timed(fn: Callable[[], Any], device: torch.device | None = None) -> float:
-    """Wall seconds of ``fn()`` with the device synchronized before and after (memmgr bench's timer)."""
+    """Wall seconds of ``fn()`` with the device synchronized before and after (memmgr bench's timer,
+    memmgr.tools.bench_methods.timed)."""
     return _bench.timed(fn, device or default_device())
 
 
@@ -147,7 +148,8 @@ def cuda_timed(fn: Callable[[], Any], stream: torch.cuda.Stream | None = None) -
 
 def pinned_peak(device: torch.device | None = None, nbytes: int = 2 * GiB, repeats: int = 10) -> dict[str, Any]:
     """The pinned-copy peak of the link in GB/s, best of ``repeats`` each way and both ways at once
-    (memmgr.tools.measure.measure_pinned_peak through memmgr bench's helper): ``{"d2h", "h2d", "both", ...}``."""
+    (memmgr.tools.measure.measure_pinned_peak through memmgr.tools.bench_methods.pinned_peak, as memmgr bench
+    measures it): ``{"d2h", "h2d", "both", ...}``."""
     return _bench.pinned_peak(device or default_device(), nbytes=nbytes, repeats=repeats)
 
 

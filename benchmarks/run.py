@@ -80,7 +80,7 @@ def megatron_suite(ctx: Context, *extra: str, name: str = "megatron", timeout: i
                 show=r"^equivalence|^pinned|cycle|^reserved|^after offload|^selective|^onload|ERROR")
 
 
-def memmgr_bench(ctx: Context, *extra: str, name: str = "bench", timeout: int = 480) -> Step:
+def memmgr_bench(ctx: Context, *extra: str, name: str = "bench", timeout: int = 560) -> Step:
     return Step(name, [PY, "-m", "memmgr", "bench", "--out", str(ctx.work / name), *extra], timeout, cwd="/tmp")
 
 
