@@ -234,13 +234,16 @@ def check_contents(sec: Section, label: str, mgr: MemoryManager, contents, devic
 
 
 def interrupt_group_method(group: BucketizedFlatTensors, method: str) -> Callable[[], None]:
-    original = getattr(group, method)
+    """Makes ``method`` of the group's first bucket raise KeyboardInterrupt (the manager moves buckets, not whole
+    groups, so this is the moment the group's first transfer would be issued); returns the undo."""
+    bucket = group.buckets[0]
+    original = getattr(bucket, method)
 
     def boom(*args: Any, **kwargs: Any):
         raise KeyboardInterrupt(f"simulated interrupt at {group.name}.{method}")
 
-    setattr(group, method, boom)
-    return lambda: setattr(group, method, original)
+    setattr(bucket, method, boom)
+    return lambda: setattr(bucket, method, original)
 
 
 def section_interrupts(sec: Section, device: torch.device, pool: HostMemoryPool, trials: int) -> None:
