@@ -1,4 +1,4 @@
-"""Copy-path probe: host<->device copy speed of the copy engines, the copy kernel and a split of both, with the GPU's
+"""Copy-path probe (python benchmarks/copy_path_probe.py --out DIR): host<->device copy speed of the copy engines, the copy kernel and a split of both, with the GPU's
 memory fresh from another process's release and without, against the same run's pinned-copy peak.
 
 What it measures (GB/s = 1e9 bytes/s, CUDA-event time on the copy stream):
@@ -22,27 +22,28 @@ What it measures (GB/s = 1e9 bytes/s, CUDA-event time on the copy stream):
 - timeline: after one release, back-to-back 1 GiB copies with one path for ``--timeline-s`` seconds, to show how long
   the copy engines stay slow and whether the kernel is affected.
 
-Writes everything to ``--out`` (JSON) and prints a summary table. Needs a CUDA GPU, 2 x ``--size-gib`` of pinned
+Writes everything to DIR/copy_path_probe.json (with the run's metadata under ``meta``) and prints a summary table
+to stdout. Needs a CUDA GPU, 2 x ``--size-gib`` of pinned
 host memory, and the native extension with its kernels (otherwise only the engine rows are measured).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import memmgr  # noqa: E402
-from memmgr.host_memory import allocate_host_buffer  # noqa: E402
-from memmgr.tools.engine_standin import EngineStandin  # noqa: E402
-from memmgr.flat_tensors import FlatTensors  # noqa: E402
-from memmgr.transfer import copy_paths_status, copy_stream, issue_copy, kernels_available  # noqa: E402
+import lab
+import memmgr
+from memmgr._native import native_module
+from memmgr.flat_tensors import FlatTensors
+from memmgr.host_memory import allocate_host_buffer
+from memmgr.tools.engine_standin import EngineStandIn
+from memmgr.transfer import copy_paths_status, copy_stream, issue_copy, kernels_available
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -50,7 +51,7 @@ MiB = 1 << 20
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for copy_path_probe.json")
     p.add_argument("--size-gib", type=float, default=8.0, help="bytes per copy (GiB), default 8")
     p.add_argument("--other-gib", type=float, default=48.0,
                    help="GPU memory the helper process takes and releases before each after_release copy")
@@ -193,7 +194,7 @@ class Probe:
         for h in helpers:
             stream.wait_stream(h)
 
-    def scenarios(self, engine: EngineStandin | None) -> list[dict]:
+    def scenarios(self, engine: EngineStandIn | None) -> list[dict]:
         rows = []
         other = int(self.args.other_gib * GiB)
         for scenario in self.args.scenarios.split(","):
@@ -206,10 +207,8 @@ class Probe:
                         if scenario != "warm":
                             torch.cuda.empty_cache()
                         if scenario == "after_release":
-                            took = engine.take(other)
-                            rel = engine.release()
-                            released_at = rel["released_at"]
-                            helper = {"take_s": took["seconds"], "release_s": rel["seconds"], "bytes": took["bytes"]}
+                            helper = release_after_taking(engine, other)
+                            released_at = helper["released_at"]
                         dst, src = warm if warm is not None else self.fresh_device(direction)
                         self.poison(direction, dst, fraction)
                         since = time.time() - released_at if released_at is not None else None
@@ -227,7 +226,7 @@ class Probe:
                 del warm
         return rows
 
-    def flat_cycles(self, engine: EngineStandin | None) -> list[dict]:
+    def flat_cycles(self, engine: EngineStandIn | None) -> list[dict]:
         rows = []
         other = int(self.args.other_gib * GiB)
         saved = os.environ.get("MEMMGR_COPY_PATH")
@@ -245,8 +244,7 @@ class Probe:
                         off_ran = memmgr.backend_info().copy_path_last.get("d2h")
                         torch.cuda.empty_cache()
                         if scenario == "after_release":
-                            engine.take(other)
-                            engine.release()
+                            release_after_taking(engine, other)
                         t0 = time.perf_counter()
                         bucket.onload()
                         on_s = time.perf_counter() - t0
@@ -270,10 +268,9 @@ class Probe:
                 os.environ["MEMMGR_COPY_PATH"] = saved
         return rows
 
-    def timeline(self, engine: EngineStandin, path: str) -> list[dict]:
+    def timeline(self, engine: EngineStandIn, path: str) -> list[dict]:
         torch.cuda.empty_cache()
-        engine.take(int(self.args.other_gib * GiB))
-        released_at = engine.release()["released_at"]
+        released_at = release_after_taking(engine, int(self.args.other_gib * GiB))["released_at"]
         dst = torch.empty(self.n, dtype=torch.uint8, device=self.dev)
         chunk = min(GiB, self.n)
         points = []
@@ -288,6 +285,15 @@ class Probe:
         shown = points[::max(1, len(points) // 12)]
         print(f"timeline h2d {path}: " + ", ".join(f"{p['t']:.2f}s:{p['gbps']:.0f}" for p in shown), flush=True)
         return points
+
+
+def release_after_taking(engine: EngineStandIn, nbytes: int) -> dict:
+    """The other process takes (allocates and writes) ``nbytes`` of GPU memory, then releases it to the driver."""
+    t0 = time.perf_counter()
+    held = engine.occupy(nbytes)
+    t1 = time.perf_counter()
+    engine.release()
+    return {"bytes": held, "take_s": t1 - t0, "release_s": time.perf_counter() - t1, "released_at": time.time()}
 
 
 def summarize(result: dict) -> list[dict]:
@@ -310,10 +316,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("copy_path_probe: needs a CUDA GPU", file=sys.stderr)
         return 2
-    result: dict = {"args": vars(args), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "backend": memmgr.backend_info().describe(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                              time.gmtime())}
-    native = memmgr._native.native_module()
+    result: dict = {"meta": lab.metadata(), "args": vars(args), "device": torch.cuda.get_device_name(),
+                    "torch": torch.__version__, "backend": memmgr.backend_info().describe()}
+    native = native_module()
     if native is not None and hasattr(native, "kernel_copy_config"):
         result["kernel_config"] = dict(zip(("threads", "default_blocks"),
                                            native.kernel_copy_config(torch.cuda.current_device())))
@@ -324,7 +329,7 @@ def main(argv=None) -> int:
     engine = None
     try:
         if "after_release" in args.scenarios or args.timeline_s > 0:
-            engine = EngineStandin(device=probe.dev)
+            engine = EngineStandIn(probe.dev)
         result["peak"] = probe.peak()
         if probe.kernels and args.blocks:
             result["kernel_block_sweep"] = probe.block_sweep()
@@ -341,9 +346,7 @@ def main(argv=None) -> int:
     result["summary"] = summarize(result)
     result["errors"] = probe.errors
     result["seconds"] = time.perf_counter() - t_start
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    written = lab.write_json(Path(args.out) / "copy_path_probe.json", result, indent=1)
     print(f"\n{'scenario':14} {'dir':4} {'path':10} {'first':>6} {'median':>6} {'min':>6}  median/peak  min/peak")
     for r in result["summary"]:
         name = r["path"] + ("" if r["engine_fraction"] is None else f"@{r['engine_fraction']}")
@@ -353,7 +356,7 @@ def main(argv=None) -> int:
         print(f"flat {r['scenario']:14} {r['path']:6} #{r['cycle']}: offload {r['offload_gbps']:5.1f} GB/s "
               f"({r['offload_ran']}), onload {r['onload_gbps']:5.1f} GB/s ({r['onload_ran']})")
     print(f"peak h2d {result['peak']['h2d']['best']:.1f}, d2h {result['peak']['d2h']['best']:.1f} GB/s; "
-          f"{len(probe.errors)} content errors; {result['seconds']:.0f} s", flush=True)
+          f"{len(probe.errors)} content errors; {result['seconds']:.0f} s; wrote {written}", flush=True)
     return 1 if probe.errors else 0
 
 

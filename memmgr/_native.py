@@ -4,18 +4,24 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any, Callable
 
 import torch
 
 logger = logging.getLogger("memmgr")
 
-try:
-    from memmgr import _pinned as native  # type: ignore[attr-defined]
+import importlib
+import importlib.util
 
-    _import_error: str | None = None
-except ImportError as exc:  # the pure-Python path is a supported configuration
-    native = None
-    _import_error = str(exc)
+native: ModuleType | None = None
+_import_error: str | None = None
+if importlib.util.find_spec("memmgr._pinned") is None:  # the pure-Python path is a supported configuration
+    _import_error = "no memmgr._pinned in this installation (built only where a CUDA toolkit was found)"
+else:
+    try:
+        native = importlib.import_module("memmgr._pinned")
+    except ImportError as exc:
+        _import_error = str(exc)
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,18 @@ def native_module() -> ModuleType | None:
     return native
 
 
-def backend_info() -> BackendInfo:
-    from memmgr.transfer import copy_paths_status  # transfer imports this module
+# memmgr.transfer owns the copy paths and registers how to report them here (it imports this module, so this module
+# cannot import it back).
+_copy_paths_status: Callable[[], dict[str, Any]] | None = None
 
+
+def register_copy_paths_status(status: Callable[[], dict[str, Any]]) -> None:
+    """Sets the function whose report of the copy paths ``backend_info`` includes (memmgr.transfer's)."""
+    global _copy_paths_status
+    _copy_paths_status = status
+
+
+def backend_info() -> BackendInfo:
     cuda = torch.cuda.is_available()
     if not cuda:
         pinning = "none (no CUDA: host stores are ordinary memory)"
@@ -58,6 +73,7 @@ def backend_info() -> BackendInfo:
         pinning = "native (parallel first touch + cudaHostRegister)"
     else:
         pinning = "cudart-register (torch.cuda.cudart().cudaHostRegister on an exact-size tensor)"
-    paths = copy_paths_status()
+    paths = _copy_paths_status() if _copy_paths_status is not None else \
+        {"available": ["engine"], "requested": "auto", "auto": {}, "last": {}}
     return BackendInfo(native is not None, _import_error, cuda, pinning, tuple(paths["available"]),
                        str(paths["requested"]), dict(paths["auto"]), dict(paths["last"]))

@@ -37,3 +37,7 @@ class MemmgrCorruptionError(MemmgrError, RuntimeError):
 
 class MemmgrIntegrationError(MemmgrError, TypeError):
     """A framework object (model, optimizer) is of a kind an integration does not know how to manage."""
+
+
+class MemmgrSyncError(MemmgrError, RuntimeError):
+    """A weight sync failed on this rank or on the other side of the group; the message says where and why."""

@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from memmgr._native import native_module
+from memmgr._native import native_module, register_copy_paths_status
 from memmgr.errors import MemmgrInputError
 
 logger = logging.getLogger("memmgr")
@@ -89,7 +89,9 @@ class TransferHandle:
                 return
         fn()
 
-    def _finish(self) -> None:
+    def settle(self) -> None:
+        """Runs the completion steps not run yet; call only once the transfer is known to be complete (e.g. a later
+        copy on the same stream finished after it)."""
         # Each callback is taken off the list before it runs and the handle counts as complete only after the last,
         # so an interrupt in between leaves the remaining callbacks to the next done()/wait().
         while True:
@@ -106,7 +108,7 @@ class TransferHandle:
         if self._completed:
             return True
         if all(child.done() for child in self._children) and all(event.query() for event in self._events):
-            self._finish()
+            self.settle()
         return self._completed
 
     def wait(self) -> None:
@@ -116,7 +118,7 @@ class TransferHandle:
             child.wait()
         for event in self._events:
             event.synchronize()
-        self._finish()
+        self.settle()
 
     @property
     def events(self) -> list[torch.cuda.Event]:
@@ -232,6 +234,9 @@ def copy_paths_status() -> dict[str, object]:
             "requested": os.environ.get(COPY_PATH_ENV) or "auto",
             "auto": dict(AUTO_POLICY) if kernels else {"h2d": "engine", "d2h": "engine"},
             "last": last, "last_probe": probes}
+
+
+register_copy_paths_status(copy_paths_status)
 
 
 def _direction(dst: torch.Tensor, src: torch.Tensor) -> str:

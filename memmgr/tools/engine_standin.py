@@ -1,176 +1,138 @@
-"""A stand-in for an inference engine that shares the GPU with the trainer: a helper process, started once, that takes
-GPU memory and gives it back when told.
+"""A stand-in for the inference engine of a colocated RL loop: another process on the same GPU that takes the memory
+the trainer freed and gives it back just before the trainer onloads.
 
-In a colocated RL loop the engine uses the memory the trainer freed and releases it just before the trainer onloads.
-A release by another process leaves the GPU's copy engines busy for a few seconds (host->device copies run at about
-half the link's speed meanwhile), which a pause in the trainer's own process does not reproduce. Benchmarks use this
-to put every method under the same conditions::
-
-    with EngineStandin(device=0) as engine:
-        mgr.offload()
-        engine.take(fraction=0.9)    # the engine's phase: allocates and writes 90% of the free memory
-        engine.release()             # frees it and returns its cached blocks to the driver
-        mgr.onload()                 # runs right after another process released its memory
-
-The helper is a spawned process (CUDA cannot be forked) that keeps its CUDA context between phases, as an engine
-does when it sleeps. Only torch is needed.
+That is the situation a trainer's onload meets in a real loop, and it differs from a pause in one process: right
+after another process releases device memory, the driver is busy with it, and copies into newly allocated memory
+can run slower than after a pause. ``EngineStandIn`` starts the helper once (``python -m memmgr.tools.engine_standin``)
+and tells it, over its stdin, when to take memory and when to release it; each call returns once the helper
+confirmed, so the caller's next step starts right after the release.
 """
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
+import subprocess
+import sys
 import time
-from typing import Any
 
 import torch
 
-from memmgr.errors import MemmgrInputError, MemmgrStateError
+from memmgr.errors import MemmgrStateError
 
 logger = logging.getLogger("memmgr")
 
-_ALIGN = 2 << 20  # allocations are rounded down to whole 2 MiB pages
+_READY = "ready"
 
 
-def _serve(conn: Any, device: int) -> None:
-    """The helper's loop: one reply per command, ("ok", result) or ("error", text)."""
-    try:
-        torch.cuda.set_device(device)
-        torch.zeros(1, device=f"cuda:{device}")  # creates the context now, not inside the first timed phase
-        torch.cuda.synchronize(device)
-        conn.send(("ok", {"pid": os.getpid(), "device": device}))
-    except Exception as exc:  # reported to the parent, which raises
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        return
-    held: list[torch.Tensor] = []
-    while True:
-        try:
-            command, args = conn.recv()
-        except EOFError:  # the parent went away
-            return
-        try:
-            if command == "take":
-                nbytes, fraction, fill = args
-                t0 = time.perf_counter()
-                if nbytes is None:
-                    free, _ = torch.cuda.mem_get_info(device)
-                    nbytes = int(free * fraction)
-                nbytes = max(_ALIGN, nbytes // _ALIGN * _ALIGN)
-                # Only `held` refers to the block: a local name would keep it alive through release().
-                held.append(torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{device}"))
-                if fill:
-                    held[-1].fill_(0x5A)  # an engine writes what it allocates (weights, KV cache)
-                torch.cuda.synchronize(device)
-                conn.send(("ok", {"bytes": nbytes, "seconds": time.perf_counter() - t0,
-                                  "held_bytes": sum(b.numel() for b in held)}))
-            elif command == "release":
-                t0 = time.perf_counter()
-                released = sum(b.numel() for b in held)
-                held.clear()
-                torch.cuda.synchronize(device)
-                torch.cuda.empty_cache()
-                torch.cuda.synchronize(device)
-                conn.send(("ok", {"bytes": released, "seconds": time.perf_counter() - t0,
-                                  "released_at": time.time()}))
-            elif command == "close":
-                held.clear()
-                torch.cuda.empty_cache()
-                conn.send(("ok", {}))
-                return
-            else:
-                conn.send(("error", f"unknown command {command!r}"))
-        except Exception as exc:
-            held.clear()
-            torch.cuda.empty_cache()
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+class EngineStandIn:
+    """The helper process for one GPU. ``occupy(nbytes)`` makes it allocate and write ``nbytes`` (at most what is
+    free, less ``headroom_bytes``); ``release()`` makes it free them and return them to the driver; ``cycle()`` does
+    both. ``close()`` (or the context manager) ends it."""
 
+    def __init__(self, device: torch.device, *, headroom_bytes: int = 2 << 30, timeout_s: float = 120.0):
+        if device.type != "cuda":
+            raise MemmgrStateError(f"the engine stand-in needs a CUDA device, got {device}")
+        self.device = device
+        self.headroom_bytes = int(headroom_bytes)
+        self.timeout_s = timeout_s
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self._proc = subprocess.Popen([sys.executable, "-m", "memmgr.tools.engine_standin", str(index)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._expect(_READY)
+        self.last_occupied_bytes = 0
 
-class EngineStandin:
-    """A helper process on one GPU that takes GPU memory (``take``) and releases it (``release``) on command.
+    def _send(self, line: str) -> str:
+        if self._proc.poll() is not None:
+            raise MemmgrStateError(f"the engine stand-in exited with code {self._proc.returncode}")
+        self._proc.stdin.write(line + "\n")
+        self._proc.stdin.flush()
+        return self._read()
 
-    ``take`` and ``release`` block until the helper has done it (allocated and written the memory; freed it and
-    returned its cached blocks to the driver) and return what it reports: bytes, seconds, and for a release the wall
-    time (``time.time()``) at which the memory was back with the driver.
-    """
+    def _read(self) -> str:
+        reply = self._proc.stdout.readline().strip()
+        if not reply:
+            raise MemmgrStateError(f"the engine stand-in stopped answering (exit code {self._proc.poll()})")
+        return reply
 
-    def __init__(self, device: int | torch.device | None = None, start_timeout_s: float = 120.0,
-                 reply_timeout_s: float = 300.0):
-        if device is None:
-            device = torch.cuda.current_device()
-        if isinstance(device, torch.device):
-            device = device.index if device.index is not None else torch.cuda.current_device()
-        self.device = int(device)
-        self._reply_timeout_s = reply_timeout_s
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, self.device), daemon=True,
-                                 name="memmgr-engine-standin")
-        self._proc.start()
-        child.close()
-        self.info = self._reply("start", start_timeout_s)
-        logger.debug("engine stand-in started: %s", self.info)
+    def _expect(self, word: str) -> str:
+        reply = self._read()
+        if not reply.startswith(word):
+            raise MemmgrStateError(f"the engine stand-in answered {reply!r}, expected {word!r}")
+        return reply
 
-    def _reply(self, what: str, timeout_s: float) -> dict[str, Any]:
-        if not self._conn.poll(timeout_s):
-            alive = self._proc.is_alive()
-            self.close()
-            raise MemmgrStateError(f"engine stand-in on cuda:{self.device}: no answer to {what} within {timeout_s:.0f}"
-                                   f" s (helper {'still running' if alive else 'exited'}); check the GPU's free "
-                                   f"memory and that CUDA works in a spawned process")
-        try:
-            status, result = self._conn.recv()
-        except EOFError:
-            raise MemmgrStateError(f"engine stand-in on cuda:{self.device}: the helper process exited during {what} "
-                                   f"(exit code {self._proc.exitcode}); look at its stderr") from None
-        if status != "ok":
-            raise MemmgrStateError(f"engine stand-in on cuda:{self.device}: {what} failed in the helper: {result}")
-        return result
+    def occupy(self, nbytes: int | None = None) -> int:
+        """Allocates and writes up to ``nbytes`` in the helper (None: all that is free less the headroom); returns
+        the bytes it holds."""
+        free = torch.cuda.mem_get_info(self.device)[0]
+        want = free - self.headroom_bytes if nbytes is None else min(int(nbytes), free - self.headroom_bytes)
+        reply = self._send(f"occupy {max(0, want)}")
+        self.last_occupied_bytes = int(reply.split()[1])
+        return self.last_occupied_bytes
 
-    def _call(self, command: str, args: tuple = ()) -> dict[str, Any]:
-        if not self._proc.is_alive():
-            raise MemmgrStateError(f"engine stand-in on cuda:{self.device} is not running (closed, or exited with "
-                                   f"code {self._proc.exitcode}); start a new EngineStandin")
-        self._conn.send((command, args))
-        return self._reply(command, self._reply_timeout_s)
+    def release(self) -> None:
+        """Frees what the helper holds and returns it to the driver; returns once that is done."""
+        self._send("release")
 
-    def take(self, nbytes: int | None = None, *, fraction: float = 0.9, fill: bool = True) -> dict[str, Any]:
-        """Allocates ``nbytes`` of GPU memory in the helper (or ``fraction`` of the free memory when ``nbytes`` is
-        None) and writes it; the memory stays taken until ``release``."""
-        if nbytes is not None and nbytes <= 0:
-            raise MemmgrInputError(f"engine stand-in: nbytes must be positive, got {nbytes}; pass None to take a "
-                                   f"fraction of the free memory")
-        if not 0.0 < fraction <= 1.0:
-            raise MemmgrInputError(f"engine stand-in: fraction must be in (0, 1], got {fraction}")
-        return self._call("take", (nbytes, fraction, fill))
-
-    def release(self) -> dict[str, Any]:
-        """Frees everything the helper took and returns its cached blocks to the driver."""
-        return self._call("release")
-
-    def cycle(self, nbytes: int | None = None, *, fraction: float = 0.9, hold_s: float = 0.0) -> dict[str, Any]:
-        """One engine phase: take, hold for ``hold_s`` seconds, release. Returns both replies."""
-        took = self.take(nbytes, fraction=fraction)
-        if hold_s > 0:
-            time.sleep(hold_s)
-        return {"take": took, "release": self.release()}
+    def cycle(self, nbytes: int | None = None) -> int:
+        """``occupy`` then ``release``: an engine's generate phase in between the trainer's offload and onload."""
+        held = self.occupy(nbytes)
+        self.release()
+        return held
 
     def close(self) -> None:
-        """Stops the helper (its memory goes back with its context)."""
-        if self._proc.is_alive():
+        if self._proc.poll() is None:
             try:
-                self._conn.send(("close", ()))
-                if self._conn.poll(30):
-                    self._conn.recv()
-            except (OSError, EOFError):
-                pass
-            self._proc.join(timeout=30)
-            if self._proc.is_alive():
-                self._proc.terminate()
-                self._proc.join(timeout=10)
-        self._conn.close()
+                self._proc.stdin.write("exit\n")
+                self._proc.stdin.flush()
+                self._proc.wait(timeout=self.timeout_s)
+            except Exception:  # pragma: no cover - a stuck helper is killed
+                self._proc.kill()
 
-    def __enter__(self) -> "EngineStandin":
+    def __enter__(self) -> "EngineStandIn":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _serve(index: int) -> None:
+    """The helper's loop: one command per line on stdin, one answer per line on stdout."""
+    torch.cuda.set_device(index)
+    torch.empty(1, device="cuda")  # the CUDA context exists before the first command
+    held: list[torch.Tensor] = []
+    print(_READY, flush=True)
+    chunk = 1 << 30
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd:
+            continue
+        if cmd[0] == "occupy":
+            want = int(cmd[1])
+            got = 0
+            while got < want:
+                n = min(chunk, want - got)
+                # Only `held` refers to the blocks: a local name would keep the last one alive through release.
+                try:
+                    held.append(torch.empty(n, dtype=torch.uint8, device="cuda"))
+                except torch.OutOfMemoryError:
+                    break
+                held[-1].fill_(1)  # the engine writes what it takes (weights, KV cache)
+                got += n
+            torch.cuda.synchronize()
+            print(f"occupied {got}", flush=True)
+        elif cmd[0] == "release":
+            held.clear()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            print("released", flush=True)
+        elif cmd[0] == "exit":
+            break
+        else:
+            print(f"error unknown command {cmd[0]!r}", flush=True)
+    time.sleep(0)
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)

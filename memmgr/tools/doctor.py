@@ -3,7 +3,7 @@
 Prints the GPUs, driver, CUDA and torch versions, PCIe link (NVML), the pinned-copy peak each way and both ways at
 once, the cost of pinning host memory (native extension and torch), the locked-memory limit, free host memory and
 the versions of the frameworks memmgr integrates with, then one verdict line per problem found. On a machine without
-a GPU it prints what it can and says so. The measurements live in ``memmgr.measure``.
+a GPU it prints what it can and says so. The measurements live in ``memmgr.tools.measure``.
 """
 from __future__ import annotations
 
@@ -19,8 +19,14 @@ import click
 import torch
 
 from memmgr import nvml
-from memmgr.measure import (GiB, MiB, check_pinning, measure_pinned_peak, measure_pinning_speed,
-                            pcie_theoretical_gbps)
+from memmgr.tools.measure import (
+    GiB,
+    MiB,
+    check_pinning,
+    measure_pinned_peak,
+    measure_pinning_speed,
+    pcie_theoretical_gbps,
+)
 
 logger = logging.getLogger("memmgr")
 
@@ -257,5 +263,5 @@ def _measure(found: dict[str, Any], verdicts: list[str], quick: bool, gpus: list
         found["pinning_speed_error"] = str(exc)
 
 
-if __name__ == "__main__":  # python -m memmgr.doctor [--quick]
+if __name__ == "__main__":  # python -m memmgr.tools.doctor [--quick]
     run_doctor(quick="--quick" in sys.argv)
