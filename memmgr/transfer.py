@@ -138,20 +138,21 @@ COPY_SPLIT_ENV = "MEMMGR_COPY_SPLIT"
 _SPLIT_ALIGN = 4096
 DEFAULT_ENGINE_FRACTION = 0.5
 
-# What 'auto' does, from benchmarks/copy_path_probe.py on an H200 (PCIe Gen5 x16, pinned-copy peak 55.2 GB/s each
-# way; benchmarks/results/2026-11-29/h200-copy-paths-{1,2,3}/), 8 GiB copies into or out of freshly allocated memory:
-# - device->host: the engines ran at 55.2 GB/s whether or not another process had just released memory; the kernel
-#   52.4, engines+kernel splits 53.3-54.4. So 'auto' uses the engines.
-# - host->device: the engines ran at 55.3 on memory allocated long before, but at 31.4 right after another process
-#   released 48 GiB (28 GB/s for the first ~0.2 s, then 55) and at 44.6 right after this process's own empty_cache;
-#   the kernel ran at 51.3-51.4 (0.93x) in every case; splits were slower than the kernel alone in every case
-#   (32-44 GB/s: the two paths slow each other down on reads from the host). So neither path is best in both states,
-#   and 'auto' asks the link: a large copy issued on an idle stream starts with AUTO_PROBE_BYTES through the engines
-#   and the next AUTO_PROBE_BYTES through the kernel, waits for both (~2.5 ms), and copies the rest with the kernel
-#   only if it was more than AUTO_KERNEL_MARGIN times faster; copies that cannot probe (small, or queued behind
-#   other work) reuse the device's last verdict. The margin: a 64 MiB probe undersells the engines (48-51 GB/s on
-#   memory where a whole copy runs at 55) but not the kernel (50.9), so on free engines the kernel probe read
-#   0.99-1.05x the engine probe; right after a release it read 1.7-2.6x (engines 19-29.5 GB/s, kernel 49.5-50.5).
+# What 'auto' does, from benchmarks/copy_path_probe.py on H200s (PCIe Gen5 x16, pinned-copy peak 54.7-55.3 GB/s each
+# way; benchmarks/results/2026-11-29/COPY_PATHS.md), 8 and 24 GiB copies:
+# - device->host: the engines ran at 54.6-55.2 GB/s whether or not memory had just been released; the kernel
+#   45.5-52.4, engines+kernel splits 50.8-54.4. So 'auto' uses the engines.
+# - host->device: the engines ran at 55 on memory allocated long before, but at 27.5-32 right after another process
+#   released 48-100 GiB (28 GB/s for the first 0.24-0.36 s, then 55; on 2 or 4 streams no faster) and at 45-46
+#   right after this process's own empty_cache; the kernel ran at 51.0-51.3 (0.93x) in every case; a 50/50 split
+#   ran at 53.2 on warm memory but at 36.6-41.9 in the other two cases (the two paths slow each other down on
+#   reads from the host). So neither path is best in both states, and 'auto' asks the link: a large copy issued on
+#   an idle stream starts with AUTO_PROBE_BYTES through the engines and the next AUTO_PROBE_BYTES through the
+#   kernel, waits for both (~2.5 ms), and copies the rest with the kernel only if it was more than
+#   AUTO_KERNEL_MARGIN times faster; copies that cannot probe (small, or queued behind other work) reuse the
+#   device's last verdict. The margin: a 64 MiB probe undersells the engines (48-51 GB/s on memory where a whole
+#   copy runs at 55) but not the kernel (50.9), so on free engines the kernel probe read 0.99-1.05x the engine
+#   probe; right after a release it read 1.7-2.6x (engines 19-29.5 GB/s, kernel 49.5-50.6).
 AUTO_POLICY: dict[str, str] = {"h2d": "probe", "d2h": "engine"}
 AUTO_PROBE_MIN_BYTES = 512 << 20
 AUTO_PROBE_BYTES = 64 << 20
