@@ -1,5 +1,6 @@
-"""Copy-path probe (python benchmarks/copy_path_probe.py --out DIR): host<->device copy speed of the copy engines, the copy kernel and a split of both, with the GPU's
-memory fresh from another process's release and without, against the same run's pinned-copy peak.
+"""Copy-path probe (python benchmarks/copy_path_probe.py --out DIR): host<->device copy speed of the copy engines,
+the copy kernel, a split of both and memmgr's 'auto', with the GPU's memory fresh from another process's release and
+without, against the same run's pinned-copy peak.
 
 What it measures (GB/s = 1e9 bytes/s, CUDA-event time on the copy stream):
 
