@@ -24,8 +24,8 @@ What it measures (GB/s = 1e9 bytes/s, CUDA-event time on the copy stream):
   the copy engines stay slow and whether the kernel is affected.
 
 Writes everything to DIR/copy_path_probe.json (with the run's metadata under ``meta``) and prints a summary table
-to stdout. Needs a CUDA GPU, 2 x ``--size-gib`` of pinned
-host memory, and the native extension with its kernels (otherwise only the engine rows are measured).
+to stdout. Needs a CUDA GPU, 2 x ``--size-gib`` of pinned host memory, and the native extension with its kernels
+(otherwise only the engine rows are measured).
 """
 from __future__ import annotations
 
