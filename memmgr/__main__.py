@@ -1,3 +1,3 @@
-from memmgr.cli import main
+from memmgr.tools.cli import main
 
 main()

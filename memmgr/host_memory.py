@@ -20,7 +20,7 @@ from memmgr.errors import MemmgrHostMemoryError
 
 logger = logging.getLogger("memmgr")
 
-_DEFAULT_TOUCH_THREADS = max(1, min(16, os.cpu_count() or 1))
+DEFAULT_TOUCH_THREADS = max(1, min(16, os.cpu_count() or 1))
 
 
 class HostBuffer:
@@ -55,7 +55,7 @@ class HostBuffer:
         return f"HostBuffer({self.nbytes} B, {self.kind})"
 
 
-def allocate_host_buffer(nbytes: int, pin: bool | None = None, num_threads: int = _DEFAULT_TOUCH_THREADS,
+def allocate_host_buffer(nbytes: int, pin: bool | None = None, num_threads: int = DEFAULT_TOUCH_THREADS,
                          allow_pageable_fallback: bool = True) -> HostBuffer:
     """Allocates exactly ``nbytes`` of host memory, pinned when CUDA is available (or ``pin`` says so).
 
@@ -74,6 +74,8 @@ def allocate_host_buffer(nbytes: int, pin: bool | None = None, num_threads: int 
         if not pin:
             return HostBuffer(tensor, False, "pageable")
         ptr = tensor.data_ptr()
+        if nbytes > 0 and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available to pin host memory")
         if nbytes > 0:
             err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
             if err != 0:
@@ -102,7 +104,7 @@ class HostMemoryPool:
     rounded-up one. ``bytes_held`` counts every buffer the pool handed out or keeps.
     """
 
-    def __init__(self, pin: bool | None = None, num_threads: int = _DEFAULT_TOUCH_THREADS):
+    def __init__(self, pin: bool | None = None, num_threads: int = DEFAULT_TOUCH_THREADS):
         self._pin = pin
         self._num_threads = num_threads
         self._free: dict[int, list[HostBuffer]] = {}
@@ -155,17 +157,18 @@ class HostMemoryPool:
             b.release()
         return sum(b.nbytes for b in bufs)
 
+    def buffers(self) -> list[HostBuffer]:
+        """Every buffer the pool handed out or keeps for reuse (a snapshot)."""
+        with self._lock:
+            return list(self._in_use.values()) + [b for lst in self._free.values() for b in lst]
+
     @property
     def bytes_held(self) -> int:
-        with self._lock:
-            return sum(b.nbytes for b in self._in_use.values()) + sum(
-                b.nbytes for lst in self._free.values() for b in lst)
+        return sum(b.nbytes for b in self.buffers())
 
     @property
     def pinned_bytes_held(self) -> int:
-        with self._lock:
-            bufs = list(self._in_use.values()) + [b for lst in self._free.values() for b in lst]
-        return sum(b.nbytes for b in bufs if b.pinned)
+        return sum(b.nbytes for b in self.buffers() if b.pinned)
 
     def __repr__(self) -> str:
         return f"HostMemoryPool(bytes_held={self.bytes_held})"

@@ -6,8 +6,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from memmgr import doctor, measure, nvml
-from memmgr.cli import main
+from memmgr import nvml
+from memmgr.tools import doctor, measure
+from memmgr.tools.cli import main
 from tests.conftest import requires_cuda
 
 

@@ -345,8 +345,8 @@ def test_grad_views_into_reallocated_grad_buffers_are_not_counted_twice(megatron
 
 # ---- the bench's Megatron workload reads the same state for_megatron manages ----
 def test_bench_megatron_state_matches_the_groups_and_a_peer_round_trip_is_exact(megatron_env):
-    from memmgr.bench import PerTensorMethod, run_method
-    from memmgr.bench_megatron import MegatronBuiltinMethod, MegatronState
+    from memmgr.tools.bench import PerTensorMethod, run_method
+    from memmgr.tools.bench_megatron import MegatronBuiltinMethod, MegatronState
 
     ddp, opt = build("distopt-bf16")
     tokens, labels = batches(1)[0]

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 
 import memmgr
 from memmgr import nvml
-from memmgr.cli import main
+from memmgr.tools.cli import main
 from memmgr.manager import GroupStatus
-from memmgr.report import (Ledger, format_table, gpu_categories, ledger_files, plot_timeline, rank_path,
-                           read_records, render_logs, to_json)
+from memmgr.ledger import Ledger, gpu_categories, ledger_files, rank_path, read_records
+from memmgr.tools.report import format_table, plot_timeline, render_logs, to_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

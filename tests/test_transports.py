@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memmgr.errors import MemmgrError, MemmgrInputError
-from memmgr.sync import MemmgrSyncError, ModuleWeightLoader
+from memmgr.errors import MemmgrError, MemmgrInputError, MemmgrSyncError
+from memmgr.sync import ModuleWeightLoader
 from memmgr.sync.transports import (ALIGN_BYTES, InProcessTransport, MemmgrSyncMismatchError, ParamSpec, WeightBucket,
                                     as_specs, bucketize, check_specs, specs_of, split_per_dtype)
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from memmgr.errors import MemmgrInputError
-from memmgr.sync import MemmgrSyncError
+from memmgr.errors import MemmgrInputError, MemmgrSyncError
 from memmgr.sync.transports import MemmgrSyncTimeoutError, bucketize
 from memmgr.sync.transports.gloo import GlooReceiver, GlooTransport, connect
 

@@ -15,7 +15,7 @@ pytest.importorskip("transformers", reason="transformers is the reference model 
 
 from memmgr.errors import MemmgrInputError  # noqa: E402
 from memmgr.sync.engines.vllm import MemmgrGlooTrainerInitInfo, OfflineLLMClient, VLLMWeightSync  # noqa: E402
-from memmgr.sync import MemmgrSyncError  # noqa: E402
+from memmgr.errors import MemmgrSyncError  # noqa: E402
 from memmgr.sync.transports import MemmgrSyncMismatchError, WeightBucket, bucketize, specs_of  # noqa: E402
 
 import vllm_support as vs  # noqa: E402

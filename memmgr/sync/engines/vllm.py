@@ -42,9 +42,8 @@ from vllm.distributed.weight_transfer.base import (TrainerInitInfo, TrainerWeigh
                                                    WeightTransferEngine, WeightTransferInitInfo,
                                                    WeightTransferUpdateInfo)
 
-from memmgr.errors import MemmgrInputError
-from memmgr.sync import MemmgrSyncError
-from memmgr.sync.transports.base import (DEFAULT_BUCKET_BYTES, MemmgrSyncMismatchError, MemmgrSyncTimeoutError,
+from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError, MemmgrSyncTimeoutError
+from memmgr.sync.transports.base import (DEFAULT_BUCKET_BYTES,
                                          ParamSpec, WeightBucket, as_specs, bucketize, check_specs,
                                          dtype_from_name, dtype_name, is_multi_dtype_bucket, specs_of,
                                          split_per_dtype)

@@ -8,7 +8,7 @@ bucket to the engine, where ``WeightBucket.views`` gives back ``(name, tensor)``
 ``load_weights``.
 
 Before any weight moves, ``check_specs`` compares the names, shapes and dtypes the trainer is about to send with
-what the engine holds and raises ``MemmgrSyncMismatchError`` naming the tensors that differ.
+what the engine holds and raises ``MemmgrSyncMismatchError`` (memmgr.errors) naming the tensors that differ.
 """
 from __future__ import annotations
 
@@ -20,22 +20,12 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from memmgr.errors import MemmgrInputError
-from memmgr.sync import MemmgrSyncError
+from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
 
 logger = logging.getLogger("memmgr")
 
 ALIGN_BYTES = 256            # each tensor starts at a multiple of this inside its bucket
 DEFAULT_BUCKET_BYTES = 256 << 20
-
-
-class MemmgrSyncMismatchError(MemmgrSyncError, ValueError):
-    """The weights a trainer is about to send do not fit what the engine holds (a name it lacks or is missing, a
-    shape or dtype that differs). Raised before any weight moves; the engine keeps its previous weights."""
-
-
-class MemmgrSyncTimeoutError(MemmgrSyncError, TimeoutError):
-    """A peer of the weight sync did not answer in time; the message names the rank and the step it was in."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -348,7 +338,7 @@ class Transport(ABC):
         """Releases the channel; the transport cannot send afterwards."""
 
 
-__all__ = ["ALIGN_BYTES", "DEFAULT_BUCKET_BYTES", "MemmgrSyncMismatchError", "MemmgrSyncTimeoutError", "ParamSpec",
+__all__ = ["ALIGN_BYTES", "DEFAULT_BUCKET_BYTES", "ParamSpec",
            "TensorEntry", "WeightBucket", "bucketize", "group_pairs",
            "split_per_dtype", "is_multi_dtype_bucket", "as_specs",
            "specs_of", "check_specs", "Transport", "dtype_name", "dtype_from_name"]

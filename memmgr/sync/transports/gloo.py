@@ -19,9 +19,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from memmgr.errors import MemmgrInputError
-from memmgr.sync import MemmgrSyncError, SyncGroup, init_sync_group
-from memmgr.sync.transports.base import MemmgrSyncTimeoutError, Transport, WeightBucket
+from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncTimeoutError
+from memmgr.sync import SyncGroup, init_sync_group
+from memmgr.sync.transports.base import Transport, WeightBucket
 
 logger = logging.getLogger("memmgr")
 

@@ -8,8 +8,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from memmgr.errors import MemmgrInputError
-from memmgr.sync import MemmgrSyncError
+from memmgr.errors import MemmgrInputError, MemmgrSyncError
 from memmgr.sync.transports.base import ParamSpec, Transport, WeightBucket
 
 logger = logging.getLogger("memmgr")

@@ -24,10 +24,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from memmgr.errors import MemmgrInputError
-from memmgr.sync import MemmgrSyncError, device_uuid
-from memmgr.sync.transports.base import (DEFAULT_BUCKET_BYTES, MemmgrSyncTimeoutError, Transport,
-                                         WeightBucket)
+from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncTimeoutError
+from memmgr.sync import device_uuid
+from memmgr.sync.transports.base import DEFAULT_BUCKET_BYTES, Transport, WeightBucket
 
 logger = logging.getLogger("memmgr")
 
