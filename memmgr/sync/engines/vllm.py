@@ -42,10 +42,9 @@ from vllm.distributed.weight_transfer.base import (TrainerInitInfo, TrainerWeigh
                                                    WeightTransferEngine, WeightTransferInitInfo,
                                                    WeightTransferUpdateInfo)
 
-from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError, MemmgrSyncTimeoutError
-from memmgr.sync.transports.base import (DEFAULT_BUCKET_BYTES,
-                                         ParamSpec, WeightBucket, as_specs, bucketize, check_specs,
-                                         dtype_from_name, dtype_name, is_multi_dtype_bucket, specs_of,
+from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
+from memmgr.sync.transports.base import (DEFAULT_BUCKET_BYTES, ParamSpec, WeightBucket, as_specs, bucketize,
+                                         check_specs, dtype_from_name, dtype_name, is_multi_dtype_bucket, specs_of,
                                          split_per_dtype)
 from memmgr.sync.transports.gloo import GlooReceiver, GlooTransport, connect
 
@@ -568,9 +567,9 @@ class VLLMWeightSync:
         except Exception as inner:
             logger.warning("vLLM weight sync: could not close the engine's update session after %s: %s",
                            type(exc).__name__, inner)
-        if isinstance(exc, (MemmgrSyncTimeoutError,)) or (self.transport is not None and
-                                                         isinstance(exc, MemmgrSyncError) and
-                                                         not isinstance(exc, MemmgrSyncMismatchError)):
+        if not isinstance(exc, MemmgrSyncMismatchError):
+            # the stream disagreeing with its specs is caught between buckets, with the group idle; after anything
+            # else a broadcast may be half done, so the group is dropped and the next sync reconnects
             self.close()
 
     def close(self) -> None:
