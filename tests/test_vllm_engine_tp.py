@@ -1,5 +1,6 @@
-"""memmgr's weight sync into a real vLLM engine with two tensor-parallel CPU workers: every worker joins the gloo
-group, receives every bucket and loads its shard; the version is committed once both finished."""
+"""memmgr's weight sync into a real vLLM engine with two tensor-parallel CPU workers, serving a Qwen3-shaped model
+whose output head is tied to the embedding: every worker joins the gloo group, receives every bucket and loads its
+shard, the tied head follows the synced embedding, and the version is committed once both workers finished."""
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-pa
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tiny_llama_tp2"))
-    hf = vs.build_tiny_model(folder, seed=11)
+    hf = vs.build_tiny_model(folder, seed=11, family="qwen3", tied=True)
     saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     # one core per worker: vLLM cannot bind two CPU workers to one NUMA node by itself
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"

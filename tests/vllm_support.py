@@ -1,7 +1,8 @@
 """Helpers for tests that run a real vLLM engine on the CPU (import only where vllm is installed).
 
-- ``build_tiny_model(folder)``: a tiny random Llama (head_dim 32, untied embeddings, float32) and a locally trained
-  WordLevel tokenizer saved to ``folder`` (no hub access); returns the transformers model.
+- ``save_tokenizer(folder, vocab)``: a locally trained WordLevel tokenizer (no hub access).
+- ``build_tiny_model(folder)``: a tiny random Llama or Qwen3 (head_dim 32, float32, tied or untied embeddings) and a
+  locally trained WordLevel tokenizer saved to ``folder`` (no hub access); returns the transformers model.
 - ``start_engine(folder)``: a ``vllm.LLM`` on the CPU over that folder, eager, small context and KV cache, with
   memmgr's weight-transfer backend and worker extension; ``stop_engine(llm)`` shuts it down.
 - ``new_weights(model, seed)``: fresh random weights in HF names (a dict), scaled so that greedy decoding has clear
@@ -20,10 +21,11 @@ PROMPTS: list[list[int]] = [[1, 5, 6, 7, 8], [1, 9, 10, 11], [1, 20, 21, 22, 23,
 MAX_TOKENS = 8
 
 
-def build_tiny_model(folder: str, *, seed: int = 0, layers: int = 2, hidden: int = 128, vocab: int = 128):
-    """Saves a random Llama-shaped model and a locally trained tokenizer of ``vocab`` tokens to ``folder``."""
+def save_tokenizer(folder: str, vocab: int) -> None:
+    """A WordLevel tokenizer of exactly ``vocab`` tokens (<unk> <s> </s> <pad> w0 w1 ...), trained locally and saved
+    to ``folder`` as a PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     words = [f"w{i}" for i in range(vocab - len(specials))]
@@ -33,26 +35,42 @@ def build_tiny_model(folder: str, *, seed: int = 0, layers: int = 2, hidden: int
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
     fast.save_pretrained(folder)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 32, num_key_value_heads=max(1, hidden // 64), head_dim=32,
-                      max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=3)
+
+
+def build_tiny_model(folder: str, *, seed: int = 0, layers: int = 2, hidden: int = 128, vocab: int = 128,
+                     family: str = "llama", tied: bool = False):
+    """Saves a random Llama- or Qwen3-shaped model (head_dim 32, float32; ``tied``: the output head shares the
+    embedding) and a locally trained tokenizer of ``vocab`` tokens to ``folder``; returns the transformers model."""
+    import transformers
+
+    save_tokenizer(folder, vocab)
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
+    cfg = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=hidden // 32, num_key_value_heads=max(1, hidden // 64), head_dim=32,
+                     max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+                     pad_token_id=3)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).float().eval()
-    model.load_state_dict(new_weights(model, seed=seed))
+    model = model_cls(cfg).float().eval()
+    hf_model_with(model, new_weights(model, seed=seed))
     model.save_pretrained(folder)
     return model
 
 
 def new_weights(model: torch.nn.Module, *, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights for every entry of ``model.state_dict()`` (HF names, same shapes and dtypes): norms near 1,
-    matrices with std 0.08, the output head with std 1 so that greedy argmaxes win by a wide margin."""
+    """Random weights for what the model's checkpoint holds (HF names, same shapes and dtypes; a tied output head is
+    left out, as save_pretrained leaves it out): norms near 1, matrices with std 0.08, the output head (or the
+    embedding it is tied to) with std 1 so that greedy argmaxes win by a wide margin."""
     g = torch.Generator().manual_seed(1000 + seed)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
     out = {}
     for name, t in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
         if name.endswith("norm.weight"):
             w = 1.0 + 0.1 * torch.randn(t.shape, generator=g)
-        elif name == "lm_head.weight":
+        elif name == head:
             w = torch.randn(t.shape, generator=g)
         else:
             w = 0.08 * torch.randn(t.shape, generator=g)
@@ -109,8 +127,10 @@ def greedy_hf(model, prompts: Sequence[Sequence[int]] = PROMPTS, max_tokens: int
 
 
 def hf_model_with(model, weights: dict[str, torch.Tensor]):
-    """``model`` with ``weights`` loaded (strict: every name, same shapes)."""
-    model.load_state_dict(weights, strict=True)
+    """``model`` with ``weights`` loaded: every checkpoint tensor, same shapes (a tied head follows its embedding)."""
+    result = model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    assert set(result.missing_keys) <= tied and not result.unexpected_keys, result
     return model.eval()
 
 

@@ -273,8 +273,30 @@ class MemmgrGlooWeightTransferEngine(WeightTransferEngine[MemmgrGlooInitInfo, Me
                 info.loaded_weights = []
                 info.load_numel = 0
         finalize_layerwise_reload(self.model, self.model_config)
+        self._refresh_tied_layers()
         self._reloading = False
         logger.warning("memmgr_gloo: weight sync abandoned; layers not fully loaded keep their previous weights")
+
+    def _refresh_tied_layers(self) -> None:
+        """Re-runs the post-load processing of layers that share a weight with another layer (a tied output head).
+
+        vLLM's layerwise reload processes only layers that received weights; a tied head receives none (the
+        checkpoint has the embedding only), so on the CPU its GEMM kept the weights it packed from the previous
+        embedding. Only unquantized methods are re-run: their processing reads the weight and can be repeated."""
+        owners: dict[int, list[torch.nn.Module]] = {}
+        for module in self.model.modules():
+            for param in module.parameters(recurse=False):
+                owners.setdefault(id(param), []).append(module)
+        done: set[int] = set()
+        for modules in owners.values():
+            if len(modules) < 2:
+                continue
+            for module in modules:
+                method = getattr(module, "quant_method", None)
+                if id(module) in done or method is None or not type(method).__name__.startswith("Unquantized"):
+                    continue
+                method.process_weights_after_loading(module)
+                done.add(id(module))
 
     def finish_weight_update(self) -> None:
         if not self._reloading:
@@ -288,6 +310,7 @@ class MemmgrGlooWeightTransferEngine(WeightTransferEngine[MemmgrGlooInitInfo, Me
                                   f"received (e.g. {sorted(missing)[:3]}); layers not fully loaded keep their previous "
                                   f"weights")
         finalize_layerwise_reload(self.model, self.model_config)
+        self._refresh_tied_layers()
         self._reloading = False
 
     def shutdown(self) -> None:
