@@ -57,8 +57,10 @@ class HostCopySource:
                 if tensor is not bucket.flat:
                     where[id(tensor)] = (bucket, offset)
         for chunk in model_chunks:
-            buffers = list(getattr(chunk, "buffers", None) or []) + list(
-                getattr(chunk, "expert_parallel_buffers", None) or [])
+            buffers = []
+            for attr in ("buffers", "expert_parallel_buffers"):  # megatron DDP's lists (a bare module's is a method)
+                found = getattr(chunk, attr, None)
+                buffers += list(found) if isinstance(found, (list, tuple)) else []
             for buf in buffers:
                 data = getattr(buf, "param_data", None)
                 bucket = by_flat.get(id(data)) if data is not None else None
