@@ -11,8 +11,7 @@ pytest.importorskip("transformers")
 
 from export_models import (HF_VOCAB, SEQ, build_chunks, greedy, hf_config, megatron_logits,  # noqa: E402
                            megatron_on_cpu, randomize, save_hf_checkpoint)
-from memmgr.sync.export import ExportBucket, MegatronExporter, MemmgrExportError  # noqa: E402
-from memmgr.errors import MemmgrInputError  # noqa: E402
+from memmgr.sync.export import ExportBucket, MegatronExporter  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning")

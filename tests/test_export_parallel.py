@@ -30,6 +30,8 @@ CASES = {
     "pp2-vpp2": ("llama", 4, 2, dict(pp=2), 2, (0,), False),
     "ep2": ("qwen3_moe", 2, 2, dict(ep=2), None, (1,), False),
     "tp2-pp2-ep2": ("qwen2_moe", 2, 4, dict(tp=2, pp=2, ep=2, etp=1), None, (0,), False),
+    # experts split over an expert-TP group of 2 as well; dense weights replicated over 2 data-parallel ranks
+    "tp2-dp2-ep2-etp2": ("qwen3_moe", 2, 4, dict(tp=2, ep=2, etp=2), None, (0, 3), False),
 }
 
 

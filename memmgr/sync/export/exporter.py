@@ -1,15 +1,17 @@
 """The streaming export: megatron-core model chunks -> Hugging Face tensors in flat per-dtype buckets.
 
 Every rank of the job builds a ``MegatronExporter`` and iterates ``buckets()`` together. For each bucket of the plan
-(whole megatron parameters, at most ``bucket_bytes`` of Hugging Face tensors, in checkpoint order), each rank that
-holds a shard the bucket needs (the lowest rank holding it: data-parallel replicas stay idle) reads it from its
-source and sends one message per receiver; each receiver allocates the bucket's flat tensors, places its own shards
-while the messages are in flight, then places the received ones, and yields the bucket. Point-to-point sends on the
-default process group (``torch.distributed.batch_isend_irecv``): NCCL on GPUs, gloo on the CPU.
+(whole megatron parameters, at most ``bucket_bytes`` of Hugging Face tensors, in checkpoint order) each receiver
+allocates the bucket's flat tensors; then, round by round (consecutive parameters whose shards together take at most
+the largest parameter's bytes), it places the shards it holds itself, and every rank that holds a shard the round
+needs (the lowest rank holding it: data-parallel replicas stay idle) reads it from its source and sends it in one
+message per receiver, which the receivers place. Point-to-point on the default process group
+(``torch.distributed.batch_isend_irecv``): NCCL on GPUs, gloo on the CPU.
 
-Extra device memory at any time, per rank: a receiver holds the bucket being filled, the messages it receives for it
-(together about one more bucket) and, for a fused layout read from host memory, one staged parameter; a rank that
-only sends holds its message (at most one bucket). A receiver that also sends to other receivers adds its message.
+Extra device memory at any time, per rank: a receiver holds the bucket being filled plus either one staged parameter
+(a fused layout read from host memory) or one round's received messages (at most the largest parameter's bytes);
+with the bucket the caller still holds, that is two buckets plus the largest parameter. A rank that sends holds one
+round's message (at most the largest parameter's bytes), a receiver that also sends to other receivers as well.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from memmgr.flat_tensors import BucketizedFlatTensors
 from memmgr.sync.export.discovery import local_parameters
 from memmgr.sync.export.errors import MemmgrExportError
 from memmgr.sync.export.layouts import place, stages_on_device
-from memmgr.sync.export.plan import BucketPlan, ExportEntry, ExportPlan, Unit, build_plan
+from memmgr.sync.export.plan import BucketPlan, ExportEntry, ExportPlan, Messages, Unit, build_plan
 from memmgr.sync.export.sources import DeviceSource, HostCopySource, WeightSource
 
 logger = logging.getLogger("memmgr")
@@ -128,8 +130,8 @@ class MegatronExporter:
             data = torch.empty(data.shape, dtype=data.dtype, device=self.device).copy_(data, non_blocking=True)
         place(unit.kind, data, shard, unit.geometry, outputs)
 
-    def _message(self, bp: BucketPlan) -> torch.Tensor:
-        items, total = bp.messages[self.rank]
+    def _message(self, bp: BucketPlan, messages: Messages) -> torch.Tensor:
+        items, total = messages[self.rank]
         buf = torch.empty(total, dtype=torch.uint8, device=self.device)
         for pos, shard, offset in items:
             unit = bp.units[pos]
@@ -139,42 +141,45 @@ class MegatronExporter:
 
     def buckets(self) -> Iterator[ExportBucket]:
         """Yields the buckets on receiver ranks (nothing elsewhere); every rank must iterate to the end. A bucket's
-        tensors are valid until the next one is requested (they are freed then unless the caller keeps them)."""
+        tensors are valid until the caller drops them (the exporter keeps no reference once the next one is asked
+        for); a caller that holds each bucket until the next arrives holds two."""
         me = self.rank
         others = [q for q in self.receivers if q != me]
+        receiver = self.is_receiver
         for bp in self.plan.buckets:
-            ops = []
-            send_buf = None
-            if me in bp.messages and others:
-                send_buf = self._message(bp)
-                ops += [dist.P2POp(dist.isend, send_buf, q) for q in others]
-            recv_bufs: dict[int, torch.Tensor] = {}
-            if self.is_receiver:
-                for provider, (_items, total) in bp.messages.items():
-                    if provider != me:
-                        recv_bufs[provider] = torch.empty(total, dtype=torch.uint8, device=self.device)
-                        ops.append(dist.P2POp(dist.irecv, recv_bufs[provider], provider))
-            works = dist.batch_isend_irecv(ops) if ops else []
-            if not self.is_receiver:
-                for w in works:
-                    w.wait()
-                continue
-            flats = {dtype: torch.empty(n, dtype=dtype, device=self.device) for dtype, n in bp.numels.items()}
-            bucket = ExportBucket(bp.index, flats, [e for u in bp.units for e in u.entries])
-            outputs = [[bucket.tensor(e) for e in u.entries] for u in bp.units]
-            for pos, shard, _offset in (bp.messages.get(me, ([], 0))[0]):
-                unit = bp.units[pos]
-                self._place_shard(unit, shard, self._read(unit, shard), outputs[pos])
-            for w in works:
-                w.wait()
-            for provider, buf in recv_bufs.items():
-                for pos, shard, offset in bp.messages[provider][0]:
-                    unit = bp.units[pos]
-                    data = buf.narrow(0, offset, unit.shard_nbytes).view(unit.dtype).view(unit.shard_shape)
-                    place(unit.kind, data, shard, unit.geometry, outputs[pos])
-            del recv_bufs, send_buf, outputs, works, ops
-            yield bucket
-            del bucket, flats
+            if receiver:
+                flats = {dtype: torch.empty(n, dtype=dtype, device=self.device) for dtype, n in bp.numels.items()}
+                bucket = ExportBucket(bp.index, flats, [e for u in bp.units for e in u.entries])
+                outputs = [[bucket.tensor(e) for e in u.entries] for u in bp.units]
+            for messages in bp.rounds:
+                if receiver:
+                    # own shards first, before any receive buffer exists: a staged shard and the received
+                    # messages are never held at the same time
+                    for pos, shard, _offset in messages.get(me, ([], 0))[0]:
+                        unit = bp.units[pos]
+                        self._place_shard(unit, shard, self._read(unit, shard), outputs[pos])
+                ops = []
+                send_buf = self._message(bp, messages) if me in messages and others else None
+                if send_buf is not None:
+                    ops += [dist.P2POp(dist.isend, send_buf, q) for q in others]
+                recv_bufs: dict[int, torch.Tensor] = {}
+                if receiver:
+                    for provider, (_items, total) in messages.items():
+                        if provider != me:
+                            recv_bufs[provider] = torch.empty(total, dtype=torch.uint8, device=self.device)
+                            ops.append(dist.P2POp(dist.irecv, recv_bufs[provider], provider))
+                for work in (dist.batch_isend_irecv(ops) if ops else []):
+                    work.wait()
+                for provider, buf in recv_bufs.items():
+                    for pos, shard, offset in messages[provider][0]:
+                        unit = bp.units[pos]
+                        data = buf.narrow(0, offset, unit.shard_nbytes).view(unit.dtype).view(unit.shard_shape)
+                        place(unit.kind, data, shard, unit.geometry, outputs[pos])
+                del recv_bufs, send_buf, ops
+            if receiver:
+                del outputs, flats
+                yield bucket
+                del bucket
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(hf_name, tensor)`` pairs on receiver ranks, bucket by bucket (views into the current bucket)."""

@@ -74,14 +74,18 @@ class Unit:
         return total
 
 
+# provider rank -> ([(unit position in the bucket, shard index, byte offset in the provider's message)], total bytes)
+Messages = dict[int, tuple[list[tuple[int, int, int]], int]]
+
+
 @dataclass
 class BucketPlan:
-    """One output bucket: its units, the length of each dtype's flat tensor, and per provider the bytes it sends."""
+    """One output bucket: its units, the length of each dtype's flat tensor, and its exchange rounds: consecutive
+    units whose shards together take at most the largest parameter's bytes, one message per provider each."""
     index: int
     units: list[Unit]
     numels: dict[torch.dtype, int]
-    # provider rank -> [(unit position in `units`, shard index, byte offset in the provider's message)], total bytes
-    messages: dict[int, tuple[list[tuple[int, int, int]], int]]
+    rounds: list[Messages]
 
     @property
     def nbytes(self) -> int:
@@ -101,7 +105,13 @@ class ExportPlan:
 
     @property
     def largest_unit_bytes(self) -> int:
+        """Hugging Face bytes of the largest parameter (all the tensors it becomes)."""
         return max((u.hf_nbytes for u in self.units), default=0)
+
+    @property
+    def largest_message_bytes(self) -> int:
+        """Bytes of the largest exchange round: the most one rank receives (or sends) at a time."""
+        return max((total for b in self.buckets for r in b.rounds for _items, total in r.values()), default=0)
 
 
 def _fail(problems: list[str], what: str) -> None:
@@ -230,10 +240,12 @@ def _pack(units: list[Unit], bucket_bytes: int) -> list[BucketPlan]:
         else:
             groups.append([u])
             size = u.hf_nbytes
+    cap = max((_aligned(u.shard_nbytes) * len(u.providers) for u in units), default=0)
     buckets = []
     for index, members in enumerate(groups):
         numels: dict[torch.dtype, int] = {}
-        messages: dict[int, tuple[list, int]] = {}
+        rounds: list[Messages] = []
+        round_bytes = cap + 1
         for pos, u in enumerate(members):
             u.entries = []
             align = ALIGN_BYTES // _itemsize(u.dtype)
@@ -242,9 +254,15 @@ def _pack(units: list[Unit], bucket_bytes: int) -> list[BucketPlan]:
                 entry = ExportEntry(hf_name, shape, u.dtype, offset)
                 u.entries.append(entry)
                 numels[u.dtype] = offset + -(-entry.numel // align) * align
+            unit_bytes = _aligned(u.shard_nbytes) * len(u.providers)
+            if round_bytes + unit_bytes > cap:
+                rounds.append({})
+                round_bytes = 0
+            round_bytes += unit_bytes
+            messages = rounds[-1]
             for s, provider in enumerate(u.providers):
                 items, total = messages.get(provider, ([], 0))
                 items.append((pos, s, total))
                 messages[provider] = (items, total + _aligned(u.shard_nbytes))
-        buckets.append(BucketPlan(index, members, numels, messages))
+        buckets.append(BucketPlan(index, members, numels, rounds))
     return buckets
