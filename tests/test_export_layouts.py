@@ -67,7 +67,7 @@ def test_offloaded_weights_export_from_the_host_copy_bit_for_bit(megatron_env, u
         on_device = export([ddp], "qwen3_moe", weights=weights, bucket_bytes=32 * 1024)
         mgr.offload("weights")
         assert weights.device_bytes == 0
-        with pytest.raises(MemmgrStateError, match="host copy"):
+        with pytest.raises(MemmgrStateError, match="nothing was sent.*host copy"):
             export([ddp], "qwen3_moe")
         from_host = export([ddp], "qwen3_moe", weights=weights, bucket_bytes=32 * 1024)
         assert weights.device_bytes == 0, "the export must not onload the weights"
@@ -190,6 +190,8 @@ def test_unknown_parameter_and_unknown_family_raise_before_anything_is_exported(
     with pytest.raises(MemmgrExportError, match=r"q_layernorm\.weight.*no row of the qwen2 table"):
         # a Qwen3 model served as Qwen2: its q/k norms have no Qwen2 name
         MegatronExporter(model("qwen3"), _as_type(hf_config("qwen3"), "qwen2"))
+    with pytest.raises(MemmgrExportError, match=r"receivers=\[1\]"):
+        MegatronExporter(model("llama"), hf_config("llama"), receivers=[1])  # a world of one rank
     cfg = hf_config("llama")
     cfg.model_type = "gpt2"
     with pytest.raises(MemmgrExportError, match="'gpt2' has no export table"):

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from memmgr.errors import MemmgrStateError
 from memmgr.flat_tensors import BucketizedFlatTensors
 from memmgr.sync.export.discovery import local_parameters
 from memmgr.sync.export.errors import MemmgrExportError
@@ -139,10 +140,30 @@ class MegatronExporter:
             view.copy_(self._read(unit, shard), non_blocking=True)
         return buf
 
+    def _preflight(self) -> None:
+        """Every rank checks that it can read the shards it sends; one gather, then all raise together."""
+        problems = []
+        for bp in self.plan.buckets:
+            for messages in bp.rounds:
+                for pos, shard, _offset in messages.get(self.rank, ([], 0))[0]:
+                    unit = bp.units[pos]
+                    name, tensor = self._local[(unit.key[0], unit.key[1], shard)]
+                    problem = self.source.problem(name, tensor)
+                    if problem and len(problems) < 4:
+                        problems.append(f"rank {self.rank}: {problem}")
+        if self.distributed:
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, problems)
+            problems = [p for rank_problems in gathered for p in rank_problems]
+        if problems:
+            raise MemmgrStateError("cannot export now, nothing was sent: " + "; ".join(problems[:8]))
+
     def buckets(self) -> Iterator[ExportBucket]:
         """Yields the buckets on receiver ranks (nothing elsewhere); every rank must iterate to the end. A bucket's
         tensors are valid until the caller drops them (the exporter keeps no reference once the next one is asked
-        for); a caller that holds each bucket until the next arrives holds two."""
+        for); a caller that holds each bucket until the next arrives holds two. Before anything moves, every rank
+        checks that its weights can be read (one small gather) and all raise MemmgrStateError together if not."""
+        self._preflight()
         me = self.rank
         others = [q for q in self.receivers if q != me]
         receiver = self.is_receiver

@@ -24,6 +24,9 @@ class WeightSource(Protocol):
 
     def read(self, name: str, param: torch.Tensor) -> torch.Tensor: ...
 
+    def problem(self, name: str, param: torch.Tensor) -> str | None:
+        """Why ``read`` would fail now (None if it would not): checked on every rank before an export starts."""
+
 
 def _has_memory(t: torch.Tensor) -> bool:
     return t.numel() == 0 or t.untyped_storage().nbytes() > 0
@@ -32,11 +35,16 @@ def _has_memory(t: torch.Tensor) -> bool:
 class DeviceSource:
     """Reads ``param.data`` where it lies; raises MemmgrStateError for a parameter whose memory is offloaded."""
 
-    def read(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        if not _has_memory(param):
-            raise MemmgrStateError(
-                f"parameter {name!r} has no device memory (its weights group is offloaded); export from the host "
+    def problem(self, name: str, param: torch.Tensor) -> str | None:
+        if _has_memory(param):
+            return None
+        return (f"parameter {name!r} has no device memory (its weights group is offloaded); export from the host "
                 f"copy instead: MegatronExporter(..., weights=mgr.group('weights')), or onload the weights first")
+
+    def read(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        problem = self.problem(name, param)
+        if problem:
+            raise MemmgrStateError(problem)
         return param.detach()
 
 
@@ -81,18 +89,28 @@ class HostCopySource:
                 f"{len(missing)} parameter(s) are not in the weights group {weights.name!r} (first: {missing[:3]}); "
                 f"pass the group for_megatron built for these same model chunks (mgr.group('weights'))")
 
-    def read(self, name: str, param: torch.Tensor) -> torch.Tensor:
+    def _state(self, param: torch.Tensor) -> tuple[FlatTensors, int, BucketState]:
         bucket, offset = self._where[id(param)]
         state = bucket.state
         if state in (BucketState.OFFLOADING, BucketState.ONLOADING):
             bucket.wait()
             state = bucket.state
+        return bucket, offset, state
+
+    def problem(self, name: str, param: torch.Tensor) -> str | None:
+        bucket, _offset, state = self._state(param)
+        if state is BucketState.ON_DEVICE or (state is BucketState.ON_HOST and bucket.host_buffer is not None):
+            return None
+        return (f"parameter {name!r}: bucket {bucket.name!r} of the weights group is {state.value} and holds no "
+                f"copy of its contents; onload the weights group before exporting")
+
+    def read(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        bucket, offset, state = self._state(param)
         if state is BucketState.ON_DEVICE:
             return param.detach()
         host = bucket.host_buffer
         if state is not BucketState.ON_HOST or host is None:
-            raise MemmgrStateError(f"parameter {name!r}: bucket {bucket.name!r} is {state.value} and holds no copy "
-                                   f"of its contents; onload the weights group before exporting")
+            raise MemmgrStateError(self.problem(name, param) or f"parameter {name!r} cannot be read")
         itemsize = param.element_size()
         start = offset * itemsize
         raw = host.tensor.narrow(0, start, param.numel() * itemsize)
