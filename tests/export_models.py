@@ -169,7 +169,10 @@ def load_full_state(chunks: list, full: dict[str, torch.Tensor]) -> None:
                 rank = ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
                 size = (ps.get_expert_tensor_parallel_world_size() if expert
                         else ps.get_tensor_model_parallel_world_size())
-                p.copy_(shard_from_full(full[global_name(chunk, local_name)], p, local_name, rank, size))
+                name = global_name(chunk, local_name)
+                if name == "output_layer.weight" and name not in full:  # tied: the last stage's copy
+                    name = "embedding.word_embeddings.weight"
+                p.copy_(shard_from_full(full[name], p, local_name, rank, size))
 
 
 def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -201,3 +201,18 @@ def test_unknown_parameter_and_unknown_family_raise_before_anything_is_exported(
 def _as_type(cfg, model_type: str):
     cfg.model_type = model_type
     return cfg
+
+
+def test_mixed_dtypes_give_one_flat_per_dtype_in_a_bucket(megatron_env):
+    chunks = model("llama")
+    reference = export(chunks, "llama")
+    for name, p in chunks[0].named_parameters():
+        if "norm" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    buckets = list(MegatronExporter(chunks, hf_config("llama"), bucket_bytes=1 << 20).buckets())
+    assert len(buckets) == 1 and set(buckets[0].flats) == {torch.float32, torch.bfloat16}
+    got = dict(buckets[0].named_tensors())
+    assert list(got) == list(reference)
+    for name, ref in reference.items():
+        expected = ref if "norm" in name else ref.to(torch.bfloat16)
+        assert got[name].dtype == expected.dtype and torch.equal(got[name], expected), name
