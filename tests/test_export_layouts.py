@@ -38,8 +38,8 @@ def export(chunks, family, **kwargs) -> dict[str, torch.Tensor]:
     return {name: t.clone() for bucket in exporter.buckets() for name, t in bucket.named_tensors()}
 
 
-def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert list(a) == list(b)
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], ordered: bool = True) -> None:
+    assert list(a) == list(b) if ordered else sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
@@ -134,7 +134,8 @@ def test_legacy_grouped_mlp_stacked_experts_export_like_sequential_experts(megat
         del experts.local_experts
         experts.weight1 = torch.nn.Parameter(w1.reshape(hidden, -1))
         experts.weight2 = torch.nn.Parameter(w2.reshape(-1, hidden))
-    same(reference, export(chunks, "qwen3_moe"))
+    # one parameter holds all experts' gate/up (and another all down), so the order differs, not the tensors
+    same(reference, export(chunks, "qwen3_moe"), ordered=False)
 
 
 def test_buckets_hold_whole_parameters_within_the_bound_in_checkpoint_order(megatron_env):
