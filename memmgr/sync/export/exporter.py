@@ -68,7 +68,12 @@ class MegatronExporter:
     device of this rank's parameters; it must suit the process group's backend).
 
     Raises MemmgrExportError on every rank, before anything is sent, for an unknown parameter, a family without a
-    table, or a Hugging Face config that disagrees with the model.
+    table, or a Hugging Face config that disagrees with the model. ``hf_config`` may be any object with the Hugging
+    Face config attributes (transformers itself is not needed).
+
+    Build it once, while or after the model exists, and call ``buckets()`` at every sync: the plan (one gather of
+    metadata) is made here; each export re-reads the weights where they are then (device or host copy). Rebuild it
+    if the model's parameter tensors are replaced (not merely updated, offloaded or onloaded in place).
     """
 
     def __init__(self, model_chunks: torch.nn.Module | Sequence[torch.nn.Module], hf_config: Any, *,
