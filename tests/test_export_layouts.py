@@ -146,14 +146,17 @@ def test_buckets_hold_whole_parameters_within_the_bound_in_checkpoint_order(mega
     names = []
     largest = max(e.numel * 4 for e in exporter.entries)
     count = 0
+    layouts = exporter.bucket_layouts
     for bucket in exporter.buckets():
+        numels, entries = layouts[count]
+        assert {d: t.numel() for d, t in bucket.flats.items()} == numels and bucket.entries == entries
         count += 1
         assert bucket.nbytes <= max(bound, largest * 3 + 256)  # a fused qkv larger than the bound goes alone
         if len(bucket.entries) > 3:
             assert bucket.nbytes <= bound
         assert all(t.dim() == 1 for t in bucket.flats.values())
         names += [e.name for e in bucket.entries]
-    assert count > 3
+    assert count == len(layouts) > 3
     assert names[0] == "model.embed_tokens.weight" and names[-1] == "model.norm.weight"
     assert "lm_head.weight" not in names  # tied: the engine ties it to the embedding
     assert names.index("model.layers.0.mlp.down_proj.weight") < names.index("model.layers.1.input_layernorm.weight")

@@ -123,6 +123,13 @@ class MegatronExporter:
         return self.plan.entries
 
     @property
+    def bucket_layouts(self) -> list[tuple[dict[torch.dtype, int], list[ExportEntry]]]:
+        """For each bucket ``buckets()`` will yield, in order: the length (elements) of its flat tensor of each dtype
+        and its entries. The same on every rank and known before any weight moves, so a transport can announce the
+        layout once and receivers can pre-allocate."""
+        return [(dict(bp.numels), [e for u in bp.units for e in u.entries]) for bp in self.plan.buckets]
+
+    @property
     def is_receiver(self) -> bool:
         return self.rank in self.receivers
 
