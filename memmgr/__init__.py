@@ -9,9 +9,10 @@ import logging
 
 from memmgr._native import BackendInfo, backend_info
 from memmgr.errors import (MemmgrCorruptionError, MemmgrError, MemmgrHostMemoryError, MemmgrInputError,
-                           MemmgrIntegrationError, MemmgrOutOfMemoryError, MemmgrStateError)
-from memmgr.flat_tensors import BucketizedFlatTensors, BucketState, FlatTensors, Policy
+                           MemmgrIntegrationError, MemmgrOutOfMemoryError, MemmgrStateError, MemmgrSyncError)
+from memmgr.flat_tensors import BucketizedFlatTensors, FlatTensors
 from memmgr.manager import GroupStatus, HookEvent, HookHandle, MemoryManager
+from memmgr.states import BucketState, GroupState, Policy
 from memmgr.integrations.plain_torch import for_module
 from memmgr.host_memory import HostBuffer, HostMemoryPool, allocate_host_buffer, default_pool
 from memmgr.transfer import TransferHandle
@@ -21,10 +22,10 @@ logging.getLogger("memmgr").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendInfo", "backend_info", "BucketizedFlatTensors", "BucketState", "FlatTensors", "Policy", "HostBuffer",
+    "BackendInfo", "backend_info", "BucketizedFlatTensors", "BucketState", "GroupState", "FlatTensors", "Policy", "HostBuffer",
     "HostMemoryPool", "allocate_host_buffer", "default_pool", "TransferHandle", "MemmgrError", "MemmgrInputError",
     "MemmgrStateError", "MemmgrOutOfMemoryError", "MemmgrHostMemoryError", "MemmgrCorruptionError",
-    "MemmgrIntegrationError", "MemoryManager", "GroupStatus", "HookEvent", "HookHandle", "for_module",
+    "MemmgrIntegrationError", "MemmgrSyncError", "MemoryManager", "GroupStatus", "HookEvent", "HookHandle", "for_module",
 ]
 
 

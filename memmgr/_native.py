@@ -9,13 +9,18 @@ import torch
 
 logger = logging.getLogger("memmgr")
 
-try:
-    from memmgr import _pinned as native  # type: ignore[attr-defined]
+import importlib
+import importlib.util
 
-    _import_error: str | None = None
-except ImportError as exc:  # the pure-Python path is a supported configuration
-    native = None
-    _import_error = str(exc)
+native: ModuleType | None = None
+_import_error: str | None = None
+if importlib.util.find_spec("memmgr._pinned") is None:  # the pure-Python path is a supported configuration
+    _import_error = "no memmgr._pinned in this installation (built only where a CUDA toolkit was found)"
+else:
+    try:
+        native = importlib.import_module("memmgr._pinned")
+    except ImportError as exc:
+        _import_error = str(exc)
 
 
 @dataclass(frozen=True)

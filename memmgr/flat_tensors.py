@@ -18,48 +18,30 @@ graphs, raw data_ptr) are stale after onload, since the storage gets a new alloc
 
 Opt-in verification (``verify=True``, or ``group.verify = True`` after construction): offload takes a checksum of each
 bucket's bytes where they live (on the GPU for a CUDA bucket, ordered on the current stream before the copy) and
-onload recomputes it on the restored bytes; a mismatch raises ``MemmgrCorruptionError`` naming the bucket and both
-checksums, and leaves the group off the device with its host copies kept. The checksum is a position-weighted sum of
-the bytes (as 32-bit words, odd pseudo-random weights per position, int64 accumulation, in bounded chunks): any single
-changed byte is always detected, and swapped elements are detected unless the weights collide (odds ~2^-31).
+onload recomputes it on the restored bytes (``memmgr.checksum``); a mismatch raises ``MemmgrCorruptionError`` naming
+the bucket and both checksums, and leaves the group off the device with its host copies kept.
+
+A group's moves go through ``memmgr.moves``: its offload issues every bucket's copy, its onload is one
+``OnloadTransaction`` (undone as a whole on out-of-memory or a checksum mismatch).
 """
 from __future__ import annotations
 
-import enum
 import logging
 from collections import OrderedDict
 from typing import Mapping, Sequence, Union
 
 import torch
 
-from memmgr.errors import MemmgrCorruptionError, MemmgrInputError, MemmgrOutOfMemoryError, MemmgrStateError
+from memmgr import moves
+from memmgr.checksum import bucket_checksum
+from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.host_memory import HostBuffer, HostMemoryPool, default_pool
+from memmgr.states import BucketState, GroupState, Policy, policy_from
 from memmgr.transfer import TransferHandle, copy_stream
 
 logger = logging.getLogger("memmgr")
 
 TensorsArg = Union[Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
-
-
-class BucketState(enum.Enum):
-    ON_DEVICE = "on_device"
-    OFFLOADING = "offloading"   # device->host copy in flight; storage already handed back to the allocator
-    ON_HOST = "on_host"
-    DISCARDED = "discarded"     # freed without a copy; onload re-allocates and zeroes
-    ONLOADING = "onloading"     # host->device copy in flight; ordered before later work on the current stream
-
-
-class Policy(str, enum.Enum):
-    COPY = "copy"
-    DISCARD = "discard"
-
-
-def _policy(policy: Policy | str, name: str) -> Policy:
-    try:
-        return Policy(policy)
-    except ValueError:
-        raise MemmgrInputError(f"group {name!r}: unknown policy {policy!r}; use one of "
-                               f"{[p.value for p in Policy]}") from None
 
 
 def _storage_use_count(tensor: torch.Tensor) -> int:
@@ -68,72 +50,6 @@ def _storage_use_count(tensor: torch.Tensor) -> int:
 
 # References the measurement itself adds (the temporary storage wrapper), calibrated on this torch build.
 _PROBE_REFS = _storage_use_count(torch.empty(1)) - 1
-
-
-# ---- verification checksums ----
-_CHECKSUM_ROW_WORDS = 1 << 16       # 32-bit words weighted by one table of odd weights
-_CHECKSUM_CHUNK_ROWS = 128          # rows per step: bounds the extra memory to 32 MiB (int32 products)
-
-
-def _signed64(value: int) -> int:
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_MIX_C1 = _signed64(0x9E3779B97F4A7C15)
-_MIX_C2 = _signed64(0xBF58476D1CE4E5B9)
-_MIX_C3 = _signed64(0x94D049BB133111EB)
-_word_weights: dict[torch.device, torch.Tensor] = {}
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """A splitmix64-style hash of int64 positions (wrapping arithmetic), deterministic on every device."""
-    x = (x + 1) * _MIX_C1
-    x = (x ^ (x >> 30)) * _MIX_C2
-    x = (x ^ (x >> 27)) * _MIX_C3
-    return x ^ (x >> 31)
-
-
-def _weights_for(device: torch.device) -> torch.Tensor:
-    """Odd 31-bit int32 weights for the positions of one row, made once per device (256 KiB)."""
-    weights = _word_weights.get(device)
-    if weights is None:
-        h = _mix64(torch.arange(_CHECKSUM_ROW_WORDS, dtype=torch.int64, device=device))
-        weights = ((h & 0x7FFFFFFF) | 1).to(torch.int32)
-        _word_weights[device] = weights
-    return weights
-
-
-def bucket_checksum(flat: torch.Tensor) -> torch.Tensor:
-    """A 0-dim int64 checksum of a 1-D contiguous tensor's bytes, computed where the tensor lives, asynchronously
-    on the current stream. Words are weighted by position (odd weights, so one changed byte always changes the
-    sum); extra memory is bounded by one chunk of int32 products."""
-    device = flat.device
-    data = flat.reshape(-1).view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8, device=device)
-    nbytes = data.numel()
-    nwords = nbytes // 4
-    full_rows, rem_words, tail_bytes = nwords // _CHECKSUM_ROW_WORDS, nwords % _CHECKSUM_ROW_WORDS, nbytes % 4
-    nrows = full_rows + 2  # + the partial row of words + the row of leftover bytes
-    weights = _weights_for(device)
-    row_sums = torch.zeros(nrows, dtype=torch.int64, device=device)
-    words = data[:nwords * 4].view(torch.int32) if nwords else None
-    if full_rows:
-        step = min(_CHECKSUM_CHUNK_ROWS, full_rows)
-        products = torch.empty(step, _CHECKSUM_ROW_WORDS, dtype=torch.int32, device=device)
-        for r0 in range(0, full_rows, step):
-            r1 = min(full_rows, r0 + step)
-            block = words[r0 * _CHECKSUM_ROW_WORDS:r1 * _CHECKSUM_ROW_WORDS].view(r1 - r0, _CHECKSUM_ROW_WORDS)
-            out = products[:r1 - r0]
-            torch.mul(block, weights, out=out)  # wraps modulo 2^32: still odd multiples of each word
-            row_sums[r0:r1] = out.sum(dim=1, dtype=torch.int64)
-    if rem_words:
-        tail = words[full_rows * _CHECKSUM_ROW_WORDS:]
-        row_sums[full_rows] = (tail * weights[:rem_words]).sum(dtype=torch.int64)
-    if tail_bytes:
-        leftover = data[nwords * 4:].to(torch.int32)
-        row_sums[full_rows + 1] = (leftover * weights[:tail_bytes]).sum(dtype=torch.int64)
-    row_weights = _mix64(torch.arange(nrows, dtype=torch.int64, device=device) + (nbytes << 1)) | 1
-    return (row_sums * row_weights).sum()
 
 
 def _describe(name: str, tensor: torch.Tensor) -> str:
@@ -200,7 +116,7 @@ class FlatTensors:
         self.flat = flat
         self.members = members  # (name, tensor, element offset)
         self.name = name
-        self.policy = _policy(policy, name)
+        self.policy = policy_from(policy, name)
         self.nbytes = flat.numel() * flat.element_size()
         self._pool = pool or default_pool()
         self._host: HostBuffer | None = None
@@ -412,7 +328,7 @@ class FlatTensors:
             if self.verify and self._offload_checksum is not None:
                 with torch.no_grad():
                     self._restored_checksum = bucket_checksum(self.flat)  # ordered after the copy
-            callbacks = [previous._finish] if previous is not None else []
+            callbacks = [previous.settle] if previous is not None else []
             handle = self._start(TransferHandle([event], callbacks + [self._complete]), BucketState.ONLOADING,
                                  BucketState.ON_DEVICE)
             if not non_blocking:
@@ -439,7 +355,7 @@ class FlatTensors:
         want, got = int(expected.item()), int(restored.item())
         return None if want == got else (want, got)
 
-    def _clear_checksums(self) -> None:
+    def clear_checksums(self) -> None:
         self._offload_checksum = None
         self._restored_checksum = None
 
@@ -456,10 +372,10 @@ class FlatTensors:
     def _check_restored(self, revert_to: BucketState) -> None:
         mismatch = self.checksum_mismatch()
         if mismatch is None:
-            self._clear_checksums()
+            self.clear_checksums()
             return
         self.revert_onload(revert_to)
-        raise _corruption_error(f"bucket {self.name!r}", [(self, mismatch)])
+        raise moves.corruption_error(f"bucket {self.name!r}", [(self, mismatch)])
 
     def outside_references(self) -> int:
         """References to this bucket's storage beyond the bucket and its members (0 for an adopted buffer, whose
@@ -484,19 +400,6 @@ class FlatTensors:
                 f"{self.device}, {self.state.value})")
 
 
-def _corruption_error(what: str, bad: list[tuple[FlatTensors, tuple[int, int]]]) -> MemmgrCorruptionError:
-    mask = (1 << 64) - 1
-    details = "; ".join(f"bucket {b.name!r} ({b.nbytes} B, {b.dtype}, {b.device}): checksum at offload "
-                        f"{want & mask:#018x}, after onload {got & mask:#018x}" for b, (want, got) in bad)
-    logger.error("%s: restored contents differ from what was offloaded: %s", what, details)
-    error = MemmgrCorruptionError(
-        f"{what}: the contents restored by onload differ from what was offloaded ({details}). The restored device "
-        f"copy was freed again and the host store kept as it is (state {bad[0][0]._state.value}): retry onload if "
-        f"the transfer was at fault, or inspect bucket.host_buffer")
-    error.mismatches = {b.name: (want & mask, got & mask) for b, (want, got) in bad}  # type: ignore[attr-defined]
-    return error
-
-
 class BucketizedFlatTensors:
     """A group of tensors of any devices and dtypes, coalesced into flat buckets of at most ``bucket_size_mb``.
 
@@ -511,7 +414,7 @@ class BucketizedFlatTensors:
         if bucket_size_mb <= 0:
             raise MemmgrInputError(f"group {name!r}: bucket_size_mb must be > 0, got {bucket_size_mb}")
         self.name = name
-        self.policy = _policy(policy, name)
+        self.policy = policy_from(policy, name)
         self.bucket_size_bytes = int(bucket_size_mb * 2**20)
         self._pool = pool or default_pool()
         self._align_bytes = align_bytes
@@ -536,7 +439,7 @@ class BucketizedFlatTensors:
         items = _name_tensors(tensors, self.name)
         if not items:
             return []
-        if self.buckets and self.state is not BucketState.ON_DEVICE:
+        if self.buckets and self.state is not GroupState.ON_DEVICE:
             raise MemmgrStateError(f"group {self.name!r} is {self.state.value}; add tensors while it is on device")
         existing = {id(t): n for n, t in self.named_tensors}
         for tname, tensor in items:
@@ -588,19 +491,12 @@ class BucketizedFlatTensors:
                 bucket.ensure_host_buffer()
 
     # ---- moves ----
+    @property
+    def units(self) -> list[FlatTensors]:
+        return list(self.buckets)
+
     def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
-        handles = []
-        try:
-            for bucket in self.buckets:
-                handles.append(bucket.offload(non_blocking=True, discard=discard))
-        except BaseException:
-            # Interrupted part-way (KeyboardInterrupt, a signal): finish moving the group so that it is wholly on
-            # the host rather than split, then let the interrupt through.
-            for bucket in self.buckets:
-                if bucket.state is BucketState.ON_DEVICE:
-                    bucket.offload(non_blocking=True, discard=discard)
-            raise
-        handle = TransferHandle.combine(handles)
+        handle = moves.offload_units(self.buckets, discard=lambda _bucket: discard)
         if not non_blocking:
             handle.wait()
         return handle
@@ -608,49 +504,10 @@ class BucketizedFlatTensors:
     def onload(self, non_blocking: bool = False) -> TransferHandle:
         """Restores every bucket; if the GPU runs out of memory, frees what this call allocated and raises
         MemmgrOutOfMemoryError with the host copies intact, so a retry after freeing memory succeeds."""
-        todo = [b for b in self.buckets if b.state not in (BucketState.ON_DEVICE, BucketState.ONLOADING)]
-        if not todo:
+        if not any(not b.state.holds_device_memory for b in self.buckets):
             logger.debug("group %s is already %s; onload is a no-op", self.name, self.state.value)
-        previous = {id(b): (BucketState.ON_HOST if b.state is BucketState.OFFLOADING else b.state) for b in todo}
-        handles: list[TransferHandle] = []
-        done: list[FlatTensors] = []
-        # Allocate and copy bucket by bucket, so each allocation overlaps the copy of the bucket before it.
-        try:
-            for bucket in todo:
-                bucket.allocate()
-                handles.append(bucket.onload(non_blocking=True))
-                done.append(bucket)
-        except BaseException as exc:
-            for bucket in done:  # back wholly to the host: nothing half-restored
-                bucket.revert_onload(previous[id(bucket)])
-            if not isinstance(exc, torch.OutOfMemoryError):
-                raise
-            needed = sum(b.nbytes for b in todo)
-            device = todo[0].device
-            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-            raise MemmgrOutOfMemoryError(
-                f"group {self.name!r}: onload needs {needed} bytes on {device} but only "
-                f"{free if free is not None else 'unknown'} bytes are free; nothing was restored and the host copy "
-                f"is intact. Free GPU memory (offload another group, torch.cuda.empty_cache()) and retry",
-                group=self.name, bytes_needed=needed, bytes_free=free) from exc
-        handle = TransferHandle.combine(handles)
-        if any(b._restored_checksum is not None for b in todo):
-            self._verify_restored(todo, previous)  # reads the checksums back: waits for this onload's copies
-        if not non_blocking:
-            handle.wait()
-        return handle
-
-    def _verify_restored(self, todo: list[FlatTensors], previous: dict[int, BucketState]) -> None:
-        """Compares each restored bucket's checksum with its offload checksum; on any mismatch, puts every bucket of
-        this onload back where it was (device storage freed, host stores untouched) and raises."""
-        bad = [(b, m) for b in todo for m in [b.checksum_mismatch()] if m is not None]
-        if not bad:
-            for bucket in todo:
-                bucket._clear_checksums()
-            return
-        for bucket in todo:
-            bucket.revert_onload(previous[id(bucket)])
-        raise _corruption_error(f"group {self.name!r}", bad)
+        return moves.onload_units(self.buckets, what=f"group {self.name!r}", group=self.name,
+                                  non_blocking=non_blocking)
 
     def wait(self) -> None:
         for bucket in self.buckets:
@@ -658,19 +515,8 @@ class BucketizedFlatTensors:
 
     # ---- introspection ----
     @property
-    def state(self) -> BucketState:
-        states = {b.state for b in self.buckets}
-        if not states:
-            return BucketState.ON_DEVICE
-        if len(states) == 1:
-            return states.pop()
-        for in_flight in (BucketState.OFFLOADING, BucketState.ONLOADING):
-            if in_flight in states:
-                return in_flight
-        if states <= {BucketState.ON_HOST, BucketState.DISCARDED}:
-            return BucketState.ON_HOST
-        raise MemmgrStateError(f"group {self.name!r} is partly on device and partly off: "
-                               f"{sorted(s.value for s in states)}; onload or offload it as a whole")
+    def state(self) -> GroupState:
+        return GroupState.of(b.state for b in self.buckets)
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -701,21 +547,10 @@ class BucketizedFlatTensors:
         devices = self.devices
         return devices[0] if len(devices) == 1 else None
 
-    def check_no_outside_references(self) -> None:
-        """Raises MemmgrStateError, before anything moves, if something outside the group still uses its memory
-        (e.g. tensors autograd saved for the backward of an unfinished step): freeing it would corrupt them."""
-        for bucket in self.buckets:
-            extra = bucket.outside_references()
-            if extra:
-                raise MemmgrStateError(
-                    f"group {self.name!r}: bucket {bucket.name!r} is still referenced {extra} time(s) from outside "
-                    f"the group, typically by tensors autograd saved for the backward pass of an unfinished step "
-                    f"(or a view you kept). Finish backward (or drop the graph / the view) before offloading")
-
     def require_on_device(self) -> None:
         """Raises MemmgrStateError unless every bucket is on the device (use before touching the tensors)."""
         state = self.state
-        if state not in (BucketState.ON_DEVICE, BucketState.ONLOADING):
+        if state not in (GroupState.ON_DEVICE, GroupState.ONLOADING):
             raise MemmgrStateError(f"group {self.name!r} is {state.value}: its tensors have no device memory "
                                    f"behind them; call onload() before using them")
 

@@ -1,7 +1,9 @@
-"""What the manager needs from a state group, and the order in which groups should move.
+"""What the manager moves: units (a bucket, or a group that moves as a whole) and the groups made of them.
 
-A group is anything with this small surface; ``BucketizedFlatTensors`` is the main one. Integrations may add
-others (e.g. gradients that are dropped by setting ``.grad = None`` rather than held in a buffer).
+A **unit** is the smallest thing that moves: a ``FlatTensors`` bucket, or a ``DroppedTensors`` group, which drops
+references instead of copying. A **group** is a named set of units (``BucketizedFlatTensors``: its buckets;
+``DroppedTensors``: itself). The move transaction (``memmgr.moves``) and the manager know units and groups only
+through these two protocols.
 """
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
-from memmgr.flat_tensors import BucketState, Policy
+from memmgr.errors import MemmgrStateError
+from memmgr.states import BucketState, GroupState, Policy
 from memmgr.transfer import TransferHandle
 
 # Lower moves first on offload (frees memory soonest, copies least) and last on onload.
@@ -22,16 +25,49 @@ DEFAULT_PRIORITY = {
 
 
 @runtime_checkable
-class StateGroup(Protocol):
+class MovableUnit(Protocol):
+    """One unit of movement. ``allocate``/``onload``/``revert_onload`` let a transaction bring several units back
+    and undo all of them if one fails; ``checksum_mismatch`` reports what opt-in verification found."""
+
     name: str
     policy: Policy
 
+    @property
+    def state(self) -> BucketState: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def device_bytes(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device | None: ...
+
     def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle: ...
+
+    def allocate(self) -> bool: ...
 
     def onload(self, non_blocking: bool = False) -> TransferHandle: ...
 
+    def revert_onload(self, state: BucketState) -> None: ...
+
+    def checksum_mismatch(self) -> tuple[int, int] | None: ...
+
+    def clear_checksums(self) -> None: ...
+
+    def outside_references(self) -> int: ...
+
+
+@runtime_checkable
+class StateGroup(Protocol):
+    """A named group of units, as the manager holds it."""
+
+    name: str
+    policy: Policy
+
     @property
-    def state(self) -> BucketState: ...
+    def units(self) -> list[MovableUnit]: ...
 
     @property
     def nbytes(self) -> int: ...
@@ -44,6 +80,30 @@ class StateGroup(Protocol):
 
     @property
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]: ...
+
+    def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle: ...
+
+    def onload(self, non_blocking: bool = False) -> TransferHandle: ...
+
+    def release_host_buffers(self) -> None: ...
+
+
+def group_state(group: StateGroup) -> GroupState:
+    """Where the group's units are (PARTIAL when some are on the device and others off)."""
+    return GroupState.of(unit.state for unit in group.units)
+
+
+def check_no_outside_references(group: StateGroup) -> None:
+    """Raises MemmgrStateError, before anything moves, if memory of one of the group's units is still referenced
+    from outside the group (tensors autograd saved for an unfinished backward, a view someone kept): freeing it
+    would corrupt them."""
+    for unit in group.units:
+        extra = unit.outside_references()
+        if extra:
+            raise MemmgrStateError(
+                f"group {group.name!r}: bucket {unit.name!r} is still referenced {extra} time(s) from outside the "
+                f"group, typically by tensors autograd saved for the backward pass of an unfinished step (or a view "
+                f"you kept). Finish backward (or drop the graph / the view) before offloading. Nothing was moved")
 
 
 def default_priority(name: str, policy: Policy) -> int:
@@ -68,11 +128,13 @@ def unique_storage_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] = fr
 
 
 class DroppedTensors:
-    """A discard group whose offload drops references (``.grad`` attributes, cache entries) instead of copying;
-    the framework re-creates the tensors when it next needs them, as it would after ``zero_grad(set_to_none=True)``.
+    """A discard group, and its own single unit, whose offload drops references (``.grad`` attributes, cache
+    entries) instead of copying; the framework re-creates the tensors when it next needs them, as it would after
+    ``zero_grad(set_to_none=True)``.
 
-    Subclasses say which tensors the group holds (``_tensors``), how to drop them (``_drop``) and, optionally, which
-    storages belong to another group (``_exclude``: e.g. gradients that view a flat gradient buffer free nothing)."""
+    Subclasses say which tensors the group holds (``held_tensors``), how to drop them (``drop``) and, optionally,
+    which storages belong to another group (``excluded_storages``: e.g. gradients that view a flat gradient buffer
+    free nothing)."""
 
     policy = Policy.DISCARD
 
@@ -80,27 +142,56 @@ class DroppedTensors:
         self.name = name
         self._dropped = False
 
-    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
+    # ---- what a subclass provides ----
+    def held_tensors(self) -> list[tuple[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def _drop(self) -> None:
+    def drop(self) -> None:
         raise NotImplementedError
 
-    def _exclude(self) -> set[int]:
+    def excluded_storages(self) -> set[int]:
         return set()
 
+    # ---- the unit ----
+    @property
+    def units(self) -> list["DroppedTensors"]:
+        return [self]
+
     def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
-        self._drop()
+        self.drop()
         self._dropped = True
         return TransferHandle.completed()
+
+    def allocate(self) -> bool:
+        return False
 
     def onload(self, non_blocking: bool = False) -> TransferHandle:
         self._dropped = False
         return TransferHandle.completed()
 
+    def revert_onload(self, state: BucketState) -> None:
+        self._dropped = state is BucketState.DISCARDED
+
+    def checksum_mismatch(self) -> tuple[int, int] | None:
+        return None
+
+    def clear_checksums(self) -> None:
+        return None
+
+    def outside_references(self) -> int:
+        return 0
+
+    def release_host_buffers(self) -> None:
+        return None
+
     @property
     def state(self) -> BucketState:
         return BucketState.DISCARDED if self._dropped else BucketState.ON_DEVICE
+
+    @property
+    def device(self) -> torch.device | None:
+        devices = {t.device for _, t in self.held_tensors()}
+        return devices.pop() if len(devices) == 1 else None
 
     @property
     def nbytes(self) -> int:
@@ -108,7 +199,7 @@ class DroppedTensors:
 
     @property
     def device_bytes(self) -> int:
-        return unique_storage_bytes((t for _, t in self._tensors()), self._exclude())
+        return unique_storage_bytes((t for _, t in self.held_tensors()), self.excluded_storages())
 
     @property
     def host_bytes(self) -> int:
@@ -116,4 +207,4 @@ class DroppedTensors:
 
     @property
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        return self._tensors()
+        return self.held_tensors()

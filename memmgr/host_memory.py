@@ -20,7 +20,7 @@ from memmgr.errors import MemmgrHostMemoryError
 
 logger = logging.getLogger("memmgr")
 
-_DEFAULT_TOUCH_THREADS = max(1, min(16, os.cpu_count() or 1))
+DEFAULT_TOUCH_THREADS = max(1, min(16, os.cpu_count() or 1))
 
 
 class HostBuffer:
@@ -55,7 +55,7 @@ class HostBuffer:
         return f"HostBuffer({self.nbytes} B, {self.kind})"
 
 
-def allocate_host_buffer(nbytes: int, pin: bool | None = None, num_threads: int = _DEFAULT_TOUCH_THREADS,
+def allocate_host_buffer(nbytes: int, pin: bool | None = None, num_threads: int = DEFAULT_TOUCH_THREADS,
                          allow_pageable_fallback: bool = True) -> HostBuffer:
     """Allocates exactly ``nbytes`` of host memory, pinned when CUDA is available (or ``pin`` says so).
 
@@ -104,7 +104,7 @@ class HostMemoryPool:
     rounded-up one. ``bytes_held`` counts every buffer the pool handed out or keeps.
     """
 
-    def __init__(self, pin: bool | None = None, num_threads: int = _DEFAULT_TOUCH_THREADS):
+    def __init__(self, pin: bool | None = None, num_threads: int = DEFAULT_TOUCH_THREADS):
         self._pin = pin
         self._num_threads = num_threads
         self._free: dict[int, list[HostBuffer]] = {}

@@ -6,14 +6,16 @@ import enum
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from memmgr import moves
 from memmgr.errors import MemmgrInputError, MemmgrStateError
-from memmgr.flat_tensors import BucketizedFlatTensors, BucketState, Policy, TensorsArg, _policy
-from memmgr.groups import StateGroup, default_priority
+from memmgr.flat_tensors import BucketizedFlatTensors, TensorsArg
+from memmgr.groups import MovableUnit, StateGroup, check_no_outside_references, default_priority, group_state
 from memmgr.host_memory import HostMemoryPool, default_pool
+from memmgr.states import GroupState, Policy, policy_from
 from memmgr.transfer import TransferHandle
 
 logger = logging.getLogger("memmgr")
@@ -54,11 +56,36 @@ class GroupStatus:
 
 
 @dataclass
-class _Entry:
+class GroupEntry:
+    """A registered group with its offload priority (lower leaves first, comes back last) and registration index."""
+
     group: StateGroup
     priority: int
     collect: Callable[[], TensorsArg] | None
     index: int
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+    @property
+    def state(self) -> GroupState:
+        return group_state(self.group)
+
+
+class MoveScope:
+    """The moves a caller issues inside ``MemoryManager.offloading``/``onloading``: ``add`` each handle."""
+
+    def __init__(self) -> None:
+        self._handles: list[TransferHandle] = []
+
+    def add(self, handle: TransferHandle | None) -> None:
+        if handle is not None:
+            self._handles.append(handle)
+
+    @property
+    def handle(self) -> TransferHandle:
+        return TransferHandle.combine(self._handles)
 
 
 class MemoryManager:
@@ -77,11 +104,12 @@ class MemoryManager:
         self.pool = pool or default_pool()
         self.weights_group = weights_group
         self._named_weights = named_weights
-        self._groups: "OrderedDict[str, _Entry]" = OrderedDict()
+        self._groups: "OrderedDict[str, GroupEntry]" = OrderedDict()
         self._hooks: list[tuple[str, HookFn]] = []
         self._closed = False
         self._phases: list[str] = []
         self._ledger = None
+        self._sync_restore = False
         self.left_behind: dict[str, int] = {}  # state an integration saw but does not move, by description -> bytes
 
     # ---- building ----
@@ -92,10 +120,10 @@ class MemoryManager:
         ready StateGroup. ``collect`` returns the group's current tensors; tensors it returns that the group does
         not hold yet (optimizer state created lazily at the first step) are added at the next offload.
         ``verify`` checksums each bucket at offload and checks it at onload (MemmgrCorruptionError on mismatch)."""
-        self._check_open()
+        self.check_open()
         if name in self._groups:
             raise MemmgrInputError(f"group {name!r} exists already; known groups: {list(self._groups)}")
-        policy = _policy(policy, name)
+        policy = policy_from(policy, name)
         if isinstance(tensors, StateGroup) and not isinstance(tensors, (list, tuple, dict)):
             group = tensors
         elif adopt:
@@ -107,7 +135,7 @@ class MemoryManager:
             group = BucketizedFlatTensors(tensors, self.bucket_size_mb, name=name, policy=policy, pool=self.pool,
                                           pin_ahead=pin_ahead, verify=verify)
         prio = default_priority(name, group.policy) if priority is None else priority
-        self._groups[name] = _Entry(group, prio, collect, len(self._groups))
+        self._groups[name] = GroupEntry(group, prio, collect, len(self._groups))
         return group
 
     def _check_not_managed(self, name: str, tensors: TensorsArg) -> None:
@@ -135,43 +163,18 @@ class MemoryManager:
             from memmgr.budget import offload_budget
 
             return offload_budget(self, budget_bytes, groups, non_blocking=non_blocking)
-        self._check_open()
-        entries = sorted(self._resolve(groups), key=lambda e: (e.priority, e.index))
-        for entry in entries:
-            self._collect_new_tensors(entry)
-        for entry in entries:
-            check = getattr(entry.group, "check_no_outside_references", None)
-            if check is not None and _state_label(entry.group) in (BucketState.ON_DEVICE.value, "partial"):
-                check()
-        names = tuple(e.group.name for e in entries)
-        self._fire(HookEvent.BEFORE_OFFLOAD, names)
-        handles = [e.group.offload(non_blocking=True) for e in entries]
-        handle = TransferHandle.combine(handles)
-        handle.add_done_callback(self._release_cached_memory)
-        self._while_copies_in_flight(names)
-        if not non_blocking:
-            handle.wait()
-        self._fire(HookEvent.AFTER_OFFLOAD, names)
-        self._record(f"offload {','.join(names)}")
-        return handle
+        entries = self.prepare_offload(*groups)
+        units = [unit for entry in entries for unit in entry.group.units]
+        return self.offload_units(units, groups=tuple(e.name for e in entries), non_blocking=non_blocking)
 
     def onload(self, *groups: str, non_blocking: bool = False) -> TransferHandle:
-        """Brings the named groups (all if none) back: weights first, discardable ones (re-zeroed) last.
+        """Brings the named groups (all if none) back: weights first, discardable ones (re-zeroed) last. If the GPU
+        runs out of memory, everything this call restored is freed again (host copies intact).
 
         Onload's copies are ordered before later work on the current stream, so compute may follow at once."""
-        self._check_open()
-        entries = sorted(self._resolve(groups), key=lambda e: (-e.priority, e.index))
-        names = tuple(e.group.name for e in entries)
-        self._fire(HookEvent.BEFORE_ONLOAD, names)
-        handles = []
-        for entry in entries:
-            handles.append(entry.group.onload(non_blocking=True))
-        handle = TransferHandle.combine(handles)
-        if not non_blocking:
-            handle.wait()
-        self._fire(HookEvent.AFTER_ONLOAD, names)
-        self._record(f"onload {','.join(names)}")
-        return handle
+        entries = self.entries(*groups, order="onload")
+        units = [unit for entry in entries for unit in entry.group.units]
+        return self.onload_units(units, groups=tuple(e.name for e in entries), non_blocking=non_blocking)
 
     def free(self, nbytes: int, *groups: str, non_blocking: bool = False) -> Any:
         """Frees at least ``nbytes`` of GPU memory, cheapest buckets first; returns the OffloadPlan (memmgr.budget)."""
@@ -183,9 +186,84 @@ class MemoryManager:
 
         return plan_offload(self, budget_bytes, groups)
 
-    def _while_copies_in_flight(self, names: tuple[str, ...]) -> None:
-        """Host-side bookkeeping a subclass wants after an offload: run here, while the copies are in flight, it
-        costs no time on the offload's critical path."""
+    # ---- moving units: the public API that budgets, swaps and ordered onloads build on ----
+    def entries(self, *groups: str, order: str | None = None) -> list[GroupEntry]:
+        """The named groups (all if none) as GroupEntry rows; ``order="offload"`` sorts them by offload priority,
+        ``"onload"`` in reverse (weights first). Unknown names raise MemmgrInputError."""
+        self.check_open()
+        entries = self._resolve(groups)
+        if order == "offload":
+            return sorted(entries, key=lambda e: (e.priority, e.index))
+        if order == "onload":
+            return sorted(entries, key=lambda e: (-e.priority, e.index))
+        if order is not None:
+            raise MemmgrInputError(f"order must be 'offload', 'onload' or None, got {order!r}")
+        return entries
+
+    def prepare_offload(self, *groups: str) -> list[GroupEntry]:
+        """What every offload does before anything moves: picks up tensors each group's ``collect`` reports that it
+        does not hold yet, and raises MemmgrStateError if memory of a group on the device is still referenced from
+        outside it. Returns the groups in offload order."""
+        entries = self.entries(*groups, order="offload")
+        for entry in entries:
+            self._collect_new_tensors(entry)
+        for entry in entries:
+            if entry.state.holds_device_memory:
+                check_no_outside_references(entry.group)
+        return entries
+
+    @contextlib.contextmanager
+    def offloading(self, groups: tuple[str, ...], label: str, *, non_blocking: bool = False) -> Iterator[MoveScope]:
+        """Brackets an offload whose units the caller issues itself (``scope.add(handle)`` for each): before_offload
+        hooks on entry; on a normal exit, PyTorch's cache (and cuBLAS's workspaces) are released once the copies
+        complete, the copies are waited for unless ``non_blocking``, after_offload hooks run and the ledger records
+        ``label``."""
+        self.check_open()
+        self._fire(HookEvent.BEFORE_OFFLOAD, groups)
+        scope = MoveScope()
+        yield scope
+        handle = scope.handle
+        handle.add_done_callback(self._release_cached_memory)
+        self.on_copies_in_flight(groups)
+        if not non_blocking:
+            handle.wait()
+        self._fire(HookEvent.AFTER_OFFLOAD, groups)
+        self._record(label)
+
+    @contextlib.contextmanager
+    def onloading(self, groups: tuple[str, ...], label: str, *, non_blocking: bool = False) -> Iterator[MoveScope]:
+        """Brackets an onload whose units the caller issues itself: before_onload hooks on entry; on a normal exit,
+        the copies are waited for unless ``non_blocking``, after_onload hooks run and the ledger records ``label``."""
+        self.check_open()
+        self._fire(HookEvent.BEFORE_ONLOAD, groups)
+        scope = MoveScope()
+        yield scope
+        if not non_blocking:
+            scope.handle.wait()
+        self._fire(HookEvent.AFTER_ONLOAD, groups)
+        self._record(label)
+
+    def offload_units(self, units: Sequence[MovableUnit], *, groups: tuple[str, ...], label: str | None = None,
+                      discard: Callable[[MovableUnit], bool | None] | None = None,
+                      non_blocking: bool = False) -> TransferHandle:
+        """Offloads these units of the named groups as one move (``memmgr.moves.offload_units``), with the hooks,
+        cache release and ledger record of ``offloading``."""
+        with self.offloading(groups, label or f"offload {','.join(groups)}", non_blocking=non_blocking) as scope:
+            scope.add(moves.offload_units(units, discard=discard))
+        return scope.handle
+
+    def onload_units(self, units: Sequence[MovableUnit], *, groups: tuple[str, ...], label: str | None = None,
+                     non_blocking: bool = False) -> TransferHandle:
+        """Restores these units of the named groups as one transaction (``memmgr.moves.onload_units``: undone as a
+        whole on out-of-memory or a checksum mismatch), with the hooks and ledger record of ``onloading``."""
+        with self.onloading(groups, label or f"onload {','.join(groups)}", non_blocking=non_blocking) as scope:
+            scope.add(moves.onload_units(units, what=f"onload of {', '.join(map(repr, groups))}",
+                                         group=",".join(groups), non_blocking=True))
+        return scope.handle
+
+    def on_copies_in_flight(self, groups: tuple[str, ...]) -> None:
+        """Called by every offload once its copies are issued and before they are waited for: host-side bookkeeping
+        a subclass runs here costs no time on the offload's critical path."""
 
     def _release_cached_memory(self) -> None:
         if self.empty_cache and torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -196,10 +274,10 @@ class MemoryManager:
                 clear_workspaces()
             torch.cuda.empty_cache()
 
-    def _collect_new_tensors(self, entry: _Entry) -> None:
+    def _collect_new_tensors(self, entry: GroupEntry) -> None:
         if entry.collect is None or not isinstance(entry.group, BucketizedFlatTensors):
             return
-        if _state_label(entry.group) != BucketState.ON_DEVICE.value:
+        if entry.state is not GroupState.ON_DEVICE:
             return
         held = {id(t) for t in entry.group.tensors}
         current = entry.collect()
@@ -216,7 +294,7 @@ class MemoryManager:
     def phase(self, name: str, keep: Iterable[str] = ()) -> Iterator["MemoryManager"]:
         """Offloads every group not in ``keep`` on entry and restores the previous placement on exit (also when
         the block raises). Phases nest."""
-        self._check_open()
+        self.check_open()
         keep = tuple(keep)
         self._resolve(keep)
         before = {n: self._on_device(e) for n, e in self._groups.items()}
@@ -252,9 +330,9 @@ class MemoryManager:
     def begin_weight_sync(self) -> "OrderedDict[str, torch.Tensor]":
         """Fires before_weight_sync hooks and onloads only the weights group; pair with end_weight_sync(). If the
         onload fails, the after_weight_sync hooks run before the error propagates (every before has its after)."""
-        self._check_open()
+        self.check_open()
         entry = self._resolve([self.weights_group])[0]
-        if _state_label(entry.group) == BucketState.DISCARDED.value:
+        if entry.state is GroupState.DISCARDED:
             raise MemmgrStateError(f"group {self.weights_group!r} was discarded, so there are no weights to sync; "
                                    f"offload weights with the copy policy")
         self._fire(HookEvent.BEFORE_WEIGHT_SYNC, (self.weights_group,))
@@ -272,7 +350,7 @@ class MemoryManager:
     def end_weight_sync(self) -> None:
         """Offloads the weights again if begin_weight_sync brought them back, then fires after_weight_sync."""
         try:
-            if getattr(self, "_sync_restore", False):
+            if self._sync_restore:
                 self.offload(self.weights_group)
         finally:
             self._sync_restore = False
@@ -316,7 +394,7 @@ class MemoryManager:
     def state(self) -> "OrderedDict[str, GroupStatus]":
         """Where each group is and how many bytes it holds on the GPU and on the host."""
         return OrderedDict(
-            (n, GroupStatus(n, _state_label(e.group), e.group.policy.value, e.group.nbytes, e.group.device_bytes,
+            (n, GroupStatus(n, e.state.value, e.group.policy.value, e.group.nbytes, e.group.device_bytes,
                             e.group.host_bytes)) for n, e in self._groups.items())
 
     # ---- lifecycle ----
@@ -326,9 +404,7 @@ class MemoryManager:
             return
         self.onload()
         for entry in self._groups.values():
-            release = getattr(entry.group, "release_host_buffers", None)
-            if release is not None:
-                release()
+            entry.group.release_host_buffers()
         self._closed = True
 
     def __enter__(self) -> "MemoryManager":
@@ -338,11 +414,12 @@ class MemoryManager:
         self.close()
 
     # ---- helpers ----
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raises MemmgrStateError once the manager is closed."""
         if self._closed:
             raise MemmgrStateError("this MemoryManager is closed; build a new one (memmgr.for_module / for_megatron)")
 
-    def _resolve(self, names: Iterable[str]) -> list[_Entry]:
+    def _resolve(self, names: Iterable[str]) -> list[GroupEntry]:
         names = list(names)
         if not names:
             return list(self._groups.values())
@@ -352,19 +429,11 @@ class MemoryManager:
         return [self._groups[n] for n in dict.fromkeys(names)]
 
     @staticmethod
-    def _on_device(entry: _Entry) -> bool:
+    def _on_device(entry: GroupEntry) -> bool:
         # a partly offloaded group (budgeted offload) still holds device memory: phases offload the rest
-        return _state_label(entry.group) in (BucketState.ON_DEVICE.value, BucketState.ONLOADING.value, "partial")
+        return entry.state.holds_device_memory
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{n}={_state_label(e.group)}" for n, e in self._groups.items())
+        parts = ", ".join(f"{n}={e.state.value}" for n, e in self._groups.items())
         return f"MemoryManager({parts}{', closed' if self._closed else ''})"
 
-
-def _state_label(group: StateGroup) -> str:
-    """The group's state value, or "partial" for a group with some buckets on the device and some off (after a
-    budgeted offload), where ``group.state`` raises."""
-    try:
-        return group.state.value
-    except MemmgrStateError:
-        return "partial"

@@ -20,14 +20,18 @@ On the CPU every copy is synchronous: the hooks have nothing to wait on, but the
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from memmgr.errors import MemmgrInputError, MemmgrOutOfMemoryError, MemmgrStateError
-from memmgr.flat_tensors import BucketizedFlatTensors, BucketState, FlatTensors
+from memmgr.errors import MemmgrInputError, MemmgrStateError
+from memmgr.flat_tensors import BucketizedFlatTensors, FlatTensors
+from memmgr.manager import MemoryManager
+from memmgr.moves import OnloadTransaction
+from memmgr.states import BucketState
 from memmgr.transfer import TransferHandle, copy_stream
 
 logger = logging.getLogger("memmgr")
@@ -62,7 +66,7 @@ def wait_for_buckets(buckets: Iterable[FlatTensors], stream: Any = None) -> None
 # ---------------------------------------------------------------- which bucket holds what
 def _weights_group(target: Any) -> BucketizedFlatTensors:
     group = target
-    if hasattr(target, "weights_group") and hasattr(target, "group"):  # a MemoryManager
+    if isinstance(target, MemoryManager):
         group = target.group(target.weights_group)
     if not isinstance(group, BucketizedFlatTensors):
         raise MemmgrInputError(f"ordered onload needs a BucketizedFlatTensors group (or a MemoryManager whose weights "
@@ -81,7 +85,7 @@ def module_buckets(group: BucketizedFlatTensors, module: torch.nn.Module) -> dic
     where = tensor_to_bucket(group)
     out: dict[str, list[int]] = {}
     for name, sub in module.named_modules():
-        own = [t for t in list(sub._parameters.values()) + list(sub._buffers.values()) if t is not None]
+        own = [t for _, t in sub.named_parameters(recurse=False)] + [t for _, t in sub.named_buffers(recurse=False)]
         idx = sorted({where[id(t)] for t in own if id(t) in where})
         if idx:
             out[name] = idx
@@ -150,10 +154,10 @@ class OrderedOnload:
     hook_waits: list[int] = field(default_factory=list)  # bucket indices in the order the hooks waited on them
     handles: list[TransferHandle] = field(default_factory=list)
     issued: int = 0                                      # positions of ``order`` issued so far
+    transaction: OnloadTransaction | None = field(default=None, repr=False)
     _issue_stream: Any = field(default=None, repr=False)
     _compute_stream: Any = field(default=None, repr=False)
     _hooks: list[Any] = field(default_factory=list, repr=False)
-    _manager: Any = field(default=None, repr=False)
 
     @property
     def handle(self) -> TransferHandle:
@@ -170,8 +174,7 @@ class OrderedOnload:
             pending = bucket.pending()
             self.events[i] = list(pending.events) if pending is not None else []
             return
-        bucket.allocate()
-        h = bucket.onload(non_blocking=True)
+        h = self.transaction.issue(bucket) or TransferHandle.completed()
         self.handles.append(h)
         ev = list(h.events)
         if self._issue_stream is not None:
@@ -187,19 +190,10 @@ class OrderedOnload:
         stop = min(len(self.order), position + 1)
         if self.issued >= stop:
             return
-        ctx = torch.cuda.stream(self._issue_stream) if self._issue_stream is not None else _null()
+        ctx = torch.cuda.stream(self._issue_stream) if self._issue_stream is not None else contextlib.nullcontext()
         with ctx:
             while self.issued < stop:
-                i = self.order[self.issued]
-                try:
-                    self._issue_one(i)
-                except torch.OutOfMemoryError as exc:
-                    bucket = self.group.buckets[i]
-                    free = torch.cuda.mem_get_info(bucket.device)[0] if bucket.device.type == "cuda" else None
-                    raise MemmgrOutOfMemoryError(
-                        f"group {self.group.name!r}: ordered onload of bucket {bucket.name!r} ({bucket.nbytes} B) ran "
-                        f"out of GPU memory ({free} B free); its host copy is intact", group=self.group.name,
-                        bytes_needed=bucket.nbytes, bytes_free=free) from exc
+                self._issue_one(self.order[self.issued])  # out of memory: the transaction undoes what it issued
                 self.issued += 1
 
     def _position(self, i: int) -> int:
@@ -232,9 +226,7 @@ class OrderedOnload:
         """Issues what is left, blocks until every copy is done, then checks opt-in checksums (group.verify)."""
         self.finish()
         self.handle.wait()
-        for bucket in self.group.buckets:
-            if bucket._restored_checksum is not None:
-                bucket._check_restored(revert_to=BucketState.ON_HOST)
+        self.transaction.verify()
 
     def remove_hooks(self) -> None:
         hooks, self._hooks = self._hooks, []
@@ -258,10 +250,10 @@ def onload_in_order(target: Any, module: torch.nn.Module, order: Sequence[int] |
     allocation and launch work interleaves with the forward's launches instead of delaying them. If the GPU runs
     out of memory while issuing up front, what this call allocated is freed again and MemmgrOutOfMemoryError is
     raised (host copies intact)."""
-    mgr = target if hasattr(target, "weights_group") and hasattr(target, "group") else None
+    mgr = target if isinstance(target, MemoryManager) else None
     group = _weights_group(target)
     if mgr is not None:
-        mgr._check_open()
+        mgr.check_open()
     if not group.buckets:
         raise MemmgrInputError(f"group {group.name!r} has no buckets to onload")
     require_single_device(group)
@@ -271,57 +263,37 @@ def onload_in_order(target: Any, module: torch.nn.Module, order: Sequence[int] |
     device = group.devices[0]
     cuda = device.type == "cuda"
     names = (group.name,)
-    if mgr is not None:
-        from memmgr.manager import HookEvent
-
-        mgr._fire(HookEvent.BEFORE_ONLOAD, names)
-    compute = torch.cuda.current_stream(device) if cuda else None
-    issue = (issue_stream if issue_stream is not None else copy_stream(device, "issue")) if cuda else None
-    if cuda:
-        issue.wait_stream(compute)  # allocations and copies ordered after the compute stream's earlier work
-    result = OrderedOnload(group, list(order), prefetch, _issue_stream=issue, _compute_stream=compute, _manager=mgr)
-    previous = {i: (BucketState.ON_HOST if b.state is BucketState.OFFLOADING else b.state)
-                for i, b in enumerate(group.buckets)}
-    try:
+    scope = mgr.onloading(names, f"onload in order {group.name}", non_blocking=True) if mgr is not None else contextlib.nullcontext()
+    with scope:
+        compute = torch.cuda.current_stream(device) if cuda else None
+        issue = (issue_stream if issue_stream is not None else copy_stream(device, "issue")) if cuda else None
+        if cuda:
+            issue.wait_stream(compute)  # allocations and copies ordered after the compute stream's earlier work
+        txn = OnloadTransaction(f"ordered onload of group {group.name!r}", group=group.name,
+                                bytes_needed=sum(b.nbytes for b in group.buckets if not b.state.holds_device_memory))
+        result = OrderedOnload(group, list(order), prefetch, transaction=txn, _issue_stream=issue,
+                               _compute_stream=compute)
         result.issue_through(len(order) if prefetch is None else prefetch)
-    except MemmgrOutOfMemoryError:
-        for i in order[:result.issued]:
-            if previous[i] not in (BucketState.ON_DEVICE, BucketState.ONLOADING):
-                group.buckets[i].revert_onload(previous[i])
-        raise
-    modules = dict(module.named_modules())
+        modules = dict(module.named_modules())
 
-    def make_hook(indices: list[int]) -> Callable[..., None]:
-        def hook(_mod: torch.nn.Module, _args: Any) -> None:
-            new = [i for i in indices if i not in result.waited]
-            if new:
-                result.hook_waits.extend(new)
-                result.wait_buckets(new)
-        return hook
+        def make_hook(indices: list[int]) -> Callable[..., None]:
+            def hook(_mod: torch.nn.Module, _args: Any) -> None:
+                new = [i for i in indices if i not in result.waited]
+                if new:
+                    result.hook_waits.extend(new)
+                    result.wait_buckets(new)
+            return hook
 
-    owned = module_buckets(group, module)
-    for name, indices in owned.items():
-        result._hooks.append(modules[name].register_forward_pre_hook(make_hook(indices)))
-    uncovered = set(range(len(group.buckets))) - {i for v in owned.values() for i in v}
-    if uncovered:
-        logger.debug("ordered onload: buckets %s hold no tensor of the module; call finish() before using them",
-                     sorted(uncovered))
-    if mgr is not None:
-        from memmgr.manager import HookEvent
-
-        mgr._fire(HookEvent.AFTER_ONLOAD, names)
-        mgr._record(f"onload in order {group.name}")
+        owned = module_buckets(group, module)
+        for name, indices in owned.items():
+            result._hooks.append(modules[name].register_forward_pre_hook(make_hook(indices)))
+        uncovered = set(range(len(group.buckets))) - {i for v in owned.values() for i in v}
+        if uncovered:
+            logger.debug("ordered onload: buckets %s hold no tensor of the module; call finish() before using them",
+                         sorted(uncovered))
     logger.debug("ordered onload of %s: %d of %d buckets issued up front, order %s", group.name, result.issued,
                  len(order), order)
     return result
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def require_single_device(group: BucketizedFlatTensors) -> None:

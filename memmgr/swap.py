@@ -21,6 +21,7 @@ tested without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,9 +29,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from memmgr.budget import MemmgrBudgetError, unit_on_device, units_of
-from memmgr.errors import MemmgrInputError, MemmgrOutOfMemoryError
-from memmgr.flat_tensors import BucketState, FlatTensors
+from memmgr.budget import MemmgrBudgetError
+from memmgr.errors import MemmgrInputError
+from memmgr.groups import MovableUnit, StateGroup, check_no_outside_references
+from memmgr.manager import MemoryManager, MoveScope
+from memmgr.moves import OnloadTransaction
 from memmgr.transfer import TransferHandle
 
 logger = logging.getLogger("memmgr")
@@ -162,32 +165,21 @@ class SwapResult:
                 "torch_peak_reserved_delta": self.torch_peak_reserved_delta}
 
 
-def _is_manager(obj: Any) -> bool:
-    return hasattr(obj, "_resolve") and hasattr(obj, "_fire")
-
-
-def _entries(target: Any, groups: Sequence[str] | None, outgoing: bool) -> list[tuple[Any, Any]]:
-    """(manager or None, group) pairs in move order: offload priority for outgoing, onload priority for incoming."""
-    if _is_manager(target):
-        target._check_open()
-        entries = target._resolve(groups or ())
-        key = (lambda e: (e.priority, e.index)) if outgoing else (lambda e: (-e.priority, e.index))
-        return [(target, e.group) for e in sorted(entries, key=key)]
+def _groups_of(target: Any, groups: Sequence[str] | None, order: str) -> list[StateGroup]:
+    """The groups of ``target`` (a MemoryManager, a group, or a list of groups) in move order."""
+    if isinstance(target, MemoryManager):
+        return [e.group for e in target.entries(*(groups or ()), order=order)]
     if isinstance(target, (list, tuple)):
-        return [(None, g) for g in target]
-    return [(None, target)]
+        return list(target)
+    return [target]
 
 
-def _device_of(groups: list[Any]) -> torch.device | None:
-    for g in groups:
-        for u in units_of(g):
-            if isinstance(u, FlatTensors):
-                return u.device
-    return None
+def _device_of(units: list[MovableUnit]) -> torch.device | None:
+    return next((u.device for u in units if u.device is not None), None)
 
 
-def _out_unit(u: Any) -> SwapUnit:
-    """A bucket (or a bucketless group such as DroppedGradients) to offload; its bytes are what it holds now."""
+def _out_unit(u: MovableUnit) -> SwapUnit:
+    """A unit to offload; its bytes are what it holds on the device now."""
     return SwapUnit(u.name, int(u.device_bytes), lambda: u.offload(non_blocking=True))
 
 
@@ -203,25 +195,21 @@ def swap(out: Any, into: Any, margin_bytes: int = 0, *, out_groups: Sequence[str
     margin_bytes = int(margin_bytes)
     if margin_bytes < 0:
         raise MemmgrInputError(f"margin_bytes must be >= 0, got {margin_bytes}")
-    out_entries = _entries(out, out_groups, outgoing=True)
-    in_entries = _entries(into, into_groups, outgoing=False)
-    out_groups_l = [g for _, g in out_entries]
-    in_groups_l = [g for _, g in in_entries]
+    out_mgr = out if isinstance(out, MemoryManager) else None
+    in_mgr = into if isinstance(into, MemoryManager) else None
+    out_groups_l = _groups_of(out, out_groups, "offload")
+    in_groups_l = _groups_of(into, into_groups, "onload")
     if {id(g) for g in out_groups_l} & {id(g) for g in in_groups_l}:
         raise MemmgrInputError("swap: the same group is both outgoing and incoming")
-    out_mgr = out if _is_manager(out) else None
-    in_mgr = into if _is_manager(into) else None
     if out_mgr is not None:  # what a plain offload does first: new optimizer state, references autograd still holds
-        for entry in out_mgr._resolve(out_groups or ()):
-            out_mgr._collect_new_tensors(entry)
-    for g in out_groups_l:
-        check = getattr(g, "check_no_outside_references", None)
-        if check is not None:
-            check()
-    out_raw = [u for g in out_groups_l for u in units_of(g) if unit_on_device(u)]
-    in_raw = [u for g in in_groups_l for u in units_of(g) if not unit_on_device(u)]
+        out_mgr.prepare_offload(*(out_groups or ()))
+    else:
+        for g in out_groups_l:
+            check_no_outside_references(g)
+    out_raw = [u for g in out_groups_l for u in g.units if u.state.holds_device_memory]
+    in_raw = [u for g in in_groups_l for u in g.units if not u.state.holds_device_memory]
     out_units = [_out_unit(u) for u in out_raw]
-    in_bytes = sum(int(u.nbytes) if isinstance(u, FlatTensors) else 0 for u in in_raw)
+    in_bytes = sum(int(u.nbytes) for u in in_raw)
     out_bytes = sum(u.nbytes for u in out_units)
     if strict and in_bytes > out_bytes + margin_bytes:
         raise MemmgrBudgetError(
@@ -230,56 +218,37 @@ def swap(out: Any, into: Any, margin_bytes: int = 0, *, out_groups: Sequence[str
             f"{in_bytes - out_bytes - margin_bytes} B or pass strict=False", budget_bytes=in_bytes,
             available_bytes=out_bytes + margin_bytes)
 
-    allocated: list[tuple[FlatTensors, BucketState]] = []
-
-    def in_start(u: Any) -> Callable[[], Any]:
-        def start() -> Any:
-            if isinstance(u, FlatTensors):
-                previous = BucketState.ON_HOST if u.state is BucketState.OFFLOADING else u.state
-                u.allocate()
-                allocated.append((u, previous))
-                return u.onload(non_blocking=True)
-            return u.onload(non_blocking=True)
-        return start
-
-    in_units = [SwapUnit(u.name, int(u.nbytes) if isinstance(u, FlatTensors) else 0, in_start(u)) for u in in_raw]
-    device = _device_of(out_groups_l + in_groups_l)
+    out_names = tuple(g.name for g in out_groups_l)
+    in_names = tuple(g.name for g in in_groups_l)
+    txn = OnloadTransaction(f"swap into {', '.join(map(repr, in_names))}", group=",".join(in_names),
+                            bytes_needed=in_bytes)
+    in_units = [SwapUnit(u.name, int(u.nbytes), (lambda u=u: txn.issue(u) or TransferHandle.completed()))
+                for u in in_raw]
+    device = _device_of(out_raw + in_raw)
     cuda = device is not None and device.type == "cuda"
     stats0: dict[str, int] = {}
     if cuda and track_torch_peak:
         torch.cuda.reset_peak_memory_stats(device)
         s = torch.cuda.memory_stats(device)
         stats0 = {k: int(s.get(f"{k}.all.current", 0)) for k in ("allocated_bytes", "active_bytes", "reserved_bytes")}
-    out_names = tuple(g.name for g in out_groups_l)
-    in_names = tuple(g.name for g in in_groups_l)
-    if out_mgr is not None:
-        from memmgr.manager import HookEvent
-
-        out_mgr._fire(HookEvent.BEFORE_OFFLOAD, out_names)
-    if in_mgr is not None:
-        from memmgr.manager import HookEvent
-
-        in_mgr._fire(HookEvent.BEFORE_ONLOAD, in_names)
-    t0 = time.perf_counter()
-    try:
+    with contextlib.ExitStack() as stack:
+        out_scope = (stack.enter_context(out_mgr.offloading(out_names, f"swap out {','.join(out_names)}",
+                                                            non_blocking=non_blocking))
+                     if out_mgr is not None else MoveScope())
+        in_scope = (stack.enter_context(in_mgr.onloading(in_names, f"swap in {','.join(in_names)}",
+                                                         non_blocking=non_blocking))
+                    if in_mgr is not None else MoveScope())
+        t0 = time.perf_counter()
         schedule = run_swap(out_units, in_units, margin_bytes, strict=strict)
-    except torch.OutOfMemoryError as exc:
-        for bucket, previous in allocated:
-            bucket.revert_onload(previous)
-        free = torch.cuda.mem_get_info(device)[0] if cuda else None
-        raise MemmgrOutOfMemoryError(
-            f"swap: the GPU ran out of memory bringing back {in_names}; what this swap allocated was freed again "
-            f"(host copies intact), the outgoing groups {out_names} are offloaded", group=",".join(in_names),
-            bytes_needed=in_bytes, bytes_free=free) from exc
-    handle = TransferHandle.combine(list(schedule.out_handles) + list(schedule.in_handles))
-    if out_mgr is not None:
-        handle.add_done_callback(out_mgr._release_cached_memory)
-    if not non_blocking:
-        handle.wait()
-        for bucket, _ in allocated:
-            if bucket._restored_checksum is not None:  # opt-in verification (group.verify)
-                bucket._check_restored(revert_to=BucketState.ON_HOST)
-    seconds = time.perf_counter() - t0
+        for h in schedule.out_handles:
+            out_scope.add(h)
+        for h in schedule.in_handles:
+            in_scope.add(h)
+        handle = TransferHandle.combine(list(schedule.out_handles) + list(schedule.in_handles))
+        if not non_blocking:
+            handle.wait()
+            txn.verify()
+        seconds = time.perf_counter() - t0
     result = SwapResult(out_bytes, in_bytes, seconds, margin_bytes, schedule.ledger.high_water, schedule.host_waits,
                         handle=handle, order=schedule.order)
     if cuda and track_torch_peak:
@@ -287,16 +256,6 @@ def swap(out: Any, into: Any, margin_bytes: int = 0, *, out_groups: Sequence[str
         result.torch_peak_allocated_delta = int(s.get("allocated_bytes.all.peak", 0)) - stats0["allocated_bytes"]
         result.torch_peak_active_delta = int(s.get("active_bytes.all.peak", 0)) - stats0["active_bytes"]
         result.torch_peak_reserved_delta = int(s.get("reserved_bytes.all.peak", 0)) - stats0["reserved_bytes"]
-    if out_mgr is not None:
-        from memmgr.manager import HookEvent
-
-        out_mgr._fire(HookEvent.AFTER_OFFLOAD, out_names)
-        out_mgr._record(f"swap out {','.join(out_names)}")
-    if in_mgr is not None:
-        from memmgr.manager import HookEvent
-
-        in_mgr._fire(HookEvent.AFTER_ONLOAD, in_names)
-        in_mgr._record(f"swap in {','.join(in_names)}")
     logger.info("swap: %d B out, %d B in in %.3f s (%.1f GB/s), high-water %d B (margin %d B), %d host waits",
                 out_bytes, in_bytes, seconds, result.gbps, result.high_water_bytes, margin_bytes, schedule.host_waits)
     return result

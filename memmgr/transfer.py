@@ -58,7 +58,9 @@ class TransferHandle:
                 return
         fn()
 
-    def _finish(self) -> None:
+    def settle(self) -> None:
+        """Runs the completion steps not run yet; call only once the transfer is known to be complete (e.g. a later
+        copy on the same stream finished after it)."""
         # Each callback is taken off the list before it runs and the handle counts as complete only after the last,
         # so an interrupt in between leaves the remaining callbacks to the next done()/wait().
         while True:
@@ -75,7 +77,7 @@ class TransferHandle:
         if self._completed:
             return True
         if all(child.done() for child in self._children) and all(event.query() for event in self._events):
-            self._finish()
+            self.settle()
         return self._completed
 
     def wait(self) -> None:
@@ -85,7 +87,7 @@ class TransferHandle:
             child.wait()
         for event in self._events:
             event.synchronize()
-        self._finish()
+        self.settle()
 
     @property
     def events(self) -> list[torch.cuda.Event]:

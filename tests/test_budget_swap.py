@@ -8,8 +8,15 @@ import torch
 from conftest import same_bits
 import memmgr
 from memmgr import MemmgrInputError, MemmgrStateError, MemoryManager
-from memmgr.budget import (PARTIAL, Candidate, MemmgrBudgetError, apply_plan, bucket_states, group_state,
-                           plan_units)
+from memmgr.budget import Candidate, MemmgrBudgetError, apply_plan, plan_units
+from memmgr.groups import group_state
+from memmgr.states import GroupState
+
+PARTIAL = GroupState.PARTIAL.value
+
+
+def bucket_states(group):
+    return {u.name: u.state.value for u in group.units}
 from memmgr.host_memory import HostMemoryPool
 from memmgr.ordered import (bucket_events, check_order, module_buckets, onload_in_order, record_first_use,
                             registration_order, wait_for_buckets)
@@ -108,7 +115,7 @@ def test_budgeted_offload_frees_at_least_n_cheapest_first_and_onload_restores(de
     st = mgr.state()
     assert st["grads"].state == "discarded" and st["optimizer_states"].state == PARTIAL
     assert st["weights"].state == "on_device"
-    assert group_state(mgr.group("optimizer_states")) == PARTIAL
+    assert group_state(mgr.group("optimizer_states")) is GroupState.PARTIAL
     assert "on_host" in bucket_states(mgr.group("optimizer_states")).values()
     assert "partial" in repr(mgr)
     plan.onload()

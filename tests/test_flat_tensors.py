@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import random_tensor, same_bits
+from memmgr.states import GroupState
 from memmgr import (BucketizedFlatTensors, BucketState, FlatTensors, MemmgrInputError, MemmgrStateError,
                     HostMemoryPool)
 
@@ -30,9 +31,9 @@ def test_round_trip_is_bit_exact_for_every_dtype_over_several_cycles(device):
     assert len({(b.device, b.dtype) for b in group.buckets}) == len(DTYPES)
     for _ in range(3):
         group.offload()
-        assert group.state is BucketState.ON_HOST
+        assert group.state is GroupState.ON_HOST
         group.onload()
-        assert group.state is BucketState.ON_DEVICE
+        assert group.state is GroupState.ON_DEVICE
         for t, e in zip(tensors, expected):
             assert same_bits(t, e)
 
@@ -78,7 +79,7 @@ def test_discard_policy_frees_without_copy_and_onload_zeroes(device):
     grads = [torch.randn(10, device=device), torch.randn(3, 3, device=device)]
     group = BucketizedFlatTensors(grads, name="grads", policy="discard")
     group.offload()
-    assert group.state is BucketState.DISCARDED
+    assert group.state is GroupState.DISCARDED
     assert group.host_bytes == 0 and group.device_bytes == 0
     group.onload()
     assert all(torch.count_nonzero(g) == 0 for g in grads)
@@ -88,7 +89,7 @@ def test_discard_flag_overrides_copy_policy_for_one_offload(device):
     t = torch.randn(10, device=device)
     group = BucketizedFlatTensors([t], name="g")
     group.offload(discard=True)
-    assert group.state is BucketState.DISCARDED
+    assert group.state is GroupState.DISCARDED
     group.onload()
     assert torch.count_nonzero(t) == 0
 
@@ -143,7 +144,7 @@ def test_zero_size_tensors_are_allowed(device):
     only_empty = BucketizedFlatTensors([torch.empty(0, device=device)], name="e")
     only_empty.offload()
     only_empty.onload()
-    assert only_empty.state is BucketState.ON_DEVICE
+    assert only_empty.state is GroupState.ON_DEVICE
 
 
 def test_adopting_a_flat_buffer_uses_it_without_copy_and_keeps_views_valid(device):

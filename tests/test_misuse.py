@@ -182,7 +182,8 @@ def partly_on_device():
     group = BucketizedFlatTensors({"a": a, "b": b}, bucket_size_mb=1e-4, name="g", pool=pool())
     assert len(group.buckets) == 2
     group.buckets[0].offload()
-    return Misuse(lambda: group.state, [a, b], expected, restore=group.onload)
+    assert group.state is memmgr.GroupState.PARTIAL
+    return Misuse(group.require_on_device, [a, b], expected, restore=group.onload)
 
 
 # ---- host pool ----
@@ -369,7 +370,7 @@ CASES = [
     (release_only_copy, MemmgrStateError, r"bucket 'g/0' is on_host: its host buffer holds the only copy"),
     (release_only_copy_of_one_bucket, MemmgrStateError, r"bucket 'solo' is on_host: .*only copy"),
     (use_while_offloaded, MemmgrStateError, r"group 'g' is on_host: .* call onload\(\)"),
-    (partly_on_device, MemmgrStateError, r"group 'g' is partly on device and partly off"),
+    (partly_on_device, MemmgrStateError, r"group 'g' is partial: its tensors have no device memory"),
     (negative_host_buffer, MemmgrHostMemoryError, r"could not allocate .*host memory of -1 bytes"),
     (unknown_group_offload, MemmgrInputError, r"unknown group\(s\) \['wieghts'\]; known groups: \['weights'"),
     (unknown_group_onload, MemmgrInputError, r"unknown group\(s\) \['optim'\]"),

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import random_tensor, same_bits
-from memmgr import BucketizedFlatTensors, BucketState, HostMemoryPool, Policy
+from memmgr.states import GroupState
+from memmgr import BucketizedFlatTensors, GroupState, HostMemoryPool, Policy
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.bool]
 for _name in ("float8_e4m3fn", "float8_e5m2"):
@@ -29,36 +30,36 @@ class Model:
 
     def __init__(self, tensors, policy: Policy, pin_ahead: bool):
         self.contents = [t.clone() for t in tensors]
-        self.state = BucketState.ON_DEVICE
+        self.state = GroupState.ON_DEVICE
         self.policy = policy
         self.host_allocated = pin_ahead and policy is Policy.COPY
 
     def offload(self, discard: bool | None):
-        if self.state is not BucketState.ON_DEVICE:
+        if self.state is not GroupState.ON_DEVICE:
             return  # a second offload is a no-op, also with discard=True: the host copy survives
         discard = self.policy is Policy.DISCARD if discard is None else discard
         if discard:
-            self.state = BucketState.DISCARDED
+            self.state = GroupState.DISCARDED
         else:
-            self.state = BucketState.ON_HOST
+            self.state = GroupState.ON_HOST
             self.host_allocated = True
 
     def onload(self):
-        if self.state is BucketState.DISCARDED:
+        if self.state is GroupState.DISCARDED:
             self.contents = [torch.zeros_like(c) for c in self.contents]
-        self.state = BucketState.ON_DEVICE
+        self.state = GroupState.ON_DEVICE
 
 
 def check(group: BucketizedFlatTensors, tensors, model: Model, payload_bytes: int):
     group.wait()
     assert sorted(map(id, group.tensors)) == sorted(map(id, tensors))  # same objects (ordered by dtype)
-    if payload_bytes == 0 and model.state is BucketState.ON_HOST:
+    if payload_bytes == 0 and model.state is GroupState.ON_HOST:
         # a bucket of zero bytes "offloads" without a copy; it reports on_host
-        assert group.state in (BucketState.ON_HOST, BucketState.DISCARDED)
+        assert group.state in (GroupState.ON_HOST, GroupState.DISCARDED)
     else:
         assert group.state is model.state
     assert payload_bytes <= group.nbytes
-    if model.state is BucketState.ON_DEVICE:
+    if model.state is GroupState.ON_DEVICE:
         assert group.device_bytes == group.nbytes
         for t, c in zip(tensors, model.contents):
             assert same_bits(t, c)
@@ -82,7 +83,7 @@ def run_ops(group, tensors, model, payload, operations, seed):
         elif op in ("onload", "onload_nb"):
             group.onload(non_blocking=op == "onload_nb").wait()
             model.onload()
-        elif op == "write" and model.state is BucketState.ON_DEVICE:
+        elif op == "write" and model.state is GroupState.ON_DEVICE:
             with torch.no_grad():
                 for i, t in enumerate(tensors):
                     new = random_tensor(tuple(t.shape), t.dtype, "cpu", g)

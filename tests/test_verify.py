@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import random_tensor, same_bits
+from memmgr.states import GroupState
 from memmgr import (BucketizedFlatTensors, BucketState, FlatTensors, HostMemoryPool, MemmgrCorruptionError,
                     MemmgrError)
 from memmgr.flat_tensors import bucket_checksum
@@ -23,7 +24,7 @@ def test_verified_round_trips_pass_and_are_bit_exact(device):
     for _ in range(3):
         group.offload()
         group.onload()
-        assert group.state is BucketState.ON_DEVICE
+        assert group.state is GroupState.ON_DEVICE
         assert all(same_bits(t, e) for t, e in zip(tensors, expected))
 
 
@@ -48,7 +49,7 @@ def test_flipped_byte_in_host_store_raises_names_bucket_and_keeps_host_copy(devi
     want, got = info.value.mismatches["weights/0"]
     assert want != got
     # nothing half-restored: every bucket is back off the device, the host stores are kept
-    assert group.state is BucketState.ON_HOST and group.device_bytes == 0
+    assert group.state is GroupState.ON_HOST and group.device_bytes == 0
     assert all(b.host_buffer is not None for b in group.buckets)
     # repair the store: the next onload verifies again and restores the original bits
     host[byte] ^= 1 << bit
@@ -111,7 +112,7 @@ def test_checksum_detects_every_single_byte_flip_and_word_swap():
 
 
 def test_checksum_spans_several_rows_and_chunks():
-    import memmgr.flat_tensors as ft
+    import memmgr.checksum as ft
     n = ft._CHECKSUM_ROW_WORDS * 4 * 3 + 4 * 17 + 2  # three full rows, a partial row, two leftover bytes
     data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     base = int(bucket_checksum(data))

@@ -48,11 +48,10 @@ from typing import Any, Sequence
 import torch
 
 from memmgr.errors import MemmgrIntegrationError, MemmgrStateError
-from memmgr.host_memory import HostMemoryPool
 from memmgr.flat_tensors import BucketizedFlatTensors, Policy, validate_tensors
 from memmgr.groups import DroppedTensors, unique_storage_bytes
+from memmgr.host_memory import HostMemoryPool
 from memmgr.manager import MemoryManager
-from memmgr.transfer import TransferHandle
 
 logger = logging.getLogger("memmgr")
 
@@ -363,7 +362,7 @@ class _ShardGrads(DroppedTensors):
         self._names = names
         self._grad_buffers = grad_buffers
 
-    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
+    def held_tensors(self) -> list[tuple[str, torch.Tensor]]:
         found = []
         with warnings.catch_warnings():  # megatron sets .grad on non-leaf shard views; reading it warns
             warnings.simplefilter("ignore")
@@ -374,11 +373,11 @@ class _ShardGrads(DroppedTensors):
                         found.append((f"{self._names.get(id(h), 'param')}.{attr}", g))
         return found
 
-    def _exclude(self) -> set[int]:
+    def excluded_storages(self) -> set[int]:
         # Looked up each time: an onload re-allocates the grad buffers, so their addresses change every cycle.
         return {_storage_key(t) for t in self._grad_buffers}
 
-    def _drop(self) -> None:
+    def drop(self) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for h in self._holders:
@@ -405,12 +404,12 @@ class _GlobalMemoryBufferGroup(DroppedTensors):
         buf = getattr(gmb, "buffer", None)
         return buf if isinstance(buf, dict) else None
 
-    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
+    def held_tensors(self) -> list[tuple[str, torch.Tensor]]:
         buf = self._buffer() or {}
         return [(f"global_memory_buffer[{key}]", t) for key, t in list(buf.items())
                 if isinstance(t, torch.Tensor) and t.device.type == self._device_type]
 
-    def _drop(self) -> None:
+    def drop(self) -> None:
         buf = self._buffer()
         if buf is None:
             return
@@ -447,7 +446,7 @@ class MegatronMemoryManager(MemoryManager):
                         f"(param_gather_handle is set); nothing was moved. Finish it (bucket_group."
                         f"finish_param_sync(), or run the forward that waits for it) before offloading")
 
-    def _while_copies_in_flight(self, names: tuple[str, ...]) -> None:
+    def on_copies_in_flight(self, names: tuple[str, ...]) -> None:
         self._refresh_left_behind()
 
     def _collect_optimizer_states(self, main_ids: set[int]) -> dict[str, torch.Tensor]:

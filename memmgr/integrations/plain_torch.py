@@ -24,10 +24,10 @@ class DroppedGradients(DroppedTensors):
         self._params = params
         self._names = names
 
-    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
+    def held_tensors(self) -> list[tuple[str, torch.Tensor]]:
         return [(f"{n}.grad", p.grad) for n, p in zip(self._names, self._params) if p.grad is not None]
 
-    def _drop(self) -> None:
+    def drop(self) -> None:
         for p in self._params:
             p.grad = None
 

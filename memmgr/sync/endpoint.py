@@ -15,9 +15,9 @@ class Endpoint:
     """What sender and receiver share: the group, the status exchange and the device handshake."""
 
     def __init__(self, group: Any, src_rank: int, *, store: Any, device_uuid_override: str | None, tag: str):
-        self._comm = Comm(group, store)
-        if not (0 <= src_rank < self._comm.size):
-            raise MemmgrInputError(f"weight sync: src_rank {src_rank} is outside the group of {self._comm.size} "
+        self.comm = Comm(group, store)
+        if not (0 <= src_rank < self.comm.size):
+            raise MemmgrInputError(f"weight sync: src_rank {src_rank} is outside the group of {self.comm.size} "
                                    f"ranks; src_rank is the sender's rank inside the sync group")
         self.src_rank = src_rank
         self._uuid_override = device_uuid_override
@@ -26,25 +26,25 @@ class Endpoint:
 
     @property
     def rank(self) -> int:
-        return self._comm.rank
+        return self.comm.rank
 
-    def _my_uuid(self, device: torch.device | None) -> str:
+    def my_uuid(self, device: torch.device | None) -> str:
         return self._uuid_override if self._uuid_override is not None else device_uuid(device)
 
-    def _store_handshake(self, device: torch.device | None) -> None:
+    def handshake(self, device: torch.device | None) -> None:
         """Exchanges device UUIDs through the group's store before the first collective (NCCL would fail on a
         duplicate GPU with a far less helpful message, or hang)."""
         if self._handshaken:
             return
         self._handshaken = True
-        store = self._comm.store
+        store = self.comm.store
         if store is None:
             return
-        mine = self._my_uuid(device)
+        mine = self.my_uuid(device)
         key = f"{self._tag}/uuid/"
         store.set(key + str(self.rank), mine)
         if self.rank == self.src_rank:
-            peers = [r for r in range(self._comm.size) if r != self.src_rank]
+            peers = [r for r in range(self.comm.size) if r != self.src_rank]
         else:
             peers = [self.src_rank]
         for r in peers:
@@ -53,11 +53,11 @@ class Endpoint:
                 raise MemmgrSyncError(f"weight sync: rank {self.rank} and rank {r} of the sync group are on the same "
                                       f"GPU (UUID {mine}). {SAME_GPU_HINT}")
 
-    def _status(self, code: int, message: str, stats: SyncStats) -> None:
+    def report_status(self, code: int, message: str, stats: SyncStats) -> None:
         """All ranks report a status; if any failed, every rank raises with the failing rank's message."""
-        dev = self._comm.device
+        dev = self.comm.device
         flag = torch.tensor([code, (self.rank + 1) if code else 0], dtype=torch.int64, device=dev)
-        self._comm.allreduce_max(flag)
+        self.comm.allreduce_max(flag)
         worst, who = (int(v) for v in flag.cpu())
         if worst == STATUS_OK:
             return
@@ -66,7 +66,7 @@ class Endpoint:
         if who == self.rank:
             data = (message or "unknown error").encode()[:MESSAGE_BYTES]
             buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
-        wait_work(self._comm.broadcast(buf, who))
+        wait_work(self.comm.broadcast(buf, who))
         text = bytes(buf.cpu().numpy().tobytes()).rstrip(b"\0").decode(errors="replace")
         side = "sender" if who == self.src_rank else "receiver"
         if who == self.rank:

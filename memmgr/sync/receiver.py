@@ -51,7 +51,7 @@ class WeightReceiver:
                                    f"build a WeightSender here instead")
         self.load_weights = load_weights
         self.name_map = name_map
-        self.device = torch.device(device) if device is not None else self._ep._comm.device
+        self.device = torch.device(device) if device is not None else self._ep.comm.device
         if expected is None and hasattr(load_weights, "expected"):
             expected = load_weights.expected  # type: ignore[union-attr]
         self._expected = expected
@@ -64,7 +64,7 @@ class WeightReceiver:
 
     def _check_layout(self, layout: SyncLayout) -> str:
         """'' if the layout fits this engine, else a message naming the tensors that do not."""
-        mine = self._ep._my_uuid(self.device)
+        mine = self._ep.my_uuid(self.device)
         if mine and layout.device_uuid and mine == layout.device_uuid:
             return (f"the sender (rank {self.src_rank}) and this receiver (rank {self._ep.rank}) are on the same GPU "
                     f"(UUID {mine}). {SAME_GPU_HINT}")
@@ -97,8 +97,8 @@ class WeightReceiver:
 
     def receive(self) -> SyncStats:
         """Takes part in one sync; returns this side's SyncStats once every bucket is loaded."""
-        ep, comm = self._ep, self._ep._comm
-        ep._store_handshake(self.device)
+        ep, comm = self._ep, self._ep.comm
+        ep.handshake(self.device)
         self._load_error_context: list[tuple[str, str]] = []
         stats = SyncStats()
         count0 = comm.count
@@ -145,7 +145,7 @@ class WeightReceiver:
                        f"metadata again at the next sync; WeightSender.invalidate_metadata() forces it")
         if problem:
             code = STATUS_MISMATCH
-        ep._status(code, problem, stats)
+        ep.report_status(code, problem, stats)
         layout = self.layout
         assert layout is not None
         if nbuckets != len(layout.buckets) or total != layout.nbytes:
@@ -191,7 +191,7 @@ class WeightReceiver:
         if error is not None:
             message = self._explain(error)
         try:
-            ep._status(STATUS_LOAD_FAILED if error is not None else STATUS_OK, message, stats)
+            ep.report_status(STATUS_LOAD_FAILED if error is not None else STATUS_OK, message, stats)
         except MemmgrError as exc:
             if error is not None:
                 raise exc from error

@@ -66,8 +66,8 @@ class WeightSender:
         """Tells the receivers this sync will not happen, so they raise instead of waiting for weights."""
         message = f"{type(exc).__name__}: {exc}"
         try:
-            self._ep._store_handshake(None)
-            comm = self._ep._comm
+            self._ep.handshake(None)
+            comm = self._ep.comm
             data = message.encode()[:MESSAGE_BYTES]
             header = torch.tensor([MAGIC, PROTOCOL_VERSION, STATUS_ABORT, 0, 0, 0, 0, len(data)], dtype=torch.int64,
                                   device=comm.device)
@@ -87,7 +87,7 @@ class WeightSender:
         if not items:
             raise MemmgrInputError("WeightSender: there are no weights to send (empty mapping)")
         device = items[0][1].device
-        comm = self._ep._comm
+        comm = self._ep.comm
         for name, t in items:
             if not isinstance(t, torch.Tensor):
                 raise MemmgrInputError(f"WeightSender: weight {name!r} is a {type(t).__name__}, not a tensor")
@@ -104,7 +104,7 @@ class WeightSender:
                                    f"onload them to the GPU (or use a gloo group for CPU tensors)")
         signature = tuple((n, tuple(t.shape), t.dtype) for n, t in items)
         if signature != self._signature or self.layout is None:
-            self.layout = SyncLayout.build(signature, self.bucket_bytes, self._ep._my_uuid(device))
+            self.layout = SyncLayout.build(signature, self.bucket_bytes, self._ep.my_uuid(device))
             self._signature = signature
             logger.debug("weight sync: layout %#x, %d tensors in %d buckets", self.layout.version,
                          len(self.layout.tensors), len(self.layout.buckets))
@@ -115,12 +115,12 @@ class WeightSender:
         try:
             layout = self._layout_for(items)
             device = items[0][1].device
-            self._ep._store_handshake(device)
+            self._ep.handshake(device)
         except BaseException as exc:
             if not isinstance(exc, MemmgrSyncError):
                 self._abort(exc)
             raise
-        comm = self._ep._comm
+        comm = self._ep.comm
         stats = SyncStats(version=layout.version)
         count0 = comm.count
         t0 = time.perf_counter()
@@ -133,7 +133,7 @@ class WeightSender:
             wait_work(comm.broadcast(mt, self.src_rank))
             stats.metadata_sent = True
         try:
-            self._ep._status(STATUS_OK, "", stats)
+            self._ep.report_status(STATUS_OK, "", stats)
         except MemmgrError:
             self._sent_version = None
             raise
@@ -142,7 +142,7 @@ class WeightSender:
         tb = time.perf_counter()
         self._send_buckets(layout, [t for _, t in items], stats)
         del items
-        self._ep._status(STATUS_OK, "", stats)  # receivers report whether load_weights took everything
+        self._ep.report_status(STATUS_OK, "", stats)  # receivers report whether load_weights took everything
         now = time.perf_counter()
         stats.bucket_seconds = now - tb
         stats.seconds = now - t0
@@ -156,7 +156,7 @@ class WeightSender:
 
     def _send_buckets(self, layout: SyncLayout, tensors: list[torch.Tensor], stats: SyncStats) -> None:
         """One broadcast per bucket; packs bucket k+1 while bucket k is in flight (two send buffers)."""
-        comm, device = self._ep._comm, tensors[0].device
+        comm, device = self._ep.comm, tensors[0].device
         nbuf = min(2, len(layout.buckets))
         bufs = [torch.empty(layout.max_bucket_nbytes, dtype=torch.uint8, device=device) for _ in range(nbuf)]
         works: list[Any] = [None] * nbuf

@@ -8,428 +8,74 @@ host memcpy) and is labelled as such.
 Each cycle is offload, a pause, onload, a pause: the pauses stand in for the phases in between (generation, training)
 and are not timed. They matter on a GPU: for about 0.1 s after memory goes back to the driver (``empty_cache``),
 copies into newly allocated device memory run ~10% slower (the driver's doing, likely background work on the freed
-memory), for every method alike (``benchmarks/gpu_alloc_probe.py --fresh``; 2026-11-21 run L). In an RL loop the
+memory), for every method alike (``benchmarks/gpu_alloc_probe.py --fresh``). In an RL loop the
 generate phase sits there, so the bench measures the onload a trainer actually gets; ``--phase-gap 0`` measures
 back-to-back cycles.
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
-import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
+logger = logging.getLogger("memmgr")
 from memmgr.errors import MemmgrInputError
+from memmgr.tools.bench_methods import (  # noqa: F401
+    DEFAULT_PHASE_GAP_S,
+    GB,
+    GiB,
+    MemmgrMethod,
+    Method,
+    MethodResult,
+    PerTensorMethod,
+    TorchMemorySaverMethod,
+    TrainingState,
+    all_methods,
+    checksum,
+    default_size,
+    make_small_tensors,
+    make_state,
+    memmgr_cycles,
+    phase_gap_for,
+    pinned_peak,
+    process_gpu_bytes,
+    run_method,
+    timed,
+)
 
 logger = logging.getLogger("memmgr")
 
-GB = 1e9
-GiB = 2**30
-DEFAULT_PHASE_GAP_S = 0.5  # on a GPU; see the module docstring
 
-
-def phase_gap_for(device: torch.device, requested: float | None) -> float:
-    """The untimed pause between offload and onload (and after onload): ``requested`` if given, else
-    DEFAULT_PHASE_GAP_S on a GPU and none on the CPU path (nothing there works in the background)."""
-    if requested is not None:
-        if requested < 0:
-            raise MemmgrInputError(f"bench phase gap: {requested} s is negative; give 0 (back-to-back cycles) or more")
-        return requested
-    return DEFAULT_PHASE_GAP_S if device.type == "cuda" else 0.0
-
-
-# ---------------------------------------------------------------- the state
-@dataclass
-class TrainingState:
-    """Tensors shaped like a GPT's training state: per parameter bf16 weight, fp32 grad, fp32 main weight, Adam."""
-
-    weights: dict[str, torch.Tensor]
-    grads: dict[str, torch.Tensor]
-    main_weights: dict[str, torch.Tensor]
-    moments: dict[str, torch.Tensor]
-
-    @property
-    def copied(self) -> list[torch.Tensor]:
-        return list(self.weights.values()) + list(self.main_weights.values()) + list(self.moments.values())
-
-    @property
-    def copied_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.copied)
-
-    @property
-    def dropped_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.grads.values())
-
-    @property
-    def num_tensors(self) -> int:
-        return len(self.weights) + len(self.grads) + len(self.main_weights) + len(self.moments)
-
-
-def gpt_shapes(hidden: int, layers: int, vocab: int = 32000) -> list[tuple[str, tuple[int, ...]]]:
-    shapes = [("embedding.word_embeddings.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"decoder.layers.{i}."
-        shapes += [(p + "input_layernorm.weight", (hidden,)), (p + "input_layernorm.bias", (hidden,)),
-                   (p + "self_attention.linear_qkv.weight", (3 * hidden, hidden)),
-                   (p + "self_attention.linear_qkv.bias", (3 * hidden,)),
-                   (p + "self_attention.linear_proj.weight", (hidden, hidden)),
-                   (p + "self_attention.linear_proj.bias", (hidden,)),
-                   (p + "pre_mlp_layernorm.weight", (hidden,)), (p + "pre_mlp_layernorm.bias", (hidden,)),
-                   (p + "mlp.linear_fc1.weight", (4 * hidden, hidden)), (p + "mlp.linear_fc1.bias", (4 * hidden,)),
-                   (p + "mlp.linear_fc2.weight", (hidden, 4 * hidden)), (p + "mlp.linear_fc2.bias", (hidden,))]
-    shapes += [("decoder.final_layernorm.weight", (hidden,)), ("decoder.final_layernorm.bias", (hidden,))]
-    return shapes
-
-
-def layers_for_size(copied_bytes: float, hidden: int, vocab: int = 32000) -> int:
-    per_param = 2 + 4 + 8  # copied bytes per parameter: bf16 weight, fp32 main weight, two fp32 moments
-    per_layer = 12 * hidden * hidden + 13 * hidden
-    return max(1, round((copied_bytes / per_param - vocab * hidden) / per_layer))
-
-
-def make_state(copied_bytes: float, device: torch.device, hidden: int | None = None, seed: int = 0) -> TrainingState:
-    if hidden is None:  # realistic widths for the size, so that small states are not all embedding
-        hidden = 2048 if copied_bytes >= 8 * GB else 1024 if copied_bytes >= 1 * GB else 256
-    shapes = gpt_shapes(hidden, layers_for_size(copied_bytes, hidden))
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def rand(shape, dtype):
-        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
-
-    return TrainingState(
-        weights={n: rand(s, torch.bfloat16) for n, s in shapes},
-        grads={n + ".grad": rand(s, torch.float32) for n, s in shapes},
-        main_weights={n + ".main": rand(s, torch.float32) for n, s in shapes},
-        moments={n + f".{k}": rand(s, torch.float32) for n, s in shapes for k in ("exp_avg", "exp_avg_sq")})
-
-
-def make_small_tensors(count: int, nbytes_each: int, device: torch.device) -> TrainingState:
-    numel = nbytes_each // 4
-    return TrainingState(weights={}, grads={}, main_weights={},
-                         moments={f"t{i}": torch.full((numel,), float(i), device=device) for i in range(count)})
-
-
-# ---------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def pinned_peak(device: torch.device, nbytes: int = 2 * GiB, repeats: int = 10) -> dict[str, float]:
-    """GB/s of one large copy each way, and both ways at once on two streams, into pinned memory: the best of
-    ``repeats``, because the link's throughput drifts by up to ~15% from one copy to the next (H100, 2026-11-21 run
-    L) and a peak taken from three copies could land in a slow stretch and flatter every ratio."""
-    if device.type != "cuda":
-        src = torch.empty(nbytes, dtype=torch.uint8)
-        src.fill_(1)
-        dst = torch.empty_like(src)
-        best = min(timed(lambda: dst.copy_(src), device) for _ in range(repeats))
-        return {"d2h": nbytes / best / GB, "h2d": nbytes / best / GB, "both": 2 * nbytes / best / GB}
-    from memmgr.tools.measure import measure_pinned_peak
-
-    return measure_pinned_peak(nbytes, device, iters=repeats)
-
-
-_CHECKSUM_CHUNK = 1 << 26  # words per reduction: bounds its int64 temporary to 512 MiB whatever the tensor's size
-
-
-def checksum(tensors: list[torch.Tensor]) -> list[int]:
-    """One integer per tensor from its raw bytes: equal lists mean the contents came back (cheap, on the device)."""
-    sums = []
-    for t in tensors:
-        raw = t.detach().reshape(-1).view(torch.uint8)
-        aligned = raw.numel() - raw.numel() % 4 if raw.storage_offset() % 4 == 0 else 0
-        words = raw[:aligned].view(torch.int32) if aligned else raw.new_empty(0, dtype=torch.int32)
-        total = strided = 0
-        for part in (words[i:i + _CHECKSUM_CHUNK] for i in range(0, words.numel(), _CHECKSUM_CHUNK)):
-            total += int(part.sum(dtype=torch.int64))
-            strided += int(part[::7].sum(dtype=torch.int64))
-        for part in (raw[i:i + _CHECKSUM_CHUNK] for i in range(aligned, raw.numel(), _CHECKSUM_CHUNK)):
-            total += int(part.sum(dtype=torch.int64))
-        sums.append(total ^ (strided << 1))
-    return sums
-
-
-# ---------------------------------------------------------------- methods
-class Method:
-    """One way of moving the state off the GPU and back. ``setup`` may pin or allocate ahead of time."""
-
-    name = "method"
-    description = ""
-
-    def available(self) -> str | None:
-        return None  # or the reason it cannot run here
-
-    def setup(self, state: TrainingState) -> None: ...
-
-    def offload(self, state: TrainingState) -> None: ...
-
-    def onload(self, state: TrainingState) -> None: ...
-
-    def host_bytes(self) -> dict[str, int]:
-        return {}
-
-    def teardown(self) -> None: ...
-
-
-class MemmgrMethod(Method):
-    name = "memmgr"
-    description = "memmgr MemoryManager: flat buckets, exact-size pinned host stores, copy streams"
-
-    def setup(self, state):
-        from memmgr.host_memory import HostMemoryPool
-
-        self.pool = HostMemoryPool()
-        self.mgr = self.build_manager(state, self.pool)
-
-    def build_manager(self, state, pool):
-        from memmgr.manager import MemoryManager
-
-        mgr = MemoryManager(pool=pool)
-        mgr.add_group("weights", state.weights)
-        mgr.add_group("grads", state.grads, policy="discard")
-        mgr.add_group("main_weights", state.main_weights)
-        mgr.add_group("optimizer_states", state.moments)
-        return mgr
-
-    def offload(self, state):
-        self.mgr.offload()
-
-    def onload(self, state):
-        self.mgr.onload()
-
-    def host_bytes(self):
-        return {"pinned": self.pool.pinned_bytes_held, "pageable": self.pool.bytes_held - self.pool.pinned_bytes_held}
-
-    def teardown(self):
-        self.mgr.close()
-        self.pool.trim()
-        # the buckets must not keep the state's storages alive for the next method (megatron's built-ins rebind)
-        del self.mgr, self.pool
-
-
-class PerTensorMethod(Method):
-    """Per-tensor copies to fresh host tensors, storage freed in place (the pattern several RL frameworks use).
-
-    Like memmgr, it ends its offload with ``torch.cuda.empty_cache()`` (as verl does after offloading): the point of an
-    offload is memory the inference engine can allocate, and memory PyTorch still caches is not."""
-
-    def __init__(self, pinned_cache: bool):
-        self.pinned_cache = pinned_cache
-        self.name = "per_tensor_to_cpu_non_blocking" if pinned_cache else "per_tensor_cpu_pageable"
-        self.description = ("per-tensor .to('cpu', non_blocking=True) (PyTorch's pinned cache)" if pinned_cache
-                            else "per-tensor .cpu() / copy back through pageable memory")
-        self.host: dict[int, torch.Tensor] = {}
-        self.storage_bytes: dict[int, int] = {}
-
-    def offload(self, state):
-        device = state.copied[0].device
-        for t in state.copied:
-            if t.device.type == "cpu":  # .cpu() of a CPU tensor is the tensor itself: copy for the same work
-                self.host[id(t)] = t.clone()
-            else:
-                self.host[id(t)] = t.to("cpu", non_blocking=True) if self.pinned_cache else t.cpu()
-        _sync(device)
-        freed = state.copied + list(state.grads.values())
-        for t in freed:  # all sizes first: tensors that share a storage see it freed by the first resize
-            self.storage_bytes.setdefault(id(t), t.untyped_storage().nbytes())
-        for t in freed:
-            t.untyped_storage().resize_(0)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def onload(self, state):
-        for t in state.copied:
-            t.untyped_storage().resize_(self.storage_bytes[id(t)])
-            t.copy_(self.host.pop(id(t)), non_blocking=self.pinned_cache)
-        for g in state.grads.values():
-            g.untyped_storage().resize_(self.storage_bytes[id(g)])
-            g.zero_()
-        _sync(state.copied[0].device)
-
-    def host_bytes(self):
-        if self.pinned_cache and torch.cuda.is_available():
-            stats = torch.cuda.host_memory_stats()  # the pinned cache rounds each block up to a power of two
-            held = max([v for k, v in stats.items() if k.endswith("bytes.current")] or [0])
-            return {"pinned": int(held)}
-        return {"pageable": sum(t.numel() * t.element_size() for t in self.host.values())}
-
-    def teardown(self):
-        self.host.clear()
-        if self.pinned_cache and torch.cuda.is_available():
-            torch.cuda.synchronize()  # cached pinned blocks are released only once their copies are complete
-            torch._C._host_emptyCache()
-
-
-class TorchMemorySaverMethod(Method):
-    name = "torch_memory_saver"
-    description = "torch_memory_saver region with CPU backup, pause/resume (hook_mode='torch')"
-    allocates_own_state = True
-
-    def available(self):
-        if not torch.cuda.is_available():
-            return "needs CUDA"
-        try:
-            import torch_memory_saver  # noqa: F401
-        except ImportError:
-            return "torch_memory_saver not installed"
-        return None
-
-    def make_state(self, copied_bytes, device):
-        from torch_memory_saver import torch_memory_saver as tms
-
-        tms.hook_mode = "torch"
-        with tms.region(enable_cpu_backup=True):
-            return make_state(copied_bytes, device)
-
-    def offload(self, state):
-        from torch_memory_saver import torch_memory_saver as tms
-
-        tms.pause()
-
-    def onload(self, state):
-        from torch_memory_saver import torch_memory_saver as tms
-
-        tms.resume()
-        for g in state.grads.values():
-            g.zero_()
-
-
-# ---------------------------------------------------------------- running
-@dataclass
-class MethodResult:
-    method: str
-    description: str
-    copied_bytes: int
-    dropped_bytes: int
-    num_tensors: int
-    offload_s: list[float] = field(default_factory=list)
-    onload_s: list[float] = field(default_factory=list)
-    setup_s: float = 0.0
-    host_bytes: dict = field(default_factory=dict)
-    gpu_released_bytes: int | None = None
-    gpu_left_over_bytes: int | None = None
-    torch_reserved_left_over: int | None = None
-    intact: bool | None = None
-    error: str | None = None
-
-    def gbps(self, seconds: float) -> float:
-        return self.copied_bytes / seconds / GB if seconds > 0 else math.inf
-
-    def summary(self, peak: dict[str, float]) -> dict:
-        out = asdict(self)
-        if self.offload_s:
-            steady_off = statistics.median(self.offload_s[1:] or self.offload_s)
-            steady_on = statistics.median(self.onload_s[1:] or self.onload_s)
-            out.update(cycles=len(self.offload_s), first_offload_gbps=self.gbps(self.offload_s[0]),
-                       steady_offload_gbps=self.gbps(steady_off),
-                       first_onload_gbps=self.gbps(self.onload_s[0]), steady_onload_gbps=self.gbps(steady_on),
-                       first_offload_ratio=self.gbps(self.offload_s[0]) / peak["d2h"],
-                       steady_offload_ratio=self.gbps(steady_off) / peak["d2h"],
-                       steady_onload_ratio=self.gbps(steady_on) / peak["h2d"])
-        return out
-
-
-def process_gpu_bytes(device: torch.device) -> int | None:
-    """This process's GPU memory as NVML sees it (the driver's device-wide figure where NVML cannot say)."""
-    if device.type != "cuda":
-        return None
-    from memmgr import nvml
-
-    index = nvml.nvml_index(device.index or 0)
-    proc = nvml.process_memory(index) if index is not None else None
-    if proc is not None and proc.nbytes is not None:
-        return proc.nbytes
-    free, total = torch.cuda.mem_get_info(device)
-    return total - free
-
-
-def run_method(method: Method, copied_bytes: float, device: torch.device, cycles: int,
-               make: Callable[[], TrainingState], baseline: tuple[int | None, int] | None = None,
-               phase_gap_s: float = 0.0) -> MethodResult:
-    """Times ``cycles`` offload/onload rounds of one method, with an untimed pause of ``phase_gap_s`` after each
-    offload and each onload (the phases in between). ``baseline``: (NVML bytes, memory_reserved) before the state
-    existed, when ``make`` returns a state built earlier (the Megatron workload); else measured here."""
-    gc.collect()  # a model freed by the previous method may still sit in reference cycles
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if baseline is None:
-        baseline = (process_gpu_bytes(device), torch.cuda.memory_reserved(device) if device.type == "cuda" else 0)
-    gpu_baseline, reserved_baseline = baseline
-    state = method.make_state(copied_bytes, device) if getattr(method, "allocates_own_state", False) else make()
-    result = MethodResult(method.name, method.description, state.copied_bytes, state.dropped_bytes, state.num_tensors)
-    try:
-        before = checksum(state.copied)
-        result.setup_s = timed(lambda: method.setup(state), device)
-        loaded = process_gpu_bytes(device)
-        for cycle in range(cycles):
-            result.offload_s.append(timed(lambda: method.offload(state), device))
-            if cycle == 0:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                after = process_gpu_bytes(device)
-                if loaded is not None and after is not None:
-                    result.gpu_released_bytes = loaded - after
-                    result.gpu_left_over_bytes = after - gpu_baseline if gpu_baseline is not None else None
-                if device.type == "cuda":
-                    result.torch_reserved_left_over = torch.cuda.memory_reserved(device) - reserved_baseline
-                result.host_bytes = method.host_bytes()
-            time.sleep(phase_gap_s)
-            result.onload_s.append(timed(lambda: method.onload(state), device))
-            time.sleep(phase_gap_s)
-        result.intact = checksum(state.copied) == before
-        method.teardown()
-    except Exception as exc:  # a peer failing must not stop the comparison
-        logger.exception("method %s failed", method.name)
-        result.error = f"{type(exc).__name__}: {exc}"
-    del state
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
-
-
-def memmgr_cycles(cycles: int) -> int:
-    """memmgr's cycles take a second, the peers' up to a minute: memmgr runs at least 5, so that its steady state is
-    a median of 4 rather than 2 (the link's throughput varies by several percent from cycle to cycle)."""
-    return max(cycles, 5)
-
-
-def default_size(device: torch.device) -> float:
-    if device.type != "cuda":
-        return 0.25 * GB
-    free, _ = torch.cuda.mem_get_info(device)
-    # the state on the GPU is copied bytes * 18/14 (grads too); keep a wide margin for the peers' own buffers
-    return float(min(16 * GiB, free * 0.5 * 14 / 18))
-
-
-def all_methods() -> list[Method]:
-    return [MemmgrMethod(), PerTensorMethod(pinned_cache=True), PerTensorMethod(pinned_cache=False),
-            TorchMemorySaverMethod()]
+BETWEEN_CHOICES = ("engine", "pause")
+
+
+def conditions_for(device: torch.device, requested: list[str] | None) -> list[str]:
+    """What stands between offload and onload: ``engine`` (another process takes the freed memory and releases it
+    right before the onload, as in a colocated loop; GPU only) and/or ``pause`` (an untimed pause in this process).
+    Default: both on a GPU, the pause on the CPU path."""
+    if requested is None:
+        return list(BETWEEN_CHOICES) if device.type == "cuda" else ["pause"]
+    unknown = [c for c in requested if c not in BETWEEN_CHOICES]
+    if unknown or not requested:
+        raise MemmgrInputError(f"between: unknown condition(s) {unknown or requested}; choose from "
+                               f"{list(BETWEEN_CHOICES)}")
+    if "engine" in requested and device.type != "cuda":
+        raise MemmgrInputError("between: 'engine' needs a GPU (another process takes the GPU memory); use 'pause'")
+    return list(dict.fromkeys(requested))
 
 
 def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bool = False, cycles: int = 3,
               methods: list[str] | None = None, megatron: bool | None = None,
-              phase_gap_s: float | None = None) -> dict:
+              phase_gap_s: float | None = None, between: list[str] | None = None) -> dict:
     import click
     from tqdm import tqdm
 
     from memmgr import backend_info
+    from memmgr.tools.engine_standin import EngineStandIn
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU only (no GPU: the CPU path)"
@@ -439,8 +85,12 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
     if device.type != "cuda":
         chosen = [m for m in chosen if not isinstance(m, TorchMemorySaverMethod)]
     gap = phase_gap_for(device, phase_gap_s)
+    condition_names = conditions_for(device, between)
+    engine = EngineStandIn(device) if "engine" in condition_names else None
+    conditions = {name: (engine.cycle if name == "engine" else None) for name in condition_names}
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": label, "torch": torch.__version__,
-            "backend": backend_info().describe(), "requested_copied_bytes": copied, "phase_gap_s": gap}
+            "backend": backend_info().describe(), "requested_copied_bytes": copied, "phase_gap_s": gap,
+            "between": condition_names}
     click.echo(f"memmgr bench on {label}: {backend_info().describe()}")
     peak = pinned_peak(device, nbytes=min(2 * GiB, int(copied)) if device.type == "cuda" else 256 * 2**20)
     click.echo(f"pinned-copy peak: d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s, both {peak['both']:.1f} GB/s")
@@ -448,26 +98,33 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
     # (megatron 0.19 probes torch_memory_saver's singleton at import), and its state is gone before the synthetic
     # state is sized to the free memory.
     megatron_bar = tqdm(total=4, desc="megatron GPT methods", unit="method", disable=device.type != "cuda")
-    megatron_report = _megatron_section(device, megatron, peak, cycles, methods, megatron_bar, gap)
+    megatron_report = _megatron_section(device, megatron, peak, cycles, methods, megatron_bar, gap, conditions)
     megatron_bar.close()
     if device.type == "cuda" and size_gb is None:  # sized again to what the GPT left free
         copied = info["requested_copied_bytes"] = default_size(device)
-    results = []
+    by_condition: dict[str, list] = {name: [] for name in conditions}
     progress = tqdm(chosen, desc="methods", unit="method")
     for method in progress:
         progress.set_postfix_str(method.name)
         reason = method.available()
         if reason:
-            results.append({"method": method.name, "skipped": reason})
+            for rows in by_condition.values():
+                rows.append({"method": method.name, "skipped": reason})
             continue
         n = memmgr_cycles(cycles) if isinstance(method, MemmgrMethod) else cycles
-        results.append(run_method(method, copied, device, n, lambda: make_state(copied, device),
-                                  phase_gap_s=gap).summary(peak))
-    small = run_method(MemmgrMethod(), 0, device, cycles, lambda: make_small_tensors(10_000, 64 * 1024, device),
-                       phase_gap_s=gap).summary(peak)
-    small["method"] = "memmgr_10000x64KiB"
-    results.append(small)
-    report = {"info": info, "peak_gbps": peak, "results": results}
+        for name, step in conditions.items():
+            by_condition[name].append(run_method(method, copied, device, n, lambda: make_state(copied, device),
+                                                 phase_gap_s=gap, between=step).summary(peak))
+    for name, step in conditions.items():
+        small = run_method(MemmgrMethod(), 0, device, cycles,
+                           lambda: make_small_tensors(10_000, 64 * 1024, device), phase_gap_s=gap,
+                           between=step).summary(peak)
+        small["method"] = "memmgr_10000x64KiB"
+        by_condition[name].append(small)
+    if engine is not None:
+        engine.close()
+    report = {"info": info, "peak_gbps": peak, "results": next(iter(by_condition.values())),
+              "by_condition": by_condition}
     report["megatron"] = megatron_report
     if sweep:
         report["sweep"] = run_sweep(device, peak, out, gap)
@@ -478,7 +135,8 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
 
 
 def _megatron_section(device: torch.device, wanted: bool | None, peak: dict, cycles: int,
-                      methods: list[str] | None, progress, phase_gap_s: float) -> dict | None:
+                      methods: list[str] | None, progress, phase_gap_s: float,
+                      conditions: dict | None = None) -> dict | None:
     """The same comparison on a real megatron-core GPT (with megatron's built-in helpers beside memmgr), when
     megatron-core is installed and a GPU is present (``wanted`` None: whenever it can run; False: never)."""
     if wanted is False:
@@ -492,7 +150,7 @@ def _megatron_section(device: torch.device, wanted: bool | None, peak: dict, cyc
         logger.info("Megatron workload skipped: %s", reason)
         return None
     try:
-        return bench_megatron.run_megatron_workload(peak, cycles, methods, progress, phase_gap_s)
+        return bench_megatron.run_megatron_workload(peak, cycles, methods, progress, phase_gap_s, conditions)
     except Exception as exc:  # the synthetic comparison above still stands
         logger.exception("the Megatron workload failed")
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -586,9 +244,9 @@ def _table_rows(results: list[dict]) -> list[str]:
 def against_best_peer(results: list[dict]) -> dict | None:
     """memmgr's offload throughput over the best peer's, first cycle and steady state (peers: every other method
     on the same state)."""
-    timed = [r for r in results if "steady_offload_gbps" in r and not r.get("error")]
-    ours = next((r for r in timed if r["method"] == "memmgr"), None)
-    peers = [r for r in timed if r["method"] != "memmgr" and not r["method"].startswith("memmgr_")]
+    measured = [r for r in results if "steady_offload_gbps" in r and not r.get("error")]
+    ours = next((r for r in measured if r["method"] == "memmgr"), None)
+    peers = [r for r in measured if r["method"] != "memmgr" and not r["method"].startswith("memmgr_")]
     if ours is None or not peers:
         return None
     best_first = max(peers, key=lambda r: r["first_offload_gbps"])
@@ -614,16 +272,26 @@ def format_table(report: dict) -> str:
     gap = report["info"].get("phase_gap_s")
     if gap is not None:
         lines += [f"untimed pause after each offload and onload (the phases in between): {gap:g} s", ""]
-    lines += ["## Megatron-shaped synthetic state", ""]
-    lines += _table_rows(report["results"]) + _peer_line(report["results"])
+    by_condition = report.get("by_condition") or {"pause": report["results"]}
     mg = report.get("megatron")
-    if mg:
-        lines += ["", "## Real megatron-core GPT", ""]
-        if "results" in mg:
-            lines += [mg["description"], ""] + _table_rows(mg["results"]) + _peer_line(mg["results"])
-        else:
-            lines.append(f"not run: {mg.get('skipped') or mg.get('error')}")
-    return "\n".join(lines)
+    for name, rows in by_condition.items():
+        title = CONDITION_TITLES.get(name, name)
+        if mg:
+            lines += [f"## Real megatron-core GPT, {title}", ""]
+            if "results" in mg:
+                mg_rows = (mg.get("by_condition") or {"pause": mg["results"]}).get(name, [])
+                lines += [mg["description"], ""] + _table_rows(mg_rows) + _peer_line(mg_rows) + [""]
+            else:
+                lines += [f"not run: {mg.get('skipped') or mg.get('error')}", ""]
+        lines += [f"## Megatron-shaped synthetic state, {title}", ""]
+        lines += _table_rows(rows) + _peer_line(rows) + [""]
+    return "\n".join(lines).rstrip()
+
+
+CONDITION_TITLES = {
+    "engine": "an engine in another process takes the freed memory and releases it before each onload",
+    "pause": "an untimed pause in this process between the moves",
+}
 
 
 def write_outputs(report: dict, out: str) -> None:

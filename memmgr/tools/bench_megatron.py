@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from memmgr.tools.bench import MemmgrMethod, Method, PerTensorMethod, TrainingState, memmgr_cycles, run_method
+from memmgr.tools.bench_methods import MemmgrMethod, Method, PerTensorMethod, TrainingState, memmgr_cycles, run_method
 
 logger = logging.getLogger("memmgr")
 
@@ -106,17 +106,17 @@ class MegatronState(TrainingState):
     def __init__(self, ddp: Any, opt: Any):
         self.ddp, self.opt = ddp, opt
 
-    def _buffers(self) -> list:
+    def buffers(self) -> list:
         return list(self.ddp.buffers) + list(getattr(self.ddp, "expert_parallel_buffers", []) or [])
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return {f"buffer{i}.param_data": b.param_data for i, b in enumerate(self._buffers())
+        return {f"buffer{i}.param_data": b.param_data for i, b in enumerate(self.buffers())
                 if b.param_data is not None}
 
     @property
     def grads(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return {f"buffer{i}.grad_data": b.grad_data for i, b in enumerate(self._buffers()) if b.grad_data is not None}
+        return {f"buffer{i}.grad_data": b.grad_data for i, b in enumerate(self.buffers()) if b.grad_data is not None}
 
     @property
     def main_weights(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
@@ -158,7 +158,7 @@ class MegatronBuiltinMethod(Method):
 
     def available(self) -> str | None:
         ddp, opt = self.state.ddp, self.state.opt
-        buffers = self.state._buffers()
+        buffers = self.state.buffers()
         missing = [name for name, ok in (
             ("DDP.offload_grad_buffers/restore_grad_buffers",
              hasattr(ddp, "offload_grad_buffers") and hasattr(ddp, "restore_grad_buffers")),
@@ -170,23 +170,25 @@ class MegatronBuiltinMethod(Method):
 
     def offload(self, state):
         state.ddp.offload_grad_buffers()
-        for b in state._buffers():
+        for b in state.buffers():
             b.offload_to_cpu(move_params=True, move_grads=False)
         state.opt.offload_to_cpu()
         torch.cuda.empty_cache()
 
     def onload(self, state):
         state.ddp.restore_grad_buffers()
-        for b in state._buffers():
+        for b in state.buffers():
             b.reload_from_cpu(move_params=True, move_grads=False)
         state.opt.restore_from_cpu()
 
 
 def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = None,
-                          progress: Any = None, phase_gap_s: float = 0.0) -> dict:
-    """Builds the GPT, takes one step, and times each method on it. Returns {"model", "description", "loss_step1",
-    "state_bytes", "results": [MethodResult.summary(...)]}."""
-    from memmgr.tools.bench import process_gpu_bytes
+                          progress: Any = None, phase_gap_s: float = 0.0,
+                          conditions: dict[str, Any] | None = None) -> dict:
+    """Builds the GPT, takes one step, and times each method on it under each condition (name -> the ``between``
+    step of ``run_method``, None for the plain pause). Returns {"model", "description", "loss_step1",
+    "state_bytes", "by_condition": {name: [MethodResult.summary(...)]}, "results": the first condition's}."""
+    from memmgr.tools.bench_methods import process_gpu_bytes
 
     device = torch.device("cuda", torch.cuda.current_device())
     created_group = not torch.distributed.is_initialized()
@@ -213,7 +215,8 @@ def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = N
     # move views of shared storages); the built-ins run last because they rebind tensors.
     candidates: list[Method] = [PerTensorMethod(pinned_cache=True), PerTensorMethod(pinned_cache=False),
                                 MegatronMemmgrMethod(), MegatronBuiltinMethod(state)]
-    results = []
+    conditions = conditions or {"pause": None}
+    by_condition: dict[str, list] = {name: [] for name in conditions}
     for method in candidates:
         if methods is not None and method.name not in methods:
             continue
@@ -222,14 +225,18 @@ def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = N
             progress.update(1)
         reason = method.available()
         if reason:
-            results.append({"method": method.name, "skipped": reason})
+            for rows in by_condition.values():
+                rows.append({"method": method.name, "skipped": reason})
             continue
         n = memmgr_cycles(cycles) if isinstance(method, MegatronMemmgrMethod) else cycles
-        r = run_method(method, 0, device, n, lambda: state, baseline=baseline, phase_gap_s=phase_gap_s)
-        results.append(r.summary(peak))
-        logger.info("Megatron workload %s: offload %s s, onload %s s, intact %s", method.name,
-                    [round(x, 3) for x in r.offload_s], [round(x, 3) for x in r.onload_s], r.intact)
-    out["results"] = results
+        for condition, between in conditions.items():
+            r = run_method(method, 0, device, n, lambda: state, baseline=baseline, phase_gap_s=phase_gap_s,
+                           between=between)
+            by_condition[condition].append(r.summary(peak))
+            logger.info("Megatron workload %s (%s): offload %s s, onload %s s, intact %s", method.name, condition,
+                        [round(x, 3) for x in r.offload_s], [round(x, 3) for x in r.onload_s], r.intact)
+    out["by_condition"] = by_condition
+    out["results"] = next(iter(by_condition.values()))
     del state, ddp, opt, candidates, method
     gc.collect()  # megatron's modules hold reference cycles
     torch.cuda.empty_cache()

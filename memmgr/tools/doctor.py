@@ -19,8 +19,14 @@ import click
 import torch
 
 from memmgr import nvml
-from memmgr.tools.measure import (GiB, MiB, check_pinning, measure_pinned_peak, measure_pinning_speed,
-                            pcie_theoretical_gbps)
+from memmgr.tools.measure import (
+    GiB,
+    MiB,
+    check_pinning,
+    measure_pinned_peak,
+    measure_pinning_speed,
+    pcie_theoretical_gbps,
+)
 
 logger = logging.getLogger("memmgr")
 

@@ -1,6 +1,6 @@
 """Measurements of the host<->device link and of pinning cost, shared by ``memmgr doctor`` and the benchmarks.
 
-Speeds are in GB/s (1e9 bytes per second), the unit of /work/shared/reference/measurements.md; pinning cost is in
+Speeds are in GB/s (1e9 bytes per second); pinning cost is in
 seconds per GiB. Every function needs a CUDA GPU (``measure_pinning_speed`` measures what it can without one) and
 frees what it allocated before returning.
 """
@@ -144,9 +144,9 @@ def measure_pinning_speed(nbytes: int = GiB, num_threads: int | None = None) -> 
     cudaHostRegister), with ``torch.empty(..., pin_memory=True)``, and with memmgr's pure-Python path (torch tensor +
     cudaHostRegister). A value is None when that path is unavailable (no CUDA, extension not built) or failed; the
     reason is under ``errors``."""
-    from memmgr.host_memory import _DEFAULT_TOUCH_THREADS
+    from memmgr.host_memory import DEFAULT_TOUCH_THREADS
 
-    threads = num_threads or _DEFAULT_TOUCH_THREADS
+    threads = num_threads or DEFAULT_TOUCH_THREADS
     gib = nbytes / GiB
     out: dict[str, Any] = {"nbytes": nbytes, "native": None, "torch_pin_memory": None, "cudart_register": None,
                            "errors": {}}

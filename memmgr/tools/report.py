@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from memmgr.ledger import CATEGORIES, CATEGORY_TITLES, GiB, Record, gpu_categories, ledger_files, read_records
+from memmgr.ledger import CATEGORIES, CATEGORY_TITLES, GiB, Record, gpu_categories, read_records
 
 
 def _gib(n: int | float | None, width: int = 0, signed: bool = False) -> str:

@@ -1,0 +1,110 @@
+"""The package's rings hold: the runtime imports no tooling, modules form no import cycle, and no module imports
+another module's private names."""
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "memmgr"
+TOOLING = ("click", "tqdm", "matplotlib", "numpy")
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, ast.Module]:
+    return {module_name(p): ast.parse(p.read_text()) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def runtime_imports(tree: ast.Module) -> list[ast.ImportFrom | ast.Import]:
+    """Every import the module can execute (also inside functions), without those under ``if TYPE_CHECKING:``."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(n) for n in ast.walk(node))
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in skipped]
+
+
+def imported_memmgr_modules(name: str, tree: ast.Module, known: set[str]) -> set[str]:
+    found = set()
+    for node in runtime_imports(tree):
+        targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        if isinstance(node, ast.ImportFrom) and node.module:
+            targets += [f"{node.module}.{a.name}" for a in node.names]
+        found |= {t for t in targets if t in known and t != name}
+    return found
+
+
+def test_memmgr_modules_form_no_import_cycle():
+    trees = modules()
+    graph = {name: imported_memmgr_modules(name, tree, set(trees)) for name, tree in trees.items()}
+    # a package's __init__ re-exports its children; an edge child -> parent package is not a cycle of concepts
+    for name in graph:
+        graph[name] = {t for t in graph[name] if not name.startswith(t + ".")}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []
+
+
+def test_no_module_imports_private_names_of_another():
+    offenders = []
+    for name, tree in modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("memmgr"):
+                offenders += [f"{name} imports {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__") and a.name != "_pinned"]
+    assert offenders == []
+
+
+def test_runtime_ring_never_imports_the_tools_ring():
+    offenders = []
+    for name, tree in modules().items():
+        if name.startswith("memmgr.tools") or name == "memmgr.__main__":  # `python -m memmgr` is the tools' CLI
+            continue
+        for node in runtime_imports(tree):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            offenders += [f"{name} imports {t}" for t in targets
+                          if t.startswith("memmgr.tools") or t.split(".")[0] in TOOLING]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("blocked", [TOOLING])
+def test_import_memmgr_works_without_the_tooling_packages(blocked):
+    runtime = [n for n in modules() if not n.startswith("memmgr.tools") and n != "memmgr.__main__"
+               and n != "memmgr.integrations.megatron"]
+    script = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError("blocked: " + name)
+for m in list(sys.modules):
+    if m.split(".")[0] in {blocked!r}:
+        del sys.modules[m]
+sys.meta_path.insert(0, Block())
+import torch, importlib
+for m in {runtime!r}:
+    importlib.import_module(m)
+print("ok", sorted(m for m in sys.modules if m.split(".")[0] in {blocked!r}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PACKAGE.parent,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok []"
