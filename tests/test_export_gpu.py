@@ -19,6 +19,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def megatron_cuda(tmp_path_factory):
     from megatron.core import parallel_state, tensor_parallel
 
+    if torch.distributed.is_initialized() or parallel_state.model_parallel_is_initialized():
+        pytest.skip("another test left a process group or megatron's parallel state initialized")
     init_file = tmp_path_factory.mktemp("dist") / "init"
     torch.cuda.set_device(0)
     torch.distributed.init_process_group("nccl", init_method=f"file://{init_file}", rank=0, world_size=1)
