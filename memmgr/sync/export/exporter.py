@@ -35,7 +35,7 @@ logger = logging.getLogger("memmgr")
 DEFAULT_BUCKET_BYTES = 256 * 2**20
 
 
-@dataclass
+@dataclass(eq=False)
 class ExportBucket:
     """Hugging Face tensors packed into one flat 1-D tensor per dtype; ``entries`` says where each one lies."""
     index: int
