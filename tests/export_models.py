@@ -55,6 +55,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
                 add_qkv_bias=True, num_moe_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2,
                 moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True),
         tied=False),
+    # one key/value head: with TP=2 each shard of linear_qkv holds half of the single query group
+    "qwen2-mqa": dict(
+        hf=dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                num_key_value_heads=1, tie_word_embeddings=False),
+        mc=dict(hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=1, kv_channels=16,
+                add_qkv_bias=True),
+        tied=False),
     "mixtral": dict(
         hf=dict(model_type="mixtral", hidden_size=64, intermediate_size=32, num_local_experts=4,
                 num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 # chunks in megatron DDP under for_megatron and exports from the offloaded weights' host copy
 CASES = {
     "tp2": ("qwen2", 2, 2, dict(tp=2), None, (0, 1), True),
+    "tp2-mqa": ("qwen2-mqa", 2, 2, dict(tp=2), None, (0,), True),  # more TP shards than query groups
     "pp2-vpp2": ("qwen3", 4, 2, dict(pp=2), 2, (0,), False),  # tied: the last stage's output layer is dropped
     "ep2+host": ("qwen3_moe", 2, 2, dict(ep=2), None, (1,), False),
     "tp2-pp2-ep2": ("qwen2_moe", 2, 4, dict(tp=2, pp=2, ep=2, etp=1), None, (0,), False),
