@@ -122,6 +122,10 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
     "core": ("gpu_core.py: 16 GiB of mixed tensors and a 1B toy transformer under memmgr against the peak",
              lambda c: [Step("core", program("gpu_core.py", "--out", str(c.work / "core")), 150,
                              show=r"ratio|pin_s|over|drop|bit_exact|error")]),
+    "export": ("export_speed.py: Megatron -> Hugging Face export of the Llama-shaped 1.3B GPT, GB/s from device "
+               "memory and from the pinned host copy (ratio to the same run's pinned peak), peak extra GPU memory",
+               lambda c: [Step("export", program("export_speed.py", "--out", str(c.work / "export")), 240,
+                               show=r"^device|^host copy|identical|ERROR")]),
     "reliability": ("gpu_reliability.py: OOM on onload, interrupted transfers, stream ordering, verify",
                     lambda c: [Step("reliability", program("gpu_reliability.py", "--out", str(c.work / "reliability")),
                                     120, show="")]),

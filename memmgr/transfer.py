@@ -149,13 +149,14 @@ DEFAULT_ENGINE_FRACTION = 0.5
 #   reads from the host). So neither path is best in both states, and 'auto' asks the link: a large copy issued on
 #   an idle stream starts with AUTO_PROBE_BYTES through the engines and the next AUTO_PROBE_BYTES through the
 #   kernel, waits for both (~2.5 ms), and copies the rest with the kernel only if it was more than
-#   AUTO_KERNEL_MARGIN times faster; copies that cannot probe (small, or queued behind other work) reuse the
-#   device's last verdict. The margin: a 64 MiB probe undersells the engines (48-51 GB/s on memory where a whole
+#   AUTO_KERNEL_MARGIN times faster; copies that cannot probe (smaller than two probes, or queued behind other
+#   work) reuse the device's last verdict. A move of many buckets thus probes with its first bucket (the copy stream
+#   is idle then) and its later buckets, queued behind that one, follow the verdict. The margin: a 64 MiB probe undersells the engines (48-51 GB/s on memory where a whole
 #   copy runs at 55) but not the kernel (50.9), so on free engines the kernel probe read 0.99-1.05x the engine
 #   probe; right after a release it read 1.7-2.6x (engines 19-29.5 GB/s, kernel 49.5-50.6).
 AUTO_POLICY: dict[str, str] = {"h2d": "probe", "d2h": "engine"}
-AUTO_PROBE_MIN_BYTES = 512 << 20
 AUTO_PROBE_BYTES = 64 << 20
+AUTO_PROBE_MIN_BYTES = 2 * AUTO_PROBE_BYTES
 AUTO_KERNEL_MARGIN = 1.3
 
 _last_paths: dict[str, str] = {}
