@@ -21,7 +21,9 @@ Start the engine with ``vllm.LLM(model, **vllm_engine_kwargs())`` (adds the back
 What the engine holds is the checkpoint it was started from: the names, shapes (and, for floating-point tensors,
 the engine's dtype) of its safetensors files. A sync must send exactly those tensors (HF names for an HF
 checkpoint); anything else is refused before the engine's layers are touched, because vLLM's reload cannot be
-undone half-way.
+undone half-way. Should a sync still fail mid-way (a transport error, a loader that refuses a bucket, a weight stream
+that breaks its specs), the workers put every layer that was not fully loaded back on its previous weights and keep
+serving; the version is not committed, and the trainer's next sync reconnects.
 """
 from __future__ import annotations
 
