@@ -321,7 +321,8 @@ class NcclCommunicators:
         comm = self._comms[name]
         if comm.state == LIVE:
             return 0
-        before = self._measure()
+        probe = torch.zeros(1, device=self._device) if comm.method == RECREATE and self.warmup else None
+        before = self._measure()  # after the probe's allocation, so that only the communicator is counted
         t0 = time.perf_counter()
         try:
             if comm.method == NATIVE:
@@ -333,8 +334,7 @@ class NcclCommunicators:
                 comm.group = new
                 if comm.rebind is not None:
                     comm.rebind(new)
-                if self.warmup:
-                    probe = torch.zeros(1, device=self._device)
+                if probe is not None:
                     dist.all_reduce(probe, group=new)
             comm.state = LIVE
         except Exception as exc:
