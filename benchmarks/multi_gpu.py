@@ -65,7 +65,7 @@ ALIASES = {"d": "comms", "c": "handover", "a": "export", "b": "train"}
 SHAPES = {
     "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=128),
     "1.3b": dict(layers=24, hidden=2048, heads=16, kv_heads=16, ffn=5504, vocab=32000),
-    "4b": dict(layers=32, hidden=3072, heads=24, kv_heads=8, ffn=8192, vocab=32000),
+    "4b": dict(layers=36, hidden=3072, heads=24, kv_heads=8, ffn=8192, vocab=32000),  # 3.8 B parameters
 }
 
 # export cases: name -> (family, layers, parallel sizes, virtual pipeline stages)
@@ -287,11 +287,83 @@ def section_comms(run: Run) -> dict:
     for name in names:
         dist.destroy_process_group(holder[name])
     freed = [c["freed"] for c in cycles if c["freed"] is not None]
+    with megatron_context(run):
+        try:
+            res["megatron"] = comms_megatron(run)
+            all_ok &= bool(res["megatron"]["pass"])
+        except Exception as exc:  # noqa: BLE001 - the plain groups' results stand
+            res["megatron"] = {"pass": False, "error": f"{type(exc).__name__}: {exc}",
+                               "traceback": traceback.format_exc()}
+            all_ok = False
+            print(f"[rank {run.rank}] ERROR comms megatron: {type(exc).__name__}: {exc}", flush=True)
+        finally:
+            destroy_parallel()
     res["pass"] = run.all_true(all_ok)
     res["freed_bytes_per_cycle"] = freed
     run.say(f"comms: torch {res['versions']['torch']}, NCCL {res['versions']['nccl']}, backend "
             f"{res['backend_type']} native suspend {res['native_suspend']}; methods {methods}; collectives correct "
             f"after every restore: {'PASS' if res['pass'] else 'FAIL'}")
+    return res
+
+
+# role (memmgr.comms.MEGATRON_GETTERS) -> the parallel_state global its getter returns, where the re-create
+# fallback hands the new group (megatron-core 0.12-0.19 names; a missing one is left alone and reported)
+MEGATRON_GLOBALS = {
+    "tensor": "_TENSOR_MODEL_PARALLEL_GROUP", "pipeline": "_PIPELINE_MODEL_PARALLEL_GROUP",
+    "data": "_DATA_PARALLEL_GROUP", "data_context": "_DATA_PARALLEL_GROUP_WITH_CP",
+    "context": "_CONTEXT_PARALLEL_GROUP", "model": "_MODEL_PARALLEL_GROUP",
+    "tensor_context": "_TENSOR_AND_CONTEXT_PARALLEL_GROUP", "embedding": "_EMBEDDING_GROUP",
+    "position_embedding": "_POSITION_EMBEDDING_GROUP", "expert": "_EXPERT_MODEL_PARALLEL_GROUP",
+    "expert_tensor": "_EXPERT_TENSOR_PARALLEL_GROUP", "expert_data": "_EXPERT_DATA_PARALLEL_GROUP",
+    "expert_tensor_model_pipeline": "_EXPERT_TENSOR_MODEL_PIPELINE_PARALLEL_GROUP",
+    "expert_tensor_and_model": "_EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP",
+}
+
+
+def comms_megatron(run: Run) -> dict:
+    """megatron-core's own groups at TP=2 (nccl_groups_of_megatron): each communicator set up by a few
+    collectives, released and restored once through NcclCommunicators (re-created groups handed back to
+    parallel_state's globals), then megatron's getters must return working groups."""
+    from megatron.core import parallel_state as ps
+
+    from memmgr.comms import NcclCommunicators, nccl_groups_of_megatron
+
+    init_parallel(run, tp=run.world)
+    found = nccl_groups_of_megatron()
+    res: dict[str, Any] = {"roles": {role: dist.get_process_group_ranks(g) for role, g in found.items()}}
+    for group in found.values():
+        _exercise(run, group, 2**20)
+    comms = NcclCommunicators("megatron_nccl", device=run.device)
+    unbound = []
+    for role, group in found.items():
+        ranks = dist.get_process_group_ranks(group)
+        attr = MEGATRON_GLOBALS.get(role)
+        if attr is None or getattr(ps, attr, None) is not group:
+            unbound.append(role)
+
+        def rebind(new: Any, attr: str | None = attr) -> None:
+            if attr is not None and hasattr(ps, attr):
+                setattr(ps, attr, new)
+
+        # only this group's members re-create it (other ranks' groups of the same role have other ranks)
+        comms.register(role, group, create=lambda r=ranks: dist.new_group(r, use_local_synchronization=True),
+                       rebind=rebind)
+    res["not_rebound"] = unbound  # roles whose getter reads another global: the re-created group is not handed back
+    release_memory(run)
+    comms.offload()
+    comms.onload()
+    release_memory(run)
+    res["communicators"] = comms.report()
+    tp_group = ps.get_tensor_model_parallel_group()
+    res["tensor_group_is_the_restored_one"] = tp_group is comms.process_group("tensor")
+    res["collectives_correct"] = {role: _collectives_correct(run, comms.process_group(role)) for role in found}
+    res["pass"] = bool(found) and all(res["collectives_correct"].values()) and \
+        res["tensor_group_is_the_restored_one"]
+    for row in res["communicators"]:
+        run.say(f"comms megatron {row['name']}: {row['method']}, freed {_mib(row['bytes_freed'])} MiB, restored "
+                f"{_mib(row['bytes_restored'])} MiB")
+    run.say(f"comms megatron groups {sorted(found)}: collectives correct after restore: "
+            f"{'PASS' if res['pass'] else 'FAIL'}")
     return res
 
 
@@ -374,6 +446,8 @@ def build_engine(run: Run, hf_cfg: Any, specs: dict[str, tuple[tuple[int, ...], 
             except TypeError:
                 engine = AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=dtype)
         engine.eval()
+        if next(engine.parameters()).dtype != dtype:  # a transformers that ignored the dtype argument
+            engine.to(dtype)
         return engine, f"transformers {type(engine).__name__}"
     except ImportError as exc:
         return NamedParameters(specs, run.device), f"stand-in module with the export's names ({exc})"

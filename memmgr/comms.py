@@ -23,9 +23,10 @@ Two ways to release a communicator, chosen per group at ``register``:
   onload, which ``rebind(new_group)`` hands to whoever uses it; one small all-reduce then initializes the new
   communicator, so its set-up cost is paid at onload and not at the first training collective. What this cannot do:
   objects that kept the old group (modules that cached it, DDP, a DeviceMesh) still hold a destroyed group; only
-  what ``rebind`` updates sees the new one. ``create`` is usually ``dist.new_group``, which every rank of the
-  default group must call in the same order, members or not, so every rank must offload and onload its
-  ``NcclCommunicators`` together with the same registrations. The default (world) group cannot be re-created this
+  what ``rebind`` updates sees the new one. ``create`` is usually ``dist.new_group(ranks,
+  use_local_synchronization=True)`` (only the group's members call it) or plain ``dist.new_group(ranks)``, which
+  every rank of the default group must call in the same order, members or not; either way the members must offload
+  and onload their ``NcclCommunicators`` together with the same registrations. The default (world) group cannot be re-created this
   way (destroying it ends torch.distributed). The new group has a new name in torch's registry, and re-creating
   costs an NCCL initialization (a bootstrap through the store) per group at every onload.
 
@@ -435,8 +436,9 @@ MEGATRON_GETTERS = {
 def nccl_groups_of_megatron(*, with_single_rank: bool = False) -> dict[str, Any]:
     """The process groups megatron-core's ``parallel_state`` holds for this rank, by role ("tensor", "pipeline",
     "data", "expert", ...), each group once (the first role that names it), leaving out groups of one rank (no
-    communicator to speak of) unless ``with_single_rank``, and groups whose getter is missing or not initialized.
-    The world group is never among them."""
+    communicator to speak of) unless ``with_single_rank``, groups on another backend than the default group's
+    (megatron's gloo side groups), and groups whose getter is missing or not initialized. The world group is never
+    among them."""
     from megatron.core import parallel_state as ps
 
     found: dict[str, Any] = {}
@@ -464,6 +466,11 @@ def nccl_groups_of_megatron(*, with_single_rank: bool = False) -> dict[str, Any]
         except Exception:
             continue
         if size < 2 and not with_single_rank:
+            continue
+        try:
+            if str(dist.get_backend(group)) != str(dist.get_backend()):
+                continue  # megatron's gloo side groups: not the job's communicators
+        except Exception:
             continue
         seen.add(id(group))
         found[role] = group

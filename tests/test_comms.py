@@ -193,3 +193,35 @@ def test_ledger_reports_nccl_memory_as_its_own_category():
     (group,) = ledger.snapshot("x")["groups"]
     assert group["name"] == "nccl" and group["category"] == "nccl"
     mgr.close()
+
+
+def _nccl_worker(rank: int, world: int, workdir: str) -> None:
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{workdir}/init", rank=rank, world_size=world)
+    try:
+        holder = {"tp": dist.new_group([0, 1])}
+        t = torch.ones(1 << 22, device="cuda")
+        dist.all_reduce(t, group=holder["tp"])  # sets the communicator up
+        comms = NcclCommunicators(device=torch.device("cuda", rank))
+        comms.register("tp", holder["tp"], create=lambda: dist.new_group([0, 1]),
+                       rebind=lambda g: holder.__setitem__("tp", g))
+        mgr = MemoryManager(pool=HostMemoryPool())
+        mgr.add_group("nccl", comms)
+        mgr.offload()
+        (row,) = comms.report()
+        assert row["bytes_freed"] is not None and row["bytes_freed"] > 0, row
+        assert mgr.state()["nccl"].device_bytes == 0
+        mgr.onload()
+        assert mgr.state()["nccl"].device_bytes > 0
+        x = torch.full((1024,), float(rank + 1), device="cuda")
+        dist.all_reduce(x, group=holder["tp"])
+        assert bool(torch.all(x == 3.0))
+        mgr.close()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_nccl_communicator_memory_is_freed_and_collectives_work_after_restore(tmp_path):
+    _run(_nccl_worker, tmp_path)
