@@ -135,14 +135,34 @@ def megatron_context(run: Run) -> Iterator[None]:
     if run.cpu:
         from export_models import megatron_on_cpu
 
-        with megatron_on_cpu():
-            yield
+        # megatron-core 0.19 asks for the current CUDA stream in its gradient sync (to wait for CUDA-graph events):
+        # on a CPU-only build a stream with nothing to wait for stands in
+        saved = torch.cuda.current_stream
+        torch.cuda.current_stream = lambda *a, **k: _NoStream()
+        try:
+            with megatron_on_cpu():
+                yield
+        finally:
+            torch.cuda.current_stream = saved
         return
     import megatron.core.transformer.moe.moe_utils as moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     yield
+
+
+class _NoStream:
+    """The CPU dry run's stand-in for a CUDA stream: every ordering call is a no-op (the CPU runs in order)."""
+
+    def wait_event(self, *args: Any) -> None:
+        return None
+
+    def wait_stream(self, *args: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
 
 
 def init_parallel(run: Run, tp: int = 1, pp: int = 1, ep: int = 1, vpp: int | None = None) -> None:
@@ -297,7 +317,8 @@ def section_comms(run: Run) -> dict:
             all_ok = False
             print(f"[rank {run.rank}] ERROR comms megatron: {type(exc).__name__}: {exc}", flush=True)
         finally:
-            destroy_parallel()
+            with contextlib.suppress(Exception):
+                destroy_parallel()
     res["pass"] = run.all_true(all_ok)
     res["freed_bytes_per_cycle"] = freed
     run.say(f"comms: torch {res['versions']['torch']}, NCCL {res['versions']['nccl']}, backend "

@@ -262,6 +262,20 @@ class NcclCommunicators:
         nbytes, _source = process_gpu_bytes(self._device)
         return nbytes
 
+    def _measure_settled(self, polls: int = 10, interval_s: float = 0.02) -> int | None:
+        """The usage once it stops changing: a communicator's teardown may return its memory to the driver a
+        moment after the call that started it returned."""
+        value = self._measure()
+        for _ in range(polls):
+            if value is None:
+                return None
+            time.sleep(interval_s)
+            again = self._measure()
+            if again == value:
+                return value
+            value = again
+        return value
+
     def _stats(self, comm: Communicator) -> None:
         fn = getattr(comm.backend, "memory_stats", None) if comm.backend is not None else None
         if fn is None:
@@ -305,8 +319,8 @@ class NcclCommunicators:
             raise MemmgrStateError(f"NcclCommunicators {self.name!r}: releasing {name!r} by {comm.method} failed "
                                    f"({type(exc).__name__}: {exc}); it is still usable. Check that no collective "
                                    f"is pending on it and that every rank offloads together") from exc
-        after = self._measure()
         comm.release_s = time.perf_counter() - t0
+        after = self._measure_settled()
         comm.releases += 1
         if before is not None and after is not None:
             comm.bytes_freed = max(0, before - after)
@@ -342,8 +356,8 @@ class NcclCommunicators:
             raise MemmgrStateError(f"NcclCommunicators {self.name!r}: restoring {name!r} by {comm.method} failed "
                                    f"({type(exc).__name__}: {exc}); it stays {comm.state}. Every rank must onload "
                                    f"together (re-creating a group is collective over the default group)") from exc
-        after = self._measure()
         comm.restore_s = time.perf_counter() - t0
+        after = self._measure_settled()
         if comm.method == NATIVE:
             self._stats(comm)
         if before is not None and after is not None:
