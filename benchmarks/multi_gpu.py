@@ -27,6 +27,10 @@ train     a megatron-core training step (bf16, distributed optimizer, grad_reduc
           and at PP=2 (megatron's pipeline schedule, 2 microbatches): --steps steps with memmgr's full
           offload/onload after every step against none (run twice: the baseline is deterministic), losses and
           parameters bitwise on every rank.
+handover_dp  data-parallel trainers each feeding their engine, under torchrun --nproc-per-node 4 on 2 GPUs (alone):
+          ranks 0-1 are trainers on GPUs 0-1 (data parallel, the default group), ranks 2-3 their engines, the engine
+          of trainer i on GPU (i + 1) % 2; both pairs export and sync at once, each engine checks its weights
+          against the trainer's digests; per-pair GB/s against a same-run broadcast on the pair's group.
 
 Writes DIR/multi_gpu.rankR.json after every section (rank 0's carries the run's metadata), DIR/ledger.rankR.jsonl
 (comms) and prints one line per check (PASS/FAIL) and per measurement.
@@ -58,7 +62,7 @@ import lab  # noqa: E402
 log = logging.getLogger("multi_gpu")
 GB = 1e9
 MiB = float(1 << 20)
-SECTIONS = ("comms", "handover", "export", "train")
+SECTIONS = ("comms", "handover", "export", "train", "handover_dp")
 ALIASES = {"d": "comms", "c": "handover", "a": "export", "b": "train"}
 
 # Llama shapes for the handover (HF names, megatron sizes); "tiny" runs on the CPU
@@ -86,18 +90,34 @@ class Run:
         self.args = args
         self.rank, self.world, self.local_rank = lab.world()
         self.cpu = args.cpu
+        # handover_dp: ranks 0..1 are data-parallel trainers on GPUs 0..1, ranks 2..3 their engines, the engine of
+        # trainer i on GPU (i + 1) % 2 (reverse placement); only the trainers form the default group
+        self.dp_pairs = args.section_list == ["handover_dp"]
+        self.role = ("trainer" if self.rank < self.world // 2 else "engine") if self.dp_pairs else "rank"
+        gpu = self.local_rank
+        if self.dp_pairs:
+            half = self.world // 2
+            gpu = self.rank if self.rank < half else (self.rank - half + 1) % half
         if self.cpu:
             self.device = torch.device("cpu")
             backend = "gloo"
             torch.set_num_threads(1)
         else:
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
+            gpu %= torch.cuda.device_count()
+            torch.cuda.set_device(gpu)
+            self.device = torch.device("cuda", gpu)
             backend = "nccl"
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29561")
-        dist.init_process_group(backend, rank=self.rank, world_size=self.world,
-                                timeout=datetime.timedelta(seconds=args.collective_timeout))
+        timeout = datetime.timedelta(seconds=args.collective_timeout)
+        if not self.dp_pairs:
+            dist.init_process_group(backend, rank=self.rank, world_size=self.world, timeout=timeout)
+        elif self.role == "trainer":
+            # a store of the trainers' own (torchrun's agent store counts all 4 processes)
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]) + 20, self.world // 2,
+                                  self.rank == 0, timeout=timeout)
+            dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world // 2,
+                                    timeout=timeout)
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.results: dict[str, Any] = {}
@@ -606,6 +626,107 @@ def section_handover(run: Run) -> dict:
     return dict(out, **{"pass": all(v.get("pass") for v in out.values())})
 
 
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.split(".")[-1])
+
+
+def section_handover_dp(run: Run) -> dict:
+    """Data-parallel trainers each feeding their engine at once: trainer i (GPU i) exports and sends to its engine
+    on GPU (i + 1) % 2 over a sync group of their own; both pairs sync at the same time. The trainer leaves its
+    export's names, shapes and digests in the sync group's store; the engine checks its weights against them."""
+    import json
+
+    from memmgr.sync import ModuleWeightLoader, WeightReceiver, WeightSender, init_sync_group
+    from memmgr.sync.comm import Comm
+    from memmgr.sync.export import MegatronExporter
+
+    args = run.args
+    half = run.world // 2
+    if run.world != 4:
+        raise RuntimeError(f"handover_dp needs 4 processes (2 trainers, 2 engines), got {run.world}")
+    pair = run.rank % half
+    size = "tiny" if args.tiny else args.sizes.split(",")[0].strip()
+    shape = SHAPES[size]
+    hf_cfg = llama_hf_config(shape)
+    res: dict[str, Any] = {"role": run.role, "pair": pair, "size": size, "device": str(run.device)}
+    port = int(os.environ["MASTER_PORT"]) + 30 + pair
+    group = init_sync_group(f"tcp://{os.environ['MASTER_ADDR']}:{port}", 2, 0 if run.role == "trainer" else 1,
+                            backend="gloo" if run.cpu else "nccl", timeout=args.collective_timeout)
+    store = group.store
+    try:
+        if run.role == "trainer":
+            with megatron_context(run):
+                init_parallel(run)  # data-parallel 2 over the trainers
+                model = build_llama_gpt(run, shape)
+                exporter = MegatronExporter([model], hf_cfg, receivers=tuple(range(half)),
+                                            bucket_bytes=args.bucket_mb * 2**20)
+                exported = [(n, t.clone()) for b in exporter.buckets() for n, t in b.named_tensors()]
+                del exporter, model
+                destroy_parallel()
+            release_memory(run)
+            nbytes = sum(t.numel() * t.element_size() for _, t in exported)
+            store.set("mg/specs", json.dumps([(n, list(t.shape), str(t.dtype)) for n, t in exported]))
+            store.set("mg/digests", json.dumps(_digests(exported)))
+            sender = WeightSender(group, 0, bucket_size_mb=args.bucket_mb)
+            weights = dict(exported)
+            syncs = []
+            for _ in range(args.syncs):
+                dist.barrier()  # both pairs start together
+                stats = sender.send(weights)
+                syncs.append({"seconds": stats.seconds, "metadata_sent": stats.metadata_sent, "nbytes": stats.nbytes})
+            del weights
+            verdict = json.loads(store.get("mg/verdict").decode())
+            comm = Comm(group)
+            dist.barrier()
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=run.device)
+            times = _timed_broadcast(run, comm, buf, args.syncs)
+            del buf
+            steady = [x for x in syncs if not x["metadata_sent"]] or syncs
+            res.update(bytes=nbytes, syncs=syncs, engine=verdict, broadcast_s=times,
+                       sync_GBps=nbytes / min(x["seconds"] for x in steady) / GB,
+                       broadcast_GBps=nbytes / min(times) / GB)
+            res["ratio_to_broadcast"] = res["sync_GBps"] / res["broadcast_GBps"]
+            res["pass"] = bool(verdict.get("equal")) and not verdict.get("not_filled")
+            pairs: list[Any] = [None] * half
+            dist.all_gather_object(pairs, {k: res[k] for k in ("pair", "pass", "sync_GBps", "broadcast_GBps",
+                                                               "ratio_to_broadcast", "bytes")})
+            res["pairs"] = pairs
+            res["pass"] = all(p["pass"] for p in pairs)
+            for p in pairs:
+                run.say(f"handover_dp pair {p['pair']} (trainer GPU {p['pair']} -> engine GPU {(p['pair'] + 1) % half}"
+                        f", {size}, both pairs at once): engine equals the export bit for bit "
+                        f"{'PASS' if p['pass'] else 'FAIL'}; sync {p['sync_GBps']:.1f} GB/s vs broadcast "
+                        f"{p['broadcast_GBps']:.1f} GB/s, ratio {p['ratio_to_broadcast']:.2f}")
+            del exported
+        else:
+            specs = {n: (tuple(shp), _dtype(dt)) for n, shp, dt in json.loads(store.get("mg/specs").decode())}
+            digests = json.loads(store.get("mg/digests").decode())
+            engine, kind = build_engine(run, hf_cfg, specs)
+            loader = ModuleWeightLoader(engine, include_buffers=False)
+            receiver = WeightReceiver(group, 0, loader)
+            for _ in range(args.syncs):
+                receiver.receive()
+            run.sync()
+            params = dict(engine.named_parameters())
+            mine = _digests([(n, params[n]) for n in specs if n in params])
+            differing = [n for n in specs if mine.get(n) != digests.get(n)]
+            verdict = {"engine": kind, "equal": not differing, "differing": differing[:10],
+                       "not_filled": loader.missing()[:10]}
+            store.set("mg/verdict", json.dumps(verdict))
+            res.update(verdict)
+            del engine, loader, receiver, params
+            comm = Comm(group)
+            nbytes = sum(int(torch.Size(shp).numel()) * torch.empty(0, dtype=dt).element_size()
+                         for shp, dt in specs.values())
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=run.device)
+            _timed_broadcast(run, comm, buf, args.syncs)
+            del buf
+            res["pass"] = verdict["equal"] and not verdict["not_filled"]
+    finally:
+        group.close()
+    return res
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # export: TP=2, PP=2, EP=2 against TP=1
 # ---------------------------------------------------------------------------------------------------------------------
@@ -855,6 +976,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     args.section_list = names
+    if "handover_dp" in names and names != ["handover_dp"]:
+        ap.error("handover_dp runs alone (4 processes: 2 trainers, 2 engines)")
     if args.tiny:
         args.bucket_mb = min(args.bucket_mb, 1)
         args.comms_mb = min(args.comms_mb, 1)
@@ -869,15 +992,17 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args)
     run.say(f"multi_gpu: {run.world} ranks on {run.device.type} ({', '.join(lab.device_names()) or 'cpu'}), "
             f"sections {args.section_list}")
-    fns = {"comms": section_comms, "handover": section_handover, "export": section_export, "train": section_train}
+    fns = {"comms": section_comms, "handover": section_handover, "export": section_export, "train": section_train,
+           "handover_dp": section_handover_dp}
     for name in args.section_list:
         section(run, name, lambda fn=fns[name]: fn(run))
     ok = all(run.results[n].get("pass") for n in args.section_list)
     run.say("multi_gpu: " + ", ".join(f"{n} {'PASS' if run.results[n].get('pass') else 'FAIL'}"
                                       for n in args.section_list))
-    with contextlib.suppress(Exception):
-        dist.barrier()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        dist.destroy_process_group()
     return 0 if ok else 1
 
 

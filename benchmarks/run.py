@@ -105,16 +105,17 @@ def rl_cycle(ctx: Context, trainer: str, timeout: int) -> list[Step]:
                  timeout, show=r"^\||wrote|ERROR", min_gpus=2)]
 
 
-def multi_gpu(ctx: Context, name: str, sections: str, timeout: int, *extra: str) -> Step:
+def multi_gpu(ctx: Context, name: str, sections: str, timeout: int, *extra: str, procs: int = 2) -> Step:
     """benchmarks/multi_gpu.py under torchrun on 2 GPUs (issue 19), one section (or a few) per step."""
-    argv = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(BENCH / "multi_gpu.py"),
-            "--sections", sections, "--out", str(ctx.work / name), *extra]
+    argv = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+            str(BENCH / "multi_gpu.py"), "--sections", sections, "--out", str(ctx.work / name), *extra]
     return Step(name, argv, timeout, show=r"PASS|FAIL|ERROR|GB/s|freed|^comms|^ledger|^multi_gpu", min_gpus=2)
 
 
 def multi_gpu_steps(ctx: Context) -> list[Step]:
     """Issue 19 in the order that shows the most first: NCCL communicators, cross-GPU handover (1.3B, then ~4B),
-    export at TP=2/PP=2/EP=2, training at TP=2/PP=2, then the data-parallel-2 Megatron equivalence."""
+    export at TP=2/PP=2/EP=2, training at TP=2/PP=2, the data-parallel-2 Megatron equivalence, then (if time is
+    left) two data-parallel trainers each feeding their engine (4 processes on the 2 GPUs)."""
     return [multi_gpu(ctx, "mg_comms", "comms", 50),
             multi_gpu(ctx, "mg_handover", "handover", 100, "--sizes", "1.3b,4b"),
             multi_gpu(ctx, "mg_export", "export", 60),
@@ -122,7 +123,8 @@ def multi_gpu_steps(ctx: Context) -> list[Step]:
             dataclasses.replace(equivalence(ctx, old=False), name="equivalence_dp2", argv=[
                 PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 str(BENCH / "gpu_megatron.py"), "--out", str(ctx.work / "equivalence_dp2"), "--equivalence-only"],
-                timeout=120, min_gpus=2)]
+                timeout=120, min_gpus=2),
+            multi_gpu(ctx, "mg_handover_dp", "handover_dp", 70, "--sizes", "1.3b", procs=4)]
 
 
 SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
@@ -179,7 +181,8 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
     "multi-gpu": ("issue 19 on 2 GPUs (multi_gpu.py under torchrun): NCCL communicators released/restored with "
                   "NVML bytes per communicator, cross-GPU handover 1.3B then ~4B (sync GB/s vs same-run broadcast), "
                   "export at TP=2/PP=2/EP=2 vs TP=1, a training step at TP=2/PP=2 with offload/onload bitwise, then "
-                  "the data-parallel-2 Megatron equivalence; about 6 minutes with set-up (use --deadline 360)",
+                  "the data-parallel-2 Megatron equivalence, then data-parallel trainers each feeding their engine; about 6 "
+                  "minutes with set-up (use --deadline 360)",
                   multi_gpu_steps),
     "cpu-profile": ("cpu_offload_profile.py: for_megatron's host-side offload/onload cost on the CPU (no GPU)",
                     lambda c: [Step("cpu_profile", program("cpu_offload_profile.py"), 300, show="^offload",

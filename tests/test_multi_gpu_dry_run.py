@@ -46,3 +46,20 @@ def test_every_section_passes_on_two_gloo_ranks(tmp_path):
     for layout in ("tp2", "pp2"):
         t = r0["train"][layout]
         assert t["baseline_deterministic"] and t["params_differing"] == [] and t["all_groups_zero_after_offload"]
+
+
+def test_data_parallel_trainers_each_feed_their_engine(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+         str(ROOT / "benchmarks" / "multi_gpu.py"), "--cpu", "--tiny", "--out", str(tmp_path),
+         "--sections", "handover_dp", "--collective-timeout", "60"],
+        capture_output=True, text=True, env=env, timeout=240, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = [json.loads((tmp_path / f"multi_gpu.rank{r}.json").read_text())["results"]["handover_dp"]
+               for r in range(4)]
+    assert [r["role"] for r in results] == ["trainer", "trainer", "engine", "engine"]
+    assert [r["pair"] for r in results] == [0, 1, 0, 1]
+    for engine in results[2:]:
+        assert engine["equal"] and engine["not_filled"] == [] and engine["engine"].startswith("transformers")
+    assert all(p["pass"] for p in results[0]["pairs"]) and len(results[0]["pairs"]) == 2
