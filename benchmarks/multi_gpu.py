@@ -121,6 +121,8 @@ class Run:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.results: dict[str, Any] = {}
+        # the handover's trainer and engine dtype: bf16 on GPUs, fp32 on the CPU unless --bf16
+        self.handover_dtype = torch.bfloat16 if (args.bf16 or not self.cpu) else torch.float32
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -426,17 +428,19 @@ def build_llama_gpt(run: Run, shape: dict) -> Any:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    dtype = torch.float32 if run.cpu else torch.bfloat16
+    dtype = run.handover_dtype
     cfg = TransformerConfig(
         num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
         num_query_groups=shape["kv_heads"], kv_channels=shape["hidden"] // shape["heads"],
         ffn_hidden_size=shape["ffn"], normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, bf16=not run.cpu, params_dtype=dtype,
-        pipeline_dtype=dtype, use_cpu_initialization=run.cpu, perform_initialization=False)
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, bf16=dtype == torch.bfloat16,
+        params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=run.cpu, perform_initialization=False)
     model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                      vocab_size=shape["vocab"], max_sequence_length=256, position_embedding_type="rope",
                      share_embeddings_and_output_weights=False)
-    model.to(run.device)
+    # megatron's torch RMSNorm (local spec) is built in fp32 whatever params_dtype says: one dtype, as
+    # Float16Module would make it, so that the export matches the bf16 engine
+    model.to(device=run.device, dtype=dtype)
     with torch.no_grad():
         for i, (name, p) in enumerate(model.named_parameters()):
             g = torch.Generator(device=p.device).manual_seed(4321 + i)
@@ -477,7 +481,7 @@ class NamedParameters(torch.nn.Module):
 
 
 def build_engine(run: Run, hf_cfg: Any, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[Any, str]:
-    dtype = torch.float32 if run.cpu else torch.bfloat16
+    dtype = run.handover_dtype
     try:
         from transformers import AutoModelForCausalLM
 
@@ -963,6 +967,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          f"a, b)")
     ap.add_argument("--cpu", action="store_true", help="gloo on the CPU (megatron through tests/megatron_shim.py)")
     ap.add_argument("--tiny", action="store_true", help="tiny models (the CPU dry run)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 handover models on the CPU too (as on GPUs)")
     ap.add_argument("--sizes", default="1.3b", help="handover model sizes, comma-separated: 1.3b, 4b (default 1.3b)")
     ap.add_argument("--bucket-mb", type=int, default=256, help="sync and export bucket size in MiB (default 256)")
     ap.add_argument("--syncs", type=int, default=3, help="handover syncs (the first carries the metadata)")

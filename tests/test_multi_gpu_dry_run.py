@@ -21,7 +21,7 @@ def test_every_section_passes_on_two_gloo_ranks(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(ROOT / "benchmarks" / "multi_gpu.py"), "--cpu", "--tiny", "--out", str(tmp_path),
-         "--sections", "comms,handover,export,train"],
+         "--sections", "comms,handover,export,train", "--bf16"],
         capture_output=True, text=True, env=env, timeout=240, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rank0 = json.loads((tmp_path / "multi_gpu.rank0.json").read_text())
@@ -53,7 +53,7 @@ def test_data_parallel_trainers_each_feed_their_engine(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
          str(ROOT / "benchmarks" / "multi_gpu.py"), "--cpu", "--tiny", "--out", str(tmp_path),
-         "--sections", "handover_dp", "--collective-timeout", "60"],
+         "--sections", "handover_dp", "--collective-timeout", "60", "--bf16"],
         capture_output=True, text=True, env=env, timeout=240, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = [json.loads((tmp_path / f"multi_gpu.rank{r}.json").read_text())["results"]["handover_dp"]
