@@ -110,12 +110,21 @@ class Run:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29561")
         timeout = datetime.timedelta(seconds=args.collective_timeout)
+        self.ports: list[int] = []
+        if self.dp_pairs:
+            # free ports for the trainers' store and each pair's sync group, picked by rank 0 and handed out
+            # through torchrun's own store (MASTER_ADDR:MASTER_PORT)
+            agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=timeout)
+            if self.rank == 0:
+                agent.set("multi_gpu/ports", ",".join(str(lab.free_port()) for _ in range(1 + self.world // 2)))
+            self.ports = [int(x) for x in agent.get("multi_gpu/ports").decode().split(",")]
         if not self.dp_pairs:
             dist.init_process_group(backend, rank=self.rank, world_size=self.world, timeout=timeout)
         elif self.role == "trainer":
             # a store of the trainers' own (torchrun's agent store counts all 4 processes)
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]) + 20, self.world // 2,
-                                  self.rank == 0, timeout=timeout)
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], self.ports[0], self.world // 2, self.rank == 0,
+                                  timeout=timeout)
             dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world // 2,
                                     timeout=timeout)
         self.out = Path(args.out)
@@ -653,7 +662,7 @@ def section_handover_dp(run: Run) -> dict:
     shape = SHAPES[size]
     hf_cfg = llama_hf_config(shape)
     res: dict[str, Any] = {"role": run.role, "pair": pair, "size": size, "device": str(run.device)}
-    port = int(os.environ["MASTER_PORT"]) + 30 + pair
+    port = run.ports[1 + pair]
     group = init_sync_group(f"tcp://{os.environ['MASTER_ADDR']}:{port}", 2, 0 if run.role == "trainer" else 1,
                             backend="gloo" if run.cpu else "nccl", timeout=args.collective_timeout)
     store = group.store
