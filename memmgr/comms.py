@@ -15,9 +15,11 @@ protocols (``memmgr.groups.StateGroup``/``MovableUnit``, policy DISCARD), so tha
 
 Two ways to release a communicator, chosen per group at ``register``:
 
-* **native** (``suspend``): where the process group's backend for the device has ``suspend()`` and ``resume()``
-  (recent PyTorch exposes NCCL >= 2.29.7's ``ncclCommSuspend``/``ncclCommResume`` on ``ProcessGroupNCCL``; found by
-  feature, never by version). The group object stays the same: every reference a framework keeps stays valid.
+* **native** (``suspend``): where the process group's backend for the device is NCCL's, has ``suspend()`` and
+  ``resume()`` (recent PyTorch exposes NCCL's ``ncclCommSuspend``/``ncclCommResume`` there) and torch runs NCCL >=
+  2.29.7. torch >= 2.12 puts both methods on every backend's base class, raising where a backend lacks them, so
+  their presence alone proves nothing; a ``suspend()`` that still fails switches that group to re-create when it
+  has a factory. The group object stays the same: every reference a framework keeps stays valid.
 * **re-create** (``recreate``): the group is destroyed (``torch.distributed.destroy_process_group(group)``, which
   shuts its NCCL communicators down and returns their memory to the driver) and ``create()`` builds a new one at
   onload, which ``rebind(new_group)`` hands to whoever uses it; one small all-reduce then initializes the new
