@@ -42,6 +42,13 @@ class FakeSuspendBackend:
         return {"suspended": int(self.suspended), "total": 0 if self.suspended else 4096}
 
 
+class UnsupportedSuspendBackend(FakeSuspendBackend):
+    """What torch >= 2.12 gives a backend that cannot suspend: the methods exist and raise."""
+
+    def suspend(self) -> None:
+        raise RuntimeError("Backend nccl does not support suspend")
+
+
 def _run(fn, tmp_path, world: int = 2) -> None:
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -112,17 +119,23 @@ def _recreate_worker(rank: int, world: int, workdir: str) -> None:
         comms = NcclCommunicators(device="cpu")
         method = comms.register("tp", holder["tp"], create=lambda: dist.new_group([0, 1]), rebind=rebind)
         assert method == RECREATE
+        # a backend whose suspend() exists but fails is re-created instead, from its first release on
+        holder["pp"] = dist.new_group([0, 1])
+        assert comms.register("pp", holder["pp"], backend=UnsupportedSuspendBackend(),
+                              create=lambda: dist.new_group([0, 1]),
+                              rebind=lambda g: holder.__setitem__("pp", g)) == NATIVE
         mgr = MemoryManager(pool=HostMemoryPool())
         mgr.add_group("nccl", comms)
         assert _summed(holder["tp"]) == 3.0
         for cycle in range(2):
             mgr.offload()
-            assert comms.report()[0]["state"] == "destroyed"
+            assert [r["state"] for r in comms.report()] == ["destroyed", "destroyed"]
+            assert comms.report()[1]["method"] == RECREATE
             assert mgr.state()["nccl"].state == GroupState.DISCARDED.value
             mgr.onload()
             assert len(rebinds) == cycle + 1 and holder["tp"] is rebinds[-1]
             assert comms.process_group("tp") is holder["tp"] and holder["tp"] is not first
-            assert _summed(holder["tp"]) == 3.0
+            assert _summed(holder["tp"]) == 3.0 and _summed(holder["pp"]) == 3.0
         # the destroyed group is gone from torch.distributed: what kept it holds a dead group (documented)
         with pytest.raises(ValueError, match="not registered"):
             dist.get_rank(group=first)
