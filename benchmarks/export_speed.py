@@ -1,4 +1,4 @@
-"""Megatron -> Hugging Face export speed: python benchmarks/export_speed.py --out FILE.json [--tiny] [--bucket-mb N]
+"""Megatron -> Hugging Face export speed: python benchmarks/export_speed.py --out DIR [--tiny] [--bucket-mb N]
 
 Builds the bench's 1.3B GPT in its Llama-shaped variant with megatron-core (24 layers, hidden 2048, 16 heads, SwiGLU
 ffn 5504, RMSNorm, RoPE, no biases, untied embeddings, vocab 32000, bf16; local layer spec) in megatron DDP with the
@@ -10,17 +10,19 @@ distributed optimizer's param buffers, and a memmgr manager for it (``for_megatr
 2. host: the weights group offloaded to its pinned host copy; the same export read from the host copy (the weights
    stay offloaded), timed the same way, against the same run's pinned-copy peak (one host->device copy of the
    exported byte count from a pinned buffer, best of --repeats): GB/s and the ratio to the peak.
+   The peak is memmgr bench's (lab.pinned_peak, host->device).
 3. memory: peak extra device memory of each export (max_memory_allocated during the export minus the allocated bytes
-   before it) against the bound of two buckets plus the largest single parameter's Hugging Face bytes.
-4. identity: a checksum of every exported tensor from the device and from the host copy must agree.
+   before it; the loop holds each bucket until the next arrives, as a consumer does) against the bound of two
+   buckets plus the largest single parameter's Hugging Face bytes.
+4. identity: checksums of every bucket exported from the device and from the host copy must agree.
 
 --tiny builds a 2-layer hidden-64 model on the CPU (gloo; megatron through tests/megatron_shim.py) to smoke-test
-the program; its numbers mean nothing. Writes the JSON to --out and prints a one-line summary per section.
+the program; its numbers mean nothing. Writes DIR/export_speed.json (with the run's metadata) and prints one
+summary line per section to stdout.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,14 +34,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-GB = 1e9
+import lab
+
+GB = lab.GB
 LLAMA_1_3B = dict(layers=24, hidden=2048, heads=16, kv_heads=16, ffn=5504, vocab=32000)
 TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=128)
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--out", type=Path, required=True, help="output directory (gets export_speed.json)")
     p.add_argument("--tiny", action="store_true", help="2-layer hidden-64 model on the CPU: a smoke test only")
     p.add_argument("--bucket-mb", type=float, default=256, help="export bucket bound in MiB (default 256)")
     p.add_argument("--repeats", type=int, default=5, help="timed exports per source (best is reported)")
@@ -47,19 +51,17 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def init(device: torch.device) -> None:
+def init(device: torch.device) -> dict:
+    """One process: NCCL through lab.init_megatron on a GPU, a gloo group of one on the CPU (--tiny)."""
+    if device.type == "cuda":
+        return lab.init_megatron()
     from megatron.core import parallel_state
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29571")
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    if device.type == "cuda":
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    os.environ.setdefault("MASTER_PORT", str(lab.free_port()))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    return {"torch": torch.__version__, "device": "cpu"}
 
 
 def build(shape: dict, device: torch.device) -> Any:
@@ -104,11 +106,10 @@ def sync(device: torch.device) -> None:
 
 
 def checksums(bucket) -> dict[str, int]:
-    out = {}
-    for name, t in bucket.named_tensors():
-        raw = t.reshape(-1).view(torch.uint8)
-        out[name] = int(raw.to(torch.int64).sum()) if raw.numel() < 2**31 else -1
-    return out
+    """memmgr's position-weighted checksum of each flat tensor of a bucket (a swapped or changed byte shows)."""
+    from memmgr.checksum import bucket_checksum
+
+    return {f"{bucket.index}/{dtype}": int(bucket_checksum(flat)) for dtype, flat in bucket.flats.items()}
 
 
 def run_export(make, device: torch.device, repeats: int, with_checksums: bool = False) -> dict:
@@ -138,45 +139,16 @@ def run_export(make, device: torch.device, repeats: int, with_checksums: bool = 
             "largest_parameter_hf_bytes": exporter.plan.largest_unit_bytes, "checksums": sums}
 
 
-def pinned_h2d_peak(nbytes: int, device: torch.device, repeats: int) -> float:
-    if device.type != "cuda":
-        src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
-        dst = torch.empty_like(src)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            dst.copy_(src)
-            best = min(best, time.perf_counter() - start)
-        return nbytes / best / GB
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    best = float("inf")
-    for i in range(repeats + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        dev.copy_(host, non_blocking=True)
-        end.record()
-        end.synchronize()
-        if i:
-            best = min(best, start.elapsed_time(end) / 1e3)
-    del host, dev
-    torch.cuda.empty_cache()
-    return nbytes / best / GB
-
-
 def main() -> int:
     args = parse_args()
     warnings.filterwarnings("ignore")
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))
+    root = lab.ROOT
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and not args.tiny \
         else torch.device("cpu")
     shape = dict(TINY if args.tiny else LLAMA_1_3B)
     if args.kv_heads:
         shape["kv_heads"] = args.kv_heads
-    result: dict[str, Any] = {"shape": shape, "device": str(device), "bucket_mb": args.bucket_mb,
-                              "torch": torch.__version__}
+    result: dict[str, Any] = {"metadata": lab.metadata(), "shape": shape, "bucket_mb": args.bucket_mb}
     shim = None
     if device.type != "cuda":
         sys.path.insert(0, str(root / "tests"))
@@ -188,9 +160,7 @@ def main() -> int:
         from memmgr.integrations.megatron import for_megatron
         from memmgr.sync.export import MegatronExporter
 
-        if device.type == "cuda":
-            result["gpu"] = torch.cuda.get_device_name(device)
-        init(device)
+        result["setup"] = init(device)
         ddp = build(shape, device)
         cfg = hf_config(shape)
         mgr = for_megatron(ddp, None)
@@ -210,7 +180,7 @@ def main() -> int:
 
         mgr.offload("weights")
         sync(device)
-        peak = pinned_h2d_peak(dev["exported_bytes"], device, args.repeats)
+        peak = lab.pinned_peak(device, nbytes=dev["exported_bytes"], repeats=max(args.repeats, 3))["h2d"]
         host = run_export(make, device, args.repeats, with_checksums=True)
         host["pinned_h2d_peak_GBps"] = peak
         host["vs_peak"] = host["GBps"] / peak
@@ -229,8 +199,8 @@ def main() -> int:
     finally:
         if shim is not None:
             shim.__exit__(None, None, None)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    path = lab.write_json(args.out / "export_speed.json", result)
+    print(f"wrote {path}")
     return 0
 
 

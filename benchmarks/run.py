@@ -144,6 +144,10 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
     "core": ("gpu_core.py: 16 GiB of mixed tensors and a 1B toy transformer under memmgr against the peak",
              lambda c: [Step("core", program("gpu_core.py", "--out", str(c.work / "core")), 150,
                              show=r"ratio|pin_s|over|drop|bit_exact|error")]),
+    "export": ("export_speed.py: Megatron -> Hugging Face export of the Llama-shaped 1.3B GPT, GB/s from device "
+               "memory and from the pinned host copy (ratio to the same run's pinned peak), peak extra GPU memory",
+               lambda c: [Step("export", program("export_speed.py", "--out", str(c.work / "export")), 240,
+                               show=r"^device|^host copy|identical|ERROR")]),
     "reliability": ("gpu_reliability.py: OOM on onload, interrupted transfers, stream ordering, verify",
                     lambda c: [Step("reliability", program("gpu_reliability.py", "--out", str(c.work / "reliability")),
                                     120, show="")]),
@@ -184,6 +188,18 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                   "the data-parallel-2 Megatron equivalence, then data-parallel trainers each feeding their engine; about 6 "
                   "minutes with set-up (use --deadline 360)",
                   multi_gpu_steps),
+    "copy-paths": ("copy_path_probe.py: host<->device copies through the copy engines, the copy kernel, a split and "
+                   "'auto' on warm memory, right after this process's empty_cache and right after another process "
+                   "released 48 GiB, with FlatTensors cycles; then 24 GiB copies after an 80 GiB release",
+                   lambda c: [Step("copy_paths", program("copy_path_probe.py", "--out", str(c.work / "copy_paths"),
+                                                         "--blocks="), 200,
+                                   show=r"^(warm|alone|after_release|flat|peak)"),
+                              Step("copy_paths_24g", program("copy_path_probe.py", "--out",
+                                                             str(c.work / "copy_paths_24g"), "--size-gib", "24",
+                                                             "--other-gib", "80", "--scenarios", "warm,after_release",
+                                                             "--paths", "engine,kernel,auto", "--repeats", "2",
+                                                             "--timeline-s", "0", "--blocks=", "--flat-cycles", "2"),
+                                   200, show=r"^(warm|after_release|flat|peak)")]),
     "cpu-profile": ("cpu_offload_profile.py: for_megatron's host-side offload/onload cost on the CPU (no GPU)",
                     lambda c: [Step("cpu_profile", program("cpu_offload_profile.py"), 300, show="^offload",
                                     min_gpus=0)]),

@@ -55,6 +55,20 @@ FAMILIES: dict[str, dict[str, Any]] = {
                 add_qkv_bias=True, num_moe_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2,
                 moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True),
         tied=False),
+    # one key/value head: with TP=2 each shard of linear_qkv holds half of the single query group
+    "qwen2-mqa": dict(
+        hf=dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                num_key_value_heads=1, tie_word_embeddings=False),
+        mc=dict(hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=1, kv_channels=16,
+                add_qkv_bias=True),
+        tied=False),
+    "mixtral": dict(
+        hf=dict(model_type="mixtral", hidden_size=64, intermediate_size=32, num_local_experts=4,
+                num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                tie_word_embeddings=False),
+        mc=dict(hidden_size=64, ffn_hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                num_moe_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2),
+        tied=False),
 }
 RMS_EPS = 1e-6
 ROPE_THETA = 10000.0
@@ -169,7 +183,10 @@ def load_full_state(chunks: list, full: dict[str, torch.Tensor]) -> None:
                 rank = ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
                 size = (ps.get_expert_tensor_parallel_world_size() if expert
                         else ps.get_tensor_model_parallel_world_size())
-                p.copy_(shard_from_full(full[global_name(chunk, local_name)], p, local_name, rank, size))
+                name = global_name(chunk, local_name)
+                if name == "output_layer.weight" and name not in full:  # tied: the last stage's copy
+                    name = "embedding.word_embeddings.weight"
+                p.copy_(shard_from_full(full[name], p, local_name, rank, size))
 
 
 def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:

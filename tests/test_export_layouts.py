@@ -38,8 +38,8 @@ def export(chunks, family, **kwargs) -> dict[str, torch.Tensor]:
     return {name: t.clone() for bucket in exporter.buckets() for name, t in bucket.named_tensors()}
 
 
-def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert list(a) == list(b)
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], ordered: bool = True) -> None:
+    assert list(a) == list(b) if ordered else sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
@@ -134,7 +134,8 @@ def test_legacy_grouped_mlp_stacked_experts_export_like_sequential_experts(megat
         del experts.local_experts
         experts.weight1 = torch.nn.Parameter(w1.reshape(hidden, -1))
         experts.weight2 = torch.nn.Parameter(w2.reshape(-1, hidden))
-    same(reference, export(chunks, "qwen3_moe"))
+    # one parameter holds all experts' gate/up (and another all down), so the order differs, not the tensors
+    same(reference, export(chunks, "qwen3_moe"), ordered=False)
 
 
 def test_buckets_hold_whole_parameters_within_the_bound_in_checkpoint_order(megatron_env):
@@ -145,14 +146,17 @@ def test_buckets_hold_whole_parameters_within_the_bound_in_checkpoint_order(mega
     names = []
     largest = max(e.numel * 4 for e in exporter.entries)
     count = 0
+    layouts = exporter.bucket_layouts
     for bucket in exporter.buckets():
+        numels, entries = layouts[count]
+        assert {d: t.numel() for d, t in bucket.flats.items()} == numels and bucket.entries == entries
         count += 1
         assert bucket.nbytes <= max(bound, largest * 3 + 256)  # a fused qkv larger than the bound goes alone
         if len(bucket.entries) > 3:
             assert bucket.nbytes <= bound
         assert all(t.dim() == 1 for t in bucket.flats.values())
         names += [e.name for e in bucket.entries]
-    assert count > 3
+    assert count == len(layouts) > 3
     assert names[0] == "model.embed_tokens.weight" and names[-1] == "model.norm.weight"
     assert "lm_head.weight" not in names  # tied: the engine ties it to the embedding
     assert names.index("model.layers.0.mlp.down_proj.weight") < names.index("model.layers.1.input_layernorm.weight")
@@ -201,3 +205,18 @@ def test_unknown_parameter_and_unknown_family_raise_before_anything_is_exported(
 def _as_type(cfg, model_type: str):
     cfg.model_type = model_type
     return cfg
+
+
+def test_mixed_dtypes_give_one_flat_per_dtype_in_a_bucket(megatron_env):
+    chunks = model("llama")
+    reference = export(chunks, "llama")
+    for name, p in chunks[0].named_parameters():
+        if "norm" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    buckets = list(MegatronExporter(chunks, hf_config("llama"), bucket_bytes=1 << 20).buckets())
+    assert len(buckets) == 1 and set(buckets[0].flats) == {torch.float32, torch.bfloat16}
+    got = dict(buckets[0].named_tensors())
+    assert list(got) == list(reference)
+    for name, ref in reference.items():
+        expected = ref if "norm" in name else ref.to(torch.bfloat16)
+        assert got[name].dtype == expected.dtype and torch.equal(got[name], expected), name

@@ -113,12 +113,12 @@ def _serve(index: int) -> None:
             got = 0
             while got < want:
                 n = min(chunk, want - got)
+                # Only `held` refers to the blocks: a local name would keep the last one alive through release.
                 try:
-                    block = torch.empty(n, dtype=torch.uint8, device="cuda")
+                    held.append(torch.empty(n, dtype=torch.uint8, device="cuda"))
                 except torch.OutOfMemoryError:
                     break
-                block.fill_(1)  # the engine writes what it takes (weights, KV cache)
-                held.append(block)
+                held[-1].fill_(1)  # the engine writes what it takes (weights, KV cache)
                 got += n
             torch.cuda.synchronize()
             print(f"occupied {got}", flush=True)

@@ -2,7 +2,8 @@
 
 ``MegatronExporter(model_chunks, hf_config, weights=..., bucket_bytes=..., receivers=...)`` plans the export on
 every rank (one gather of parameter metadata, checked against the Hugging Face config); ``.buckets()`` streams
-``ExportBucket`` objects (one flat tensor per dtype plus ``entries``) to the receiver ranks. Modules: ``families``
+``ExportBucket`` objects (one flat tensor per dtype plus ``entries``) to the receiver ranks. Families with a table:
+Llama (and Mistral), Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Mixtral. Modules: ``families``
 (one name table per model family), ``layouts`` (fused-layout splits and tensor-parallel re-joins), ``discovery``
 (this rank's parameters under global names), ``plan`` (gathered plan, checks, bucket packing), ``sources`` (device
 or memmgr host copy), ``exporter`` (the collective stream).

@@ -35,7 +35,7 @@ logger = logging.getLogger("memmgr")
 DEFAULT_BUCKET_BYTES = 256 * 2**20
 
 
-@dataclass
+@dataclass(eq=False)
 class ExportBucket:
     """Hugging Face tensors packed into one flat 1-D tensor per dtype; ``entries`` says where each one lies."""
     index: int
@@ -68,7 +68,12 @@ class MegatronExporter:
     device of this rank's parameters; it must suit the process group's backend).
 
     Raises MemmgrExportError on every rank, before anything is sent, for an unknown parameter, a family without a
-    table, or a Hugging Face config that disagrees with the model.
+    table, or a Hugging Face config that disagrees with the model. ``hf_config`` may be any object with the Hugging
+    Face config attributes (transformers itself is not needed).
+
+    Build it once, while or after the model exists, and call ``buckets()`` at every sync: the plan (one gather of
+    metadata) is made here; each export re-reads the weights where they are then (device or host copy). Rebuild it
+    if the model's parameter tensors are replaced (not merely updated, offloaded or onloaded in place).
     """
 
     def __init__(self, model_chunks: torch.nn.Module | Sequence[torch.nn.Module], hf_config: Any, *,
@@ -116,6 +121,13 @@ class MegatronExporter:
     def entries(self) -> list[ExportEntry]:
         """Every Hugging Face tensor of the export, in order (the same list on every rank)."""
         return self.plan.entries
+
+    @property
+    def bucket_layouts(self) -> list[tuple[dict[torch.dtype, int], list[ExportEntry]]]:
+        """For each bucket ``buckets()`` will yield, in order: the length (elements) of its flat tensor of each dtype
+        and its entries. The same on every rank and known before any weight moves, so a transport can announce the
+        layout once and receivers can pre-allocate."""
+        return [(dict(bp.numels), [e for u in bp.units for e in u.entries]) for bp in self.plan.buckets]
 
     @property
     def is_receiver(self) -> bool:

@@ -41,6 +41,8 @@ class Family:
     rows: tuple[Row, ...]
     # megatron TransformerConfig attribute -> dimension name it must equal (checked before anything moves)
     config_checks: tuple[tuple[str, str], ...]
+    # dimension name -> Hugging Face config attribute, where this family names it unlike CONFIG_DIMS
+    dims: tuple[tuple[str, str], ...] = ()
 
 
 def _r(pattern: str, hf: tuple[str, ...] | str, kind: str, *shapes: tuple[str, ...]) -> Row:
@@ -102,6 +104,22 @@ _SHARED_EXPERT = (
        ("hidden", "shared_ffn")),
     _r(L + r"mlp\.shared_experts\.gate_weight", HL + "mlp.shared_expert_gate.weight", "copy", ("1", "hidden")),
 )
+_MIXTRAL_EXPERT = HL + "block_sparse_moe.experts." + HE + "."
+_MIXTRAL_MOE = (
+    _r(L + r"pre_mlp_layernorm\.weight", HL + "post_attention_layernorm.weight", "copy", ("hidden",)),
+    _r(L + r"mlp\.router\.weight", HL + "block_sparse_moe.gate.weight", "copy", ("experts", "hidden")),
+    _r(L + r"mlp\.experts\.local_experts\." + E + r"\.linear_fc1\.weight",
+       (_MIXTRAL_EXPERT + "w1.weight", _MIXTRAL_EXPERT + "w3.weight"), "gate_up",
+       ("moe_ffn", "hidden"), ("moe_ffn", "hidden")),
+    _r(L + r"mlp\.experts\.local_experts\." + E + r"\.linear_fc2\.weight", _MIXTRAL_EXPERT + "w2.weight", "copy",
+       ("hidden", "moe_ffn")),
+    _r(L + r"mlp\.experts\.linear_fc1\.weight" + E, (_MIXTRAL_EXPERT + "w1.weight", _MIXTRAL_EXPERT + "w3.weight"),
+       "gate_up", ("moe_ffn", "hidden"), ("moe_ffn", "hidden")),
+    _r(L + r"mlp\.experts\.linear_fc2\.weight" + E, _MIXTRAL_EXPERT + "w2.weight", "copy", ("hidden", "moe_ffn")),
+    _r(L + r"mlp\.experts\.weight1", (_MIXTRAL_EXPERT + "w1.weight", _MIXTRAL_EXPERT + "w3.weight"),
+       "grouped_fc1", ("moe_ffn", "hidden"), ("moe_ffn", "hidden")),
+    _r(L + r"mlp\.experts\.weight2", _MIXTRAL_EXPERT + "w2.weight", "grouped_fc2", ("hidden", "moe_ffn")),
+)
 _FINAL = (
     _r(r"decoder\.final_layernorm\.weight", "model.norm.weight", "copy", ("hidden",)),
     _r(r"output_layer\.weight", "lm_head.weight", "vocab", ("vocab", "hidden")),
@@ -118,6 +136,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3_moe", ("qwen3_moe",), _EMBED + _ATTN + _QK_NORM + _DENSE_MLP + _MOE + _FINAL, _MOE_CHECKS),
     Family("qwen2_moe", ("qwen2_moe",), _EMBED + _ATTN + _QKV_BIAS + _DENSE_MLP + _MOE + _SHARED_EXPERT + _FINAL,
            _MOE_CHECKS + (("moe_shared_expert_intermediate_size", "shared_ffn"),)),
+    # Mixtral's experts are as wide as its intermediate_size, and every layer is a MoE layer
+    Family("mixtral", ("mixtral",), _EMBED + _ATTN + _MIXTRAL_MOE + _FINAL, _MOE_CHECKS,
+           dims=(("moe_ffn", "intermediate_size"),)),
 )
 
 # Hugging Face config attribute(s) for each dimension name, first present wins; head_dim falls back to
@@ -145,10 +166,13 @@ def family_for(hf_config: Any) -> Family | None:
     return None
 
 
-def config_dims(hf_config: Any) -> dict[str, int]:
+def config_dims(hf_config: Any, family: Family | None = None) -> dict[str, int]:
     """The dimension names of the tables, read from a Hugging Face config (absent ones are left out)."""
     dims: dict[str, int] = {}
-    for dim, attrs in CONFIG_DIMS.items():
+    sources = dict(CONFIG_DIMS)
+    for dim, attr in (family.dims if family is not None else ()):
+        sources[dim] = (attr,)
+    for dim, attrs in sources.items():
         for attr in attrs:
             value = getattr(hf_config, attr, None)
             if isinstance(value, int) and not isinstance(value, bool):

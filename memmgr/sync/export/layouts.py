@@ -8,8 +8,10 @@ a fused layout is split per shard, and each part lands at its shard's offset alo
 - ``copy``: the tensor as it is; shards joined along the partition dimension.
 - ``vocab``: an embedding or output layer; shards joined along rows, then the rows beyond the Hugging Face
   vocabulary (megatron's padding) dropped.
-- ``qkv``: megatron's fused ``linear_qkv`` (weight or bias), per query group ``[q heads of the group..., k, v]``;
-  each shard holds whole groups, split into q, k and v, and joined per part along rows.
+- ``qkv``: megatron's fused ``linear_qkv`` (weight or bias), per query group ``[q heads of the group..., k, v]``,
+  split evenly along rows over the shards: each shard holds whole groups, or, when there are more shards than
+  query groups (megatron then all-gathers the projection in the forward), a contiguous part of one group; either
+  way its rows go to q, k and v by their place in the fused layout.
 - ``gate_up``: a gated ``linear_fc1``, ``[gate; up]`` per shard; split per shard, joined per part along rows.
 - ``grouped_fc1`` / ``grouped_fc2``: the legacy GroupedMLP's ``weight1`` (``[hidden, experts * 2 * ffn]`` read as
   ``[experts, hidden, 2 * ffn]``) and ``weight2`` (``[experts * ffn, hidden]`` read as ``[experts, ffn, hidden]``),
@@ -63,10 +65,6 @@ def output_shapes(kind: str, shard_shape: tuple[int, ...], geo: Geometry) -> lis
             raise LayoutError(f"linear_qkv split along dimension {geo.partition_dim}; expected rows (0)")
         if geo.groups <= 0 or geo.heads % geo.groups:
             raise LayoutError(f"{geo.heads} query heads do not divide into {geo.groups} query groups")
-        if geo.groups % geo.num_shards:
-            raise LayoutError(f"{geo.groups} query groups over {geo.num_shards} tensor-parallel shards: megatron "
-                              f"replicates key/value heads when TP exceeds the groups, which the export does not "
-                              f"re-join; use a TP size that divides num_query_groups")
         per_group = geo.heads // geo.groups + 2
         if full[0] != geo.groups * per_group * geo.head_dim:
             raise LayoutError(f"{full[0]} rows; {geo.groups} groups x ({geo.heads // geo.groups} query + 2) heads "
@@ -119,17 +117,7 @@ def place(kind: str, shard: torch.Tensor, rank: int, geo: Geometry, outputs: lis
         if rows:
             out.narrow(0, start, rows).copy_(shard.narrow(0, 0, rows), non_blocking=True)
     elif kind == "qkv":
-        local_groups = geo.groups // geo.num_shards
-        q_per_group = geo.heads // geo.groups
-        rest = tuple(shard.shape[1:])
-        s = shard.view(local_groups, q_per_group + 2, geo.head_dim, *rest)
-        q = outputs[0].view(geo.groups, q_per_group, geo.head_dim, *rest)
-        k = outputs[1].view(geo.groups, geo.head_dim, *rest)
-        v = outputs[2].view(geo.groups, geo.head_dim, *rest)
-        g0 = rank * local_groups
-        q.narrow(0, g0, local_groups).copy_(s[:, :q_per_group], non_blocking=True)
-        k.narrow(0, g0, local_groups).copy_(s[:, q_per_group], non_blocking=True)
-        v.narrow(0, g0, local_groups).copy_(s[:, q_per_group + 1], non_blocking=True)
+        _place_qkv(shard, rank, geo, outputs)
     elif kind == "gate_up":
         half = shard.shape[0] // 2
         for part, out in enumerate(outputs):
@@ -150,3 +138,34 @@ def place(kind: str, shard: torch.Tensor, rank: int, geo: Geometry, outputs: lis
             outputs[e].narrow(1, rank * n, n).copy_(w[e].t(), non_blocking=True)
     else:
         raise LayoutError(f"unknown layout kind {kind!r}")
+
+
+def _place_qkv(shard: torch.Tensor, rank: int, geo: Geometry, outputs: list[torch.Tensor]) -> None:
+    q_per_group = geo.heads // geo.groups
+    hd = geo.head_dim
+    group_rows = (q_per_group + 2) * hd
+    n = shard.shape[0]
+    start = rank * n
+    rest = tuple(shard.shape[1:])
+    if n % group_rows == 0:
+        # whole groups: three strided copies
+        local_groups = n // group_rows
+        g0 = start // group_rows
+        s = shard.view(local_groups, q_per_group + 2, hd, *rest)
+        q = outputs[0].view(geo.groups, q_per_group, hd, *rest)
+        k = outputs[1].view(geo.groups, hd, *rest)
+        v = outputs[2].view(geo.groups, hd, *rest)
+        q.narrow(0, g0, local_groups).copy_(s[:, :q_per_group], non_blocking=True)
+        k.narrow(0, g0, local_groups).copy_(s[:, q_per_group], non_blocking=True)
+        v.narrow(0, g0, local_groups).copy_(s[:, q_per_group + 1], non_blocking=True)
+        return
+    # part of a group (more shards than groups): contiguous row ranges, each inside the q, k or v rows of a group
+    regions = ((0, q_per_group * hd, 0), (q_per_group * hd, (q_per_group + 1) * hd, 1),
+               ((q_per_group + 1) * hd, group_rows, 2))
+    for g in range(start // group_rows, (start + n - 1) // group_rows + 1):
+        for lo, hi, part in regions:
+            a, b = max(start, g * group_rows + lo), min(start + n, g * group_rows + hi)
+            if a < b:
+                part_rows = hi - lo
+                dst = g * part_rows + (a - g * group_rows - lo)
+                outputs[part].narrow(0, dst, b - a).copy_(shard.narrow(0, a - start, b - a), non_blocking=True)

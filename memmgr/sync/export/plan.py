@@ -143,7 +143,7 @@ def build_plan(gathered: list[LocalParams], hf_config: Any, bucket_bytes: int) -
                                 f"table; supported: {known}. Add a Family table in memmgr/sync/export/families.py")
     problems = [f"rank {r}: {e}" for r, lp in enumerate(gathered) for e in lp.errors]
     _fail(problems, "the model")
-    dims = config_dims(hf_config)
+    dims = config_dims(hf_config, family)
     config = next((lp.config for lp in gathered if lp.config), {})
     _fail(check_config(family, config, dims), f"into {family.name}")
 
@@ -159,6 +159,8 @@ def build_plan(gathered: list[LocalParams], hf_config: Any, bucket_bytes: int) -
                         f"has tie_word_embeddings={hf_tied}; build both the same way")
     rows = [(i, re.compile(row.pattern), row) for i, row in enumerate(family.rows)]
     first_layer_row = min((i for i, _, row in rows if "{layer}" in row.hf[0]), default=0)
+    # within a layer, each expert's tensors come together (checkpoint order), after the rows before the experts
+    first_expert_row = min((i for i, _, row in rows if "{expert}" in row.hf[0]), default=len(rows))
     units: list[Unit] = []
     for (name, expert_offset), by_shard in shards.items():
         if hf_tied and name == "output_layer.weight":
@@ -210,9 +212,10 @@ def build_plan(gathered: list[LocalParams], hf_config: Any, bucket_bytes: int) -
         layer = int(groups["layer"]) if groups.get("layer") is not None else None
         section = 1 if layer is not None else (0 if i < first_layer_row else 2)
         expert = int(groups["expert"]) if groups.get("expert") is not None else info.expert_offset
+        block = first_expert_row if "{expert}" in row.hf[0] else i
         units.append(Unit((name, expert_offset), row.kind, geo, info.shape, info.dtype,
                           [by_shard[s][0] for s in range(info.num_shards)], hf_names, [tuple(s) for s in shapes],
-                          order=(section, layer if layer is not None else 0, i, expert, name)))
+                          order=(section, layer if layer is not None else 0, block, expert, i, name)))
     seen: dict[str, str] = {}
     for u in units:
         for n in u.hf_names:

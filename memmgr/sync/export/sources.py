@@ -14,7 +14,8 @@ from typing import Any, Iterable, Protocol
 import torch
 
 from memmgr.errors import MemmgrStateError
-from memmgr.flat_tensors import BucketizedFlatTensors, BucketState, FlatTensors
+from memmgr.flat_tensors import BucketizedFlatTensors, FlatTensors
+from memmgr.states import BucketState
 from memmgr.sync.export.errors import MemmgrExportError
 
 
