@@ -373,15 +373,16 @@ MEGATRON_GLOBALS = {
 
 
 def comms_megatron(run: Run) -> dict:
-    """megatron-core's own groups at TP=2 (nccl_groups_of_megatron): each communicator set up by a few
+    """megatron-core's own groups at TP=2 (megatron_process_groups): each communicator set up by a few
     collectives, released and restored once through NcclCommunicators (re-created groups handed back to
     parallel_state's globals), then megatron's getters must return working groups."""
     from megatron.core import parallel_state as ps
 
-    from memmgr.comms import NcclCommunicators, nccl_groups_of_megatron
+    from memmgr.comms import NcclCommunicators
+    from memmgr.integrations.megatron import megatron_process_groups
 
     init_parallel(run, tp=run.world)
-    found = nccl_groups_of_megatron()
+    found = megatron_process_groups()
     res: dict[str, Any] = {"roles": {role: dist.get_process_group_ranks(g) for role, g in found.items()}}
     for group in found.values():
         _exercise(run, group, 2**20)

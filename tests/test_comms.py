@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from memmgr import MemoryManager
-from memmgr.comms import NATIVE, RECREATE, NcclCommunicators, nccl_groups_of_megatron
+from memmgr.comms import NATIVE, RECREATE, NcclCommunicators
+from memmgr.integrations.megatron import megatron_process_groups
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.groups import MovableUnit, StateGroup
 from memmgr.host_memory import HostMemoryPool
@@ -184,8 +185,8 @@ def test_megatron_groups_are_found_by_role(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
     try:
         ps.initialize_model_parallel(1, 1)
-        assert nccl_groups_of_megatron() == {}  # world size 1: every group has one rank
-        found = nccl_groups_of_megatron(with_single_rank=True)
+        assert megatron_process_groups() == {}  # world size 1: every group has one rank
+        found = megatron_process_groups(with_single_rank=True)
         assert found["tensor"] is ps.get_tensor_model_parallel_group()
         assert len({id(g) for g in found.values()}) == len(found)
     finally:
