@@ -105,6 +105,28 @@ def rl_cycle(ctx: Context, trainer: str, timeout: int) -> list[Step]:
                  timeout, show=r"^\||wrote|ERROR", min_gpus=2)]
 
 
+def multi_gpu(ctx: Context, name: str, sections: str, timeout: int, *extra: str, procs: int = 2) -> Step:
+    """benchmarks/multi_gpu.py under torchrun on 2 GPUs (issue 19), one section (or a few) per step."""
+    argv = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+            str(BENCH / "multi_gpu.py"), "--sections", sections, "--out", str(ctx.work / name), *extra]
+    return Step(name, argv, timeout, show=r"PASS|FAIL|ERROR|GB/s|freed|^comms|^ledger|^multi_gpu", min_gpus=2)
+
+
+def multi_gpu_steps(ctx: Context) -> list[Step]:
+    """Issue 19 in the order that shows the most first: NCCL communicators, cross-GPU handover (1.3B, then ~4B),
+    export at TP=2/PP=2/EP=2, training at TP=2/PP=2, the data-parallel-2 Megatron equivalence, then (if time is
+    left) two data-parallel trainers each feeding their engine (4 processes on the 2 GPUs)."""
+    return [multi_gpu(ctx, "mg_comms", "comms", 50),
+            multi_gpu(ctx, "mg_handover", "handover", 100, "--sizes", "1.3b,4b"),
+            multi_gpu(ctx, "mg_export", "export", 60),
+            multi_gpu(ctx, "mg_train", "train", 60),
+            dataclasses.replace(equivalence(ctx, old=False), name="equivalence_dp2", argv=[
+                PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(BENCH / "gpu_megatron.py"), "--out", str(ctx.work / "equivalence_dp2"), "--equivalence-only"],
+                timeout=120, min_gpus=2),
+            multi_gpu(ctx, "mg_handover_dp", "handover_dp", 70, "--sizes", "1.3b", procs=4)]
+
+
 SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
     "final": ("the run at the end of a change: GPU pytest, the whole Megatron suite (gpu_megatron.py, 8 cycles) and "
               "the default `memmgr bench`; about 8-9 minutes with set-up, near the device tool's 10: where it does "
@@ -160,6 +182,12 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                  "trainer, the plain-torch trainer if that fails",
                  lambda c: rl_cycle(c, "megatron", 230) + [dataclasses.replace(
                      rl_cycle(c, "plain", 160)[0], only_if_failed="rl_megatron")]),
+    "multi-gpu": ("issue 19 on 2 GPUs (multi_gpu.py under torchrun): NCCL communicators released/restored with "
+                  "NVML bytes per communicator, cross-GPU handover 1.3B then ~4B (sync GB/s vs same-run broadcast), "
+                  "export at TP=2/PP=2/EP=2 vs TP=1, a training step at TP=2/PP=2 with offload/onload bitwise, then "
+                  "the data-parallel-2 Megatron equivalence, then data-parallel trainers each feeding their engine; about 6 "
+                  "minutes with set-up (use --deadline 360)",
+                  multi_gpu_steps),
     "copy-paths": ("copy_path_probe.py: host<->device copies through the copy engines, the copy kernel, a split and "
                    "'auto' on warm memory, right after this process's empty_cache and right after another process "
                    "released 48 GiB, with FlatTensors cycles; then 24 GiB copies after an 80 GiB release",
