@@ -357,6 +357,18 @@ class MemoryManager:
             self._fire(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
 
     @contextlib.contextmanager
+    def weight_sync_hooks(self) -> Iterator["MemoryManager"]:
+        """Around a weight sync that reads the weights where they are (``memmgr.sync.session.sync_weights``):
+        before_weight_sync hooks on entry, after_weight_sync hooks on exit, also when the body raises. Nothing
+        moves."""
+        self.check_open()
+        self._fire(HookEvent.BEFORE_WEIGHT_SYNC, (self.weights_group,))
+        try:
+            yield self
+        finally:
+            self._fire(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
+
+    @contextlib.contextmanager
     def weight_sync(self) -> Iterator["OrderedDict[str, torch.Tensor]"]:
         """Around one weight sync: only the weights come back (grads, main weights and optimizer states stay off),
         the body gets name -> tensor, and the weights leave again afterwards (also when the body raises)."""
