@@ -56,15 +56,29 @@ def _describe(name: str, tensor: torch.Tensor) -> str:
     return f"tensor {name!r} (shape {tuple(tensor.shape)}, {tensor.dtype}, {tensor.device})"
 
 
-def _name_tensors(tensors: TensorsArg, group: str) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(tensors, Mapping):
-        items = list(tensors.items())
-    elif isinstance(tensors, torch.Tensor):
+def tensors_argument(tensors: object, group: str) -> TensorsArg:
+    """``tensors`` as a list or a dict of tensors: any other iterable (a generator, ``module.parameters()``) is read
+    once into a list here, so that checking it does not use it up. MemmgrInputError for anything else."""
+    if isinstance(tensors, torch.Tensor):
         raise MemmgrInputError(f"group {group!r}: expected a list or dict of tensors, got a single tensor; "
                                f"wrap it in a list")
+    if isinstance(tensors, (list, tuple, Mapping)):
+        return tensors  # type: ignore[return-value]
+    if isinstance(tensors, (str, bytes)) or not hasattr(tensors, "__iter__"):
+        raise MemmgrInputError(f"group {group!r}: expected a list or dict of tensors, got "
+                               f"{type(tensors).__name__}; pass e.g. list(module.parameters())")
+    return list(tensors)  # type: ignore[call-overload]
+
+
+def _name_tensors(tensors: TensorsArg, group: str) -> list[tuple[str, torch.Tensor]]:
+    tensors = tensors_argument(tensors, group)
+    if isinstance(tensors, Mapping):
+        items = list(tensors.items())
     else:
         items = [(f"{group}[{i}]", t) for i, t in enumerate(tensors)]
     for name, tensor in items:
+        if not isinstance(name, str):
+            raise MemmgrInputError(f"group {group!r}: tensor names must be str, got {name!r}")
         if not isinstance(tensor, torch.Tensor):
             raise MemmgrInputError(f"group {group!r}: item {name!r} is a {type(tensor).__name__}, not a "
                                    f"torch.Tensor; pass tensors only")

@@ -12,7 +12,7 @@ import torch
 
 from memmgr import moves
 from memmgr.errors import MemmgrInputError, MemmgrStateError
-from memmgr.flat_tensors import BucketizedFlatTensors, TensorsArg
+from memmgr.flat_tensors import BucketizedFlatTensors, TensorsArg, tensors_argument
 from memmgr.groups import MovableUnit, StateGroup, check_no_outside_references, default_priority, group_state
 from memmgr.host_memory import HostMemoryPool, default_pool
 from memmgr.states import GroupState, Policy, policy_from
@@ -73,6 +73,13 @@ class GroupEntry:
         return group_state(self.group)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where each unit of some groups was: (group name, unit, on the device?) rows (``MemoryManager.placement``)."""
+
+    rows: list[tuple[str, MovableUnit, bool]]
+
+
 class MoveScope:
     """The moves a caller issues inside ``MemoryManager.offloading``/``onloading``: ``add`` each handle."""
 
@@ -109,7 +116,7 @@ class MemoryManager:
         self._closed = False
         self._phases: list[str] = []
         self._ledger = None
-        self._sync_restore = False
+        self._syncs: list[Placement] = []  # one placement per begin_weight_sync not ended yet
         self.left_behind: dict[str, int] = {}  # state an integration saw but does not move, by description -> bytes
 
     # ---- building ----
@@ -121,10 +128,20 @@ class MemoryManager:
         not hold yet (optimizer state created lazily at the first step) are added at the next offload.
         ``verify`` checksums each bucket at offload and checks it at onload (MemmgrCorruptionError on mismatch)."""
         self.check_open()
+        if not isinstance(name, str) or not name:
+            raise MemmgrInputError(f"add_group: the group name must be a non-empty str, got {name!r}")
         if name in self._groups:
             raise MemmgrInputError(f"group {name!r} exists already; known groups: {list(self._groups)}")
         policy = policy_from(policy, name)
-        if isinstance(tensors, StateGroup) and not isinstance(tensors, (list, tuple, dict)):
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise MemmgrInputError(f"group {name!r}: priority must be an int or None, got {priority!r}")
+        if collect is not None and not callable(collect):
+            raise MemmgrInputError(f"group {name!r}: collect must be a callable returning the group's tensors, got "
+                                   f"{type(collect).__name__}")
+        is_group = isinstance(tensors, StateGroup) and not isinstance(tensors, (list, tuple, dict))
+        if not is_group:
+            tensors = tensors_argument(tensors, name)
+        if is_group:
             group = tensors
         elif adopt:
             self._check_not_managed(name, tensors)
@@ -290,15 +307,46 @@ class MemoryManager:
             logger.debug("group %s picked up %d new tensors", entry.group.name, len(new))
 
     # ---- phases and weight sync ----
+    def placement(self, *groups: str) -> "Placement":
+        """Where every unit of the named groups (all if none) is now: ``restore_placement`` brings each unit back
+        to it. Units are compared one by one, so a budgeted (partial) offload is restored as it was."""
+        return Placement([(e.name, unit, unit.state.holds_device_memory)
+                          for e in self.entries(*groups) for unit in e.group.units])
+
+    def restore_placement(self, placement: "Placement") -> None:
+        """Offloads the units of ``placement`` that were off the device and are on it now, then onloads those that
+        were on it and are off now. Units no longer in their group (dropped at a re-collect) are left alone; units
+        added since are not in the placement and stay where they are."""
+        current = {id(u) for e in self._groups.values() for u in e.group.units}
+        rows = [(g, u, on) for g, u, on in placement.rows if id(u) in current]
+        back_off = [(g, u) for g, u, on in rows if not on and u.state.holds_device_memory]
+        back_on = [(g, u) for g, u, on in rows if on and not u.state.holds_device_memory]
+        if back_off:
+            names = tuple(dict.fromkeys(g for g, _ in back_off))
+            self.prepare_offload(*names)
+            self.offload_units([u for _, u in back_off], groups=names)
+        if back_on:
+            names = tuple(dict.fromkeys(g for g, _ in back_on))
+            self.onload_units([u for _, u in back_on], groups=names)
+
     @contextlib.contextmanager
     def phase(self, name: str, keep: Iterable[str] = ()) -> Iterator["MemoryManager"]:
-        """Offloads every group not in ``keep`` on entry and restores the previous placement on exit (also when
-        the block raises). Phases nest."""
+        """Offloads every group not in ``keep`` on entry and restores the previous placement of every unit on exit
+        (also when the block raises): a group a budget left partly offloaded is partly offloaded again. Phases
+        nest."""
         self.check_open()
-        keep = tuple(keep)
+        if not isinstance(name, str):
+            raise MemmgrInputError(f"phase: the phase name must be a str, got {name!r}")
+        if isinstance(keep, str):
+            keep = (keep,)
+        try:
+            keep = tuple(keep)
+        except TypeError:
+            raise MemmgrInputError(f"phase {name!r}: keep must be group names (a list of str), got "
+                                   f"{type(keep).__name__}") from None
         self._resolve(keep)
-        before = {n: self._on_device(e) for n, e in self._groups.items()}
-        to_offload = [n for n in self._groups if n not in keep and before[n]]
+        before = self.placement()
+        to_offload = [n for n, e in self._groups.items() if n not in keep and self._on_device(e)]
         self._phases.append(name)
         try:
             if to_offload:
@@ -308,13 +356,7 @@ class MemoryManager:
         finally:
             self._phases.pop()
             if not self._closed:
-                now = {n: self._on_device(e) for n, e in self._groups.items()}
-                back_on = [n for n in self._groups if before[n] and not now[n]]
-                back_off = [n for n in self._groups if not before[n] and now[n]]
-                if back_off:
-                    self.offload(*back_off)
-                if back_on:
-                    self.onload(*back_on)
+                self.restore_placement(before)
                 self._record(f"exit {name}")
 
     @property
@@ -329,31 +371,42 @@ class MemoryManager:
 
     def begin_weight_sync(self) -> "OrderedDict[str, torch.Tensor]":
         """Fires before_weight_sync hooks and onloads only the weights group; pair with end_weight_sync(). If the
-        onload fails, the after_weight_sync hooks run before the error propagates (every before has its after)."""
+        onload fails (or an after_onload hook raises), the weights this call brought back leave the device again
+        and the after_weight_sync hooks run before the error propagates (every before has its after)."""
         self.check_open()
         entry = self._resolve([self.weights_group])[0]
         if entry.state is GroupState.DISCARDED:
             raise MemmgrStateError(f"group {self.weights_group!r} was discarded, so there are no weights to sync; "
                                    f"offload weights with the copy policy")
         self._fire(HookEvent.BEFORE_WEIGHT_SYNC, (self.weights_group,))
-        self._sync_restore = not self._on_device(entry)
+        before = self.placement(self.weights_group)
         try:
             self.onload(self.weights_group)
         except BaseException:
-            # No sync will happen and end_weight_sync() will not be called: the after-hooks still run, so that
-            # whatever the before-hooks released (an engine's KV cache, say) is restored. The onload rolled back.
-            self._sync_restore = False
-            self._fire(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
+            # No sync will happen and end_weight_sync() will not be called: what this call brought back leaves
+            # again (quietly: no hooks, the error in flight is the one to report), and the after-hooks still run,
+            # so that whatever the before-hooks released (an engine's KV cache, say) is restored.
+            try:
+                undo = [u for _g, u, on in before.rows if not on and u.state.holds_device_memory]
+                if undo:
+                    moves.offload_units(undo).wait()
+                    self._release_cached_memory()
+            finally:
+                self._fire(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
             raise
+        self._syncs.append(before)
         return self.named_weights()
 
     def end_weight_sync(self) -> None:
-        """Offloads the weights again if begin_weight_sync brought them back, then fires after_weight_sync."""
+        """Offloads the weights begin_weight_sync brought back (unit by unit, as they were), then fires
+        after_weight_sync."""
+        if not self._syncs:
+            raise MemmgrStateError("end_weight_sync() without a begin_weight_sync(); use `with mgr.weight_sync()`")
+        before = self._syncs.pop()
         try:
-            if self._sync_restore:
-                self.offload(self.weights_group)
+            if not self._closed:
+                self.restore_placement(before)
         finally:
-            self._sync_restore = False
             self._fire(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
 
     @contextlib.contextmanager

@@ -427,10 +427,12 @@ class MegatronMemoryManager(MemoryManager):
         super().__init__(**kwargs)
         self._discovery = discovery
 
-    def offload(self, *groups: str, non_blocking: bool = False, budget_bytes: int | None = None) -> Any:
+    def prepare_offload(self, *groups: str) -> list:
+        """Every offload (plain, budgeted, a phase's, a swap's outgoing side) checks here that no gradient
+        reduction or parameter all-gather is in flight before anything moves."""
         names = set(groups) if groups else set(self.group_names)
         self._check_no_communication(names)
-        return super().offload(*groups, non_blocking=non_blocking, budget_bytes=budget_bytes)
+        return super().prepare_offload(*groups)
 
     def _check_no_communication(self, names: set[str]) -> None:
         for i, chunk in enumerate(self._discovery.chunks):
