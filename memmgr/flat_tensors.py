@@ -27,14 +27,16 @@ A group's moves go through ``memmgr.moves``: its offload issues every bucket's c
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 from typing import Mapping, Sequence, Union
 
 import torch
 
-from memmgr import moves
+from memmgr import moves, storages
 from memmgr.checksum import bucket_checksum
 from memmgr.errors import MemmgrInputError, MemmgrStateError
+from memmgr.groups import unique_storage_bytes
 from memmgr.host_memory import HostBuffer, HostMemoryPool, default_pool
 from memmgr.states import BucketState, GroupState, Policy, policy_from
 from memmgr.transfer import TransferHandle, copy_stream
@@ -85,9 +87,18 @@ def _name_tensors(tensors: TensorsArg, group: str) -> list[tuple[str, torch.Tens
     return items
 
 
+def _byte_range(tensor: torch.Tensor) -> tuple[int, int]:
+    start = tensor.storage_offset() * tensor.element_size()
+    return start, start + tensor.numel() * tensor.element_size()
+
+
 def validate_tensors(items: list[tuple[str, torch.Tensor]], group: str) -> None:
-    """Raises MemmgrInputError if any tensor cannot be coalesced safely; changes nothing."""
-    storages: dict[int, list[str]] = {}
+    """Raises MemmgrInputError if any tensor cannot be coalesced safely; changes nothing.
+
+    Tensors that view one storage are accepted when they do not overlap and nothing else holds that storage (a
+    checkpoint's optimizer state loaded by ``torch.load``, the tensors of a closed manager's bucket): coalescing
+    then keeps every one of them, and frees the old storage."""
+    storages_seen: dict[int, list[tuple[str, torch.Tensor]]] = {}
     seen: dict[int, str] = {}
     for name, tensor in items:
         if tensor.layout != torch.strided:
@@ -104,17 +115,35 @@ def validate_tensors(items: list[tuple[str, torch.Tensor]], group: str) -> None:
             raise MemmgrInputError(f"group {group!r}: {_describe(name, tensor)} appears twice (also as "
                                    f"{seen[id(tensor)]!r}); pass each tensor once")
         seen[id(tensor)] = name
-        if tensor.untyped_storage().nbytes() > 0:
-            storages.setdefault(tensor.untyped_storage().data_ptr(), []).append(name)
-    for names in storages.values():
-        if len(names) > 1:
-            raise MemmgrInputError(f"group {group!r}: tensors {names} share one storage (views of each other); "
-                                   f"pass their base tensor once, or clone them")
-    for name, tensor in items:
-        if tensor.untyped_storage().nbytes() == 0:
-            continue
-        extra = _storage_use_count(tensor) - 1 - _PROBE_REFS
-        if extra > 0:
+        owner = storages.owner_of(tensor)
+        if owner is not None:
+            raise MemmgrInputError(f"group {group!r}: {_describe(name, tensor)} is already managed by bucket "
+                                   f"{owner.name!r} (of this manager or another one); a tensor can belong to one "
+                                   f"group only. Close the other manager first (mgr.close())")
+        nbytes = tensor.untyped_storage().nbytes()
+        if tensor.numel() > 0 and nbytes < _byte_range(tensor)[1]:
+            raise MemmgrInputError(f"group {group!r}: {_describe(name, tensor)} has no memory behind it (its storage "
+                                   f"holds {nbytes} bytes; freed in place by an offload or another tool); restore "
+                                   f"it before managing it")
+        if nbytes > 0:
+            storages_seen.setdefault(storages.storage_key(tensor), []).append((name, tensor))
+    for shared in storages_seen.values():
+        names = [n for n, _ in shared]
+        extra = _storage_use_count(shared[0][1]) - len(shared) - _PROBE_REFS
+        if len(shared) > 1:
+            ranges = sorted((_byte_range(t), n) for n, t in shared)
+            overlapping = [(a[1], b[1]) for a, b in zip(ranges, ranges[1:]) if b[0][0] < a[0][1]]
+            if overlapping:
+                raise MemmgrInputError(f"group {group!r}: tensors {names} share one storage and {overlapping[0]} "
+                                       f"overlap (views of each other); coalescing would separate them. Pass their "
+                                       f"base tensor once, or clone them")
+            if extra > 0:
+                raise MemmgrInputError(
+                    f"group {group!r}: tensors {names} share one storage (views of each other), which is also held "
+                    f"by {extra} other reference(s) outside the group; coalescing would silently detach them. Pass "
+                    f"their base tensor once, drop the other references, or clone them")
+        elif extra > 0:
+            name, tensor = shared[0]
             raise MemmgrInputError(
                 f"group {group!r}: the storage of {_describe(name, tensor)} is also held by {extra} other "
                 f"reference(s) outside the group (a view, its base tensor, or a tensor autograd saved for an "
@@ -134,6 +163,10 @@ class FlatTensors:
         self.nbytes = flat.numel() * flat.element_size()
         self._pool = pool or default_pool()
         self._host: HostBuffer | None = None
+        self._host_finalizer: weakref.finalize | None = None
+        # What each member looked like when it joined: a move first checks that it still views the bucket so.
+        self._layout = [(tuple(t.shape), t.dtype, t.storage_offset()) for _, t, _ in members]
+        self._storage_key = storages.register(flat, self)
         self._state = BucketState.ON_DEVICE
         self._pending: TransferHandle | None = None
         self._pending_state: BucketState | None = None
@@ -215,8 +248,73 @@ class FlatTensors:
 
     @property
     def device_bytes(self) -> int:
-        """Bytes of device storage this bucket holds now (0 once offloaded or discarded)."""
-        return self.flat.untyped_storage().nbytes()
+        """Bytes of device storage this bucket holds now (0 once offloaded or discarded), plus the memory of members
+        given other memory since they joined (``.data = ...``, ``set_``), which no move can free."""
+        own = self.flat.untyped_storage().nbytes()
+        detached = [t for _, t, _ in self.members if storages.storage_key(t) != self._storage_key]
+        return own + (unique_storage_bytes(detached) if detached else 0)
+
+    # ---- integrity: every member still views the bucket as it did when it joined ----
+    def check_intact(self, moving: str = "offload") -> None:
+        """Raises MemmgrStateError, changing nothing, if moving the bucket now (``moving``: "offload" or "onload")
+        would lose or hide data: its storage was resized or freed outside memmgr, a member was resized, or (for an
+        offload) a member was given other memory, which the move would leave on the device unmanaged."""
+        storage = self.flat.untyped_storage()
+        if storage._cdata != self._storage_key:
+            raise MemmgrStateError(
+                f"bucket {self.name!r}: its buffer {_describe(self.name, self.flat)} was given other memory "
+                f"(`.data = ...` or `set_()`) after memmgr took it over; the bucket no longer owns what it would "
+                f"move. Close this manager and build a new one. Nothing was moved")
+        allowed = (self.nbytes,) if moving == "offload" else (0, self.nbytes)
+        if storage.nbytes() not in allowed:
+            raise MemmgrStateError(
+                f"bucket {self.name!r}: its storage holds {storage.nbytes()} bytes where the bucket "
+                f"({self._state.value}, {self.nbytes} B) expects {' or '.join(map(str, allowed))}: it was resized or "
+                f"freed outside memmgr (`resize_` on one of its tensors, the same buffer managed by another group or "
+                f"manager, or another offload tool). Moving it now would lose data. Undo that change, or close this "
+                f"manager (mgr.close()) and build a new one. Nothing was moved")
+        for (mname, tensor, _), (shape, dtype, offset) in zip(self.members, self._layout):
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype or (
+                    tensor.storage_offset() != offset and storages.storage_key(tensor) == self._storage_key):
+                raise MemmgrStateError(
+                    f"bucket {self.name!r}: tensor {mname!r} is now {tuple(tensor.shape)} {tensor.dtype} at offset "
+                    f"{tensor.storage_offset()} but joined the bucket as {shape} {dtype} at offset {offset} "
+                    f"(`resize_`, `set_` or `.data = ...` since); its bucket holds only the old extent, so moving it "
+                    f"would truncate it or read past it. Write new values in place (`with torch.no_grad(): "
+                    f"t.copy_(new)`), or close this manager (mgr.close()) and build a new one, which manages the "
+                    f"tensor as it is now. Nothing was moved")
+            if moving == "offload" and storages.storage_key(tensor) != self._storage_key:
+                raise MemmgrStateError(
+                    f"bucket {self.name!r}: {_describe(mname, tensor)} no longer views the bucket's memory: it was given other memory (`.data = ...`, `set_()`) since "
+                    f"it joined. Offloading would leave that memory on the device, unmanaged. Write new values in "
+                    f"place instead (`with torch.no_grad(): t.copy_(new)`), or close this manager (mgr.close()) and "
+                    f"build a new one, which manages the tensor as it is now. Nothing was moved")
+
+    @property
+    def storage_key(self) -> int:
+        """The identity of the storage this bucket frees and restores (memmgr.storages.storage_key)."""
+        return self._storage_key
+
+    def add_alias(self, name: str, tensor: torch.Tensor) -> None:
+        """Adds ``tensor``, a view of this bucket's storage (e.g. optimizer state a checkpoint loader rebuilt over
+        the same memory), as a member without copying: it moves with the bucket and is not an outside reference."""
+        if storages.storage_key(tensor) != self._storage_key:
+            raise MemmgrInputError(f"bucket {self.name!r}: {_describe(name, tensor)} is not a view of this bucket")
+        self.members.append((name, tensor, tensor.storage_offset() * tensor.element_size() // self.flat.element_size()))
+        self._layout.append((tuple(tensor.shape), tensor.dtype, tensor.storage_offset()))
+
+    def host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The contents of ``tensor`` (a view of this bucket) while the bucket is off the device, read from the host
+        copy into a new CPU tensor (zeros for a discarded bucket, which is what its onload restores). Used by deep
+        copies and pickles of offloaded tensors (memmgr.storages)."""
+        self.wait()
+        if self._state is BucketState.DISCARDED:
+            return torch.zeros(tuple(tensor.shape), dtype=tensor.dtype)
+        if self._state is not BucketState.ON_HOST or self._host is None:
+            raise MemmgrStateError(f"bucket {self.name!r} is {self._state.value} and has no host copy to read "
+                                   f"{_describe('tensor', tensor)} from; onload it first")
+        host = self._host.tensor.view(tensor.dtype)
+        return torch.as_strided(host, tuple(tensor.shape), tensor.stride(), tensor.storage_offset()).clone()
 
     @property
     def host_bytes(self) -> int:
@@ -246,9 +344,11 @@ class FlatTensors:
             self._pending.wait()
 
     def ensure_host_buffer(self) -> HostBuffer:
-        """Allocates (and pins) the exact-size host store now, off the critical path of the first offload."""
+        """Allocates (and pins) the exact-size host store now, off the critical path of the first offload. If the
+        bucket is dropped without ``release`` (a manager nobody closed), the store goes back to its pool."""
         if self._host is None:
             self._host = self._pool.acquire(self.nbytes)
+            self._host_finalizer = weakref.finalize(self, _return_dropped_buffer, self._pool, self._host, self.name)
         return self._host
 
     # ---- moves ----
@@ -260,6 +360,7 @@ class FlatTensors:
             return self._pending or TransferHandle.completed()
         if state is BucketState.ONLOADING:
             self.wait()
+        self.check_intact("offload")
         discard = self.policy is Policy.DISCARD if discard is None else discard
         storage = self.flat.untyped_storage()
         self._offload_checksum = None
@@ -297,6 +398,7 @@ class FlatTensors:
 
     def allocate(self) -> bool:
         """Re-allocates the device storage in place (raises torch.OutOfMemoryError); True if it was freed."""
+        self.check_intact("onload")
         storage = self.flat.untyped_storage()
         if storage.nbytes() == self.nbytes:
             return False
@@ -406,12 +508,33 @@ class FlatTensors:
             raise MemmgrStateError(f"bucket {self.name!r} is {self._state.value}: its host buffer holds the only "
                                    f"copy; onload before releasing it")
         if self._host is not None:
+            if self._host_finalizer is not None:
+                self._host_finalizer.detach()
+                self._host_finalizer = None
             self._pool.release(self._host)
             self._host = None
+
+    def release(self) -> None:
+        """Stops managing this bucket (only while on the device): the host store returns to the pool and the
+        storage is no longer registered, so its tensors, still views of it, can be managed again (a new manager
+        coalesces them afresh). The bucket is empty afterwards."""
+        self.release_host_buffer()
+        storages.unregister(self._storage_key, self)
+        self.members = []
+        self._layout = []
+        self.flat = self.flat.new_empty(0)
+        self.nbytes = 0
+        self._storage_key = storages.storage_key(self.flat)
 
     def __repr__(self) -> str:
         return (f"FlatTensors({self.name!r}, {len(self.members)} tensors, {self.nbytes} B, {self.dtype}, "
                 f"{self.device}, {self.state.value})")
+
+
+def _return_dropped_buffer(pool: HostMemoryPool, buffer: HostBuffer, name: str) -> None:
+    # Runs when a bucket is garbage collected without release(): its host store must not stay in use forever.
+    pool.release(buffer)
+    logger.debug("bucket %s was dropped without close(); its host buffer went back to the pool", name)
 
 
 class BucketizedFlatTensors:
@@ -441,7 +564,20 @@ class BucketizedFlatTensors:
                      verify: bool = False) -> "BucketizedFlatTensors":
         """Adopts flat buffers the caller owns, one bucket each, without copying (see FlatTensors.adopt)."""
         group = cls([], name=name, policy=policy, pool=pool, verify=verify)
-        for bname, buffer in _name_tensors(buffers, name):
+        items = _name_tensors(buffers, name)
+        keys: dict[int, str] = {}
+        for bname, buffer in items:  # before anything is adopted
+            owner = storages.owner_of(buffer)
+            if owner is not None:
+                raise MemmgrInputError(f"group {name!r}: buffer {bname!r} is already managed by bucket {owner.name!r} "
+                                       f"(of this manager or another one); a storage can be freed and restored by "
+                                       f"one bucket only. Pass it once, or close the other manager first")
+            key = storages.storage_key(buffer)
+            if key in keys:
+                raise MemmgrInputError(f"group {name!r}: buffers {keys[key]!r} and {bname!r} are the same storage "
+                                       f"(a buffer and a view of it); adopt it once")
+            keys[key] = bname
+        for bname, buffer in items:
             group.buckets.append(FlatTensors.adopt(buffer, name=bname, policy=group.policy, pool=group._pool,
                                                    verify=group.verify))
         if pin_ahead:
@@ -571,6 +707,25 @@ class BucketizedFlatTensors:
     def release_host_buffers(self) -> None:
         for bucket in self.buckets:
             bucket.release_host_buffer()
+
+    def drop_buckets(self, buckets: Sequence[FlatTensors]) -> None:
+        """Stops managing these buckets (on the device; e.g. optimizer state that a ``load_state_dict`` replaced):
+        their host stores go back to the pool and they leave the group."""
+        drop = {id(b) for b in buckets}
+        for bucket in buckets:
+            bucket.release()
+        self.buckets = [b for b in self.buckets if id(b) not in drop]
+
+    def release(self) -> None:
+        """Stops managing the group's tensors (every bucket must be on the device): host stores go back to the pool,
+        the buckets are dropped, and the tensors can be managed again by a new group or manager."""
+        for bucket in self.buckets:
+            if bucket.state is not BucketState.ON_DEVICE:
+                raise MemmgrStateError(f"group {self.name!r}: bucket {bucket.name!r} is {bucket.state.value}; onload "
+                                       f"the group before releasing it")
+        for bucket in self.buckets:
+            bucket.release()
+        self.buckets = []
 
     def __len__(self) -> int:
         return len(self.buckets)

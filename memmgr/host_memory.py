@@ -162,6 +162,16 @@ class HostMemoryPool:
         with self._lock:
             return list(self._in_use.values()) + [b for lst in self._free.values() for b in lst]
 
+    def buffers_free(self) -> list[HostBuffer]:
+        """The buffers kept for reuse, not handed out now (a snapshot)."""
+        with self._lock:
+            return [b for lst in self._free.values() for b in lst]
+
+    @property
+    def bytes_free(self) -> int:
+        """Bytes of the buffers kept for reuse."""
+        return sum(b.nbytes for b in self.buffers_free())
+
     @property
     def bytes_held(self) -> int:
         return sum(b.nbytes for b in self.buffers())

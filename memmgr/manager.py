@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from memmgr import moves
+from memmgr import moves, storages
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.flat_tensors import BucketizedFlatTensors, TensorsArg, tensors_argument
 from memmgr.groups import MovableUnit, StateGroup, check_no_outside_references, default_priority, group_state
@@ -292,19 +292,39 @@ class MemoryManager:
             torch.cuda.empty_cache()
 
     def _collect_new_tensors(self, entry: GroupEntry) -> None:
-        if entry.collect is None or not isinstance(entry.group, BucketizedFlatTensors):
+        """Re-collects a group from its ``collect`` (only while it is on the device): buckets none of whose tensors
+        ``collect`` reports any more (optimizer state a ``load_state_dict`` replaced) leave the group; reported
+        tensors that view one of the group's buckets (state rebuilt over the same memory) join that bucket without a
+        copy; tensors that view a bucket of another group stay with it; the rest are coalesced into new buckets."""
+        group = entry.group
+        if entry.collect is None or not isinstance(group, BucketizedFlatTensors):
             return
         if entry.state is not GroupState.ON_DEVICE:
             return
-        held = {id(t) for t in entry.group.tensors}
-        current = entry.collect()
-        items = current.items() if isinstance(current, dict) else ((None, t) for t in current)
-        new = {n if n is not None else f"{entry.group.name}+{i}": t
-               for i, (n, t) in enumerate(items) if id(t) not in held}
+        current = tensors_argument(entry.collect(), group.name)
+        items = list(current.items()) if isinstance(current, dict) else [(None, t) for t in current]
+        current_ids = {id(t) for _, t in items}
+        stale = [b for b in group.buckets if b.members and not any(id(m[1]) in current_ids for m in b.members)]
+        if stale:
+            group.drop_buckets(stale)
+            logger.info("group %s: %d bucket(s) no longer hold any of its tensors (replaced, e.g. by a "
+                        "load_state_dict) and were released", group.name, len(stale))
+        held = {id(t) for t in group.tensors}
+        own = {b.storage_key: b for b in group.buckets}
+        new: dict[str, torch.Tensor] = {}
+        for i, (n, t) in enumerate(items):
+            if id(t) in held or not isinstance(t, torch.Tensor):
+                continue
+            name = n if n is not None else f"{group.name}+{i}"
+            owner = storages.owner_of(t)
+            if owner is None:
+                new[name] = t
+            elif own.get(owner.storage_key) is owner:
+                owner.add_alias(name, t)
         if new:
-            self._check_not_managed(entry.group.name, new)
-            entry.group.extend(new)
-            logger.debug("group %s picked up %d new tensors", entry.group.name, len(new))
+            self._check_not_managed(group.name, new)
+            group.extend(new)
+            logger.debug("group %s picked up %d new tensors", group.name, len(new))
 
     # ---- phases and weight sync ----
     def placement(self, *groups: str) -> "Placement":
@@ -452,12 +472,13 @@ class MemoryManager:
 
     # ---- lifecycle ----
     def close(self) -> None:
-        """Onloads every group, returns the host buffers to the pool and stops managing; later calls raise."""
+        """Onloads every group, returns the host buffers to the pool and stops managing: the model and optimizer
+        are left as ordinary tensors on the device, and a new manager can take them over. Later calls raise."""
         if self._closed:
             return
         self.onload()
         for entry in self._groups.values():
-            entry.group.release_host_buffers()
+            entry.group.release()
         self._closed = True
 
     def __enter__(self) -> "MemoryManager":

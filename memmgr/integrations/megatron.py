@@ -271,12 +271,13 @@ class _Discovery:
 
     # ---- optimizer state (re-read at every offload: Adam creates it lazily) ----
     def optimizer_states(self, exclude: set[int] = frozenset(),
-                         managed_storages: set[int] = frozenset()) -> dict[str, torch.Tensor]:
-        """The device tensors in the inner optimizers' state, one per storage, leaving out the tensors whose id is in
-        ``exclude`` and any tensor whose storage (data pointer) is in ``managed_storages``. Runs before every
-        offload, so tensors already held are skipped by id before any of the costlier checks."""
+                         held: set[int] = frozenset()) -> dict[str, torch.Tensor]:
+        """The device tensors in the inner optimizers' state, each once, leaving out the tensors whose id is in
+        ``exclude``. Runs before every offload: tensors whose id is in ``held`` (what the group holds already) are
+        taken as they are, before any of the costlier checks. Views of one storage are all reported (a loaded
+        checkpoint's state is such views); coalescing accepts them if they do not overlap."""
         found: dict[str, torch.Tensor] = {}
-        seen: set[int] = set(managed_storages)
+        seen: set[int] = set()
         for path, _kind, opt in self.optimizers:
             for param, state in opt.optimizer.state.items():
                 if not isinstance(state, dict):
@@ -287,15 +288,15 @@ class _Discovery:
                         continue
                     if pname is None:
                         pname = self.opt_param_names.get(id(param), f"{path}.param{len(found)}")
+                    if id(value) in held:
+                        found[f"{pname}.{key}#{id(value)}"] = value
+                        continue
                     if not (isinstance(value, torch.Tensor) and value.device.type == self.device.type
                             and value.numel() > 0 and value.layout == torch.strided and value.is_contiguous()):
                         continue
-                    if value.untyped_storage().nbytes() == 0:
+                    if value.untyped_storage().nbytes() == 0 or id(value) in seen:
                         continue
-                    ptr = _storage_key(value)
-                    if ptr in seen:
-                        continue
-                    seen.add(ptr)
+                    seen.add(id(value))
                     name = f"{pname}.{key}"
                     while name in found:
                         name += "'"
@@ -452,13 +453,10 @@ class MegatronMemoryManager(MemoryManager):
         self._refresh_left_behind()
 
     def _collect_optimizer_states(self, main_ids: set[int]) -> dict[str, torch.Tensor]:
-        """Optimizer state created since the last offload (Adam creates it lazily at the first step): the tensors the
-        group already holds, and views of its buckets, are skipped cheaply."""
-        group = self.group("optimizer_states")
-        held = {id(t) for t in group.tensors}
-        storages = {b.flat.untyped_storage().data_ptr() for b in group.buckets}
-        storages.discard(0)
-        return self._discovery.optimizer_states(exclude=main_ids | held, managed_storages=storages)
+        """The optimizer state now (Adam creates it lazily at the first step; a checkpoint load replaces it): the
+        tensors the group already holds are taken without further checks."""
+        held = {id(t) for t in self.group("optimizer_states").tensors}
+        return self._discovery.optimizer_states(exclude=main_ids, held=held)
 
     def _refresh_left_behind(self, *_: Any) -> None:
         managed = {id(t) for name in self.group_names for _, t in self.group(name).named_tensors}
