@@ -87,6 +87,17 @@ def _name_tensors(tensors: TensorsArg, group: str) -> list[tuple[str, torch.Tens
     return items
 
 
+def _hidden_bases(tensors: list[torch.Tensor], known: set[int]) -> dict[int, torch.Tensor]:
+    """The view bases of ``tensors`` that are not in ``known`` (ids): each holds the storage too, though nothing
+    but its view reaches it (a checkpoint loader's state rebuilt as views of a flattened tensor)."""
+    bases: dict[int, torch.Tensor] = {}
+    for tensor in tensors:
+        base = tensor._base
+        if base is not None and id(base) not in known:
+            bases[id(base)] = base
+    return bases
+
+
 def _byte_range(tensor: torch.Tensor) -> tuple[int, int]:
     start = tensor.storage_offset() * tensor.element_size()
     return start, start + tensor.numel() * tensor.element_size()
@@ -129,7 +140,8 @@ def validate_tensors(items: list[tuple[str, torch.Tensor]], group: str) -> None:
             storages_seen.setdefault(storages.storage_key(tensor), []).append((name, tensor))
     for shared in storages_seen.values():
         names = [n for n, _ in shared]
-        extra = _storage_use_count(shared[0][1]) - len(shared) - _PROBE_REFS
+        bases = _hidden_bases([t for _, t in shared], {id(t) for _, t in shared})
+        extra = _storage_use_count(shared[0][1]) - len(shared) - len(bases) - _PROBE_REFS
         if len(shared) > 1:
             ranges = sorted((_byte_range(t), n) for n, t in shared)
             overlapping = [(a[1], b[1]) for a, b in zip(ranges, ranges[1:]) if b[0][0] < a[0][1]]
@@ -202,12 +214,21 @@ class FlatTensors:
             total += -(-tensor.numel() // align) * align
         flat = torch.empty(total, dtype=dtype, device=device)
         members = []
+        # Storages that only the members' view bases will still hold once the members are rebound (validate_tensors
+        # accepted them): a rebound view keeps its base, so their memory is given back here.
+        abandoned = {storages.storage_key(t): t.untyped_storage() for _, t in items if t._base is not None}
         with torch.no_grad():
             for (tname, tensor), offset in zip(items, offsets):
                 view = flat[offset:offset + tensor.numel()].view(tensor.shape)
                 view.copy_(tensor)
                 tensor.data = view
                 members.append((tname, tensor, offset))
+        for storage in abandoned.values():
+            bases = _hidden_bases([t for _, t in items], set())
+            holders = sum(1 for b in bases.values() if b.untyped_storage()._cdata == storage._cdata)
+            if torch._C._storage_Use_Count(storage._cdata) - 1 - _PROBE_REFS <= holders and storages.owner_of(
+                    next(iter(bases.values()))) is None:
+                storage.resize_(0)
         return cls(flat, members, name=name, policy=policy, pool=pool, verify=verify)
 
     @classmethod
@@ -500,7 +521,9 @@ class FlatTensors:
             return 0
         if self.flat.untyped_storage().nbytes() == 0:
             return 0
-        return max(0, _storage_use_count(self.flat) - _PROBE_REFS - 1 - len(self.members))
+        tensors = [t for _, t, _ in self.members]
+        bases = _hidden_bases(tensors, {id(t) for t in tensors} | {id(self.flat)})
+        return max(0, _storage_use_count(self.flat) - _PROBE_REFS - 1 - len(self.members) - len(bases))
 
     def release_host_buffer(self) -> None:
         """Returns the host store to the pool (only while the contents are on the device)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -116,6 +117,7 @@ class MemoryManager:
         self._closed = False
         self._phases: list[str] = []
         self._ledger = None
+        self._checkpoint_hooks: list[Any] = []  # removable handles of onload_for_state_dicts
         self._syncs: list[Placement] = []  # one placement per begin_weight_sync not ended yet
         self.left_behind: dict[str, int] = {}  # state an integration saw but does not move, by description -> bytes
 
@@ -303,12 +305,6 @@ class MemoryManager:
             return
         current = tensors_argument(entry.collect(), group.name)
         items = list(current.items()) if isinstance(current, dict) else [(None, t) for t in current]
-        current_ids = {id(t) for _, t in items}
-        stale = [b for b in group.buckets if b.members and not any(id(m[1]) in current_ids for m in b.members)]
-        if stale:
-            group.drop_buckets(stale)
-            logger.info("group %s: %d bucket(s) no longer hold any of its tensors (replaced, e.g. by a "
-                        "load_state_dict) and were released", group.name, len(stale))
         held = {id(t) for t in group.tensors}
         own = {b.storage_key: b for b in group.buckets}
         new: dict[str, torch.Tensor] = {}
@@ -321,6 +317,12 @@ class MemoryManager:
                 new[name] = t
             elif own.get(owner.storage_key) is owner:
                 owner.add_alias(name, t)
+        current_ids = {id(t) for _, t in items}
+        stale = [b for b in group.buckets if b.members and not any(id(m[1]) in current_ids for m in b.members)]
+        if stale:
+            group.drop_buckets(stale)
+            logger.info("group %s: %d bucket(s) no longer hold any of its tensors (replaced, e.g. by a "
+                        "load_state_dict) and were released", group.name, len(stale))
         if new:
             self._check_not_managed(group.name, new)
             group.extend(new)
@@ -439,6 +441,39 @@ class MemoryManager:
         finally:
             self.end_weight_sync()
 
+    # ---- checkpoints ----
+    def onload_for_state_dicts(self, owner: torch.nn.Module | torch.optim.Optimizer, groups: Sequence[str]) -> None:
+        """Makes ``owner.state_dict()`` and ``owner.load_state_dict()`` (a module, every submodule's too, or a
+        torch.optim optimizer) bring ``groups`` back to the device first, where they stay until the next offload:
+        checkpoint saving and loading then read and write real memory whatever the placement (a loader writing
+        into an offloaded tensor would write into freed memory). The hooks hold the manager weakly and are removed
+        by ``close()``."""
+        self.check_open()
+        groups = tuple(groups)
+        self._resolve(groups)
+        ref = weakref.ref(self)
+        owners: "weakref.WeakSet[Any]" = weakref.WeakSet()  # a deep copy of a module carries its hooks along
+
+        def bring_back(obj: Any, *_args: Any) -> None:
+            mgr = ref()
+            if mgr is not None and not mgr._closed and obj in owners:
+                on = [n for n in groups if any(not u.state.holds_device_memory for u in mgr._groups[n].group.units)]
+                if on:
+                    mgr.onload(*on)
+
+        if isinstance(owner, torch.nn.Module):
+            owners.update(owner.modules())
+            self._checkpoint_hooks.append(owner.register_load_state_dict_pre_hook(bring_back))
+            for module in owner.modules():  # megatron builds sharded state dicts from submodules' state_dict()
+                self._checkpoint_hooks.append(module.register_state_dict_pre_hook(bring_back))
+        elif isinstance(owner, torch.optim.Optimizer):
+            owners.add(owner)
+            self._checkpoint_hooks.append(owner.register_load_state_dict_pre_hook(bring_back))
+            self._checkpoint_hooks.append(owner.register_state_dict_pre_hook(bring_back))
+        else:
+            raise MemmgrInputError(f"onload_for_state_dicts takes a torch.nn.Module or a torch.optim.Optimizer, got "
+                                   f"{type(owner).__name__}")
+
     # ---- hooks ----
     def register_hook(self, event: HookEvent | str, fn: HookFn) -> HookHandle:
         """Calls ``fn(event, group_names)`` at ``event``; hooks run in registration order."""
@@ -477,6 +512,9 @@ class MemoryManager:
         if self._closed:
             return
         self.onload()
+        for handle in self._checkpoint_hooks:
+            handle.remove()
+        self._checkpoint_hooks.clear()
         for entry in self._groups.values():
             entry.group.release()
         self._closed = True

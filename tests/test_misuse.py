@@ -82,7 +82,7 @@ def meta_tensor():
 
 def views_of_one_storage():
     base = torch.randn(10)
-    a, b = base[:5], base[5:]
+    a, b = base[:6], base[4:]  # overlapping: coalescing would separate them
     del base
     return Misuse(lambda: BucketizedFlatTensors({"a": a, "b": b}, name="g", pool=pool()), [a, b])
 
@@ -354,7 +354,7 @@ CASES = [
     (sparse, MemmgrInputError, r"tensor 's' .* is torch.sparse_coo; only dense"),
     (non_contiguous, MemmgrInputError, r"tensor 't' .* is not contiguous \(stride \(1, 5\)\)"),
     (meta_tensor, MemmgrInputError, r"tensor 'm' .* is on the meta device"),
-    (views_of_one_storage, MemmgrInputError, r"tensors \['a', 'b'\] share one storage"),
+    (views_of_one_storage, MemmgrInputError, r"tensors \['a', 'b'\] share one storage and \('a', 'b'\) overlap"),
     (storage_held_outside, MemmgrInputError, r"tensor 'base' .* held by 1 other reference"),
     (saved_for_backward, MemmgrInputError, r"tensor 'weight' .*unfinished backward"),
     (same_tensor_twice, MemmgrInputError, r"appears twice \(also as 'g\[0\]'\)"),

@@ -233,12 +233,15 @@ def test_deepcopy_and_pickle_of_offloaded_tensors_read_the_host_copy_in_a_subpro
         ref_model, ref_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
         mgr = memmgr.for_module(model, opt, pin_ahead=False)
         mgr.offload()
-        osd = opt.state_dict()
+        mgr.onload()
+        osd = opt.state_dict()  # taken before the offload: the same tensor objects, no new views
+        mgr.offload()
         clone = copy.deepcopy(model)                       # a module deep-copied while offloaded
         assert all(torch.equal(clone.state_dict()[k], v) for k, v in ref_model.items())
         assert isinstance(clone[0].weight, torch.nn.Parameter) and clone[0].weight.requires_grad
         buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "optimizer": osd}, buf)   # saved while offloaded
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        torch.save({"model": tensors, "optimizer": osd}, buf)   # saved while offloaded
         buf.seek(0)
         loaded = torch.load(buf)
         assert all(torch.equal(loaded["model"][k], v) for k, v in ref_model.items())
@@ -246,8 +249,8 @@ def test_deepcopy_and_pickle_of_offloaded_tensors_read_the_host_copy_in_a_subpro
                    for k, v in s.items())
         assert torch.equal(pickle.loads(pickle.dumps(model[0].bias)), ref_model["0.bias"])
         assert all(s.device_bytes == 0 for s in mgr.state().values())  # nothing was onloaded for it
-        mgr.onload()
-        assert all(torch.equal(model.state_dict()[k], v) for k, v in ref_model.items())
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in ref_model.items())  # state_dict onloads
+        assert mgr.state()["weights"].state == "on_device" and mgr.state()["optimizer_states"].state == "on_host"
         print("ok")
     """)
     assert out.strip() == "ok"
@@ -392,3 +395,24 @@ def test_checkpoint_saved_under_memmgr_resumes_under_a_new_manager_bitwise(tmp_p
     assert all(same_bits(a, b) for a, b in zip(model2.parameters(), ref_model.parameters()))
     for s, r in zip(opt2.state.values(), ref_opt.state.values()):
         assert all(same_bits(s[k], r[k]) for k in r)
+
+
+def test_state_dict_and_load_state_dict_while_offloaded_bring_their_group_back_first():
+    import copy
+
+    model, source = mlp(), mlp(3)
+    opt = torch.optim.Adam(model.parameters())
+    train(model, opt)
+    mgr = memmgr.for_module(model, opt, pin_ahead=False)
+    mgr.offload()
+    clone = copy.deepcopy(model)  # carries the hooks along, but they act for the managed module only
+    clone.state_dict()
+    assert states(mgr)["weights"] == "on_host"
+    model.load_state_dict(source.state_dict())  # writes into the weights: they come back first
+    assert states(mgr)["weights"] == "on_device" and states(mgr)["optimizer_states"] == "on_host"
+    assert all(same_bits(a, b) for a, b in zip(model.parameters(), source.parameters()))
+    sd = opt.state_dict()
+    assert states(mgr)["optimizer_states"] == "on_device"
+    assert all(t.untyped_storage().nbytes() > 0 for s in sd["state"].values() for t in s.values())
+    mgr.close()
+    assert not model._state_dict_pre_hooks and not model._load_state_dict_pre_hooks  # close() removed the hooks

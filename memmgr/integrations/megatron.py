@@ -36,8 +36,13 @@ flags do around checkpoint saving):
     mgr.onload()                     # everything, before the next training step
 
 Do not run a backward pass while ``grad_buffers`` is off the GPU: the DDP hooks would write into freed memory.
-Offload between training steps (after ``optimizer.step()``), never between backward and the step. After loading an
-optimizer checkpoint (which replaces the state tensors) build a new manager.
+Offload between training steps (after ``optimizer.step()``), never between backward and the step.
+
+Checkpoints: ``state_dict``/``sharded_state_dict`` and ``load_state_dict`` of the model chunks (and their submodules)
+and of the inner optimizers bring the groups they read or write back to the device first, so saving or loading a
+checkpoint (torch or ``dist_checkpointing``) works whatever the placement; offload again afterwards. Optimizer state a
+checkpoint load replaces is re-collected at the next offload (state rebuilt over a bucket's memory joins it, replaced
+buckets are released). ``close()`` lets go of everything, and a new ``for_megatron`` can take the same model over.
 """
 from __future__ import annotations
 
@@ -505,6 +510,12 @@ def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], opti
     mgr.add_group("optimizer_states", states, pin_ahead=pin_ahead,
                   collect=lambda: mgr._collect_optimizer_states(main_ids))
     mgr.add_group("scratch", _GlobalMemoryBufferGroup("scratch", found.device.type))
+    # Checkpointing (torch state_dict, megatron's sharded_state_dict and dist_checkpointing) reads and writes the
+    # state through these; each brings what it touches back first.
+    for chunk in chunks:
+        mgr.onload_for_state_dicts(chunk, ["weights"])
+    for _path, _kind, opt in found.optimizers:
+        mgr.onload_for_state_dicts(opt.optimizer, ["weights", "main_weights", "optimizer_states"])
     mgr._refresh_left_behind()
     logger.info("for_megatron: %d chunk(s), %d inner optimizer(s); %s", len(chunks), len(found.optimizers),
                 ", ".join(f"{n}={s.nbytes / 2**20:.1f} MiB" for n, s in mgr.state().items()))

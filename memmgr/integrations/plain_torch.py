@@ -54,7 +54,9 @@ def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None 
     (``.grad``, dropped on offload) and, with an optimizer, ``optimizer_states`` (every tensor in
     ``optimizer.state``; state the optimizer creates lazily at its first step is picked up at the next offload,
     and state an ``optimizer.load_state_dict`` replaced is let go). ``pool``: the host memory pool for the offloaded
-    copies (default: memmgr's shared pool).
+    copies (default: memmgr's shared pool). ``state_dict()``/``load_state_dict()`` of the module or the optimizer
+    bring their group back to the device first (``MemoryManager.onload_for_state_dicts``), so checkpoints save and
+    load whatever the placement.
     """
     if not isinstance(module, torch.nn.Module):
         raise MemmgrInputError(f"for_module takes a torch.nn.Module, got {type(module).__name__}")
@@ -82,4 +84,7 @@ def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None 
     if optimizer is not None:
         mgr.add_group("optimizer_states", optimizer_state_tensors(optimizer, param_ids), pin_ahead=pin_ahead,
                       collect=lambda: optimizer_state_tensors(optimizer, param_ids))
+    mgr.onload_for_state_dicts(module, ["weights"])
+    if optimizer is not None:
+        mgr.onload_for_state_dicts(optimizer, ["optimizer_states"])
     return mgr
