@@ -33,7 +33,7 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
-from memmgr import moves, storages
+from memmgr import arguments, moves, storages
 from memmgr.checksum import bucket_checksum
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.groups import unique_storage_bytes
@@ -196,6 +196,11 @@ class FlatTensors:
     def coalesce(cls, items: list[tuple[str, torch.Tensor]], *, name: str, policy: Policy | str = Policy.COPY,
                  pool: HostMemoryPool | None = None, align_bytes: int = 64, verify: bool = False) -> "FlatTensors":
         """Copies same-device, same-dtype tensors into one new flat buffer and rebinds each to a view of it."""
+        arguments.string("FlatTensors.coalesce", "name", name)
+        align_bytes = arguments.integer(f"bucket {name!r}", "align_bytes", align_bytes, minimum=1, maximum=1 << 30)
+        if not isinstance(items, (list, tuple)) or not all(
+                isinstance(i, tuple) and len(i) == 2 and isinstance(i[1], torch.Tensor) for i in items):
+            raise MemmgrInputError(f"bucket {name!r}: items must be a list of (name, tensor) pairs")
         if not items:
             raise MemmgrInputError(f"bucket {name!r}: no tensors to coalesce")
         device, dtype = items[0][1].device, items[0][1].dtype
@@ -239,8 +244,12 @@ class FlatTensors:
         The buffer must span its whole storage: freeing that storage in place frees exactly this buffer, and every
         view of it (the caller's parameters, bucket slices, optimizer shards) stays valid through a round trip.
         """
+        arguments.string("FlatTensors.adopt", "name", name)
         if not isinstance(buffer, torch.Tensor):
             raise MemmgrInputError(f"bucket {name!r}: adopt() takes a tensor, got {type(buffer).__name__}")
+        if buffer.layout != torch.strided or buffer.device.type == "meta":
+            raise MemmgrInputError(f"bucket {name!r}: {_describe(name, buffer)} is {buffer.layout} on "
+                                   f"{buffer.device}; only dense buffers with memory can be adopted")
         if buffer.dim() != 1 or not buffer.is_contiguous():
             raise MemmgrInputError(f"bucket {name!r}: {_describe(name, buffer)} is not a 1-D contiguous buffer; "
                                    f"only flat buffers can be adopted")
@@ -375,6 +384,8 @@ class FlatTensors:
     # ---- moves ----
     def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
         """Moves the contents to the host store (or drops them) and frees the device storage in place."""
+        arguments.boolean(f"bucket {self.name!r} offload", "non_blocking", non_blocking)
+        arguments.boolean(f"bucket {self.name!r} offload", "discard", discard, optional=True)
         state = self.state
         if state in (BucketState.ON_HOST, BucketState.DISCARDED, BucketState.OFFLOADING):
             logger.debug("bucket %s is already %s; offload is a no-op", self.name, state.value)
@@ -431,6 +442,7 @@ class FlatTensors:
 
         The copy is ordered before any later work on the current stream, so compute may follow immediately.
         """
+        arguments.boolean(f"bucket {self.name!r} onload", "non_blocking", non_blocking)
         state = self.state
         if state in (BucketState.ON_DEVICE, BucketState.ONLOADING):
             logger.debug("bucket %s is already %s; onload is a no-op", self.name, state.value)
@@ -570,14 +582,16 @@ class BucketizedFlatTensors:
     def __init__(self, tensors: TensorsArg, bucket_size_mb: float = 256, *, name: str = "tensors",
                  policy: Policy | str = Policy.COPY, pool: HostMemoryPool | None = None, align_bytes: int = 64,
                  pin_ahead: bool = True, verify: bool = False):
-        self._verify = bool(verify)
-        if bucket_size_mb <= 0:
-            raise MemmgrInputError(f"group {name!r}: bucket_size_mb must be > 0, got {bucket_size_mb}")
+        arguments.string("BucketizedFlatTensors", "name", name)
+        where = f"group {name!r}"
+        self._verify = arguments.boolean(where, "verify", verify)
+        arguments.boolean(where, "pin_ahead", pin_ahead)
+        bucket_size_mb = arguments.number(where, "bucket_size_mb", bucket_size_mb, positive=True, maximum=2.0**40)
         self.name = name
         self.policy = policy_from(policy, name)
-        self.bucket_size_bytes = int(bucket_size_mb * 2**20)
-        self._pool = pool or default_pool()
-        self._align_bytes = align_bytes
+        self.bucket_size_bytes = max(1, int(bucket_size_mb * 2**20))
+        self._pool = arguments.instance(where, "pool", pool, HostMemoryPool, optional=True) or default_pool()
+        self._align_bytes = arguments.integer(where, "align_bytes", align_bytes, minimum=1, maximum=1 << 30)
         self.buckets: list[FlatTensors] = []
         self.extend(tensors, pin_ahead=pin_ahead)
 
@@ -586,6 +600,8 @@ class BucketizedFlatTensors:
                      pool: HostMemoryPool | None = None, pin_ahead: bool = True,
                      verify: bool = False) -> "BucketizedFlatTensors":
         """Adopts flat buffers the caller owns, one bucket each, without copying (see FlatTensors.adopt)."""
+        arguments.string("BucketizedFlatTensors.from_buffers", "name", name)
+        arguments.boolean(f"group {name!r}", "pin_ahead", pin_ahead)
         group = cls([], name=name, policy=policy, pool=pool, verify=verify)
         items = _name_tensors(buffers, name)
         keys: dict[int, str] = {}
@@ -609,6 +625,7 @@ class BucketizedFlatTensors:
 
     def extend(self, tensors: TensorsArg, pin_ahead: bool = True) -> list[FlatTensors]:
         """Coalesces more tensors into new buckets (e.g. optimizer state created after the group was built)."""
+        arguments.boolean(f"group {self.name!r} extend", "pin_ahead", pin_ahead)
         items = _name_tensors(tensors, self.name)
         if not items:
             return []
@@ -654,7 +671,7 @@ class BucketizedFlatTensors:
 
     @verify.setter
     def verify(self, value: bool) -> None:
-        self._verify = bool(value)
+        self._verify = arguments.boolean(f"group {self.name!r}", "verify", value)
         for bucket in self.buckets:
             bucket.verify = self._verify
 
@@ -669,6 +686,8 @@ class BucketizedFlatTensors:
         return list(self.buckets)
 
     def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
+        arguments.boolean(f"group {self.name!r} offload", "non_blocking", non_blocking)
+        arguments.boolean(f"group {self.name!r} offload", "discard", discard, optional=True)
         handle = moves.offload_units(self.buckets, discard=lambda _bucket: discard)
         if not non_blocking:
             handle.wait()
@@ -677,6 +696,7 @@ class BucketizedFlatTensors:
     def onload(self, non_blocking: bool = False) -> TransferHandle:
         """Restores every bucket; if the GPU runs out of memory, frees what this call allocated and raises
         MemmgrOutOfMemoryError with the host copies intact, so a retry after freeing memory succeeds."""
+        arguments.boolean(f"group {self.name!r} onload", "non_blocking", non_blocking)
         if not any(not b.state.holds_device_memory for b in self.buckets):
             logger.debug("group %s is already %s; onload is a no-op", self.name, self.state.value)
         return moves.onload_units(self.buckets, what=f"group {self.name!r}", group=self.name,

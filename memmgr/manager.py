@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from memmgr import moves, storages
+from memmgr import arguments, moves, storages
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.flat_tensors import BucketizedFlatTensors, TensorsArg, tensors_argument
 from memmgr.groups import MovableUnit, StateGroup, check_no_outside_references, default_priority, group_state
@@ -107,11 +107,12 @@ class MemoryManager:
     def __init__(self, *, bucket_size_mb: float = 256, empty_cache: bool = True, pool: HostMemoryPool | None = None,
                  weights_group: str = "weights",
                  named_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None):
-        self.bucket_size_mb = bucket_size_mb
-        self.empty_cache = empty_cache
-        self.pool = pool or default_pool()
-        self.weights_group = weights_group
-        self._named_weights = named_weights
+        where = "MemoryManager"
+        self.bucket_size_mb = arguments.number(where, "bucket_size_mb", bucket_size_mb, positive=True)
+        self.empty_cache = arguments.boolean(where, "empty_cache", empty_cache)
+        self.pool = arguments.instance(where, "pool", pool, HostMemoryPool, optional=True) or default_pool()
+        self.weights_group = arguments.string(where, "weights_group", weights_group)
+        self._named_weights = arguments.function(where, "named_weights", named_weights, optional=True)
         self._groups: "OrderedDict[str, GroupEntry]" = OrderedDict()
         self._hooks: list[tuple[str, HookFn]] = []
         self._closed = False
@@ -130,16 +131,15 @@ class MemoryManager:
         not hold yet (optimizer state created lazily at the first step) are added at the next offload.
         ``verify`` checksums each bucket at offload and checks it at onload (MemmgrCorruptionError on mismatch)."""
         self.check_open()
-        if not isinstance(name, str) or not name:
-            raise MemmgrInputError(f"add_group: the group name must be a non-empty str, got {name!r}")
+        arguments.string("add_group", "name", name)
+        where = f"add_group({name!r})"
+        for flag, value in (("adopt", adopt), ("pin_ahead", pin_ahead), ("verify", verify)):
+            arguments.boolean(where, flag, value)
         if name in self._groups:
             raise MemmgrInputError(f"group {name!r} exists already; known groups: {list(self._groups)}")
         policy = policy_from(policy, name)
-        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-            raise MemmgrInputError(f"group {name!r}: priority must be an int or None, got {priority!r}")
-        if collect is not None and not callable(collect):
-            raise MemmgrInputError(f"group {name!r}: collect must be a callable returning the group's tensors, got "
-                                   f"{type(collect).__name__}")
+        arguments.integer(where, "priority", priority, minimum=-2**31, maximum=2**31, optional=True)
+        arguments.function(where, "collect", collect, optional=True)
         is_group = isinstance(tensors, StateGroup) and not isinstance(tensors, (list, tuple, dict))
         if not is_group:
             tensors = tensors_argument(tensors, name)
@@ -178,6 +178,9 @@ class MemoryManager:
 
         With ``budget_bytes``: frees at least that many bytes, cheapest whole buckets first, and returns the
         ``memmgr.budget.OffloadPlan`` it carried out (``plan.onload()`` restores exactly it)."""
+        arguments.boolean("offload", "non_blocking", non_blocking)
+        arguments.integer("offload", "budget_bytes", budget_bytes, minimum=0, optional=True)
+        arguments.names("offload", "groups", groups)
         if budget_bytes is not None:
             from memmgr.budget import offload_budget
 
@@ -191,18 +194,21 @@ class MemoryManager:
         runs out of memory, everything this call restored is freed again (host copies intact).
 
         Onload's copies are ordered before later work on the current stream, so compute may follow at once."""
+        arguments.boolean("onload", "non_blocking", non_blocking)
         entries = self.entries(*groups, order="onload")
         units = [unit for entry in entries for unit in entry.group.units]
         return self.onload_units(units, groups=tuple(e.name for e in entries), non_blocking=non_blocking)
 
     def free(self, nbytes: int, *groups: str, non_blocking: bool = False) -> Any:
         """Frees at least ``nbytes`` of GPU memory, cheapest buckets first; returns the OffloadPlan (memmgr.budget)."""
+        arguments.integer("free", "nbytes", nbytes, minimum=0)
         return self.offload(*groups, non_blocking=non_blocking, budget_bytes=nbytes)
 
     def plan_offload(self, budget_bytes: int, *groups: str) -> Any:
         """The OffloadPlan ``offload(budget_bytes=...)`` would carry out, without moving anything (a dry run)."""
         from memmgr.budget import plan_offload
 
+        arguments.integer("plan_offload", "budget_bytes", budget_bytes, minimum=0)
         return plan_offload(self, budget_bytes, groups)
 
     # ---- moving units: the public API that budgets, swaps and ordered onloads build on ----
@@ -449,6 +455,8 @@ class MemoryManager:
         into an offloaded tensor would write into freed memory). The hooks hold the manager weakly and are removed
         by ``close()``."""
         self.check_open()
+        if isinstance(groups, str):
+            groups = (groups,)
         groups = tuple(groups)
         self._resolve(groups)
         ref = weakref.ref(self)
@@ -479,8 +487,9 @@ class MemoryManager:
         """Calls ``fn(event, group_names)`` at ``event``; hooks run in registration order."""
         try:
             event = HookEvent(event)
-        except ValueError:
+        except (ValueError, TypeError):
             raise MemmgrInputError(f"unknown hook event {event!r}; events: {[e.value for e in HookEvent]}") from None
+        arguments.function(f"register_hook({event.value!r})", "fn", fn)
         entry = (event.value, fn)
         self._hooks.append(entry)
         return HookHandle(self._hooks, entry)
@@ -492,7 +501,11 @@ class MemoryManager:
 
     # ---- reports ----
     def attach_ledger(self, ledger: Any) -> None:
-        """Records a snapshot in ``ledger`` (memmgr.ledger.Ledger) after every offload, onload and phase change."""
+        """Records a snapshot in ``ledger`` (memmgr.ledger.Ledger) after every offload, onload and phase change;
+        None detaches it."""
+        if ledger is not None and not callable(getattr(ledger, "snapshot", None)):
+            raise MemmgrInputError(f"attach_ledger: ledger must be a memmgr.ledger.Ledger (with a snapshot method) or "
+                                   f"None, got {type(ledger).__name__}")
         self._ledger = ledger
 
     def _record(self, label: str) -> None:
@@ -532,7 +545,7 @@ class MemoryManager:
             raise MemmgrStateError("this MemoryManager is closed; build a new one (memmgr.for_module / for_megatron)")
 
     def _resolve(self, names: Iterable[str]) -> list[GroupEntry]:
-        names = list(names)
+        names = list(arguments.names("group lookup", "group name", names))
         if not names:
             return list(self._groups.values())
         unknown = [n for n in names if n not in self._groups]

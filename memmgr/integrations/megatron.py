@@ -52,6 +52,7 @@ from typing import Any, Sequence
 
 import torch
 
+from memmgr import arguments
 from memmgr.errors import MemmgrIntegrationError, MemmgrStateError
 from memmgr.flat_tensors import BucketizedFlatTensors, Policy, validate_tensors
 from memmgr.groups import DroppedTensors, unique_storage_bytes
@@ -480,6 +481,10 @@ def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], opti
     steps. ``pool``: the host memory pool for the offloaded copies (default: memmgr's shared pool). Raises
     MemmgrIntegrationError (changing nothing) for inputs it cannot manage.
     """
+    for flag, value in (("empty_cache", empty_cache), ("pin_ahead", pin_ahead)):
+        arguments.boolean("for_megatron", flag, value)
+    arguments.number("for_megatron", "bucket_size_mb", bucket_size_mb, positive=True, maximum=2.0**40)
+    arguments.instance("for_megatron", "pool", pool, HostMemoryPool, optional=True)
     chunks = _as_chunks(model_chunks)
     found = _Discovery(chunks, optimizer)
 

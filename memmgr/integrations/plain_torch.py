@@ -5,6 +5,7 @@ import logging
 
 import torch
 
+from memmgr import arguments
 from memmgr.errors import MemmgrInputError
 from memmgr.groups import DroppedTensors
 from memmgr.host_memory import HostMemoryPool
@@ -60,6 +61,10 @@ def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None 
     """
     if not isinstance(module, torch.nn.Module):
         raise MemmgrInputError(f"for_module takes a torch.nn.Module, got {type(module).__name__}")
+    for flag, value in (("include_buffers", include_buffers), ("empty_cache", empty_cache), ("pin_ahead", pin_ahead)):
+        arguments.boolean("for_module", flag, value)
+    arguments.number("for_module", "bucket_size_mb", bucket_size_mb, positive=True, maximum=2.0**40)
+    arguments.instance("for_module", "pool", pool, HostMemoryPool, optional=True)
     named_params = [(n, p) for n, p in module.named_parameters()]
     if not named_params:
         raise MemmgrInputError(f"module {type(module).__name__} has no parameters; there is nothing to manage")
