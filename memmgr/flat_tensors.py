@@ -606,6 +606,9 @@ class BucketizedFlatTensors:
         items = _name_tensors(buffers, name)
         keys: dict[int, str] = {}
         for bname, buffer in items:  # before anything is adopted
+            if buffer.layout != torch.strided or buffer.device.type == "meta":
+                raise MemmgrInputError(f"group {name!r}: {_describe(bname, buffer)} is {buffer.layout} on "
+                                       f"{buffer.device}; only dense buffers with memory can be adopted")
             owner = storages.owner_of(buffer)
             if owner is not None:
                 raise MemmgrInputError(f"group {name!r}: buffer {bname!r} is already managed by bucket {owner.name!r} "

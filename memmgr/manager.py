@@ -108,7 +108,8 @@ class MemoryManager:
                  weights_group: str = "weights",
                  named_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None):
         where = "MemoryManager"
-        self.bucket_size_mb = arguments.number(where, "bucket_size_mb", bucket_size_mb, positive=True)
+        self.bucket_size_mb = arguments.number(where, "bucket_size_mb", bucket_size_mb, positive=True,
+                                               maximum=2.0**40)
         self.empty_cache = arguments.boolean(where, "empty_cache", empty_cache)
         self.pool = arguments.instance(where, "pool", pool, HostMemoryPool, optional=True) or default_pool()
         self.weights_group = arguments.string(where, "weights_group", weights_group)
@@ -457,6 +458,9 @@ class MemoryManager:
         self.check_open()
         if isinstance(groups, str):
             groups = (groups,)
+        if not isinstance(groups, (list, tuple)):
+            raise MemmgrInputError(f"onload_for_state_dicts: groups must be a list of group names, got "
+                                   f"{type(groups).__name__}")
         groups = tuple(groups)
         self._resolve(groups)
         ref = weakref.ref(self)
