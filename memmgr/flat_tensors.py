@@ -177,7 +177,7 @@ class FlatTensors:
         self._host: HostBuffer | None = None
         self._host_finalizer: weakref.finalize | None = None
         # What each member looked like when it joined: a move first checks that it still views the bucket so.
-        self._layout = [(tuple(t.shape), t.dtype, t.storage_offset()) for _, t, _ in members]
+        self._layout = [(t.shape, t.dtype, t.storage_offset()) for _, t, _ in members]
         self._storage_key = storages.register(flat, self)
         self._state = BucketState.ON_DEVICE
         self._pending: TransferHandle | None = None
@@ -303,22 +303,24 @@ class FlatTensors:
                 f"freed outside memmgr (`resize_` on one of its tensors, the same buffer managed by another group or "
                 f"manager, or another offload tool). Moving it now would lose data. Undo that change, or close this "
                 f"manager (mgr.close()) and build a new one. Nothing was moved")
+        # One data pointer per member: on the device it is the bucket's address plus the member's offset exactly
+        # when the member still views the bucket there (a rebound member has memory of its own elsewhere).
+        base = self.flat.data_ptr() if moving == "offload" else 0
         for (mname, tensor, _), (shape, dtype, offset) in zip(self.members, self._layout):
-            if tuple(tensor.shape) != shape or tensor.dtype != dtype or (
-                    tensor.storage_offset() != offset and storages.storage_key(tensor) == self._storage_key):
+            if tensor.shape != shape or tensor.dtype != dtype:
                 raise MemmgrStateError(
-                    f"bucket {self.name!r}: tensor {mname!r} is now {tuple(tensor.shape)} {tensor.dtype} at offset "
-                    f"{tensor.storage_offset()} but joined the bucket as {shape} {dtype} at offset {offset} "
-                    f"(`resize_`, `set_` or `.data = ...` since); its bucket holds only the old extent, so moving it "
-                    f"would truncate it or read past it. Write new values in place (`with torch.no_grad(): "
+                    f"bucket {self.name!r}: tensor {mname!r} is now {tuple(tensor.shape)} {tensor.dtype} but joined "
+                    f"the bucket as {tuple(shape)} {dtype} (`resize_`, `set_` or `.data = ...` since); its bucket holds only "
+                    f"the old extent, so moving it would truncate it or read past it. Write new values in place "
+                    f"(`with torch.no_grad(): t.copy_(new)`), or close this manager (mgr.close()) and build a new "
+                    f"one, which manages the tensor as it is now. Nothing was moved")
+            if moving == "offload" and tensor.data_ptr() != base + offset * tensor.element_size() and tensor.numel():
+                raise MemmgrStateError(
+                    f"bucket {self.name!r}: {_describe(mname, tensor)} no longer views the bucket's memory: it was "
+                    f"given other memory (`.data = ...`, `set_()`) since it joined. Offloading would leave that "
+                    f"memory on the device, unmanaged. Write new values in place instead (`with torch.no_grad(): "
                     f"t.copy_(new)`), or close this manager (mgr.close()) and build a new one, which manages the "
                     f"tensor as it is now. Nothing was moved")
-            if moving == "offload" and storages.storage_key(tensor) != self._storage_key:
-                raise MemmgrStateError(
-                    f"bucket {self.name!r}: {_describe(mname, tensor)} no longer views the bucket's memory: it was given other memory (`.data = ...`, `set_()`) since "
-                    f"it joined. Offloading would leave that memory on the device, unmanaged. Write new values in "
-                    f"place instead (`with torch.no_grad(): t.copy_(new)`), or close this manager (mgr.close()) and "
-                    f"build a new one, which manages the tensor as it is now. Nothing was moved")
 
     @property
     def storage_key(self) -> int:
@@ -331,7 +333,7 @@ class FlatTensors:
         if storages.storage_key(tensor) != self._storage_key:
             raise MemmgrInputError(f"bucket {self.name!r}: {_describe(name, tensor)} is not a view of this bucket")
         self.members.append((name, tensor, tensor.storage_offset() * tensor.element_size() // self.flat.element_size()))
-        self._layout.append((tuple(tensor.shape), tensor.dtype, tensor.storage_offset()))
+        self._layout.append((tensor.shape, tensor.dtype, tensor.storage_offset()))
 
     def host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """The contents of ``tensor`` (a view of this bucket) while the bucket is off the device, read from the host
