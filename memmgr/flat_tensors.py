@@ -13,13 +13,18 @@ accumulator and registered hooks survive). From then on a bucket moves as one co
 Using a managed tensor while its bucket is offloaded is undefined: its storage has zero bytes and a null data
 pointer, and most PyTorch kernels do not check storage bounds, so a read crashes the process (a segmentation fault
 on the CPU, an illegal-address error that poisons the CUDA context on a GPU) rather than raising. Onload first;
-``require_on_device()`` raises a clear MemmgrStateError where code is unsure. Pointers captured before an offload (CUDA
+``require_on_device()`` raises a clear MemmgrStateError where code is unsure. Deep copies and pickles are safe:
+they read the host copy (``memmgr.storages``). Pointers captured before an offload (CUDA
 graphs, raw data_ptr) are stale after onload, since the storage gets a new allocation.
 
 Opt-in verification (``verify=True``, or ``group.verify = True`` after construction): offload takes a checksum of each
 bucket's bytes where they live (on the GPU for a CUDA bucket, ordered on the current stream before the copy) and
 onload recomputes it on the restored bytes (``memmgr.checksum``); a mismatch raises ``MemmgrCorruptionError`` naming
 the bucket and both checksums, and leaves the group off the device with its host copies kept.
+
+Every move first checks that each member still views its bucket as it did when it joined (``check_intact``): a
+member resized or given other memory since is refused by name, before anything moves, instead of being truncated or
+left behind unmanaged. Each bucket registers its storage (``memmgr.storages``), so no storage is managed twice.
 
 A group's moves go through ``memmgr.moves``: its offload issues every bucket's copy, its onload is one
 ``OnloadTransaction`` (undone as a whole on out-of-memory or a checksum mismatch).
