@@ -181,6 +181,8 @@ class FlatTensors:
         self._pool = pool or default_pool()
         self._host: HostBuffer | None = None
         self._host_finalizer: weakref.finalize | None = None
+        # The events of the transfer in flight, shared with the finalizer (events only: no reference to the bucket).
+        self._inflight_events: list[list] = [[]]
         # What each member looked like when it joined: a move first checks that it still views the bucket so.
         self._layout = [(t.shape, t.dtype, t.storage_offset()) for _, t, _ in members]
         self._storage_key = storages.register(flat, self)
@@ -233,11 +235,11 @@ class FlatTensors:
                 view.copy_(tensor)
                 tensor.data = view
                 members.append((tname, tensor, offset))
-        for storage in abandoned.values():
-            bases = _hidden_bases([t for _, t in items], set())
-            holders = sum(1 for b in bases.values() if b.untyped_storage()._cdata == storage._cdata)
-            if torch._C._storage_Use_Count(storage._cdata) - 1 - _PROBE_REFS <= holders and storages.owner_of(
-                    next(iter(bases.values()))) is None:
+        for key, storage in abandoned.items():
+            holders = {id(b) for _, t in items for b in [t._base]
+                       if b is not None and storages.storage_key(b) == key}
+            # every reference left is this loop's wrapper or a member's view base
+            if torch._C._storage_Use_Count(key) - 1 <= len(holders):
                 storage.resize_(0)
         return cls(flat, members, name=name, policy=policy, pool=pool, verify=verify)
 
@@ -368,6 +370,7 @@ class FlatTensors:
         self._state = in_flight
         self._pending = handle
         self._pending_state = final
+        self._inflight_events[0] = list(handle.events)
         return handle
 
     def _complete(self) -> None:
@@ -375,6 +378,7 @@ class FlatTensors:
             self._state = self._pending_state
         self._pending = None
         self._pending_state = None
+        self._inflight_events[0] = []
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -385,7 +389,8 @@ class FlatTensors:
         bucket is dropped without ``release`` (a manager nobody closed), the store goes back to its pool."""
         if self._host is None:
             self._host = self._pool.acquire(self.nbytes)
-            self._host_finalizer = weakref.finalize(self, _return_dropped_buffer, self._pool, self._host, self.name)
+            self._host_finalizer = weakref.finalize(self, _return_dropped_buffer, self._pool, self._host, self.name,
+                                                    self._inflight_events)
         return self._host
 
     # ---- moves ----
@@ -573,8 +578,11 @@ class FlatTensors:
                 f"{self.device}, {self.state.value})")
 
 
-def _return_dropped_buffer(pool: HostMemoryPool, buffer: HostBuffer, name: str) -> None:
-    # Runs when a bucket is garbage collected without release(): its host store must not stay in use forever.
+def _return_dropped_buffer(pool: HostMemoryPool, buffer: HostBuffer, name: str, inflight: list[list]) -> None:
+    # Runs when a bucket is garbage collected without release(): its host store must not stay in use forever, and
+    # must not be handed out again while a copy of the dropped bucket still reads or writes it.
+    for event in inflight[0]:
+        event.synchronize()
     pool.release(buffer)
     logger.debug("bucket %s was dropped without close(); its host buffer went back to the pool", name)
 
