@@ -317,10 +317,10 @@ class FlatTensors:
             if tensor.shape != shape or tensor.dtype != dtype:
                 raise MemmgrStateError(
                     f"bucket {self.name!r}: tensor {mname!r} is now {tuple(tensor.shape)} {tensor.dtype} but joined "
-                    f"the bucket as {tuple(shape)} {dtype} (`resize_`, `set_` or `.data = ...` since); its bucket holds only "
-                    f"the old extent, so moving it would truncate it or read past it. Write new values in place "
-                    f"(`with torch.no_grad(): t.copy_(new)`), or close this manager (mgr.close()) and build a new "
-                    f"one, which manages the tensor as it is now. Nothing was moved")
+                    f"the bucket as {tuple(shape)} {dtype} (`resize_`, `set_` or `.data = ...` since); its bucket "
+                    f"holds only the old extent, so moving it would truncate it or read past it. Write new values in "
+                    f"place (`with torch.no_grad(): t.copy_(new)`), or close this manager (mgr.close()) and build a "
+                    f"new one, which manages the tensor as it is now. Nothing was moved")
             if moving == "offload" and tensor.data_ptr() != base + offset * tensor.element_size() and tensor.numel():
                 raise MemmgrStateError(
                     f"bucket {self.name!r}: {_describe(mname, tensor)} no longer views the bucket's memory: it was "

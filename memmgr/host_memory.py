@@ -17,7 +17,7 @@ import torch
 
 from memmgr import arguments
 from memmgr._native import native_module
-from memmgr.errors import MemmgrHostMemoryError
+from memmgr.errors import MemmgrHostMemoryError, MemmgrInputError
 
 logger = logging.getLogger("memmgr")
 
@@ -145,7 +145,7 @@ class HostMemoryPool:
         try:
             sizes = list(sizes)
         except TypeError:
-            raise arguments.MemmgrInputError(f"HostMemoryPool.reserve: sizes must be an iterable of byte counts, got "
+            raise MemmgrInputError(f"HostMemoryPool.reserve: sizes must be an iterable of byte counts, got "
                                              f"{type(sizes).__name__}") from None
         sizes = [arguments.integer("HostMemoryPool.reserve", "sizes[]", n, minimum=0) for n in sizes]
 

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from memmgr import arguments, nvml
+from memmgr.errors import MemmgrInputError
 
 logger = logging.getLogger("memmgr")
 
@@ -236,7 +237,7 @@ class Ledger:
         arguments.boolean("Ledger", "keep_records", keep_records)
         if devices is not None:
             if isinstance(devices, (str, bytes)) or not hasattr(devices, "__iter__"):
-                raise arguments.MemmgrInputError(f"Ledger: devices must be a list of CUDA device indices or None, "
+                raise MemmgrInputError(f"Ledger: devices must be a list of CUDA device indices or None, "
                                                  f"got {type(devices).__name__}")
             devices = [arguments.integer("Ledger", "devices[]", d, minimum=0, maximum=1 << 16) for d in devices]
         dist_rank, world = _dist_rank_world()
@@ -258,7 +259,7 @@ class Ledger:
     def track(self, manager: Any, name: str | None = None) -> None:
         """Reports ``manager``'s groups in every later snapshot (also in those other managers trigger)."""
         if not callable(getattr(manager, "state", None)):
-            raise arguments.MemmgrInputError(f"Ledger.track: manager must be a MemoryManager, got "
+            raise MemmgrInputError(f"Ledger.track: manager must be a MemoryManager, got "
                                              f"{type(manager).__name__}")
         arguments.string("Ledger.track", "name", name, optional=True)
         if manager in self._manager_names:

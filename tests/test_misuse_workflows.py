@@ -6,14 +6,14 @@ import torch
 import pytest
 
 import memmgr
-from memmgr import HostMemoryPool, MemmgrError, MemoryManager
+from memmgr import HostMemoryPool, MemoryManager
 
 from conftest import same_bits
 
 
-def mlp(seed=0):
+def mlp(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)).to(device)
 
 
 def step(model, opt, seed=0):
@@ -121,8 +121,8 @@ def pool():
     return HostMemoryPool(pin=False)
 
 
-def test_member_grown_with_resize_is_refused_before_anything_moves():
-    t, u = torch.randn(10), torch.randn(6)
+def test_member_grown_with_resize_is_refused_before_anything_moves(device):
+    t, u = torch.randn(10, device=device), torch.randn(6, device=device)
     mgr = MemoryManager(pool=pool())
     mgr.add_group("g", {"t": t, "u": u})
     t.resize_(1000)  # grows the bucket's storage in place
@@ -160,11 +160,11 @@ def test_member_resized_while_offloaded_is_refused_at_onload_with_the_host_copy_
 
 
 @pytest.mark.parametrize("rebind", ["data", "set_"])
-def test_member_given_other_memory_is_counted_refused_at_offload_and_managed_after_a_rebuild(rebind):
-    model = mlp()
+def test_member_given_other_memory_is_counted_refused_at_offload_and_managed_after_a_rebuild(rebind, device):
+    model = mlp(device=device)
     mgr = memmgr.for_module(model, pin_ahead=False)
     weight = model[0].weight
-    new = torch.randn(16, 8)
+    new = torch.randn(16, 8, device=device)
     mgr.offload()
     if rebind == "data":
         weight.data = new
@@ -221,14 +221,15 @@ def run_isolated(code: str) -> str:
     return out.stdout
 
 
-def test_deepcopy_and_pickle_of_offloaded_tensors_read_the_host_copy_in_a_subprocess():
+def test_deepcopy_and_pickle_of_offloaded_tensors_read_the_host_copy_in_a_subprocess(device):
     out = run_isolated("""
         import copy, io, pickle, torch, memmgr
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-        model.register_buffer("steps", torch.arange(5))
+        device = torch.device("DEVICE")
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)).to(device)
+        model.register_buffer("steps", torch.arange(5, device=device))
         opt = torch.optim.Adam(model.parameters())
-        model(torch.randn(4, 8)).sum().backward()
+        model(torch.randn(4, 8, device=device)).sum().backward()
         opt.step()
         ref_model, ref_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
         mgr = memmgr.for_module(model, opt, pin_ahead=False)
@@ -244,15 +245,17 @@ def test_deepcopy_and_pickle_of_offloaded_tensors_read_the_host_copy_in_a_subpro
         torch.save({"model": tensors, "optimizer": osd}, buf)   # saved while offloaded
         buf.seek(0)
         loaded = torch.load(buf)
-        assert all(torch.equal(loaded["model"][k], v) for k, v in ref_model.items())
-        assert all(torch.equal(loaded["optimizer"]["state"][i][k], v) for i, s in ref_opt["state"].items()
+        # pickled from the host copy: CPU tensors with the same contents
+        assert all(torch.equal(loaded["model"][k].cpu(), v.cpu()) for k, v in ref_model.items())
+        assert all(torch.equal(loaded["optimizer"]["state"][i][k].cpu(), v.cpu()) for i, s in ref_opt["state"].items()
                    for k, v in s.items())
-        assert torch.equal(pickle.loads(pickle.dumps(model[0].bias)), ref_model["0.bias"])
+        assert torch.equal(pickle.loads(pickle.dumps(model[0].bias)).cpu(), ref_model["0.bias"].cpu())
+        assert clone[0].weight.device == device
         assert all(s.device_bytes == 0 for s in mgr.state().values())  # nothing was onloaded for it
         assert all(torch.equal(model.state_dict()[k], v) for k, v in ref_model.items())  # state_dict onloads
         assert mgr.state()["weights"].state == "on_device" and mgr.state()["optimizer_states"].state == "on_host"
         print("ok")
-    """)
+    """.replace("DEVICE", str(device)))
     assert out.strip() == "ok"
 
 
@@ -304,7 +307,7 @@ def train(model, opt, mgr=None, steps=3, seed=0):
     for i in range(steps):
         g = torch.Generator().manual_seed(seed + i)
         opt.zero_grad()
-        loss = model(torch.randn(4, 8, generator=g)).square().sum()
+        loss = model(torch.randn(4, 8, generator=g).to(next(model.parameters()).device)).square().sum()
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -314,9 +317,9 @@ def train(model, opt, mgr=None, steps=3, seed=0):
     return losses
 
 
-def test_closed_manager_releases_the_model_and_a_new_manager_works_and_reuses_the_host_buffers():
-    host = pool()
-    model, ref_model = mlp(), mlp()
+def test_closed_manager_releases_the_model_and_a_new_manager_works_and_reuses_the_host_buffers(device):
+    host = HostMemoryPool()
+    model, ref_model = mlp(device=device), mlp(device=device)
     opt, ref_opt = torch.optim.Adam(model.parameters()), torch.optim.Adam(ref_model.parameters())
     mgr = memmgr.for_module(model, opt, pool=host)
     losses = train(model, opt, mgr, steps=2)
@@ -349,10 +352,10 @@ def test_manager_dropped_without_close_returns_its_host_buffers_to_the_pool():
     assert host.bytes_held == held
 
 
-def test_optimizer_state_loaded_after_the_manager_replaces_the_old_buckets():
+def test_optimizer_state_loaded_after_the_manager_replaces_the_old_buckets(device):
     import copy
 
-    model, ref_model = mlp(), mlp()
+    model, ref_model = mlp(device=device), mlp(device=device)
     opt, ref_opt = torch.optim.Adam(model.parameters()), torch.optim.Adam(ref_model.parameters())
     mgr = memmgr.for_module(model, opt, pin_ahead=False)
     losses = train(model, opt, mgr, steps=2)
@@ -372,8 +375,8 @@ def test_optimizer_state_loaded_after_the_manager_replaces_the_old_buckets():
 
 
 @pytest.mark.parametrize("saved_while", ["on_device", "offloaded"])
-def test_checkpoint_saved_under_memmgr_resumes_under_a_new_manager_bitwise(tmp_path, saved_while):
-    model, ref_model = mlp(), mlp()
+def test_checkpoint_saved_under_memmgr_resumes_under_a_new_manager_bitwise(tmp_path, saved_while, device):
+    model, ref_model = mlp(device=device), mlp(device=device)
     opt, ref_opt = torch.optim.Adam(model.parameters()), torch.optim.Adam(ref_model.parameters())
     mgr = memmgr.for_module(model, opt, pin_ahead=False)
     train(model, opt, mgr, steps=2)
@@ -384,7 +387,7 @@ def test_checkpoint_saved_under_memmgr_resumes_under_a_new_manager_bitwise(tmp_p
     mgr.onload()
 
     ckpt = torch.load(tmp_path / "ckpt.pt")
-    model2 = mlp(5)
+    model2 = mlp(5, device=device)
     opt2 = torch.optim.Adam(model2.parameters())
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["optimizer"])  # views of one loaded storage per saved bucket
