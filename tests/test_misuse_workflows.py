@@ -348,8 +348,11 @@ def test_manager_dropped_without_close_returns_its_host_buffers_to_the_pool():
     del mgr
     gc.collect()
     assert host.bytes_held == held and host.bytes_free == held  # back in the pool, reusable
-    memmgr.for_module(mlp(1), pool=host)  # same sizes: no new host memory
-    assert host.bytes_held == held
+    mgr = memmgr.for_module(model, pool=host)  # the same model again: its tensors are free to be managed
+    assert host.bytes_held == held  # same sizes: the buffers the dropped manager gave back, no new host memory
+    mgr.offload()
+    assert mgr.state()["weights"].device_bytes == 0
+    mgr.onload()
 
 
 def test_optimizer_state_loaded_after_the_manager_replaces_the_old_buckets(device):
