@@ -2,8 +2,10 @@
 
 The native extension ``memmgr._pinned`` (csrc/) is built whenever a CUDA toolkit is found (``nvcc`` on PATH or
 CUDA_HOME), including with a CPU-only torch: it links cudart statically and needs no torch CUDA headers, so CI can
-build and load it on machines without a GPU. Set MEMMGR_BUILD_EXT=0 to skip it, MEMMGR_BUILD_EXT=1 to fail if it
-cannot be built. Without the extension the pure-Python path runs (exact-size buffers pinned through
+build and load it on machines without a GPU. Its copy kernels (csrc/*.cu, no torch headers) are compiled by nvcc
+alone into objects linked into the extension, for the architectures in MEMMGR_CUDA_ARCHS (default "80;90": A100,
+H100/H200, plus compute_90 PTX that newer GPUs compile at load). Set MEMMGR_BUILD_EXT=0 to skip it,
+MEMMGR_BUILD_EXT=1 to fail if it cannot be built. Without the extension the pure-Python path runs (exact-size buffers pinned through
 torch.cuda.cudart().cudaHostRegister) and ``memmgr.backend_info()`` says so.
 
 Metadata, dependencies and the supported megatron-core range (the ``megatron`` extra: >=0.12,<0.20) are declared in
@@ -11,8 +13,12 @@ pyproject.toml; this file only adds the extension.
 """
 import os
 import shutil
+import subprocess
 
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CUDA_SOURCES = ["csrc/copy_kernels.cu"]
 
 
 def find_cuda_home():
@@ -44,6 +50,26 @@ def extension_modules():
             raise
         print("memmgr: torch is not importable at build time (use pip --no-build-isolation); pure-Python path only")
         return [], {}
+    class BuildWithKernels(BuildExtension):
+        """Compiles the .cu sources with nvcc first and links their objects into the extension."""
+
+        def build_extensions(self):
+            nvcc = os.path.join(cuda_home, "bin", "nvcc")
+            archs = [a.strip() for a in os.environ.get("MEMMGR_CUDA_ARCHS", "80;90").split(";") if a.strip()]
+            gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+            gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+            os.makedirs(self.build_temp, exist_ok=True)
+            for ext in self.extensions:
+                for source in CUDA_SOURCES:
+                    obj = os.path.join(self.build_temp, os.path.basename(source) + ".o")
+                    cmd = [nvcc, "-c", os.path.join(HERE, source), "-o", obj, "-O3", "-std=c++17", "-Xcompiler",
+                           "-fPIC", "-I" + os.path.join(HERE, "csrc"), *gencode]
+                    print(" ".join(cmd))
+                    subprocess.check_call(cmd)
+                    ext.extra_objects.append(obj)
+                    ext.depends.append(source)
+            super().build_extensions()
+
     lib_dirs = [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")) if os.path.isdir(d)]
     ext = CppExtension(
         name="memmgr._pinned",
@@ -53,7 +79,7 @@ def extension_modules():
         libraries=["cudart_static", "dl", "rt", "pthread"],
         extra_compile_args=["-O3"],
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": BuildWithKernels.with_options(use_ninja=False)}
 
 
 ext_modules, cmdclass = extension_modules()

@@ -11,6 +11,9 @@ Each flag runs one probe alone (their findings are in benchmarks/results/2026-11
 working-set size and copy pattern), --gap [--pause S] (memmgr against raw loops over its own buffers), --fresh
 (onload into memory just given back to the driver), --free (the cost of empty_cache by segment size),
 --free-while-copying (does empty_cache wait for copies in flight).
+
+Every run writes DIR/alloc_probe.json (the probe's figures under its own key, with the run's metadata) and prints what
+it found as it goes.
 """
 from __future__ import annotations
 
@@ -25,22 +28,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-GiB = 1 << 30
-GB = 1e9
-
-
-def sync() -> None:
-    torch.cuda.synchronize()
-
-
-def wall(fn) -> float:
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
+import lab
+from lab import GB, GiB, sync
+from lab import timed as wall
 
 
 def alloc_costs(total: int, chunk: int) -> dict:
@@ -140,7 +130,7 @@ def onload_strategies(hosts: list[torch.Tensor]) -> dict:
 
 def warmed_memmgr(gib: float):
     """The bench's state under memmgr, after one full cycle (host buffers pinned, copy streams made)."""
-    from memmgr.tools.bench import MemmgrMethod, make_state
+    from memmgr.tools.bench_methods import MemmgrMethod, make_state
 
     state = make_state(gib * GiB, torch.device("cuda"))
     m = MemmgrMethod()
@@ -347,16 +337,12 @@ def link_probe(gib: float, rounds: int = 5) -> dict:
     state, m = warmed_memmgr(gib)
 
     def copies(ws: int, size: int, h2d: bool) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        sync()
-        with torch.cuda.stream(stream):
-            start.record(stream)
+        def issue() -> None:
             for off in range(0, ws, size):
                 d, h = dev[off:off + size], host.tensor[off:off + size]
                 (d.copy_(h, non_blocking=True) if h2d else h.copy_(d, non_blocking=True))
-            end.record(stream)
-        end.synchronize()
-        return ws / (start.elapsed_time(end) / 1e3) / GB
+        sync()
+        return ws / lab.cuda_timed(issue, stream) / GB
 
     arms = {}
     for direction, h2d in (("h2d", True), ("d2h", False)):
@@ -651,8 +637,8 @@ def free_while_copying() -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="output directory (gets alloc_probe.json)")
     ap.add_argument("--gib", type=float, default=16)
     ap.add_argument("--trace-only", action="store_true", help="only the profiler traces of memmgr's copies")
     ap.add_argument("--host-ab", action="store_true", help="only the registered vs cudaHostAlloc onload A/B")
@@ -665,7 +651,7 @@ def main() -> int:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                 "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+                 "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "meta": lab.metadata()}
     single = {  # flag -> (JSON key, probe): each runs alone
         "free_while_copying": ("free_while_copying", free_while_copying),
         "free": ("free", free_cost),
@@ -677,10 +663,10 @@ def main() -> int:
     for flag, (key, probe) in single.items():
         if getattr(args, flag):
             res[key] = probe()
-            (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
+            lab.write_json(args.out / "alloc_probe.json", res, indent=1)
             return 0
     res["trace"] = trace_memmgr(args.gib)
-    (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
+    lab.write_json(args.out / "alloc_probe.json", res, indent=1)
     if args.trace_only:
         return 0
     total = int(args.gib * GiB)
@@ -697,7 +683,7 @@ def main() -> int:
                                        if isinstance(v, dict)}), flush=True)
         del hosts
         torch._C._host_emptyCache()
-    (args.out / "alloc_probe.json").write_text(json.dumps(res, indent=1))
+    lab.write_json(args.out / "alloc_probe.json", res, indent=1)
     prof = profile_memmgr(args.gib)
     (args.out / "profile.txt").write_text(prof)
     print(prof[:6000])

@@ -18,41 +18,29 @@ Sections (each in its own try/except; a failure is recorded and the next section
    + 12345 B must free >= N bytes (torch.cuda.mem_get_info after empty_cache, and NVML) and move no more than N plus
    one bucket; the dry-run plan equals the executed one; ``state()`` reports partial groups; onload is bit-exact.
 
-Writes DIR/beyond.json and prints a summary.
+Writes DIR/beyond.json (every section's figures and pass/fail flags, with the run's metadata) and prints a summary.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
-import sys
 import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import memmgr  # noqa: E402
-from memmgr.tools.bench import GB, GiB, process_gpu_bytes, checksum, make_state, pinned_peak, timed  # noqa: E402
-from memmgr.host_memory import HostMemoryPool  # noqa: E402
-from memmgr.manager import MemoryManager  # noqa: E402
-from memmgr.ordered import onload_in_order, record_first_use  # noqa: E402
-from memmgr.swap import swap  # noqa: E402
+import lab
+import memmgr
+from lab import GB, GiB, MiB, checksum, cleanup, pinned_peak, process_gpu_bytes, timed
+from memmgr.host_memory import HostMemoryPool
+from memmgr.manager import MemoryManager
+from memmgr.ordered import onload_in_order, record_first_use
+from memmgr.swap import swap
+from memmgr.tools.bench_methods import make_state
 
 DEV = torch.device("cuda", 0)
-MiB = 2**20
-
-
-def cleanup(*pools: HostMemoryPool) -> None:
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    for p in pools:
-        p.trim()
 
 
 # ---------------------------------------------------------------- swap
@@ -122,46 +110,13 @@ def swap_section(peak: dict, gib: float, margin_mib: int, reps: int) -> dict:
 
 
 # ---------------------------------------------------------------- ordered onload
-class Block(torch.nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.ln1 = torch.nn.LayerNorm(d)
-        self.qkv = torch.nn.Linear(d, 3 * d)
-        self.proj = torch.nn.Linear(d, d)
-        self.ln2 = torch.nn.LayerNorm(d)
-        self.fc1 = torch.nn.Linear(d, 4 * d)
-        self.fc2 = torch.nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(a)
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class GPT(torch.nn.Module):
-    def __init__(self, vocab: int = 32000, d: int = 2048, layers: int = 24, heads: int = 16):
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, d)
-        self.blocks = torch.nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln_f = torch.nn.LayerNorm(d)
-        self.head = torch.nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.emb(ids)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.ln_f(x))
-
-
 def ordered_section(bucket_mb: float, seq: int, reps: int, layers: int = 24, hidden: int = 2048,
                     prefetch: int = 4) -> dict:
     out: dict = {"bucket_mb": bucket_mb, "seq": seq, "layers": layers, "hidden": hidden, "prefetch": prefetch}
     torch.manual_seed(0)
     with torch.device(DEV):
-        model = GPT(d=hidden, layers=layers, heads=max(1, hidden // 128)).to(torch.bfloat16)
+        model = lab.ToyGPT(vocab=32000, hidden=hidden, layers=layers, heads=max(1, hidden // 128),
+                           block="sdpa").to(torch.bfloat16)
     model.eval()
     out["params"] = sum(p.numel() for p in model.parameters())
     mgr = memmgr.for_module(model, bucket_size_mb=bucket_mb)
@@ -309,8 +264,8 @@ def budget_section(state_gb: float, budget_gib: float) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output directory (gets beyond.json)")
     ap.add_argument("--swap-gib", type=float, default=16.0)
     ap.add_argument("--margin-mib", type=int, default=1024)
     ap.add_argument("--swap-reps", type=int, default=4)
@@ -327,12 +282,12 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     only = set(filter(None, args.only.split(",")))
     result: dict = {"device": torch.cuda.get_device_name(DEV), "torch": torch.__version__,
-                    "backend": memmgr.backend_info().describe(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+                    "backend": memmgr.backend_info().describe(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                    "meta": lab.metadata()}
     path = os.path.join(args.out, "beyond.json")
 
     def save() -> None:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        lab.write_json(path, result, indent=2)
 
     def section(name, fn, *a):
         if only and name not in only:

@@ -2,7 +2,9 @@
 
 python benchmarks/gpu_core.py --out DIR   (one GPU; about 2 minutes on an H100)
 
-Writes DIR/core.json and prints a summary. Every ratio is to the pinned-copy peak measured in this same run.
+Measures offload/onload speed of ~16 GiB in 600 mixed-dtype tensors and of a 1B toy transformer with AdamW under
+memmgr.for_module, each against the pinned-copy peak of the same run, plus pinning cost, host bytes over payload, the
+NVML drop after offload and bit-exactness. Writes DIR/core.json and prints a summary.
 """
 from __future__ import annotations
 
@@ -14,17 +16,15 @@ import traceback
 
 import torch
 
+import lab
 import memmgr
-from memmgr.tools.bench import GB, GiB, pinned_peak, timed
+from lab import GB, GiB, pinned_peak, timed
 
 DEV = torch.device("cuda", 0)
 
 
 def nvml_used() -> int:
-    import pynvml
-
-    pynvml.nvmlInit()
-    return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used
+    return lab.device_used_bytes(0)
 
 
 def mixed_tensors(total_bytes: int, count: int, seed: int = 0) -> list[torch.Tensor]:
@@ -109,34 +109,6 @@ def core_section(total_gib: float, count: int, cycles: int) -> dict:
     return out
 
 
-class Block(torch.nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.ln1 = torch.nn.LayerNorm(d)
-        self.attn = torch.nn.MultiheadAttention(d, heads, batch_first=True)
-        self.ln2 = torch.nn.LayerNorm(d)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d))
-
-    def forward(self, x):
-        h = self.ln1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.ln2(x))
-
-
-class Transformer(torch.nn.Module):
-    def __init__(self, vocab=32000, d=2048, layers=20, heads=16):
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, d)
-        self.blocks = torch.nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.head = torch.nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids):
-        x = self.emb(ids)
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
-
-
 def manager_section(cycles: int) -> dict:
     out: dict = {}
     peak = pinned_peak(DEV, nbytes=4 * GiB)
@@ -144,7 +116,7 @@ def manager_section(cycles: int) -> dict:
     torch.cuda.empty_cache()
     reserved_before = torch.cuda.memory_reserved(DEV)
     torch.manual_seed(0)
-    model = Transformer().to(DEV)
+    model = lab.ToyGPT(vocab=32000, hidden=2048, layers=20, heads=16, final_norm=False).to(DEV)
     out["params"] = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 32000, (2, 128), device=DEV)
@@ -184,15 +156,15 @@ def manager_section(cycles: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output directory (gets core.json)")
     ap.add_argument("--gib", type=float, default=16.0)
     ap.add_argument("--tensors", type=int, default=600)
     ap.add_argument("--cycles", type=int, default=4)
     args = ap.parse_args()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": torch.cuda.get_device_name(DEV),
-              "torch": torch.__version__, "command": "python benchmarks/gpu_core.py " + " ".join(
-                  f"--{k} {v}" for k, v in vars(args).items())}
+    meta = lab.metadata()
+    result = {"date": meta["date"], "device": meta["device"], "torch": meta["torch"], "command": meta["command"],
+              "meta": meta}
     for name, fn in (("core", lambda: core_section(args.gib, args.tensors, args.cycles)),
                      ("manager_1b", lambda: manager_section(args.cycles))):
         try:
@@ -200,8 +172,7 @@ def main() -> None:
         except Exception:
             result[name] = {"error": traceback.format_exc()}
         torch.cuda.empty_cache()
-        with open(f"{args.out}/core.json", "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        lab.write_json(f"{args.out}/core.json", result, indent=2)
     core, m = result["core"], result["manager_1b"]
     print(json.dumps({k: v for k, v in core.items() if not isinstance(v, list)}, indent=1, default=str))
     print(json.dumps({k: v for k, v in m.items() if not isinstance(v, list)}, indent=1, default=str))

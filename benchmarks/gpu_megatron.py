@@ -23,34 +23,28 @@ DIR/gpu_megatron.log and prints a summary table.
 """
 from __future__ import annotations
 
-import os
+import argparse
+import gc
+import logging
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable
 
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for the equivalence section
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("MASTER_PORT", "29555")
+import torch
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+import lab
+import memmgr
+from lab import bits, positions, timed, world
+from memmgr import nvml
+from memmgr.host_memory import HostMemoryPool
+from memmgr.integrations.megatron import for_megatron
+from memmgr.tools.bench_methods import DEFAULT_PHASE_GAP_S, checksum
+from memmgr.tools.bench_megatron import MegatronBuiltinMethod, MegatronState, train_step
 
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import memmgr  # noqa: E402
-from memmgr import nvml  # noqa: E402
-from memmgr.host_memory import HostMemoryPool  # noqa: E402
-from memmgr.tools.bench import DEFAULT_PHASE_GAP_S, checksum  # noqa: E402
-from memmgr.tools.bench_megatron import (MegatronBuiltinMethod, MegatronState, build_gpt,  # noqa: E402
-                                   train_step)
-from memmgr.integrations.megatron import for_megatron  # noqa: E402
+lab.megatron_env()  # deterministic cuBLAS for the equivalence section, before any cuBLAS call
 
 log = logging.getLogger("gpu_megatron")
 GB = 1e9
@@ -60,43 +54,18 @@ COPIED_GROUPS = ("weights", "main_weights", "optimizer_states")
 # ---------------------------------------------------------------------------------------------------------------------
 # setup
 # ---------------------------------------------------------------------------------------------------------------------
-def world() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when started as a plain script."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def init_distributed() -> dict:
     """One process per GPU; every rank is a data-parallel rank (tensor and pipeline parallel size 1)."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    rank, world_size, local_rank = world()
-    torch.cuda.set_device(local_rank)
-    torch.distributed.init_process_group("nccl", rank=rank, world_size=world_size)
-    parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    import megatron.core
-
-    return {"megatron_core": getattr(megatron.core, "__version__", "?"), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(), "rank": rank, "data_parallel_size": world_size, "memmgr_backend": memmgr.backend_info().describe()}
+    return lab.init_megatron()
 
 
 def build(*, cpu_init: bool = True, **model: Any) -> tuple[Any, Any]:
     """memmgr.tools.bench_megatron.build_gpt, with CPU initialization by default (the same weights on every run)."""
-    return build_gpt(cpu_init=cpu_init, **model)
+    return lab.build_megatron_gpt(cpu_init=cpu_init, **model)
 
 
 def make_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 1) -> list:
-    g = torch.Generator().manual_seed(seed + 1000 * world()[0])  # each data-parallel rank its own samples
-    return [(torch.randint(0, vocab, (batch, seq), generator=g).cuda(),
-             torch.randint(0, vocab, (batch, seq), generator=g).cuda()) for _ in range(n)]
-
-
-def positions(tokens: torch.Tensor) -> torch.Tensor:
-    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).view(torch.uint8)
+    return lab.token_batches(n, batch, seq, vocab, seed)
 
 
 def release(*objs: Any) -> None:
@@ -107,9 +76,7 @@ def release(*objs: Any) -> None:
             except Exception:  # noqa: BLE001
                 log.exception("close failed")
     del objs
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    lab.cleanup()
 
 
 def process_usage() -> int | None:
@@ -208,36 +175,13 @@ def ranks_hold_same_params(params: dict) -> bool:
 
 
 def pinned_peak(nbytes: int, reps: int = 10) -> dict:
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dev.fill_(1)
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    out = {}
-    for name, dst, src in (("d2h", host, dev), ("h2d", dev, host)):
-        best = float("inf")
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            dst.copy_(src, non_blocking=True)
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / 1e3)
-        out[name] = {"seconds": best, "GBps": nbytes / best / GB}
-    del dev, host
-    gc.collect()
-    torch.cuda.empty_cache()
-    if hasattr(torch._C, "_host_emptyCache"):
-        torch._C._host_emptyCache()
-    out["bytes"] = nbytes
+    """The same-run pinned-copy peak (lab.pinned_peak, as memmgr bench measures it), as
+    ``{"d2h": {"seconds", "GBps"}, "h2d": {...}, "both_GBps", "bytes"}``."""
+    peak = lab.pinned_peak(torch.device("cuda", torch.cuda.current_device()), nbytes=nbytes, repeats=reps)
+    out: dict[str, Any] = {d: {"seconds": nbytes / (peak[d] * GB), "GBps": peak[d]} for d in ("d2h", "h2d")}
+    out.update(both_GBps=peak["both"], pinned=peak.get("pinned"), bytes=nbytes)
+    lab.cleanup()
     return out
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def itemize_live_cuda_tensors(top: int = 15) -> list[dict]:
@@ -494,8 +438,8 @@ def summary(results: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, type=Path)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--equivalence-only", action="store_true")
     parser.add_argument("--speed-only", action="store_true", help="only the 1.3B speed and memory section")
@@ -515,7 +459,7 @@ def main() -> int:
     logging.getLogger("gpu_megatron").addHandler(logging.StreamHandler(sys.stdout))
     warnings.filterwarnings("ignore")
 
-    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "meta": lab.metadata()}
     t_start = time.perf_counter()
     try:
         results["env"] = init_distributed()
@@ -532,7 +476,7 @@ def main() -> int:
         results["fatal_traceback"] = traceback.format_exc()
         log.exception("setup failed")
     results["total_seconds"] = time.perf_counter() - t_start
-    (args.out / f"gpu_megatron{suffix}.json").write_text(json.dumps(results, indent=2, default=str))
+    lab.write_json(args.out / f"gpu_megatron{suffix}.json", results, indent=2)
     table = summary(results)
     (args.out / f"summary{suffix}.txt").write_text(table + "\n")
     print(f"[rank {rank} of {world_size}]\n{table}" if world_size > 1 else table)

@@ -15,14 +15,14 @@ Sections (each in its own try/except; a failure is recorded and the next section
 4. verify: with verify=True a flipped byte in the host store makes onload raise MemmgrCorruptionError naming the
    bucket (group left on_host, repair -> bit-exact); cost of offload+onload of ~4 GiB with vs without verify.
 
-Writes DIR/reliability.json and prints a summary. Contents are generated from seeds on the GPU and regenerated for
-comparison, so checking ~8 GiB needs one tensor of extra memory, not a second copy.
+Writes DIR/reliability.json (each section's checks, data and error, with the run's metadata) and prints a summary.
+Contents are generated from seeds on the GPU and regenerated for comparison, so checking ~8 GiB needs one tensor of
+extra memory, not a second copy.
 """
 from __future__ import annotations
 
 import _thread
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -34,16 +34,14 @@ from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import memmgr  # noqa: E402
-from memmgr import (BucketizedFlatTensors, BucketState, GroupState, HostMemoryPool, MemmgrCorruptionError,  # noqa: E402
+import lab
+import memmgr
+from lab import GiB, MiB, bits, sync, timed
+from memmgr import (BucketizedFlatTensors, BucketState, GroupState, HostMemoryPool, MemmgrCorruptionError,
                     MemmgrOutOfMemoryError, MemoryManager)
-from memmgr.checksum import bucket_checksum  # noqa: E402
+from memmgr.checksum import bucket_checksum
 
-MiB, GiB = 2**20, 2**30
 TENSOR_BYTES = 256 * MiB
-BITS = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
 # ---- helpers ----
@@ -78,10 +76,6 @@ def make_tensor(seed: int, nbytes: int, dtype: torch.dtype, device: torch.device
     g = torch.Generator(device=device).manual_seed(seed)
     raw = torch.randint(-2**31, 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device=device, generator=g)
     return raw.view(dtype).clone()  # clone: a tensor that owns its storage (no _base holding it too)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).view(BITS[t.element_size()])
 
 
 def make_tensors(gib: float, seed: int, device: torch.device) -> tuple[list[torch.Tensor], list[tuple]]:
@@ -120,19 +114,6 @@ def bucket_consistency(group: BucketizedFlatTensors, kind: str = "all") -> list[
 def whole_state(group: BucketizedFlatTensors) -> str:
     states = {b.state for b in group.buckets}
     return states.pop().value if len(states) == 1 else "partial:" + ",".join(sorted(s.value for s in states))
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
 
 
 def fill_gpu(device: torch.device) -> list[torch.Tensor]:
@@ -253,13 +234,16 @@ def check_contents(sec: Section, label: str, mgr: MemoryManager, contents, devic
 
 
 def interrupt_group_method(group: BucketizedFlatTensors, method: str) -> Callable[[], None]:
-    original = getattr(group, method)
+    """Makes ``method`` of the group's first bucket raise KeyboardInterrupt (the manager moves buckets, not whole
+    groups, so this is the moment the group's first transfer would be issued); returns the undo."""
+    bucket = group.buckets[0]
+    original = getattr(bucket, method)
 
     def boom(*args: Any, **kwargs: Any):
         raise KeyboardInterrupt(f"simulated interrupt at {group.name}.{method}")
 
-    setattr(group, method, boom)
-    return lambda: setattr(group, method, original)
+    setattr(bucket, method, boom)
+    return lambda: setattr(bucket, method, original)
 
 
 def section_interrupts(sec: Section, device: torch.device, pool: HostMemoryPool, trials: int) -> None:
@@ -289,8 +273,8 @@ def section_interrupts(sec: Section, device: torch.device, pool: HostMemoryPool,
         sec.check("b.interrupt_propagates", True)
     finally:
         undo()
-    check_whole(sec, "b_onload", mgr, {"group0": "on_host", "group1": "on_host", "group2": "on_device",
-                                       "group3": "on_device"})
+    # the manager's onload is one transaction: interrupted part-way, it undoes every group it restored
+    check_whole(sec, "b_onload", mgr, {n: "on_host" for n in names})
     check_contents(sec, "b_onload", mgr, contents, device)
 
     # c) an exception from an after_offload hook of a non-blocking offload: every transfer was issued
@@ -530,8 +514,8 @@ def section_verify(sec: Section, device: torch.device, pool: HostMemoryPool, gib
 # ---- driver ----
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="output directory (gets reliability.json)")
     parser.add_argument("--oom-gib", type=float, default=8.0)
     parser.add_argument("--verify-gib", type=float, default=4.0)
     parser.add_argument("--signal-trials", type=int, default=12)
@@ -543,7 +527,7 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"torch": torch.__version__, "memmgr": memmgr.__version__,
-                              "backend": memmgr.backend_info().describe()}
+                              "backend": memmgr.backend_info().describe(), "meta": lab.metadata()}
     if args.cpu_smoke:
         global TENSOR_BYTES
         TENSOR_BYTES = MiB
@@ -553,7 +537,7 @@ def main() -> int:
         report["device"] = "cpu (smoke run)"
     elif not torch.cuda.is_available():
         report["error"] = "CUDA is not available; this script needs a GPU (or --cpu-smoke)"
-        (args.out / "reliability.json").write_text(json.dumps(report, indent=2))
+        lab.write_json(args.out / "reliability.json", report, indent=2)
         print(report["error"])
         return 2
     else:
@@ -584,13 +568,12 @@ def main() -> int:
         results[name] = sec.to_json()
         sync()
         empty_cache()
-        (args.out / "reliability.json").write_text(json.dumps({**report, "sections": results}, indent=2,
-                                                              default=str))
+        lab.write_json(args.out / "reliability.json", {**report, "sections": results}, indent=2)
     report["sections"] = results
     report["seconds"] = round(time.perf_counter() - t_all, 1)
     report["pinned_bytes_trimmed"] = pool.trim()
     report["ok"] = all(s["ok"] for s in results.values())
-    (args.out / "reliability.json").write_text(json.dumps(report, indent=2, default=str))
+    lab.write_json(args.out / "reliability.json", report, indent=2)
     print("\n== summary")
     for name, s in results.items():
         failed = [c for c, v in s["checks"].items() if not v["ok"]]

@@ -11,7 +11,6 @@ DIR/report.txt (the table), DIR/timeline.png and DIR/doctor.txt (``memmgr doctor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -20,46 +19,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import memmgr  # noqa: E402
-from memmgr import nvml  # noqa: E402
-from memmgr.ledger import GiB, Ledger, gpu_categories  # noqa: E402
-from memmgr.tools.report import format_table, plot_timeline  # noqa: E402
+import lab
+import memmgr
+from memmgr import nvml
+from memmgr.ledger import GiB, Ledger, gpu_categories
+from memmgr.tools.report import format_table, plot_timeline
 
 HAVE_MEGATRON_INTEGRATION = (Path(memmgr.__file__).parent / "integrations" / "megatron.py").exists()
-
-
-class Block(torch.nn.Module):
-    def __init__(self, hidden: int, heads: int):
-        super().__init__()
-        self.ln1 = torch.nn.LayerNorm(hidden)
-        self.attn = torch.nn.MultiheadAttention(hidden, heads, batch_first=True)
-        self.ln2 = torch.nn.LayerNorm(hidden)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(hidden, 4 * hidden), torch.nn.GELU(),
-                                       torch.nn.Linear(4 * hidden, hidden))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.ln1(x)
-        n = x.shape[1]
-        mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), 1)
-        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-        return x + self.mlp(self.ln2(x))
-
-
-class TinyGPT(torch.nn.Module):
-    def __init__(self, vocab: int, hidden: int, layers: int, heads: int):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, hidden)
-        self.blocks = torch.nn.ModuleList(Block(hidden, heads) for _ in range(layers))
-        self.ln = torch.nn.LayerNorm(hidden)
-        self.head = torch.nn.Linear(hidden, vocab, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        for b in self.blocks:
-            x = b(x)
-        return self.head(self.ln(x))
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, vocab: int, device: torch.device) -> float:
@@ -73,7 +39,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, vocab: int, d
 
 def build_plain(args: argparse.Namespace, device: torch.device):
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = TinyGPT(args.vocab, args.hidden, args.layers, args.heads).to(device=device, dtype=dtype)
+    model = lab.ToyGPT(args.vocab, args.hidden, args.layers, args.heads, causal=True).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     mgr = memmgr.for_module(model, opt)
 
@@ -85,18 +51,15 @@ def build_plain(args: argparse.Namespace, device: torch.device):
 
 def build_megatron(args: argparse.Namespace, device: torch.device):
     """A megatron-core GPT (world size 1, bf16, DDP + distributed optimizer) built by the same helpers as
-    benchmarks/gpu_megatron.py, managed by memmgr.for_megatron."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    import gpu_megatron as gm
-
-    gm.init_distributed()
-    ddp, opt = gm.build(layers=args.layers, hidden=args.hidden, heads=args.heads, vocab=args.vocab, seq=256,
-                        bf16=True, dist_opt=True)
+    benchmarks/gpu_megatron.py (lab.py), managed by memmgr.for_megatron."""
+    lab.init_megatron()
+    ddp, opt = lab.build_megatron_gpt(layers=args.layers, hidden=args.hidden, heads=args.heads, vocab=args.vocab,
+                                      seq=256, bf16=True, dist_opt=True)
     mgr = memmgr.for_megatron([ddp], opt)
-    batches = gm.make_batches(2, 2, 256, args.vocab)
+    batches = lab.token_batches(2, 2, 256, args.vocab)
 
     def step() -> float:
-        return float(gm.train_step(ddp, opt, *batches[0]))
+        return float(lab.megatron_train_step(ddp, opt, *batches[0]))
 
     return ddp, mgr, step
 
@@ -136,7 +99,7 @@ def check_record(rec: dict, tolerance: float = 0.01) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--layers", type=int, default=16)
@@ -197,9 +160,9 @@ def main() -> int:
         "note": "the four categories sum to NVML's process usage by construction whenever every part is "
                 "non-negative; the real checks are the ordering managed <= allocated <= reserved <= process <= "
                 "device used and NVML reporting this process at all",
-        "checks": checks,
+        "checks": checks, "meta": lab.metadata(),
     }
-    (out / "report_check.json").write_text(json.dumps(summary, indent=2))
+    lab.write_json(out / "report_check.json", summary, indent=2)
     (out / "report.txt").write_text(format_table(ledger.records))
     plot_timeline(ledger.records, out / "timeline.png")
     mgr.close()

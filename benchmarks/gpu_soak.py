@@ -1,7 +1,7 @@
 """Soak test for memmgr.for_megatron: python benchmarks/gpu_soak.py --out DIR [--cycles 1000] [--cpu-smoke]
 
-One GPU, one process (a 1-process NCCL group on 127.0.0.1 and a free port, set up by benchmarks/gpu_megatron.py's
-helpers). A small GPTModel (4 layers, hidden 512, 8 heads, vocab 8192, seq 128, batch 4, bf16, DistributedDataParallel
+One GPU, one process (a 1-process NCCL group on 127.0.0.1 and a free port, set up by the Megatron helpers of
+benchmarks/lab.py that benchmarks/gpu_megatron.py uses). A small GPTModel (4 layers, hidden 512, 8 heads, vocab 8192, seq 128, batch 4, bf16, DistributedDataParallel
 with grad_reduce_in_fp32 and the distributed optimizer, torch AdamW) runs N cycles of
 
     training step (zero_grad_buffer, forward, backward, finish_grad_sync, optimizer.step) -> mgr.offload() -> mgr.onload()
@@ -16,16 +16,15 @@ compared with cycle 10 (NVML process usage, reserved, RSS each within 1%), losse
 --cpu-smoke: a few cycles of a small MLP on the CPU with memmgr.for_module and torch.optim.AdamW, to check the
 bookkeeping without a GPU (NVML and CUDA fields are null there).
 
-Writes DIR/soak.json and prints a short summary.
+Writes DIR/soak.json (the checkpoint records, per-cycle times, the checks and the run's metadata) and prints a short
+summary.
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -34,21 +33,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+import lab
+from lab import free_port
 
 CHECKPOINTS = (1, 10, 100, 250, 500, 750, 1000)
 TOLERANCE = 0.01
 MODEL = dict(layers=4, hidden=512, heads=8, vocab=8192, seq=128)
 BATCH = 4
 NUM_BATCHES = 16
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def host_rss() -> int | None:
@@ -86,29 +78,28 @@ def setup_gpu() -> tuple[Callable[[int], float], Any, Callable[[], dict], dict]:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     import torch
 
-    import gpu_megatron as gm  # sets CUBLAS_WORKSPACE_CONFIG/MASTER_* defaults; ours are set already
     from memmgr import nvml
     from memmgr.host_memory import HostMemoryPool
     from memmgr.integrations.megatron import for_megatron
 
-    env = gm.init_distributed()
+    env = lab.init_megatron()
     env["master_port"] = os.environ["MASTER_PORT"]
     idx = nvml.nvml_index(0)
     env["nvml_index"] = idx
     env["nvml_status"] = nvml.status()
     baseline = measure_cuda(torch, nvml, idx)
-    ddp, opt = gm.build(**MODEL, bf16=True, dist_opt=True)
+    ddp, opt = lab.build_megatron_gpt(**MODEL, bf16=True, dist_opt=True)
     inner = [type(o.optimizer).__name__ for o in getattr(opt, "chained_optimizers", [opt])
              if hasattr(o, "optimizer")]
     env["optimizer"] = f"{type(opt).__name__} over {inner}"
     env["params"] = sum(p.numel() for p in ddp.parameters())
     env["baseline_before_model"] = baseline
-    data = gm.make_batches(NUM_BATCHES, BATCH, MODEL["seq"], MODEL["vocab"])
+    data = lab.token_batches(NUM_BATCHES, BATCH, MODEL["seq"], MODEL["vocab"])
     pool = HostMemoryPool()
     mgr = for_megatron(ddp, opt, pool=pool)
 
     def step(i: int) -> float:
-        return gm.train_step(ddp, opt, *data[i % len(data)])
+        return lab.megatron_train_step(ddp, opt, *data[i % len(data)])
 
     return step, mgr, lambda: measure_cuda(torch, nvml, idx), env
 
@@ -302,8 +293,8 @@ def summary(results: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, type=Path)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="output directory (gets soak.json)")
     parser.add_argument("--cycles", type=int, default=None, help="default 1000 (20 with --cpu-smoke)")
     parser.add_argument("--cpu-smoke", action="store_true")
     args = parser.parse_args()
@@ -314,7 +305,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore")
     results = run(args)
-    (args.out / "soak.json").write_text(json.dumps(results, indent=1, default=str))
+    results["meta"] = lab.metadata()
+    lab.write_json(args.out / "soak.json", results, indent=1)
     print(summary(results))
     if not args.cpu_smoke:
         try:

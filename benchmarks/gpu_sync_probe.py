@@ -3,20 +3,21 @@
 Each step runs right after a 0.3 s spin kernel on the current stream and is timed on the CPU: a step that takes
 ~0.3 s waited for the kernel (a hidden synchronization), one that takes microseconds did not. The first step is the
 first copy-stream creation of the process, so it must run before anything else creates streams.
+
+Writes DIR/sync_probe.json (per step: the call's seconds, whether the stream was still busy after it, whether it
+waited) and prints one line per step.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-MiB = 1 << 20
+import lab
+from lab import MiB
 
 
 def spin_cycles(seconds: float) -> int:
@@ -37,8 +38,8 @@ def step(results: dict, name: str, fn, seconds: float = 0.3) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="output directory (gets sync_probe.json)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from memmgr.flat_tensors import FlatTensors
@@ -82,7 +83,8 @@ def main() -> int:
     bucket.wait()
     step(r, "FlatTensors.onload(non_blocking=True)", lambda: bucket.onload(non_blocking=True))
     bucket.wait()
-    (args.out / "sync_probe.json").write_text(json.dumps(r, indent=1))
+    r["meta"] = lab.metadata()  # last: nothing before the first step may create streams
+    lab.write_json(args.out / "sync_probe.json", r, indent=1)
     return 0
 
 

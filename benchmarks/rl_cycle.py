@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -45,8 +44,9 @@ for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lab  # noqa: E402
 import memmgr  # noqa: E402
+from lab import bits_equal, free_port  # noqa: E402
 from memmgr.sync import ModuleWeightLoader, WeightReceiver, WeightSender, init_sync_group  # noqa: E402
 from memmgr.sync.comm import Comm  # noqa: E402  (the benchmark's own untimed checks use the same pair groups)
 
@@ -57,49 +57,17 @@ GiB = 2**30
 # ---------------------------------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------------------------------
-class Block(torch.nn.Module):
-    def __init__(self, hidden: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.ln1 = torch.nn.LayerNorm(hidden)
-        self.qkv = torch.nn.Linear(hidden, 3 * hidden)
-        self.proj = torch.nn.Linear(hidden, hidden)
-        self.ln2 = torch.nn.LayerNorm(hidden)
-        self.fc1 = torch.nn.Linear(hidden, 4 * hidden)
-        self.fc2 = torch.nn.Linear(4 * hidden, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, s, h))
-        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
-
-
-class TinyGPT(torch.nn.Module):
-    """A plain decoder-only transformer (the --trainer plain model)."""
-
-    def __init__(self, vocab: int, hidden: int, layers: int, heads: int, max_seq: int):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, hidden)
-        self.pos = torch.nn.Embedding(max_seq, hidden)
-        self.blocks = torch.nn.ModuleList(Block(hidden, heads) for _ in range(layers))
-        self.ln_f = torch.nn.LayerNorm(hidden)
-        self.head = torch.nn.Linear(hidden, vocab, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.ln_f(x))
+def tiny_gpt(**kw: Any) -> torch.nn.Module:
+    """The --trainer plain model: lab.ToyGPT with SDPA blocks and learned positions (``max_seq``)."""
+    return lab.ToyGPT(**kw, block="sdpa")
 
 
 class PlainEngine(torch.nn.Module):
-    """The engine's copy of TinyGPT, under the prefix ``model.`` (as inference engines name their weights)."""
+    """The engine's copy of tiny_gpt, under the prefix ``model.`` (as inference engines name their weights)."""
 
     def __init__(self, **kw: Any):
         super().__init__()
-        self.model = TinyGPT(**kw)
+        self.model = tiny_gpt(**kw)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
@@ -128,7 +96,7 @@ class Side:
 def build_plain(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[Side, Side]:
     kw = dict(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads, max_seq=args.max_seq)
     torch.manual_seed(1234)  # identical initial weights on every data-parallel rank
-    model = TinyGPT(**kw).to(device=device, dtype=dtype)
+    model = tiny_gpt(**kw).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     world = dist.get_world_size()
 
@@ -275,12 +243,6 @@ class Recorder:
 def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    return torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
 
 
 def edge_colors(n: int) -> list[int]:
@@ -592,12 +554,6 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # parent: spawn, wait with a deadline, merge, report
 # ---------------------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def summarize(ranks: list[dict], n: int) -> dict[str, Any]:
     out: dict[str, Any] = {"gpus": []}
     for r in ranks:
@@ -759,7 +715,7 @@ def resolve_trainer(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, default=2, help="GPUs = processes (>= 2)")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--out", required=True)
@@ -821,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.gpus):
         f = out / f"rank{r}.json"
         ranks.append(json.loads(f.read_text()) if f.exists() else {"rank": r, "status": "no output"})
-    results = {"config": vars(args), "wall_s": time.perf_counter() - t0, "ranks": ranks,
+    results = {"config": vars(args), "meta": lab.metadata(), "wall_s": time.perf_counter() - t0, "ranks": ranks,
                "process_errors": process_errors, "notes": [note] if note else [],
                "env": {"torch": torch.__version__, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"),
                        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if args.device == "cuda" else None}}
@@ -829,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"rank{r}.json").unlink(missing_ok=True)
     results["summary"] = summarize(ranks, args.gpus)
     results["plots"] = plot(results, out)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    lab.write_json(out / "results.json", results, indent=1)
     write_table(results, out / "table.md")
     print((out / "table.md").read_text())
     ok = all(r.get("status") == "ok" for r in ranks) and not process_errors

@@ -1,4 +1,4 @@
-// Exact-size pinned host buffers for memmgr.
+// Exact-size pinned host buffers for memmgr, and the Python entry point of its copy kernels (copy_kernels.cu).
 //
 // Why not torch.empty(..., pin_memory=True): PyTorch's pinned allocator rounds every request up to a power of two
 // and pins through cudaHostAlloc, which touches the pages from one thread (about 0.55 s/GiB). Here a buffer is
@@ -9,6 +9,8 @@
 // cudart is linked statically so the module loads on machines without a GPU driver; every CUDA call reports its
 // error as a Python RuntimeError instead of aborting.
 #include <torch/extension.h>
+
+#include "copy_kernels.h"
 
 #include <cuda_runtime_api.h>
 #include <sys/mman.h>
@@ -107,7 +109,9 @@ torch::Tensor allocate(int64_t nbytes, int64_t num_threads, bool huge_pages, boo
     cudaError_t err;
     {
       pybind11::gil_scoped_release no_gil;
-      err = cudaHostRegister(ptr, alloc->mapped_bytes, cudaHostRegisterPortable);
+      // Mapped: the copy kernels address the buffer from the device (implied under unified addressing; explicit
+      // so that cudaPointerGetAttributes always reports the device alias).
+      err = cudaHostRegister(ptr, alloc->mapped_bytes, cudaHostRegisterPortable | cudaHostRegisterMapped);
     }
     if (err != cudaSuccess) {
       cudaGetLastError();
@@ -123,34 +127,58 @@ torch::Tensor allocate(int64_t nbytes, int64_t num_threads, bool huge_pages, boo
       torch::TensorOptions().dtype(torch::kUInt8).device(torch::kCPU));
 }
 
-// Registers (pins) memory the caller owns; used to pin tensors allocated elsewhere.
-void host_register(int64_t ptr, int64_t nbytes) {
-  cudaError_t err = cudaHostRegister(reinterpret_cast<void*>(ptr), static_cast<size_t>(nbytes),
-                                     cudaHostRegisterPortable);
+namespace {
+
+// The address the device dereferences for `ptr`: itself for device memory, the mapped alias for pinned host memory
+// (the same address under unified addressing). Pageable host memory has none: the kernels cannot reach it.
+void* device_address(int64_t ptr, const char* which) {
+  cudaPointerAttributes attrs;
+  cudaError_t err = cudaPointerGetAttributes(&attrs, reinterpret_cast<const void*>(ptr));
   if (err != cudaSuccess) {
     cudaGetLastError();
-    TORCH_CHECK(false, "memmgr._pinned.host_register failed (", cuda_error_text(err), ")");
+    TORCH_CHECK(false, "memmgr._pinned.kernel_copy: cannot look up the ", which, " address (", cuda_error_text(err),
+                ")");
+  }
+  TORCH_CHECK(attrs.type != cudaMemoryTypeUnregistered, "memmgr._pinned.kernel_copy: the ", which,
+              " is pageable host memory, which copy kernels cannot reach; pin it (memmgr's host buffers are pinned) "
+              "or copy it with the copy engines (copy path 'engine')");
+  TORCH_CHECK(attrs.devicePointer != nullptr, "memmgr._pinned.kernel_copy: the ", which,
+              " is pinned host memory that is not mapped into the device's address space; register it with "
+              "cudaHostRegisterMapped (memmgr's host buffers are) or use copy path 'engine'");
+  return attrs.devicePointer;
+}
+
+}  // namespace
+
+// Copies `nbytes` from `src` to `dst` with a copy kernel (the SMs move the bytes, not the copy engines) on the stream
+// given as its raw handle (torch's Stream.cuda_stream), on `device`. Either side may be device memory or pinned,
+// mapped host memory; `blocks` == 0 picks the default grid. Asynchronous, ordered on the stream like a copy_.
+void kernel_copy(int64_t dst, int64_t src, int64_t nbytes, int64_t stream, int64_t device, int64_t blocks) {
+  TORCH_CHECK(nbytes >= 0, "memmgr._pinned.kernel_copy: nbytes must be >= 0, got ", nbytes);
+  if (nbytes == 0) return;
+  void* dst_dev = device_address(dst, "destination");
+  void* src_dev = device_address(src, "source");
+  cudaError_t err = memmgr_launch_copy_kernel(dst_dev, src_dev, static_cast<size_t>(nbytes),
+                                              reinterpret_cast<cudaStream_t>(stream), static_cast<int>(device),
+                                              static_cast<int>(blocks));
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    TORCH_CHECK(false, "memmgr._pinned.kernel_copy: launch failed (", cuda_error_text(err), ")");
   }
 }
 
-void host_unregister(int64_t ptr) {
-  cudaError_t err = cudaHostUnregister(reinterpret_cast<void*>(ptr));
+// Loads the copy kernels into `device`'s context now rather than at their first launch.
+void kernel_prepare(int64_t device) {
+  cudaError_t err = memmgr_prepare_copy_kernels(static_cast<int>(device));
   if (err != cudaSuccess) {
     cudaGetLastError();
-    TORCH_CHECK(false, "memmgr._pinned.host_unregister failed (", cuda_error_text(err), ")");
+    TORCH_CHECK(false, "memmgr._pinned.kernel_prepare failed (", cuda_error_text(err), ")");
   }
 }
 
-// Asynchronous copy of `nbytes` between two addresses on a stream given as its raw handle (torch's
-// Stream.cuda_stream); the direction is inferred by unified addressing.
-void copy_async(int64_t dst, int64_t src, int64_t nbytes, int64_t stream) {
-  cudaError_t err = cudaMemcpyAsync(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
-                                    static_cast<size_t>(nbytes), cudaMemcpyDefault,
-                                    reinterpret_cast<cudaStream_t>(stream));
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    TORCH_CHECK(false, "memmgr._pinned.copy_async failed (", cuda_error_text(err), ")");
-  }
+// (threads per block, default blocks) of the copy kernel on `device`.
+std::tuple<int64_t, int64_t> kernel_copy_config(int64_t device) {
+  return {memmgr_copy_kernel_threads(), memmgr_copy_kernel_default_blocks(static_cast<int>(device))};
 }
 
 // (available, message): whether the CUDA runtime sees a device from this module, and why not.
@@ -173,13 +201,15 @@ int64_t cuda_runtime_version() {
 std::tuple<int64_t, int64_t> bytes_held() { return {g_bytes_mapped.load(), g_bytes_registered.load()}; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "memmgr native core: exact-size pinned host buffers and async copies";
+  m.doc() = "memmgr native core: exact-size pinned host buffers and zero-copy copy kernels";
   m.def("allocate", &allocate, "exact-size host buffer, parallel first touch, optionally pinned",
         pybind11::arg("nbytes"), pybind11::arg("num_threads") = 8, pybind11::arg("huge_pages") = true,
         pybind11::arg("pin") = true);
-  m.def("host_register", &host_register);
-  m.def("host_unregister", &host_unregister);
-  m.def("copy_async", &copy_async);
+  m.def("kernel_copy", &kernel_copy, "copy kernel between device memory and mapped pinned host memory, on a stream",
+        pybind11::arg("dst"), pybind11::arg("src"), pybind11::arg("nbytes"), pybind11::arg("stream"),
+        pybind11::arg("device"), pybind11::arg("blocks") = 0);
+  m.def("kernel_prepare", &kernel_prepare, "loads the copy kernels into a device's context ahead of use");
+  m.def("kernel_copy_config", &kernel_copy_config, "(threads per block, default blocks) of the copy kernel");
   m.def("cuda_status", &cuda_status);
   m.def("cuda_runtime_version", &cuda_runtime_version);
   m.def("bytes_held", &bytes_held, "(bytes mapped, bytes registered) by live buffers of this module");

@@ -1,40 +1,68 @@
-"""Loads the optional native extension and says which host-memory path is in use."""
+"""Loads the optional native extension and says which host-memory and copy paths are in use."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any, Callable
 
 import torch
 
 logger = logging.getLogger("memmgr")
 
-try:
-    from memmgr import _pinned as native  # type: ignore[attr-defined]
+import importlib
+import importlib.util
 
-    _import_error: str | None = None
-except ImportError as exc:  # the pure-Python path is a supported configuration
-    native = None
-    _import_error = str(exc)
+native: ModuleType | None = None
+_import_error: str | None = None
+if importlib.util.find_spec("memmgr._pinned") is None:  # the pure-Python path is a supported configuration
+    _import_error = "no memmgr._pinned in this installation (built only where a CUDA toolkit was found)"
+else:
+    try:
+        native = importlib.import_module("memmgr._pinned")
+    except ImportError as exc:
+        _import_error = str(exc)
 
 
 @dataclass(frozen=True)
 class BackendInfo:
-    """Which host-memory path memmgr uses on this machine and why."""
+    """Which host-memory path and which copy paths memmgr uses on this machine, and why."""
 
     extension_built: bool
     extension_error: str | None
     cuda_available: bool
     pinning: str  # "native", "cudart-register" or "none (no CUDA)"
+    copy_paths: tuple[str, ...] = ("engine",)  # the ways bytes can move here (memmgr.transfer)
+    copy_path_requested: str = "auto"  # $MEMMGR_COPY_PATH, or "auto"
+    copy_path_auto: dict[str, str] = field(default_factory=dict)  # what "auto" runs per direction
+    copy_path_last: dict[str, str] = field(default_factory=dict)  # the path that ran last per direction
 
     def describe(self) -> str:
         ext = "built" if self.extension_built else f"not built ({self.extension_error})"
-        return f"native extension {ext}; CUDA {'available' if self.cuda_available else 'unavailable'}; " \
-               f"host buffers pinned via {self.pinning}"
+        text = f"native extension {ext}; CUDA {'available' if self.cuda_available else 'unavailable'}; " \
+               f"host buffers pinned via {self.pinning}; copy paths {', '.join(self.copy_paths)} " \
+               f"(requested {self.copy_path_requested}"
+        if self.copy_path_auto:
+            text += "; auto: " + ", ".join(f"{d} {p}" for d, p in sorted(self.copy_path_auto.items()))
+        text += ")"
+        if self.copy_path_last:
+            text += "; last ran: " + ", ".join(f"{d} {p}" for d, p in sorted(self.copy_path_last.items()))
+        return text
 
 
 def native_module() -> ModuleType | None:
     return native
+
+
+# memmgr.transfer owns the copy paths and registers how to report them here (it imports this module, so this module
+# cannot import it back).
+_copy_paths_status: Callable[[], dict[str, Any]] | None = None
+
+
+def register_copy_paths_status(status: Callable[[], dict[str, Any]]) -> None:
+    """Sets the function whose report of the copy paths ``backend_info`` includes (memmgr.transfer's)."""
+    global _copy_paths_status
+    _copy_paths_status = status
 
 
 def backend_info() -> BackendInfo:
@@ -45,4 +73,7 @@ def backend_info() -> BackendInfo:
         pinning = "native (parallel first touch + cudaHostRegister)"
     else:
         pinning = "cudart-register (torch.cuda.cudart().cudaHostRegister on an exact-size tensor)"
-    return BackendInfo(native is not None, _import_error, cuda, pinning)
+    paths = _copy_paths_status() if _copy_paths_status is not None else \
+        {"available": ["engine"], "requested": "auto", "auto": {}, "last": {}}
+    return BackendInfo(native is not None, _import_error, cuda, pinning, tuple(paths["available"]),
+                       str(paths["requested"]), dict(paths["auto"]), dict(paths["last"]))

@@ -41,3 +41,12 @@ class MemmgrIntegrationError(MemmgrError, TypeError):
 
 class MemmgrSyncError(MemmgrError, RuntimeError):
     """A weight sync failed on this rank or on the other side of the group; the message says where and why."""
+
+
+class MemmgrSyncMismatchError(MemmgrSyncError, ValueError):
+    """The weights a trainer is about to send do not fit what the engine holds (a name it lacks or is missing, a
+    shape or dtype that differs). Raised before any weight moves; the engine keeps its previous weights."""
+
+
+class MemmgrSyncTimeoutError(MemmgrSyncError, TimeoutError):
+    """A peer of the weight sync did not answer in time; the message names the rank and the step it was in."""

@@ -44,7 +44,7 @@ from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.groups import unique_storage_bytes
 from memmgr.host_memory import HostBuffer, HostMemoryPool, default_pool
 from memmgr.states import BucketState, GroupState, Policy, policy_from
-from memmgr.transfer import TransferHandle, copy_stream
+from memmgr.transfer import TransferHandle, copy_stream, issue_copy
 
 logger = logging.getLogger("memmgr")
 
@@ -424,7 +424,7 @@ class FlatTensors:
             stream = copy_stream(self.flat.device, "d2h")
             stream.wait_stream(torch.cuda.current_stream(self.flat.device))
             with torch.cuda.stream(stream):
-                host.copy_(src, non_blocking=True)
+                issue_copy(host, src, stream)
                 event = torch.cuda.Event()
                 event.record(stream)
             # The allocator may hand this block out again only after the copy stream is done with it.
@@ -481,7 +481,7 @@ class FlatTensors:
             for event in offload_events:  # the host store is complete only once the offload copy is
                 stream.wait_event(event)
             with torch.cuda.stream(stream):
-                dst.copy_(host, non_blocking=True)
+                issue_copy(dst, host, stream)
                 event = torch.cuda.Event()
                 event.record(stream)
             current.wait_event(event)

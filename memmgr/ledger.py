@@ -8,6 +8,8 @@ usage) next to PyTorch's (allocated, reserved, peak), splits the process's usage
 * **PyTorch cached**: memory the caching allocator keeps reserved but unused (``torch.cuda.empty_cache`` frees it),
 * **non-PyTorch**: everything else the process holds: CUDA context and loaded kernels, cuBLAS/cuDNN workspaces,
   NCCL communicator buffers, other allocators,
+* **NCCL communicators** (only when a ``memmgr.comms.NcclCommunicators`` group is tracked): its measured bytes, taken
+  out of non-PyTorch,
 
 and adds each managed group's placement (GPU / host / freed), pinned host memory held by memmgr and the process's
 RSS. ``MemoryManager.attach_ledger`` takes a snapshot after every offload, onload and phase change.
@@ -44,7 +46,11 @@ CATEGORY_TITLES = {
     "other_allocated": "other PyTorch allocated",
     "cached": "PyTorch cached (reserved, unused)",
     "non_pytorch": "non-PyTorch (CUDA context, NCCL, cuBLAS, ...)",
+    "nccl": "NCCL communicators (memmgr.comms group)",
 }
+# Groups whose ``ledger_category`` is "nccl" (memmgr.comms.NcclCommunicators) hold memory outside PyTorch: their
+# measured bytes are reported as this category, carved out of non_pytorch, instead of as managed tensors.
+OPTIONAL_CATEGORIES = ("nccl",)
 
 Record = dict[str, Any]
 
@@ -207,17 +213,25 @@ def _pinned_host(pools: Sequence[Any]) -> dict[str, int | None]:
 
 def gpu_categories(gpu: Record) -> dict[str, int | None]:
     """Splits one GPU entry of a record into CATEGORIES (bytes, clamped at 0; non_pytorch None when NVML could not
-    say this process's usage). Their sum equals the process's NVML usage whenever the parts are consistent."""
+    say this process's usage), plus ``nccl`` (taken out of non_pytorch) when the entry has NCCL communicator bytes.
+    Their sum equals the process's NVML usage whenever the parts are consistent."""
     allocated = int(gpu.get("allocated") or 0)
     reserved = int(gpu.get("reserved") or 0)
     managed = min(int(gpu.get("managed") or 0), allocated) if allocated else int(gpu.get("managed") or 0)
     process = gpu.get("process")
-    return {
+    cats: dict[str, int | None] = {
         "managed": managed,
         "other_allocated": max(0, allocated - managed),
         "cached": max(0, reserved - allocated),
         "non_pytorch": None if process is None else max(0, int(process) - reserved),
     }
+    if "nccl" in gpu:
+        nccl = int(gpu.get("nccl") or 0)
+        if cats["non_pytorch"] is not None:
+            nccl = min(nccl, cats["non_pytorch"])
+            cats["non_pytorch"] -= nccl
+        cats["nccl"] = nccl
+    return cats
 
 
 class Ledger:
@@ -310,6 +324,7 @@ class Ledger:
 
         groups: list[Record] = []
         on_device: dict[str, int] = {}
+        nccl_on_device: dict[str, int] | None = None
         pools: list[Any] = []
         left_behind: dict[str, dict[str, int]] = {}
         for mname, mgr in managers:
@@ -323,12 +338,17 @@ class Ledger:
                     by_dev = _group_device_bytes(mgr.group(gname))
                 except Exception:
                     by_dev = {}
+                category = getattr(mgr.group(gname), "ledger_category", "managed")
+                if category == "nccl":
+                    nccl_on_device = {} if nccl_on_device is None else nccl_on_device
+                target = nccl_on_device if category == "nccl" else on_device
                 for dev, nb in by_dev.items():
-                    on_device[dev] = on_device.get(dev, 0) + nb
+                    target[dev] = target.get(dev, 0) + nb
                 freed = max(0, int(st.nbytes) - int(st.device_bytes) - int(st.host_bytes))
                 groups.append({"manager": mname, "name": gname, "state": st.state, "policy": st.policy,
                                "nbytes": int(st.nbytes), "device_bytes": int(st.device_bytes),
-                               "host_bytes": int(st.host_bytes), "freed_bytes": freed, "devices": by_dev})
+                               "host_bytes": int(st.host_bytes), "freed_bytes": freed, "devices": by_dev,
+                               "category": category})
         record["groups"] = groups
         if left_behind:
             record["left_behind"] = left_behind
@@ -346,7 +366,7 @@ class Ledger:
         record["host_memory"] = host
 
         record["nvml"] = "ok" if nvml.available() else f"unavailable: {nvml.unavailable_reason()}"
-        record["gpus"], record["cuda"] = self._gpus(on_device)
+        record["gpus"], record["cuda"] = self._gpus(on_device, nccl_on_device)
         return record
 
     def _gpu_indices(self, on_device: dict[str, int]) -> list[int]:
@@ -358,7 +378,8 @@ class Ledger:
                 indices.add(int(dev.split(":")[1]) if ":" in dev else torch.cuda.current_device())
         return sorted(indices)
 
-    def _gpus(self, on_device: dict[str, int]) -> tuple[list[Record], str]:
+    def _gpus(self, on_device: dict[str, int], nccl_on_device: dict[str, int] | None = None
+              ) -> tuple[list[Record], str]:
         if not torch.cuda.is_available():
             return [], "unavailable"
         if not torch.cuda.is_initialized():
@@ -370,6 +391,8 @@ class Ledger:
             gpu["reserved"] = int(torch.cuda.memory_reserved(i))
             gpu["max_allocated"] = int(torch.cuda.max_memory_allocated(i))
             gpu["managed"] = int(on_device.get(f"cuda:{i}", 0))
+            if nccl_on_device is not None:
+                gpu["nccl"] = int(nccl_on_device.get(f"cuda:{i}", 0))
             j = nvml.nvml_index(i)
             gpu["nvml_index"] = j
             mem = nvml.device_memory(j) if j is not None else None

@@ -1,10 +1,34 @@
-"""Copy streams and the handles that non-blocking transfers return."""
+"""Copy streams, the copy-path policy that moves a bucket's bytes, and the handles that non-blocking transfers return.
+
+Two ways move bytes between a GPU and pinned host memory:
+
+- ``engine``: ``Tensor.copy_``, which runs on the GPU's copy engines (DMA). At the link's peak when the engines are
+  free; but for a while after GPU memory was given back to the driver (by another process, or by this one's
+  ``empty_cache``) a host->device copy runs at about half the link's speed (measured: ~0.35 s after a 48 GiB release
+  on an H200; ~2 s elsewhere), also on several streams at once. Device->host copies are not affected.
+- ``kernel``: the extension's copy kernel (csrc/copy_kernels.cu): the SMs load and store across the link through the
+  host buffer's mapped address (zero-copy). Unaffected by busy copy engines; it occupies SM slots while it runs and
+  needs the native extension and pinned host memory.
+- ``split``: both at once on disjoint parts of the bytes (the engines take ``engine_fraction`` of them, the kernel
+  the rest, on a second stream joined back before the copy counts as done).
+
+``issue_copy`` picks one per move: its ``path`` argument, else the ``MEMMGR_COPY_PATH`` environment variable
+(``auto``, ``engine``, ``kernel`` or ``split``), else ``auto``; ``MEMMGR_COPY_SPLIT`` sets the engines' fraction of a
+split. ``copy_paths_status()`` says which paths are available and which ran last in each direction.
+"""
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from typing import Callable, Iterable
 
 import torch
+
+from memmgr._native import native_module, register_copy_paths_status
+from memmgr.errors import MemmgrInputError
+
+logger = logging.getLogger("memmgr")
 
 _streams: dict[tuple[int, str], torch.cuda.Stream] = {}
 _streams_lock = threading.Lock()
@@ -14,6 +38,7 @@ def copy_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
     """The dedicated stream for one direction ("d2h" or "h2d") on one GPU, created once.
 
     Two streams per GPU let an offload of one group and an onload of another use both directions of the link at once.
+    Any other name gives another stream of its own (the kernel half of a split copy runs on "h2d-kernel"/"d2h-kernel").
     """
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (index, direction)
@@ -22,6 +47,12 @@ def copy_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
         if stream is None:
             stream = torch.cuda.Stream(device=index)
             _streams[key] = stream
+            companion = (index, direction + "-kernel")
+            if direction in ("h2d", "d2h") and companion not in _streams and kernels_available():
+                # Made with its direction's stream, off the critical path: the stream for the kernel half of split
+                # copies, and the kernels loaded into the context.
+                _streams[companion] = torch.cuda.Stream(device=index)
+                prepare_kernels(index)
         return stream
 
 
@@ -95,3 +126,256 @@ class TransferHandle:
 
     def __repr__(self) -> str:
         return f"TransferHandle(done={self._completed})"
+
+
+# ---- copy paths ----
+COPY_PATHS = ("auto", "engine", "kernel", "split")
+COPY_PATH_ENV = "MEMMGR_COPY_PATH"
+COPY_SPLIT_ENV = "MEMMGR_COPY_SPLIT"
+
+# Split points are multiples of this many bytes from the start, so both parts keep the relative alignment of the
+# whole (the kernel moves 16-byte vectors wherever source and destination are co-aligned).
+_SPLIT_ALIGN = 4096
+DEFAULT_ENGINE_FRACTION = 0.5
+
+# What 'auto' does, from benchmarks/copy_path_probe.py on H200s (PCIe Gen5 x16, pinned-copy peak 54.7-55.3 GB/s each
+# way; benchmarks/results/2026-11-29/COPY_PATHS.md), 8 and 24 GiB copies:
+# - device->host: the engines ran at 54.6-55.2 GB/s whether or not memory had just been released; the kernel
+#   45.5-52.4, engines+kernel splits 50.8-54.4. So 'auto' uses the engines.
+# - host->device: the engines ran at 55 on memory allocated long before, but at 27.5-32 right after another process
+#   released 48-100 GiB (28 GB/s for the first 0.24-0.36 s, then 55; on 2 or 4 streams no faster) and at 45-46
+#   right after this process's own empty_cache; the kernel ran at 51.0-51.3 (0.93x) in every case; a 50/50 split
+#   ran at 53.2 on warm memory but at 36.6-41.9 in the other two cases (the two paths slow each other down on
+#   reads from the host). So neither path is best in both states, and 'auto' asks the link: a large copy issued on
+#   an idle stream starts with AUTO_PROBE_BYTES through the engines and the next AUTO_PROBE_BYTES through the
+#   kernel, waits for both (~2.5 ms), and copies the rest with the kernel only if it was more than
+#   AUTO_KERNEL_MARGIN times faster; copies that cannot probe (smaller than two probes, or queued behind other
+#   work) reuse the device's last verdict. A move of many buckets thus probes with its first bucket (the copy stream
+#   is idle then) and its later buckets, queued behind that one, follow the verdict. The margin: a 64 MiB probe undersells the engines (48-51 GB/s on memory where a whole
+#   copy runs at 55) but not the kernel (50.9), so on free engines the kernel probe read 0.99-1.05x the engine
+#   probe; right after a release it read 1.7-2.6x (engines 19-29.5 GB/s, kernel 49.5-50.6).
+AUTO_POLICY: dict[str, str] = {"h2d": "probe", "d2h": "engine"}
+AUTO_PROBE_BYTES = 64 << 20
+AUTO_PROBE_MIN_BYTES = 2 * AUTO_PROBE_BYTES
+AUTO_KERNEL_MARGIN = 1.3
+
+_last_paths: dict[str, str] = {}
+_last_probe: dict[int, dict[str, float | str]] = {}  # per device: the last probe's speeds and verdict
+_state_lock = threading.Lock()
+_warned_kernel_failure = False
+_prepared_devices: set[int] = set()
+
+
+def kernels_available() -> bool:
+    """Whether the copy-kernel path can run here: the native extension is built with its kernels and CUDA is up."""
+    native = native_module()
+    return native is not None and hasattr(native, "kernel_copy") and torch.cuda.is_available()
+
+
+def prepare_kernels(device: int) -> bool:
+    """Loads the copy kernels into a device's context now (a first launch would, and may wait for the device to go
+    idle). Called when the device's copy streams are made; False if the kernels cannot run there."""
+    if not kernels_available():
+        return False
+    if device in _prepared_devices:
+        return True
+    try:
+        native_module().kernel_prepare(device)
+    except RuntimeError as exc:
+        _warn_kernel_failure(exc)
+        return False
+    _prepared_devices.add(device)
+    return True
+
+
+def resolve_copy_path(path: str | None = None) -> str:
+    """The requested copy path: ``path`` if given, else ``$MEMMGR_COPY_PATH``, else "auto"; validated."""
+    source = "path argument"
+    if path is None:
+        path = os.environ.get(COPY_PATH_ENV) or "auto"
+        source = f"${COPY_PATH_ENV}"
+    path = path.strip().lower()
+    if path not in COPY_PATHS:
+        raise MemmgrInputError(f"copy path {path!r} (from the {source}) is not one of {', '.join(COPY_PATHS)}; "
+                               f"pass one of those, or unset {COPY_PATH_ENV} for 'auto'")
+    return path
+
+
+def resolve_engine_fraction(engine_fraction: float | None = None) -> float:
+    """The engines' share of a split copy: the argument, else ``$MEMMGR_COPY_SPLIT``, else the default."""
+    source = "engine_fraction argument"
+    if engine_fraction is None:
+        raw = os.environ.get(COPY_SPLIT_ENV)
+        if not raw:
+            return DEFAULT_ENGINE_FRACTION
+        source = f"${COPY_SPLIT_ENV}"
+        try:
+            engine_fraction = float(raw)
+        except ValueError:
+            raise MemmgrInputError(f"{source}={raw!r} is not a number; set it to the copy engines' share of a split "
+                                   f"copy, between 0 and 1 (e.g. 0.5)") from None
+    if not 0.0 <= engine_fraction <= 1.0:
+        raise MemmgrInputError(f"the copy engines' share of a split copy ({source}) must be between 0 and 1, got "
+                               f"{engine_fraction}; e.g. 0.5 gives each path half the bytes")
+    return float(engine_fraction)
+
+
+def _record(direction: str, ran: str) -> None:
+    with _state_lock:
+        _last_paths[direction] = ran
+
+
+def copy_paths_status() -> dict[str, object]:
+    """Which copy paths can run here, what 'auto' does per direction, which path ran last in each direction, and the
+    last auto probe per device."""
+    kernels = kernels_available()
+    with _state_lock:
+        last = dict(_last_paths)
+        probes = {dev: dict(p) for dev, p in _last_probe.items()}
+    return {"available": ["engine", "kernel", "split"] if kernels else ["engine"],
+            "requested": os.environ.get(COPY_PATH_ENV) or "auto",
+            "auto": dict(AUTO_POLICY) if kernels else {"h2d": "engine", "d2h": "engine"},
+            "last": last, "last_probe": probes}
+
+
+register_copy_paths_status(copy_paths_status)
+
+
+def _direction(dst: torch.Tensor, src: torch.Tensor) -> str:
+    if dst.is_cuda and not src.is_cuda:
+        return "h2d"
+    if src.is_cuda and not dst.is_cuda:
+        return "d2h"
+    return "d2d" if dst.is_cuda else "h2h"
+
+
+def _check_views(dst: torch.Tensor, src: torch.Tensor) -> None:
+    for name, t in (("dst", dst), ("src", src)):
+        if t.dtype != torch.uint8 or t.dim() != 1 or not t.is_contiguous():
+            raise MemmgrInputError(f"issue_copy: {name} must be a contiguous 1-D uint8 view, got {t.dtype} of shape "
+                                   f"{tuple(t.shape)}; pass tensor.view(torch.uint8) of a contiguous tensor")
+    if dst.numel() != src.numel():
+        raise MemmgrInputError(f"issue_copy: dst holds {dst.numel()} bytes but src {src.numel()}; pass views of the "
+                               f"same size")
+
+
+def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, *, path: str | None = None,
+               engine_fraction: float | None = None, kernel_blocks: int = 0) -> str:
+    """Issues the copy of ``src`` into ``dst`` on ``stream``, asynchronously, and returns the path that moved the bulk.
+
+    ``dst`` and ``src`` are contiguous 1-D uint8 views of equal size; one of them is on the stream's GPU and the other
+    is host memory (or also on that GPU). The copy is complete once the work enqueued on ``stream`` up to the return
+    is: a split's kernel part runs on a second stream that ``stream`` waits for. ``path`` (else ``$MEMMGR_COPY_PATH``,
+    else "auto") picks the copy engines, the copy kernel, or both on disjoint parts (``engine_fraction`` of the bytes
+    to the engines, else ``$MEMMGR_COPY_SPLIT``, else 0.5); "auto" does what ``AUTO_POLICY`` says per direction, and
+    when it probes (see there) it waits a few milliseconds for the probe. Where the kernel cannot run (no extension,
+    pageable host memory, host<->host or device<->device), the engines move everything, whatever was asked.
+    ``kernel_blocks`` > 0 overrides the kernel's grid size (for measurements). Returns "engine", "kernel" or "split".
+    """
+    _check_views(dst, src)
+    requested = resolve_copy_path(path)
+    fraction = resolve_engine_fraction(engine_fraction)
+    direction = _direction(dst, src)
+    nbytes = dst.numel()
+    chosen = requested
+    if direction not in ("h2d", "d2h") or nbytes == 0 or not kernels_available():
+        chosen = "engine"
+    elif not (src if direction == "h2d" else dst).is_pinned():
+        chosen = "engine"  # the kernels reach pinned host memory only; a pageable fallback buffer takes the engines
+    if chosen == "auto":
+        if AUTO_POLICY.get(direction) == "probe":
+            return _issue_auto_probed(dst, src, stream, direction, kernel_blocks)
+        chosen = AUTO_POLICY.get(direction, "engine")
+    split_at = 0
+    if chosen == "split":
+        split_at = int(nbytes * fraction) // _SPLIT_ALIGN * _SPLIT_ALIGN
+        if fraction >= 1.0 or split_at >= nbytes:
+            chosen = "engine"
+        elif split_at <= 0:
+            chosen = "kernel"
+    chosen = _issue(dst, src, stream, direction, chosen, split_at, kernel_blocks)
+    nbytes = max(nbytes, 1)
+    _record(direction, chosen if chosen != "split" else f"split (engines {split_at / nbytes:.0%})")
+    return chosen
+
+
+def _issue(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str, chosen: str,
+           split_at: int, kernel_blocks: int) -> str:
+    """Enqueues one path on ``stream`` ("split": engines on bytes [0, split_at), kernel on the rest); returns the
+    path that ran (the engines if the kernel could not be launched)."""
+    nbytes = dst.numel()
+    if chosen == "engine":
+        split_at = nbytes
+    elif chosen == "kernel":
+        split_at = 0
+    if chosen != "engine":
+        try:
+            _issue_kernel_part(dst, src, stream, direction, split_at, kernel_blocks, separate=chosen == "split")
+        except RuntimeError as exc:
+            # Nothing of the kernel part was enqueued (the extension checks before it launches): the engines take it.
+            _warn_kernel_failure(exc)
+            chosen, split_at = "engine", nbytes
+    if split_at > 0:
+        with torch.cuda.stream(stream):
+            dst[:split_at].copy_(src[:split_at], non_blocking=True)
+    if chosen == "split":
+        stream.wait_stream(copy_stream(stream.device, direction + "-kernel"))
+    return chosen
+
+
+def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str,
+                       kernel_blocks: int) -> str:
+    device = stream.device.index if stream.device.index is not None else torch.cuda.current_device()
+    nbytes = dst.numel()
+    probe = AUTO_PROBE_BYTES // _SPLIT_ALIGN * _SPLIT_ALIGN
+    with _state_lock:
+        verdict = str(_last_probe.get(device, {}).get("verdict", "engine"))
+    if probe <= 0 or nbytes < max(AUTO_PROBE_MIN_BYTES, 2 * probe) or not stream.query():
+        # Too small to measure, or queued behind other work (waiting would stall the caller): the last verdict.
+        ran = _issue(dst, src, stream, direction, verdict, 0, kernel_blocks)
+        _record(direction, f"{ran} (auto, last probe)")
+        return ran
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    marks[0].record(stream)
+    _issue(dst[:probe], src[:probe], stream, direction, "engine", 0, kernel_blocks)
+    marks[1].record(stream)
+    kernel_ran = _issue(dst[probe:2 * probe], src[probe:2 * probe], stream, direction, "kernel", 0,
+                        kernel_blocks) == "kernel"  # else it could not launch and the engines did its part
+    marks[2].record(stream)
+    marks[2].synchronize()
+    engine_s = marks[0].elapsed_time(marks[1]) / 1e3
+    kernel_s = marks[1].elapsed_time(marks[2]) / 1e3
+    engine_gbps = probe / engine_s / 1e9 if engine_s > 0 else float("inf")
+    kernel_gbps = probe / kernel_s / 1e9 if kernel_s > 0 else float("inf")
+    verdict = "kernel" if kernel_ran and kernel_gbps > AUTO_KERNEL_MARGIN * engine_gbps else "engine"
+    with _state_lock:
+        _last_probe[device] = {"verdict": verdict, "engine_gbps": engine_gbps, "kernel_gbps": kernel_gbps,
+                               "probe_bytes": probe}
+    ran = _issue(dst[2 * probe:], src[2 * probe:], stream, direction, verdict, 0, kernel_blocks)
+    _record(direction, f"{ran} (auto, probe: engines {engine_gbps:.1f} GB/s, kernel {kernel_gbps:.1f} GB/s)")
+    logger.debug("copy-path probe on cuda:%d: engines %.1f GB/s, kernel %.1f GB/s -> %s", device, engine_gbps,
+                 kernel_gbps, ran)
+    return ran
+
+
+def _issue_kernel_part(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str, start: int,
+                       kernel_blocks: int, separate: bool) -> None:
+    """Launches the copy kernel on bytes [start, end): on ``stream``, or (``separate``) on the direction's kernel
+    stream ordered after ``stream``'s work so far, so the engines' part on ``stream`` runs at the same time."""
+    native = native_module()
+    device = stream.device.index if stream.device.index is not None else torch.cuda.current_device()
+    prepare_kernels(device)
+    run_on = stream
+    if separate:
+        run_on = copy_stream(stream.device, direction + "-kernel")
+        run_on.wait_stream(stream)
+    native.kernel_copy(dst.data_ptr() + start, src.data_ptr() + start, dst.numel() - start, run_on.cuda_stream,
+                       device, kernel_blocks)
+
+
+def _warn_kernel_failure(exc: Exception) -> None:
+    global _warned_kernel_failure
+    if not _warned_kernel_failure:
+        _warned_kernel_failure = True
+        logger.warning("the copy kernel could not run (%s); the copy engines move these bytes instead. Set "
+                       "MEMMGR_COPY_PATH=engine to stop trying the kernel.", exc)

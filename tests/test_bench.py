@@ -1,5 +1,8 @@
 """memmgr bench on the CPU path: every method round-trips the state intact, and the report compares honestly."""
+import pytest
 import torch
+
+import memmgr
 
 from memmgr.tools import bench, bench_methods
 
@@ -92,3 +95,25 @@ def test_phase_gap_defaults_to_half_a_second_on_a_gpu_and_none_on_the_cpu_path()
     report = {"info": {"device": "CPU only", "date": "today", "phase_gap_s": 0.5},
               "peak_gbps": {"d2h": 10.0, "h2d": 10.0, "both": 20.0}, "results": []}
     assert "pause after each offload and onload (the phases in between): 0.5 s" in bench.format_table(report)
+
+
+def test_bench_conditions_default_to_engine_and_pause_on_a_gpu_and_pause_on_the_cpu():
+    assert bench.conditions_for(torch.device("cuda", 0), None) == ["engine", "pause"]
+    assert bench.conditions_for(torch.device("cpu"), None) == ["pause"]
+    assert bench.conditions_for(torch.device("cuda", 0), ["pause", "pause"]) == ["pause"]
+
+
+@pytest.mark.parametrize("requested, match", [(["engine"], "needs a GPU"), (["nap"], "unknown condition"),
+                                              ([], "unknown condition")])
+def test_bench_rejects_conditions_it_cannot_run_naming_the_choices(requested, match):
+    with pytest.raises(memmgr.MemmgrInputError, match=match):
+        bench.conditions_for(torch.device("cpu"), requested)
+
+
+def test_bench_table_has_one_section_per_condition():
+    row = {"method": "memmgr", "skipped": "not here"}
+    report = {"info": {"device": "d", "date": "t", "phase_gap_s": 0.5}, "peak_gbps": {"d2h": 1, "h2d": 1, "both": 2},
+              "results": [row], "by_condition": {"engine": [row], "pause": [row]}}
+    text = bench.format_table(report)
+    assert "## Megatron-shaped synthetic state, an engine in another process" in text
+    assert "## Megatron-shaped synthetic state, an untimed pause" in text

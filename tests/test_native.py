@@ -40,8 +40,8 @@ def test_native_calls_fail_cleanly_without_a_driver():
     with pytest.raises(RuntimeError, match="cudaHostRegister of 4096 bytes failed"):
         native.allocate(4096, 2, True, True)
     assert native.bytes_held() == before  # nothing leaked by the failed pin
-    with pytest.raises(RuntimeError, match="copy_async failed"):
-        native.copy_async(0, 0, 16, 0)
+    with pytest.raises(RuntimeError, match="kernel_copy: cannot look up"):
+        native.kernel_copy(0, 0, 16, 0, 0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback when pinning is impossible")

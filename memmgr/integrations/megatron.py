@@ -51,6 +51,7 @@ import warnings
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 
 from memmgr import arguments
 from memmgr.errors import MemmgrIntegrationError, MemmgrStateError
@@ -525,3 +526,69 @@ def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], opti
     logger.info("for_megatron: %d chunk(s), %d inner optimizer(s); %s", len(chunks), len(found.optimizers),
                 ", ".join(f"{n}={s.nbytes / 2**20:.1f} MiB" for n, s in mgr.state().items()))
     return mgr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# process groups (for memmgr.comms.NcclCommunicators)
+# ---------------------------------------------------------------------------------------------------------------
+# megatron-core's parallel_state getters, by the name the group gets here
+MEGATRON_GETTERS = {
+    "tensor": "get_tensor_model_parallel_group",
+    "pipeline": "get_pipeline_model_parallel_group",
+    "data": "get_data_parallel_group",
+    "data_context": ("get_data_parallel_group", {"with_context_parallel": True}),
+    "context": "get_context_parallel_group",
+    "model": "get_model_parallel_group",
+    "tensor_context": "get_tensor_and_context_parallel_group",
+    "embedding": "get_embedding_group",
+    "position_embedding": "get_position_embedding_group",
+    "expert": "get_expert_model_parallel_group",
+    "expert_tensor": "get_expert_tensor_parallel_group",
+    "expert_data": "get_expert_data_parallel_group",
+    "expert_tensor_model_pipeline": "get_expert_tensor_model_pipeline_parallel_group",
+    "expert_tensor_and_model": "get_expert_tensor_and_model_parallel_group",
+}
+
+
+def megatron_process_groups(*, with_single_rank: bool = False) -> dict[str, Any]:
+    """The process groups megatron-core's ``parallel_state`` holds for this rank, by role ("tensor", "pipeline",
+    "data", "expert", ...), each group once (the first role that names it), leaving out groups of one rank (no
+    communicator to speak of) unless ``with_single_rank``, groups on another backend than the default group's
+    (megatron's gloo side groups), and groups whose getter is missing or not initialized. The world group is never
+    among them."""
+    from megatron.core import parallel_state as ps
+
+    found: dict[str, Any] = {}
+    seen: set[int] = set()
+    for role, spec in MEGATRON_GETTERS.items():
+        getter_name, kwargs = (spec, {}) if isinstance(spec, str) else spec
+        getter = getattr(ps, getter_name, None)
+        if getter is None:
+            continue
+        try:
+            group = getter(check_initialized=False, **kwargs)
+        except TypeError:
+            try:
+                group = getter(**kwargs)
+            except Exception:
+                continue
+        except Exception:
+            continue
+        if group is None or isinstance(group, (list, tuple)) or id(group) in seen:
+            continue
+        if dist.is_initialized() and group is dist.group.WORLD:
+            continue
+        try:
+            size = dist.get_world_size(group)
+        except Exception:
+            continue
+        if size < 2 and not with_single_rank:
+            continue
+        try:
+            if str(dist.get_backend(group)) != str(dist.get_backend()):
+                continue  # megatron's gloo side groups: not the job's communicators
+        except Exception:
+            continue
+        seen.add(id(group))
+        found[role] = group
+    return found

@@ -8,7 +8,7 @@ host memcpy) and is labelled as such.
 Each cycle is offload, a pause, onload, a pause: the pauses stand in for the phases in between (generation, training)
 and are not timed. They matter on a GPU: for about 0.1 s after memory goes back to the driver (``empty_cache``),
 copies into newly allocated device memory run ~10% slower (the driver's doing, likely background work on the freed
-memory), for every method alike (``benchmarks/gpu_alloc_probe.py --fresh``; 2026-11-21 run L). In an RL loop the
+memory), for every method alike (``benchmarks/gpu_alloc_probe.py --fresh``). In an RL loop the
 generate phase sits there, so the bench measures the onload a trainer actually gets; ``--phase-gap 0`` measures
 back-to-back cycles.
 """
@@ -23,6 +23,7 @@ import time
 import torch
 
 logger = logging.getLogger("memmgr")
+from memmgr.errors import MemmgrInputError
 from memmgr.tools.bench_methods import (  # noqa: F401
     DEFAULT_PHASE_GAP_S,
     GB,
@@ -49,13 +50,32 @@ from memmgr.tools.bench_methods import (  # noqa: F401
 logger = logging.getLogger("memmgr")
 
 
+BETWEEN_CHOICES = ("engine", "pause")
+
+
+def conditions_for(device: torch.device, requested: list[str] | None) -> list[str]:
+    """What stands between offload and onload: ``engine`` (another process takes the freed memory and releases it
+    right before the onload, as in a colocated loop; GPU only) and/or ``pause`` (an untimed pause in this process).
+    Default: both on a GPU, the pause on the CPU path."""
+    if requested is None:
+        return list(BETWEEN_CHOICES) if device.type == "cuda" else ["pause"]
+    unknown = [c for c in requested if c not in BETWEEN_CHOICES]
+    if unknown or not requested:
+        raise MemmgrInputError(f"between: unknown condition(s) {unknown or requested}; choose from "
+                               f"{list(BETWEEN_CHOICES)}")
+    if "engine" in requested and device.type != "cuda":
+        raise MemmgrInputError("between: 'engine' needs a GPU (another process takes the GPU memory); use 'pause'")
+    return list(dict.fromkeys(requested))
+
+
 def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bool = False, cycles: int = 3,
               methods: list[str] | None = None, megatron: bool | None = None,
-              phase_gap_s: float | None = None) -> dict:
+              phase_gap_s: float | None = None, between: list[str] | None = None) -> dict:
     import click
     from tqdm import tqdm
 
     from memmgr import backend_info
+    from memmgr.tools.engine_standin import EngineStandIn
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU only (no GPU: the CPU path)"
@@ -65,8 +85,12 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
     if device.type != "cuda":
         chosen = [m for m in chosen if not isinstance(m, TorchMemorySaverMethod)]
     gap = phase_gap_for(device, phase_gap_s)
+    condition_names = conditions_for(device, between)
+    engine = EngineStandIn(device) if "engine" in condition_names else None
+    conditions = {name: (engine.cycle if name == "engine" else None) for name in condition_names}
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": label, "torch": torch.__version__,
-            "backend": backend_info().describe(), "requested_copied_bytes": copied, "phase_gap_s": gap}
+            "backend": backend_info().describe(), "requested_copied_bytes": copied, "phase_gap_s": gap,
+            "between": condition_names}
     click.echo(f"memmgr bench on {label}: {backend_info().describe()}")
     peak = pinned_peak(device, nbytes=min(2 * GiB, int(copied)) if device.type == "cuda" else 256 * 2**20)
     click.echo(f"pinned-copy peak: d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s, both {peak['both']:.1f} GB/s")
@@ -74,26 +98,33 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
     # (megatron 0.19 probes torch_memory_saver's singleton at import), and its state is gone before the synthetic
     # state is sized to the free memory.
     megatron_bar = tqdm(total=4, desc="megatron GPT methods", unit="method", disable=device.type != "cuda")
-    megatron_report = _megatron_section(device, megatron, peak, cycles, methods, megatron_bar, gap)
+    megatron_report = _megatron_section(device, megatron, peak, cycles, methods, megatron_bar, gap, conditions)
     megatron_bar.close()
     if device.type == "cuda" and size_gb is None:  # sized again to what the GPT left free
         copied = info["requested_copied_bytes"] = default_size(device)
-    results = []
+    by_condition: dict[str, list] = {name: [] for name in conditions}
     progress = tqdm(chosen, desc="methods", unit="method")
     for method in progress:
         progress.set_postfix_str(method.name)
         reason = method.available()
         if reason:
-            results.append({"method": method.name, "skipped": reason})
+            for rows in by_condition.values():
+                rows.append({"method": method.name, "skipped": reason})
             continue
         n = memmgr_cycles(cycles) if isinstance(method, MemmgrMethod) else cycles
-        results.append(run_method(method, copied, device, n, lambda: make_state(copied, device),
-                                  phase_gap_s=gap).summary(peak))
-    small = run_method(MemmgrMethod(), 0, device, cycles, lambda: make_small_tensors(10_000, 64 * 1024, device),
-                       phase_gap_s=gap).summary(peak)
-    small["method"] = "memmgr_10000x64KiB"
-    results.append(small)
-    report = {"info": info, "peak_gbps": peak, "results": results}
+        for name, step in conditions.items():
+            by_condition[name].append(run_method(method, copied, device, n, lambda: make_state(copied, device),
+                                                 phase_gap_s=gap, between=step).summary(peak))
+    for name, step in conditions.items():
+        small = run_method(MemmgrMethod(), 0, device, cycles,
+                           lambda: make_small_tensors(10_000, 64 * 1024, device), phase_gap_s=gap,
+                           between=step).summary(peak)
+        small["method"] = "memmgr_10000x64KiB"
+        by_condition[name].append(small)
+    if engine is not None:
+        engine.close()
+    report = {"info": info, "peak_gbps": peak, "results": next(iter(by_condition.values())),
+              "by_condition": by_condition}
     report["megatron"] = megatron_report
     if sweep:
         report["sweep"] = run_sweep(device, peak, out, gap)
@@ -104,7 +135,8 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
 
 
 def _megatron_section(device: torch.device, wanted: bool | None, peak: dict, cycles: int,
-                      methods: list[str] | None, progress, phase_gap_s: float) -> dict | None:
+                      methods: list[str] | None, progress, phase_gap_s: float,
+                      conditions: dict | None = None) -> dict | None:
     """The same comparison on a real megatron-core GPT (with megatron's built-in helpers beside memmgr), when
     megatron-core is installed and a GPU is present (``wanted`` None: whenever it can run; False: never)."""
     if wanted is False:
@@ -118,7 +150,7 @@ def _megatron_section(device: torch.device, wanted: bool | None, peak: dict, cyc
         logger.info("Megatron workload skipped: %s", reason)
         return None
     try:
-        return bench_megatron.run_megatron_workload(peak, cycles, methods, progress, phase_gap_s)
+        return bench_megatron.run_megatron_workload(peak, cycles, methods, progress, phase_gap_s, conditions)
     except Exception as exc:  # the synthetic comparison above still stands
         logger.exception("the Megatron workload failed")
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -240,16 +272,26 @@ def format_table(report: dict) -> str:
     gap = report["info"].get("phase_gap_s")
     if gap is not None:
         lines += [f"untimed pause after each offload and onload (the phases in between): {gap:g} s", ""]
-    lines += ["## Megatron-shaped synthetic state", ""]
-    lines += _table_rows(report["results"]) + _peer_line(report["results"])
+    by_condition = report.get("by_condition") or {"pause": report["results"]}
     mg = report.get("megatron")
-    if mg:
-        lines += ["", "## Real megatron-core GPT", ""]
-        if "results" in mg:
-            lines += [mg["description"], ""] + _table_rows(mg["results"]) + _peer_line(mg["results"])
-        else:
-            lines.append(f"not run: {mg.get('skipped') or mg.get('error')}")
-    return "\n".join(lines)
+    for name, rows in by_condition.items():
+        title = CONDITION_TITLES.get(name, name)
+        if mg:
+            lines += [f"## Real megatron-core GPT, {title}", ""]
+            if "results" in mg:
+                mg_rows = (mg.get("by_condition") or {"pause": mg["results"]}).get(name, [])
+                lines += [mg["description"], ""] + _table_rows(mg_rows) + _peer_line(mg_rows) + [""]
+            else:
+                lines += [f"not run: {mg.get('skipped') or mg.get('error')}", ""]
+        lines += [f"## Megatron-shaped synthetic state, {title}", ""]
+        lines += _table_rows(rows) + _peer_line(rows) + [""]
+    return "\n".join(lines).rstrip()
+
+
+CONDITION_TITLES = {
+    "engine": "an engine in another process takes the freed memory and releases it before each onload",
+    "pause": "an untimed pause in this process between the moves",
+}
 
 
 def write_outputs(report: dict, out: str) -> None:

@@ -183,9 +183,11 @@ class MegatronBuiltinMethod(Method):
 
 
 def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = None,
-                          progress: Any = None, phase_gap_s: float = 0.0) -> dict:
-    """Builds the GPT, takes one step, and times each method on it. Returns {"model", "description", "loss_step1",
-    "state_bytes", "results": [MethodResult.summary(...)]}."""
+                          progress: Any = None, phase_gap_s: float = 0.0,
+                          conditions: dict[str, Any] | None = None) -> dict:
+    """Builds the GPT, takes one step, and times each method on it under each condition (name -> the ``between``
+    step of ``run_method``, None for the plain pause). Returns {"model", "description", "loss_step1",
+    "state_bytes", "by_condition": {name: [MethodResult.summary(...)]}, "results": the first condition's}."""
     from memmgr.tools.bench_methods import process_gpu_bytes
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -213,7 +215,8 @@ def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = N
     # move views of shared storages); the built-ins run last because they rebind tensors.
     candidates: list[Method] = [PerTensorMethod(pinned_cache=True), PerTensorMethod(pinned_cache=False),
                                 MegatronMemmgrMethod(), MegatronBuiltinMethod(state)]
-    results = []
+    conditions = conditions or {"pause": None}
+    by_condition: dict[str, list] = {name: [] for name in conditions}
     for method in candidates:
         if methods is not None and method.name not in methods:
             continue
@@ -222,14 +225,18 @@ def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = N
             progress.update(1)
         reason = method.available()
         if reason:
-            results.append({"method": method.name, "skipped": reason})
+            for rows in by_condition.values():
+                rows.append({"method": method.name, "skipped": reason})
             continue
         n = memmgr_cycles(cycles) if isinstance(method, MegatronMemmgrMethod) else cycles
-        r = run_method(method, 0, device, n, lambda: state, baseline=baseline, phase_gap_s=phase_gap_s)
-        results.append(r.summary(peak))
-        logger.info("Megatron workload %s: offload %s s, onload %s s, intact %s", method.name,
-                    [round(x, 3) for x in r.offload_s], [round(x, 3) for x in r.onload_s], r.intact)
-    out["results"] = results
+        for condition, between in conditions.items():
+            r = run_method(method, 0, device, n, lambda: state, baseline=baseline, phase_gap_s=phase_gap_s,
+                           between=between)
+            by_condition[condition].append(r.summary(peak))
+            logger.info("Megatron workload %s (%s): offload %s s, onload %s s, intact %s", method.name, condition,
+                        [round(x, 3) for x in r.offload_s], [round(x, 3) for x in r.onload_s], r.intact)
+    out["by_condition"] = by_condition
+    out["results"] = next(iter(by_condition.values()))
     del state, ddp, opt, candidates, method
     gc.collect()  # megatron's modules hold reference cycles
     torch.cuda.empty_cache()

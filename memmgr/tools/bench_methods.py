@@ -118,8 +118,8 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 def pinned_peak(device: torch.device, nbytes: int = 2 * GiB, repeats: int = 10) -> dict[str, float]:
     """GB/s of one large copy each way, and both ways at once on two streams, into pinned memory: the best of
-    ``repeats``, because the link's throughput drifts by up to ~15% from one copy to the next (H100, 2026-11-21 run
-    L) and a peak taken from three copies could land in a slow stretch and flatter every ratio."""
+    ``repeats``, because the link's throughput can drift by up to ~15% from one copy to the next, and a peak taken
+    from a few copies could land in a slow stretch and flatter every ratio."""
     if device.type != "cuda":
         src = torch.empty(nbytes, dtype=torch.uint8)
         src.fill_(1)
@@ -319,7 +319,7 @@ class MethodResult:
 
     def summary(self, peak: dict[str, float]) -> dict:
         out = asdict(self)
-        if self.offload_s:
+        if self.offload_s and self.onload_s:  # a method that failed part-way reports its error instead
             steady_off = statistics.median(self.offload_s[1:] or self.offload_s)
             steady_on = statistics.median(self.onload_s[1:] or self.onload_s)
             out.update(cycles=len(self.offload_s), first_offload_gbps=self.gbps(self.offload_s[0]),
@@ -347,10 +347,12 @@ def process_gpu_bytes(device: torch.device) -> int | None:
 
 def run_method(method: Method, copied_bytes: float, device: torch.device, cycles: int,
                make: Callable[[], TrainingState], baseline: tuple[int | None, int] | None = None,
-               phase_gap_s: float = 0.0) -> MethodResult:
+               phase_gap_s: float = 0.0, between: Callable[[], object] | None = None) -> MethodResult:
     """Times ``cycles`` offload/onload rounds of one method, with an untimed pause of ``phase_gap_s`` after each
-    offload and each onload (the phases in between). ``baseline``: (NVML bytes, memory_reserved) before the state
-    existed, when ``make`` returns a state built earlier (the Megatron workload); else measured here."""
+    offload and each onload (the phases in between). ``between``, if given, replaces the pause after each offload
+    (e.g. an engine in another process taking the freed memory and releasing it: ``EngineStandIn.cycle``), so the
+    onload starts right after it returns. ``baseline``: (NVML bytes, memory_reserved) before the state existed,
+    when ``make`` returns a state built earlier (the Megatron workload); else measured here."""
     gc.collect()  # a model freed by the previous method may still sit in reference cycles
     _sync(device)
     if device.type == "cuda":
@@ -376,7 +378,10 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
                 if device.type == "cuda":
                     result.torch_reserved_left_over = torch.cuda.memory_reserved(device) - reserved_baseline
                 result.host_bytes = method.host_bytes()
-            time.sleep(phase_gap_s)
+            if between is not None:
+                between()
+            else:
+                time.sleep(phase_gap_s)
             result.onload_s.append(timed(lambda: method.onload(state), device))
             time.sleep(phase_gap_s)
         result.intact = checksum(state.copied) == before

@@ -27,13 +27,18 @@ def main(verbose: bool) -> None:
 @click.option("--phase-gap", type=click.FloatRange(min=0), default=None,
               help="Untimed seconds after each offload and onload, standing in for the phases in between "
                    "[default: 0.5 on a GPU, 0 on the CPU path]; 0 times back-to-back cycles.")
+@click.option("--between", default=None,
+              help="What stands between offload and onload, comma-separated: 'engine' (another process takes the "
+                   "freed GPU memory and releases it right before the onload, as in a colocated RL loop) and/or "
+                   "'pause' (an untimed pause) [default: engine,pause on a GPU, pause on the CPU path].")
 def bench(out: str, size_gb: float | None, sweep: bool, cycles: int, methods: str | None,
-          megatron: bool | None, phase_gap: float | None) -> None:
+          megatron: bool | None, phase_gap: float | None, between: str | None) -> None:
     """Time offload/onload against the link's peak and against peers (the main job)."""
     from memmgr.tools.bench import run_bench
 
     run_bench(out=out, size_gb=size_gb, sweep=sweep, cycles=cycles,
-              methods=methods.split(",") if methods else None, megatron=megatron, phase_gap_s=phase_gap)
+              methods=methods.split(",") if methods else None, megatron=megatron, phase_gap_s=phase_gap,
+              between=between.split(",") if between else None)
 
 
 @main.command()

@@ -1,6 +1,6 @@
 """Measurements of the host<->device link and of pinning cost, shared by ``memmgr doctor`` and the benchmarks.
 
-Speeds are in GB/s (1e9 bytes per second), the unit of /work/shared/reference/measurements.md; pinning cost is in
+Speeds are in GB/s (1e9 bytes per second); pinning cost is in
 seconds per GiB. Every function needs a CUDA GPU (``measure_pinning_speed`` measures what it can without one) and
 frees what it allocated before returning.
 """

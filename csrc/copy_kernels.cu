@@ -1,0 +1,151 @@
+// Zero-copy copy kernels: the SMs load and store across the host<->device link themselves (mapped pinned host
+// memory, addressed through unified addressing), so a move does not wait for the copy engines. Right after GPU
+// memory was given back to the driver (another process's release, or an empty_cache) host->device engine copies
+// run at about half the link's speed for a while, while these kernels still run at ~0.93x of it (issue 16; H200
+// figures in benchmarks/results/2026-11-29/h200-copy-paths-*). The SMs' ceiling below the engines' is likely the
+// link's per-request overhead (smaller requests than the engines'); more blocks or more bytes in flight do not
+// raise it (132 to 1056 blocks: 51.2-51.4 GB/s host->device).
+//
+// Kept free of torch headers: compiled by nvcc alone and linked into the memmgr._pinned extension.
+#include "copy_kernels.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+namespace {
+
+constexpr int kThreads = 256;
+// Vectors each thread loads before it stores any: the link's latency is microseconds, so many requests must be in
+// flight per thread to keep ~55 GB/s moving (bytes in flight = threads * kUnroll * vector width).
+constexpr int kUnroll = 4;
+// Blocks per multiprocessor when the caller does not say: 2 x 256 threads x 4 x 16 B = 32 KiB in flight per SM,
+// several MiB per device, far above the link's bandwidth-delay product, while leaving most of each SM's thread
+// slots free for compute that runs at the same time. Measured on an H200 (132 SMs): host->device 51.2-51.4 GB/s at
+// 1 to 8 blocks per SM; device->host 52.4 at 1-2, 51.0 at 8.
+constexpr int kBlocksPerSm = 2;
+constexpr int kMaxDevices = 64;
+
+std::atomic<int> g_sm_count[kMaxDevices];
+
+int sm_count(int device) {
+  if (device < 0 || device >= kMaxDevices) return 0;
+  int count = g_sm_count[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    g_sm_count[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
+template <typename V>
+__device__ __forceinline__ V load_streaming(const V* p) {
+  return __ldcs(p);
+}
+
+template <typename V>
+__device__ __forceinline__ void store_streaming(V* p, V v) {
+  __stcs(p, v);
+}
+
+// Copies nbytes from src to dst. Bytes [head, head + nvec * sizeof(V)) move as vectors of type V, which both src
+// and dst hold at V-aligned addresses there; the unaligned head (< sizeof(V) bytes) and tail (< sizeof(V) bytes)
+// move one byte per thread.
+template <typename V>
+__global__ void __launch_bounds__(kThreads) copy_kernel(unsigned char* __restrict__ dst,
+                                                        const unsigned char* __restrict__ src, size_t nbytes,
+                                                        size_t head, size_t nvec) {
+  const size_t tid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  const size_t body_end = head + nvec * sizeof(V);
+  if (tid < head) dst[tid] = src[tid];
+  if (tid < nbytes - body_end) dst[body_end + tid] = src[body_end + tid];
+
+  const V* s = reinterpret_cast<const V*>(src + head);
+  V* d = reinterpret_cast<V*>(dst + head);
+  // Grid-stride: consecutive threads touch consecutive vectors (a warp moves 32 * sizeof(V) contiguous bytes).
+  size_t i = tid;
+  for (; i + (kUnroll - 1) * stride < nvec; i += kUnroll * stride) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = load_streaming(s + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) store_streaming(d + i + u * stride, v[u]);
+  }
+  for (; i < nvec; i += stride) store_streaming(d + i, load_streaming(s + i));
+}
+
+template <typename V>
+cudaError_t launch(unsigned char* dst, const unsigned char* src, size_t nbytes, cudaStream_t stream, int blocks) {
+  constexpr size_t w = sizeof(V);
+  const size_t misalign = reinterpret_cast<uintptr_t>(src) & (w - 1);
+  const size_t head = std::min(nbytes, (w - misalign) & (w - 1));
+  const size_t nvec = (nbytes - head) / w;
+  // No more blocks than there is work for: one thread per vector per unrolled step, at least one block, which
+  // also covers the head and tail bytes (< 2 * 16 threads).
+  const size_t per_block = static_cast<size_t>(kThreads) * kUnroll;
+  const size_t useful = std::max<size_t>(1, (nvec + per_block - 1) / per_block);
+  const unsigned grid = static_cast<unsigned>(std::min<size_t>(static_cast<size_t>(blocks), useful));
+  copy_kernel<V><<<grid, kThreads, 0, stream>>>(dst, src, nbytes, head, nvec);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" int memmgr_copy_kernel_threads() { return kThreads; }
+
+extern "C" int memmgr_copy_kernel_default_blocks(int device) {
+  const int sms = sm_count(device);
+  return std::max(1, sms) * kBlocksPerSm;
+}
+
+extern "C" cudaError_t memmgr_prepare_copy_kernels(int device) {
+  int previous = -1;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err != cudaSuccess) return err;
+  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  // Looking a kernel up loads it into the context now. Under lazy module loading the first launch would load it,
+  // and loading may wait for the whole device: a copy issued behind a long kernel would block the caller.
+  cudaFuncAttributes attrs;
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<uint4>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<uint2>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned int>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned short>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned char>);
+  if (err == cudaSuccess && sm_count(device) == 0) err = cudaErrorInvalidDevice;
+  if (previous != device && previous >= 0) cudaSetDevice(previous);
+  return err;
+}
+
+extern "C" cudaError_t memmgr_launch_copy_kernel(void* dst, const void* src, size_t nbytes, cudaStream_t stream,
+                                                 int device, int blocks) {
+  if (nbytes == 0) return cudaSuccess;
+  int previous = -1;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err != cudaSuccess) return err;
+  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  if (blocks <= 0) blocks = memmgr_copy_kernel_default_blocks(device);
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* s = static_cast<const unsigned char*>(src);
+  // The widest vector that src and dst share an alignment for; a 16-byte one in every bucket memmgr makes (device
+  // buffers and host buffers are both at least 512-byte aligned and split points are 4 KiB multiples).
+  const uintptr_t relative = reinterpret_cast<uintptr_t>(d) ^ reinterpret_cast<uintptr_t>(s);
+  if ((relative & 15) == 0) {
+    err = launch<uint4>(d, s, nbytes, stream, blocks);
+  } else if ((relative & 7) == 0) {
+    err = launch<uint2>(d, s, nbytes, stream, blocks);
+  } else if ((relative & 3) == 0) {
+    err = launch<unsigned int>(d, s, nbytes, stream, blocks);
+  } else if ((relative & 1) == 0) {
+    err = launch<unsigned short>(d, s, nbytes, stream, blocks);
+  } else {
+    err = launch<unsigned char>(d, s, nbytes, stream, blocks);
+  }
+  if (previous != device && previous >= 0) cudaSetDevice(previous);
+  return err;
+}

@@ -1,0 +1,344 @@
+"""What every weight transport shares: the flat per-dtype bucket, the tensor metadata, the check against what an
+engine holds, and the trainer-side ``Transport`` interface.
+
+A sync is a stream of ``WeightBucket`` s: each is one flat 1-D tensor of a single dtype holding several weights back
+to back (each starting at a byte offset aligned to ``ALIGN_BYTES``), plus one ``TensorEntry`` per weight (name,
+shape, dtype, byte offset). ``bucketize`` builds such a stream from ``(name, tensor)`` pairs; a transport moves each
+bucket to the engine, where ``WeightBucket.views`` gives back ``(name, tensor)`` views for the engine's
+``load_weights``.
+
+Before any weight moves, ``check_specs`` compares the names, shapes and dtypes the trainer is about to send with
+what the engine holds and raises ``MemmgrSyncMismatchError`` (memmgr.errors) naming the tensors that differ.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
+
+logger = logging.getLogger("memmgr")
+
+ALIGN_BYTES = 256            # each tensor starts at a multiple of this inside its bucket
+DEFAULT_BUCKET_BYTES = 256 << 20
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the form metadata travels in)."""
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise MemmgrSyncError(f"weight sync metadata names dtype {name!r}, which torch {torch.__version__} lacks; "
+                              f"use the same torch version on trainer and engine")
+    return dtype
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Name, shape and dtype of one weight: what the trainer sends or what the engine holds."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * _itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One weight inside a bucket: its name, shape and dtype, and the byte offset where it starts in the flat
+    tensor."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return _numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _itemsize(self.dtype)
+
+    def spec(self) -> ParamSpec:
+        return ParamSpec(self.name, self.shape, self.dtype)
+
+
+@dataclass
+class WeightBucket:
+    """Several weights of one dtype packed into one flat 1-D tensor.
+
+    ``flat`` is contiguous and of the bucket's dtype; ``entries`` say where each weight lies (byte offsets, each a
+    multiple of the dtype's size). ``views()`` returns ``(name, tensor)`` views into ``flat`` (no copy).
+    """
+    flat: torch.Tensor
+    entries: tuple[TensorEntry, ...]
+
+    def __post_init__(self) -> None:
+        if self.flat.dim() != 1 or not self.flat.is_contiguous():
+            raise MemmgrInputError(f"WeightBucket: flat must be a contiguous 1-D tensor, got shape "
+                                   f"{tuple(self.flat.shape)}; build buckets with WeightBucket.pack or bucketize")
+        item = self.flat.element_size()
+        for e in self.entries:
+            if e.dtype != self.flat.dtype:
+                raise MemmgrInputError(f"WeightBucket: tensor {e.name!r} is {e.dtype} but the bucket is "
+                                       f"{self.flat.dtype}; a bucket holds one dtype (bucketize groups by dtype)")
+            if e.offset % item or e.offset < 0 or e.offset + e.nbytes > self.nbytes:
+                raise MemmgrInputError(f"WeightBucket: tensor {e.name!r} (offset {e.offset} B, {e.nbytes} B) does "
+                                       f"not lie inside the bucket's {self.nbytes} B at a multiple of {item} B")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flat.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of the weights themselves (without alignment padding)."""
+        return sum(e.nbytes for e in self.entries)
+
+    def views(self) -> list[tuple[str, torch.Tensor]]:
+        """``(name, view)`` per weight; the views share ``flat``'s storage."""
+        item = self.flat.element_size()
+        return [(e.name, self.flat[e.offset // item:e.offset // item + e.numel].view(e.shape)) for e in self.entries]
+
+    def specs(self) -> list[ParamSpec]:
+        return [e.spec() for e in self.entries]
+
+    def meta(self) -> dict[str, Any]:
+        """The bucket's layout as plain JSON-able data (what a control channel carries; no tensor data)."""
+        return {"dtype": dtype_name(self.dtype), "numel": int(self.flat.numel()),
+                "entries": [[e.name, list(e.shape), e.offset] for e in self.entries]}
+
+    @staticmethod
+    def layout_from_meta(meta: Mapping[str, Any]) -> tuple[torch.dtype, int, tuple[TensorEntry, ...]]:
+        """(dtype, numel, entries) of a bucket described by ``meta()``."""
+        try:
+            dtype = dtype_from_name(str(meta["dtype"]))
+            numel = int(meta["numel"])
+            entries = tuple(TensorEntry(str(n), tuple(int(s) for s in shape), dtype, int(off))
+                            for n, shape, off in meta["entries"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MemmgrSyncError(f"weight sync: malformed bucket metadata ({exc!r}); trainer and engine must run the "
+                                  f"same memmgr version") from exc
+        return dtype, numel, entries
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], flat: torch.Tensor) -> "WeightBucket":
+        """The bucket ``meta`` describes, over ``flat`` (e.g. a receive buffer; its first ``numel`` elements)."""
+        dtype, numel, entries = cls.layout_from_meta(meta)
+        if flat.dtype != dtype or flat.numel() < numel:
+            raise MemmgrSyncError(f"weight sync: receive buffer is {flat.dtype} x {flat.numel()} but the bucket is "
+                                  f"{dtype} x {numel}")
+        return cls(flat[:numel], entries)
+
+    @classmethod
+    def pack(cls, pairs: Sequence[tuple[str, torch.Tensor]], *, out: torch.Tensor | None = None,
+             device: torch.device | str | None = None) -> "WeightBucket":
+        """Copies ``pairs`` (all of one dtype) into one flat tensor, each at an ``ALIGN_BYTES``-aligned offset.
+
+        ``out`` (a 1-D tensor of that dtype, large enough) is reused instead of allocating: the ring buffers of a
+        transport. Otherwise the bucket is allocated on ``device`` (default: the first tensor's device).
+        """
+        if not pairs:
+            raise MemmgrInputError("WeightBucket.pack: no tensors given")
+        dtype = pairs[0][1].dtype
+        item = _itemsize(dtype)
+        entries = []
+        offset = 0
+        for name, t in pairs:
+            if not isinstance(t, torch.Tensor):
+                raise MemmgrInputError(f"WeightBucket.pack: {name!r} is a {type(t).__name__}, not a tensor")
+            if t.dtype != dtype:
+                raise MemmgrInputError(f"WeightBucket.pack: tensor {name!r} is {t.dtype} but the bucket's first "
+                                       f"tensor is {dtype}; pack one dtype per bucket (bucketize does)")
+            entries.append(TensorEntry(name, tuple(int(s) for s in t.shape), dtype, offset))
+            offset = _aligned(offset + t.numel() * item)
+        numel = offset // item
+        if out is None:
+            flat = torch.empty(numel, dtype=dtype, device=device if device is not None else pairs[0][1].device)
+        else:
+            if out.dtype != dtype or out.dim() != 1 or out.numel() < numel:
+                raise MemmgrInputError(f"WeightBucket.pack: out is {out.dtype} x {tuple(out.shape)} but the bucket "
+                                       f"needs a 1-D {dtype} tensor of at least {numel} elements")
+            flat = out[:numel]
+        bucket = cls(flat, tuple(entries))
+        dst = [v.reshape(-1) for _, v in bucket.views()]
+        src = [t.detach().reshape(-1) for _, t in pairs]
+        with torch.no_grad():
+            torch._foreach_copy_(dst, src)
+        return bucket
+
+
+def split_per_dtype(bucket: Any) -> list[WeightBucket]:
+    """The ``WeightBucket`` s (one per dtype) of a bucket that holds one flat tensor per dtype: an object with
+    ``flats`` (dtype -> flat 1-D tensor) and ``entries`` (each with ``name``, ``shape``, ``dtype`` and ``offset`` in
+    elements of its dtype), like the Megatron export's ``ExportBucket``. No data is copied."""
+    out = []
+    for dtype, flat in bucket.flats.items():
+        item = flat.element_size()
+        entries = tuple(TensorEntry(e.name, tuple(int(s) for s in e.shape), e.dtype, int(e.offset) * item)
+                        for e in bucket.entries if e.dtype == dtype)
+        if entries:
+            out.append(WeightBucket(flat, entries))
+    return out
+
+
+def is_multi_dtype_bucket(obj: Any) -> bool:
+    """Whether ``obj`` is a bucket with one flat tensor per dtype (see ``split_per_dtype``)."""
+    return not isinstance(obj, WeightBucket) and hasattr(obj, "flats") and hasattr(obj, "entries")
+
+
+def as_specs(items: Iterable[Any]) -> list[ParamSpec]:
+    """``ParamSpec`` s from anything with ``name``, ``shape`` and ``dtype`` (e.g. the export's entries, vLLM's
+    ``ParamMeta``)."""
+    return [s if isinstance(s, ParamSpec) else ParamSpec(str(s.name), tuple(int(d) for d in s.shape), s.dtype)
+            for s in items]
+
+
+def group_pairs(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES
+                ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Groups a stream of ``(name, tensor)`` pairs into lists of one dtype whose aligned bytes stay within
+    ``bucket_bytes`` (a larger tensor gets a list of its own), keeping the stream's order within each dtype. Lazy: a
+    list is yielded when it is full, so at most one open list per dtype is held. What ``bucketize`` packs, and what
+    a transport that packs straight into its own buffers (``CudaIpcTransport.send_pairs``) takes."""
+    if bucket_bytes <= 0:
+        raise MemmgrInputError(f"bucketize: bucket_bytes must be positive, got {bucket_bytes}")
+    open_: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    fill: dict[torch.dtype, int] = {}
+    seen: set[str] = set()
+    for name, t in pairs:
+        if name in seen:
+            raise MemmgrInputError(f"bucketize: tensor {name!r} appears twice in the weight stream; each name must "
+                                   f"be sent once per sync")
+        seen.add(name)
+        nbytes = _aligned(t.numel() * t.element_size())
+        members = open_.setdefault(t.dtype, [])
+        if members and fill[t.dtype] + nbytes > bucket_bytes:
+            yield list(members)
+            members.clear()
+            fill[t.dtype] = 0
+        members.append((name, t))
+        fill[t.dtype] = fill.get(t.dtype, 0) + nbytes
+    for members in open_.values():
+        if members:
+            yield list(members)
+
+
+def bucketize(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES, *,
+              device: torch.device | str | None = None) -> Iterator[WeightBucket]:
+    """Packs a stream of ``(name, tensor)`` pairs into flat per-dtype buckets of at most ``bucket_bytes`` (a larger
+    tensor gets a bucket of its own), keeping the stream's order within each dtype (see ``group_pairs``). Each bucket
+    is a new tensor on ``device`` (default: its first tensor's device)."""
+    for group in group_pairs(pairs, bucket_bytes):
+        yield WeightBucket.pack(group, device=device)
+
+
+def specs_of(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> list[ParamSpec]:
+    """The ``ParamSpec`` of each ``(name, tensor)`` (reads shapes and dtypes only)."""
+    items = weights.items() if isinstance(weights, Mapping) else weights
+    return [ParamSpec(n, tuple(int(s) for s in t.shape), t.dtype) for n, t in items]
+
+
+def check_specs(sent: Sequence[ParamSpec], held: Mapping[str, tuple[Sequence[int], torch.dtype]], *,
+                where: str = "the engine", require_all: bool = True) -> None:
+    """Raises ``MemmgrSyncMismatchError`` if the weights about to be sent do not fit what ``where`` holds.
+
+    ``held`` maps each name the engine accepts to (shape, dtype). A sent name the engine lacks, a shape or dtype
+    that differs, a name sent twice, and (with ``require_all``) an engine weight that is not sent are each named in
+    the message, with the closest engine names for an unknown one.
+    """
+    problems: list[str] = []
+    names: set[str] = set()
+    for spec in sent:
+        if spec.name in names:
+            problems.append(f"{spec.name!r} is sent twice")
+            continue
+        names.add(spec.name)
+        if spec.name not in held:
+            close = difflib.get_close_matches(spec.name, list(held), n=3)
+            problems.append(f"{spec.name!r} (shape {list(spec.shape)}, {dtype_name(spec.dtype)}): {where} has no "
+                            f"weight of that name" + (f" (closest: {close})" if close else ""))
+            continue
+        shape, dtype = held[spec.name]
+        shape = tuple(int(s) for s in shape)
+        if shape != spec.shape or dtype != spec.dtype:
+            problems.append(f"{spec.name!r}: sent shape {list(spec.shape)}, {dtype_name(spec.dtype)} but {where} "
+                            f"holds shape {list(shape)}, {dtype_name(dtype)}")
+    if require_all:
+        missing = [n for n in held if n not in names]
+        if missing:
+            problems.append(f"{len(missing)} weight(s) of {where} are not sent: {missing[:5]}"
+                            + (" ..." if len(missing) > 5 else ""))
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise MemmgrSyncMismatchError(
+            f"weight sync refused before any weight moved; {where} keeps its previous weights. "
+            + "; ".join(problems[:8]) + more + ". Send the engine's checkpoint names (HF names for vLLM) with its "
+            "shapes and dtype: fix the export's name mapping, build trainer and engine from the same architecture, "
+            "or cast to the engine's dtype")
+
+
+class Transport(ABC):
+    """The trainer side of one data plane: hands a stream of ``WeightBucket`` s to an engine.
+
+    A transport may be given an ``announce`` callable: the control channel to the engine (for vLLM, its
+    ``update_weights`` RPC). ``send_bucket`` then passes ``describe(bucket)`` to it while the data moves, and returns
+    once the engine has loaded the bucket, so the caller may refill the bucket's memory afterwards. ``finish``
+    returns once the engine has every bucket of this sync; ``close`` releases the channel. Failures raise
+    ``MemmgrSyncError`` (``MemmgrSyncTimeoutError`` for a peer that does not answer) naming the rank and the step.
+    """
+
+    #: short name of the transport, used in messages
+    name: str = "transport"
+
+    def start(self, specs: Sequence[ParamSpec]) -> None:
+        """Called once per sync, after validation and before the first bucket."""
+
+    def describe(self, bucket: WeightBucket) -> dict[str, Any]:
+        """The control message a receiver needs for this bucket: its layout (plus e.g. an IPC handle)."""
+        return bucket.meta()
+
+    @abstractmethod
+    def send_bucket(self, bucket: WeightBucket) -> None:
+        """Moves one bucket to the engine."""
+
+    def finish(self) -> None:
+        """Returns once every bucket sent in this sync has reached the engine."""
+
+    def close(self) -> None:
+        """Releases the channel; the transport cannot send afterwards."""
+
+
+__all__ = ["ALIGN_BYTES", "DEFAULT_BUCKET_BYTES", "ParamSpec",
+           "TensorEntry", "WeightBucket", "bucketize", "group_pairs",
+           "split_per_dtype", "is_multi_dtype_bucket", "as_specs",
+           "specs_of", "check_specs", "Transport", "dtype_name", "dtype_from_name"]

@@ -1,0 +1,66 @@
+"""The in-process transport: the engine lives in the trainer's process (a hybrid engine), so a bucket is handed to
+its ``load_weights`` directly, as ``(name, view)`` pairs into the bucket. Nothing is copied on the way.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from memmgr.errors import MemmgrInputError, MemmgrSyncError
+from memmgr.sync.transports.base import ParamSpec, Transport, WeightBucket
+
+logger = logging.getLogger("memmgr")
+
+LoadWeights = Callable[[Iterable[tuple[str, torch.Tensor]]], Any]
+
+
+class InProcessTransport(Transport):
+    """Calls ``load_weights(list of (name, view))`` once per bucket.
+
+    The views alias the bucket: ``load_weights`` must copy what it keeps (vLLM's ``model.load_weights`` and
+    ``memmgr.sync.ModuleWeightLoader`` do). An exception from ``load_weights`` becomes a ``MemmgrSyncError`` naming
+    the bucket's tensors; the original exception is its cause.
+    """
+
+    name = "inproc"
+
+    def __init__(self, load_weights: LoadWeights):
+        if not callable(load_weights):
+            raise MemmgrInputError(f"InProcessTransport takes a load_weights callable (e.g. a vLLM model's "
+                                   f"load_weights or memmgr.sync.ModuleWeightLoader(module)), got "
+                                   f"{type(load_weights).__name__}")
+        self.load_weights = load_weights
+        self.buckets = 0
+        self.nbytes = 0
+        self._closed = False
+
+    def start(self, specs: Sequence[ParamSpec]) -> None:
+        self.buckets = 0
+        self.nbytes = 0
+
+    def send_bucket(self, bucket: WeightBucket) -> None:
+        if self._closed:
+            raise MemmgrSyncError("InProcessTransport.send_bucket: the transport is closed; build a new one")
+        pairs = bucket.views()
+        try:
+            with torch.no_grad():
+                self.load_weights(pairs)
+        except Exception as exc:
+            names = [n for n, _ in pairs]
+            named = [n for n in names if n in str(exc)]
+            shown = named or names[:5]
+            more = " ..." if len(names) > 5 and not named else ""
+            raise MemmgrSyncError(
+                f"in-process weight sync: load_weights raised {type(exc).__name__}: {exc} while loading bucket "
+                f"{self.buckets} ({bucket.dtype}, tensors {shown}{more}); "
+                f"the engine holds the buckets before this one. Fix the cause and sync again") from exc
+        self.buckets += 1
+        self.nbytes += bucket.payload_bytes
+
+    def close(self) -> None:
+        self._closed = True
+
+
+__all__ = ["InProcessTransport"]

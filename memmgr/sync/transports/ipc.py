@@ -1,0 +1,230 @@
+"""The same-GPU transport: trainer and engine are two processes on one GPU, and buckets travel through CUDA IPC.
+
+NCCL cannot have two ranks on one GPU, so colocated trainers hand weights over through CUDA IPC. Handles per tensor
+are slow (one IPC open per tensor per sync), so this transport owns a small ring of flat byte buffers on the GPU,
+exports each buffer once (``torch.multiprocessing.reductions.reduce_tensor``) and reuses it for every bucket of
+every sync:
+
+1. the producer waits until the consumer has signalled that it finished copying the slot's previous bucket out
+   (the ``announce`` call for that slot returned), then copies the next bucket into the slot and synchronizes;
+2. it announces the bucket: its layout, the slot, and the slot's IPC export keyed by the GPU's UUID (the two
+   processes may number GPUs differently under different ``CUDA_VISIBLE_DEVICES``);
+3. the consumer (``CudaIpcReceiver``) maps the slot once per export, hands out views into it, copies them into the
+   engine's weights and synchronizes its stream before it answers, so the slot is free when ``announce`` returns.
+
+With two or more slots the producer fills one slot while the consumer copies out of another. A buffer reused before
+the consumer finished reading it would corrupt weights; the ring only reuses a slot whose announce returned.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import torch
+
+from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncTimeoutError
+from memmgr.sync import device_uuid
+from memmgr.sync.transports.base import DEFAULT_BUCKET_BYTES, Transport, WeightBucket
+
+logger = logging.getLogger("memmgr")
+
+Announce = Callable[[dict[str, Any]], Any]
+_DEVICE_ARG = 6  # index of the device in torch's rebuild_cuda_tensor arguments
+
+
+class CudaIpcTransport(Transport):
+    """Producer side: a ring of ``num_buffers`` GPU buffers of ``buffer_bytes`` each, exported once.
+
+    ``announce(description)`` is the control channel to the consumer; it must return only once the consumer has
+    copied the bucket out (vLLM's ``update_weights`` RPC does; ``CudaIpcReceiver.done`` marks that point on the
+    consumer). It runs on a helper thread, in order, so the next bucket is packed while the engine copies.
+    ``timeout_s`` bounds the wait for a slot.
+    """
+
+    name = "cuda_ipc"
+
+    def __init__(self, announce: Announce, *, device: torch.device | str | int | None = None,
+                 buffer_bytes: int = DEFAULT_BUCKET_BYTES, num_buffers: int = 2, timeout_s: float = 120.0):
+        if not callable(announce):
+            raise MemmgrInputError("CudaIpcTransport needs an announce callable: the control channel that hands a "
+                                   "bucket's description to the engine and returns once the engine copied it out")
+        if not torch.cuda.is_available():
+            raise MemmgrInputError("CudaIpcTransport needs CUDA; on the CPU use the gloo or in-process transport")
+        if num_buffers < 1 or buffer_bytes <= 0:
+            raise MemmgrInputError(f"CudaIpcTransport: num_buffers ({num_buffers}) and buffer_bytes ({buffer_bytes}) "
+                                   f"must be positive")
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if device.type != "cuda":
+            raise MemmgrInputError(f"CudaIpcTransport: device {device} is not a GPU")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.uuid = device_uuid(device)
+        self.announce = announce
+        self.buffer_bytes = int(buffer_bytes)
+        self.num_buffers = int(num_buffers)
+        self.timeout_s = float(timeout_s)
+        self._ring: list[torch.Tensor] = []
+        self._exports: list[tuple] = []
+        self._pending: list[Future | None] = [None] * self.num_buffers
+        self._next = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memmgr-ipc-announce")
+        self._broken: str | None = None
+        self.buckets = 0
+        self.nbytes = 0
+
+    @property
+    def ring_bytes(self) -> int:
+        """GPU memory the ring holds (the transport's extra GPU memory)."""
+        return self.buffer_bytes * len(self._ring)
+
+    def _ensure_ring(self) -> None:
+        if self._ring:
+            return
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        for _ in range(self.num_buffers):
+            buf = torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.device)
+            self._ring.append(buf)
+            self._exports.append(tuple(reduce_tensor(buf)[1]))
+
+    def _wait_slot(self, slot: int) -> None:
+        future = self._pending[slot]
+        if future is None:
+            return
+        try:
+            future.result(timeout=self.timeout_s)
+        except TimeoutError as exc:
+            self._broken = f"slot {slot} was never released"
+            raise MemmgrSyncTimeoutError(f"CUDA IPC weight sync: the engine did not finish copying ring slot {slot} "
+                                         f"within {self.timeout_s:.0f} s; it is gone or stuck. The slot cannot be "
+                                         f"reused safely: build a new transport after the engine is back") from exc
+        except Exception as exc:
+            self._broken = f"the engine failed on slot {slot}"
+            raise MemmgrSyncError(f"CUDA IPC weight sync: the engine failed to load the bucket in ring slot {slot} "
+                                  f"({type(exc).__name__}: {str(exc)[:500]})") from exc
+        finally:
+            if future.done():
+                self._pending[slot] = None
+
+    def _acquire(self, nbytes: int, what: str) -> int:
+        if self._broken is not None:
+            raise MemmgrSyncError(f"CUDA IPC weight sync: the transport is unusable after an earlier failure "
+                                  f"({self._broken}); build a new one")
+        if nbytes > self.buffer_bytes:
+            raise MemmgrInputError(f"CUDA IPC weight sync: {what} has {nbytes} B but the ring's buffers have "
+                                   f"{self.buffer_bytes} B; build the transport with buffer_bytes >= the largest "
+                                   f"bucket (the export's bucket size)")
+        self._ensure_ring()
+        slot = self._next
+        self._next = (slot + 1) % self.num_buffers
+        self._wait_slot(slot)
+        return slot
+
+    def _publish(self, slot: int, bucket: WeightBucket) -> None:
+        # the consumer reads the slot from another process: the copy must be complete before it is announced
+        torch.cuda.current_stream(self.device).synchronize()
+        description = bucket.meta()
+        description.update({"slot": slot, "nbytes": bucket.nbytes, "ipc": {self.uuid: self._exports[slot]}})
+        self._pending[slot] = self._pool.submit(self.announce, description)
+        self.buckets += 1
+        self.nbytes += bucket.payload_bytes
+
+    def send_bucket(self, bucket: WeightBucket) -> None:
+        """Copies ``bucket`` (on this GPU or in host memory) into the next free slot and announces it; returns
+        before the engine copied it out (``finish`` waits for that)."""
+        slot = self._acquire(bucket.nbytes, f"bucket {self.buckets} ({bucket.dtype})")
+        dst = self._ring[slot][:bucket.nbytes]
+        src = bucket.flat.view(torch.uint8)
+        with torch.cuda.device(self.device):
+            dst.copy_(src, non_blocking=src.device.type == "cpu" and src.is_pinned())
+        self._publish(slot, WeightBucket.from_meta(bucket.meta(), dst.view(bucket.dtype)))
+
+    def send_pairs(self, pairs: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Packs ``pairs`` (one dtype) straight into the next free slot and announces them: one copy less than
+        building a bucket first."""
+        if not pairs:
+            return
+        dtype = pairs[0][1].dtype
+        item = torch.empty(0, dtype=dtype).element_size()
+        slot = self._acquire(sum(t.numel() * item for _, t in pairs), f"bucket {self.buckets} ({dtype})")
+        with torch.cuda.device(self.device):
+            bucket = WeightBucket.pack(pairs, out=self._ring[slot].view(dtype)[:self.buffer_bytes // item])
+        self._publish(slot, bucket)
+
+    def finish(self) -> None:
+        """Returns once the engine has copied out every announced bucket."""
+        for slot in range(self.num_buffers):
+            self._wait_slot(slot)
+
+    def close(self) -> None:
+        """Waits (bounded) for outstanding buckets, then frees the ring."""
+        try:
+            deadline = time.monotonic() + min(self.timeout_s, 30.0)
+            for f in self._pending:
+                if f is not None:
+                    f.result(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception as exc:
+            logger.warning("CUDA IPC weight sync: closing with a bucket still outstanding (%s)", exc)
+        self._pool.shutdown(wait=False)
+        self._pending = [None] * self.num_buffers
+        self._ring.clear()
+        self._exports.clear()
+        self._broken = self._broken or "closed"
+        torch.cuda.ipc_collect()
+
+
+class CudaIpcReceiver:
+    """Consumer side: maps each ring slot once (per export) and returns buckets as views into it.
+
+    ``receive(description)`` -> ``WeightBucket`` whose views alias the producer's slot: copy them into the engine's
+    weights, then call ``done()`` (synchronizes this process's stream, so the copies have finished reading) before
+    answering the producer. ``device`` is this process's GPU; the description must carry an export for its UUID.
+    """
+
+    def __init__(self, device: torch.device | str | int | None = None):
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.uuid = device_uuid(device)
+        # slot -> (export key, mapped buffer): one mapping per export, released when the export changes or on
+        # close, so torch's cross-process reference count of each producer buffer stays paired
+        self._mapped: dict[int, tuple[tuple, torch.Tensor]] = {}
+
+    def receive(self, description: dict[str, Any]) -> WeightBucket:
+        exports = description.get("ipc") or {}
+        args = exports.get(self.uuid)
+        if args is None:
+            raise MemmgrSyncError(f"CUDA IPC weight sync: the bucket was exported from GPU(s) {sorted(exports)} but "
+                                  f"this engine runs on {self.device} (UUID {self.uuid}); CUDA IPC needs the producer "
+                                  f"and the consumer on the same physical GPU. Use the NCCL transport across GPUs")
+        slot = int(description.get("slot", 0))
+        key = tuple(args)
+        entry = self._mapped.get(slot)
+        if entry is None or entry[0] != key:
+            from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+            local = list(args)
+            local[_DEVICE_ARG] = self.device.index  # the same GPU may have another index in this process
+            self._mapped[slot] = (key, rebuild_cuda_tensor(*local))
+        buf = self._mapped[slot][1]
+        dtype, numel, _ = WeightBucket.layout_from_meta(description)
+        nbytes = int(description.get("nbytes", numel * torch.empty(0, dtype=dtype).element_size()))
+        return WeightBucket.from_meta(description, buf[:nbytes].view(dtype))
+
+    def done(self) -> None:
+        """Marks the end of the copy-out: waits until this process's GPU work reading the slot has finished."""
+        torch.cuda.current_stream(self.device).synchronize()
+
+    def close(self) -> None:
+        self._mapped.clear()
+
+
+__all__ = ["CudaIpcTransport", "CudaIpcReceiver"]

@@ -1,0 +1,213 @@
+"""TEST-ONLY: tiny megatron-core GPT models configured to match a Hugging Face family numerically, their Hugging
+Face configs, and the sharding of a full (TP=1) megatron state dict into a parallel model's parameters.
+
+Used by tests/test_export*.py. megatron runs on the CPU through tests/megatron_shim.py; MoE layers use the
+``allgather`` token dispatcher (the ``alltoall`` one creates a CUDA stream in its constructor), and
+``moe_utils.te_general_gemm`` is set to None because megatron-core 0.16.1 reads that name without TransformerEngine
+installed (a NameError in the router otherwise).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+HF_VOCAB = 120       # the Hugging Face vocabulary
+MEGATRON_VOCAB = 128  # megatron's padded vocabulary (rows 120..127 are padding the export drops)
+SEQ = 8
+
+# family -> (Hugging Face config kwargs, megatron TransformerConfig kwargs, GPTModel kwargs)
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        hf=dict(model_type="llama", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
+        mc=dict(hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2, kv_channels=16),
+        tied=False),
+    "qwen2": dict(
+        hf=dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=True),
+        mc=dict(hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                add_qkv_bias=True),
+        tied=True),
+    "qwen3": dict(
+        hf=dict(model_type="qwen3", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+        mc=dict(hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2, kv_channels=32,
+                qk_layernorm=True),
+        tied=True),
+    "qwen3_moe": dict(
+        hf=dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, decoder_sparse_step=1,
+                mlp_only_layers=[]),
+        mc=dict(hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                qk_layernorm=True, num_moe_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2),
+        tied=False),
+    "qwen2_moe": dict(
+        hf=dict(model_type="qwen2_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, decoder_sparse_step=1,
+                mlp_only_layers=[], qkv_bias=True),
+        mc=dict(hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                add_qkv_bias=True, num_moe_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2,
+                moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True),
+        tied=False),
+    # one key/value head: with TP=2 each shard of linear_qkv holds half of the single query group
+    "qwen2-mqa": dict(
+        hf=dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                num_key_value_heads=1, tie_word_embeddings=False),
+        mc=dict(hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=1, kv_channels=16,
+                add_qkv_bias=True),
+        tied=False),
+    "mixtral": dict(
+        hf=dict(model_type="mixtral", hidden_size=64, intermediate_size=32, num_local_experts=4,
+                num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                tie_word_embeddings=False),
+        mc=dict(hidden_size=64, ffn_hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                num_moe_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2),
+        tied=False),
+}
+RMS_EPS = 1e-6
+ROPE_THETA = 10000.0
+
+
+def hf_config(family: str, num_layers: int = 2):
+    from transformers import AutoConfig
+
+    kwargs = dict(FAMILIES[family]["hf"])
+    model_type = kwargs.pop("model_type")
+    return AutoConfig.for_model(model_type, vocab_size=HF_VOCAB, num_hidden_layers=num_layers,
+                                rms_norm_eps=RMS_EPS, rope_theta=ROPE_THETA, max_position_embeddings=64,
+                                attention_dropout=0.0, **kwargs)
+
+
+def megatron_config(family: str, num_layers: int = 2, **parallel: Any):
+    from megatron.core.transformer import TransformerConfig
+
+    mc = dict(FAMILIES[family]["mc"])
+    if "num_moe_experts" in mc:
+        mc.update(moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
+                  moe_aux_loss_coeff=0.0)
+    return TransformerConfig(num_layers=num_layers, use_cpu_initialization=True, hidden_dropout=0.0,
+                             attention_dropout=0.0, normalization="RMSNorm", layernorm_epsilon=RMS_EPS,
+                             gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+                             params_dtype=torch.float32, **mc, **parallel)
+
+
+@contextlib.contextmanager
+def megatron_on_cpu() -> Iterator[None]:
+    from megatron_shim import cpu_megatron
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+    with cpu_megatron():
+        import megatron.core.transformer.moe.moe_utils as moe_utils
+
+        if not hasattr(moe_utils, "te_general_gemm"):
+            moe_utils.te_general_gemm = None
+        yield
+
+
+def build_chunks(family: str, num_layers: int = 2, vpp: int | None = None, **parallel: Any) -> list:
+    """This rank's GPTModel chunks (one per virtual pipeline stage) for the current parallel_state."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    if vpp:
+        parallel["virtual_pipeline_model_parallel_size"] = vpp
+    cfg = megatron_config(family, num_layers, **parallel)
+    spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, qk_layernorm=cfg.qk_layernorm,
+                                    normalization="RMSNorm")
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        chunks.append(GPTModel(
+            config=cfg, transformer_layer_spec=spec, vocab_size=MEGATRON_VOCAB, max_sequence_length=64,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=FAMILIES[family]["tied"], position_embedding_type="rope",
+            rotary_base=int(ROPE_THETA), vp_stage=stage))
+    return chunks
+
+
+def randomize(chunks: list, seed: int = 0) -> None:
+    """Weights far from megatron's init (norms around 1, routers decisive) so that a wrong mapping shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for chunk in chunks:
+            for name, p in chunk.named_parameters():
+                noise = torch.randn(p.shape, generator=g)
+                if "norm" in name:
+                    p.copy_(1.0 + 0.2 * noise)
+                elif "router" in name:
+                    p.copy_(0.5 * noise)
+                else:
+                    p.copy_(0.08 * noise)
+
+
+def global_name(chunk, local_name: str) -> str:
+    """The TP=1 name of a parameter of a parallel model: layer numbers from megatron's own ``layer_number``, experts
+    from the MoE layer's ``local_expert_indices``."""
+    parts = local_name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        layer = chunk.decoder.layers[int(parts[2])]
+        parts[2] = str(layer.layer_number - 1)
+        if parts[3:6] == ["mlp", "experts", "local_experts"]:
+            parts[6] = str(layer.mlp.local_expert_indices[int(parts[6])])
+    return ".".join(parts)
+
+
+def shard_from_full(full: torch.Tensor, param: torch.nn.Parameter, local_name: str, rank: int,
+                    size: int) -> torch.Tensor:
+    """This rank's piece of a TP=1 tensor: megatron's column/row split; a gated fc1 splits gate and up each."""
+    if not getattr(param, "tensor_model_parallel", False) or size == 1:
+        return full
+    dim = param.partition_dim
+    if local_name.endswith("linear_fc1.weight"):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+    return full.chunk(size, dim=dim)[rank]
+
+
+def load_full_state(chunks: list, full: dict[str, torch.Tensor]) -> None:
+    """Fills this rank's parameters from a TP=1 state dict (global names)."""
+    from megatron.core import parallel_state as ps
+
+    with torch.no_grad():
+        for chunk in chunks:
+            for local_name, p in chunk.named_parameters():
+                expert = ".mlp.experts." in local_name
+                rank = ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
+                size = (ps.get_expert_tensor_parallel_world_size() if expert
+                        else ps.get_tensor_model_parallel_world_size())
+                name = global_name(chunk, local_name)
+                if name == "output_layer.weight" and name not in full:  # tied: the last stage's copy
+                    name = "embedding.word_embeddings.weight"
+                p.copy_(shard_from_full(full[name], p, local_name, rank, size))
+
+
+def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        return model(tokens, pos, None)[..., :HF_VOCAB].float()
+
+
+def greedy(step, tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """n greedy tokens after ``tokens`` (``step`` maps a [1, s] token tensor to [1, s, vocab] logits)."""
+    out = tokens
+    for _ in range(n):
+        nxt = step(out)[:, -1].argmax(-1, keepdim=True)
+        out = torch.cat([out, nxt], dim=1)
+    return out[:, tokens.shape[1]:]
+
+
+def save_hf_checkpoint(path, hf_cfg, tensors: dict[str, torch.Tensor]) -> None:
+    """A local Hugging Face checkpoint directory (config.json + model.safetensors) of exported tensors."""
+    from safetensors.torch import save_file
+
+    hf_cfg.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})

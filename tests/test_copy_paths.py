@@ -1,0 +1,44 @@
+"""The copy-path settings: arguments and environment variables are validated with errors that say the fix, and
+backend_info reports which paths exist."""
+import pytest
+
+import memmgr
+from memmgr.transfer import (DEFAULT_ENGINE_FRACTION, copy_paths_status, kernels_available, resolve_copy_path,
+                             resolve_engine_fraction)
+
+
+def test_copy_path_comes_from_the_argument_then_the_environment_then_auto(monkeypatch):
+    monkeypatch.delenv("MEMMGR_COPY_PATH", raising=False)
+    assert resolve_copy_path() == "auto"
+    monkeypatch.setenv("MEMMGR_COPY_PATH", "Kernel")
+    assert resolve_copy_path() == "kernel"
+    assert resolve_copy_path("split") == "split"
+
+
+def test_unknown_copy_path_in_the_environment_names_the_variable_and_the_choices(monkeypatch):
+    monkeypatch.setenv("MEMMGR_COPY_PATH", "dma")
+    with pytest.raises(memmgr.MemmgrInputError, match=r"MEMMGR_COPY_PATH.*auto, engine, kernel, split"):
+        resolve_copy_path()
+    with pytest.raises(memmgr.MemmgrInputError, match="path argument"):
+        resolve_copy_path("fast")
+
+
+def test_engine_fraction_is_validated(monkeypatch):
+    monkeypatch.delenv("MEMMGR_COPY_SPLIT", raising=False)
+    assert resolve_engine_fraction() == DEFAULT_ENGINE_FRACTION
+    monkeypatch.setenv("MEMMGR_COPY_SPLIT", "0.25")
+    assert resolve_engine_fraction() == 0.25
+    assert resolve_engine_fraction(0.75) == 0.75
+    monkeypatch.setenv("MEMMGR_COPY_SPLIT", "half")
+    with pytest.raises(memmgr.MemmgrInputError, match="MEMMGR_COPY_SPLIT='half' is not a number"):
+        resolve_engine_fraction()
+    with pytest.raises(memmgr.MemmgrInputError, match="between 0 and 1"):
+        resolve_engine_fraction(1.5)
+
+
+def test_backend_info_reports_the_copy_paths_that_can_run():
+    info = memmgr.backend_info()
+    status = copy_paths_status()
+    assert list(info.copy_paths) == status["available"]
+    assert ("kernel" in info.copy_paths) == kernels_available()
+    assert "copy paths" in info.describe()

@@ -1,0 +1,197 @@
+"""The same-GPU CUDA IPC transport between two processes (GPU only)."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from memmgr.errors import MemmgrInputError, MemmgrSyncError
+from memmgr.sync.transports import WeightBucket, bucketize
+
+from conftest import random_tensor, requires_cuda, same_bits
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+
+def _weights(device, n=12):
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for i in range(n):
+        dtype = torch.bfloat16 if i % 3 else torch.float32
+        out[f"layers.{i}.w"] = random_tensor((256, 64 + i), dtype, "cpu", g).to(device)
+    return out
+
+
+def _consumer(descs, acks, results, delay_s: float) -> None:
+    from memmgr.sync.transports.ipc import CudaIpcReceiver
+
+    receiver = CudaIpcReceiver(torch.device("cuda", 0))
+    got: dict[str, torch.Tensor] = {}
+    while True:
+        desc = descs.get(timeout=120)
+        if desc is None:
+            break
+        try:
+            if desc.get("fail"):
+                raise RuntimeError(f"engine refused {desc['entries'][0][0]}")
+            bucket = receiver.receive(desc)
+            time.sleep(delay_s)  # a slow engine: the producer must not refill this slot meanwhile
+            for name, view in bucket.views():
+                got[name] = view.clone()
+            receiver.done()
+            acks.put(("ok", desc["slot"]))
+        except Exception as exc:  # reported to the producer, like an RPC error
+            acks.put(("error", str(exc)))
+    results.put({n: t.cpu() for n, t in got.items()})
+    receiver.close()
+
+
+class _Engine:
+    """A consumer process and the announce callable that drives it (returns once the bucket was copied out)."""
+
+    def __init__(self, delay_s=0.0, visible=None):
+        ctx = mp.get_context("spawn")
+        self.descs, self.acks, self.results = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=_consumer, args=(self.descs, self.acks, self.results, delay_s), daemon=True)
+        # the child reads CUDA_VISIBLE_DEVICES when it starts (importing this module initializes CUDA there)
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        try:
+            self.proc.start()
+        finally:
+            if visible is not None:
+                if saved is None:
+                    del os.environ["CUDA_VISIBLE_DEVICES"]
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        self.fail_next = False
+
+    def announce(self, desc):
+        if self.fail_next:
+            desc = dict(desc, fail=True)
+            self.fail_next = False
+        self.descs.put(desc)
+        status, detail = self.acks.get(timeout=120)
+        if status != "ok":
+            raise RuntimeError(detail)
+
+    def stop(self):
+        self.descs.put(None)
+        got = self.results.get(timeout=120)
+        self.proc.join(30)
+        return got
+
+
+@pytest.mark.parametrize("source", ["gpu", "host", "pairs"])
+def test_ipc_ring_delivers_every_bucket_bit_exact_to_a_slow_engine(source):
+    from memmgr.sync.transports.ipc import CudaIpcTransport
+
+    dev = torch.device("cuda", 0)
+    weights = _weights(dev if source != "host" else "cpu")
+    engine = _Engine(delay_s=0.02)
+    transport = CudaIpcTransport(engine.announce, device=dev, buffer_bytes=96 << 10, num_buffers=2)
+    try:
+        for _sync in range(2):  # the same exports serve every sync
+            if source == "pairs":
+                for name, t in weights.items():
+                    transport.send_pairs([(name, t)])
+            else:
+                for bucket in bucketize(weights.items(), bucket_bytes=64 << 10):
+                    transport.send_bucket(bucket)
+            transport.finish()
+        assert transport.buckets > 2 * transport.num_buffers  # slots were reused
+        assert transport.ring_bytes == 2 * (96 << 10)
+    finally:
+        transport.close()
+        got = engine.stop()
+    assert set(got) == set(weights)
+    assert all(same_bits(got[n], weights[n].cpu()) for n in weights)
+
+
+def test_ipc_engine_failure_raises_on_the_producer():
+    from memmgr.sync.transports.ipc import CudaIpcTransport
+
+    engine = _Engine()
+    transport = CudaIpcTransport(engine.announce, buffer_bytes=1 << 20)
+    try:
+        engine.fail_next = True
+        transport.send_bucket(WeightBucket.pack([("layers.0.w", torch.ones(8, device="cuda"))]))
+        with pytest.raises(MemmgrSyncError, match="engine refused layers.0.w"):
+            transport.finish()
+        with pytest.raises(MemmgrSyncError, match="unusable"):
+            transport.send_bucket(WeightBucket.pack([("x", torch.ones(8, device="cuda"))]))
+    finally:
+        transport.close()
+        engine.stop()
+
+
+def test_ipc_refuses_a_bucket_larger_than_the_ring_buffers():
+    from memmgr.sync.transports.ipc import CudaIpcTransport
+
+    transport = CudaIpcTransport(lambda d: None, buffer_bytes=1024)
+    with pytest.raises(MemmgrInputError, match="buffer_bytes >= the largest bucket"):
+        transport.send_bucket(WeightBucket.pack([("big", torch.ones(1024, device="cuda"))]))
+    transport.close()
+
+
+def test_ipc_receiver_on_another_gpu_names_both_uuids():
+    from memmgr.sync.transports.ipc import CudaIpcReceiver
+
+    receiver = CudaIpcReceiver(0)
+    desc = WeightBucket.pack([("w", torch.ones(4))]).meta()
+    desc.update({"slot": 0, "nbytes": 16, "ipc": {"GPU-00000000-not-this-one": ()}})
+    with pytest.raises(MemmgrSyncError, match=f"GPU-00000000-not-this-one.*{receiver.uuid}"):
+        receiver.receive(desc)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs to number one GPU differently per process")
+def test_ipc_matches_the_gpu_by_uuid_across_different_visible_devices():
+    from memmgr.sync.transports.ipc import CudaIpcTransport
+
+    dev = torch.device("cuda", 1)
+    weights = _weights(dev, n=4)
+    engine = _Engine(visible="1")  # the engine sees the producer's cuda:1 as its cuda:0
+    transport = CudaIpcTransport(engine.announce, device=dev, buffer_bytes=1 << 20)
+    try:
+        for bucket in bucketize(weights.items()):
+            transport.send_bucket(bucket)
+        transport.finish()
+    finally:
+        transport.close()
+        got = engine.stop()
+    assert all(same_bits(got[n], weights[n].cpu()) for n in weights)
+
+
+def test_ipc_sync_into_a_transformers_engine_on_the_same_gpu_is_bit_exact_and_logits_match():
+    transformers = pytest.importorskip("transformers", reason="the engine of this test is a transformers model")
+    from ipc_support import EngineProcess, checksums
+    from memmgr.sync.transports import group_pairs
+    from memmgr.sync.transports.ipc import CudaIpcTransport
+
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        trainer = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    weights = dict(trainer.state_dict())
+    engine = EngineProcess(config, torch.bfloat16)
+    transport = CudaIpcTransport(engine.announce, buffer_bytes=512 << 10, num_buffers=2)
+    try:
+        for group in group_pairs(weights.items(), 256 << 10):
+            transport.send_pairs(group)
+        transport.finish()
+        report = engine.report([1, 5, 9, 13])
+    finally:
+        transport.close()
+        engine.stop()
+    assert report["checksums"] == checksums(weights.items())  # every engine tensor, bit for bit
+    assert all("rotary" in n for n in report["missing"])  # only non-persistent buffers were not sent
+    with torch.no_grad():
+        logits = trainer(torch.tensor([[1, 5, 9, 13]], device="cuda")).logits.float().cpu()
+    # same weights, same kernels, same GPU: equal up to kernel nondeterminism
+    torch.testing.assert_close(report["logits"], logits, rtol=1e-3, atol=1e-3)
