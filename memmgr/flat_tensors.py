@@ -561,7 +561,7 @@ class FlatTensors:
             self._pool.release(self._host)
             self._host = None
 
-    def release(self) -> None:
+    def unmanage(self) -> None:
         """Stops managing this bucket (only while on the device): the host store returns to the pool and the
         storage is no longer registered, so its tensors, still views of it, can be managed again (a new manager
         coalesces them afresh). The bucket is empty afterwards."""
@@ -774,10 +774,10 @@ class BucketizedFlatTensors:
         their host stores go back to the pool and they leave the group."""
         drop = {id(b) for b in buckets}
         for bucket in buckets:
-            bucket.release()
+            bucket.unmanage()
         self.buckets = [b for b in self.buckets if id(b) not in drop]
 
-    def release(self) -> None:
+    def unmanage(self) -> None:
         """Stops managing the group's tensors (every bucket must be on the device): host stores go back to the pool,
         the buckets are dropped, and the tensors can be managed again by a new group or manager."""
         for bucket in self.buckets:
@@ -785,7 +785,7 @@ class BucketizedFlatTensors:
                 raise MemmgrStateError(f"group {self.name!r}: bucket {bucket.name!r} is {bucket.state.value}; onload "
                                        f"the group before releasing it")
         for bucket in self.buckets:
-            bucket.release()
+            bucket.unmanage()
         self.buckets = []
 
     def __len__(self) -> int:

@@ -89,7 +89,7 @@ class StateGroup(Protocol):
 
     def release_host_buffers(self) -> None: ...
 
-    def release(self) -> None: ...
+    def unmanage(self) -> None: ...
 
 
 def group_state(group: StateGroup) -> GroupState:
@@ -191,7 +191,7 @@ class DroppedTensors:
     def release_host_buffers(self) -> None:
         return None
 
-    def release(self) -> None:
+    def unmanage(self) -> None:
         return None
 
     @property

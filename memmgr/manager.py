@@ -533,7 +533,7 @@ class MemoryManager:
             handle.remove()
         self._checkpoint_hooks.clear()
         for entry in self._groups.values():
-            entry.group.release()
+            entry.group.unmanage()
         self._closed = True
 
     def __enter__(self) -> "MemoryManager":
