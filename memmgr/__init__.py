@@ -16,6 +16,9 @@ from memmgr.states import BucketState, GroupState, Policy
 from memmgr.integrations.plain_torch import for_module
 from memmgr.host_memory import HostBuffer, HostMemoryPool, allocate_host_buffer, default_pool
 from memmgr.transfer import TransferHandle
+# Imported eagerly: importing the submodule memmgr.swap sets the package attribute `swap` to the module, so a lazy
+# function lookup would work once and then find the module.
+from memmgr.swap import swap
 
 logging.getLogger("memmgr").addHandler(logging.NullHandler())
 
@@ -26,6 +29,7 @@ __all__ = [
     "HostMemoryPool", "allocate_host_buffer", "default_pool", "TransferHandle", "MemmgrError", "MemmgrInputError",
     "MemmgrStateError", "MemmgrOutOfMemoryError", "MemmgrHostMemoryError", "MemmgrCorruptionError",
     "MemmgrIntegrationError", "MemmgrSyncError", "MemoryManager", "GroupStatus", "HookEvent", "HookHandle", "for_module",
+    "swap",
 ]
 
 
@@ -35,10 +39,6 @@ def __getattr__(name: str):
         from memmgr.integrations.megatron import for_megatron
 
         return for_megatron
-    if name == "swap":
-        from memmgr.swap import swap
-
-        return swap
     if name in ("ledger", "sync", "budget", "ordered", "tools"):
         import importlib
 

@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
+from memmgr import arguments
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.groups import MovableUnit
 from memmgr.states import Policy
@@ -174,7 +175,7 @@ def _candidates(mgr: "MemoryManager", groups: Iterable[str] = ()) -> tuple[list[
 def plan_offload(mgr: "MemoryManager", budget_bytes: int, groups: Iterable[str] = ()) -> OffloadPlan:
     """The plan ``offload(budget_bytes=...)`` would carry out now, without moving anything (a dry run). Tensors a
     group's ``collect`` would add at the next offload are not in it yet."""
-    budget_bytes = int(budget_bytes)
+    budget_bytes = arguments.integer("plan_offload", "budget_bytes", budget_bytes, minimum=0)
     cands, units = _candidates(mgr, groups)
     chosen, available = plan_units(cands, budget_bytes)
     items = [PlanItem(c.group, c.unit, c.nbytes, c.discard) for c in chosen]
@@ -189,6 +190,8 @@ def offload_budget(mgr: "MemoryManager", budget_bytes: int, groups: Iterable[str
     MemmgrBudgetError before anything moves; otherwise everything available is moved and ``shortfall_bytes`` says
     by how much the budget was missed."""
     groups = tuple(groups)
+    arguments.integer("offload_budget", "budget_bytes", budget_bytes, minimum=0)
+    arguments.boolean("offload_budget", "strict", strict)
     mgr.prepare_offload(*groups)
     plan = plan_offload(mgr, budget_bytes, groups)
     if plan.shortfall_bytes and strict:
@@ -202,6 +205,8 @@ def offload_budget(mgr: "MemoryManager", budget_bytes: int, groups: Iterable[str
 def apply_plan(plan: OffloadPlan, *, non_blocking: bool = False) -> OffloadPlan:
     """Carries out a plan from ``plan_offload`` (a dry run) and returns it, no longer a dry run. Every unit must still
     be on the device; nothing moves otherwise."""
+    arguments.instance("apply_plan", "plan", plan, OffloadPlan)
+    arguments.boolean("apply_plan", "non_blocking", non_blocking)
     if not plan.dry_run:
         raise MemmgrStateError("this plan was carried out already; compute a new one")
     if plan.manager is None:

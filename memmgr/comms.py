@@ -401,7 +401,13 @@ class NcclCommunicators:
     def outside_references(self) -> int:
         return 0
 
+    def check_intact(self, moving: str = "offload") -> None:
+        return None
+
     def release_host_buffers(self) -> None:
+        return None
+
+    def unmanage(self) -> None:
         return None
 
     @property

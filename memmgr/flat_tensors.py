@@ -13,7 +13,8 @@ accumulator and registered hooks survive). From then on a bucket moves as one co
 Using a managed tensor while its bucket is offloaded is undefined: its storage has zero bytes and a null data
 pointer, and most PyTorch kernels do not check storage bounds, so a read crashes the process (a segmentation fault
 on the CPU, an illegal-address error that poisons the CUDA context on a GPU) rather than raising. Onload first;
-``require_on_device()`` raises a clear MemmgrStateError where code is unsure. Pointers captured before an offload (CUDA
+``require_on_device()`` raises a clear MemmgrStateError where code is unsure. Deep copies and pickles are safe:
+they read the host copy (``memmgr.storages``). Pointers captured before an offload (CUDA
 graphs, raw data_ptr) are stale after onload, since the storage gets a new allocation.
 
 Opt-in verification (``verify=True``, or ``group.verify = True`` after construction): offload takes a checksum of each
@@ -21,20 +22,26 @@ bucket's bytes where they live (on the GPU for a CUDA bucket, ordered on the cur
 onload recomputes it on the restored bytes (``memmgr.checksum``); a mismatch raises ``MemmgrCorruptionError`` naming
 the bucket and both checksums, and leaves the group off the device with its host copies kept.
 
+Every move first checks that each member still views its bucket as it did when it joined (``check_intact``): a
+member resized or given other memory since is refused by name, before anything moves, instead of being truncated or
+left behind unmanaged. Each bucket registers its storage (``memmgr.storages``), so no storage is managed twice.
+
 A group's moves go through ``memmgr.moves``: its offload issues every bucket's copy, its onload is one
 ``OnloadTransaction`` (undone as a whole on out-of-memory or a checksum mismatch).
 """
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 from typing import Mapping, Sequence, Union
 
 import torch
 
-from memmgr import moves
+from memmgr import arguments, moves, storages
 from memmgr.checksum import bucket_checksum
 from memmgr.errors import MemmgrInputError, MemmgrStateError
+from memmgr.groups import unique_storage_bytes
 from memmgr.host_memory import HostBuffer, HostMemoryPool, default_pool
 from memmgr.states import BucketState, GroupState, Policy, policy_from
 from memmgr.transfer import TransferHandle, copy_stream, issue_copy
@@ -56,24 +63,58 @@ def _describe(name: str, tensor: torch.Tensor) -> str:
     return f"tensor {name!r} (shape {tuple(tensor.shape)}, {tensor.dtype}, {tensor.device})"
 
 
-def _name_tensors(tensors: TensorsArg, group: str) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(tensors, Mapping):
-        items = list(tensors.items())
-    elif isinstance(tensors, torch.Tensor):
+def tensors_argument(tensors: object, group: str) -> TensorsArg:
+    """``tensors`` as a list or a dict of tensors: any other iterable (a generator, ``module.parameters()``) is read
+    once into a list here, so that checking it does not use it up. MemmgrInputError for anything else."""
+    if isinstance(tensors, torch.Tensor):
         raise MemmgrInputError(f"group {group!r}: expected a list or dict of tensors, got a single tensor; "
                                f"wrap it in a list")
+    if isinstance(tensors, (list, tuple, Mapping)):
+        return tensors  # type: ignore[return-value]
+    if isinstance(tensors, (str, bytes)) or not hasattr(tensors, "__iter__"):
+        raise MemmgrInputError(f"group {group!r}: expected a list or dict of tensors, got "
+                               f"{type(tensors).__name__}; pass e.g. list(module.parameters())")
+    return list(tensors)  # type: ignore[call-overload]
+
+
+def _name_tensors(tensors: TensorsArg, group: str) -> list[tuple[str, torch.Tensor]]:
+    tensors = tensors_argument(tensors, group)
+    if isinstance(tensors, Mapping):
+        items = list(tensors.items())
     else:
         items = [(f"{group}[{i}]", t) for i, t in enumerate(tensors)]
     for name, tensor in items:
+        if not isinstance(name, str):
+            raise MemmgrInputError(f"group {group!r}: tensor names must be str, got {name!r}")
         if not isinstance(tensor, torch.Tensor):
             raise MemmgrInputError(f"group {group!r}: item {name!r} is a {type(tensor).__name__}, not a "
                                    f"torch.Tensor; pass tensors only")
     return items
 
 
+def _hidden_bases(tensors: list[torch.Tensor], known: set[int]) -> dict[int, torch.Tensor]:
+    """The view bases of ``tensors`` that are not in ``known`` (ids): each holds the storage too, though nothing
+    but its view reaches it (a checkpoint loader's state rebuilt as views of a flattened tensor)."""
+    bases: dict[int, torch.Tensor] = {}
+    for tensor in tensors:
+        base = tensor._base
+        if base is not None and id(base) not in known:
+            bases[id(base)] = base
+    return bases
+
+
+def _byte_range(tensor: torch.Tensor) -> tuple[int, int]:
+    start = tensor.storage_offset() * tensor.element_size()
+    return start, start + tensor.numel() * tensor.element_size()
+
+
 def validate_tensors(items: list[tuple[str, torch.Tensor]], group: str) -> None:
-    """Raises MemmgrInputError if any tensor cannot be coalesced safely; changes nothing."""
-    storages: dict[int, list[str]] = {}
+    """Raises MemmgrInputError if any tensor cannot be coalesced safely; changes nothing.
+
+    Tensors that view one storage are accepted when they do not overlap and nothing else holds that storage (a
+    checkpoint's optimizer state loaded by ``torch.load``, the tensors of a closed manager's bucket): coalescing
+    then keeps every one of them, and frees the old storage."""
+    storages_seen: dict[int, list[tuple[str, torch.Tensor]]] = {}
     seen: dict[int, str] = {}
     for name, tensor in items:
         if tensor.layout != torch.strided:
@@ -90,17 +131,36 @@ def validate_tensors(items: list[tuple[str, torch.Tensor]], group: str) -> None:
             raise MemmgrInputError(f"group {group!r}: {_describe(name, tensor)} appears twice (also as "
                                    f"{seen[id(tensor)]!r}); pass each tensor once")
         seen[id(tensor)] = name
-        if tensor.untyped_storage().nbytes() > 0:
-            storages.setdefault(tensor.untyped_storage().data_ptr(), []).append(name)
-    for names in storages.values():
-        if len(names) > 1:
-            raise MemmgrInputError(f"group {group!r}: tensors {names} share one storage (views of each other); "
-                                   f"pass their base tensor once, or clone them")
-    for name, tensor in items:
-        if tensor.untyped_storage().nbytes() == 0:
-            continue
-        extra = _storage_use_count(tensor) - 1 - _PROBE_REFS
-        if extra > 0:
+        owner = storages.owner_of(tensor)
+        if owner is not None:
+            raise MemmgrInputError(f"group {group!r}: {_describe(name, tensor)} is already managed by bucket "
+                                   f"{owner.name!r} (of this manager or another one); a tensor can belong to one "
+                                   f"group only. Close the other manager first (mgr.close())")
+        nbytes = tensor.untyped_storage().nbytes()
+        if tensor.numel() > 0 and nbytes < _byte_range(tensor)[1]:
+            raise MemmgrInputError(f"group {group!r}: {_describe(name, tensor)} has no memory behind it (its storage "
+                                   f"holds {nbytes} bytes; freed in place by an offload or another tool); restore "
+                                   f"it before managing it")
+        if nbytes > 0:
+            storages_seen.setdefault(storages.storage_key(tensor), []).append((name, tensor))
+    for shared in storages_seen.values():
+        names = [n for n, _ in shared]
+        bases = _hidden_bases([t for _, t in shared], {id(t) for _, t in shared})
+        extra = _storage_use_count(shared[0][1]) - len(shared) - len(bases) - _PROBE_REFS
+        if len(shared) > 1:
+            ranges = sorted((_byte_range(t), n) for n, t in shared)
+            overlapping = [(a[1], b[1]) for a, b in zip(ranges, ranges[1:]) if b[0][0] < a[0][1]]
+            if overlapping:
+                raise MemmgrInputError(f"group {group!r}: tensors {names} share one storage and {overlapping[0]} "
+                                       f"overlap (views of each other); coalescing would separate them. Pass their "
+                                       f"base tensor once, or clone them")
+            if extra > 0:
+                raise MemmgrInputError(
+                    f"group {group!r}: tensors {names} share one storage (views of each other), which is also held "
+                    f"by {extra} other reference(s) outside the group; coalescing would silently detach them. Pass "
+                    f"their base tensor once, drop the other references, or clone them")
+        elif extra > 0:
+            name, tensor = shared[0]
             raise MemmgrInputError(
                 f"group {group!r}: the storage of {_describe(name, tensor)} is also held by {extra} other "
                 f"reference(s) outside the group (a view, its base tensor, or a tensor autograd saved for an "
@@ -120,6 +180,12 @@ class FlatTensors:
         self.nbytes = flat.numel() * flat.element_size()
         self._pool = pool or default_pool()
         self._host: HostBuffer | None = None
+        self._host_finalizer: weakref.finalize | None = None
+        # The events of the transfer in flight, shared with the finalizer (events only: no reference to the bucket).
+        self._inflight_events: list[list] = [[]]
+        # What each member looked like when it joined: a move first checks that it still views the bucket so.
+        self._layout = [(t.shape, t.dtype, t.storage_offset()) for _, t, _ in members]
+        self._storage_key = storages.register(flat, self)
         self._state = BucketState.ON_DEVICE
         self._pending: TransferHandle | None = None
         self._pending_state: BucketState | None = None
@@ -137,6 +203,11 @@ class FlatTensors:
     def coalesce(cls, items: list[tuple[str, torch.Tensor]], *, name: str, policy: Policy | str = Policy.COPY,
                  pool: HostMemoryPool | None = None, align_bytes: int = 64, verify: bool = False) -> "FlatTensors":
         """Copies same-device, same-dtype tensors into one new flat buffer and rebinds each to a view of it."""
+        arguments.string("FlatTensors.coalesce", "name", name)
+        align_bytes = arguments.integer(f"bucket {name!r}", "align_bytes", align_bytes, minimum=1, maximum=1 << 30)
+        if not isinstance(items, (list, tuple)) or not all(
+                isinstance(i, tuple) and len(i) == 2 and isinstance(i[1], torch.Tensor) for i in items):
+            raise MemmgrInputError(f"bucket {name!r}: items must be a list of (name, tensor) pairs")
         if not items:
             raise MemmgrInputError(f"bucket {name!r}: no tensors to coalesce")
         device, dtype = items[0][1].device, items[0][1].dtype
@@ -155,12 +226,21 @@ class FlatTensors:
             total += -(-tensor.numel() // align) * align
         flat = torch.empty(total, dtype=dtype, device=device)
         members = []
+        # Storages that only the members' view bases will still hold once the members are rebound (validate_tensors
+        # accepted them): a rebound view keeps its base, so their memory is given back here.
+        abandoned = {storages.storage_key(t): t.untyped_storage() for _, t in items if t._base is not None}
         with torch.no_grad():
             for (tname, tensor), offset in zip(items, offsets):
                 view = flat[offset:offset + tensor.numel()].view(tensor.shape)
                 view.copy_(tensor)
                 tensor.data = view
                 members.append((tname, tensor, offset))
+        for key, storage in abandoned.items():
+            holders = {id(b) for _, t in items for b in [t._base]
+                       if b is not None and storages.storage_key(b) == key}
+            # every reference left is this loop's wrapper or a member's view base
+            if torch._C._storage_Use_Count(key) - 1 <= len(holders):
+                storage.resize_(0)
         return cls(flat, members, name=name, policy=policy, pool=pool, verify=verify)
 
     @classmethod
@@ -171,8 +251,12 @@ class FlatTensors:
         The buffer must span its whole storage: freeing that storage in place frees exactly this buffer, and every
         view of it (the caller's parameters, bucket slices, optimizer shards) stays valid through a round trip.
         """
+        arguments.string("FlatTensors.adopt", "name", name)
         if not isinstance(buffer, torch.Tensor):
             raise MemmgrInputError(f"bucket {name!r}: adopt() takes a tensor, got {type(buffer).__name__}")
+        if buffer.layout != torch.strided or buffer.device.type == "meta":
+            raise MemmgrInputError(f"bucket {name!r}: {_describe(name, buffer)} is {buffer.layout} on "
+                                   f"{buffer.device}; only dense buffers with memory can be adopted")
         if buffer.dim() != 1 or not buffer.is_contiguous():
             raise MemmgrInputError(f"bucket {name!r}: {_describe(name, buffer)} is not a 1-D contiguous buffer; "
                                    f"only flat buffers can be adopted")
@@ -201,8 +285,75 @@ class FlatTensors:
 
     @property
     def device_bytes(self) -> int:
-        """Bytes of device storage this bucket holds now (0 once offloaded or discarded)."""
-        return self.flat.untyped_storage().nbytes()
+        """Bytes of device storage this bucket holds now (0 once offloaded or discarded), plus the memory of members
+        given other memory since they joined (``.data = ...``, ``set_``), which no move can free."""
+        own = self.flat.untyped_storage().nbytes()
+        detached = [t for _, t, _ in self.members if storages.storage_key(t) != self._storage_key]
+        return own + (unique_storage_bytes(detached) if detached else 0)
+
+    # ---- integrity: every member still views the bucket as it did when it joined ----
+    def check_intact(self, moving: str = "offload") -> None:
+        """Raises MemmgrStateError, changing nothing, if moving the bucket now (``moving``: "offload" or "onload")
+        would lose or hide data: its storage was resized or freed outside memmgr, a member was resized, or (for an
+        offload) a member was given other memory, which the move would leave on the device unmanaged."""
+        storage = self.flat.untyped_storage()
+        if storage._cdata != self._storage_key:
+            raise MemmgrStateError(
+                f"bucket {self.name!r}: its buffer {_describe(self.name, self.flat)} was given other memory "
+                f"(`.data = ...` or `set_()`) after memmgr took it over; the bucket no longer owns what it would "
+                f"move. Close this manager and build a new one. Nothing was moved")
+        allowed = (self.nbytes,) if moving == "offload" else (0, self.nbytes)
+        if storage.nbytes() not in allowed:
+            raise MemmgrStateError(
+                f"bucket {self.name!r}: its storage holds {storage.nbytes()} bytes where the bucket "
+                f"({self._state.value}, {self.nbytes} B) expects {' or '.join(map(str, allowed))}: it was resized or "
+                f"freed outside memmgr (`resize_` on one of its tensors, the same buffer managed by another group or "
+                f"manager, or another offload tool). Moving it now would lose data. Undo that change, or close this "
+                f"manager (mgr.close()) and build a new one. Nothing was moved")
+        # One data pointer per member: on the device it is the bucket's address plus the member's offset exactly
+        # when the member still views the bucket there (a rebound member has memory of its own elsewhere).
+        base = self.flat.data_ptr() if moving == "offload" else 0
+        for (mname, tensor, _), (shape, dtype, offset) in zip(self.members, self._layout):
+            if tensor.shape != shape or tensor.dtype != dtype:
+                raise MemmgrStateError(
+                    f"bucket {self.name!r}: tensor {mname!r} is now {tuple(tensor.shape)} {tensor.dtype} but joined "
+                    f"the bucket as {tuple(shape)} {dtype} (`resize_`, `set_` or `.data = ...` since); its bucket "
+                    f"holds only the old extent, so moving it would truncate it or read past it. Write new values in "
+                    f"place (`with torch.no_grad(): t.copy_(new)`), or close this manager (mgr.close()) and build a "
+                    f"new one, which manages the tensor as it is now. Nothing was moved")
+            if moving == "offload" and tensor.data_ptr() != base + offset * tensor.element_size() and tensor.numel():
+                raise MemmgrStateError(
+                    f"bucket {self.name!r}: {_describe(mname, tensor)} no longer views the bucket's memory: it was "
+                    f"given other memory (`.data = ...`, `set_()`) since it joined. Offloading would leave that "
+                    f"memory on the device, unmanaged. Write new values in place instead (`with torch.no_grad(): "
+                    f"t.copy_(new)`), or close this manager (mgr.close()) and build a new one, which manages the "
+                    f"tensor as it is now. Nothing was moved")
+
+    @property
+    def storage_key(self) -> int:
+        """The identity of the storage this bucket frees and restores (memmgr.storages.storage_key)."""
+        return self._storage_key
+
+    def add_alias(self, name: str, tensor: torch.Tensor) -> None:
+        """Adds ``tensor``, a view of this bucket's storage (e.g. optimizer state a checkpoint loader rebuilt over
+        the same memory), as a member without copying: it moves with the bucket and is not an outside reference."""
+        if storages.storage_key(tensor) != self._storage_key:
+            raise MemmgrInputError(f"bucket {self.name!r}: {_describe(name, tensor)} is not a view of this bucket")
+        self.members.append((name, tensor, tensor.storage_offset() * tensor.element_size() // self.flat.element_size()))
+        self._layout.append((tensor.shape, tensor.dtype, tensor.storage_offset()))
+
+    def host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The contents of ``tensor`` (a view of this bucket) while the bucket is off the device, read from the host
+        copy into a new CPU tensor (zeros for a discarded bucket, which is what its onload restores). Used by deep
+        copies and pickles of offloaded tensors (memmgr.storages)."""
+        self.wait()
+        if self._state is BucketState.DISCARDED:
+            return torch.zeros(tuple(tensor.shape), dtype=tensor.dtype)
+        if self._state is not BucketState.ON_HOST or self._host is None:
+            raise MemmgrStateError(f"bucket {self.name!r} is {self._state.value} and has no host copy to read "
+                                   f"{_describe('tensor', tensor)} from; onload it first")
+        host = self._host.tensor.view(tensor.dtype)
+        return torch.as_strided(host, tuple(tensor.shape), tensor.stride(), tensor.storage_offset()).clone()
 
     @property
     def host_bytes(self) -> int:
@@ -219,6 +370,7 @@ class FlatTensors:
         self._state = in_flight
         self._pending = handle
         self._pending_state = final
+        self._inflight_events[0] = list(handle.events)
         return handle
 
     def _complete(self) -> None:
@@ -226,26 +378,33 @@ class FlatTensors:
             self._state = self._pending_state
         self._pending = None
         self._pending_state = None
+        self._inflight_events[0] = []
 
     def wait(self) -> None:
         if self._pending is not None:
             self._pending.wait()
 
     def ensure_host_buffer(self) -> HostBuffer:
-        """Allocates (and pins) the exact-size host store now, off the critical path of the first offload."""
+        """Allocates (and pins) the exact-size host store now, off the critical path of the first offload. If the
+        bucket is dropped without ``release`` (a manager nobody closed), the store goes back to its pool."""
         if self._host is None:
             self._host = self._pool.acquire(self.nbytes)
+            self._host_finalizer = weakref.finalize(self, _return_dropped_buffer, self._pool, self._host, self.name,
+                                                    self._inflight_events)
         return self._host
 
     # ---- moves ----
     def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
         """Moves the contents to the host store (or drops them) and frees the device storage in place."""
+        arguments.boolean(f"bucket {self.name!r} offload", "non_blocking", non_blocking)
+        arguments.boolean(f"bucket {self.name!r} offload", "discard", discard, optional=True)
         state = self.state
         if state in (BucketState.ON_HOST, BucketState.DISCARDED, BucketState.OFFLOADING):
             logger.debug("bucket %s is already %s; offload is a no-op", self.name, state.value)
             return self._pending or TransferHandle.completed()
         if state is BucketState.ONLOADING:
             self.wait()
+        self.check_intact("offload")
         discard = self.policy is Policy.DISCARD if discard is None else discard
         storage = self.flat.untyped_storage()
         self._offload_checksum = None
@@ -283,6 +442,7 @@ class FlatTensors:
 
     def allocate(self) -> bool:
         """Re-allocates the device storage in place (raises torch.OutOfMemoryError); True if it was freed."""
+        self.check_intact("onload")
         storage = self.flat.untyped_storage()
         if storage.nbytes() == self.nbytes:
             return False
@@ -294,6 +454,7 @@ class FlatTensors:
 
         The copy is ordered before any later work on the current stream, so compute may follow immediately.
         """
+        arguments.boolean(f"bucket {self.name!r} onload", "non_blocking", non_blocking)
         state = self.state
         if state in (BucketState.ON_DEVICE, BucketState.ONLOADING):
             logger.debug("bucket %s is already %s; onload is a no-op", self.name, state.value)
@@ -384,7 +545,9 @@ class FlatTensors:
             return 0
         if self.flat.untyped_storage().nbytes() == 0:
             return 0
-        return max(0, _storage_use_count(self.flat) - _PROBE_REFS - 1 - len(self.members))
+        tensors = [t for _, t, _ in self.members]
+        bases = _hidden_bases(tensors, {id(t) for t in tensors} | {id(self.flat)})
+        return max(0, _storage_use_count(self.flat) - _PROBE_REFS - 1 - len(self.members) - len(bases))
 
     def release_host_buffer(self) -> None:
         """Returns the host store to the pool (only while the contents are on the device)."""
@@ -392,12 +555,36 @@ class FlatTensors:
             raise MemmgrStateError(f"bucket {self.name!r} is {self._state.value}: its host buffer holds the only "
                                    f"copy; onload before releasing it")
         if self._host is not None:
+            if self._host_finalizer is not None:
+                self._host_finalizer.detach()
+                self._host_finalizer = None
             self._pool.release(self._host)
             self._host = None
+
+    def unmanage(self) -> None:
+        """Stops managing this bucket (only while on the device): the host store returns to the pool and the
+        storage is no longer registered, so its tensors, still views of it, can be managed again (a new manager
+        coalesces them afresh). The bucket is empty afterwards."""
+        self.release_host_buffer()
+        storages.unregister(self._storage_key, self)
+        self.members = []
+        self._layout = []
+        self.flat = self.flat.new_empty(0)
+        self.nbytes = 0
+        self._storage_key = storages.storage_key(self.flat)
 
     def __repr__(self) -> str:
         return (f"FlatTensors({self.name!r}, {len(self.members)} tensors, {self.nbytes} B, {self.dtype}, "
                 f"{self.device}, {self.state.value})")
+
+
+def _return_dropped_buffer(pool: HostMemoryPool, buffer: HostBuffer, name: str, inflight: list[list]) -> None:
+    # Runs when a bucket is garbage collected without release(): its host store must not stay in use forever, and
+    # must not be handed out again while a copy of the dropped bucket still reads or writes it.
+    for event in inflight[0]:
+        event.synchronize()
+    pool.release(buffer)
+    logger.debug("bucket %s was dropped without close(); its host buffer went back to the pool", name)
 
 
 class BucketizedFlatTensors:
@@ -410,14 +597,16 @@ class BucketizedFlatTensors:
     def __init__(self, tensors: TensorsArg, bucket_size_mb: float = 256, *, name: str = "tensors",
                  policy: Policy | str = Policy.COPY, pool: HostMemoryPool | None = None, align_bytes: int = 64,
                  pin_ahead: bool = True, verify: bool = False):
-        self._verify = bool(verify)
-        if bucket_size_mb <= 0:
-            raise MemmgrInputError(f"group {name!r}: bucket_size_mb must be > 0, got {bucket_size_mb}")
+        arguments.string("BucketizedFlatTensors", "name", name)
+        where = f"group {name!r}"
+        self._verify = arguments.boolean(where, "verify", verify)
+        arguments.boolean(where, "pin_ahead", pin_ahead)
+        bucket_size_mb = arguments.number(where, "bucket_size_mb", bucket_size_mb, positive=True, maximum=2.0**40)
         self.name = name
         self.policy = policy_from(policy, name)
-        self.bucket_size_bytes = int(bucket_size_mb * 2**20)
-        self._pool = pool or default_pool()
-        self._align_bytes = align_bytes
+        self.bucket_size_bytes = max(1, int(bucket_size_mb * 2**20))
+        self._pool = arguments.instance(where, "pool", pool, HostMemoryPool, optional=True) or default_pool()
+        self._align_bytes = arguments.integer(where, "align_bytes", align_bytes, minimum=1, maximum=1 << 30)
         self.buckets: list[FlatTensors] = []
         self.extend(tensors, pin_ahead=pin_ahead)
 
@@ -426,8 +615,26 @@ class BucketizedFlatTensors:
                      pool: HostMemoryPool | None = None, pin_ahead: bool = True,
                      verify: bool = False) -> "BucketizedFlatTensors":
         """Adopts flat buffers the caller owns, one bucket each, without copying (see FlatTensors.adopt)."""
+        arguments.string("BucketizedFlatTensors.from_buffers", "name", name)
+        arguments.boolean(f"group {name!r}", "pin_ahead", pin_ahead)
         group = cls([], name=name, policy=policy, pool=pool, verify=verify)
-        for bname, buffer in _name_tensors(buffers, name):
+        items = _name_tensors(buffers, name)
+        keys: dict[int, str] = {}
+        for bname, buffer in items:  # before anything is adopted
+            if buffer.layout != torch.strided or buffer.device.type == "meta":
+                raise MemmgrInputError(f"group {name!r}: {_describe(bname, buffer)} is {buffer.layout} on "
+                                       f"{buffer.device}; only dense buffers with memory can be adopted")
+            owner = storages.owner_of(buffer)
+            if owner is not None:
+                raise MemmgrInputError(f"group {name!r}: buffer {bname!r} is already managed by bucket {owner.name!r} "
+                                       f"(of this manager or another one); a storage can be freed and restored by "
+                                       f"one bucket only. Pass it once, or close the other manager first")
+            key = storages.storage_key(buffer)
+            if key in keys:
+                raise MemmgrInputError(f"group {name!r}: buffers {keys[key]!r} and {bname!r} are the same storage "
+                                       f"(a buffer and a view of it); adopt it once")
+            keys[key] = bname
+        for bname, buffer in items:
             group.buckets.append(FlatTensors.adopt(buffer, name=bname, policy=group.policy, pool=group._pool,
                                                    verify=group.verify))
         if pin_ahead:
@@ -436,6 +643,7 @@ class BucketizedFlatTensors:
 
     def extend(self, tensors: TensorsArg, pin_ahead: bool = True) -> list[FlatTensors]:
         """Coalesces more tensors into new buckets (e.g. optimizer state created after the group was built)."""
+        arguments.boolean(f"group {self.name!r} extend", "pin_ahead", pin_ahead)
         items = _name_tensors(tensors, self.name)
         if not items:
             return []
@@ -481,7 +689,7 @@ class BucketizedFlatTensors:
 
     @verify.setter
     def verify(self, value: bool) -> None:
-        self._verify = bool(value)
+        self._verify = arguments.boolean(f"group {self.name!r}", "verify", value)
         for bucket in self.buckets:
             bucket.verify = self._verify
 
@@ -496,6 +704,8 @@ class BucketizedFlatTensors:
         return list(self.buckets)
 
     def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
+        arguments.boolean(f"group {self.name!r} offload", "non_blocking", non_blocking)
+        arguments.boolean(f"group {self.name!r} offload", "discard", discard, optional=True)
         handle = moves.offload_units(self.buckets, discard=lambda _bucket: discard)
         if not non_blocking:
             handle.wait()
@@ -504,6 +714,7 @@ class BucketizedFlatTensors:
     def onload(self, non_blocking: bool = False) -> TransferHandle:
         """Restores every bucket; if the GPU runs out of memory, frees what this call allocated and raises
         MemmgrOutOfMemoryError with the host copies intact, so a retry after freeing memory succeeds."""
+        arguments.boolean(f"group {self.name!r} onload", "non_blocking", non_blocking)
         if not any(not b.state.holds_device_memory for b in self.buckets):
             logger.debug("group %s is already %s; onload is a no-op", self.name, self.state.value)
         return moves.onload_units(self.buckets, what=f"group {self.name!r}", group=self.name,
@@ -557,6 +768,25 @@ class BucketizedFlatTensors:
     def release_host_buffers(self) -> None:
         for bucket in self.buckets:
             bucket.release_host_buffer()
+
+    def drop_buckets(self, buckets: Sequence[FlatTensors]) -> None:
+        """Stops managing these buckets (on the device; e.g. optimizer state that a ``load_state_dict`` replaced):
+        their host stores go back to the pool and they leave the group."""
+        drop = {id(b) for b in buckets}
+        for bucket in buckets:
+            bucket.unmanage()
+        self.buckets = [b for b in self.buckets if id(b) not in drop]
+
+    def unmanage(self) -> None:
+        """Stops managing the group's tensors (every bucket must be on the device): host stores go back to the pool,
+        the buckets are dropped, and the tensors can be managed again by a new group or manager."""
+        for bucket in self.buckets:
+            if bucket.state is not BucketState.ON_DEVICE:
+                raise MemmgrStateError(f"group {self.name!r}: bucket {bucket.name!r} is {bucket.state.value}; onload "
+                                       f"the group before releasing it")
+        for bucket in self.buckets:
+            bucket.unmanage()
+        self.buckets = []
 
     def __len__(self) -> int:
         return len(self.buckets)

@@ -58,6 +58,8 @@ class MovableUnit(Protocol):
 
     def outside_references(self) -> int: ...
 
+    def check_intact(self, moving: str = "offload") -> None: ...
+
 
 @runtime_checkable
 class StateGroup(Protocol):
@@ -86,6 +88,8 @@ class StateGroup(Protocol):
     def onload(self, non_blocking: bool = False) -> TransferHandle: ...
 
     def release_host_buffers(self) -> None: ...
+
+    def unmanage(self) -> None: ...
 
 
 def group_state(group: StateGroup) -> GroupState:
@@ -181,7 +185,13 @@ class DroppedTensors:
     def outside_references(self) -> int:
         return 0
 
+    def check_intact(self, moving: str = "offload") -> None:
+        return None
+
     def release_host_buffers(self) -> None:
+        return None
+
+    def unmanage(self) -> None:
         return None
 
     @property

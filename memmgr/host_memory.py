@@ -15,8 +15,9 @@ from typing import Iterable
 
 import torch
 
+from memmgr import arguments
 from memmgr._native import native_module
-from memmgr.errors import MemmgrHostMemoryError
+from memmgr.errors import MemmgrHostMemoryError, MemmgrInputError
 
 logger = logging.getLogger("memmgr")
 
@@ -62,6 +63,11 @@ def allocate_host_buffer(nbytes: int, pin: bool | None = None, num_threads: int 
     Pinning failures (a small ``ulimit -l``, host memory short) fall back to pageable memory with a warning when
     ``allow_pageable_fallback`` is set, and raise ``MemmgrHostMemoryError`` otherwise.
     """
+    where = "allocate_host_buffer"
+    nbytes = arguments.integer(where, "nbytes", nbytes, minimum=0)
+    arguments.boolean(where, "pin", pin, optional=True)
+    num_threads = arguments.integer(where, "num_threads", num_threads, minimum=1, maximum=1024)
+    arguments.boolean(where, "allow_pageable_fallback", allow_pageable_fallback)
     if pin is None:
         pin = torch.cuda.is_available()
     native = native_module()
@@ -105,14 +111,15 @@ class HostMemoryPool:
     """
 
     def __init__(self, pin: bool | None = None, num_threads: int = DEFAULT_TOUCH_THREADS):
-        self._pin = pin
-        self._num_threads = num_threads
+        self._pin = arguments.boolean("HostMemoryPool", "pin", pin, optional=True)
+        self._num_threads = arguments.integer("HostMemoryPool", "num_threads", num_threads, minimum=1, maximum=1024)
         self._free: dict[int, list[HostBuffer]] = {}
         self._in_use: dict[int, HostBuffer] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
 
     def acquire(self, nbytes: int) -> HostBuffer:
+        nbytes = arguments.integer("HostMemoryPool.acquire", "nbytes", nbytes, minimum=0)
         with self._lock:
             free = self._free.get(nbytes)
             if free:
@@ -126,6 +133,7 @@ class HostMemoryPool:
 
     def release(self, buf: HostBuffer) -> None:
         """Returns a buffer to the pool for reuse (it stays allocated and pinned)."""
+        arguments.instance("HostMemoryPool.release", "buf", buf, HostBuffer)
         with self._lock:
             if self._in_use.pop(id(buf), None) is None:
                 return
@@ -133,7 +141,13 @@ class HostMemoryPool:
 
     def reserve(self, sizes: Iterable[int], background: bool = False) -> Future | None:
         """Allocates and pins buffers of these exact sizes now (or in a background thread) for later acquire()."""
-        sizes = list(sizes)
+        arguments.boolean("HostMemoryPool.reserve", "background", background)
+        try:
+            sizes = list(sizes)
+        except TypeError:
+            raise MemmgrInputError(f"HostMemoryPool.reserve: sizes must be an iterable of byte counts, got "
+                                             f"{type(sizes).__name__}") from None
+        sizes = [arguments.integer("HostMemoryPool.reserve", "sizes[]", n, minimum=0) for n in sizes]
 
         def work() -> None:
             for nbytes in sizes:
@@ -161,6 +175,16 @@ class HostMemoryPool:
         """Every buffer the pool handed out or keeps for reuse (a snapshot)."""
         with self._lock:
             return list(self._in_use.values()) + [b for lst in self._free.values() for b in lst]
+
+    def buffers_free(self) -> list[HostBuffer]:
+        """The buffers kept for reuse, not handed out now (a snapshot)."""
+        with self._lock:
+            return [b for lst in self._free.values() for b in lst]
+
+    @property
+    def bytes_free(self) -> int:
+        """Bytes of the buffers kept for reuse."""
+        return sum(b.nbytes for b in self.buffers_free())
 
     @property
     def bytes_held(self) -> int:

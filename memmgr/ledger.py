@@ -33,7 +33,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from memmgr import nvml
+from memmgr import arguments, nvml
+from memmgr.errors import MemmgrInputError
 
 logger = logging.getLogger("memmgr")
 
@@ -244,6 +245,15 @@ class Ledger:
 
     def __init__(self, path: str | os.PathLike | None = None, rank: int | None = None, *,
                  devices: Sequence[int] | None = None, append: bool = False, keep_records: bool = True):
+        arguments.instance("Ledger", "path", path, (str, os.PathLike), optional=True)
+        arguments.integer("Ledger", "rank", rank, minimum=0, maximum=1 << 24, optional=True)
+        arguments.boolean("Ledger", "append", append)
+        arguments.boolean("Ledger", "keep_records", keep_records)
+        if devices is not None:
+            if isinstance(devices, (str, bytes)) or not hasattr(devices, "__iter__"):
+                raise MemmgrInputError(f"Ledger: devices must be a list of CUDA device indices or None, "
+                                                 f"got {type(devices).__name__}")
+            devices = [arguments.integer("Ledger", "devices[]", d, minimum=0, maximum=1 << 16) for d in devices]
         dist_rank, world = _dist_rank_world()
         self.rank = dist_rank if rank is None else int(rank)
         self.path = None if path is None else rank_path(path, self.rank, multi_rank=rank is not None or world > 1)
@@ -262,6 +272,10 @@ class Ledger:
     # ---- managers ----
     def track(self, manager: Any, name: str | None = None) -> None:
         """Reports ``manager``'s groups in every later snapshot (also in those other managers trigger)."""
+        if not callable(getattr(manager, "state", None)):
+            raise MemmgrInputError(f"Ledger.track: manager must be a MemoryManager, got "
+                                             f"{type(manager).__name__}")
+        arguments.string("Ledger.track", "name", name, optional=True)
         if manager in self._manager_names:
             if name:
                 old = self._manager_names[manager]

@@ -4,15 +4,16 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from memmgr import moves
+from memmgr import arguments, moves, storages
 from memmgr.errors import MemmgrInputError, MemmgrStateError
-from memmgr.flat_tensors import BucketizedFlatTensors, TensorsArg
+from memmgr.flat_tensors import BucketizedFlatTensors, TensorsArg, tensors_argument
 from memmgr.groups import MovableUnit, StateGroup, check_no_outside_references, default_priority, group_state
 from memmgr.host_memory import HostMemoryPool, default_pool
 from memmgr.states import GroupState, Policy, policy_from
@@ -73,6 +74,13 @@ class GroupEntry:
         return group_state(self.group)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where each unit of some groups was: (group name, unit, on the device?) rows (``MemoryManager.placement``)."""
+
+    rows: list[tuple[str, MovableUnit, bool]]
+
+
 class MoveScope:
     """The moves a caller issues inside ``MemoryManager.offloading``/``onloading``: ``add`` each handle."""
 
@@ -99,17 +107,20 @@ class MemoryManager:
     def __init__(self, *, bucket_size_mb: float = 256, empty_cache: bool = True, pool: HostMemoryPool | None = None,
                  weights_group: str = "weights",
                  named_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None):
-        self.bucket_size_mb = bucket_size_mb
-        self.empty_cache = empty_cache
-        self.pool = pool or default_pool()
-        self.weights_group = weights_group
-        self._named_weights = named_weights
+        where = "MemoryManager"
+        self.bucket_size_mb = arguments.number(where, "bucket_size_mb", bucket_size_mb, positive=True,
+                                               maximum=2.0**40)
+        self.empty_cache = arguments.boolean(where, "empty_cache", empty_cache)
+        self.pool = arguments.instance(where, "pool", pool, HostMemoryPool, optional=True) or default_pool()
+        self.weights_group = arguments.string(where, "weights_group", weights_group)
+        self._named_weights = arguments.function(where, "named_weights", named_weights, optional=True)
         self._groups: "OrderedDict[str, GroupEntry]" = OrderedDict()
         self._hooks: list[tuple[str, HookFn]] = []
         self._closed = False
         self._phases: list[str] = []
         self._ledger = None
-        self._sync_restore = False
+        self._checkpoint_hooks: list[Any] = []  # removable handles of onload_for_state_dicts
+        self._syncs: list[Placement] = []  # one placement per begin_weight_sync not ended yet
         self.left_behind: dict[str, int] = {}  # state an integration saw but does not move, by description -> bytes
 
     # ---- building ----
@@ -121,10 +132,19 @@ class MemoryManager:
         not hold yet (optimizer state created lazily at the first step) are added at the next offload.
         ``verify`` checksums each bucket at offload and checks it at onload (MemmgrCorruptionError on mismatch)."""
         self.check_open()
+        arguments.string("add_group", "name", name)
+        where = f"add_group({name!r})"
+        for flag, value in (("adopt", adopt), ("pin_ahead", pin_ahead), ("verify", verify)):
+            arguments.boolean(where, flag, value)
         if name in self._groups:
             raise MemmgrInputError(f"group {name!r} exists already; known groups: {list(self._groups)}")
         policy = policy_from(policy, name)
-        if isinstance(tensors, StateGroup) and not isinstance(tensors, (list, tuple, dict)):
+        arguments.integer(where, "priority", priority, minimum=-2**31, maximum=2**31, optional=True)
+        arguments.function(where, "collect", collect, optional=True)
+        is_group = isinstance(tensors, StateGroup) and not isinstance(tensors, (list, tuple, dict))
+        if not is_group:
+            tensors = tensors_argument(tensors, name)
+        if is_group:
             group = tensors
         elif adopt:
             self._check_not_managed(name, tensors)
@@ -159,6 +179,9 @@ class MemoryManager:
 
         With ``budget_bytes``: frees at least that many bytes, cheapest whole buckets first, and returns the
         ``memmgr.budget.OffloadPlan`` it carried out (``plan.onload()`` restores exactly it)."""
+        arguments.boolean("offload", "non_blocking", non_blocking)
+        arguments.integer("offload", "budget_bytes", budget_bytes, minimum=0, optional=True)
+        arguments.names("offload", "groups", groups)
         if budget_bytes is not None:
             from memmgr.budget import offload_budget
 
@@ -172,18 +195,21 @@ class MemoryManager:
         runs out of memory, everything this call restored is freed again (host copies intact).
 
         Onload's copies are ordered before later work on the current stream, so compute may follow at once."""
+        arguments.boolean("onload", "non_blocking", non_blocking)
         entries = self.entries(*groups, order="onload")
         units = [unit for entry in entries for unit in entry.group.units]
         return self.onload_units(units, groups=tuple(e.name for e in entries), non_blocking=non_blocking)
 
     def free(self, nbytes: int, *groups: str, non_blocking: bool = False) -> Any:
         """Frees at least ``nbytes`` of GPU memory, cheapest buckets first; returns the OffloadPlan (memmgr.budget)."""
+        arguments.integer("free", "nbytes", nbytes, minimum=0)
         return self.offload(*groups, non_blocking=non_blocking, budget_bytes=nbytes)
 
     def plan_offload(self, budget_bytes: int, *groups: str) -> Any:
         """The OffloadPlan ``offload(budget_bytes=...)`` would carry out, without moving anything (a dry run)."""
         from memmgr.budget import plan_offload
 
+        arguments.integer("plan_offload", "budget_bytes", budget_bytes, minimum=0)
         return plan_offload(self, budget_bytes, groups)
 
     # ---- moving units: the public API that budgets, swaps and ordered onloads build on ----
@@ -275,30 +301,81 @@ class MemoryManager:
             torch.cuda.empty_cache()
 
     def _collect_new_tensors(self, entry: GroupEntry) -> None:
-        if entry.collect is None or not isinstance(entry.group, BucketizedFlatTensors):
+        """Re-collects a group from its ``collect`` (only while it is on the device): buckets none of whose tensors
+        ``collect`` reports any more (optimizer state a ``load_state_dict`` replaced) leave the group; reported
+        tensors that view one of the group's buckets (state rebuilt over the same memory) join that bucket without a
+        copy; tensors that view a bucket of another group stay with it; the rest are coalesced into new buckets."""
+        group = entry.group
+        if entry.collect is None or not isinstance(group, BucketizedFlatTensors):
             return
         if entry.state is not GroupState.ON_DEVICE:
             return
-        held = {id(t) for t in entry.group.tensors}
-        current = entry.collect()
-        items = current.items() if isinstance(current, dict) else ((None, t) for t in current)
-        new = {n if n is not None else f"{entry.group.name}+{i}": t
-               for i, (n, t) in enumerate(items) if id(t) not in held}
+        current = tensors_argument(entry.collect(), group.name)
+        items = list(current.items()) if isinstance(current, dict) else [(None, t) for t in current]
+        held = {id(t) for t in group.tensors}
+        own = {b.storage_key: b for b in group.buckets}
+        new: dict[str, torch.Tensor] = {}
+        for i, (n, t) in enumerate(items):
+            if id(t) in held or not isinstance(t, torch.Tensor):
+                continue
+            name = n if n is not None else f"{group.name}+{i}"
+            owner = storages.owner_of(t)
+            if owner is None:
+                new[name] = t
+            elif own.get(owner.storage_key) is owner:
+                owner.add_alias(name, t)
+        current_ids = {id(t) for _, t in items}
+        stale = [b for b in group.buckets if b.members and not any(id(m[1]) in current_ids for m in b.members)]
+        if stale:
+            group.drop_buckets(stale)
+            logger.info("group %s: %d bucket(s) no longer hold any of its tensors (replaced, e.g. by a "
+                        "load_state_dict) and were released", group.name, len(stale))
         if new:
-            self._check_not_managed(entry.group.name, new)
-            entry.group.extend(new)
-            logger.debug("group %s picked up %d new tensors", entry.group.name, len(new))
+            self._check_not_managed(group.name, new)
+            group.extend(new)
+            logger.debug("group %s picked up %d new tensors", group.name, len(new))
 
     # ---- phases and weight sync ----
+    def placement(self, *groups: str) -> "Placement":
+        """Where every unit of the named groups (all if none) is now: ``restore_placement`` brings each unit back
+        to it. Units are compared one by one, so a budgeted (partial) offload is restored as it was."""
+        return Placement([(e.name, unit, unit.state.holds_device_memory)
+                          for e in self.entries(*groups) for unit in e.group.units])
+
+    def restore_placement(self, placement: "Placement") -> None:
+        """Offloads the units of ``placement`` that were off the device and are on it now, then onloads those that
+        were on it and are off now. Units no longer in their group (dropped at a re-collect) are left alone; units
+        added since are not in the placement and stay where they are."""
+        current = {id(u) for e in self._groups.values() for u in e.group.units}
+        rows = [(g, u, on) for g, u, on in placement.rows if id(u) in current]
+        back_off = [(g, u) for g, u, on in rows if not on and u.state.holds_device_memory]
+        back_on = [(g, u) for g, u, on in rows if on and not u.state.holds_device_memory]
+        if back_off:
+            names = tuple(dict.fromkeys(g for g, _ in back_off))
+            self.prepare_offload(*names)
+            self.offload_units([u for _, u in back_off], groups=names)
+        if back_on:
+            names = tuple(dict.fromkeys(g for g, _ in back_on))
+            self.onload_units([u for _, u in back_on], groups=names)
+
     @contextlib.contextmanager
     def phase(self, name: str, keep: Iterable[str] = ()) -> Iterator["MemoryManager"]:
-        """Offloads every group not in ``keep`` on entry and restores the previous placement on exit (also when
-        the block raises). Phases nest."""
+        """Offloads every group not in ``keep`` on entry and restores the previous placement of every unit on exit
+        (also when the block raises): a group a budget left partly offloaded is partly offloaded again. Phases
+        nest."""
         self.check_open()
-        keep = tuple(keep)
+        if not isinstance(name, str):
+            raise MemmgrInputError(f"phase: the phase name must be a str, got {name!r}")
+        if isinstance(keep, str):
+            keep = (keep,)
+        try:
+            keep = tuple(keep)
+        except TypeError:
+            raise MemmgrInputError(f"phase {name!r}: keep must be group names (a list of str), got "
+                                   f"{type(keep).__name__}") from None
         self._resolve(keep)
-        before = {n: self._on_device(e) for n, e in self._groups.items()}
-        to_offload = [n for n in self._groups if n not in keep and before[n]]
+        before = self.placement()
+        to_offload = [n for n, e in self._groups.items() if n not in keep and self._on_device(e)]
         self._phases.append(name)
         try:
             if to_offload:
@@ -308,13 +385,7 @@ class MemoryManager:
         finally:
             self._phases.pop()
             if not self._closed:
-                now = {n: self._on_device(e) for n, e in self._groups.items()}
-                back_on = [n for n in self._groups if before[n] and not now[n]]
-                back_off = [n for n in self._groups if not before[n] and now[n]]
-                if back_off:
-                    self.offload(*back_off)
-                if back_on:
-                    self.onload(*back_on)
+                self.restore_placement(before)
                 self._record(f"exit {name}")
 
     @property
@@ -329,31 +400,42 @@ class MemoryManager:
 
     def begin_weight_sync(self) -> "OrderedDict[str, torch.Tensor]":
         """Fires before_weight_sync hooks and onloads only the weights group; pair with end_weight_sync(). If the
-        onload fails, the after_weight_sync hooks run before the error propagates (every before has its after)."""
+        onload fails (or an after_onload hook raises), the weights this call brought back leave the device again
+        and the after_weight_sync hooks run before the error propagates (every before has its after)."""
         self.check_open()
         entry = self._resolve([self.weights_group])[0]
         if entry.state is GroupState.DISCARDED:
             raise MemmgrStateError(f"group {self.weights_group!r} was discarded, so there are no weights to sync; "
                                    f"offload weights with the copy policy")
         self._fire(HookEvent.BEFORE_WEIGHT_SYNC, (self.weights_group,))
-        self._sync_restore = not self._on_device(entry)
+        before = self.placement(self.weights_group)
         try:
             self.onload(self.weights_group)
         except BaseException:
-            # No sync will happen and end_weight_sync() will not be called: the after-hooks still run, so that
-            # whatever the before-hooks released (an engine's KV cache, say) is restored. The onload rolled back.
-            self._sync_restore = False
-            self._fire(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
+            # No sync will happen and end_weight_sync() will not be called: what this call brought back leaves
+            # again (quietly: no hooks, the error in flight is the one to report), and the after-hooks still run,
+            # so that whatever the before-hooks released (an engine's KV cache, say) is restored.
+            try:
+                undo = [u for _g, u, on in before.rows if not on and u.state.holds_device_memory]
+                if undo:
+                    moves.offload_units(undo).wait()
+                    self._release_cached_memory()
+            finally:
+                self._fire(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
             raise
+        self._syncs.append(before)
         return self.named_weights()
 
     def end_weight_sync(self) -> None:
-        """Offloads the weights again if begin_weight_sync brought them back, then fires after_weight_sync."""
+        """Offloads the weights begin_weight_sync brought back (unit by unit, as they were), then fires
+        after_weight_sync."""
+        if not self._syncs:
+            raise MemmgrStateError("end_weight_sync() without a begin_weight_sync(); use `with mgr.weight_sync()`")
+        before = self._syncs.pop()
         try:
-            if self._sync_restore:
-                self.offload(self.weights_group)
+            if not self._closed:
+                self.restore_placement(before)
         finally:
-            self._sync_restore = False
             self._fire(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
 
     @contextlib.contextmanager
@@ -378,13 +460,52 @@ class MemoryManager:
         finally:
             self.end_weight_sync()
 
+    # ---- checkpoints ----
+    def onload_for_state_dicts(self, owner: torch.nn.Module | torch.optim.Optimizer, groups: Sequence[str]) -> None:
+        """Makes ``owner.state_dict()`` and ``owner.load_state_dict()`` (a module, every submodule's too, or a
+        torch.optim optimizer) bring ``groups`` back to the device first, where they stay until the next offload:
+        checkpoint saving and loading then read and write real memory whatever the placement (a loader writing
+        into an offloaded tensor would write into freed memory). The hooks hold the manager weakly and are removed
+        by ``close()``."""
+        self.check_open()
+        if isinstance(groups, str):
+            groups = (groups,)
+        if not isinstance(groups, (list, tuple)):
+            raise MemmgrInputError(f"onload_for_state_dicts: groups must be a list of group names, got "
+                                   f"{type(groups).__name__}")
+        groups = tuple(groups)
+        self._resolve(groups)
+        ref = weakref.ref(self)
+        owners: "weakref.WeakSet[Any]" = weakref.WeakSet()  # a deep copy of a module carries its hooks along
+
+        def bring_back(obj: Any, *_args: Any) -> None:
+            mgr = ref()
+            if mgr is not None and not mgr._closed and obj in owners:
+                on = [n for n in groups if any(not u.state.holds_device_memory for u in mgr._groups[n].group.units)]
+                if on:
+                    mgr.onload(*on)
+
+        if isinstance(owner, torch.nn.Module):
+            owners.update(owner.modules())
+            self._checkpoint_hooks.append(owner.register_load_state_dict_pre_hook(bring_back))
+            for module in owner.modules():  # megatron builds sharded state dicts from submodules' state_dict()
+                self._checkpoint_hooks.append(module.register_state_dict_pre_hook(bring_back))
+        elif isinstance(owner, torch.optim.Optimizer):
+            owners.add(owner)
+            self._checkpoint_hooks.append(owner.register_load_state_dict_pre_hook(bring_back))
+            self._checkpoint_hooks.append(owner.register_state_dict_pre_hook(bring_back))
+        else:
+            raise MemmgrInputError(f"onload_for_state_dicts takes a torch.nn.Module or a torch.optim.Optimizer, got "
+                                   f"{type(owner).__name__}")
+
     # ---- hooks ----
     def register_hook(self, event: HookEvent | str, fn: HookFn) -> HookHandle:
         """Calls ``fn(event, group_names)`` at ``event``; hooks run in registration order."""
         try:
             event = HookEvent(event)
-        except ValueError:
+        except (ValueError, TypeError):
             raise MemmgrInputError(f"unknown hook event {event!r}; events: {[e.value for e in HookEvent]}") from None
+        arguments.function(f"register_hook({event.value!r})", "fn", fn)
         entry = (event.value, fn)
         self._hooks.append(entry)
         return HookHandle(self._hooks, entry)
@@ -396,7 +517,11 @@ class MemoryManager:
 
     # ---- reports ----
     def attach_ledger(self, ledger: Any) -> None:
-        """Records a snapshot in ``ledger`` (memmgr.ledger.Ledger) after every offload, onload and phase change."""
+        """Records a snapshot in ``ledger`` (memmgr.ledger.Ledger) after every offload, onload and phase change;
+        None detaches it."""
+        if ledger is not None and not callable(getattr(ledger, "snapshot", None)):
+            raise MemmgrInputError(f"attach_ledger: ledger must be a memmgr.ledger.Ledger (with a snapshot method) or "
+                                   f"None, got {type(ledger).__name__}")
         self._ledger = ledger
 
     def _record(self, label: str) -> None:
@@ -411,12 +536,16 @@ class MemoryManager:
 
     # ---- lifecycle ----
     def close(self) -> None:
-        """Onloads every group, returns the host buffers to the pool and stops managing; later calls raise."""
+        """Onloads every group, returns the host buffers to the pool and stops managing: the model and optimizer
+        are left as ordinary tensors on the device, and a new manager can take them over. Later calls raise."""
         if self._closed:
             return
         self.onload()
+        for handle in self._checkpoint_hooks:
+            handle.remove()
+        self._checkpoint_hooks.clear()
         for entry in self._groups.values():
-            entry.group.release_host_buffers()
+            entry.group.unmanage()
         self._closed = True
 
     def __enter__(self) -> "MemoryManager":
@@ -432,7 +561,7 @@ class MemoryManager:
             raise MemmgrStateError("this MemoryManager is closed; build a new one (memmgr.for_module / for_megatron)")
 
     def _resolve(self, names: Iterable[str]) -> list[GroupEntry]:
-        names = list(names)
+        names = list(arguments.names("group lookup", "group name", names))
         if not names:
             return list(self._groups.values())
         unknown = [n for n in names if n not in self._groups]

@@ -33,6 +33,9 @@ def offload_units(units: Sequence[MovableUnit], *, discard: DiscardFn | None = N
     def discard_of(unit: MovableUnit) -> bool | None:
         return discard(unit) if discard is not None else None
 
+    for unit in units:  # before anything moves: a unit whose tensors changed under it refuses the whole move
+        if unit.state is BucketState.ON_DEVICE:
+            unit.check_intact("offload")
     handles: list[TransferHandle] = []
     try:
         for unit in units:
@@ -131,6 +134,8 @@ def onload_units(units: Sequence[MovableUnit], *, what: str, group: str | None =
     """Restores ``units`` in the order given as one transaction (see OnloadTransaction), checks opt-in checksums,
     and waits for the copies unless ``non_blocking``."""
     todo = [u for u in units if not u.state.holds_device_memory]
+    for unit in todo:  # before anything is allocated
+        unit.check_intact("onload")
     txn = OnloadTransaction(what, group=group, bytes_needed=sum(u.nbytes for u in todo))
     txn.issue_all(todo)
     handle = txn.handle

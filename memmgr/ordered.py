@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from memmgr import arguments
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.flat_tensors import BucketizedFlatTensors, FlatTensors
 from memmgr.manager import MemoryManager
@@ -109,6 +110,9 @@ def record_first_use(group: BucketizedFlatTensors, module: torch.nn.Module, run:
     """Runs ``run()`` (a forward pass; the weights must be on the device) once, noting the order in which
     submodules first touch each bucket. Returns bucket indices in first-use order; buckets the pass never touched
     come last, in group order."""
+    group = _weights_group(group)
+    arguments.instance("record_first_use", "module", module, torch.nn.Module)
+    arguments.function("record_first_use", "run", run)
     group.require_on_device()
     owned = module_buckets(group, module)
     order: list[int] = []
@@ -134,7 +138,9 @@ def record_first_use(group: BucketizedFlatTensors, module: torch.nn.Module, run:
 
 
 def check_order(order: Sequence[int], nbuckets: int) -> list[int]:
-    order = [int(i) for i in order]
+    if isinstance(order, (str, bytes)) or not hasattr(order, "__iter__"):
+        raise MemmgrInputError(f"order must be a list of bucket indices, got {type(order).__name__}")
+    order = [arguments.integer("ordered onload", "order[]", i, minimum=0, maximum=nbuckets) for i in order]
     if sorted(order) != list(range(nbuckets)):
         raise MemmgrInputError(f"order must name every bucket index 0..{nbuckets - 1} exactly once, got {order}")
     return order
@@ -252,13 +258,13 @@ def onload_in_order(target: Any, module: torch.nn.Module, order: Sequence[int] |
     raised (host copies intact)."""
     mgr = target if isinstance(target, MemoryManager) else None
     group = _weights_group(target)
+    arguments.instance("onload_in_order", "module", module, torch.nn.Module)
+    arguments.integer("onload_in_order", "prefetch", prefetch, minimum=0, optional=True)
     if mgr is not None:
         mgr.check_open()
     if not group.buckets:
         raise MemmgrInputError(f"group {group.name!r} has no buckets to onload")
     require_single_device(group)
-    if prefetch is not None and prefetch < 0:
-        raise MemmgrInputError(f"prefetch must be >= 0 or None, got {prefetch}")
     order = registration_order(group, module) if order is None else check_order(order, len(group.buckets))
     device = group.devices[0]
     cuda = device.type == "cuda"

@@ -70,6 +70,6 @@ def policy_from(policy: Policy | str, group: str) -> Policy:
     """``policy`` as a Policy; MemmgrInputError naming the group and the choices if it is none."""
     try:
         return Policy(policy)
-    except ValueError:
+    except (ValueError, TypeError):
         raise MemmgrInputError(f"group {group!r}: unknown policy {policy!r}; use one of "
                                f"{[p.value for p in Policy]}") from None

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from memmgr.budget import MemmgrBudgetError
+from memmgr import arguments
 from memmgr.errors import MemmgrInputError
 from memmgr.groups import MovableUnit, StateGroup, check_no_outside_references
 from memmgr.manager import MemoryManager, MoveScope
@@ -192,9 +193,19 @@ def swap(out: Any, into: Any, margin_bytes: int = 0, *, out_groups: Sequence[str
     to report the peaks during the swap. With ``strict`` (default) a B larger than A plus the margin raises
     MemmgrBudgetError before anything moves. On running out of GPU memory, B's buckets allocated by this call are
     freed again (host copies intact; A stays offloaded) and MemmgrOutOfMemoryError is raised."""
-    margin_bytes = int(margin_bytes)
-    if margin_bytes < 0:
-        raise MemmgrInputError(f"margin_bytes must be >= 0, got {margin_bytes}")
+    margin_bytes = arguments.integer("swap", "margin_bytes", margin_bytes, minimum=0)
+    for flag, value in (("non_blocking", non_blocking), ("strict", strict), ("track_torch_peak", track_torch_peak)):
+        arguments.boolean("swap", flag, value)
+    for side, target, names in (("out", out, out_groups), ("into", into, into_groups)):
+        targets = target if isinstance(target, (list, tuple)) else [target]
+        if not targets or not all(isinstance(t, (MemoryManager, StateGroup)) for t in targets):
+            raise MemmgrInputError(f"swap: {side} must be a MemoryManager, a group or a list of groups, got "
+                                   f"{type(target).__name__}")
+        if names is not None:
+            if isinstance(names, str) or not isinstance(target, MemoryManager):
+                raise MemmgrInputError(f"swap: {side}_groups must be a list of group names of the {side} manager "
+                                       f"(and {side} a MemoryManager), got {names!r}")
+            arguments.names("swap", f"{side}_groups", names)
     out_mgr = out if isinstance(out, MemoryManager) else None
     in_mgr = into if isinstance(into, MemoryManager) else None
     out_groups_l = _groups_of(out, out_groups, "offload")

@@ -217,12 +217,25 @@ def test_tensor_saved_for_an_unfinished_backward_is_rejected():
     BucketizedFlatTensors(dict(layer.named_parameters()), name="weights")
 
 
-def test_views_of_one_storage_in_one_group_are_rejected():
+def test_overlapping_views_of_one_storage_in_one_group_are_rejected():
+    base = torch.randn(10)
+    a, b = base[:6], base[4:]
+    del base
+    with pytest.raises(MemmgrInputError, match=r"share one storage and \('a', 'b'\) overlap"):
+        BucketizedFlatTensors({"a": a, "b": b}, name="g")
+
+
+def test_disjoint_views_of_a_storage_nothing_else_holds_are_coalesced_and_the_old_memory_freed():
     base = torch.randn(10)
     a, b = base[:5], base[5:]
+    expected = base.clone()
     del base
-    with pytest.raises(MemmgrInputError, match="share one storage"):
-        BucketizedFlatTensors({"a": a, "b": b}, name="g")
+    group = BucketizedFlatTensors({"a": a, "b": b}, name="g", pool=HostMemoryPool(pin=False))
+    assert torch.equal(torch.cat([a, b]), expected) and len(group.buckets) == 1
+    assert a._base.untyped_storage().nbytes() == 0  # only the views' base held it; its memory went back
+    group.offload()
+    group.onload()
+    assert torch.equal(torch.cat([a, b]), expected)
 
 
 def test_same_tensor_twice_is_rejected():

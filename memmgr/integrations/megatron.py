@@ -36,8 +36,13 @@ flags do around checkpoint saving):
     mgr.onload()                     # everything, before the next training step
 
 Do not run a backward pass while ``grad_buffers`` is off the GPU: the DDP hooks would write into freed memory.
-Offload between training steps (after ``optimizer.step()``), never between backward and the step. After loading an
-optimizer checkpoint (which replaces the state tensors) build a new manager.
+Offload between training steps (after ``optimizer.step()``), never between backward and the step.
+
+Checkpoints: ``state_dict``/``sharded_state_dict`` and ``load_state_dict`` of the model chunks (and their submodules)
+and of the inner optimizers bring the groups they read or write back to the device first, so saving or loading a
+checkpoint (torch or ``dist_checkpointing``) works whatever the placement; offload again afterwards. Optimizer state a
+checkpoint load replaces is re-collected at the next offload (state rebuilt over a bucket's memory joins it, replaced
+buckets are released). ``close()`` lets go of everything, and a new ``for_megatron`` can take the same model over.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from memmgr import arguments
 from memmgr.errors import MemmgrIntegrationError, MemmgrStateError
 from memmgr.flat_tensors import BucketizedFlatTensors, Policy, validate_tensors
 from memmgr.groups import DroppedTensors, unique_storage_bytes
@@ -272,12 +278,13 @@ class _Discovery:
 
     # ---- optimizer state (re-read at every offload: Adam creates it lazily) ----
     def optimizer_states(self, exclude: set[int] = frozenset(),
-                         managed_storages: set[int] = frozenset()) -> dict[str, torch.Tensor]:
-        """The device tensors in the inner optimizers' state, one per storage, leaving out the tensors whose id is in
-        ``exclude`` and any tensor whose storage (data pointer) is in ``managed_storages``. Runs before every
-        offload, so tensors already held are skipped by id before any of the costlier checks."""
+                         held: set[int] = frozenset()) -> dict[str, torch.Tensor]:
+        """The device tensors in the inner optimizers' state, each once, leaving out the tensors whose id is in
+        ``exclude``. Runs before every offload: tensors whose id is in ``held`` (what the group holds already) are
+        taken as they are, before any of the costlier checks. Views of one storage are all reported (a loaded
+        checkpoint's state is such views); coalescing accepts them if they do not overlap."""
         found: dict[str, torch.Tensor] = {}
-        seen: set[int] = set(managed_storages)
+        seen: set[int] = set()
         for path, _kind, opt in self.optimizers:
             for param, state in opt.optimizer.state.items():
                 if not isinstance(state, dict):
@@ -288,15 +295,15 @@ class _Discovery:
                         continue
                     if pname is None:
                         pname = self.opt_param_names.get(id(param), f"{path}.param{len(found)}")
+                    if id(value) in held:
+                        found[f"{pname}.{key}#{id(value)}"] = value
+                        continue
                     if not (isinstance(value, torch.Tensor) and value.device.type == self.device.type
                             and value.numel() > 0 and value.layout == torch.strided and value.is_contiguous()):
                         continue
-                    if value.untyped_storage().nbytes() == 0:
+                    if value.untyped_storage().nbytes() == 0 or id(value) in seen:
                         continue
-                    ptr = _storage_key(value)
-                    if ptr in seen:
-                        continue
-                    seen.add(ptr)
+                    seen.add(id(value))
                     name = f"{pname}.{key}"
                     while name in found:
                         name += "'"
@@ -428,10 +435,12 @@ class MegatronMemoryManager(MemoryManager):
         super().__init__(**kwargs)
         self._discovery = discovery
 
-    def offload(self, *groups: str, non_blocking: bool = False, budget_bytes: int | None = None) -> Any:
+    def prepare_offload(self, *groups: str) -> list:
+        """Every offload (plain, budgeted, a phase's, a swap's outgoing side) checks here that no gradient
+        reduction or parameter all-gather is in flight before anything moves."""
         names = set(groups) if groups else set(self.group_names)
         self._check_no_communication(names)
-        return super().offload(*groups, non_blocking=non_blocking, budget_bytes=budget_bytes)
+        return super().prepare_offload(*groups)
 
     def _check_no_communication(self, names: set[str]) -> None:
         for i, chunk in enumerate(self._discovery.chunks):
@@ -451,13 +460,10 @@ class MegatronMemoryManager(MemoryManager):
         self._refresh_left_behind()
 
     def _collect_optimizer_states(self, main_ids: set[int]) -> dict[str, torch.Tensor]:
-        """Optimizer state created since the last offload (Adam creates it lazily at the first step): the tensors the
-        group already holds, and views of its buckets, are skipped cheaply."""
-        group = self.group("optimizer_states")
-        held = {id(t) for t in group.tensors}
-        storages = {b.flat.untyped_storage().data_ptr() for b in group.buckets}
-        storages.discard(0)
-        return self._discovery.optimizer_states(exclude=main_ids | held, managed_storages=storages)
+        """The optimizer state now (Adam creates it lazily at the first step; a checkpoint load replaces it): the
+        tensors the group already holds are taken without further checks."""
+        held = {id(t) for t in self.group("optimizer_states").tensors}
+        return self._discovery.optimizer_states(exclude=main_ids, held=held)
 
     def _refresh_left_behind(self, *_: Any) -> None:
         managed = {id(t) for name in self.group_names for _, t in self.group(name).named_tensors}
@@ -476,6 +482,10 @@ def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], opti
     steps. ``pool``: the host memory pool for the offloaded copies (default: memmgr's shared pool). Raises
     MemmgrIntegrationError (changing nothing) for inputs it cannot manage.
     """
+    for flag, value in (("empty_cache", empty_cache), ("pin_ahead", pin_ahead)):
+        arguments.boolean("for_megatron", flag, value)
+    arguments.number("for_megatron", "bucket_size_mb", bucket_size_mb, positive=True, maximum=2.0**40)
+    arguments.instance("for_megatron", "pool", pool, HostMemoryPool, optional=True)
     chunks = _as_chunks(model_chunks)
     found = _Discovery(chunks, optimizer)
 
@@ -506,6 +516,12 @@ def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], opti
     mgr.add_group("optimizer_states", states, pin_ahead=pin_ahead,
                   collect=lambda: mgr._collect_optimizer_states(main_ids))
     mgr.add_group("scratch", _GlobalMemoryBufferGroup("scratch", found.device.type))
+    # Checkpointing (torch state_dict, megatron's sharded_state_dict and dist_checkpointing) reads and writes the
+    # state through these; each brings what it touches back first.
+    for chunk in chunks:
+        mgr.onload_for_state_dicts(chunk, ["weights"])
+    for _path, _kind, opt in found.optimizers:
+        mgr.onload_for_state_dicts(opt.optimizer, ["weights", "main_weights", "optimizer_states"])
     mgr._refresh_left_behind()
     logger.info("for_megatron: %d chunk(s), %d inner optimizer(s); %s", len(chunks), len(found.optimizers),
                 ", ".join(f"{n}={s.nbytes / 2**20:.1f} MiB" for n, s in mgr.state().items()))

@@ -5,8 +5,10 @@ import logging
 
 import torch
 
+from memmgr import arguments
 from memmgr.errors import MemmgrInputError
 from memmgr.groups import DroppedTensors
+from memmgr.host_memory import HostMemoryPool
 from memmgr.manager import MemoryManager
 
 logger = logging.getLogger("memmgr")
@@ -46,15 +48,23 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer, names: dict[int, s
 
 def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                include_buffers: bool = True, bucket_size_mb: float = 256, empty_cache: bool = True,
-               pin_ahead: bool = True) -> MemoryManager:
+               pin_ahead: bool = True, pool: HostMemoryPool | None = None) -> MemoryManager:
     """A MemoryManager for a plain PyTorch module (on CUDA or the CPU) and, optionally, its torch.optim optimizer.
 
     Groups: ``weights`` (parameters and, with ``include_buffers``, floating-point and integer buffers), ``grads``
     (``.grad``, dropped on offload) and, with an optimizer, ``optimizer_states`` (every tensor in
-    ``optimizer.state``; state the optimizer creates lazily at its first step is picked up at the next offload).
+    ``optimizer.state``; state the optimizer creates lazily at its first step is picked up at the next offload,
+    and state an ``optimizer.load_state_dict`` replaced is let go). ``pool``: the host memory pool for the offloaded
+    copies (default: memmgr's shared pool). ``state_dict()``/``load_state_dict()`` of the module or the optimizer
+    bring their group back to the device first (``MemoryManager.onload_for_state_dicts``), so checkpoints save and
+    load whatever the placement.
     """
     if not isinstance(module, torch.nn.Module):
         raise MemmgrInputError(f"for_module takes a torch.nn.Module, got {type(module).__name__}")
+    for flag, value in (("include_buffers", include_buffers), ("empty_cache", empty_cache), ("pin_ahead", pin_ahead)):
+        arguments.boolean("for_module", flag, value)
+    arguments.number("for_module", "bucket_size_mb", bucket_size_mb, positive=True, maximum=2.0**40)
+    arguments.instance("for_module", "pool", pool, HostMemoryPool, optional=True)
     named_params = [(n, p) for n, p in module.named_parameters()]
     if not named_params:
         raise MemmgrInputError(f"module {type(module).__name__} has no parameters; there is nothing to manage")
@@ -72,11 +82,14 @@ def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None 
         for n, b in module.named_buffers():
             if b is not None and b.numel() > 0:
                 weights[n] = b
-    mgr = MemoryManager(bucket_size_mb=bucket_size_mb, empty_cache=empty_cache,
+    mgr = MemoryManager(bucket_size_mb=bucket_size_mb, empty_cache=empty_cache, pool=pool,
                         named_weights=lambda: list(weights.items()))
     mgr.add_group("weights", weights, pin_ahead=pin_ahead)
     mgr.add_group("grads", DroppedGradients("grads", [p for _, p in named_params], [n for n, _ in named_params]))
     if optimizer is not None:
         mgr.add_group("optimizer_states", optimizer_state_tensors(optimizer, param_ids), pin_ahead=pin_ahead,
                       collect=lambda: optimizer_state_tensors(optimizer, param_ids))
+    mgr.onload_for_state_dicts(module, ["weights"])
+    if optimizer is not None:
+        mgr.onload_for_state_dicts(optimizer, ["optimizer_states"])
     return mgr

@@ -6,6 +6,7 @@ from typing import Iterable
 
 import torch
 
+from memmgr import arguments
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 
 
@@ -17,6 +18,7 @@ class ModuleWeightLoader:
     def __init__(self, module: torch.nn.Module, *, include_buffers: bool = True):
         if not isinstance(module, torch.nn.Module):
             raise MemmgrInputError(f"ModuleWeightLoader takes a torch.nn.Module, got {type(module).__name__}")
+        arguments.boolean("ModuleWeightLoader", "include_buffers", include_buffers)
         self.module = module
         self._targets: dict[str, torch.Tensor] = dict(module.named_parameters())
         if include_buffers:
@@ -34,8 +36,16 @@ class ModuleWeightLoader:
         return [n for n in self._targets if n not in self.loaded]
 
     def __call__(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if isinstance(weights, (str, bytes, torch.Tensor)) or not hasattr(weights, "__iter__"):
+            raise MemmgrInputError(f"load_weights: weights must be an iterable of (name, tensor) pairs, got "
+                                   f"{type(weights).__name__}")
         with torch.no_grad():
-            for name, tensor in weights:
+            for item in weights:
+                if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                        and isinstance(item[1], torch.Tensor)):
+                    raise MemmgrInputError(f"load_weights: each item must be a (name, tensor) pair, got "
+                                           f"{type(item).__name__} {item!r:.80}")
+                name, tensor = item
                 target = self._targets.get(name)
                 if target is None:
                     close = difflib.get_close_matches(name, list(self._targets), n=3)
