@@ -185,6 +185,8 @@ class FlatTensors:
         self._inflight_events: list[list] = [[]]
         # What each member looked like when it joined: a move first checks that it still views the bucket so.
         self._layout = [(t.shape, t.dtype, t.storage_offset()) for _, t, _ in members]
+        self._intact_for: str | None = None  # the move check_intact last passed for, consumed by that move
+        self._index_layout()
         self._storage_key = storages.register(flat, self)
         self._state = BucketState.ON_DEVICE
         self._pending: TransferHandle | None = None
@@ -310,6 +312,19 @@ class FlatTensors:
                 f"freed outside memmgr (`resize_` on one of its tensors, the same buffer managed by another group or "
                 f"manager, or another offload tool). Moving it now would lose data. Undo that change, or close this "
                 f"manager (mgr.close()) and build a new one. Nothing was moved")
+        self._intact_for = None
+        tensors = [m[1] for m in self.members]
+        # The common case in two list comparisons (this runs on every move, over every member); the loop below only
+        # names the member that changed.
+        if [x.shape for x in tensors] == self._shapes and [x.dtype for x in tensors] == self._dtypes:
+            if moving != "offload":
+                self._intact_for = moving
+                return
+            base = self.flat.data_ptr()
+            if [x.data_ptr() for x in tensors] == [base + off for off in self._byte_offsets] or \
+                    all(x.data_ptr() == base + off or not x.numel() for x, off in zip(tensors, self._byte_offsets)):
+                self._intact_for = moving
+                return
         # One data pointer per member: on the device it is the bucket's address plus the member's offset exactly
         # when the member still views the bucket there (a rebound member has memory of its own elsewhere).
         base = self.flat.data_ptr() if moving == "offload" else 0
@@ -329,6 +344,11 @@ class FlatTensors:
                     f"t.copy_(new)`), or close this manager (mgr.close()) and build a new one, which manages the "
                     f"tensor as it is now. Nothing was moved")
 
+    def _index_layout(self) -> None:
+        self._shapes = [shape for shape, _, _ in self._layout]
+        self._dtypes = [dtype for _, dtype, _ in self._layout]
+        self._byte_offsets = [offset * dtype.itemsize for _, dtype, offset in self._layout]
+
     @property
     def storage_key(self) -> int:
         """The identity of the storage this bucket frees and restores (memmgr.storages.storage_key)."""
@@ -341,6 +361,7 @@ class FlatTensors:
             raise MemmgrInputError(f"bucket {self.name!r}: {_describe(name, tensor)} is not a view of this bucket")
         self.members.append((name, tensor, tensor.storage_offset() * tensor.element_size() // self.flat.element_size()))
         self._layout.append((tensor.shape, tensor.dtype, tensor.storage_offset()))
+        self._index_layout()
 
     def host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """The contents of ``tensor`` (a view of this bucket) while the bucket is off the device, read from the host
@@ -404,7 +425,9 @@ class FlatTensors:
             return self._pending or TransferHandle.completed()
         if state is BucketState.ONLOADING:
             self.wait()
-        self.check_intact("offload")
+        if self._intact_for != "offload":  # checked already by the move this offload belongs to
+            self.check_intact("offload")
+        self._intact_for = None
         discard = self.policy is Policy.DISCARD if discard is None else discard
         storage = self.flat.untyped_storage()
         self._offload_checksum = None
@@ -442,7 +465,9 @@ class FlatTensors:
 
     def allocate(self) -> bool:
         """Re-allocates the device storage in place (raises torch.OutOfMemoryError); True if it was freed."""
-        self.check_intact("onload")
+        if self._intact_for != "onload":  # checked already by the transaction this allocation belongs to
+            self.check_intact("onload")
+        self._intact_for = None
         storage = self.flat.untyped_storage()
         if storage.nbytes() == self.nbytes:
             return False
@@ -569,6 +594,7 @@ class FlatTensors:
         storages.unregister(self._storage_key, self)
         self.members = []
         self._layout = []
+        self._index_layout()
         self.flat = self.flat.new_empty(0)
         self.nbytes = 0
         self._storage_key = storages.storage_key(self.flat)
