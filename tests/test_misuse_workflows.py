@@ -250,7 +250,7 @@ def test_deepcopy_and_pickle_of_offloaded_tensors_read_the_host_copy_in_a_subpro
         assert all(torch.equal(loaded["optimizer"]["state"][i][k].cpu(), v.cpu()) for i, s in ref_opt["state"].items()
                    for k, v in s.items())
         assert torch.equal(pickle.loads(pickle.dumps(model[0].bias)).cpu(), ref_model["0.bias"].cpu())
-        assert clone[0].weight.device == device
+        assert clone[0].weight.device.type == device.type
         assert all(s.device_bytes == 0 for s in mgr.state().values())  # nothing was onloaded for it
         assert all(torch.equal(model.state_dict()[k], v) for k, v in ref_model.items())  # state_dict onloads
         assert mgr.state()["weights"].state == "on_device" and mgr.state()["optimizer_states"].state == "on_host"
@@ -370,7 +370,9 @@ def test_optimizer_state_loaded_after_the_manager_replaces_the_old_buckets(devic
     mgr.offload()
     assert mgr.group("optimizer_states").nbytes == nbytes  # not doubled: the old buckets were released
     assert not set(map(id, old)) & set(map(id, mgr.group("optimizer_states").buckets))
-    assert all(t.untyped_storage().nbytes() == 0 for s in opt.state.values() for t in s.values())
+    # Adam's "step" counters stay on the CPU beside CUDA parameters (not device state): only the moments move
+    assert all(t.untyped_storage().nbytes() == 0 for s in opt.state.values() for t in s.values()
+               if t.device.type == device.type)
     mgr.onload()
     assert train(model, opt, mgr, steps=2, seed=2) == train(ref_model, ref_opt, steps=2, seed=2)
     assert losses == ref_losses
