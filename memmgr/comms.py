@@ -52,6 +52,7 @@ import torch.distributed as dist
 
 from memmgr import nvml
 from memmgr.errors import MemmgrInputError, MemmgrStateError
+from memmgr.groups import ContentlessUnit
 from memmgr.states import BucketState, Policy
 from memmgr.transfer import TransferHandle
 
@@ -166,7 +167,7 @@ class Communicator:
                 "measured_by": self.measure_source}
 
 
-class NcclCommunicators:
+class NcclCommunicators(ContentlessUnit):
     """A manager group (and its own single unit, policy DISCARD) of named process groups whose communicators'
     memory leaves the GPU at offload (release) and comes back at onload (restore). See the module docstring for
     the two ways a communicator is released and what each can and cannot do.
@@ -391,24 +392,6 @@ class NcclCommunicators:
         if state is BucketState.DISCARDED:
             for name in self._comms:
                 self.release(name)
-
-    def checksum_mismatch(self) -> tuple[int, int] | None:
-        return None
-
-    def clear_checksums(self) -> None:
-        return None
-
-    def outside_references(self) -> int:
-        return 0
-
-    def check_intact(self, moving: str = "offload") -> None:
-        return None
-
-    def release_host_buffers(self) -> None:
-        return None
-
-    def unmanage(self) -> None:
-        return None
 
     @property
     def state(self) -> BucketState:

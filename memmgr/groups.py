@@ -131,7 +131,38 @@ def unique_storage_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] = fr
     return total
 
 
-class DroppedTensors:
+class ContentlessUnit:
+    """The unit steps of a unit that has no contents to copy, checksum or check: a group that drops references
+    (``DroppedTensors``) or releases communicators (``memmgr.comms.NcclCommunicators``). Subclasses provide
+    ``offload``, ``onload``, ``revert_onload`` and ``state``."""
+
+    def allocate(self) -> bool:
+        return False
+
+    def checksum_mismatch(self) -> tuple[int, int] | None:
+        return None
+
+    def clear_checksums(self) -> None:
+        return None
+
+    def outside_references(self) -> int:
+        return 0
+
+    def check_intact(self, moving: str = "offload") -> None:
+        return None
+
+    def release_host_buffers(self) -> None:
+        return None
+
+    def unmanage(self) -> None:
+        return None
+
+    @property
+    def host_bytes(self) -> int:
+        return 0
+
+
+class DroppedTensors(ContentlessUnit):
     """A discard group, and its own single unit, whose offload drops references (``.grad`` attributes, cache
     entries) instead of copying; the framework re-creates the tensors when it next needs them, as it would after
     ``zero_grad(set_to_none=True)``.
@@ -166,33 +197,12 @@ class DroppedTensors:
         self._dropped = True
         return TransferHandle.completed()
 
-    def allocate(self) -> bool:
-        return False
-
     def onload(self, non_blocking: bool = False) -> TransferHandle:
         self._dropped = False
         return TransferHandle.completed()
 
     def revert_onload(self, state: BucketState) -> None:
         self._dropped = state is BucketState.DISCARDED
-
-    def checksum_mismatch(self) -> tuple[int, int] | None:
-        return None
-
-    def clear_checksums(self) -> None:
-        return None
-
-    def outside_references(self) -> int:
-        return 0
-
-    def check_intact(self, moving: str = "offload") -> None:
-        return None
-
-    def release_host_buffers(self) -> None:
-        return None
-
-    def unmanage(self) -> None:
-        return None
 
     @property
     def state(self) -> BucketState:
@@ -210,10 +220,6 @@ class DroppedTensors:
     @property
     def device_bytes(self) -> int:
         return unique_storage_bytes((t for _, t in self.held_tensors()), self.excluded_storages())
-
-    @property
-    def host_bytes(self) -> int:
-        return 0
 
     @property
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:

@@ -110,6 +110,22 @@ def megatron_on_cpu() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def single_rank_megatron(init_dir) -> Iterator[None]:
+    """megatron-core on the CPU in this process: a one-rank gloo world (rendezvous in ``init_dir``) and
+    ``parallel_state`` at TP=PP=1, torn down on exit."""
+    with megatron_on_cpu():
+        from megatron.core import parallel_state
+
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init_dir}/init", rank=0, world_size=1)
+        try:
+            parallel_state.initialize_model_parallel(1, 1)
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
+            torch.distributed.destroy_process_group()
+
+
 def build_chunks(family: str, num_layers: int = 2, vpp: int | None = None, **parallel: Any) -> list:
     """This rank's GPTModel chunks (one per virtual pipeline stage) for the current parallel_state."""
     from megatron.core import parallel_state as ps

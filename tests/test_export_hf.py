@@ -10,7 +10,7 @@ pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 
 from export_models import (HF_VOCAB, SEQ, build_chunks, greedy, hf_config, megatron_logits,  # noqa: E402
-                           megatron_on_cpu, randomize, save_hf_checkpoint)
+                           randomize, single_rank_megatron, save_hf_checkpoint)
 from memmgr.sync.export import ExportBucket, MegatronExporter  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
@@ -23,17 +23,8 @@ HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3":
 
 @pytest.fixture(scope="module")
 def megatron_env(tmp_path_factory):
-    with megatron_on_cpu():
-        from megatron.core import parallel_state
-
-        init_file = tmp_path_factory.mktemp("dist") / "init"
-        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-        try:
-            parallel_state.initialize_model_parallel(1, 1)
-            yield
-        finally:
-            parallel_state.destroy_model_parallel()
-            torch.distributed.destroy_process_group()
+    with single_rank_megatron(tmp_path_factory.mktemp("dist")):
+        yield
 
 
 def collect(exporter: MegatronExporter) -> dict[str, torch.Tensor]:

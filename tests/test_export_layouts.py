@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 
-from export_models import build_chunks, hf_config, megatron_on_cpu, randomize  # noqa: E402
+from export_models import build_chunks, hf_config, randomize, single_rank_megatron  # noqa: E402
 from memmgr.errors import MemmgrInputError, MemmgrStateError  # noqa: E402
 from memmgr.host_memory import HostMemoryPool  # noqa: E402
 from memmgr.sync.export import MegatronExporter, MemmgrExportError  # noqa: E402
@@ -20,17 +20,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 
 @pytest.fixture(scope="module")
 def megatron_env(tmp_path_factory):
-    with megatron_on_cpu():
-        from megatron.core import parallel_state
-
-        init_file = tmp_path_factory.mktemp("dist") / "init"
-        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-        try:
-            parallel_state.initialize_model_parallel(1, 1)
-            yield
-        finally:
-            parallel_state.destroy_model_parallel()
-            torch.distributed.destroy_process_group()
+    with single_rank_megatron(tmp_path_factory.mktemp("dist")):
+        yield
 
 
 def export(chunks, family, **kwargs) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 
-from export_models import build_chunks, hf_config, megatron_on_cpu, randomize  # noqa: E402
+from export_models import build_chunks, hf_config, randomize, single_rank_megatron  # noqa: E402
 from memmgr.errors import MemmgrInputError, MemmgrSyncError  # noqa: E402
 from memmgr.host_memory import HostMemoryPool  # noqa: E402
 from memmgr.sync.export import MegatronExporter  # noqa: E402
@@ -20,32 +20,23 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    with megatron_on_cpu():
-        from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-        from memmgr.integrations.megatron import for_megatron
+    from memmgr.integrations.megatron import for_megatron
 
-        init_file = tmp_path_factory.mktemp("dist") / "init"
-        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-        parallel_state.initialize_model_parallel(1, 1)
-        try:
-            torch.manual_seed(0)
-            chunks = build_chunks("qwen3")
-            randomize(chunks, seed=3)
-            ddp = DistributedDataParallel(chunks[0].config, DistributedDataParallelConfig(
-                use_distributed_optimizer=True), chunks[0])
-            pool = HostMemoryPool()
-            mgr = for_megatron(ddp, None, pool=pool, bucket_size_mb=0.05)
-            exporter = MegatronExporter([ddp], hf_config("qwen3"), weights=mgr.group("weights"),
-                                        bucket_bytes=32 * 1024)
-            reference = {n: t.clone() for b in exporter.buckets() for n, t in b.named_tensors()}
-            yield mgr, exporter, reference
-            mgr.close()
-            pool.trim()
-        finally:
-            parallel_state.destroy_model_parallel()
-            torch.distributed.destroy_process_group()
+    with single_rank_megatron(tmp_path_factory.mktemp("dist")):
+        torch.manual_seed(0)
+        chunks = build_chunks("qwen3")
+        randomize(chunks, seed=3)
+        ddp = DistributedDataParallel(chunks[0].config, DistributedDataParallelConfig(
+            use_distributed_optimizer=True), chunks[0])
+        pool = HostMemoryPool()
+        mgr = for_megatron(ddp, None, pool=pool, bucket_size_mb=0.05)
+        exporter = MegatronExporter([ddp], hf_config("qwen3"), weights=mgr.group("weights"), bucket_bytes=32 * 1024)
+        reference = {n: t.clone() for b in exporter.buckets() for n, t in b.named_tensors()}
+        yield mgr, exporter, reference
+        mgr.close()
+        pool.trim()
 
 
 class Engine:

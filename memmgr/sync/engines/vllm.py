@@ -40,14 +40,28 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from vllm.distributed.weight_transfer import WeightTransferEngineFactory, WeightTransferTrainerFactory
-from vllm.distributed.weight_transfer.base import (TrainerInitInfo, TrainerWeightTransferEngine,
-                                                   WeightTransferEngine, WeightTransferInitInfo,
-                                                   WeightTransferUpdateInfo)
+from vllm.distributed.weight_transfer.base import (
+    TrainerInitInfo,
+    TrainerWeightTransferEngine,
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
 
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
-from memmgr.sync.transports.base import (DEFAULT_BUCKET_BYTES, ParamSpec, WeightBucket, as_specs, bucketize,
-                                         check_specs, dtype_from_name, dtype_name, is_multi_dtype_bucket, specs_of,
-                                         split_per_dtype)
+from memmgr.sync.transports.base import (
+    DEFAULT_BUCKET_BYTES,
+    ParamSpec,
+    WeightBucket,
+    as_specs,
+    bucketize,
+    check_specs,
+    dtype_from_name,
+    dtype_name,
+    is_multi_dtype_bucket,
+    specs_of,
+    split_per_dtype,
+)
 from memmgr.sync.transports.gloo import GlooReceiver, GlooTransport, connect
 
 logger = logging.getLogger("memmgr")

@@ -12,14 +12,11 @@ import torch
 
 from memmgr.sync.export.discovery import LocalParams, ParamInfo
 from memmgr.sync.export.errors import MemmgrExportError
-from memmgr.sync.export.families import Family, config_dims, eval_dim, family_for, FAMILIES
+from memmgr.sync.export.families import FAMILIES, Family, config_dims, eval_dim, family_for
 from memmgr.sync.export.layouts import Geometry, LayoutError, output_shapes
+from memmgr.sync.layout import itemsize
 
 ALIGN_BYTES = 64
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
 
 
 def _aligned(nbytes: int) -> int:
@@ -58,7 +55,7 @@ class Unit:
 
     @property
     def shard_nbytes(self) -> int:
-        n = _itemsize(self.dtype)
+        n = itemsize(self.dtype)
         for s in self.shard_shape:
             n *= s
         return n
@@ -67,7 +64,7 @@ class Unit:
     def hf_nbytes(self) -> int:
         total = 0
         for shape in self.hf_shapes:
-            n = _itemsize(self.dtype)
+            n = itemsize(self.dtype)
             for s in shape:
                 n *= s
             total += _aligned(n)
@@ -89,7 +86,7 @@ class BucketPlan:
 
     @property
     def nbytes(self) -> int:
-        return sum(n * _itemsize(d) for d, n in self.numels.items())
+        return sum(n * itemsize(d) for d, n in self.numels.items())
 
 
 @dataclass
@@ -251,7 +248,7 @@ def _pack(units: list[Unit], bucket_bytes: int) -> list[BucketPlan]:
         round_bytes = cap + 1
         for pos, u in enumerate(members):
             u.entries = []
-            align = ALIGN_BYTES // _itemsize(u.dtype)
+            align = ALIGN_BYTES // itemsize(u.dtype)
             for hf_name, shape in zip(u.hf_names, u.hf_shapes):
                 offset = numels.get(u.dtype, 0)
                 entry = ExportEntry(hf_name, shape, u.dtype, offset)

@@ -4,9 +4,20 @@ to a ``load_weights`` callable in the same process; ``gloo`` broadcasts them ove
 ``ipc`` passes them through a ring of CUDA IPC buffers to an engine on the same GPU (import it where CUDA is).
 """
 from memmgr.errors import MemmgrSyncMismatchError, MemmgrSyncTimeoutError
-from memmgr.sync.transports.base import (ALIGN_BYTES, DEFAULT_BUCKET_BYTES, ParamSpec, TensorEntry, Transport,
-                                         WeightBucket, as_specs, bucketize, check_specs, group_pairs, specs_of,
-                                         split_per_dtype)
+from memmgr.sync.transports.base import (
+                                         ALIGN_BYTES,
+                                         DEFAULT_BUCKET_BYTES,
+                                         ParamSpec,
+                                         TensorEntry,
+                                         Transport,
+                                         WeightBucket,
+                                         as_specs,
+                                         bucketize,
+                                         check_specs,
+                                         group_pairs,
+                                         specs_of,
+                                         split_per_dtype,
+)
 from memmgr.sync.transports.inproc import InProcessTransport
 
 __all__ = ["ALIGN_BYTES", "DEFAULT_BUCKET_BYTES", "MemmgrSyncMismatchError", "MemmgrSyncTimeoutError", "ParamSpec",

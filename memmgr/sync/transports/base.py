@@ -21,28 +21,12 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
+from memmgr.sync.layout import dtype_from_name, dtype_name, itemsize
 
 logger = logging.getLogger("memmgr")
 
 ALIGN_BYTES = 256            # each tensor starts at a multiple of this inside its bucket
 DEFAULT_BUCKET_BYTES = 256 << 20
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (the form metadata travels in)."""
-    return str(dtype).replace("torch.", "")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise MemmgrSyncError(f"weight sync metadata names dtype {name!r}, which torch {torch.__version__} lacks; "
-                              f"use the same torch version on trainer and engine")
-    return dtype
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -65,7 +49,7 @@ class ParamSpec:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * _itemsize(self.dtype)
+        return _numel(self.shape) * itemsize(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -83,7 +67,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * _itemsize(self.dtype)
+        return self.numel * itemsize(self.dtype)
 
     def spec(self) -> ParamSpec:
         return ParamSpec(self.name, self.shape, self.dtype)
@@ -171,7 +155,7 @@ class WeightBucket:
         if not pairs:
             raise MemmgrInputError("WeightBucket.pack: no tensors given")
         dtype = pairs[0][1].dtype
-        item = _itemsize(dtype)
+        item = itemsize(dtype)
         entries = []
         offset = 0
         for name, t in pairs:
