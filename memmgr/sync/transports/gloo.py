@@ -1,209 +1,31 @@
-"""The gloo transport: buckets broadcast over a torch.distributed gloo group of their own, for CPU engines and tests.
-
-Rank 0 of the group is the trainer (``GlooTransport``); ranks 1..N are engine workers (``GlooReceiver``), each
-getting every bucket. The group is made by ``memmgr.sync.init_sync_group`` on a TCP store that the trainer hosts, so
-it does not touch the default torch.distributed group of either side (vLLM has one of its own).
-
-A bucket's layout reaches the receivers either through a control channel (``announce``: for vLLM, its
-``update_weights`` RPC, which runs while the broadcast is in flight) or, without one, in-band: a length and the
-JSON layout are broadcast before the data.
-"""
+"""The gloo transport: buckets broadcast over a gloo group of their own, for CPU engines and tests (the mechanism is
+``memmgr.sync.transports.collective``)."""
 from __future__ import annotations
 
-import json
-import logging
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
-
-import torch
-import torch.distributed as dist
-
-from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncTimeoutError
-from memmgr.sync import SyncGroup, init_sync_group
-from memmgr.sync.transports.base import Transport, WeightBucket
-
-logger = logging.getLogger("memmgr")
-
-Announce = Callable[[dict[str, Any]], Any]
-_POLL_S = 0.002
-
-
-def _translate(exc: BaseException, *, step: str, rank: int, peers: str) -> MemmgrSyncError:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    low = text.lower()
-    if "timed out" in low or "timeout" in low:
-        return MemmgrSyncTimeoutError(f"gloo weight sync: {step} timed out on rank {rank} waiting for {peers} "
-                                      f"({text[:300]}). The engine worker is gone or stuck; check its log, then "
-                                      f"reconnect (a new transport) before the next sync")
-    return MemmgrSyncError(f"gloo weight sync: {step} failed on rank {rank} with {peers} ({type(exc).__name__}: "
-                           f"{text[:300]}). The group is unusable; reconnect before the next sync")
+from memmgr.sync.comm import SyncGroup
+from memmgr.sync.transports.collective import CollectiveReceiver, CollectiveTransport
+from memmgr.sync.transports.collective import connect as _connect_backend
 
 
 def connect(master_address: str, master_port: int, world_size: int, rank: int, *,
             timeout_s: float = 120.0, prefix: str = "memmgr_gloo") -> SyncGroup:
     """Joins the gloo group of a weight sync: rank 0 (the trainer) hosts the TCP store at ``master_address:port``,
     ranks 1..world_size-1 are engine workers. Blocks until every rank joined or ``timeout_s`` passed."""
-    try:
-        return init_sync_group(f"tcp://{master_address}:{int(master_port)}", world_size, rank, backend="gloo",
-                               timeout=timeout_s, prefix=prefix)
-    except MemmgrSyncError:
-        raise
-    except MemmgrInputError:
-        raise
-    except Exception as exc:  # the store or the mesh did not come up
-        who = "the engine workers (ranks 1..%d)" % (world_size - 1) if rank == 0 else "the trainer (rank 0)"
-        raise _translate(exc, step=f"joining the group at {master_address}:{master_port}", rank=rank,
-                         peers=who) from exc
+    return _connect_backend(master_address, master_port, world_size, rank, backend="gloo", timeout_s=timeout_s,
+                            prefix=prefix)
 
 
-def _broadcast(group: SyncGroup, tensor: torch.Tensor) -> Any:
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 0
-    opts.rootTensor = 0
-    return group.backend.broadcast([tensor], opts)
-
-
-class GlooTransport(Transport):
-    """Trainer side (rank 0): broadcasts each bucket's bytes to every engine worker of ``group``.
-
-    With ``announce``, ``send_bucket`` calls ``announce(describe(bucket))`` on a helper thread while the broadcast
-    is in flight and returns when both are done; if the control call fails first, the broadcast is abandoned and the
-    failure raised (the group is then unusable: reconnect). ``timeout_s`` bounds each bucket.
-    """
+class GlooTransport(CollectiveTransport):
+    """Trainer side (rank 0) over gloo: CPU buckets (see CollectiveTransport)."""
 
     name = "gloo"
-
-    def __init__(self, group: SyncGroup, *, announce: Announce | None = None, timeout_s: float | None = None):
-        if not isinstance(group, SyncGroup) or group.backend_name != "gloo":
-            raise MemmgrInputError("GlooTransport takes a gloo SyncGroup from memmgr.sync.transports.gloo.connect() "
-                                   "(or init_sync_group(..., backend='gloo'))")
-        if group.rank != 0:
-            raise MemmgrInputError(f"GlooTransport runs on rank 0 of the sync group (the trainer), this process is "
-                                   f"rank {group.rank}; engine workers use GlooReceiver")
-        self.group = group
-        self.announce = announce
-        self.timeout_s = float(timeout_s) if timeout_s is not None else group.timeout.total_seconds()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memmgr-gloo-announce")
-        self._broken: str | None = None
-        self.buckets = 0
-        self.nbytes = 0
-
-    @property
-    def peers(self) -> str:
-        n = self.group.world_size - 1
-        return "engine worker rank 1" if n == 1 else f"engine worker ranks 1..{n}"
-
-    def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise MemmgrSyncError(f"gloo weight sync: the transport is unusable after an earlier failure "
-                                  f"({self._broken}); reconnect before the next sync")
-
-    def _wait(self, work: Any, control: Future | None, step: str) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            if control is not None and control.done() and control.exception() is not None:
-                exc = control.exception()
-                self._broken = f"the engine's control call failed during {step}"
-                raise MemmgrSyncError(f"gloo weight sync: the engine failed during {step} ({type(exc).__name__}: "
-                                      f"{str(exc)[:500]}); the data broadcast was abandoned, so the group is "
-                                      f"unusable: reconnect before the next sync") from exc
-            if work.is_completed():
-                try:
-                    work.wait()
-                except Exception as exc:
-                    self._broken = f"{step} failed"
-                    raise _translate(exc, step=step, rank=0, peers=self.peers) from exc
-                return
-            if time.monotonic() > deadline:
-                self._broken = f"{step} timed out"
-                raise MemmgrSyncTimeoutError(f"gloo weight sync: {step} did not complete within {self.timeout_s:.0f} s "
-                                             f"on rank 0 waiting for {self.peers}; the engine worker is gone or "
-                                             f"stuck. Reconnect before the next sync")
-            time.sleep(_POLL_S)
-
-    def send_bucket(self, bucket: WeightBucket) -> None:
-        self._check_usable()
-        step = f"bucket {self.buckets} ({bucket.dtype}, {bucket.nbytes} B)"
-        if bucket.flat.device.type != "cpu":
-            raise MemmgrInputError(f"GlooTransport: {step} is on {bucket.flat.device}; gloo sends CPU tensors "
-                                   f"(bucketize with device='cpu', or use the NCCL or IPC transport for GPU weights)")
-        control = None
-        if self.announce is not None:
-            control = self._pool.submit(self.announce, self.describe(bucket))
-        else:
-            meta = json.dumps(bucket.meta()).encode()
-            head = torch.tensor([len(meta)], dtype=torch.int64)
-            self._wait(_broadcast(self.group, head), None, f"{step} header")
-            self._wait(_broadcast(self.group, torch.frombuffer(bytearray(meta), dtype=torch.uint8)), None,
-                       f"{step} layout")
-        self._wait(_broadcast(self.group, bucket.flat), control, step)
-        if control is not None:
-            remaining = max(1.0, self.timeout_s)
-            try:
-                control.result(timeout=remaining)
-            except TimeoutError as exc:
-                self._broken = f"{step}: the engine did not confirm"
-                raise MemmgrSyncTimeoutError(f"gloo weight sync: the engine did not confirm {step} within "
-                                             f"{remaining:.0f} s after the data arrived ({self.peers})") from exc
-            except Exception as exc:
-                raise MemmgrSyncError(f"gloo weight sync: the engine failed to load {step} ({type(exc).__name__}: "
-                                      f"{str(exc)[:500]})") from exc
-        self.buckets += 1
-        self.nbytes += bucket.payload_bytes
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
-        self.group.close()
-        self._broken = self._broken or "closed"
+    backend = "gloo"
 
 
-class GlooReceiver:
-    """Engine-worker side (rank >= 1): receives buckets broadcast by rank 0 into one reused buffer.
+class GlooReceiver(CollectiveReceiver):
+    """Engine-worker side (rank >= 1) over gloo: buckets received into CPU memory (see CollectiveReceiver)."""
 
-    ``receive(meta)`` returns the bucket that ``meta`` (a ``WeightBucket.meta()`` that came over the control
-    channel) describes; ``receive()`` reads the layout in-band first. With ``reuse_buffer`` the returned bucket
-    aliases one buffer that the next ``receive`` overwrites (load, i.e. copy, it before); without, each bucket gets
-    memory of its own (for loaders that keep views until later buckets arrive, like vLLM's layerwise reload).
-    """
-
-    def __init__(self, group: SyncGroup, *, reuse_buffer: bool = True):
-        if not isinstance(group, SyncGroup) or group.backend_name != "gloo":
-            raise MemmgrInputError("GlooReceiver takes a gloo SyncGroup from memmgr.sync.transports.gloo.connect()")
-        if group.rank == 0:
-            raise MemmgrInputError("GlooReceiver runs on an engine worker (rank >= 1); rank 0 is the trainer's "
-                                   "GlooTransport")
-        self.group = group
-        self.reuse_buffer = reuse_buffer
-        self._buffer = torch.empty(0, dtype=torch.uint8)
-
-    def _wait(self, work: Any, step: str) -> None:
-        try:
-            work.wait()
-        except Exception as exc:
-            raise _translate(exc, step=step, rank=self.group.rank, peers="the trainer (rank 0)") from exc
-
-    def receive(self, meta: dict[str, Any] | None = None) -> WeightBucket:
-        if meta is None:
-            head = torch.zeros(1, dtype=torch.int64)
-            self._wait(_broadcast(self.group, head), "receiving a bucket header")
-            raw = torch.empty(int(head.item()), dtype=torch.uint8)
-            self._wait(_broadcast(self.group, raw), "receiving a bucket layout")
-            meta = json.loads(bytes(raw.numpy().tobytes()).decode())
-        dtype, numel, _ = WeightBucket.layout_from_meta(meta)
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-        if not self.reuse_buffer:
-            flat = torch.empty(numel, dtype=dtype)
-        else:
-            if self._buffer.numel() < nbytes:
-                self._buffer = torch.empty(nbytes, dtype=torch.uint8)
-            flat = self._buffer[:nbytes].view(dtype)
-        self._wait(_broadcast(self.group, flat), f"receiving a {dtype} bucket of {nbytes} B")
-        return WeightBucket.from_meta(meta, flat)
-
-    def close(self) -> None:
-        self._buffer = torch.empty(0, dtype=torch.uint8)
-        self.group.close()
+    backend = "gloo"
 
 
 __all__ = ["GlooTransport", "GlooReceiver", "connect"]
