@@ -69,9 +69,13 @@ def program(name: str, *args: str) -> list[str]:
     return [PY, str(BENCH / name), *args]
 
 
-def pytest_gpu(ctx: Context) -> Step:
-    return Step("pytest_gpu", [PY, "-m", "pytest", str(ROOT / "tests"), "-q", "-p", "no:cacheprovider",
-                               "--ignore", str(ROOT / "tests" / "test_megatron_cpu.py")], 240,
+def pytest_gpu(ctx: Context, everything: bool = False) -> Step:
+    """The tests that touch CUDA (``gpu``-marked ones and the ``[cuda]`` variants; the CPU tests run in CI), or with
+    ``everything`` the whole suite."""
+    select = [] if everything else ["-k", "cuda or gpu"]
+    return Step("pytest_gpu_all" if everything else "pytest_gpu",
+                [PY, "-m", "pytest", str(ROOT / "tests"), "-q", "-p", "no:cacheprovider", *select,
+                 "--ignore", str(ROOT / "tests" / "test_megatron_cpu.py")], 420 if everything else 240,
                 show=r"passed|failed|error", cwd=str(ROOT))
 
 
@@ -134,7 +138,10 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
               "the default `memmgr bench`; about 8-9 minutes with set-up, near the device tool's 10: where it does "
               "not fit, run `tests megatron` and `bench` as two calls",
               lambda c: [pytest_gpu(c), megatron_suite(c, "--cycles", "8"), memmgr_bench(c)]),
-    "tests": ("the GPU pytest (tests/ without the CPU-only Megatron file)", lambda c: [pytest_gpu(c)]),
+    "tests": ("the GPU pytest: the tests that touch CUDA (`gpu`-marked and `[cuda]` variants; CI runs the rest)",
+              lambda c: [pytest_gpu(c)]),
+    "tests-all": ("the whole pytest on the GPU machine (tests/ without the CPU-only Megatron file; over 4 minutes)",
+                  lambda c: [pytest_gpu(c, everything=True)]),
     "megatron": ("the whole Megatron suite: equivalence, 1.3B speed over 8 cycles beside megatron's built-ins, "
                  "memory, selective", lambda c: [megatron_suite(c, "--cycles", "8")]),
     "bench": ("the default `memmgr bench` (the README's table)", lambda c: [memmgr_bench(c)]),
