@@ -44,6 +44,7 @@ from memmgr.tools.bench_methods import (  # noqa: F401
     pinned_peak,
     process_gpu_bytes,
     run_method,
+    run_under_conditions,
     timed,
 )
 
@@ -106,15 +107,9 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
     progress = tqdm(chosen, desc="methods", unit="method")
     for method in progress:
         progress.set_postfix_str(method.name)
-        reason = method.available()
-        if reason:
-            for rows in by_condition.values():
-                rows.append({"method": method.name, "skipped": reason})
-            continue
         n = memmgr_cycles(cycles) if isinstance(method, MemmgrMethod) else cycles
-        for name, step in conditions.items():
-            by_condition[name].append(run_method(method, copied, device, n, lambda: make_state(copied, device),
-                                                 phase_gap_s=gap, between=step).summary(peak))
+        run_under_conditions(method, conditions, by_condition, peak, n, copied_bytes=copied, device=device,
+                             make=lambda: make_state(copied, device), phase_gap_s=gap)
     for name, step in conditions.items():
         small = run_method(MemmgrMethod(), 0, device, cycles,
                            lambda: make_small_tensors(10_000, 64 * 1024, device), phase_gap_s=gap,

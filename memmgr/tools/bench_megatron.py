@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from memmgr.tools.bench_methods import MemmgrMethod, Method, PerTensorMethod, TrainingState, memmgr_cycles, run_method
+from memmgr.tools.bench_methods import (MemmgrMethod, Method, PerTensorMethod, TrainingState, memmgr_cycles,
+                                        run_under_conditions)
 
 logger = logging.getLogger("memmgr")
 
@@ -223,18 +224,9 @@ def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = N
         if progress is not None:
             progress.set_postfix_str(method.name)
             progress.update(1)
-        reason = method.available()
-        if reason:
-            for rows in by_condition.values():
-                rows.append({"method": method.name, "skipped": reason})
-            continue
         n = memmgr_cycles(cycles) if isinstance(method, MegatronMemmgrMethod) else cycles
-        for condition, between in conditions.items():
-            r = run_method(method, 0, device, n, lambda: state, baseline=baseline, phase_gap_s=phase_gap_s,
-                           between=between)
-            by_condition[condition].append(r.summary(peak))
-            logger.info("Megatron workload %s (%s): offload %s s, onload %s s, intact %s", method.name, condition,
-                        [round(x, 3) for x in r.offload_s], [round(x, 3) for x in r.onload_s], r.intact)
+        run_under_conditions(method, conditions, by_condition, peak, n, copied_bytes=0, device=device,
+                             make=lambda: state, baseline=baseline, phase_gap_s=phase_gap_s)
     out["by_condition"] = by_condition
     out["results"] = next(iter(by_condition.values()))
     del state, ddp, opt, candidates, method

@@ -395,6 +395,23 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
     return result
 
 
+def run_under_conditions(method: Method, conditions: dict[str, Callable[[], object] | None],
+                         by_condition: dict[str, list], peak: dict[str, float], cycles: int, **run: object) -> None:
+    """Runs ``method`` once per condition (name -> the ``between`` step of ``run_method``, None for the pause) and
+    appends each summary to ``by_condition[name]``; a method that cannot run here is recorded as skipped under every
+    condition. ``run`` goes to ``run_method`` (copied_bytes, device, make, phase_gap_s, baseline)."""
+    reason = method.available()
+    if reason:
+        for rows in by_condition.values():
+            rows.append({"method": method.name, "skipped": reason})
+        return
+    for name, between in conditions.items():
+        result = run_method(method, cycles=cycles, between=between, **run)  # type: ignore[arg-type]
+        by_condition[name].append(result.summary(peak))
+        logger.info("%s (%s): offload %s s, onload %s s, intact %s", method.name, name,
+                    [round(x, 3) for x in result.offload_s], [round(x, 3) for x in result.onload_s], result.intact)
+
+
 def memmgr_cycles(cycles: int) -> int:
     """memmgr's cycles take a second, the peers' up to a minute: memmgr runs at least 5, so that its steady state is
     a median of 4 rather than 2 (the link's throughput varies by several percent from cycle to cycle)."""
