@@ -28,6 +28,35 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
+def aligned(nbytes: int, align: int) -> int:
+    """``nbytes`` rounded up to a multiple of ``align``."""
+    return -(-nbytes // align) * align
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Name, shape and dtype of one weight: what the trainer sends or what the engine holds. The entries that place a
+    weight inside a bucket (``transports.base.TensorEntry``, ``export.ExportEntry``) are ParamSpecs with an offset."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    def spec(self) -> "ParamSpec":
+        """The weight's name, shape and dtype alone."""
+        return ParamSpec(self.name, tuple(self.shape), self.dtype)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One tensor of the sync: where it lies in which bucket (offset and numel in elements of its dtype)."""

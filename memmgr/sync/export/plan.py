@@ -14,29 +14,19 @@ from memmgr.sync.export.discovery import LocalParams, ParamInfo
 from memmgr.sync.export.errors import MemmgrExportError
 from memmgr.sync.export.families import FAMILIES, Family, config_dims, eval_dim, family_for
 from memmgr.sync.export.layouts import Geometry, LayoutError, output_shapes
-from memmgr.sync.layout import itemsize
+from memmgr.sync.layout import ParamSpec, aligned, itemsize
 
 ALIGN_BYTES = 64
 
 
 def _aligned(nbytes: int) -> int:
-    return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+    return aligned(nbytes, ALIGN_BYTES)
 
 
 @dataclass(frozen=True)
-class ExportEntry:
+class ExportEntry(ParamSpec):
     """One Hugging Face tensor of a bucket: its place in the bucket's flat tensor of its dtype (elements)."""
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    offset: int
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+    offset: int = 0
 
 
 @dataclass

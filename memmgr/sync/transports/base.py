@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
-from memmgr.sync.layout import dtype_from_name, dtype_name, itemsize
+from memmgr.sync.layout import ParamSpec, aligned, dtype_from_name, dtype_name, itemsize
 
 logger = logging.getLogger("memmgr")
 
@@ -29,48 +29,15 @@ ALIGN_BYTES = 256            # each tensor starts at a multiple of this inside i
 DEFAULT_BUCKET_BYTES = 256 << 20
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 def _aligned(nbytes: int) -> int:
-    return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+    return aligned(nbytes, ALIGN_BYTES)
 
 
 @dataclass(frozen=True)
-class ParamSpec:
-    """Name, shape and dtype of one weight: what the trainer sends or what the engine holds."""
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return _numel(self.shape) * itemsize(self.dtype)
-
-
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(ParamSpec):
     """One weight inside a bucket: its name, shape and dtype, and the byte offset where it starts in the flat
     tensor."""
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    offset: int
-
-    @property
-    def numel(self) -> int:
-        return _numel(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * itemsize(self.dtype)
-
-    def spec(self) -> ParamSpec:
-        return ParamSpec(self.name, self.shape, self.dtype)
+    offset: int = 0
 
 
 @dataclass
@@ -204,7 +171,7 @@ def is_multi_dtype_bucket(obj: Any) -> bool:
 def as_specs(items: Iterable[Any]) -> list[ParamSpec]:
     """``ParamSpec`` s from anything with ``name``, ``shape`` and ``dtype`` (e.g. the export's entries, vLLM's
     ``ParamMeta``)."""
-    return [s if isinstance(s, ParamSpec) else ParamSpec(str(s.name), tuple(int(d) for d in s.shape), s.dtype)
+    return [s.spec() if isinstance(s, ParamSpec) else ParamSpec(str(s.name), tuple(int(d) for d in s.shape), s.dtype)
             for s in items]
 
 
