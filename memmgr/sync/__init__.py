@@ -1,20 +1,14 @@
 """Weight sync: trainer weights handed to inference engines.
 
-Today's package holds memmgr's reference protocol, a bucketed broadcast from one trainer rank to the engine processes
-of its sync group (NCCL on GPUs, gloo on the CPU):
-
-1. the sender broadcasts a small header; the layout (names, shapes, dtypes, bucket offsets) follows only when the
-   receivers have not seen this version yet, so steady-state syncs send no metadata;
-2. every rank reports its status in one all-reduce, so a disagreement (a tensor the engine lacks or holds in another
-   shape or dtype) raises a clear error on every side before any weight moves;
-3. the weights travel as flat per-dtype buckets of bounded size, one broadcast per bucket; each receiver holds at
-   most two buckets and hands ``(engine_name, view)`` pairs to ``load_weights`` after mapping names with
-   ``name_map``;
-4. a last all-reduce reports whether every receiver loaded everything.
-
-Modules: ``protocol`` (wire constants), ``layout`` (specs, buckets, versions), ``comm`` (process groups and
-collectives), ``names`` (name maps), ``endpoint`` (status exchange, device handshake), ``sender``, ``receiver``,
-``loaders`` (``load_weights`` for plain torch modules).
+- ``export``: megatron-core chunks to Hugging Face names and layouts, re-joined across TP/PP/EP, streamed in flat
+  per-dtype buckets from device memory or the pinned host copy (``MegatronExporter``).
+- ``transports``: the bucket stream's data planes (in-process, gloo, NCCL, same-GPU CUDA IPC) behind ``Transport``.
+- ``engines``: engine adapters (``engines.vllm.VLLMWeightSync``: vLLM's weight-transfer protocol).
+- ``session``: ``sync_weights``, one sync as one call with the manager's before/after-sync hooks.
+- The reference protocol (``WeightSender``/``WeightReceiver``: ``protocol``, ``layout``, ``comm``, ``names``,
+  ``endpoint``, ``sender``, ``receiver``): a bucketed broadcast of name -> tensor maps from one trainer rank to the
+  engine processes of its group, with the layout sent only when it changed and a status all-reduce before any
+  weight moves; ``loaders`` gives ``load_weights`` for engines that are plain torch modules.
 """
 from memmgr.errors import MemmgrSyncError
 from memmgr.sync.comm import SyncGroup, device_uuid, init_sync_group
