@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from memmgr import arguments
 from memmgr.errors import MemmgrInputError, MemmgrStateError
-from memmgr.groups import MovableUnit
+from memmgr.groups import MovableUnit, check_unit_unreferenced
 from memmgr.states import Policy
 from memmgr.transfer import TransferHandle
 
@@ -216,12 +216,7 @@ def apply_plan(plan: OffloadPlan, *, non_blocking: bool = False) -> OffloadPlan:
         if not unit.state.holds_device_memory:
             raise MemmgrStateError(f"bucket {item.bucket!r} of group {item.group!r} is no longer on the device; "
                                    f"the plan is stale, compute a new one")
-        extra = unit.outside_references()
-        if extra:
-            raise MemmgrStateError(
-                f"group {item.group!r}: bucket {item.bucket!r} is still referenced {extra} time(s) from outside the "
-                f"group (tensors autograd saved for an unfinished backward, or a view you kept); finish backward "
-                f"before offloading. Nothing was moved")
+        check_unit_unreferenced(item.group, unit)
     discard = {id(unit): item.discard for item, unit in zip(plan.items, units)}
     plan.handle = plan.manager.offload_units(units, groups=tuple(plan.groups),
                                              label=f"offload budget {plan.budget_bytes}",

@@ -97,17 +97,22 @@ def group_state(group: StateGroup) -> GroupState:
     return GroupState.of(unit.state for unit in group.units)
 
 
-def check_no_outside_references(group: StateGroup) -> None:
-    """Raises MemmgrStateError, before anything moves, if memory of one of the group's units is still referenced
+def check_unit_unreferenced(group: str, unit: MovableUnit) -> None:
+    """Raises MemmgrStateError, before anything moves, if memory of ``unit`` (of group ``group``) is still referenced
     from outside the group (tensors autograd saved for an unfinished backward, a view someone kept): freeing it
     would corrupt them."""
+    extra = unit.outside_references()
+    if extra:
+        raise MemmgrStateError(
+            f"group {group!r}: bucket {unit.name!r} is still referenced {extra} time(s) from outside the group, "
+            f"typically by tensors autograd saved for the backward pass of an unfinished step (or a view you kept). "
+            f"Finish backward (or drop the graph / the view) before offloading. Nothing was moved")
+
+
+def check_no_outside_references(group: StateGroup) -> None:
+    """``check_unit_unreferenced`` for every unit of ``group``."""
     for unit in group.units:
-        extra = unit.outside_references()
-        if extra:
-            raise MemmgrStateError(
-                f"group {group.name!r}: bucket {unit.name!r} is still referenced {extra} time(s) from outside the "
-                f"group, typically by tensors autograd saved for the backward pass of an unfinished step (or a view "
-                f"you kept). Finish backward (or drop the graph / the view) before offloading. Nothing was moved")
+        check_unit_unreferenced(group.name, unit)
 
 
 def default_priority(name: str, policy: Policy) -> int:
