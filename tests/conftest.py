@@ -37,3 +37,19 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     a = a.detach().contiguous().cpu()
     b = b.detach().contiguous().cpu()
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def tensors_to_bytes(tensors: dict) -> bytes:
+    """Serialized for a multiprocessing queue: a tensor put on a torch.multiprocessing queue travels as a handle to
+    the sender's shared memory, which is gone once a sender that exits right after putting it has exited."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({n: t.detach().cpu() for n, t in tensors.items()}, buf)
+    return buf.getvalue()
+
+
+def tensors_from_bytes(data: bytes) -> dict:
+    import io
+
+    return torch.load(io.BytesIO(data), weights_only=True)

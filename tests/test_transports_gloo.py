@@ -11,7 +11,7 @@ from memmgr.errors import MemmgrInputError, MemmgrSyncError
 from memmgr.sync.transports import MemmgrSyncTimeoutError, bucketize
 from memmgr.sync.transports.gloo import GlooReceiver, GlooTransport, connect
 
-from conftest import random_tensor, same_bits
+from conftest import random_tensor, same_bits, tensors_from_bytes, tensors_to_bytes
 
 
 def _free_port() -> int:
@@ -40,7 +40,7 @@ def _receiver(port: int, nbuckets: int, metas, results, mode: str) -> None:
     for _ in range(nbuckets):
         bucket = receiver.receive(metas.get(timeout=120) if mode == "announce" else None)
         got.update({n: v.clone() for n, v in bucket.views()})  # the buffer is reused by the next receive
-    results.put(got)
+    results.put(tensors_to_bytes(got))
     receiver.close()
 
 
@@ -59,7 +59,7 @@ def test_gloo_buckets_arrive_bit_exact_in_another_process(mode):
         for b in buckets:
             transport.send_bucket(b)
         transport.finish()
-        got = results.get(timeout=120)
+        got = tensors_from_bytes(results.get(timeout=120))
         transport.close()
     finally:
         proc.join(30)

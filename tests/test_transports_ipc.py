@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from memmgr.errors import MemmgrInputError, MemmgrSyncError
 from memmgr.sync.transports import WeightBucket, bucketize
 
-from conftest import random_tensor, requires_cuda, same_bits
+from conftest import random_tensor, requires_cuda, same_bits, tensors_from_bytes, tensors_to_bytes
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -45,7 +45,7 @@ def _consumer(descs, acks, results, delay_s: float) -> None:
             acks.put(("ok", desc["slot"]))
         except Exception as exc:  # reported to the producer, like an RPC error
             acks.put(("error", str(exc)))
-    results.put({n: t.cpu() for n, t in got.items()})
+    results.put(tensors_to_bytes(got))
     receiver.close()
 
 
@@ -81,7 +81,7 @@ class _Engine:
 
     def stop(self):
         self.descs.put(None)
-        got = self.results.get(timeout=120)
+        got = tensors_from_bytes(self.results.get(timeout=120))
         self.proc.join(30)
         return got
 

@@ -10,7 +10,7 @@ from memmgr.errors import MemmgrInputError
 from memmgr.sync.transports import bucketize
 from memmgr.sync.transports.nccl import NcclReceiver, NcclTransport, connect
 
-from conftest import random_tensor, same_bits
+from conftest import random_tensor, same_bits, tensors_from_bytes, tensors_to_bytes
 
 
 def _free_port() -> int:
@@ -43,7 +43,7 @@ def _engine(port: int, nbuckets: int, results) -> None:
     for _ in range(nbuckets):
         bucket = receiver.receive()
         got.update({n: v.cpu().clone() for n, v in bucket.views()})
-    results.put(got)
+    results.put(tensors_to_bytes(got))
     receiver.close()
 
 
@@ -63,7 +63,7 @@ def test_nccl_buckets_arrive_bit_exact_on_another_gpu():
         for b in buckets:
             transport.send_bucket(b)
         transport.finish()
-        got = results.get(timeout=120)
+        got = tensors_from_bytes(results.get(timeout=120))
         transport.close()
     finally:
         proc.join(timeout=60)
