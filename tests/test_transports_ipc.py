@@ -131,13 +131,32 @@ def test_ipc_engine_failure_raises_on_the_producer():
         engine.stop()
 
 
-def test_ipc_refuses_a_bucket_larger_than_the_ring_buffers():
+@pytest.mark.parametrize("source", ["bucket", "pairs"])
+def test_ipc_bucket_larger_than_the_ring_buffers_goes_through_one_reused_oversize_slot(source):
     from memmgr.sync.transports.ipc import CudaIpcTransport
 
-    transport = CudaIpcTransport(lambda d: None, buffer_bytes=1024)
-    with pytest.raises(MemmgrInputError, match="buffer_bytes >= the largest bucket"):
-        transport.send_bucket(WeightBucket.pack([("big", torch.ones(1024, device="cuda"))]))
-    transport.close()
+    dev = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(5)
+    weights = {"embed": random_tensor((4096, 64), torch.bfloat16, "cpu", g).to(dev),  # 512 KiB: over a slot
+               "small.0": random_tensor((64, 64), torch.bfloat16, "cpu", g).to(dev),
+               "bigger": random_tensor((8192, 64), torch.bfloat16, "cpu", g).to(dev),  # grows the oversize slot
+               "small.1": random_tensor((64, 63), torch.bfloat16, "cpu", g).to(dev)}
+    engine = _Engine()
+    transport = CudaIpcTransport(engine.announce, device=dev, buffer_bytes=64 << 10, num_buffers=2)
+    try:
+        for _sync in range(2):
+            for name, t in weights.items():
+                if source == "pairs":
+                    transport.send_pairs([(name, t)])
+                else:
+                    transport.send_bucket(WeightBucket.pack([(name, t)]))
+            transport.finish()
+        # the ring plus one slot the size of the largest tensor, reused by the second sync
+        assert transport.ring_bytes == 2 * (64 << 10) + 8192 * 64 * 2
+    finally:
+        got = engine.stop()
+        transport.close()
+    assert all(same_bits(got[n], weights[n].cpu()) for n in weights)
 
 
 def test_ipc_receiver_on_another_gpu_names_both_uuids():

@@ -22,10 +22,10 @@ import torch
 
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
 from memmgr.sync.layout import ParamSpec, aligned, dtype_from_name, dtype_name, itemsize
+from memmgr.sync.protocol import ALIGN_BYTES
 
 logger = logging.getLogger("memmgr")
 
-ALIGN_BYTES = 256            # each tensor starts at a multiple of this inside its bucket
 DEFAULT_BUCKET_BYTES = 256 << 20
 
 

@@ -26,7 +26,8 @@ import torch
 
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncTimeoutError
 from memmgr.sync import device_uuid
-from memmgr.sync.transports.base import DEFAULT_BUCKET_BYTES, Transport, WeightBucket
+from memmgr.sync.layout import aligned
+from memmgr.sync.transports.base import ALIGN_BYTES, DEFAULT_BUCKET_BYTES, Transport, WeightBucket
 
 logger = logging.getLogger("memmgr")
 
@@ -36,6 +37,10 @@ _DEVICE_ARG = 6  # index of the device in torch's rebuild_cuda_tensor arguments
 
 class CudaIpcTransport(Transport):
     """Producer side: a ring of ``num_buffers`` GPU buffers of ``buffer_bytes`` each, exported once.
+
+    A bucket larger than ``buffer_bytes`` (one tensor larger than the export's bucket size, e.g. a large
+    vocabulary's embedding) goes through one more slot, sized to the largest such bucket and reused like the others:
+    the extra GPU memory is then the ring plus the largest tensor.
 
     ``announce(description)`` is the control channel to the consumer; it must return only once the consumer has
     copied the bucket out (vLLM's ``update_weights`` RPC does; ``CudaIpcReceiver.done`` marks that point on the
@@ -70,7 +75,9 @@ class CudaIpcTransport(Transport):
         self.timeout_s = float(timeout_s)
         self._ring: list[torch.Tensor] = []
         self._exports: list[tuple] = []
-        self._pending: list[Future | None] = [None] * self.num_buffers
+        self._oversize: torch.Tensor | None = None
+        self._oversize_export: tuple = ()
+        self._pending: list[Future | None] = [None] * (self.num_buffers + 1)  # the last: the oversize slot
         self._next = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memmgr-ipc-announce")
         self._broken: str | None = None
@@ -79,8 +86,8 @@ class CudaIpcTransport(Transport):
 
     @property
     def ring_bytes(self) -> int:
-        """GPU memory the ring holds (the transport's extra GPU memory)."""
-        return self.buffer_bytes * len(self._ring)
+        """GPU memory the ring and the oversize slot hold (the transport's extra GPU memory)."""
+        return sum(buf.numel() for buf in self._ring) + (self._oversize.numel() if self._oversize is not None else 0)
 
     def _ensure_ring(self) -> None:
         if self._ring:
@@ -115,21 +122,38 @@ class CudaIpcTransport(Transport):
         if self._broken is not None:
             raise MemmgrSyncError(f"CUDA IPC weight sync: the transport is unusable after an earlier failure "
                                   f"({self._broken}); build a new one")
-        if nbytes > self.buffer_bytes:
-            raise MemmgrInputError(f"CUDA IPC weight sync: {what} has {nbytes} B but the ring's buffers have "
-                                   f"{self.buffer_bytes} B; build the transport with buffer_bytes >= the largest "
-                                   f"bucket (the export's bucket size)")
         self._ensure_ring()
+        if nbytes > self.buffer_bytes:
+            return self._acquire_oversize(nbytes, what)
         slot = self._next
         self._next = (slot + 1) % self.num_buffers
         self._wait_slot(slot)
         return slot
 
+    def _acquire_oversize(self, nbytes: int, what: str) -> int:
+        slot = self.num_buffers
+        self._wait_slot(slot)
+        if self._oversize is None or self._oversize.numel() < nbytes:
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            logger.info("CUDA IPC weight sync: %s has %d B, more than the ring's %d B buffers; it goes through an "
+                        "oversize slot of that size", what, nbytes, self.buffer_bytes)
+            self._oversize = None  # the engine drops its mapping of the old export when it sees the new one
+            self._oversize = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self._oversize_export = tuple(reduce_tensor(self._oversize)[1])
+        return slot
+
+    def _slot_buffer(self, slot: int) -> torch.Tensor:
+        return self._oversize if slot == self.num_buffers else self._ring[slot]
+
+    def _slot_export(self, slot: int) -> tuple:
+        return self._oversize_export if slot == self.num_buffers else self._exports[slot]
+
     def _publish(self, slot: int, bucket: WeightBucket) -> None:
         # the consumer reads the slot from another process: the copy must be complete before it is announced
         torch.cuda.current_stream(self.device).synchronize()
         description = bucket.meta()
-        description.update({"slot": slot, "nbytes": bucket.nbytes, "ipc": {self.uuid: self._exports[slot]}})
+        description.update({"slot": slot, "nbytes": bucket.nbytes, "ipc": {self.uuid: self._slot_export(slot)}})
         self._pending[slot] = self._pool.submit(self.announce, description)
         self.buckets += 1
         self.nbytes += bucket.payload_bytes
@@ -138,7 +162,7 @@ class CudaIpcTransport(Transport):
         """Copies ``bucket`` (on this GPU or in host memory) into the next free slot and announces it; returns
         before the engine copied it out (``finish`` waits for that)."""
         slot = self._acquire(bucket.nbytes, f"bucket {self.buckets} ({bucket.dtype})")
-        dst = self._ring[slot][:bucket.nbytes]
+        dst = self._slot_buffer(slot)[:bucket.nbytes]
         src = bucket.flat.view(torch.uint8)
         with torch.cuda.device(self.device):
             dst.copy_(src, non_blocking=src.device.type == "cpu" and src.is_pinned())
@@ -151,14 +175,16 @@ class CudaIpcTransport(Transport):
             return
         dtype = pairs[0][1].dtype
         item = torch.empty(0, dtype=dtype).element_size()
-        slot = self._acquire(sum(t.numel() * item for _, t in pairs), f"bucket {self.buckets} ({dtype})")
+        packed = sum(aligned(t.numel() * item, ALIGN_BYTES) for _, t in pairs)  # WeightBucket.pack's layout
+        slot = self._acquire(packed, f"bucket {self.buckets} ({dtype})")
         with torch.cuda.device(self.device):
-            bucket = WeightBucket.pack(pairs, out=self._ring[slot].view(dtype)[:self.buffer_bytes // item])
+            buf = self._slot_buffer(slot)
+            bucket = WeightBucket.pack(pairs, out=buf.view(dtype)[:buf.numel() // item])
         self._publish(slot, bucket)
 
     def finish(self) -> None:
         """Returns once the engine has copied out every announced bucket."""
-        for slot in range(self.num_buffers):
+        for slot in range(self.num_buffers + 1):
             self._wait_slot(slot)
 
     def close(self) -> None:
@@ -171,9 +197,10 @@ class CudaIpcTransport(Transport):
         except Exception as exc:
             logger.warning("CUDA IPC weight sync: closing with a bucket still outstanding (%s)", exc)
         self._pool.shutdown(wait=False)
-        self._pending = [None] * self.num_buffers
+        self._pending = [None] * (self.num_buffers + 1)
         self._ring.clear()
         self._exports.clear()
+        self._oversize, self._oversize_export = None, ()
         self._broken = self._broken or "closed"
         torch.cuda.ipc_collect()
 
