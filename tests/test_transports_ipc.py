@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from memmgr.errors import MemmgrInputError, MemmgrSyncError
+from memmgr.errors import MemmgrSyncError
 from memmgr.sync.transports import WeightBucket, bucketize
 
 from conftest import random_tensor, requires_cuda, same_bits, tensors_from_bytes, tensors_to_bytes
