@@ -22,7 +22,6 @@ import time
 
 import torch
 
-logger = logging.getLogger("memmgr")
 from memmgr.errors import MemmgrInputError
 from memmgr.tools.bench_methods import (  # noqa: F401
     DEFAULT_PHASE_GAP_S,
@@ -71,7 +70,7 @@ def conditions_for(device: torch.device, requested: list[str] | None) -> list[st
 
 def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bool = False, cycles: int = 3,
               methods: list[str] | None = None, megatron: bool | None = None,
-              phase_gap_s: float | None = None, between: list[str] | None = None) -> dict:
+              phase_gap_s: float | None = None, between: list[str] | None = None, gpt: str = "1.3b") -> dict:
     import click
     from tqdm import tqdm
 
@@ -94,12 +93,13 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
             "between": condition_names}
     click.echo(f"memmgr bench on {label}: {backend_info().describe()}")
     peak = pinned_peak(device, nbytes=min(2 * GiB, int(copied)) if device.type == "cuda" else 256 * 2**20)
-    click.echo(f"pinned-copy peak: d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s, both {peak['both']:.1f} GB/s")
+    click.echo(f"pinned-copy peak: d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s, "
+               f"both {peak['both']:.1f} GB/s")
     # The real GPT first: once torch_memory_saver has run in this process, importing megatron-core fails
     # (megatron 0.19 probes torch_memory_saver's singleton at import), and its state is gone before the synthetic
     # state is sized to the free memory.
     megatron_bar = tqdm(total=4, desc="megatron GPT methods", unit="method", disable=device.type != "cuda")
-    megatron_report = _megatron_section(device, megatron, peak, cycles, methods, megatron_bar, gap, conditions)
+    megatron_report = _megatron_section(device, megatron, peak, cycles, methods, megatron_bar, gap, conditions, gpt)
     megatron_bar.close()
     if device.type == "cuda" and size_gb is None:  # sized again to what the GPT left free
         copied = info["requested_copied_bytes"] = default_size(device)
@@ -131,7 +131,7 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
 
 def _megatron_section(device: torch.device, wanted: bool | None, peak: dict, cycles: int,
                       methods: list[str] | None, progress, phase_gap_s: float,
-                      conditions: dict | None = None) -> dict | None:
+                      conditions: dict | None = None, gpt: str = "1.3b") -> dict | None:
     """The same comparison on a real megatron-core GPT (with megatron's built-in helpers beside memmgr), when
     megatron-core is installed and a GPU is present (``wanted`` None: whenever it can run; False: never)."""
     if wanted is False:
@@ -145,7 +145,7 @@ def _megatron_section(device: torch.device, wanted: bool | None, peak: dict, cyc
         logger.info("Megatron workload skipped: %s", reason)
         return None
     try:
-        return bench_megatron.run_megatron_workload(peak, cycles, methods, progress, phase_gap_s, conditions)
+        return bench_megatron.run_megatron_workload(peak, cycles, methods, progress, phase_gap_s, conditions, gpt)
     except Exception as exc:  # the synthetic comparison above still stands
         logger.exception("the Megatron workload failed")
         return {"error": f"{type(exc).__name__}: {exc}"}

@@ -21,10 +21,21 @@ from memmgr.tools.bench_methods import (MemmgrMethod, Method, PerTensorMethod, T
 logger = logging.getLogger("memmgr")
 
 GPT_1_3B = dict(layers=24, hidden=2048, heads=16, ffn=8192, vocab=32000, seq=128)
-# Bytes per layer of this GPT's training state (~50.4M params x (2 bf16 + 4 grad + 4 main + 8 Adam)), and the rest
-# (embedding and final norm); activations of one micro-batch of 2 x 128 tokens are small beside these.
-_LAYER_BYTES = 50.4e6 * 18
-_FIXED_BYTES = 65.6e6 * 18
+GPT_4B = dict(layers=36, hidden=3072, heads=24, ffn=10240, vocab=32000, seq=128)  # 3.7B: ~52 GB moved each way
+GPT_PRESETS = {"1.3b": GPT_1_3B, "4b": GPT_4B}
+# Training-state bytes per parameter: 2 bf16 weight + 4 fp32 grad + 4 fp32 main weight + 8 Adam moments; activations
+# of one micro-batch of 2 x 128 tokens are small beside these.
+_STATE_BYTES_PER_PARAM = 18
+
+
+def _layer_params(model: dict) -> float:
+    """Parameters of one transformer layer (fused qkv, projection, fc1, fc2; norms and biases are negligible)."""
+    return 4 * model["hidden"] ** 2 + 2 * model["hidden"] * model["ffn"]
+
+
+def _fixed_params(model: dict) -> float:
+    """The embedding, shared with the output layer."""
+    return model["vocab"] * model["hidden"]
 
 
 def unavailable_reason() -> str | None:
@@ -39,9 +50,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def layers_that_fit(free_bytes: int) -> int:
-    """Layers of the 1.3B GPT (at most 24) whose state takes at most 40% of the free memory."""
-    return max(1, min(GPT_1_3B["layers"], int((0.4 * free_bytes - _FIXED_BYTES) / _LAYER_BYTES)))
+def layers_that_fit(free_bytes: int, model: dict = GPT_1_3B, fraction: float = 0.4) -> int:
+    """Layers of ``model`` (at most its own) whose training state takes at most ``fraction`` of the free memory."""
+    per_layer = _layer_params(model) * _STATE_BYTES_PER_PARAM
+    fixed = _fixed_params(model) * _STATE_BYTES_PER_PARAM
+    return max(1, min(model["layers"], int((fraction * free_bytes - fixed) / per_layer)))
 
 
 def init_single_process() -> None:
@@ -185,10 +198,11 @@ class MegatronBuiltinMethod(Method):
 
 def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = None,
                           progress: Any = None, phase_gap_s: float = 0.0,
-                          conditions: dict[str, Any] | None = None) -> dict:
-    """Builds the GPT, takes one step, and times each method on it under each condition (name -> the ``between``
-    step of ``run_method``, None for the plain pause). Returns {"model", "description", "loss_step1",
-    "state_bytes", "by_condition": {name: [MethodResult.summary(...)]}, "results": the first condition's}."""
+                          conditions: dict[str, Any] | None = None, gpt: str = "1.3b") -> dict:
+    """Builds the GPT (``gpt``: a key of ``GPT_PRESETS``), takes one step, and times each method on it under each
+    condition (name -> the ``between`` step of ``run_method``, None for the plain pause). Returns {"model",
+    "description", "loss_step1", "state_bytes", "by_condition": {name: [MethodResult.summary(...)]}, "results": the
+    first condition's}."""
     from memmgr.tools.bench_methods import process_gpu_bytes
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -197,7 +211,9 @@ def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = N
     torch.cuda.empty_cache()
     baseline = (process_gpu_bytes(device), torch.cuda.memory_reserved(device))
     free = torch.cuda.mem_get_info(device)[0]
-    model = dict(GPT_1_3B, layers=layers_that_fit(free))
+    # the 1.3B leaves room for the peers' own buffers; the 4B is for memmgr alone (--methods memmgr)
+    preset = GPT_PRESETS[gpt]
+    model = dict(preset, layers=layers_that_fit(free, preset, 0.4 if gpt == "1.3b" else 0.65))
     logger.info("Megatron workload: GPT %s", model)
     ddp, opt = build_gpt(**model)
     batch = 2
@@ -245,6 +261,6 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def describe(model: dict) -> str:
-    params = (model["layers"] * _LAYER_BYTES + _FIXED_BYTES) / 18
+    params = model["layers"] * _layer_params(model) + _fixed_params(model)
     return (f"megatron-core GPT, ~{params / 1e9:.2f}B parameters ({model['layers']} layers, hidden {model['hidden']}), "
             "bf16, distributed optimizer, grad_reduce_in_fp32, after one training step")

@@ -31,14 +31,17 @@ def main(verbose: bool) -> None:
               help="What stands between offload and onload, comma-separated: 'engine' (another process takes the "
                    "freed GPU memory and releases it right before the onload, as in a colocated RL loop) and/or "
                    "'pause' (an untimed pause) [default: engine,pause on a GPU, pause on the CPU path].")
+@click.option("--gpt", type=click.Choice(["1.3b", "4b"]), default="1.3b", show_default=True,
+              help="The megatron-core GPT: the 1.3B (every peer beside memmgr) or a 3.7B (~52 GB each way; with "
+                   "--methods memmgr, as the peers' own buffers do not fit beside it).")
 def bench(out: str, size_gb: float | None, sweep: bool, cycles: int, methods: str | None,
-          megatron: bool | None, phase_gap: float | None, between: str | None) -> None:
+          megatron: bool | None, phase_gap: float | None, between: str | None, gpt: str) -> None:
     """Time offload/onload against the link's peak and against peers (the main job)."""
     from memmgr.tools.bench import run_bench
 
     run_bench(out=out, size_gb=size_gb, sweep=sweep, cycles=cycles,
               methods=methods.split(",") if methods else None, megatron=megatron, phase_gap_s=phase_gap,
-              between=between.split(",") if between else None)
+              between=between.split(",") if between else None, gpt=gpt)
 
 
 @main.command()
