@@ -279,7 +279,10 @@ class TorchMemorySaverMethod(Method):
     def make_state(self, copied_bytes, device):
         from torch_memory_saver import torch_memory_saver as tms
 
-        tms.hook_mode = "torch"
+        try:
+            tms.hook_mode = "torch"
+        except (AssertionError, AttributeError):  # set by an earlier state in this process; it cannot change after
+            pass
         with tms.region(enable_cpu_backup=True):
             return make_state(copied_bytes, device)
 
@@ -360,7 +363,13 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
     if baseline is None:
         baseline = (process_gpu_bytes(device), torch.cuda.memory_reserved(device) if device.type == "cuda" else 0)
     gpu_baseline, reserved_baseline = baseline
-    state = method.make_state(copied_bytes, device) if getattr(method, "allocates_own_state", False) else make()
+    try:
+        state = method.make_state(copied_bytes, device) if getattr(method, "allocates_own_state", False) else make()
+    except Exception as exc:  # a peer that cannot even build its state must not stop the comparison
+        logger.exception("method %s failed to build its state", method.name)
+        result = MethodResult(method.name, method.description, 0, 0, 0)
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
     result = MethodResult(method.name, method.description, state.copied_bytes, state.dropped_bytes, state.num_tensors)
     try:
         before = checksum(state.copied)
