@@ -139,7 +139,7 @@ def test_ipc_bucket_larger_than_the_ring_buffers_goes_through_one_reused_oversiz
     g = torch.Generator().manual_seed(5)
     weights = {"embed": random_tensor((4096, 64), torch.bfloat16, "cpu", g).to(dev),  # 512 KiB: over a slot
                "small.0": random_tensor((64, 64), torch.bfloat16, "cpu", g).to(dev),
-               "bigger": random_tensor((8192, 64), torch.bfloat16, "cpu", g).to(dev),  # grows the oversize slot
+               "bigger": random_tensor((24576, 64), torch.bfloat16, "cpu", g).to(dev),  # 3 MiB: grows the slot
                "small.1": random_tensor((64, 63), torch.bfloat16, "cpu", g).to(dev)}
     engine = _Engine()
     transport = CudaIpcTransport(engine.announce, device=dev, buffer_bytes=64 << 10, num_buffers=2)
@@ -151,8 +151,8 @@ def test_ipc_bucket_larger_than_the_ring_buffers_goes_through_one_reused_oversiz
                 else:
                     transport.send_bucket(WeightBucket.pack([(name, t)]))
             transport.finish()
-        # the ring plus one slot the size of the largest tensor, reused by the second sync
-        assert transport.ring_bytes == 2 * (64 << 10) + 8192 * 64 * 2
+        # the ring plus one slot the size of the largest tensor (in PyTorch's 2 MiB blocks), reused by the second sync
+        assert transport.ring_bytes == 2 * (64 << 10) + (4 << 20)
     finally:
         got = engine.stop()
         transport.close()

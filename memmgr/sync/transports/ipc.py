@@ -31,6 +31,8 @@ from memmgr.sync.transports.base import ALIGN_BYTES, DEFAULT_BUCKET_BYTES, Trans
 
 logger = logging.getLogger("memmgr")
 
+_LARGE_BLOCK = 2 << 20
+
 Announce = Callable[[dict[str, Any]], Any]
 _DEVICE_ARG = 6  # index of the device in torch's rebuild_cuda_tensor arguments
 
@@ -139,7 +141,9 @@ class CudaIpcTransport(Transport):
             logger.info("CUDA IPC weight sync: %s has %d B, more than the ring's %d B buffers; it goes through an "
                         "oversize slot of that size", what, nbytes, self.buffer_bytes)
             self._oversize = None  # the engine drops its mapping of the old export when it sees the new one
-            self._oversize = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            # PyTorch's allocator rounds large blocks up to 2 MiB: the slot takes all of its block
+            self._oversize = torch.empty(-(-nbytes // _LARGE_BLOCK) * _LARGE_BLOCK, dtype=torch.uint8,
+                                         device=self.device)
             self._oversize_export = tuple(reduce_tensor(self._oversize)[1])
         return slot
 
