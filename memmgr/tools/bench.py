@@ -223,7 +223,8 @@ def _table_rows(results: list[dict]) -> list[str]:
             lines.append(f"| {r['method']} | skipped: {r['skipped']} | | | | | | | |")
             continue
         if r.get("error"):
-            lines.append(f"| {r['method']} | error: {r['error'][:80]} | | | | | | | |")
+            first_line = r["error"].splitlines()[0] if r["error"].strip() else r["error"]
+            lines.append(f"| {r['method']} | error: {first_line[:80]} | | | | | | | |")
             continue
         host = sum(r["host_bytes"].values()) if r["host_bytes"] else 0
         left = r["gpu_left_over_bytes"]
