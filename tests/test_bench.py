@@ -28,6 +28,19 @@ def test_per_tensor_peer_restores_tensors_that_share_one_storage():
     assert torch.equal(base, torch.arange(64, dtype=torch.float32))
 
 
+def test_per_tensor_peer_runs_again_on_a_new_state_whose_tensors_reuse_old_ids():
+    peer = bench.PerTensorMethod(pinned_cache=False)
+    device = torch.device("cpu")
+    first = bench.run_method(peer, 0.01 * bench.GB, device, 1, lambda: bench.make_state(0.01 * bench.GB, device))
+    assert first.error is None and first.intact
+    bigger = bench.make_state(0.02 * bench.GB, device)
+    # what id() reuse does after the first state is freed: an entry left under a new tensor's id, at another size
+    peer.storage_bytes[id(bigger.copied[0])] = 4
+    second = bench.run_method(peer, 0, device, 2, lambda: bigger)
+    assert second.error is None, second.error
+    assert second.intact
+
+
 def _row(method, first, steady):
     return {"method": method, "first_offload_gbps": first, "steady_offload_gbps": steady}
 

@@ -223,6 +223,11 @@ class PerTensorMethod(Method):
         self.host: dict[int, torch.Tensor] = {}
         self.storage_bytes: dict[int, int] = {}
 
+    def setup(self, state):
+        # keyed by id(): a state built for the previous condition is gone, and its tensors' ids may be reused
+        self.host.clear()
+        self.storage_bytes.clear()
+
     def offload(self, state):
         device = state.copied[0].device
         for t in state.copied:
@@ -257,6 +262,7 @@ class PerTensorMethod(Method):
 
     def teardown(self):
         self.host.clear()
+        self.storage_bytes.clear()
         if self.pinned_cache and torch.cuda.is_available():
             torch.cuda.synchronize()  # cached pinned blocks are released only once their copies are complete
             torch._C._host_emptyCache()
