@@ -21,7 +21,8 @@ What it measures (GB/s = 1e9 bytes/s, CUDA-event time on the copy stream):
   and, in ``after_release``, the helper taking and releasing ``--other-gib`` between offload and onload: the
   colocated loop's onload.
 - timeline: after one release, back-to-back 1 GiB copies with one path for ``--timeline-s`` seconds, to show how long
-  the copy engines stay slow and whether the kernel is affected.
+  the copy engines stay slow and whether the kernel is affected; per direction of ``--timeline-directions`` (d2h: out
+  of device memory allocated and written right after the release, as an onload leaves it for the next offload).
 
 Writes everything to DIR/copy_path_probe.json (with the run's metadata under ``meta``) and prints a summary table
 to stdout. Needs a CUDA GPU, 2 x ``--size-gib`` of pinned host memory, and the native extension with its kernels
@@ -61,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--splits", default="0.5", help="engine fractions of the split path to try")
     p.add_argument("--blocks", default="132,264,528,1056", help="kernel grid sizes for the sweep ('' skips it)")
     p.add_argument("--timeline-s", type=float, default=3.0, help="seconds of the timeline after a release (0 skips)")
+    p.add_argument("--timeline-directions", default="h2d", help="directions of the timeline: h2d, d2h or both")
     p.add_argument("--scenarios", default="warm,alone,after_release")
     p.add_argument("--flat-cycles", type=int, default=3, help="FlatTensors cycles per path and scenario (0 skips)")
     p.add_argument("--directions", default="h2d,d2h")
@@ -269,22 +271,26 @@ class Probe:
                 os.environ["MEMMGR_COPY_PATH"] = saved
         return rows
 
-    def timeline(self, engine: EngineStandIn, path: str) -> list[dict]:
+    def timeline(self, engine: EngineStandIn, path: str, direction: str = "h2d") -> list[dict]:
         torch.cuda.empty_cache()
         released_at = release_after_taking(engine, int(self.args.other_gib * GiB))["released_at"]
-        dst = torch.empty(self.n, dtype=torch.uint8, device=self.dev)
+        if direction == "h2d":
+            dst, src = torch.empty(self.n, dtype=torch.uint8, device=self.dev), self.host_src.tensor
+        else:
+            dst, src = self.fresh_device("d2h")
         chunk = min(GiB, self.n)
         points = []
         i = 0
         while time.time() - released_at < self.args.timeline_s:
             lo = (i * chunk) % (self.n - chunk + 1)
             t = time.time() - released_at
-            gbps, _ = self.timed("h2d", dst[lo:lo + chunk], self.host_src.tensor[lo:lo + chunk], path)
+            gbps, _ = self.timed(direction, dst[lo:lo + chunk], src[lo:lo + chunk], path)
             points.append({"t": t, "gbps": gbps})
             i += 1
-        del dst
+        del dst, src
         shown = points[::max(1, len(points) // 12)]
-        print(f"timeline h2d {path}: " + ", ".join(f"{p['t']:.2f}s:{p['gbps']:.0f}" for p in shown), flush=True)
+        print(f"timeline {direction} {path}: " + ", ".join(f"{p['t']:.2f}s:{p['gbps']:.0f}" for p in shown),
+              flush=True)
         return points
 
 
@@ -338,9 +344,12 @@ def main(argv=None) -> int:
         if args.flat_cycles > 0:
             result["flat_cycles"] = probe.flat_cycles(engine)
         if engine is not None and args.timeline_s > 0:
-            result["timeline"] = {"engine": probe.timeline(engine, "engine")}
-            if probe.kernels:
-                result["timeline"]["kernel"] = probe.timeline(engine, "kernel")
+            result["timeline"] = {}
+            for direction in args.timeline_directions.replace("both", "h2d,d2h").split(","):
+                key = "" if direction == "h2d" else f"_{direction}"  # h2d keeps the keys of earlier runs
+                result["timeline"][f"engine{key}"] = probe.timeline(engine, "engine", direction)
+                if probe.kernels:
+                    result["timeline"][f"kernel{key}"] = probe.timeline(engine, "kernel", direction)
     finally:
         if engine is not None:
             engine.close()

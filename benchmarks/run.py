@@ -210,6 +210,21 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                                              "--paths", "engine,kernel,auto", "--repeats", "2",
                                                              "--timeline-s", "0", "--blocks=", "--flat-cycles", "2"),
                                    200, show=r"^(warm|after_release|flat|peak)")]),
+    "engine-offload": ("why offloads run 5-10% slower in the bench's engine condition (issue 16): device->host "
+                       "copies and their timeline after another process released ~110 GB, then the synthetic "
+                       "state's memmgr cycles under the engine condition with the copy engines forced and with auto",
+                       lambda c: [Step("d2h_after_release", program(
+                                      "copy_path_probe.py", "--out", str(c.work / "d2h_after_release"), "--size-gib",
+                                      "8", "--other-gib", "110", "--scenarios", "warm,after_release", "--directions",
+                                      "d2h", "--paths", "engine,kernel,split", "--repeats", "3", "--blocks=",
+                                      "--flat-cycles", "0", "--timeline-s", "3", "--timeline-directions", "d2h"),
+                                      150, show=r"^(warm|after_release|timeline|peak)"),
+                                  dataclasses.replace(memmgr_bench(c, "--no-megatron", "--methods", "memmgr",
+                                                                   "--between", "engine,pause",
+                                                                   name="bench_engine_path", timeout=150),
+                                                      env={"MEMMGR_COPY_PATH": "engine"}),
+                                  memmgr_bench(c, "--no-megatron", "--methods", "memmgr", "--between", "pause,engine",
+                                               name="bench_auto_pause_first", timeout=150)]),
     "ipc-sync": ("ipc_sync_speed.py: same-GPU weight sync through memmgr's CUDA IPC transport into a transformers "
                  "engine in a second process, the 1.3B Llama and a ~4B Qwen3: GB/s from the device and from pinned "
                  "host buckets against the pinned peak, peak extra GPU memory against the ring, bit-exactness",
