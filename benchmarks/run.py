@@ -225,6 +225,17 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                                       env={"MEMMGR_COPY_PATH": "engine"}),
                                   memmgr_bench(c, "--no-megatron", "--methods", "memmgr", "--between", "pause,engine",
                                                name="bench_auto_pause_first", timeout=150)]),
+    "ab": ("the same small `memmgr bench` (synthetic state, memmgr alone, the pause, 5 cycles) from an earlier tree and "
+           "from this one, alternating twice, on one machine: whether a change moved the ratios. Carry the earlier "
+           "tree as .ab/before: `git archive COMMIT memmgr csrc setup.py pyproject.toml | tar -x -C .ab/before`",
+           lambda c: [Step("build_before", ["bash", "-c", f"cd {ROOT / '.ab' / 'before'} && MEMMGR_BUILD_EXT=1 "
+                                            f"{PY} setup.py -q build_ext --inplace"], 240, show="", needs=".ab/before")]
+           + [step for i in (1, 2) for step in (
+               Step(f"bench_before_{i}", [PY, "-m", "memmgr", "bench", "--no-megatron", "--methods", "memmgr",
+                                          "--cycles", "5", "--out", str(c.work / f"bench_before_{i}")], 150,
+                    env={"PYTHONPATH": str(ROOT / ".ab" / "before")}, cwd="/tmp", needs=".ab/before"),
+               memmgr_bench(c, "--no-megatron", "--methods", "memmgr", "--between", "pause", "--cycles", "5",
+                            name=f"bench_now_{i}", timeout=150))]),
     "ipc-sync": ("ipc_sync_speed.py: same-GPU weight sync through memmgr's CUDA IPC transport into a transformers "
                  "engine in a second process, the 1.3B Llama and a ~4B Qwen3: GB/s from the device and from pinned "
                  "host buckets against the pinned peak, peak extra GPU memory against the ring, bit-exactness",
