@@ -179,10 +179,14 @@ class FlatTensors:
         self.policy = policy_from(policy, name)
         self.nbytes = flat.numel() * flat.element_size()
         self._pool = pool or default_pool()
-        self._host: HostBuffer | None = None
-        self._host_finalizer: weakref.finalize | None = None
-        # The events of the transfer in flight, shared with the finalizer (events only: no reference to the bucket).
+        # The host store, the events of the transfer in flight and the state live in cells shared with the finalizer
+        # that runs if the bucket is dropped without unmanage() (a manager nobody closed): no reference to the bucket.
+        self._host_cell: list[HostBuffer | None] = [None]
         self._inflight_events: list[list] = [[]]
+        self._state_cell: list[BucketState] = [BucketState.ON_DEVICE]
+        self._drop_finalizer = weakref.finalize(self, _release_dropped_bucket, self._pool, self._host_cell, name,
+                                                self._inflight_events, flat, self._state_cell)
+        self._drop_finalizer.atexit = False  # at exit the process's memory goes anyway; CUDA may be gone already
         # What each member looked like when it joined: a move first checks that it still views the bucket so.
         self._layout = [(t.shape, t.dtype, t.storage_offset()) for _, t, _ in members]
         self._intact_for: str | None = None  # the move check_intact last passed for, consumed by that move
@@ -271,6 +275,22 @@ class FlatTensors:
         return cls(buffer, [(name, buffer, 0)], name=name, policy=policy, pool=pool, verify=verify)
 
     # ---- state ----
+    @property
+    def _host(self) -> HostBuffer | None:
+        return self._host_cell[0]
+
+    @_host.setter
+    def _host(self, value: HostBuffer | None) -> None:
+        self._host_cell[0] = value
+
+    @property
+    def _state(self) -> BucketState:
+        return self._state_cell[0]
+
+    @_state.setter
+    def _state(self, value: BucketState) -> None:
+        self._state_cell[0] = value
+
     @property
     def state(self) -> BucketState:
         if self._pending is not None:
@@ -407,11 +427,10 @@ class FlatTensors:
 
     def ensure_host_buffer(self) -> HostBuffer:
         """Allocates (and pins) the exact-size host store now, off the critical path of the first offload. If the
-        bucket is dropped without ``release`` (a manager nobody closed), the store goes back to its pool."""
+        bucket is dropped without ``unmanage`` (a manager nobody closed), the store goes back to its pool, after an
+        offloaded bucket's contents went back to its tensors."""
         if self._host is None:
             self._host = self._pool.acquire(self.nbytes)
-            self._host_finalizer = weakref.finalize(self, _return_dropped_buffer, self._pool, self._host, self.name,
-                                                    self._inflight_events)
         return self._host
 
     # ---- moves ----
@@ -580,9 +599,6 @@ class FlatTensors:
             raise MemmgrStateError(f"bucket {self.name!r} is {self._state.value}: its host buffer holds the only "
                                    f"copy; onload before releasing it")
         if self._host is not None:
-            if self._host_finalizer is not None:
-                self._host_finalizer.detach()
-                self._host_finalizer = None
             self._pool.release(self._host)
             self._host = None
 
@@ -591,6 +607,7 @@ class FlatTensors:
         storage is no longer registered, so its tensors, still views of it, can be managed again (a new manager
         coalesces them afresh). The bucket is empty afterwards."""
         self.release_host_buffer()
+        self._drop_finalizer.detach()  # nothing left to put back, and the finalizer would keep the old flat alive
         storages.unregister(self._storage_key, self)
         self.members = []
         self._layout = []
@@ -604,13 +621,45 @@ class FlatTensors:
                 f"{self.device}, {self.state.value})")
 
 
-def _return_dropped_buffer(pool: HostMemoryPool, buffer: HostBuffer, name: str, inflight: list[list]) -> None:
-    # Runs when a bucket is garbage collected without release(): its host store must not stay in use forever, and
-    # must not be handed out again while a copy of the dropped bucket still reads or writes it.
+def _release_dropped_bucket(pool: HostMemoryPool, host: list[HostBuffer | None], name: str, inflight: list[list],
+                            flat: torch.Tensor, state: list[BucketState]) -> None:
+    # Runs when a bucket is garbage collected without unmanage() (a manager nobody closed): its host store must not
+    # stay in use forever, must not be handed out again while a copy of the dropped bucket still reads or writes it,
+    # and must not take the only copy of the contents with it: an offloaded (or discarded) bucket's tensors get
+    # their memory back first, as close() would have left them.
     for event in inflight[0]:
         event.synchronize()
-    pool.release(buffer)
-    logger.debug("bucket %s was dropped without close(); its host buffer went back to the pool", name)
+    buffer = host[0]
+    offloaded = state[0] in (BucketState.ON_HOST, BucketState.OFFLOADING)
+    if offloaded or state[0] is BucketState.DISCARDED:
+        try:
+            _restore_dropped(buffer if offloaded else None, flat)
+        except Exception as exc:  # noqa: BLE001 - a finalizer must not raise; keep the only copy rather than lose it
+            logger.error("bucket %s was dropped without close() while %s, and its memory could not be given back on "
+                         "%s (%s: %s); its host buffer is kept out of the pool. Close managers before dropping them",
+                         name, state[0].value, flat.device, type(exc).__name__, exc)
+            return
+        logger.warning("bucket %s was dropped without close() while %s; its tensors got their memory back on %s "
+                       "(close() the manager to do this at a time of your choosing)", name, state[0].value,
+                       flat.device)
+    if buffer is not None:
+        pool.release(buffer)
+        logger.debug("bucket %s was dropped without close(); its host buffer went back to the pool", name)
+
+
+def _restore_dropped(buffer: HostBuffer | None, flat: torch.Tensor) -> None:
+    """Gives ``flat`` its memory back: the contents from ``buffer``, or zeros (a discarded bucket) without one."""
+    nbytes = flat.numel() * flat.element_size()
+    storage = flat.untyped_storage()
+    if storage.nbytes() != nbytes:
+        storage.resize_(nbytes)
+    with torch.no_grad():
+        if buffer is None:
+            flat.zero_()
+        else:
+            flat.view(torch.uint8).copy_(buffer.tensor[:nbytes])
+    if flat.is_cuda:
+        torch.cuda.synchronize(flat.device)
 
 
 class BucketizedFlatTensors:

@@ -355,6 +355,37 @@ def test_manager_dropped_without_close_returns_its_host_buffers_to_the_pool():
     mgr.onload()
 
 
+def test_manager_dropped_while_offloaded_gives_the_tensors_their_contents_back_in_a_subprocess(device):
+    out = run_isolated("""
+        import gc, torch, memmgr
+        from memmgr import HostMemoryPool
+        torch.manual_seed(0)
+        device = torch.device("DEVICE")
+        host = HostMemoryPool(pin=False)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)).to(device)
+        opt = torch.optim.Adam(model.parameters())
+        model(torch.randn(4, 8, device=device)).square().sum().backward()
+        opt.step()
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        moments = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+        mgr = memmgr.for_module(model, opt, pool=host)
+        mgr.offload()
+        assert all(p.untyped_storage().nbytes() == 0 for p in model.parameters())
+        del mgr
+        gc.collect()
+        assert all(torch.equal(p.detach(), weights[n]) for n, p in model.named_parameters())
+        assert all(torch.equal(opt.state[p][k], v) for p, m in zip(model.parameters(), moments) for k, v in m.items())
+        # the discarded grads come back as zeros with memory behind them, as an onload leaves them
+        assert all(p.grad is None or (p.grad.untyped_storage().nbytes() > 0 and not p.grad.any())
+                   for p in model.parameters())
+        assert host.bytes_free == host.bytes_held  # every host buffer back in the pool
+        model(torch.randn(4, 8, device=device)).square().sum().backward()  # and the model trains on
+        opt.step()
+        print("ok")
+    """.replace("DEVICE", str(device)))
+    assert out.strip() == "ok"
+
+
 def test_optimizer_state_loaded_after_the_manager_replaces_the_old_buckets(device):
     import copy
 
