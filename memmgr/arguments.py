@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from memmgr.errors import MemmgrInputError
 
@@ -91,7 +91,21 @@ def instance(where: str, name: str, value: Any, kind: type | tuple[type, ...], *
 
 def names(where: str, name: str, values: Any) -> tuple[str, ...]:
     """Group names: each a str."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise _bad(where, name, values, "a list or tuple of group names (str)")
+    values = list(values)
     for value in values:
         if not isinstance(value, str):
             raise _bad(where, name, value, "group names (str)")
     return tuple(values)
+
+
+def sequence_of(where: str, name: str, values: Any, kind: type | tuple[type, ...], what: str) -> list[Any]:
+    """``values`` as a list whose every item is an instance of ``kind`` (``what`` names such an item)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise _bad(where, name, values, f"a list of {what}")
+    values = list(values)
+    for value in values:
+        if not isinstance(value, kind):
+            raise _bad(where, f"each item of {name}", value, what)
+    return values

@@ -136,6 +136,7 @@ class OffloadPlan:
         """Brings back exactly the buckets this plan moved (in reverse: weights first), leaving other off buckets
         where they are. On running out of GPU memory, frees what this call allocated and raises
         MemmgrOutOfMemoryError with the host copies intact."""
+        arguments.boolean("OffloadPlan.onload", "non_blocking", non_blocking)
         if self.dry_run:
             raise MemmgrStateError("this plan is a dry run (plan_offload); nothing was moved, so nothing to onload. "
                                    "Apply it with mgr.offload(budget_bytes=...) or memmgr.budget.apply_plan")
@@ -176,6 +177,7 @@ def plan_offload(mgr: "MemoryManager", budget_bytes: int, groups: Iterable[str] 
     """The plan ``offload(budget_bytes=...)`` would carry out now, without moving anything (a dry run). Tensors a
     group's ``collect`` would add at the next offload are not in it yet."""
     budget_bytes = arguments.integer("plan_offload", "budget_bytes", budget_bytes, minimum=0)
+    groups = arguments.names("plan_offload", "groups", groups)
     cands, units = _candidates(mgr, groups)
     chosen, available = plan_units(cands, budget_bytes)
     items = [PlanItem(c.group, c.unit, c.nbytes, c.discard) for c in chosen]
@@ -189,7 +191,7 @@ def offload_budget(mgr: "MemoryManager", budget_bytes: int, groups: Iterable[str
     it carried out. With ``strict`` (default) a budget larger than all the managed state on the device raises
     MemmgrBudgetError before anything moves; otherwise everything available is moved and ``shortfall_bytes`` says
     by how much the budget was missed."""
-    groups = tuple(groups)
+    groups = arguments.names("offload_budget", "groups", groups)
     arguments.integer("offload_budget", "budget_bytes", budget_bytes, minimum=0)
     arguments.boolean("offload_budget", "strict", strict)
     mgr.prepare_offload(*groups)

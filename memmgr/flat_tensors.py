@@ -847,6 +847,12 @@ class BucketizedFlatTensors:
     def drop_buckets(self, buckets: Sequence[FlatTensors]) -> None:
         """Stops managing these buckets (on the device; e.g. optimizer state that a ``load_state_dict`` replaced):
         their host stores go back to the pool and they leave the group."""
+        buckets = arguments.sequence_of(f"group {self.name!r} drop_buckets", "buckets", buckets, FlatTensors,
+                                        "a bucket of this group (FlatTensors)")
+        foreign = [b.name for b in buckets if all(b is not mine for mine in self.buckets)]
+        if foreign:
+            raise MemmgrInputError(f"group {self.name!r} drop_buckets: {foreign} are not buckets of this group; "
+                                   f"pass buckets from its .buckets")
         drop = {id(b) for b in buckets}
         for bucket in buckets:
             bucket.unmanage()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 import logging
 import weakref
 from collections import OrderedDict
@@ -72,6 +73,27 @@ class GroupEntry:
     @property
     def state(self) -> GroupState:
         return group_state(self.group)
+
+
+# The groups of every open manager: one group must not be moved by two managers.
+_groups_in_use: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _is_in_use(group: StateGroup) -> bool:
+    try:
+        return group in _groups_in_use
+    except TypeError:  # a group type that cannot be weakly referenced is not tracked
+        return False
+
+
+def _mark_in_use(group: StateGroup, in_use: bool) -> None:
+    try:
+        if in_use:
+            _groups_in_use.add(group)
+        else:
+            _groups_in_use.discard(group)
+    except TypeError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -146,6 +168,10 @@ class MemoryManager:
             tensors = tensors_argument(tensors, name)
         if is_group:
             group = tensors
+            if _is_in_use(group):
+                raise MemmgrInputError(f"{where}: this group is already in an open MemoryManager; a group belongs to "
+                                       f"one manager at a time. Close that manager first, or pass the group's tensors "
+                                       f"(a new group over them) instead")
         elif adopt:
             self._check_not_managed(name, tensors)
             group = BucketizedFlatTensors.from_buffers(tensors, name=name, policy=policy, pool=self.pool,
@@ -156,6 +182,7 @@ class MemoryManager:
                                           pin_ahead=pin_ahead, verify=verify)
         prio = default_priority(name, group.policy) if priority is None else priority
         self._groups[name] = GroupEntry(group, prio, collect, len(self._groups))
+        _mark_in_use(group, True)
         return group
 
     def _check_not_managed(self, name: str, tensors: TensorsArg) -> None:
@@ -274,6 +301,7 @@ class MemoryManager:
                       non_blocking: bool = False) -> TransferHandle:
         """Offloads these units of the named groups as one move (``memmgr.moves.offload_units``), with the hooks,
         cache release and ledger record of ``offloading``."""
+        units = arguments.sequence_of("offload_units", "units", units, MovableUnit, "a bucket (a MovableUnit)")
         with self.offloading(groups, label or f"offload {','.join(groups)}", non_blocking=non_blocking) as scope:
             scope.add(moves.offload_units(units, discard=discard))
         return scope.handle
@@ -282,6 +310,7 @@ class MemoryManager:
                      non_blocking: bool = False) -> TransferHandle:
         """Restores these units of the named groups as one transaction (``memmgr.moves.onload_units``: undone as a
         whole on out-of-memory or a checksum mismatch), with the hooks and ledger record of ``onloading``."""
+        units = arguments.sequence_of("onload_units", "units", units, MovableUnit, "a bucket (a MovableUnit)")
         with self.onloading(groups, label or f"onload {','.join(groups)}", non_blocking=non_blocking) as scope:
             scope.add(moves.onload_units(units, what=f"onload of {', '.join(map(repr, groups))}",
                                          group=",".join(groups), non_blocking=True))
@@ -346,6 +375,7 @@ class MemoryManager:
         """Offloads the units of ``placement`` that were off the device and are on it now, then onloads those that
         were on it and are off now. Units no longer in their group (dropped at a re-collect) are left alone; units
         added since are not in the placement and stay where they are."""
+        arguments.instance("restore_placement", "placement", placement, Placement)
         current = {id(u) for e in self._groups.values() for u in e.group.units}
         rows = [(g, u, on) for g, u, on in placement.rows if id(u) in current]
         back_off = [(g, u) for g, u, on in rows if not on and u.state.holds_device_memory]
@@ -506,6 +536,16 @@ class MemoryManager:
         except (ValueError, TypeError):
             raise MemmgrInputError(f"unknown hook event {event!r}; events: {[e.value for e in HookEvent]}") from None
         arguments.function(f"register_hook({event.value!r})", "fn", fn)
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # a builtin without a signature: called as documented, unchecked
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(event.value, ())
+            except TypeError:
+                raise MemmgrInputError(f"register_hook({event.value!r}): fn{signature} cannot be called as "
+                                       f"fn(event, group_names); give it those two parameters") from None
         entry = (event.value, fn)
         self._hooks.append(entry)
         return HookHandle(self._hooks, entry)
@@ -546,6 +586,7 @@ class MemoryManager:
         self._checkpoint_hooks.clear()
         for entry in self._groups.values():
             entry.group.unmanage()
+            _mark_in_use(entry.group, False)
         self._closed = True
 
     def __enter__(self) -> "MemoryManager":

@@ -115,6 +115,7 @@ def run(config, workdir, data, pool) -> dict:
     mgr.offload()  # the loaded state is re-collected; nothing refers to the buckets from outside
     out["sizes_before_load"] = sizes
     out["sizes_after_load"] = {n: s.nbytes for n, s in mgr.state().items()}
+    out["device_bytes_offloaded_after_load"] = {n: s.device_bytes for n, s in mgr.state().items()}
     mgr.onload()
     out["managed_reloaded"] = rest(ddp, opt, mgr)
     mgr.close()

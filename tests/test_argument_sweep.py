@@ -15,6 +15,8 @@ from memmgr.budget import apply_plan, offload_budget, plan_offload
 from memmgr.ledger import Ledger
 from memmgr.ordered import onload_in_order, record_first_use
 from memmgr.sync import ModuleWeightLoader, module_load_weights
+from memmgr.sync.transports import (WeightBucket, as_specs, bucketize, check_specs, group_pairs, specs_of,
+                                    split_per_dtype)
 
 NAN, INF = float("nan"), float("inf")
 HUGE = 2 ** 70
@@ -223,7 +225,48 @@ ARGS = [
     Arg("load_weights", "weights", [None, 3, "ab", torch.randn(2), [("w",)], [(3, torch.randn(2))],
                                     [("0.weight", "x")], [["0.bias", torch.randn(8)]]],
         lambda w, v: ModuleWeightLoader(w.model)(v), names="load_weights"),
+    # moving units, placements, plans
+    Arg("offload_units", "units", [3, "weights", [3], [torch.randn(2)]],
+        lambda w, v: w.mgr.offload_units(v, groups=("weights",))),
+    Arg("onload_units", "units", [3, [3], [None]],
+        lambda w, v: w.mgr.onload_units(v, groups=("weights",))),
+    Arg("restore_placement", "placement", [None, 3, "weights", [("weights", 3, True)]],
+        lambda w, v: w.mgr.restore_placement(v)),
+    Arg("budget.plan_offload", "groups", [3, [3], "weights"], lambda w, v: plan_offload(w.mgr, 8, v)),
+    Arg("offload_budget", "groups", [3, [3], "weights"], lambda w, v: offload_budget(w.mgr, 8, v)),
+    Arg("OffloadPlan.onload", "non_blocking", NOT_BOOL, lambda w, v: plan_onload_of(w, v)),
+    Arg("drop_buckets", "buckets", [3, [3], "b", [torch.randn(2)]],
+        lambda w, v: w.mgr.group("weights").drop_buckets(v)),
+    Arg("drop_buckets", "buckets", ["another group's bucket"],
+        lambda w, v: w.mgr.group("weights").drop_buckets(w.group.buckets), names="not buckets of this group"),
+    Arg("add_group", "tensors", ["a group of an open manager"], lambda w, v: w.mgr.add_group("again",
+                                                                                          w.mgr.group("weights")),
+        names="already in an open MemoryManager"),
+    Arg("register_hook", "fn", [lambda: None, lambda event: None, lambda a, b, c: None],
+        lambda w, v: w.mgr.register_hook("before_offload", v), names=r"fn\(event, group_names\)"),
+    # weight-sync buckets
+    Arg("bucketize", "pairs", [3, "ab", torch.randn(2), [3], [("w",)], [(3, torch.randn(2))], [("w", "x")]],
+        lambda w, v: list(bucketize(v)), names="pair"),
+    Arg("bucketize", "bucket_bytes", NOT_COUNT[1:] + [0], lambda w, v: bucketize([("w", w.spare)], v)),
+    Arg("group_pairs", "bucket_bytes", [NAN, "x", 0, -1, 1.5], lambda w, v: group_pairs([("w", w.spare)], v),
+        names="bucket_bytes"),
+    Arg("WeightBucket.pack", "pairs", [3, None, [("w", "x")], [(3, torch.randn(2))]], lambda w, v: WeightBucket.pack(v),
+        names="pair"),
+    Arg("specs_of", "weights", [3, [("w", 3)]], lambda w, v: specs_of(v), names="pair"),
+    Arg("as_specs", "items", [3, [3], ["w"]], lambda w, v: as_specs(v), names="as_specs"),
+    Arg("check_specs", "sent", [3, [3]], lambda w, v: check_specs(v, {}), names="as_specs"),
+    Arg("check_specs", "held", [3, [("w", (6,))]], lambda w, v: check_specs(specs_of([("w", w.spare)]), v)),
+    Arg("split_per_dtype", "bucket", [3, None, torch.randn(2)], lambda w, v: split_per_dtype(v)),
 ]
+
+
+def plan_onload_of(world: World, non_blocking: Any) -> Any:
+    plan = world.mgr.free(1, "weights")
+    try:
+        return plan.onload(non_blocking=non_blocking)
+    except MemmgrError:
+        world.mgr.onload()  # the refused call changed nothing; put the freed bucket back for the fingerprint
+        raise
 
 CASES = [(arg, value) for arg in ARGS for value in arg.bad]
 
@@ -257,5 +300,7 @@ def test_sweep_covers_every_public_entry_point():
     assert {"MemoryManager", "add_group", "offload", "onload", "free", "plan_offload", "phase", "register_hook",
             "BucketizedFlatTensors", "FlatTensors", "for_module", "for_megatron", "swap", "offload_budget",
             "apply_plan", "onload_in_order", "HostMemoryPool", "allocate_host_buffer", "Ledger",
-            "ModuleWeightLoader", "load_weights"} <= covered
+            "ModuleWeightLoader", "load_weights", "offload_units", "onload_units", "restore_placement",
+            "drop_buckets", "bucketize", "group_pairs", "WeightBucket", "specs_of", "as_specs", "check_specs",
+            "split_per_dtype"} <= covered
     assert len(CASES) >= 300

@@ -429,7 +429,10 @@ def test_checkpoint_saved_under_memmgr_resumes_under_a_new_manager_bitwise(tmp_p
     opt2.load_state_dict(ckpt["optimizer"])  # views of one loaded storage per saved bucket
     del ckpt
     mgr2 = memmgr.for_module(model2, opt2, pin_ahead=False)
-    assert mgr2.group("optimizer_states").nbytes > 0
+    assert mgr2.group("optimizer_states").nbytes == mgr.group("optimizer_states").nbytes  # all of it managed
+    mgr2.offload()
+    assert all(s.device_bytes == 0 for s in mgr2.state().values())  # nothing of the loaded state left behind
+    mgr2.onload()
     assert train(model2, opt2, mgr2, steps=3, seed=2) == train(ref_model, ref_opt, steps=3, seed=2)
     assert all(same_bits(a, b) for a, b in zip(model2.parameters(), ref_model.parameters()))
     for s, r in zip(opt2.state.values(), ref_opt.state.values()):

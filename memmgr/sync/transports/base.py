@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from memmgr import arguments
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
 from memmgr.sync.layout import ParamSpec, aligned, dtype_from_name, dtype_name, itemsize
 from memmgr.sync.protocol import ALIGN_BYTES
@@ -119,6 +120,7 @@ class WeightBucket:
         ``out`` (a 1-D tensor of that dtype, large enough) is reused instead of allocating: the ring buffers of a
         transport. Otherwise the bucket is allocated on ``device`` (default: the first tensor's device).
         """
+        pairs = list(_checked_pairs("WeightBucket.pack", pairs))
         if not pairs:
             raise MemmgrInputError("WeightBucket.pack: no tensors given")
         dtype = pairs[0][1].dtype
@@ -153,6 +155,9 @@ def split_per_dtype(bucket: Any) -> list[WeightBucket]:
     """The ``WeightBucket`` s (one per dtype) of a bucket that holds one flat tensor per dtype: an object with
     ``flats`` (dtype -> flat 1-D tensor) and ``entries`` (each with ``name``, ``shape``, ``dtype`` and ``offset`` in
     elements of its dtype), like the Megatron export's ``ExportBucket``. No data is copied."""
+    if not is_multi_dtype_bucket(bucket):
+        raise MemmgrInputError(f"split_per_dtype: got a {type(bucket).__name__}, not a bucket with one flat tensor "
+                               f"per dtype (``flats`` and ``entries``, like the export's ExportBucket)")
     out = []
     for dtype, flat in bucket.flats.items():
         item = flat.element_size()
@@ -171,8 +176,19 @@ def is_multi_dtype_bucket(obj: Any) -> bool:
 def as_specs(items: Iterable[Any]) -> list[ParamSpec]:
     """``ParamSpec`` s from anything with ``name``, ``shape`` and ``dtype`` (e.g. the export's entries, vLLM's
     ``ParamMeta``)."""
-    return [s.spec() if isinstance(s, ParamSpec) else ParamSpec(str(s.name), tuple(int(d) for d in s.shape), s.dtype)
-            for s in items]
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise MemmgrInputError(f"as_specs: items must be an iterable of tensor descriptions, got "
+                               f"{type(items).__name__}")
+    specs = []
+    for s in items:
+        if isinstance(s, ParamSpec):
+            specs.append(s.spec())
+        elif all(hasattr(s, a) for a in ("name", "shape", "dtype")):
+            specs.append(ParamSpec(str(s.name), tuple(int(d) for d in s.shape), s.dtype))
+        else:
+            raise MemmgrInputError(f"as_specs: {s!r:.80} has no name, shape and dtype; pass ParamSpecs, the "
+                                   f"export's entries or vLLM's ParamMeta")
+    return specs
 
 
 def group_pairs(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES
@@ -181,8 +197,30 @@ def group_pairs(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = D
     ``bucket_bytes`` (a larger tensor gets a list of its own), keeping the stream's order within each dtype. Lazy: a
     list is yielded when it is full, so at most one open list per dtype is held. What ``bucketize`` packs, and what
     a transport that packs straight into its own buffers (``CudaIpcTransport.send_pairs``) takes."""
-    if bucket_bytes <= 0:
-        raise MemmgrInputError(f"bucketize: bucket_bytes must be positive, got {bucket_bytes}")
+    arguments.integer("bucketize", "bucket_bytes", bucket_bytes, minimum=1)
+    return _group_pairs(_checked_pairs("bucketize", pairs), bucket_bytes)
+
+
+def _checked_pairs(where: str, pairs: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """``pairs`` if it is an iterable (checked now); each item is checked to be a (str, tensor) pair as it comes."""
+    if isinstance(pairs, (str, bytes, torch.Tensor)) or not isinstance(pairs, Iterable):
+        raise MemmgrInputError(f"{where}: pairs must be an iterable of (name, tensor) pairs, got "
+                               f"{type(pairs).__name__}; pass e.g. model.named_parameters() or dict.items()")
+    pairs = pairs.items() if isinstance(pairs, Mapping) else pairs
+
+    def checked() -> Iterator[tuple[str, torch.Tensor]]:
+        for item in pairs:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], torch.Tensor)):
+                shown = repr(item)[:80]
+                raise MemmgrInputError(f"{where}: each item must be a (name, tensor) pair, got {shown}; pass "
+                                       f"(str, torch.Tensor) pairs")
+            yield item[0], item[1]
+    return checked()
+
+
+def _group_pairs(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int
+                 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     open_: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
     fill: dict[torch.dtype, int] = {}
     seen: set[str] = set()
@@ -209,14 +247,13 @@ def bucketize(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEF
     """Packs a stream of ``(name, tensor)`` pairs into flat per-dtype buckets of at most ``bucket_bytes`` (a larger
     tensor gets a bucket of its own), keeping the stream's order within each dtype (see ``group_pairs``). Each bucket
     is a new tensor on ``device`` (default: its first tensor's device)."""
-    for group in group_pairs(pairs, bucket_bytes):
-        yield WeightBucket.pack(group, device=device)
+    groups = group_pairs(pairs, bucket_bytes)  # checks the arguments now, not at the first bucket
+    return (WeightBucket.pack(group, device=device) for group in groups)
 
 
 def specs_of(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> list[ParamSpec]:
     """The ``ParamSpec`` of each ``(name, tensor)`` (reads shapes and dtypes only)."""
-    items = weights.items() if isinstance(weights, Mapping) else weights
-    return [ParamSpec(n, tuple(int(s) for s in t.shape), t.dtype) for n, t in items]
+    return [ParamSpec(n, tuple(int(s) for s in t.shape), t.dtype) for n, t in _checked_pairs("specs_of", weights)]
 
 
 def check_specs(sent: Sequence[ParamSpec], held: Mapping[str, tuple[Sequence[int], torch.dtype]], *,
@@ -227,6 +264,10 @@ def check_specs(sent: Sequence[ParamSpec], held: Mapping[str, tuple[Sequence[int
     that differs, a name sent twice, and (with ``require_all``) an engine weight that is not sent are each named in
     the message, with the closest engine names for an unknown one.
     """
+    sent = as_specs(sent)
+    if not isinstance(held, Mapping):
+        raise MemmgrInputError(f"check_specs: held must map each engine weight's name to (shape, dtype), got "
+                               f"{type(held).__name__}")
     problems: list[str] = []
     names: set[str] = set()
     for spec in sent:
