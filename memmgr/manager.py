@@ -471,14 +471,22 @@ class MemoryManager:
     @contextlib.contextmanager
     def weight_sync_hooks(self) -> Iterator["MemoryManager"]:
         """Around a weight sync that reads the weights where they are (``memmgr.sync.session.sync_weights``):
-        before_weight_sync hooks on entry, after_weight_sync hooks on exit, also when the body raises. Nothing
-        moves."""
+        before_weight_sync hooks on entry, after_weight_sync hooks on exit. The after hooks run, every one of them,
+        also when a before hook or the body raises (they put the engine back to serving), and the first error is the
+        one raised: an after hook's failure is then logged and noted on it. Nothing moves."""
         self.check_open()
-        self._fire(HookEvent.BEFORE_WEIGHT_SYNC, (self.weights_group,))
+        names = (self.weights_group,)
         try:
+            self._fire(HookEvent.BEFORE_WEIGHT_SYNC, names)
             yield self
-        finally:
-            self._fire(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
+        except BaseException as exc:
+            try:
+                self._fire_all(HookEvent.AFTER_WEIGHT_SYNC, names)
+            except Exception as hook_exc:  # noqa: BLE001 - the sync's own error is the one to raise
+                logger.error("an after_weight_sync hook failed after the sync had failed: %r", hook_exc)
+                exc.add_note(f"memmgr: an after_weight_sync hook failed too: {hook_exc!r}")
+            raise
+        self._fire_all(HookEvent.AFTER_WEIGHT_SYNC, names)
 
     @contextlib.contextmanager
     def weight_sync(self) -> Iterator["OrderedDict[str, torch.Tensor]"]:
@@ -554,6 +562,21 @@ class MemoryManager:
         for hook_event, fn in list(self._hooks):
             if hook_event == event.value:
                 fn(event.value, names)
+
+    def _fire_all(self, event: HookEvent, names: tuple) -> None:
+        """Runs every hook of ``event`` even if one raises (hooks that restore a state), then raises the first
+        error, with the others noted on it."""
+        errors: list[Exception] = []
+        for hook_event, fn in list(self._hooks):
+            if hook_event == event.value:
+                try:
+                    fn(event.value, names)
+                except Exception as exc:  # noqa: BLE001 - the remaining hooks still run
+                    errors.append(exc)
+        if errors:
+            for other in errors[1:]:
+                errors[0].add_note(f"memmgr: another {event.value} hook failed too: {other!r}")
+            raise errors[0]
 
     # ---- reports ----
     def attach_ledger(self, ledger: Any) -> None:

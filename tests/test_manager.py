@@ -176,6 +176,49 @@ def test_weight_sync_whose_onload_fails_still_runs_the_after_hooks(monkeypatch):
     assert events == ["before_weight_sync", "after_weight_sync"] * 2
 
 
+def _sync_hooks_manager(calls, fail=()):
+    mgr = memmgr.for_module(torch.nn.Linear(4, 4), pin_ahead=False)
+    for event in ("before_weight_sync", "after_weight_sync"):
+        for i in range(2):
+            def hook(ev, names, tag=f"{event}:{i}"):
+                calls.append(tag)
+                if tag in fail:
+                    raise RuntimeError(f"hook {tag} failed")
+            mgr.register_hook(event, hook)
+    return mgr
+
+
+def test_sync_hooks_that_fail_before_the_sync_still_run_every_after_hook_once():
+    calls = []
+    mgr = _sync_hooks_manager(calls, fail={"before_weight_sync:0"})
+    body = []
+    with pytest.raises(RuntimeError, match="before_weight_sync:0 failed"):
+        with mgr.weight_sync_hooks():
+            body.append("ran")
+    assert body == []  # the sync does not run on an engine whose before hook failed
+    assert calls == ["before_weight_sync:0", "after_weight_sync:0", "after_weight_sync:1"]
+
+
+def test_failed_sync_raises_its_own_error_when_an_after_hook_fails_too():
+    calls = []
+    mgr = _sync_hooks_manager(calls, fail={"after_weight_sync:0"})
+    with pytest.raises(ValueError, match="engine gone") as info:
+        with mgr.weight_sync_hooks():
+            raise ValueError("engine gone")
+    assert calls == ["before_weight_sync:0", "before_weight_sync:1", "after_weight_sync:0", "after_weight_sync:1"]
+    assert any("after_weight_sync:0 failed" in note for note in info.value.__notes__)
+
+
+def test_after_hook_failing_a_good_sync_raises_after_every_after_hook_ran():
+    calls = []
+    mgr = _sync_hooks_manager(calls, fail={"after_weight_sync:0", "after_weight_sync:1"})
+    with pytest.raises(RuntimeError, match="after_weight_sync:0 failed") as info:
+        with mgr.weight_sync_hooks():
+            pass
+    assert calls[-2:] == ["after_weight_sync:0", "after_weight_sync:1"]
+    assert any("after_weight_sync:1 failed" in note for note in info.value.__notes__)
+
+
 def test_weight_sync_of_discarded_weights_is_refused():
     mgr = MemoryManager()
     mgr.add_group("weights", [torch.randn(4)], policy="discard")
