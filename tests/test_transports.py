@@ -108,6 +108,29 @@ def test_inproc_transport_failure_names_the_tensor():
         InProcessTransport(None)  # type: ignore[arg-type]
 
 
+def test_sync_that_does_not_fit_the_engine_is_refused_before_any_weight_moves():
+    from types import SimpleNamespace
+
+    import memmgr
+    from memmgr.sync.session import sync_weights
+
+    trainer = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    mgr = memmgr.for_module(trainer, pin_ahead=False)
+    engine = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))  # last layer: another shape
+    before = {n: t.clone() for n, t in engine.state_dict().items()}
+    weights = dict(trainer.state_dict())
+    exporter = SimpleNamespace(entries=specs_of(weights), is_receiver=True,
+                               buckets=lambda: iter([export_like_bucket({n: weights[n]}) for n in weights]))
+    with pytest.raises(MemmgrSyncMismatchError, match=r"1\.weight.*shape") as info:
+        sync_weights(mgr, exporter, ModuleWeightLoader(engine))  # the loader's expected() is what the engine holds
+    assert "1.bias" in str(info.value)
+    # checked at start: not even the first bucket ('0.weight', which fits) reached the engine
+    assert all(torch.equal(t, before[n]) for n, t in engine.state_dict().items())
+    ipc_like = InProcessTransport(lambda pairs: None, held={"w": ((2,), torch.float32)})
+    with pytest.raises(MemmgrSyncMismatchError, match="'x'"):
+        ipc_like.start([ParamSpec("x", (2,), torch.float32)])
+
+
 def export_like_bucket(weights: dict[str, torch.Tensor]):
     """A bucket shaped like the Megatron export's: one flat tensor per dtype, entries with element offsets."""
     from types import SimpleNamespace

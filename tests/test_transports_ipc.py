@@ -216,3 +216,17 @@ def test_ipc_sync_into_a_transformers_engine_on_the_same_gpu_is_bit_exact_and_lo
         logits = trainer(torch.tensor([[1, 5, 9, 13]], device="cuda")).logits.float().cpu()
     # same weights, same kernels, same GPU: equal up to kernel nondeterminism
     torch.testing.assert_close(report["logits"], logits, rtol=1e-3, atol=1e-3)
+
+
+def test_ipc_sync_that_does_not_fit_the_engine_is_refused_at_start():
+    from memmgr.sync.transports import MemmgrSyncMismatchError, ParamSpec
+    from memmgr.sync.transports.ipc import CudaIpcTransport
+
+    announced = []
+    transport = CudaIpcTransport(announced.append, held={"w": ((4, 2), torch.bfloat16)})
+    try:
+        with pytest.raises(MemmgrSyncMismatchError, match="'w'.*shape"):
+            transport.start([ParamSpec("w", (2, 4), torch.bfloat16)])
+        assert announced == [] and transport.ring_bytes == 0  # nothing announced, no ring allocated
+    finally:
+        transport.close()

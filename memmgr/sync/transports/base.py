@@ -311,9 +311,16 @@ class Transport(ABC):
 
     #: short name of the transport, used in messages
     name: str = "transport"
+    #: what the engine holds (name -> (shape, dtype)), where the trainer knows it: ``start`` then checks the sync
+    #: against it before any weight moves
+    held: Mapping[str, tuple[Sequence[int], torch.dtype]] | None = None
 
     def start(self, specs: Sequence[ParamSpec]) -> None:
-        """Called once per sync, after validation and before the first bucket."""
+        """Called once per sync, after validation and before the first bucket: with ``held`` known, raises
+        ``MemmgrSyncMismatchError`` (nothing moved, the engine keeps its weights) if a sent name is not one the
+        engine holds or its shape or dtype differs."""
+        if self.held is not None:
+            check_specs(specs, self.held, where=f"the engine of the {self.name} transport", require_all=False)
 
     def describe(self, bucket: WeightBucket) -> dict[str, Any]:
         """The control message a receiver needs for this bucket: its layout (plus e.g. an IPC handle)."""

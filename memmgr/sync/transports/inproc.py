@@ -4,7 +4,7 @@ its ``load_weights`` directly, as ``(name, view)`` pairs into the bucket. Nothin
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -21,22 +21,27 @@ class InProcessTransport(Transport):
 
     The views alias the bucket: ``load_weights`` must copy what it keeps (vLLM's ``model.load_weights`` and
     ``memmgr.sync.ModuleWeightLoader`` do). An exception from ``load_weights`` becomes a ``MemmgrSyncError`` naming
-    the bucket's tensors; the original exception is its cause.
+    the bucket's tensors; the original exception is its cause. ``held`` (name -> (shape, dtype); by default
+    ``load_weights.expected()`` where it has one, as ``ModuleWeightLoader`` does) is checked at ``start``, before
+    any weight moves.
     """
 
     name = "inproc"
 
-    def __init__(self, load_weights: LoadWeights):
+    def __init__(self, load_weights: LoadWeights, *, held: Mapping[str, tuple[Sequence[int], torch.dtype]] | None = None):
         if not callable(load_weights):
             raise MemmgrInputError(f"InProcessTransport takes a load_weights callable (e.g. a vLLM model's "
                                    f"load_weights or memmgr.sync.ModuleWeightLoader(module)), got "
                                    f"{type(load_weights).__name__}")
         self.load_weights = load_weights
+        expected = getattr(load_weights, "expected", None)
+        self.held = held if held is not None else (expected() if callable(expected) else None)
         self.buckets = 0
         self.nbytes = 0
         self._closed = False
 
     def start(self, specs: Sequence[ParamSpec]) -> None:
+        super().start(specs)
         self.buckets = 0
         self.nbytes = 0
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from memmgr import arguments
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncTimeoutError
 from memmgr.sync import device_uuid
 from memmgr.sync.layout import aligned
@@ -47,21 +48,26 @@ class CudaIpcTransport(Transport):
     ``announce(description)`` is the control channel to the consumer; it must return only once the consumer has
     copied the bucket out (vLLM's ``update_weights`` RPC does; ``CudaIpcReceiver.done`` marks that point on the
     consumer). It runs on a helper thread, in order, so the next bucket is packed while the engine copies.
-    ``timeout_s`` bounds the wait for a slot.
+    ``timeout_s`` bounds the wait for a slot. ``held`` (name -> (shape, dtype) of the engine's weights, e.g. from
+    its ``ModuleWeightLoader.expected()``) is checked at ``start``, before any weight moves.
     """
 
     name = "cuda_ipc"
 
     def __init__(self, announce: Announce, *, device: torch.device | str | int | None = None,
-                 buffer_bytes: int = DEFAULT_BUCKET_BYTES, num_buffers: int = 2, timeout_s: float = 120.0):
+                 buffer_bytes: int = DEFAULT_BUCKET_BYTES, num_buffers: int = 2, timeout_s: float = 120.0,
+                 held: Mapping[str, tuple[Sequence[int], torch.dtype]] | None = None):
         if not callable(announce):
             raise MemmgrInputError("CudaIpcTransport needs an announce callable: the control channel that hands a "
                                    "bucket's description to the engine and returns once the engine copied it out")
         if not torch.cuda.is_available():
             raise MemmgrInputError("CudaIpcTransport needs CUDA; on the CPU use the gloo or in-process transport")
-        if num_buffers < 1 or buffer_bytes <= 0:
-            raise MemmgrInputError(f"CudaIpcTransport: num_buffers ({num_buffers}) and buffer_bytes ({buffer_bytes}) "
-                                   f"must be positive")
+        arguments.integer("CudaIpcTransport", "num_buffers", num_buffers, minimum=1)
+        arguments.integer("CudaIpcTransport", "buffer_bytes", buffer_bytes, minimum=1)
+        arguments.number("CudaIpcTransport", "timeout_s", timeout_s, positive=True)
+        if held is not None and not isinstance(held, Mapping):
+            raise MemmgrInputError(f"CudaIpcTransport: held must map the engine's weight names to (shape, dtype), got "
+                                   f"{type(held).__name__}")
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device())
         device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
@@ -75,6 +81,7 @@ class CudaIpcTransport(Transport):
         self.buffer_bytes = int(buffer_bytes)
         self.num_buffers = int(num_buffers)
         self.timeout_s = float(timeout_s)
+        self.held = held  # what the engine holds, if the caller knows: checked at start(), before any weight moves
         self._ring: list[torch.Tensor] = []
         self._exports: list[tuple] = []
         self._oversize: torch.Tensor | None = None
