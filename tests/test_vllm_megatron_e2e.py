@@ -126,3 +126,35 @@ def test_training_steps_reach_vllm_through_the_export_and_generate_like_transfor
         assert engine.get_weight_version() == version
     finally:
         sync.close()
+
+
+def test_readme_loop_syncs_offloaded_weights_from_the_host_copy_into_vllm_between_the_hooks(trainer, engine, tmp_path):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from memmgr.host_memory import HostMemoryPool
+    from memmgr.integrations.megatron import for_megatron
+    from memmgr.sync.session import sync_weights
+
+    model, opt = trainer
+    train_step(model, opt, seed=5)
+    expected = exported(model)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(use_distributed_optimizer=True), model)
+    pool = HostMemoryPool(pin=False)
+    mgr = for_megatron(ddp, None, pool=pool)
+    events = []
+    for event in ("before_weight_sync", "after_weight_sync"):
+        mgr.register_hook(event, lambda ev, groups: events.append(ev))
+    ex = MegatronExporter([ddp], em.hf_config(FAMILY), weights=mgr.group("weights"), bucket_bytes=32 * 1024)
+    sync = VLLMWeightSync(engine, timeout_s=60)
+    try:
+        mgr.offload("weights")
+        result = sync_weights(mgr, ex, sync, weight_version="rl-1")
+        assert result.source == "host copy" and result.buckets > 1
+        assert mgr.group("weights").device_bytes == 0  # the trainer's weights stayed off
+        assert events == ["before_weight_sync", "after_weight_sync"]
+        assert engine.get_weight_version() == "rl-1"
+        assert vs.greedy_vllm(engine, PROMPTS) == hf_greedy(expected, tmp_path / "rl-1")
+    finally:
+        sync.close()
+        mgr.close()
+        pool.trim()
