@@ -13,6 +13,7 @@ from memmgr.errors import MemmgrInputError, MemmgrSyncError  # noqa: E402
 from memmgr.host_memory import HostMemoryPool  # noqa: E402
 from memmgr.sync.export import MegatronExporter  # noqa: E402
 from memmgr.sync.session import sync_weights  # noqa: E402
+from memmgr.sync.transports import InProcessTransport  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning")
@@ -114,3 +115,57 @@ def test_bad_arguments_name_what_to_pass(trainer):
         sync_weights(mgr, object(), Engine())
     with pytest.raises(MemmgrInputError, match="engine must be a Transport"):
         sync_weights(mgr, exporter, 42)
+
+
+class ReservingTransport(InProcessTransport):
+    """An in-process transport with memory of its own, as the IPC ring has: ``reserve`` hands out slots, and a
+    bucket packed into one is sent from there (counted as in place); the engine copies it out at once."""
+
+    def __init__(self, engine, slots: int = 2, slot_bytes: int = 64 * 1024):
+        super().__init__(engine)
+        self.slot_bytes = slot_bytes
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(slots)]
+        self.reserved: dict[int, int] = {}  # slot -> data_ptr handed out
+        self.in_place = self.copied = 0
+
+    def reserve(self, dtype, numel):
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        free = [i for i in range(len(self.slots)) if i not in self.reserved]
+        if nbytes > self.slot_bytes or not free:
+            return None
+        view = self.slots[free[0]][:nbytes].view(dtype)
+        self.reserved[free[0]] = view.data_ptr()
+        return view
+
+    def send_bucket(self, bucket):
+        mine = [s for s, ptr in self.reserved.items() if ptr == bucket.flat.data_ptr()]
+        if mine:
+            del self.reserved[mine[0]]
+            self.in_place += 1
+        else:
+            self.copied += 1
+        super().send_bucket(bucket)
+
+    def release_reservations(self):
+        self.reserved.clear()
+
+
+def test_export_is_packed_straight_into_the_transports_own_memory_where_it_has_some(trainer):
+    mgr, exporter, reference = trainer
+    engine = Engine()
+    transport = ReservingTransport(engine)
+    result = sync_weights(mgr, exporter, transport)
+    assert transport.in_place == result.buckets > 1 and transport.copied == 0  # every bucket sent where it was packed
+    assert set(engine.received) == set(reference)
+    assert all(torch.equal(engine.received[n], t) for n, t in reference.items())
+    # a bucket too large for a slot falls back to the exporter's own memory, and still arrives
+    small = ReservingTransport(Engine(), slot_bytes=4096)
+    sync_weights(mgr, exporter, small)
+    assert small.copied > 0 and small.in_place > 0
+    assert all(torch.equal(small.load_weights.received[n], t) for n, t in reference.items())
+
+
+def test_exporter_refuses_memory_that_cannot_hold_a_bucket(trainer):
+    _mgr, exporter, _reference = trainer
+    with pytest.raises(MemmgrInputError, match="allocate.*returned"):
+        next(iter(exporter.buckets(allocate=lambda dtype, numel: torch.empty(1, dtype=dtype))))

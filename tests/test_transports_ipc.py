@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from memmgr.errors import MemmgrSyncError
-from memmgr.sync.transports import WeightBucket, bucketize
+from memmgr.sync.transports import WeightBucket, bucketize, group_pairs
 
 from conftest import random_tensor, requires_cuda, same_bits, tensors_from_bytes, tensors_to_bytes
 
@@ -230,3 +230,34 @@ def test_ipc_sync_that_does_not_fit_the_engine_is_refused_at_start():
         assert announced == [] and transport.ring_bytes == 0  # nothing announced, no ring allocated
     finally:
         transport.close()
+
+
+def test_ipc_buckets_packed_into_reserved_slots_are_sent_from_there_bit_exact():
+    from memmgr.sync.transports.ipc import CudaIpcTransport
+
+    dev = torch.device("cuda", 0)
+    weights = _weights(dev)
+    engine = _Engine(delay_s=0.01)
+    transport = CudaIpcTransport(engine.announce, device=dev, buffer_bytes=96 << 10, num_buffers=2)
+    try:
+        for _sync in range(2):
+            for group in group_pairs(weights.items(), 64 << 10):
+                dtype = group[0][1].dtype
+                numel = WeightBucket.pack(group, device="cpu").flat.numel()  # the layout's size (its own pack)
+                flat = transport.reserve(dtype, numel)
+                assert flat is not None and flat.data_ptr() in {b.data_ptr() for b in transport._ring}
+                bucket = WeightBucket.pack(group, out=flat)
+                sent = transport.buckets
+                transport.send_bucket(bucket)  # no copy: announced from the slot it was packed into
+                assert transport.buckets == sent + 1
+            transport.finish()
+        # both slots reserved at once: a third reservation gets nothing (the caller allocates), and a plain send waits
+        a, b = transport.reserve(torch.float32, 8), transport.reserve(torch.float32, 8)
+        assert a is not None and b is not None and transport.reserve(torch.float32, 8) is None
+        transport.release_reservations()
+        assert transport.reserve(torch.float32, 8) is not None
+        transport.release_reservations()
+    finally:
+        got = engine.stop()
+        transport.close()
+    assert all(same_bits(got[n], weights[n].cpu()) for n in weights)

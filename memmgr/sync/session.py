@@ -15,6 +15,7 @@ bucket ring); ``SyncResult.peak_extra_gpu_bytes`` reports what PyTorch's allocat
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -100,14 +101,22 @@ def _adapter(engine: Any) -> Callable[[Any, str | None], tuple[int, int, Any]]:
 def _through_transport(exporter: Any, transport: Transport) -> tuple[int, int, Any]:
     nbytes = nbuckets = 0
     started = False
-    for bucket in exporter.buckets():  # every rank iterates: the export is collective
-        if not started:
-            transport.start(as_specs(exporter.entries))
-            started = True
-        for part in split_per_dtype(bucket):
-            transport.send_bucket(part)
-            nbytes += part.payload_bytes
-        nbuckets += 1
+    # an exporter that takes an allocator packs each bucket straight into the transport's memory where it has some
+    # (the IPC ring): no copy between the export and the send, and no export buffers beside the ring
+    in_place = exporter.is_receiver and "allocate" in inspect.signature(exporter.buckets).parameters
+    stream = exporter.buckets(allocate=transport.reserve) if in_place else exporter.buckets()
+    try:
+        for bucket in stream:  # every rank iterates: the export is collective
+            if not started:
+                transport.start(as_specs(exporter.entries))
+                started = True
+            for part in split_per_dtype(bucket):
+                transport.send_bucket(part)
+                nbytes += part.payload_bytes
+            nbuckets += 1
+    except BaseException:
+        transport.release_reservations()
+        raise
     if exporter.is_receiver:
         if not started:
             transport.start(as_specs(exporter.entries))

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from memmgr.errors import MemmgrStateError
+from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.flat_tensors import BucketizedFlatTensors
 from memmgr.sync.export.discovery import local_parameters
 from memmgr.sync.export.errors import MemmgrExportError
@@ -33,6 +33,8 @@ from memmgr.sync.export.sources import DeviceSource, HostCopySource, WeightSourc
 logger = logging.getLogger("memmgr")
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
+
+Allocate = Callable[[torch.dtype, int], "torch.Tensor | None"]
 
 
 @dataclass(eq=False)
@@ -170,18 +172,22 @@ class MegatronExporter:
         if problems:
             raise MemmgrStateError("cannot export now, nothing was sent: " + "; ".join(problems[:8]))
 
-    def buckets(self) -> Iterator[ExportBucket]:
+    def buckets(self, allocate: Allocate | None = None) -> Iterator[ExportBucket]:
         """Yields the buckets on receiver ranks (nothing elsewhere); every rank must iterate to the end. A bucket's
         tensors are valid until the caller drops them (the exporter keeps no reference once the next one is asked
         for); a caller that holds each bucket until the next arrives holds two. Before anything moves, every rank
-        checks that its weights can be read (one small gather) and all raise MemmgrStateError together if not."""
+        checks that its weights can be read (one small gather) and all raise MemmgrStateError together if not.
+
+        ``allocate(dtype, numel)``, if given, provides each bucket's flat tensor of a dtype (e.g. a transport's
+        ``reserve``, so that the bucket is packed straight into the memory it is sent from); where it returns None
+        the exporter allocates."""
         self._preflight()
         me = self.rank
         others = [q for q in self.receivers if q != me]
         receiver = self.is_receiver
         for bp in self.plan.buckets:
             if receiver:
-                flats = {dtype: torch.empty(n, dtype=dtype, device=self.device) for dtype, n in bp.numels.items()}
+                flats = {dtype: self._flat(dtype, n, allocate) for dtype, n in bp.numels.items()}
                 bucket = ExportBucket(bp.index, flats, [e for u in bp.units for e in u.entries])
                 outputs = [[bucket.tensor(e) for e in u.entries] for u in bp.units]
             for messages in bp.rounds:
@@ -213,6 +219,19 @@ class MegatronExporter:
                 del outputs, flats
                 yield bucket
                 del bucket
+
+    def _flat(self, dtype: torch.dtype, numel: int, allocate: Allocate | None) -> torch.Tensor:
+        given = allocate(dtype, numel) if allocate is not None else None
+        if given is None:
+            return torch.empty(numel, dtype=dtype, device=self.device)
+        if not isinstance(given, torch.Tensor) or given.dtype != dtype or given.dim() != 1 or \
+                given.numel() < numel or given.device != self.device or not given.is_contiguous():
+            shown = (f"{given.dtype} x {tuple(given.shape)} on {given.device}" if isinstance(given, torch.Tensor)
+                     else type(given).__name__)
+            raise MemmgrInputError(f"MegatronExporter.buckets: allocate({dtype}, {numel}) returned {shown}; it must "
+                                   f"return None or a contiguous 1-D {dtype} tensor of at least {numel} elements on "
+                                   f"{self.device}")
+        return given[:numel]
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(hf_name, tensor)`` pairs on receiver ranks, bucket by bucket (views into the current bucket)."""

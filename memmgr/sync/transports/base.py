@@ -322,6 +322,15 @@ class Transport(ABC):
         if self.held is not None:
             check_specs(specs, self.held, where=f"the engine of the {self.name} transport", require_all=False)
 
+    def reserve(self, dtype: torch.dtype, numel: int) -> torch.Tensor | None:
+        """Memory of the transport (``numel`` elements of ``dtype``) that the next bucket of that dtype may be packed
+        into in place: ``send_bucket`` of a bucket whose flat tensor is that memory then sends it without a copy.
+        None (the default) when the transport has no such memory: the caller allocates the bucket itself."""
+        return None
+
+    def release_reservations(self) -> None:
+        """Forgets memory ``reserve`` handed out that was never sent (a sync that stopped part-way)."""
+
     def describe(self, bucket: WeightBucket) -> dict[str, Any]:
         """The control message a receiver needs for this bucket: its layout (plus e.g. an IPC handle)."""
         return bucket.meta()

@@ -86,6 +86,7 @@ class CudaIpcTransport(Transport):
         self._exports: list[tuple] = []
         self._oversize: torch.Tensor | None = None
         self._oversize_export: tuple = ()
+        self._reserved: set[int] = set()  # slots handed out by reserve() whose bucket is not sent yet
         self._pending: list[Future | None] = [None] * (self.num_buffers + 1)  # the last: the oversize slot
         self._next = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memmgr-ipc-announce")
@@ -133,11 +134,58 @@ class CudaIpcTransport(Transport):
                                   f"({self._broken}); build a new one")
         self._ensure_ring()
         if nbytes > self.buffer_bytes:
+            if self.num_buffers in self._reserved:
+                raise MemmgrSyncError(f"CUDA IPC weight sync: {what} needs the oversize slot, which is reserved for a "
+                                      f"bucket not sent yet; send that bucket first")
             return self._acquire_oversize(nbytes, what)
-        slot = self._next
-        self._next = (slot + 1) % self.num_buffers
+        slot = self._next_unreserved_slot()
+        if slot is None:
+            raise MemmgrSyncError(f"CUDA IPC weight sync: {what} finds every ring slot reserved for buckets not sent "
+                                  f"yet; send them first (or build the transport with more num_buffers)")
         self._wait_slot(slot)
         return slot
+
+    def _next_unreserved_slot(self) -> int | None:
+        for _ in range(self.num_buffers):
+            slot = self._next
+            self._next = (slot + 1) % self.num_buffers
+            if slot not in self._reserved:
+                return slot
+        return None
+
+    def reserve(self, dtype: torch.dtype, numel: int) -> torch.Tensor | None:
+        """The next free slot's memory as ``numel`` elements of ``dtype`` (waiting, like a send, until the engine
+        has copied the slot's previous bucket out): pack a bucket there and ``send_bucket`` announces it without a
+        copy. None when every slot is reserved already (the caller allocates; ``send_bucket`` then copies)."""
+        nbytes = int(numel) * torch.empty(0, dtype=dtype).element_size()
+        what = f"reserved bucket ({dtype}, {nbytes} B)"
+        if self._broken is not None:
+            self._acquire(nbytes, what)  # raises, naming the earlier failure
+        self._ensure_ring()
+        if nbytes > self.buffer_bytes:
+            if self.num_buffers in self._reserved:
+                return None
+            slot = self._acquire_oversize(nbytes, what)
+        else:
+            slot = self._next_unreserved_slot()
+            if slot is None:
+                return None
+            self._wait_slot(slot)
+        self._reserved.add(slot)
+        return self._slot_buffer(slot)[:nbytes].view(dtype)
+
+    def release_reservations(self) -> None:
+        self._reserved.clear()
+
+    def _reserved_slot_holding(self, bucket: WeightBucket) -> int | None:
+        flat = bucket.flat
+        if not flat.is_cuda or flat.device != self.device:
+            return None
+        for slot in self._reserved:
+            buf = self._slot_buffer(slot)
+            if flat.data_ptr() == buf.data_ptr() and bucket.nbytes <= buf.numel():
+                return slot
+        return None
 
     def _acquire_oversize(self, nbytes: int, what: str) -> int:
         slot = self.num_buffers
@@ -171,7 +219,13 @@ class CudaIpcTransport(Transport):
 
     def send_bucket(self, bucket: WeightBucket) -> None:
         """Copies ``bucket`` (on this GPU or in host memory) into the next free slot and announces it; returns
-        before the engine copied it out (``finish`` waits for that)."""
+        before the engine copied it out (``finish`` waits for that). A bucket packed into memory ``reserve`` handed
+        out is announced from there, without a copy."""
+        slot = self._reserved_slot_holding(bucket)
+        if slot is not None:
+            self._reserved.discard(slot)
+            self._publish(slot, bucket)
+            return
         slot = self._acquire(bucket.nbytes, f"bucket {self.buckets} ({bucket.dtype})")
         dst = self._slot_buffer(slot)[:bucket.nbytes]
         src = bucket.flat.view(torch.uint8)
@@ -197,6 +251,7 @@ class CudaIpcTransport(Transport):
         """Returns once the engine has copied out every announced bucket."""
         for slot in range(self.num_buffers + 1):
             self._wait_slot(slot)
+        self._reserved.clear()
 
     def close(self) -> None:
         """Waits (bounded) for outstanding buckets, then frees the ring."""
@@ -212,6 +267,7 @@ class CudaIpcTransport(Transport):
         self._ring.clear()
         self._exports.clear()
         self._oversize, self._oversize_export = None, ()
+        self._reserved.clear()
         self._broken = self._broken or "closed"
         torch.cuda.ipc_collect()
 
