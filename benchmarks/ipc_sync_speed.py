@@ -90,6 +90,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--bucket-mb", type=float, default=512, help="bucket bound in MiB: the ring's buffers and, with "
                     "--trainer megatron, the export's buckets (default 512)")
     ap.add_argument("--buffers", type=int, default=2, help="IPC ring buffers (default 2)")
+    ap.add_argument("--staged", action="store_true",
+                    help="with --trainer megatron: sync_weights(pack_in_place=False), the exporter's own buckets copied "
+                         "into the ring (default: packed straight into the ring's slots)")
     ap.add_argument("--reps", type=int, default=3, help="timed syncs per source; the best is reported (default 3)")
     ap.add_argument("--out", type=Path, required=True, help="output directory (gets ipc_sync_speed.json)")
     args = ap.parse_args()
@@ -354,7 +357,7 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
             if cuda:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            res = sync_weights(mgr, exporter, transport)
+            res = sync_weights(mgr, exporter, transport, pack_in_place=not args.staged)
             seconds = time.perf_counter() - t0
             run = {"seconds": seconds, "gbps": res.nbytes / seconds / 1e9, "nbytes": res.nbytes,
                    "buckets": res.buckets, "source": res.source, "sync_weights_seconds": res.seconds,
@@ -401,7 +404,8 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
     return {
         "metadata": lab.metadata(), "benchmark": "ipc_sync_speed", "trainer": "megatron", "preset": args.preset,
         "setup": setup, "transport": "cuda_ipc" if cuda else "inproc (--cpu)",
-        "sync_api": "memmgr.sync.session.sync_weights(manager, MegatronExporter, transport)",
+        "sync_api": "memmgr.sync.session.sync_weights(manager, MegatronExporter, transport, "
+                    f"pack_in_place={not args.staged})",
         "params": sum(p.numel() for p in ddp.parameters()), "payload_bytes": payload,
         "exported_tensors": len(exporter.entries), "bucket_bytes": bucket_bytes, "buffers": args.buffers,
         "export_buckets": len(plan.buckets), "largest_bucket_bytes": max(b.nbytes for b in plan.buckets),

@@ -163,6 +163,10 @@ def test_export_is_packed_straight_into_the_transports_own_memory_where_it_has_s
     sync_weights(mgr, exporter, small)
     assert small.copied > 0 and small.in_place > 0
     assert all(torch.equal(small.load_weights.received[n], t) for n, t in reference.items())
+    staged = ReservingTransport(Engine())
+    sync_weights(mgr, exporter, staged, pack_in_place=False)  # the exporter's own buckets, copied by the transport
+    assert staged.in_place == 0 and staged.copied > 1
+    assert all(torch.equal(staged.load_weights.received[n], t) for n, t in reference.items())
 
 
 def test_exporter_refuses_memory_that_cannot_hold_a_bucket(trainer):

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from memmgr import arguments
 from memmgr.errors import MemmgrInputError
 from memmgr.manager import MemoryManager
 from memmgr.sync.transports.base import Transport, as_specs, split_per_dtype
@@ -50,21 +51,24 @@ class SyncResult:
 
 
 def sync_weights(manager: MemoryManager, exporter: Any, engine: Transport | LoadWeights | Any, *,
-                 weight_version: str | None = None) -> SyncResult:
+                 weight_version: str | None = None, pack_in_place: bool = True) -> SyncResult:
     """Syncs the trainer's weights into ``engine`` as one call (see the module docstring). Every rank of the export
     calls it (the export is collective); the receiver ranks feed the engine.
 
     ``exporter``: a ``memmgr.sync.export.MegatronExporter`` built with ``weights=manager.group("weights")`` (or
     anything with ``buckets()``, ``entries`` and ``is_receiver``). ``engine``: a ``Transport``, an engine adapter
     with ``sync(weights, specs=..., weight_version=...)`` (``memmgr.sync.engines.vllm.VLLMWeightSync``), or a
-    ``load_weights`` callable in this process."""
+    ``load_weights`` callable in this process. ``pack_in_place``: where the transport has memory of its own (the
+    IPC ring), the export packs each bucket straight into it (no copy between export and send, no export buffers
+    beside it); False has the exporter allocate its buckets and the transport copy them."""
+    arguments.boolean("sync_weights", "pack_in_place", pack_in_place)
     if not isinstance(manager, MemoryManager):
         raise MemmgrInputError(f"sync_weights: manager must be a MemoryManager, got {type(manager).__name__}")
     for attr in ("buckets", "entries", "is_receiver"):
         if not hasattr(exporter, attr):
             raise MemmgrInputError(f"sync_weights: exporter has no {attr!r}; pass a "
                                    f"memmgr.sync.export.MegatronExporter")
-    adapter = _adapter(engine)
+    adapter = _adapter(engine, pack_in_place)
     weights = manager.group(manager.weights_group)
     source = "device" if weights.device_bytes >= weights.nbytes else "host copy"
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
@@ -86,24 +90,25 @@ def sync_weights(manager: MemoryManager, exporter: Any, engine: Transport | Load
     return result
 
 
-def _adapter(engine: Any) -> Callable[[Any, str | None], tuple[int, int, Any]]:
+def _adapter(engine: Any, pack_in_place: bool) -> Callable[[Any, str | None], tuple[int, int, Any]]:
     if isinstance(engine, Transport):
-        return lambda exporter, version: _through_transport(exporter, engine)
+        return lambda exporter, version: _through_transport(exporter, engine, pack_in_place)
     if hasattr(engine, "sync") and callable(engine.sync):
         return lambda exporter, version: _through_engine_adapter(exporter, engine, version)
     if callable(engine):
         transport = InProcessTransport(engine)
-        return lambda exporter, version: _through_transport(exporter, transport)
+        return lambda exporter, version: _through_transport(exporter, transport, pack_in_place)
     raise MemmgrInputError(f"sync_weights: engine must be a Transport, an engine adapter with sync(), or a "
                            f"load_weights callable; got {type(engine).__name__}")
 
 
-def _through_transport(exporter: Any, transport: Transport) -> tuple[int, int, Any]:
+def _through_transport(exporter: Any, transport: Transport, pack_in_place: bool) -> tuple[int, int, Any]:
     nbytes = nbuckets = 0
     started = False
     # an exporter that takes an allocator packs each bucket straight into the transport's memory where it has some
     # (the IPC ring): no copy between the export and the send, and no export buffers beside the ring
-    in_place = exporter.is_receiver and "allocate" in inspect.signature(exporter.buckets).parameters
+    in_place = pack_in_place and exporter.is_receiver and \
+        "allocate" in inspect.signature(exporter.buckets).parameters
     stream = exporter.buckets(allocate=transport.reserve) if in_place else exporter.buckets()
     try:
         for bucket in stream:  # every rank iterates: the export is collective
