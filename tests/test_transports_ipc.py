@@ -233,6 +233,8 @@ def test_ipc_sync_that_does_not_fit_the_engine_is_refused_at_start():
 
 
 def test_ipc_buckets_packed_into_reserved_slots_are_sent_from_there_bit_exact():
+    from memmgr.sync.layout import aligned
+    from memmgr.sync.transports import ALIGN_BYTES
     from memmgr.sync.transports.ipc import CudaIpcTransport
 
     dev = torch.device("cuda", 0)
@@ -243,7 +245,8 @@ def test_ipc_buckets_packed_into_reserved_slots_are_sent_from_there_bit_exact():
         for _sync in range(2):
             for group in group_pairs(weights.items(), 64 << 10):
                 dtype = group[0][1].dtype
-                numel = WeightBucket.pack(group, device="cpu").flat.numel()  # the layout's size (its own pack)
+                item = group[0][1].element_size()
+                numel = sum(aligned(t.numel() * item, ALIGN_BYTES) for _, t in group) // item  # pack's layout
                 flat = transport.reserve(dtype, numel)
                 assert flat is not None and flat.data_ptr() in {b.data_ptr() for b in transport._ring}
                 bucket = WeightBucket.pack(group, out=flat)
