@@ -61,6 +61,22 @@ def _engine_main(config: Any, dtype: torch.dtype, device_index: int, descs: Any,
     receiver.close()
 
 
+def start_seeing(proc: Any, visible_devices: str | None) -> None:
+    """Starts ``proc`` (spawned) with ``CUDA_VISIBLE_DEVICES`` set to ``visible_devices`` (None: as this process has
+    it): the child reads it when it starts, so it is set only around ``start``."""
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
+    try:
+        proc.start()
+    finally:
+        if visible_devices is not None:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
 class EngineProcess:
     """The engine process and its control channel (see the module docstring)."""
 
@@ -71,17 +87,7 @@ class EngineProcess:
         self.timeout_s = timeout_s
         self.proc = ctx.Process(target=_engine_main,
                                 args=(config, dtype, device_index, self.descs, self.acks, self.results), daemon=True)
-        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible_devices is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
-        try:
-            self.proc.start()
-        finally:
-            if visible_devices is not None:
-                if saved is None:
-                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-                else:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        start_seeing(self.proc, visible_devices)
         status, self.model_bytes = self.acks.get(timeout=timeout_s)
         assert status == "ready", status
 

@@ -1,7 +1,6 @@
 """The same-GPU CUDA IPC transport between two processes (GPU only)."""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -12,6 +11,7 @@ from memmgr.errors import MemmgrSyncError
 from memmgr.sync.transports import WeightBucket, bucketize, group_pairs
 
 from conftest import random_tensor, requires_cuda, same_bits, tensors_from_bytes, tensors_to_bytes
+from ipc_support import start_seeing
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -56,18 +56,7 @@ class _Engine:
         ctx = mp.get_context("spawn")
         self.descs, self.acks, self.results = ctx.Queue(), ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(target=_consumer, args=(self.descs, self.acks, self.results, delay_s), daemon=True)
-        # the child reads CUDA_VISIBLE_DEVICES when it starts (importing this module initializes CUDA there)
-        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible
-        try:
-            self.proc.start()
-        finally:
-            if visible is not None:
-                if saved is None:
-                    del os.environ["CUDA_VISIBLE_DEVICES"]
-                else:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        start_seeing(self.proc, visible)
         self.fail_next = False
 
     def announce(self, desc):
