@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
 
 from memmgr.errors import MemmgrInputError
 
@@ -109,3 +111,22 @@ def sequence_of(where: str, name: str, values: Any, kind: type | tuple[type, ...
         if not isinstance(value, kind):
             raise _bad(where, f"each item of {name}", value, what)
     return values
+
+
+def named_tensors(where: str, name: str, values: Any, *, list_pairs: bool = True
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``values`` (an iterable of ``(name, tensor)`` pairs, or a mapping) as pairs: whether it is iterable is checked
+    now, each item as it comes (the stream may be lazy). ``list_pairs`` also takes ``[name, tensor]`` lists."""
+    if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Iterable):
+        raise _bad(where, name, values, "an iterable of (name, tensor) pairs, e.g. model.named_parameters() or "
+                                        "dict.items()")
+    items = values.items() if isinstance(values, Mapping) else values
+    kinds = (tuple, list) if list_pairs else tuple
+
+    def checked() -> Iterator[tuple[str, torch.Tensor]]:
+        for item in items:
+            if not (isinstance(item, kinds) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], torch.Tensor)):
+                raise _bad(where, f"each item of {name}", item, "a (name, tensor) pair")
+            yield item[0], item[1]
+    return checked()

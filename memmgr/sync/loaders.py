@@ -36,16 +36,9 @@ class ModuleWeightLoader:
         return [n for n in self._targets if n not in self.loaded]
 
     def __call__(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        if isinstance(weights, (str, bytes, torch.Tensor)) or not hasattr(weights, "__iter__"):
-            raise MemmgrInputError(f"load_weights: weights must be an iterable of (name, tensor) pairs, got "
-                                   f"{type(weights).__name__}")
+        pairs = arguments.named_tensors("load_weights", "weights", weights, list_pairs=False)
         with torch.no_grad():
-            for item in weights:
-                if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-                        and isinstance(item[1], torch.Tensor)):
-                    raise MemmgrInputError(f"load_weights: each item must be a (name, tensor) pair, got "
-                                           f"{type(item).__name__} {item!r:.80}")
-                name, tensor = item
+            for name, tensor in pairs:
                 target = self._targets.get(name)
                 if target is None:
                     close = difflib.get_close_matches(name, list(self._targets), n=3)

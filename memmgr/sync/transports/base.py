@@ -120,7 +120,7 @@ class WeightBucket:
         ``out`` (a 1-D tensor of that dtype, large enough) is reused instead of allocating: the ring buffers of a
         transport. Otherwise the bucket is allocated on ``device`` (default: the first tensor's device).
         """
-        pairs = list(_checked_pairs("WeightBucket.pack", pairs))
+        pairs = list(arguments.named_tensors("WeightBucket.pack", "pairs", pairs))
         if not pairs:
             raise MemmgrInputError("WeightBucket.pack: no tensors given")
         dtype = pairs[0][1].dtype
@@ -198,25 +198,7 @@ def group_pairs(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = D
     list is yielded when it is full, so at most one open list per dtype is held. What ``bucketize`` packs, and what
     a transport that packs straight into its own buffers (``CudaIpcTransport.send_pairs``) takes."""
     arguments.integer("bucketize", "bucket_bytes", bucket_bytes, minimum=1)
-    return _group_pairs(_checked_pairs("bucketize", pairs), bucket_bytes)
-
-
-def _checked_pairs(where: str, pairs: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """``pairs`` if it is an iterable (checked now); each item is checked to be a (str, tensor) pair as it comes."""
-    if isinstance(pairs, (str, bytes, torch.Tensor)) or not isinstance(pairs, Iterable):
-        raise MemmgrInputError(f"{where}: pairs must be an iterable of (name, tensor) pairs, got "
-                               f"{type(pairs).__name__}; pass e.g. model.named_parameters() or dict.items()")
-    pairs = pairs.items() if isinstance(pairs, Mapping) else pairs
-
-    def checked() -> Iterator[tuple[str, torch.Tensor]]:
-        for item in pairs:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
-                    and isinstance(item[1], torch.Tensor)):
-                shown = repr(item)[:80]
-                raise MemmgrInputError(f"{where}: each item must be a (name, tensor) pair, got {shown}; pass "
-                                       f"(str, torch.Tensor) pairs")
-            yield item[0], item[1]
-    return checked()
+    return _group_pairs(arguments.named_tensors("bucketize", "pairs", pairs), bucket_bytes)
 
 
 def _group_pairs(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int
@@ -253,7 +235,8 @@ def bucketize(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEF
 
 def specs_of(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> list[ParamSpec]:
     """The ``ParamSpec`` of each ``(name, tensor)`` (reads shapes and dtypes only)."""
-    return [ParamSpec(n, tuple(int(s) for s in t.shape), t.dtype) for n, t in _checked_pairs("specs_of", weights)]
+    pairs = arguments.named_tensors("specs_of", "weights", weights)
+    return [ParamSpec(n, tuple(int(s) for s in t.shape), t.dtype) for n, t in pairs]
 
 
 def check_specs(sent: Sequence[ParamSpec], held: Mapping[str, tuple[Sequence[int], torch.dtype]], *,
