@@ -128,10 +128,13 @@ class CudaIpcTransport(Transport):
             if future.done():
                 self._pending[slot] = None
 
-    def _acquire(self, nbytes: int, what: str) -> int:
+    def _check_usable(self) -> None:
         if self._broken is not None:
             raise MemmgrSyncError(f"CUDA IPC weight sync: the transport is unusable after an earlier failure "
                                   f"({self._broken}); build a new one")
+
+    def _acquire(self, nbytes: int, what: str) -> int:
+        self._check_usable()
         self._ensure_ring()
         if nbytes > self.buffer_bytes:
             if self.num_buffers in self._reserved:
@@ -159,8 +162,7 @@ class CudaIpcTransport(Transport):
         copy. None when every slot is reserved already (the caller allocates; ``send_bucket`` then copies)."""
         nbytes = int(numel) * torch.empty(0, dtype=dtype).element_size()
         what = f"reserved bucket ({dtype}, {nbytes} B)"
-        if self._broken is not None:
-            self._acquire(nbytes, what)  # raises, naming the earlier failure
+        self._check_usable()
         self._ensure_ring()
         if nbytes > self.buffer_bytes:
             if self.num_buffers in self._reserved:
