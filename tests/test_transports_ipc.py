@@ -253,3 +253,31 @@ def test_ipc_buckets_packed_into_reserved_slots_are_sent_from_there_bit_exact():
         got = engine.stop()
         transport.close()
     assert all(same_bits(got[n], weights[n].cpu()) for n in weights)
+
+
+def test_ipc_buckets_packed_in_place_from_pinned_host_are_announced_only_once_their_copies_finished():
+    # a bucket packed into a reserved slot is announced from a helper thread after its copies' event: the producer
+    # already packs the next slot. Large host->device copies and an engine that copies out at once would read a
+    # half-filled slot (the previous bucket's bytes) if the announcement ran ahead of the copies.
+    from memmgr.sync.transports.ipc import CudaIpcTransport
+
+    dev = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(11)
+    engine = _Engine(delay_s=0.0)
+    transport = CudaIpcTransport(engine.announce, device=dev, buffer_bytes=32 << 20, num_buffers=2)
+    try:
+        for sync in range(2):
+            host = {f"layers.{i}.w": random_tensor((2048, 4096), torch.float32, "cpu", g).pin_memory()
+                    for i in range(6)}  # 32 MiB each: one bucket per tensor, several ms per copy
+            for name, tensor in host.items():
+                flat = transport.reserve(torch.float32, tensor.numel())
+                assert flat is not None
+                flat.copy_(tensor.view(-1), non_blocking=True)
+                transport.send_bucket(WeightBucket.from_meta(
+                    WeightBucket.pack([(name, tensor)]).meta(), flat))
+            transport.finish()
+    finally:
+        got = engine.stop()
+        transport.close()
+    assert set(got) == set(host)
+    assert all(same_bits(got[n], host[n]) for n in host)

@@ -6,9 +6,13 @@ exports each buffer once (``torch.multiprocessing.reductions.reduce_tensor``) an
 every sync:
 
 1. the producer waits until the consumer has signalled that it finished copying the slot's previous bucket out
-   (the ``announce`` call for that slot returned), then copies the next bucket into the slot and synchronizes;
-2. it announces the bucket: its layout, the slot, and the slot's IPC export keyed by the GPU's UUID (the two
-   processes may number GPUs differently under different ``CUDA_VISIBLE_DEVICES``);
+   (the ``announce`` call for that slot returned), then copies the next bucket into the slot (or, through
+   ``reserve``, the export packs it there);
+2. once those copies have finished, it announces the bucket: its layout, the slot, and the slot's IPC export keyed by
+   the GPU's UUID (the two processes may number GPUs differently under different ``CUDA_VISIBLE_DEVICES``). A
+   bucket copied from the caller's memory is waited for before ``send_bucket`` returns (the caller may reuse its
+   source); for one packed in place the announcing thread waits on an event, so the producer already packs the
+   next slot while the copies run;
 3. the consumer (``CudaIpcReceiver``) maps the slot once per export, hands out views into it, copies them into the
    engine's weights and synchronizes its stream before it answers, so the slot is free when ``announce`` returns.
 
@@ -210,14 +214,26 @@ class CudaIpcTransport(Transport):
     def _slot_export(self, slot: int) -> tuple:
         return self._oversize_export if slot == self.num_buffers else self._exports[slot]
 
-    def _publish(self, slot: int, bucket: WeightBucket) -> None:
-        # the consumer reads the slot from another process: the copy must be complete before it is announced
-        torch.cuda.current_stream(self.device).synchronize()
+    def _publish(self, slot: int, bucket: WeightBucket, *, wait_here: bool) -> None:
+        # the consumer reads the slot from another process: the copies into it must be complete before it is
+        # announced. With wait_here the caller's thread waits (its source may be reused once send_bucket returns);
+        # otherwise the announcing thread waits on an event, and the caller packs the next slot meanwhile.
+        stream = torch.cuda.current_stream(self.device)
         description = bucket.meta()
         description.update({"slot": slot, "nbytes": bucket.nbytes, "ipc": {self.uuid: self._slot_export(slot)}})
-        self._pending[slot] = self._pool.submit(self.announce, description)
+        if wait_here:
+            stream.synchronize()
+            self._pending[slot] = self._pool.submit(self.announce, description)
+        else:
+            packed = torch.cuda.Event()
+            packed.record(stream)
+            self._pending[slot] = self._pool.submit(self._announce_when_packed, packed, description)
         self.buckets += 1
         self.nbytes += bucket.payload_bytes
+
+    def _announce_when_packed(self, packed: torch.cuda.Event, description: dict[str, Any]) -> Any:
+        packed.synchronize()
+        return self.announce(description)
 
     def send_bucket(self, bucket: WeightBucket) -> None:
         """Copies ``bucket`` (on this GPU or in host memory) into the next free slot and announces it; returns
@@ -225,15 +241,17 @@ class CudaIpcTransport(Transport):
         out is announced from there, without a copy."""
         slot = self._reserved_slot_holding(bucket)
         if slot is not None:
+            # packed in place: its sources are the trainer's weights or the exporter's stream-ordered temporaries,
+            # so this thread need not wait for the packing to finish
             self._reserved.discard(slot)
-            self._publish(slot, bucket)
+            self._publish(slot, bucket, wait_here=False)
             return
         slot = self._acquire(bucket.nbytes, f"bucket {self.buckets} ({bucket.dtype})")
         dst = self._slot_buffer(slot)[:bucket.nbytes]
         src = bucket.flat.view(torch.uint8)
         with torch.cuda.device(self.device):
             dst.copy_(src, non_blocking=src.device.type == "cpu" and src.is_pinned())
-        self._publish(slot, WeightBucket.from_meta(bucket.meta(), dst.view(bucket.dtype)))
+        self._publish(slot, WeightBucket.from_meta(bucket.meta(), dst.view(bucket.dtype)), wait_here=True)
 
     def send_pairs(self, pairs: Sequence[tuple[str, torch.Tensor]]) -> None:
         """Packs ``pairs`` (one dtype) straight into the next free slot and announces them: one copy less than
@@ -247,7 +265,7 @@ class CudaIpcTransport(Transport):
         with torch.cuda.device(self.device):
             buf = self._slot_buffer(slot)
             bucket = WeightBucket.pack(pairs, out=buf.view(dtype)[:buf.numel() // item])
-        self._publish(slot, bucket)
+        self._publish(slot, bucket, wait_here=True)
 
     def finish(self) -> None:
         """Returns once the engine has copied out every announced bucket."""
