@@ -102,13 +102,16 @@ def names(where: str, name: str, values: Any) -> tuple[str, ...]:
     return tuple(values)
 
 
-def sequence_of(where: str, name: str, values: Any, kind: type | tuple[type, ...], what: str) -> list[Any]:
-    """``values`` as a list whose every item is an instance of ``kind`` (``what`` names such an item)."""
+def sequence_of(where: str, name: str, values: Any, kind: type | tuple[type, ...] | Callable[[Any], bool],
+                what: str) -> list[Any]:
+    """``values`` as a list whose every item is an instance of ``kind`` (or, for a function, one it accepts;
+    ``what`` names such an item)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise _bad(where, name, values, f"a list of {what}")
     values = list(values)
+    accepts = kind if callable(kind) and not isinstance(kind, type) else (lambda value: isinstance(value, kind))
     for value in values:
-        if not isinstance(value, kind):
+        if not accepts(value):
             raise _bad(where, f"each item of {name}", value, what)
     return values
 

@@ -32,6 +32,7 @@ A group's moves go through ``memmgr.moves``: its offload issues every bucket's c
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections import OrderedDict
 from typing import Mapping, Sequence, Union
@@ -334,14 +335,15 @@ class FlatTensors:
                 f"manager (mgr.close()) and build a new one. Nothing was moved")
         self._intact_for = None
         tensors = [m[1] for m in self.members]
-        # The common case in two list comparisons (this runs on every move, over every member); the loop below only
-        # names the member that changed.
-        if [x.shape for x in tensors] == self._shapes and [x.dtype for x in tensors] == self._dtypes:
+        # The common case in two list comparisons (this runs on every move, over every member; a tensor's nbytes and
+        # data_ptr are cheap to read, its shape is not); the loop below only names the member that changed. A member
+        # that still spans the same bytes at the same place moves losslessly, whatever shape it is viewed with now.
+        if [x.nbytes for x in tensors] == self._member_nbytes:
             if moving != "offload":
                 self._intact_for = moving
                 return
             base = self.flat.data_ptr()
-            if [x.data_ptr() for x in tensors] == [base + off for off in self._byte_offsets] or \
+            if [x.data_ptr() for x in tensors] == self._member_pointers(base) or \
                     all(x.data_ptr() == base + off or not x.numel() for x, off in zip(tensors, self._byte_offsets)):
                 self._intact_for = moving
                 return
@@ -365,9 +367,16 @@ class FlatTensors:
                     f"tensor as it is now. Nothing was moved")
 
     def _index_layout(self) -> None:
-        self._shapes = [shape for shape, _, _ in self._layout]
-        self._dtypes = [dtype for _, dtype, _ in self._layout]
+        self._member_nbytes = [math.prod(shape) * dtype.itemsize for shape, dtype, _ in self._layout]
         self._byte_offsets = [offset * dtype.itemsize for _, dtype, offset in self._layout]
+        self._pointers: tuple[int, list[int]] = (-1, [])
+        self._hidden_base_count: int | None = None
+
+    def _member_pointers(self, base: int) -> list[int]:
+        """Where each member's data starts while the bucket's storage starts at ``base`` (kept for the last base)."""
+        if self._pointers[0] != base:
+            self._pointers = (base, [base + off for off in self._byte_offsets])
+        return self._pointers[1]
 
     @property
     def storage_key(self) -> int:
@@ -506,7 +515,8 @@ class FlatTensors:
         offload_events = self._pending.events if self._pending is not None else []
         if self._pending is not None and not self.flat.is_cuda:
             self.wait()
-        self.allocate()
+        if self.flat.untyped_storage().nbytes() != self.nbytes:  # not allocated (and checked) by a transaction yet
+            self.allocate()
         if state is BucketState.DISCARDED or self.nbytes == 0:
             if offload_events:
                 self.wait()
@@ -589,9 +599,12 @@ class FlatTensors:
             return 0
         if self.flat.untyped_storage().nbytes() == 0:
             return 0
-        tensors = [t for _, t, _ in self.members]
-        bases = _hidden_bases(tensors, {id(t) for t in tensors} | {id(self.flat)})
-        return max(0, _storage_use_count(self.flat) - _PROBE_REFS - 1 - len(self.members) - len(bases))
+        if self._hidden_base_count is None:
+            # counted once per member list: a tensor's view base does not change (a member given other memory since
+            # is refused by check_intact before anything moves)
+            tensors = [t for _, t, _ in self.members]
+            self._hidden_base_count = len(_hidden_bases(tensors, {id(t) for t in tensors} | {id(self.flat)}))
+        return max(0, _storage_use_count(self.flat) - _PROBE_REFS - 1 - len(self.members) - self._hidden_base_count)
 
     def release_host_buffer(self) -> None:
         """Returns the host store to the pool (only while the contents are on the device)."""

@@ -61,6 +61,18 @@ class MovableUnit(Protocol):
     def check_intact(self, moving: str = "offload") -> None: ...
 
 
+_UNIT_MEMBERS = ("name", "policy", "state", "nbytes", "device_bytes", "device", "offload", "allocate", "onload",
+                 "revert_onload", "checksum_mismatch", "clear_checksums", "outside_references", "check_intact")
+
+
+def is_movable_unit(value: object) -> bool:
+    """``isinstance(value, MovableUnit)`` without reading the unit's properties (a runtime protocol check reads every
+    one on Python 3.11, and a bucket's ``device_bytes`` walks all its members): each member is looked up on the type
+    or in the instance's own attributes."""
+    cls, own = type(value), getattr(value, "__dict__", {})
+    return all(hasattr(cls, member) or member in own for member in _UNIT_MEMBERS)
+
+
 @runtime_checkable
 class StateGroup(Protocol):
     """A named group of units, as the manager holds it."""

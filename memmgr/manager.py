@@ -15,7 +15,8 @@ import torch
 from memmgr import arguments, moves, storages
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.flat_tensors import BucketizedFlatTensors, TensorsArg, tensors_argument
-from memmgr.groups import MovableUnit, StateGroup, check_no_outside_references, default_priority, group_state
+from memmgr.groups import (MovableUnit, StateGroup, check_no_outside_references, default_priority, group_state,
+                           is_movable_unit)
 from memmgr.host_memory import HostMemoryPool, default_pool
 from memmgr.states import GroupState, Policy, policy_from
 from memmgr.transfer import TransferHandle
@@ -301,7 +302,7 @@ class MemoryManager:
                       non_blocking: bool = False) -> TransferHandle:
         """Offloads these units of the named groups as one move (``memmgr.moves.offload_units``), with the hooks,
         cache release and ledger record of ``offloading``."""
-        units = arguments.sequence_of("offload_units", "units", units, MovableUnit, "a bucket (a MovableUnit)")
+        units = arguments.sequence_of("offload_units", "units", units, is_movable_unit, "a bucket (a MovableUnit)")
         with self.offloading(groups, label or f"offload {','.join(groups)}", non_blocking=non_blocking) as scope:
             scope.add(moves.offload_units(units, discard=discard))
         return scope.handle
@@ -310,7 +311,7 @@ class MemoryManager:
                      non_blocking: bool = False) -> TransferHandle:
         """Restores these units of the named groups as one transaction (``memmgr.moves.onload_units``: undone as a
         whole on out-of-memory or a checksum mismatch), with the hooks and ledger record of ``onloading``."""
-        units = arguments.sequence_of("onload_units", "units", units, MovableUnit, "a bucket (a MovableUnit)")
+        units = arguments.sequence_of("onload_units", "units", units, is_movable_unit, "a bucket (a MovableUnit)")
         with self.onloading(groups, label or f"onload {','.join(groups)}", non_blocking=non_blocking) as scope:
             scope.add(moves.onload_units(units, what=f"onload of {', '.join(map(repr, groups))}",
                                          group=",".join(groups), non_blocking=True))
