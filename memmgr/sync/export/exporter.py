@@ -114,6 +114,8 @@ class MegatronExporter:
         if device is None:
             device = local.tensors[0].device if local.tensors else torch.device("cpu")
         self.device = torch.device(device)
+        self._side_stream: torch.cuda.Stream | None = None
+        self._placed_aside = False
         logger.info("export plan: %s, %d Hugging Face tensors in %d bucket(s) of <= %.1f MiB, receivers %s",
                     self.plan.family.name, len(self.plan.entries), len(self.plan.buckets), bucket_bytes / 2**20,
                     self.receivers)
@@ -142,8 +144,32 @@ class MegatronExporter:
 
     def _place_shard(self, unit: Unit, shard: int, data: torch.Tensor, outputs: list[torch.Tensor]) -> None:
         if data.device != self.device and stages_on_device(unit.kind):
-            data = torch.empty(data.shape, dtype=data.dtype, device=self.device).copy_(data, non_blocking=True)
+            staged = torch.empty(data.shape, dtype=data.dtype, device=self.device).copy_(data, non_blocking=True)
+            if self.device.type != "cuda":
+                place(unit.kind, staged, shard, unit.geometry, outputs)
+                return
+            # the strided placement kernels run beside the copy stream, so the host->device copies of the next
+            # parameters keep the link busy meanwhile (on one stream the link idles while they run)
+            current = torch.cuda.current_stream(self.device)
+            side = self._placement_stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                place(unit.kind, staged, shard, unit.geometry, outputs)
+            staged.record_stream(side)
+            self._placed_aside = True
+            return
         place(unit.kind, data, shard, unit.geometry, outputs)
+
+    def _placement_stream(self) -> torch.cuda.Stream:
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        return self._side_stream
+
+    def _join_placements(self) -> None:
+        """Orders the bucket's consumers (on the current stream) after placements made beside it."""
+        if self._placed_aside:
+            torch.cuda.current_stream(self.device).wait_stream(self._side_stream)
+            self._placed_aside = False
 
     def _message(self, bp: BucketPlan, messages: Messages) -> torch.Tensor:
         items, total = messages[self.rank]
@@ -185,40 +211,44 @@ class MegatronExporter:
         me = self.rank
         others = [q for q in self.receivers if q != me]
         receiver = self.is_receiver
-        for bp in self.plan.buckets:
-            if receiver:
-                flats = {dtype: self._flat(dtype, n, allocate) for dtype, n in bp.numels.items()}
-                bucket = ExportBucket(bp.index, flats, [e for u in bp.units for e in u.entries])
-                outputs = [[bucket.tensor(e) for e in u.entries] for u in bp.units]
-            for messages in bp.rounds:
+        try:
+            for bp in self.plan.buckets:
                 if receiver:
-                    # own shards first, before any receive buffer exists: a staged shard and the received
-                    # messages are never held at the same time
-                    for pos, shard, _offset in messages.get(me, ([], 0))[0]:
-                        unit = bp.units[pos]
-                        self._place_shard(unit, shard, self._read(unit, shard), outputs[pos])
-                ops = []
-                send_buf = self._message(bp, messages) if me in messages and others else None
-                if send_buf is not None:
-                    ops += [dist.P2POp(dist.isend, send_buf, q) for q in others]
-                recv_bufs: dict[int, torch.Tensor] = {}
+                    flats = {dtype: self._flat(dtype, n, allocate) for dtype, n in bp.numels.items()}
+                    bucket = ExportBucket(bp.index, flats, [e for u in bp.units for e in u.entries])
+                    outputs = [[bucket.tensor(e) for e in u.entries] for u in bp.units]
+                for messages in bp.rounds:
+                    if receiver:
+                        # own shards first, before any receive buffer exists: a staged shard and the received
+                        # messages are never held at the same time
+                        for pos, shard, _offset in messages.get(me, ([], 0))[0]:
+                            unit = bp.units[pos]
+                            self._place_shard(unit, shard, self._read(unit, shard), outputs[pos])
+                    ops = []
+                    send_buf = self._message(bp, messages) if me in messages and others else None
+                    if send_buf is not None:
+                        ops += [dist.P2POp(dist.isend, send_buf, q) for q in others]
+                    recv_bufs: dict[int, torch.Tensor] = {}
+                    if receiver:
+                        for provider, (_items, total) in messages.items():
+                            if provider != me:
+                                recv_bufs[provider] = torch.empty(total, dtype=torch.uint8, device=self.device)
+                                ops.append(dist.P2POp(dist.irecv, recv_bufs[provider], provider))
+                    for work in (dist.batch_isend_irecv(ops) if ops else []):
+                        work.wait()
+                    for provider, buf in recv_bufs.items():
+                        for pos, shard, offset in messages[provider][0]:
+                            unit = bp.units[pos]
+                            data = buf.narrow(0, offset, unit.shard_nbytes).view(unit.dtype).view(unit.shard_shape)
+                            place(unit.kind, data, shard, unit.geometry, outputs[pos])
+                    del recv_bufs, send_buf, ops
                 if receiver:
-                    for provider, (_items, total) in messages.items():
-                        if provider != me:
-                            recv_bufs[provider] = torch.empty(total, dtype=torch.uint8, device=self.device)
-                            ops.append(dist.P2POp(dist.irecv, recv_bufs[provider], provider))
-                for work in (dist.batch_isend_irecv(ops) if ops else []):
-                    work.wait()
-                for provider, buf in recv_bufs.items():
-                    for pos, shard, offset in messages[provider][0]:
-                        unit = bp.units[pos]
-                        data = buf.narrow(0, offset, unit.shard_nbytes).view(unit.dtype).view(unit.shard_shape)
-                        place(unit.kind, data, shard, unit.geometry, outputs[pos])
-                del recv_bufs, send_buf, ops
-            if receiver:
-                del outputs, flats
-                yield bucket
-                del bucket
+                    del outputs, flats
+                    self._join_placements()
+                    yield bucket
+                    del bucket
+        finally:  # a failed or abandoned export leaves no placement running into memory handed back
+            self._join_placements()
 
     def _flat(self, dtype: torch.dtype, numel: int, allocate: Allocate | None) -> torch.Tensor:
         given = allocate(dtype, numel) if allocate is not None else None
