@@ -226,7 +226,8 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                   memmgr_bench(c, "--no-megatron", "--methods", "memmgr", "--between", "pause,engine",
                                                name="bench_auto_pause_first", timeout=150)]),
     "ab": ("the same small `memmgr bench` (synthetic state, memmgr alone, the pause, 5 cycles) from an earlier tree and "
-           "from this one, alternating twice, on one machine: whether a change moved the ratios. Carry the earlier "
+           "from this one, alternating twice, on one machine: whether a change moved the ratios; then move_profile.py "
+           "(where a move of 10,000 small tensors spends its time) from both trees. Carry the earlier "
            "tree as .ab/before: `git archive COMMIT memmgr csrc setup.py pyproject.toml | tar -x -C .ab/before`",
            lambda c: [Step("build_before", ["bash", "-c", f"cd {ROOT / '.ab' / 'before'} && MEMMGR_BUILD_EXT=1 "
                                             f"{PY} setup.py -q build_ext --inplace"], 240, show="", needs=".ab/before")]
@@ -235,7 +236,12 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                           "--cycles", "5", "--out", str(c.work / f"bench_before_{i}")], 150,
                     env={"PYTHONPATH": str(ROOT / ".ab" / "before")}, cwd="/tmp", needs=".ab/before"),
                memmgr_bench(c, "--no-megatron", "--methods", "memmgr", "--between", "pause", "--cycles", "5",
-                            name=f"bench_now_{i}", timeout=150))]),
+                            name=f"bench_now_{i}", timeout=150))]
+           + [Step("profile_before", program("move_profile.py", "--label", "before", "--out",
+                                             str(c.work / "profile_before")), 90, show=r"^move_profile",
+                   env={"PYTHONPATH": str(ROOT / ".ab" / "before")}, cwd="/tmp", needs=".ab/before"),
+              Step("profile_now", program("move_profile.py", "--label", "now", "--out", str(c.work / "profile_now")),
+                   90, show=r"^move_profile")]),
     "ipc-sync": ("ipc_sync_speed.py: same-GPU weight sync through memmgr's CUDA IPC transport into a transformers "
                  "engine in a second process, the 1.3B Llama and a ~4B Qwen3: GB/s from the device and from pinned "
                  "host buckets against the pinned peak, peak extra GPU memory against the ring, bit-exactness",

@@ -191,6 +191,7 @@ class FlatTensors:
         # What each member looked like when it joined: a move first checks that it still views the bucket so.
         self._layout = [(t.shape, t.dtype, t.storage_offset()) for _, t, _ in members]
         self._intact_for: str | None = None  # the move check_intact last passed for, consumed by that move
+        self._begun: tuple[bool, torch.cuda.Event | None] | None = None  # (discard, copy event) of begin_offload
         self._index_layout()
         self._storage_key = storages.register(flat, self)
         self._state = BucketState.ON_DEVICE
@@ -319,6 +320,11 @@ class FlatTensors:
         """Raises MemmgrStateError, changing nothing, if moving the bucket now (``moving``: "offload" or "onload")
         would lose or hide data: its storage was resized or freed outside memmgr, a member was resized, or (for an
         offload) a member was given other memory, which the move would leave on the device unmanaged."""
+        self._check_storage(moving)
+        self._check_members(moving)
+
+    def _check_storage(self, moving: str) -> None:
+        """The bucket's own storage is the one it registered, at a size the move expects (cheap: before any copy)."""
         storage = self.flat.untyped_storage()
         if storage._cdata != self._storage_key:
             raise MemmgrStateError(
@@ -333,6 +339,9 @@ class FlatTensors:
                 f"freed outside memmgr (`resize_` on one of its tensors, the same buffer managed by another group or "
                 f"manager, or another offload tool). Moving it now would lose data. Undo that change, or close this "
                 f"manager (mgr.close()) and build a new one. Nothing was moved")
+
+    def _check_members(self, moving: str) -> None:
+        """Every member still views the bucket as it did when it joined (one pass over the members)."""
         self._intact_for = None
         tensors = [m[1] for m in self.members]
         # The common case in two list comparisons (this runs on every move, over every member; a tensor's nbytes and
@@ -443,6 +452,51 @@ class FlatTensors:
         return self._host
 
     # ---- moves ----
+    def begin_offload(self, discard: bool | None = None) -> bool:
+        """Issues the copy of an offload without freeing anything (the bucket stays on the device, and its contents
+        with it): ``offload`` with the same ``discard`` then only frees, and the check that must pass before the free
+        (``check_intact``) can run while the copy does. ``abandon_offload`` drops a begun offload. False (nothing
+        begun) unless the bucket is on the device."""
+        arguments.boolean(f"bucket {self.name!r} begin_offload", "discard", discard, optional=True)
+        if self.state is not BucketState.ON_DEVICE:
+            return False
+        self._check_storage("offload")  # a copy out of storage freed or shrunk elsewhere would read past its end
+        self.abandon_offload()
+        discard = self.policy is Policy.DISCARD if discard is None else discard
+        self._begun = (discard, self._issue_offload_copy(discard))
+        return True
+
+    def abandon_offload(self) -> None:
+        """Drops an offload ``begin_offload`` issued (the bucket was never freed); waits for its copy, so that the
+        host store is not written once it may serve again."""
+        begun, self._begun = self._begun, None
+        if begun is not None and begun[1] is not None:
+            begun[1].synchronize()
+
+    def _issue_offload_copy(self, discard: bool) -> torch.cuda.Event | None:
+        """Takes the opt-in checksum and issues the device->host copy (a GPU bucket's, on the d2h copy stream; a CPU
+        bucket's, now); returns the copy's event (None: nothing in flight)."""
+        self._offload_checksum = None
+        self._restored_checksum = None
+        if self.verify and not discard and self.nbytes > 0:
+            # Taken where the bytes live, ordered on the current stream after the writes and before the copy.
+            with torch.no_grad():
+                self._offload_checksum = bucket_checksum(self.flat)
+        if discard or self.nbytes == 0:
+            return None
+        host = self.ensure_host_buffer().tensor
+        src = self.flat.view(torch.uint8)
+        if not self.flat.is_cuda:
+            host.copy_(src)
+            return None
+        stream = copy_stream(self.flat.device, "d2h")
+        stream.wait_stream(torch.cuda.current_stream(self.flat.device))
+        with torch.cuda.stream(stream):
+            issue_copy(host, src, stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+
     def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
         """Moves the contents to the host store (or drops them) and frees the device storage in place."""
         arguments.boolean(f"bucket {self.name!r} offload", "non_blocking", non_blocking)
@@ -453,43 +507,29 @@ class FlatTensors:
             return self._pending or TransferHandle.completed()
         if state is BucketState.ONLOADING:
             self.wait()
+        discard = self.policy is Policy.DISCARD if discard is None else discard
+        begun, self._begun = self._begun, None
+        if begun is not None and begun[0] != discard:
+            self._begun = begun
+            self.abandon_offload()
+            begun = None
         if self._intact_for != "offload":  # checked already by the move this offload belongs to
             self.check_intact("offload")
         self._intact_for = None
-        discard = self.policy is Policy.DISCARD if discard is None else discard
         storage = self.flat.untyped_storage()
-        self._offload_checksum = None
-        self._restored_checksum = None
-        if self.verify and not discard and self.nbytes > 0:
-            # Taken where the bytes live, ordered on the current stream after the writes and before the copy.
-            with torch.no_grad():
-                self._offload_checksum = bucket_checksum(self.flat)
-        if discard or self.nbytes == 0:
+        event = begun[1] if begun is not None else self._issue_offload_copy(discard)
+        if event is None:
             # state first: an interrupt between the two lines must never leave "on device" with no memory behind it
             self._state = BucketState.DISCARDED if discard else BucketState.ON_HOST
             storage.resize_(0)
             return TransferHandle.completed()
-        host = self.ensure_host_buffer().tensor
-        src = self.flat.view(torch.uint8)
-        if self.flat.is_cuda:
-            stream = copy_stream(self.flat.device, "d2h")
-            stream.wait_stream(torch.cuda.current_stream(self.flat.device))
-            with torch.cuda.stream(stream):
-                issue_copy(host, src, stream)
-                event = torch.cuda.Event()
-                event.record(stream)
-            # The allocator may hand this block out again only after the copy stream is done with it.
-            self.flat.record_stream(stream)
-            handle = self._start(TransferHandle([event], [self._complete]), BucketState.OFFLOADING,
-                                 BucketState.ON_HOST)
-            storage.resize_(0)
-            if not non_blocking:
-                handle.wait()
-            return handle
-        host.copy_(src)
-        self._state = BucketState.ON_HOST
+        # The allocator may hand this block out again only after the copy stream is done with it.
+        self.flat.record_stream(copy_stream(self.flat.device, "d2h"))
+        handle = self._start(TransferHandle([event], [self._complete]), BucketState.OFFLOADING, BucketState.ON_HOST)
         storage.resize_(0)
-        return TransferHandle.completed()
+        if not non_blocking:
+            handle.wait()
+        return handle
 
     def allocate(self) -> bool:
         """Re-allocates the device storage in place (raises torch.OutOfMemoryError); True if it was freed."""

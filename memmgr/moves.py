@@ -1,7 +1,8 @@
 """The move transaction: units leave or re-enter the device as one step, undone as a whole if it fails.
 
-- ``offload_units`` issues every unit's offload (non-blocking) and, if interrupted part-way (KeyboardInterrupt, a
-  signal), finishes the rest, so that a set of units is never left split.
+- ``offload_units`` issues every unit's copy, checks every unit while the copies run (a unit whose tensors changed
+  under it refuses the whole move, nothing freed), then frees them; if interrupted part-way through the frees
+  (KeyboardInterrupt, a signal), it finishes the rest, so that a set of units is never left split.
 - ``OnloadTransaction`` brings units back one at a time (each allocation overlaps the copy of the unit before it).
   If the GPU runs out of memory, or anything else interrupts it, every unit it brought back is freed again and left
   as it was, host copies intact; ``verify()`` compares opt-in checksums after the copies and undoes the whole
@@ -33,9 +34,21 @@ def offload_units(units: Sequence[MovableUnit], *, discard: DiscardFn | None = N
     def discard_of(unit: MovableUnit) -> bool | None:
         return discard(unit) if discard is not None else None
 
-    for unit in units:  # before anything moves: a unit whose tensors changed under it refuses the whole move
-        if unit.state is BucketState.ON_DEVICE:
+    on_device = [unit for unit in units if unit.state is BucketState.ON_DEVICE]
+    begun: list[MovableUnit] = []
+    try:
+        # the copies first, nothing freed yet: checking every member of every unit takes a while with many tensors,
+        # and it runs while the copies do
+        for unit in on_device:
+            begin = getattr(unit, "begin_offload", None)
+            if begin is not None and begin(discard=discard_of(unit)):
+                begun.append(unit)
+        for unit in on_device:  # before anything is freed: a unit whose tensors changed under it refuses the move
             unit.check_intact("offload")
+    except BaseException:
+        for unit in begun:
+            unit.abandon_offload()
+        raise
     handles: list[TransferHandle] = []
     try:
         for unit in units:
