@@ -22,11 +22,9 @@ bucket's bytes where they live (on the GPU for a CUDA bucket, ordered on the cur
 onload recomputes it on the restored bytes (``memmgr.checksum``); a mismatch raises ``MemmgrCorruptionError`` naming
 the bucket and both checksums, and leaves the group off the device with its host copies kept.
 
-Every move checks that each member still views its bucket as it did when it joined (``check_intact``): a member
-resized or given other memory since is refused by name instead of being truncated or left behind unmanaged, and the
-move leaves everything as it was (an offload checks while its copies run and frees nothing until all passed; an
-onload checks each bucket before allocating it and rolls back the buckets restored before it). Each bucket registers
-its storage (``memmgr.storages``), so no storage is managed twice.
+Every move first checks that each member still views its bucket as it did when it joined (``check_intact``): a
+member resized or given other memory since is refused by name, before anything moves, instead of being truncated or
+left behind unmanaged. Each bucket registers its storage (``memmgr.storages``), so no storage is managed twice.
 
 A group's moves go through ``memmgr.moves``: its offload issues every bucket's copy, its onload is one
 ``OnloadTransaction`` (undone as a whole on out-of-memory or a checksum mismatch).

@@ -146,9 +146,9 @@ def onload_units(units: Sequence[MovableUnit], *, what: str, group: str | None =
                  non_blocking: bool = False) -> TransferHandle:
     """Restores ``units`` in the order given as one transaction (see OnloadTransaction), checks opt-in checksums,
     and waits for the copies unless ``non_blocking``."""
-    # each unit checks its tensors as it is allocated (``allocate``), so the checks of the later units run while the
-    # earlier ones copy; a refusal rolls back what was restored before it
     todo = [u for u in units if not u.state.holds_device_memory]
+    for unit in todo:  # before anything is allocated
+        unit.check_intact("onload")
     txn = OnloadTransaction(what, group=group, bytes_needed=sum(u.nbytes for u in todo))
     txn.issue_all(todo)
     handle = txn.handle
