@@ -253,6 +253,14 @@ def checks(records: list[dict], losses: list[float], cycles: int, results: dict)
         info[key] = {"reference": ref, "final": fin,
                      "ratio": (fin / ref) if (ref and fin is not None) else None}
     out["informational"] = info
+    # informational: growth after warm-up (cycle 100 -> final), which tells a one-time step in the first cycles (the C
+    # allocator's dynamic mmap threshold moving host buffers onto its heap, on the CPU path) from a steady leak
+    warm = 100 if (100 in by_cycle and cycles >= 200) else None
+    out["after_warmup"] = {key: {"reference_cycle": warm, "reference": by_cycle[warm].get(key),
+                                 "final": last.get(key) if last else None,
+                                 "ratio": (last[key] / by_cycle[warm][key])
+                                 if (last and last.get(key) and by_cycle[warm].get(key)) else None}
+                           for key in ("nvml_process", "reserved", "rss")} if warm is not None else {}
     nonfinite = [i + 1 for i, x in enumerate(losses) if not math.isfinite(x)]
     out["losses_finite"] = {"pass": bool(losses) and not nonfinite, "nonfinite_cycles": nonfinite[:20],
                             "first": losses[0] if losses else None, "last": losses[-1] if losses else None}
@@ -282,6 +290,10 @@ def summary(results: dict) -> str:
         ratio = f"{m['ratio']:.5f}" if m.get("ratio") is not None else "-"
         lines.append(f"{key:>13}: cycle {c.get('reference_cycle')} {fmt_bytes(m.get('reference'))} -> cycle "
                      f"{c.get('final_cycle')} {fmt_bytes(m.get('final'))}  ratio {ratio}  {verdict}")
+    after = {k: m["ratio"] for k, m in (c.get("after_warmup") or {}).items() if m.get("ratio") is not None}
+    if after:
+        lines.append("after warm-up (cycle 100 -> final, informational): " +
+                     ", ".join(f"{k} {r:.5f}" for k, r in after.items()))
     lf = c.get("losses_finite") or {}
     lines.append(f"losses finite: {'PASS' if lf.get('pass') else 'FAIL'} (first {lf.get('first')}, "
                  f"last {lf.get('last')}); all groups at 0 device bytes while offloaded: "
