@@ -9,8 +9,10 @@ message per receiver, which the receivers place. Point-to-point on the default p
 (``torch.distributed.batch_isend_irecv``): NCCL on GPUs, gloo on the CPU.
 
 Extra device memory at any time, per rank: a receiver holds the bucket being filled plus either one staged parameter
-(a fused layout read from host memory) or one round's received messages (at most the largest parameter's bytes);
-with the bucket the caller still holds, that is two buckets plus the largest parameter. A rank that sends holds one
+(a fused layout read from host memory, placed by kernels on a side stream so that the next host->device copies run
+meanwhile; its memory returns once they finish, so a second staged one may exist for that moment) or one round's
+received messages (at most the largest parameter's bytes); with the bucket the caller still holds, that is two
+buckets plus the largest parameter (twice that parameter for the moment above). A rank that sends holds one
 round's message (at most the largest parameter's bytes), a receiver that also sends to other receivers as well.
 """
 from __future__ import annotations
