@@ -185,6 +185,37 @@ def test_member_given_other_memory_is_counted_refused_at_offload_and_managed_aft
     assert torch.equal(weight, new)
 
 
+def test_a_refused_offload_of_several_groups_frees_none_of_them_and_the_next_offload_round_trips_bit_exact(device):
+    # every bucket's copy is issued before the members are checked: a refusal must abandon all of them, free nothing,
+    # and leave the buckets and their host buffers fit for the next offload
+    g = torch.Generator().manual_seed(5)
+    a = {f"a{i}": torch.randn(1000 + i, generator=g).to(device) for i in range(3)}
+    b = {f"b{i}": torch.randn(500 + i, generator=g).to(device) for i in range(3)}
+    everything = {**a, **b}
+    mgr = MemoryManager(pool=pool())
+    mgr.add_group("a", a)
+    mgr.add_group("b", b)
+    bucket_b = mgr.group("b").buckets[0].flat
+    where = (b["b1"].storage_offset(), b["b1"].shape)
+    b["b1"].data = torch.zeros_like(b["b1"])  # given other memory since it joined
+    expected = {n: t.clone() for n, t in everything.items()}
+    with pytest.raises(memmgr.MemmgrStateError, match=r"b1.* no longer views the bucket's memory"):
+        mgr.offload()
+    assert states(mgr) == {"a": "on_device", "b": "on_device"}
+    assert all(t.untyped_storage().nbytes() > 0 for t in everything.values())
+    assert all(same_bits(t, expected[n]) for n, t in everything.items())
+    with torch.no_grad():
+        b["b1"].set_(bucket_b.untyped_storage(), *where)  # views its place in the bucket again
+        for t in everything.values():
+            t.add_(1)  # new contents since the abandoned copies
+    expected = {n: t.clone() for n, t in everything.items()}
+    mgr.offload()
+    assert all(t.untyped_storage().nbytes() == 0 for t in everything.values())
+    mgr.onload()
+    assert all(same_bits(t, expected[n]) for n, t in everything.items())
+    mgr.close()
+
+
 # ---- a storage is freed by one bucket only ----
 def test_a_buffer_and_a_view_of_it_cannot_be_adopted_twice_in_one_or_two_managers():
     buf = torch.randn(16)
