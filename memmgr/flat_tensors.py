@@ -60,6 +60,12 @@ def _storage_use_count(tensor: torch.Tensor) -> int:
 _PROBE_REFS = _storage_use_count(torch.empty(1)) - 1
 
 
+def _wait_for_copy(begun: "tuple[bool, torch.cuda.Event | None] | None") -> None:
+    """Waits for the copy of an offload ``begin_offload`` issued (none: nothing to wait for)."""
+    if begun is not None and begun[1] is not None:
+        begun[1].synchronize()
+
+
 def _describe(name: str, tensor: torch.Tensor) -> str:
     return f"tensor {name!r} (shape {tuple(tensor.shape)}, {tensor.dtype}, {tensor.device})"
 
@@ -470,8 +476,7 @@ class FlatTensors:
         """Drops an offload ``begin_offload`` issued (the bucket was never freed); waits for its copy, so that the
         host store is not written once it may serve again."""
         begun, self._begun = self._begun, None
-        if begun is not None and begun[1] is not None:
-            begun[1].synchronize()
+        _wait_for_copy(begun)
 
     def _issue_offload_copy(self, discard: bool) -> torch.cuda.Event | None:
         """Takes the opt-in checksum and issues the device->host copy (a GPU bucket's, on the d2h copy stream; a CPU
@@ -509,9 +514,8 @@ class FlatTensors:
             self.wait()
         discard = self.policy is Policy.DISCARD if discard is None else discard
         begun, self._begun = self._begun, None
-        if begun is not None and begun[0] != discard:
-            self._begun = begun
-            self.abandon_offload()
+        if begun is not None and begun[0] != discard:  # begun for the other policy: copy again (or drop)
+            _wait_for_copy(begun)
             begun = None
         if self._intact_for != "offload":  # checked already by the move this offload belongs to
             self.check_intact("offload")

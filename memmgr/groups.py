@@ -26,8 +26,10 @@ DEFAULT_PRIORITY = {
 
 @runtime_checkable
 class MovableUnit(Protocol):
-    """One unit of movement. ``allocate``/``onload``/``revert_onload`` let a transaction bring several units back
-    and undo all of them if one fails; ``checksum_mismatch`` reports what opt-in verification found."""
+    """One unit of movement. ``begin_offload``/``abandon_offload`` let an offload issue every unit's copy before it
+    checks them (``check_intact``) and frees any (a unit with nothing to copy ahead returns False: ``ContentlessUnit``);
+    ``allocate``/``onload``/``revert_onload`` let a transaction bring several units back and undo all of them if one
+    fails; ``checksum_mismatch`` reports what opt-in verification found."""
 
     name: str
     policy: Policy
@@ -43,6 +45,10 @@ class MovableUnit(Protocol):
 
     @property
     def device(self) -> torch.device | None: ...
+
+    def begin_offload(self, discard: bool | None = None) -> bool: ...
+
+    def abandon_offload(self) -> None: ...
 
     def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle: ...
 
@@ -61,8 +67,8 @@ class MovableUnit(Protocol):
     def check_intact(self, moving: str = "offload") -> None: ...
 
 
-_UNIT_MEMBERS = ("name", "policy", "state", "nbytes", "device_bytes", "device", "offload", "allocate", "onload",
-                 "revert_onload", "checksum_mismatch", "clear_checksums", "outside_references", "check_intact")
+_UNIT_MEMBERS = tuple(MovableUnit.__annotations__) + tuple(
+    name for name in vars(MovableUnit) if not name.startswith("_"))
 
 
 def is_movable_unit(value: object) -> bool:
@@ -152,6 +158,12 @@ class ContentlessUnit:
     """The unit steps of a unit that has no contents to copy, checksum or check: a group that drops references
     (``DroppedTensors``) or releases communicators (``memmgr.comms.NcclCommunicators``). Subclasses provide
     ``offload``, ``onload``, ``revert_onload`` and ``state``."""
+
+    def begin_offload(self, discard: bool | None = None) -> bool:
+        return False  # no copy to issue ahead: offload does it all
+
+    def abandon_offload(self) -> None:
+        return None
 
     def allocate(self) -> bool:
         return False

@@ -40,8 +40,7 @@ def offload_units(units: Sequence[MovableUnit], *, discard: DiscardFn | None = N
         # the copies first, nothing freed yet: checking every member of every unit takes a while with many tensors,
         # and it runs while the copies do
         for unit in on_device:
-            begin = getattr(unit, "begin_offload", None)
-            if begin is not None and begin(discard=discard_of(unit)):
+            if unit.begin_offload(discard=discard_of(unit)):
                 begun.append(unit)
         for unit in on_device:  # before anything is freed: a unit whose tensors changed under it refuses the move
             unit.check_intact("offload")

@@ -116,8 +116,7 @@ class MegatronExporter:
         if device is None:
             device = local.tensors[0].device if local.tensors else torch.device("cpu")
         self.device = torch.device(device)
-        self._side_stream: torch.cuda.Stream | None = None
-        self._placed_aside = False
+        self._side_stream: torch.cuda.Stream | None = None  # where staged shards are placed (made at first use)
         logger.info("export plan: %s, %d Hugging Face tensors in %d bucket(s) of <= %.1f MiB, receivers %s",
                     self.plan.family.name, len(self.plan.entries), len(self.plan.buckets), bucket_bytes / 2**20,
                     self.receivers)
@@ -146,32 +145,26 @@ class MegatronExporter:
 
     def _place_shard(self, unit: Unit, shard: int, data: torch.Tensor, outputs: list[torch.Tensor]) -> None:
         if data.device != self.device and stages_on_device(unit.kind):
-            staged = torch.empty(data.shape, dtype=data.dtype, device=self.device).copy_(data, non_blocking=True)
-            if self.device.type != "cuda":
-                place(unit.kind, staged, shard, unit.geometry, outputs)
+            data = torch.empty(data.shape, dtype=data.dtype, device=self.device).copy_(data, non_blocking=True)
+            if self.device.type == "cuda":
+                self._place_aside(unit, shard, data, outputs)
                 return
-            # the strided placement kernels run beside the copy stream, so the host->device copies of the next
-            # parameters keep the link busy meanwhile (on one stream the link idles while they run)
-            current = torch.cuda.current_stream(self.device)
-            side = self._placement_stream()
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                place(unit.kind, staged, shard, unit.geometry, outputs)
-            staged.record_stream(side)
-            self._placed_aside = True
-            return
         place(unit.kind, data, shard, unit.geometry, outputs)
 
-    def _placement_stream(self) -> torch.cuda.Stream:
+    def _place_aside(self, unit: Unit, shard: int, staged: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+        """Places a staged shard with kernels on a side stream, so that the host->device copies of the next
+        parameters keep the link busy meanwhile (on one stream the link idles while the strided kernels run)."""
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.device)
-        return self._side_stream
+        self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side_stream):
+            place(unit.kind, staged, shard, unit.geometry, outputs)
+        staged.record_stream(self._side_stream)
 
     def _join_placements(self) -> None:
         """Orders the bucket's consumers (on the current stream) after placements made beside it."""
-        if self._placed_aside:
+        if self._side_stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._side_stream)
-            self._placed_aside = False
 
     def _message(self, bp: BucketPlan, messages: Messages) -> torch.Tensor:
         items, total = messages[self.rank]
