@@ -225,6 +225,11 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                                       env={"MEMMGR_COPY_PATH": "engine"}),
                                   memmgr_bench(c, "--no-megatron", "--methods", "memmgr", "--between", "pause,engine",
                                                name="bench_auto_pause_first", timeout=150)]),
+    "offload-phases": ("offload_phases.py: an offload's copies and its cache release timed apart, after a pause and "
+                       "after another process took and released the memory (issue 16's engine condition)",
+                       lambda c: [Step("offload_phases", program("offload_phases.py", "--out",
+                                                                 str(c.work / "offload_phases")), 200,
+                                       show=r"^(peak|release_alone|cycle|steady)")]),
     "ab": ("the same small `memmgr bench` (synthetic state, memmgr alone, the pause, 5 cycles) from an earlier tree and "
            "from this one, alternating twice, on one machine: whether a change moved the ratios; then move_profile.py "
            "(where a move of 10,000 small tensors spends its time) from both trees. Carry the earlier "

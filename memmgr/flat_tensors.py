@@ -22,9 +22,11 @@ bucket's bytes where they live (on the GPU for a CUDA bucket, ordered on the cur
 onload recomputes it on the restored bytes (``memmgr.checksum``); a mismatch raises ``MemmgrCorruptionError`` naming
 the bucket and both checksums, and leaves the group off the device with its host copies kept.
 
-Every move first checks that each member still views its bucket as it did when it joined (``check_intact``): a
-member resized or given other memory since is refused by name, before anything moves, instead of being truncated or
-left behind unmanaged. Each bucket registers its storage (``memmgr.storages``), so no storage is managed twice.
+Every move checks that each member still views its bucket as it did when it joined (``check_intact``): a member
+resized or given other memory since is refused by name instead of being truncated or left behind unmanaged, and the
+move leaves everything as it was. The bucket's own storage is checked before any copy; the pass over its members runs
+while the copies do (an offload frees nothing until every member passed; an onload frees what it restored again).
+Each bucket registers its storage (``memmgr.storages``), so no storage is managed twice.
 
 A group's moves go through ``memmgr.moves``: its offload issues every bucket's copy, its onload is one
 ``OnloadTransaction`` (undone as a whole on out-of-memory or a checksum mismatch).
@@ -536,10 +538,9 @@ class FlatTensors:
         return handle
 
     def allocate(self) -> bool:
-        """Re-allocates the device storage in place (raises torch.OutOfMemoryError); True if it was freed."""
-        if self._intact_for != "onload":  # checked already by the transaction this allocation belongs to
-            self.check_intact("onload")
-        self._intact_for = None
+        """Re-allocates the device storage in place (raises torch.OutOfMemoryError); True if it was freed. Refuses a
+        storage resized or replaced outside memmgr; the members are checked by ``onload``, while its copy runs."""
+        self._check_storage("onload")
         storage = self.flat.untyped_storage()
         if storage.nbytes() == self.nbytes:
             return False
@@ -549,7 +550,9 @@ class FlatTensors:
     def onload(self, non_blocking: bool = False) -> TransferHandle:
         """Re-allocates the device storage in place and restores the contents (or zeroes a discarded bucket).
 
-        The copy is ordered before any later work on the current stream, so compute may follow immediately.
+        The copy is ordered before any later work on the current stream, so compute may follow immediately. The
+        members are checked once the copy is issued (``check_intact``); a refusal frees the storage again, leaving the
+        bucket as it was.
         """
         arguments.boolean(f"bucket {self.name!r} onload", "non_blocking", non_blocking)
         state = self.state
@@ -568,6 +571,7 @@ class FlatTensors:
                 self.flat.zero_()
             self._pending = None
             self._state = BucketState.ON_DEVICE
+            self._check_members_restored(revert_to=state.settled())
             return TransferHandle.completed()
         host = self._host.tensor  # type: ignore[union-attr]
         dst = self.flat.view(torch.uint8)
@@ -590,6 +594,7 @@ class FlatTensors:
             callbacks = [previous.settle] if previous is not None else []
             handle = self._start(TransferHandle([event], callbacks + [self._complete]), BucketState.ONLOADING,
                                  BucketState.ON_DEVICE)
+            self._check_members_restored(revert_to=state.settled())
             if not non_blocking:
                 handle.wait()
                 self._check_restored(revert_to=BucketState.ON_HOST)
@@ -599,6 +604,7 @@ class FlatTensors:
             with torch.no_grad():
                 self._restored_checksum = bucket_checksum(self.flat)
         self._state = BucketState.ON_DEVICE
+        self._check_members_restored(revert_to=state.settled())
         if not non_blocking:
             self._check_restored(revert_to=BucketState.ON_HOST)
         return TransferHandle.completed()
@@ -627,6 +633,15 @@ class FlatTensors:
         self._pending_state = None
         self._restored_checksum = None
         self._state = state
+
+    def _check_members_restored(self, revert_to: BucketState) -> None:
+        """The members' check of an onload, made while its copy runs (a pass over every member takes a while with
+        many tensors); a refusal frees the restored storage again."""
+        try:
+            self._check_members("onload")
+        except MemmgrStateError:
+            self.revert_onload(revert_to)
+            raise
 
     def _check_restored(self, revert_to: BucketState) -> None:
         mismatch = self.checksum_mismatch()

@@ -146,8 +146,6 @@ def onload_units(units: Sequence[MovableUnit], *, what: str, group: str | None =
     """Restores ``units`` in the order given as one transaction (see OnloadTransaction), checks opt-in checksums,
     and waits for the copies unless ``non_blocking``."""
     todo = [u for u in units if not u.state.holds_device_memory]
-    for unit in todo:  # before anything is allocated
-        unit.check_intact("onload")
     txn = OnloadTransaction(what, group=group, bytes_needed=sum(u.nbytes for u in todo))
     txn.issue_all(todo)
     handle = txn.handle

@@ -159,6 +159,24 @@ def test_member_resized_while_offloaded_is_refused_at_onload_with_the_host_copy_
     assert torch.equal(t, expected[0]) and torch.equal(u, expected[1])
 
 
+def test_member_rebound_while_offloaded_is_refused_at_onload_and_the_buckets_restored_before_it_are_freed_again(
+        device):
+    t, u = torch.randn(10, device=device), torch.randn(6, device=device)
+    expected = [t.clone(), u.clone()]
+    group = memmgr.BucketizedFlatTensors({"t": t, "u": u}, bucket_size_mb=40 / 2**20, name="g", pool=pool())
+    assert len(group.units) == 2  # t and u in buckets of their own: the refusal comes after t's bucket was restored
+    mgr = MemoryManager(pool=pool())
+    mgr.add_group("g", group)
+    mgr.offload()
+    u.data = torch.zeros(3, device=device)
+    with pytest.raises(memmgr.MemmgrStateError, match=r"tensor 'u' is now \(3,\) .* joined the bucket as \(6,\)"):
+        mgr.onload()
+    assert mgr.state()["g"].state == "on_host"
+    assert [b.flat.untyped_storage().nbytes() for b in group.units] == [0, 0]
+    assert same_bits(group.units[0].host_copy(t), expected[0].cpu())  # nothing lost
+    assert same_bits(group.units[1].host_buffer.tensor[:24].view(torch.float32), expected[1].cpu())
+
+
 @pytest.mark.parametrize("rebind", ["data", "set_"])
 def test_member_given_other_memory_is_counted_refused_at_offload_and_managed_after_a_rebuild(rebind, device):
     model = mlp(device=device)
