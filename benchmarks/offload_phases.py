@@ -6,12 +6,19 @@ offload is the copies, then the release of PyTorch's cache (``torch.cuda.empty_c
 segment), both inside the timed call. This program times the two apart, on the bench's synthetic state under a
 MemoryManager built with ``empty_cache=False`` (the release is called and timed here):
 
-- per cycle and condition (``pause``: 0.5 s in this process; ``engine``: ``EngineStandIn.cycle()``, the helper
-  process taking all free memory and releasing it), the offload's copy time (``mgr.offload()``, which waits for the
-  copies), the release's time and the segments it freed, and the onload's time (allocation included) with the copy
-  path it ran; GB/s over the copied bytes, and x the same run's pinned-copy peak;
+- per cycle, as the bench has it: a condition (``pause``: 0.5 s in this process; ``engine``: ``EngineStandIn.cycle()``,
+  the helper process taking all free memory and releasing it), the onload (allocation included; the copy path it
+  ran), 0.5 s, the offload, in three arms: ``split`` (the copies, then the release timed apart), ``end`` and
+  ``during`` (the offload as memmgr runs it with ``MEMMGR_RELEASE`` at each value: the release after the last copy,
+  or bucket by bucket while the later copies run); GB/s over the copied bytes, and x the same run's pinned peak;
 - the release alone: 20 GiB in 256 MiB blocks allocated and written right after each condition, then
   ``empty_cache`` timed.
+
+- whether the release can run while copies do: 16 GiB in 256 MiB blocks copied device->host into one pinned buffer,
+  ``end`` (today: every block freed with its copy in flight, then ``empty_cache`` once the copies are done) against
+  ``during`` (each block freed once its own copy is done and released at once, while the later copies run); and the
+  time ``empty_cache`` takes to release 4 GiB while an 8 GiB copy is in flight (about the copy's time: the release
+  waits for the device; a few ms: it does not).
 
 Writes ``offload_phases.json`` under ``--out``.
 
@@ -20,6 +27,7 @@ Writes ``offload_phases.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -41,6 +49,68 @@ def _release(device: torch.device) -> tuple[float, int]:
     torch.cuda.empty_cache()
     torch.cuda.synchronize(device)
     return time.perf_counter() - t0, before - _segments()
+
+
+def _release_overlap(device: torch.device, engine, peak: dict, out: dict) -> None:
+    block, count = 256 << 20, 64
+    host = torch.empty(block * count, dtype=torch.uint8, pin_memory=True)
+    stream = torch.cuda.Stream(device)
+    for condition in ("pause", "engine") * 2:
+        for arm in ("end", "during"):
+            if condition == "engine":
+                engine.cycle()
+            else:
+                time.sleep(0.5)
+            blocks = [torch.empty(block, dtype=torch.uint8, device=device) for _ in range(count)]
+            for b in blocks:
+                b.fill_(3)
+            torch.cuda.synchronize(device)
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            stream.wait_stream(torch.cuda.current_stream(device))
+            events = []
+            with torch.cuda.stream(stream):
+                for i, b in enumerate(blocks):
+                    host[i * block:(i + 1) * block].copy_(b, non_blocking=True)
+                    events.append(torch.cuda.Event())
+                    events[-1].record(stream)
+            if arm == "end":
+                for b in blocks:
+                    b.record_stream(stream)
+                blocks.clear()
+                events[-1].synchronize()
+                torch.cuda.empty_cache()
+            else:
+                for i, event in enumerate(events):
+                    event.synchronize()
+                    blocks[i] = None
+                    torch.cuda.empty_cache()
+            torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            gbps = block * count / seconds / lab.GB
+            out.setdefault("release_overlap", []).append({"condition": condition, "arm": arm, "seconds": seconds,
+                                                          "gbps": gbps})
+            print(f"release_overlap {condition} {arm}: 16 GiB copied and released in {seconds * 1e3:.1f} ms = "
+                  f"{gbps:.1f} GB/s ({gbps / peak['d2h']:.2f}x)", flush=True)
+    src = torch.empty(8 << 30, dtype=torch.uint8, device=device)
+    src.fill_(4)
+    for _ in range(2):
+        spare = torch.empty(4 << 30, dtype=torch.uint8, device=device)
+        spare.fill_(5)
+        del spare
+        torch.cuda.synchronize(device)
+        with torch.cuda.stream(stream):
+            host[:8 << 30].copy_(src, non_blocking=True)
+        t0 = time.perf_counter()
+        torch.cuda.empty_cache()
+        release_s = time.perf_counter() - t0
+        stream.synchronize()
+        copy_s = time.perf_counter() - t0
+        out.setdefault("release_with_copy_in_flight", []).append({"release_s": release_s, "copy_s": copy_s})
+        print(f"release_overlap: empty_cache of 4 GiB with an 8 GiB copy in flight took {release_s * 1e3:.1f} ms "
+              f"(the copy finished after {copy_s * 1e3:.1f} ms)", flush=True)
+    del src, host
+    torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -84,6 +154,8 @@ def main() -> None:
             print(f"release_alone {condition}: {args.release_gib} GiB in {freed} segments freed in "
                   f"{seconds * 1e3:.1f} ms", flush=True)
 
+        _release_overlap(device, engine, peak, out)
+
         state = make_state(args.gib * lab.GiB, device)
         copied = state.copied_bytes
         pool = HostMemoryPool()
@@ -92,42 +164,50 @@ def main() -> None:
         mgr.add_group("grads", state.grads, policy="discard")
         mgr.add_group("main_weights", state.main_weights)
         mgr.add_group("optimizer_states", state.moments)
+        mgr.offload()  # the first offload pins the host buffers
+        torch.cuda.empty_cache()
         for condition in ["pause", "engine"] * args.cycles:
-            torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            mgr.offload()
-            copies_s = time.perf_counter() - t0
-            release_s, freed = _release(device)
-            if condition == "engine":
-                engine.cycle()
-            else:
+            for arm in ("split", "end", "during"):
+                if condition == "engine":
+                    engine.cycle()
+                else:
+                    time.sleep(0.5)
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                mgr.onload()
+                torch.cuda.synchronize(device)
+                onload_s = time.perf_counter() - t0
+                path = copy_paths_status()["last"].get("h2d")
                 time.sleep(0.5)
-            torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            mgr.onload()
-            torch.cuda.synchronize(device)
-            onload_s = time.perf_counter() - t0
-            path = copy_paths_status()["last"].get("h2d")
-            time.sleep(0.5)
-            row = {"condition": condition, "copied_bytes": copied, "copies_s": copies_s, "release_s": release_s,
-                   "segments_freed": freed, "onload_s": onload_s, "onload_path": path,
-                   "offload_gbps": copied / (copies_s + release_s) / lab.GB,
-                   "offload_copies_only_gbps": copied / copies_s / lab.GB, "onload_gbps": copied / onload_s / lab.GB}
-            out["cycles"].append(row)
-            print(f"cycle {condition}: offload {row['offload_gbps']:.1f} GB/s "
-                  f"({row['offload_gbps'] / peak['d2h']:.2f}x; copies {copies_s * 1e3:.1f} ms = "
-                  f"{row['offload_copies_only_gbps']:.1f} GB/s, release {release_s * 1e3:.1f} ms for {freed} "
-                  f"segments), onload {row['onload_gbps']:.1f} GB/s "
-                  f"({row['onload_gbps'] / peak['h2d']:.2f}x, {path})", flush=True)
+                # split: the copies and the release timed apart; end / during: the offload as memmgr runs it, the
+                # release once the copies are done (end) or bucket by bucket while they run (during)
+                mgr.empty_cache = arm != "split"
+                os.environ["MEMMGR_RELEASE"] = "end" if arm == "end" else "during"
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                mgr.offload()
+                copies_s = time.perf_counter() - t0
+                release_s, freed = _release(device) if arm == "split" else (0.0, 0)
+                row = {"condition": condition, "arm": arm, "copied_bytes": copied, "offload_s": copies_s + release_s,
+                       "copies_s": copies_s if arm == "split" else None, "release_s": release_s if arm == "split"
+                       else None, "segments_freed": freed, "onload_s": onload_s, "onload_path": path,
+                       "offload_gbps": copied / (copies_s + release_s) / lab.GB,
+                       "onload_gbps": copied / onload_s / lab.GB}
+                out["cycles"].append(row)
+                detail = (f"; copies {copies_s * 1e3:.1f} ms = {copied / copies_s / lab.GB:.1f} GB/s, release "
+                          f"{release_s * 1e3:.1f} ms for {freed} segments" if arm == "split" else "")
+                print(f"cycle {condition} {arm}: onload {row['onload_gbps']:.1f} GB/s "
+                      f"({row['onload_gbps'] / peak['h2d']:.2f}x, {path}), then offload {row['offload_gbps']:.1f} "
+                      f"GB/s ({row['offload_gbps'] / peak['d2h']:.2f}x{detail})", flush=True)
+        os.environ.pop("MEMMGR_RELEASE", None)
         for condition in ("pause", "engine"):
-            rows = [r for r in out["cycles"] if r["condition"] == condition][1:]  # the first offload pins
-            if rows:
-                summary = {k: statistics.median(r[k] for r in rows)
-                           for k in ("copies_s", "release_s", "onload_s", "offload_gbps", "onload_gbps")}
-                out.setdefault("steady", {})[condition] = summary
-                print(f"steady {condition}: offload {summary['offload_gbps']:.1f} GB/s (copies "
-                      f"{summary['copies_s'] * 1e3:.1f} ms, release {summary['release_s'] * 1e3:.1f} ms), onload "
-                      f"{summary['onload_gbps']:.1f} GB/s", flush=True)
+            for arm in ("split", "end", "during"):
+                rows = [r for r in out["cycles"] if r["condition"] == condition and r["arm"] == arm]
+                summary = {k: statistics.median(r[k] for r in rows) for k in ("offload_gbps", "onload_gbps")}
+                out.setdefault("median", {}).setdefault(condition, {})[arm] = summary
+                print(f"median {condition} {arm}: offload {summary['offload_gbps']:.1f} GB/s "
+                      f"({summary['offload_gbps'] / peak['d2h']:.2f}x), onload {summary['onload_gbps']:.1f} GB/s "
+                      f"({summary['onload_gbps'] / peak['h2d']:.2f}x)", flush=True)
         mgr.close()
     finally:
         engine.close()

@@ -229,7 +229,7 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                        "after another process took and released the memory (issue 16's engine condition)",
                        lambda c: [Step("offload_phases", program("offload_phases.py", "--out",
                                                                  str(c.work / "offload_phases")), 200,
-                                       show=r"^(peak|release_alone|cycle|steady)")]),
+                                       show=r"^(peak|release_|cycle|median)")]),
     "ab": ("the same small `memmgr bench` (synthetic state, memmgr alone, the pause, 5 cycles) from an earlier tree and "
            "from this one, alternating twice, on one machine: whether a change moved the ratios; then move_profile.py "
            "(where a move of 10,000 small tensors spends its time) from both trees. Carry the earlier "
