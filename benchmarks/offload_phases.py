@@ -6,19 +6,19 @@ offload is the copies, then the release of PyTorch's cache (``torch.cuda.empty_c
 segment), both inside the timed call. This program times the two apart, on the bench's synthetic state under a
 MemoryManager built with ``empty_cache=False`` (the release is called and timed here):
 
-- per cycle, as the bench has it: a condition (``pause``: 0.5 s in this process; ``engine``: ``EngineStandIn.cycle()``,
-  the helper process taking all free memory and releasing it), the onload (allocation included; the copy path it
-  ran), 0.5 s, the offload, in three arms: ``split`` (the copies, then the release timed apart), ``end`` and
-  ``during`` (the offload as memmgr runs it with ``MEMMGR_RELEASE`` at each value: the release after the last copy,
-  or bucket by bucket while the later copies run); GB/s over the copied bytes, and x the same run's pinned peak;
-- the release alone: 20 GiB in 256 MiB blocks allocated and written right after each condition, then
-  ``empty_cache`` timed.
-
-- whether the release can run while copies do: 16 GiB in 256 MiB blocks copied device->host into one pinned buffer,
-  ``end`` (today: every block freed with its copy in flight, then ``empty_cache`` once the copies are done) against
-  ``during`` (each block freed once its own copy is done and released at once, while the later copies run); and the
-  time ``empty_cache`` takes to release 4 GiB while an 8 GiB copy is in flight (about the copy's time: the release
-  waits for the device; a few ms: it does not).
+- per cycle, as the bench has it: a condition (``pause``: 0.5 s in this process; ``engine``:
+  ``EngineStandIn.cycle()``, the helper process taking all free memory and releasing it), the onload (allocation
+  included; the copy path it ran), 0.5 s, the offload, in three arms: ``split`` (the copies, then the release timed
+  apart), ``end`` (the offload as memmgr runs it) and ``one_segment`` (the onload first allocates, and frees into
+  PyTorch's cache, one block of the whole state's size, so that the buckets are carved out of one segment and the
+  offload releases one); GB/s over the copied bytes, and x the same run's pinned peak;
+- the allocation and the release alone: 20 GiB as 256 MiB blocks or as one block, allocated right after each
+  condition, written, then ``empty_cache`` timed;
+- with ``--release-overlap``, whether the release can run while copies do: 16 GiB in 256 MiB blocks copied
+  device->host, ``end`` (every block freed with its copy in flight, then ``empty_cache`` once the copies are done)
+  against ``during`` (each block freed once its own copy is done and released at once, while the later copies run);
+  and the time ``empty_cache`` takes to release 4 GiB while an 8 GiB copy is in flight (about the copy's time: the
+  release waits for the device; a few ms: it does not).
 
 Writes ``offload_phases.json`` under ``--out``.
 
@@ -27,7 +27,6 @@ Writes ``offload_phases.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -118,6 +117,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--cycles", type=int, default=4)
     parser.add_argument("--gib", type=float, default=16.0, help="the synthetic state's copied bytes")
+    parser.add_argument("--release-overlap", action="store_true", help="also the release-overlap part")
     parser.add_argument("--release-gib", type=int, default=20, help="the release-alone part's allocation")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -138,23 +138,30 @@ def main() -> None:
     try:
         # the release alone: cudaFree of memory allocated right after each condition
         for condition in ("pause", "engine", "pause", "engine"):
-            if condition == "engine":
-                engine.cycle()
-            else:
+            for count in (args.release_gib * 4, 1):
+                if condition == "engine":
+                    engine.cycle()
+                else:
+                    time.sleep(0.5)
+                t0 = time.perf_counter()
+                blocks = [torch.empty((args.release_gib << 30) // count, dtype=torch.uint8, device=device)
+                          for _ in range(count)]
+                torch.cuda.synchronize(device)
+                alloc_s = time.perf_counter() - t0
+                for b in blocks:
+                    b.fill_(2)
+                torch.cuda.synchronize(device)
                 time.sleep(0.5)
-            blocks = [torch.empty(256 << 20, dtype=torch.uint8, device=device) for _ in range(args.release_gib * 4)]
-            for b in blocks:
-                b.fill_(2)
-            torch.cuda.synchronize(device)
-            time.sleep(0.5)
-            del blocks
-            seconds, freed = _release(device)
-            row = {"condition": condition, "release_s": seconds, "segments": freed, "gib": args.release_gib}
-            out["release_alone"].append(row)
-            print(f"release_alone {condition}: {args.release_gib} GiB in {freed} segments freed in "
-                  f"{seconds * 1e3:.1f} ms", flush=True)
+                del blocks
+                seconds, freed = _release(device)
+                row = {"condition": condition, "blocks": count, "alloc_s": alloc_s, "release_s": seconds,
+                       "segments": freed, "gib": args.release_gib}
+                out["release_alone"].append(row)
+                print(f"release_alone {condition}: {args.release_gib} GiB as {count} blocks: allocated in "
+                      f"{alloc_s * 1e3:.1f} ms, {freed} segments freed in {seconds * 1e3:.1f} ms", flush=True)
 
-        _release_overlap(device, engine, peak, out)
+        if args.release_overlap:
+            _release_overlap(device, engine, peak, out)
 
         state = make_state(args.gib * lab.GiB, device)
         copied = state.copied_bytes
@@ -164,30 +171,33 @@ def main() -> None:
         mgr.add_group("grads", state.grads, policy="discard")
         mgr.add_group("main_weights", state.main_weights)
         mgr.add_group("optimizer_states", state.moments)
+        units = [unit for entry in mgr.entries() for unit in entry.group.units]
+        buckets, state_bytes = len(units), sum(unit.nbytes for unit in units)
         mgr.offload()  # the first offload pins the host buffers
         torch.cuda.empty_cache()
         for condition in ["pause", "engine"] * args.cycles:
-            for arm in ("split", "end", "during"):
+            for arm in ("split", "end", "one_segment"):
                 if condition == "engine":
                     engine.cycle()
                 else:
                     time.sleep(0.5)
                 torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
+                if arm == "one_segment":  # one cudaMalloc for the whole state: the buckets are carved out of it
+                    torch.empty(state_bytes + 512 * buckets, dtype=torch.uint8, device=device)
                 mgr.onload()
                 torch.cuda.synchronize(device)
                 onload_s = time.perf_counter() - t0
                 path = copy_paths_status()["last"].get("h2d")
                 time.sleep(0.5)
-                # split: the copies and the release timed apart; end / during: the offload as memmgr runs it, the
-                # release once the copies are done (end) or bucket by bucket while they run (during)
+                # split: the copies and the release timed apart; end, one_segment: the offload as memmgr runs it
                 mgr.empty_cache = arm != "split"
-                os.environ["MEMMGR_RELEASE"] = "end" if arm == "end" else "during"
+                segments = _segments()
                 torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
                 mgr.offload()
                 copies_s = time.perf_counter() - t0
-                release_s, freed = _release(device) if arm == "split" else (0.0, 0)
+                release_s, freed = _release(device) if arm == "split" else (0.0, segments - _segments())
                 row = {"condition": condition, "arm": arm, "copied_bytes": copied, "offload_s": copies_s + release_s,
                        "copies_s": copies_s if arm == "split" else None, "release_s": release_s if arm == "split"
                        else None, "segments_freed": freed, "onload_s": onload_s, "onload_path": path,
@@ -195,13 +205,12 @@ def main() -> None:
                        "onload_gbps": copied / onload_s / lab.GB}
                 out["cycles"].append(row)
                 detail = (f"; copies {copies_s * 1e3:.1f} ms = {copied / copies_s / lab.GB:.1f} GB/s, release "
-                          f"{release_s * 1e3:.1f} ms for {freed} segments" if arm == "split" else "")
+                          f"{release_s * 1e3:.1f} ms" if arm == "split" else "") + f", {freed} segments freed"
                 print(f"cycle {condition} {arm}: onload {row['onload_gbps']:.1f} GB/s "
                       f"({row['onload_gbps'] / peak['h2d']:.2f}x, {path}), then offload {row['offload_gbps']:.1f} "
                       f"GB/s ({row['offload_gbps'] / peak['d2h']:.2f}x{detail})", flush=True)
-        os.environ.pop("MEMMGR_RELEASE", None)
         for condition in ("pause", "engine"):
-            for arm in ("split", "end", "during"):
+            for arm in ("split", "end", "one_segment"):
                 rows = [r for r in out["cycles"] if r["condition"] == condition and r["arm"] == arm]
                 summary = {k: statistics.median(r[k] for r in rows) for k in ("offload_gbps", "onload_gbps")}
                 out.setdefault("median", {}).setdefault(condition, {})[arm] = summary

@@ -463,16 +463,14 @@ class FlatTensors:
     def begin_offload(self, discard: bool | None = None) -> bool:
         """Issues the copy of an offload without freeing anything (the bucket stays on the device, and its contents
         with it): ``offload`` with the same ``discard`` then only frees, and the check that must pass before the free
-        (``check_intact``) can run while the copy does. ``abandon_offload`` drops a begun offload. True if a copy
-        was issued; False (nothing begun) for a bucket off the device, discarded or empty."""
+        (``check_intact``) can run while the copy does. ``abandon_offload`` drops a begun offload. False (nothing
+        begun) unless the bucket is on the device."""
         arguments.boolean(f"bucket {self.name!r} begin_offload", "discard", discard, optional=True)
         if self.state is not BucketState.ON_DEVICE:
             return False
         self._check_storage("offload")  # a copy out of storage freed or shrunk elsewhere would read past its end
         self.abandon_offload()
         discard = self.policy is Policy.DISCARD if discard is None else discard
-        if discard or self.nbytes == 0:
-            return False
         self._begun = (discard, self._issue_offload_copy(discard))
         return True
 
@@ -531,13 +529,8 @@ class FlatTensors:
             self._state = BucketState.DISCARDED if discard else BucketState.ON_HOST
             storage.resize_(0)
             return TransferHandle.completed()
-        if non_blocking:
-            # The allocator may hand this block out again only after the copy stream is done with it.
-            self.flat.record_stream(copy_stream(self.flat.device, "d2h"))
-        else:
-            # The copy done first, the block goes back to the allocator free at once (empty_cache can return it to
-            # the driver while other copies still run).
-            event.synchronize()
+        # The allocator may hand this block out again only after the copy stream is done with it.
+        self.flat.record_stream(copy_stream(self.flat.device, "d2h"))
         handle = self._start(TransferHandle([event], [self._complete]), BucketState.OFFLOADING, BucketState.ON_HOST)
         storage.resize_(0)
         if not non_blocking:

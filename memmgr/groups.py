@@ -27,8 +27,7 @@ DEFAULT_PRIORITY = {
 @runtime_checkable
 class MovableUnit(Protocol):
     """One unit of movement. ``begin_offload``/``abandon_offload`` let an offload issue every unit's copy before it
-    checks them (``check_intact``) and frees any (``begin_offload`` is True if it issued a copy; a unit with nothing to
-    copy ahead returns False: ``ContentlessUnit``, a discarded bucket);
+    checks them (``check_intact``) and frees any (a unit with nothing to copy ahead returns False: ``ContentlessUnit``);
     ``allocate``/``onload``/``revert_onload`` let a transaction bring several units back and undo all of them if one
     fails; ``checksum_mismatch`` reports what opt-in verification found."""
 

@@ -5,7 +5,6 @@ import contextlib
 import enum
 import inspect
 import logging
-import os
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -105,22 +104,11 @@ class Placement:
     rows: list[tuple[str, MovableUnit, bool]]
 
 
-def _cuda_in_use() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_initialized()
-
-
-def _release_during_copies() -> bool:
-    return os.environ.get("MEMMGR_RELEASE", "during") != "end"
-
-
 class MoveScope:
-    """The moves a caller issues inside ``MemoryManager.offloading``/``onloading``: ``add`` each handle. ``release``
-    (a blocking offload that empties PyTorch's cache) returns freed memory to the driver; an offload calls it after
-    each unit it freed (``memmgr.moves.offload_units``), so that the release runs while the later copies do."""
+    """The moves a caller issues inside ``MemoryManager.offloading``/``onloading``: ``add`` each handle."""
 
-    def __init__(self, release: Callable[[], None] | None = None) -> None:
+    def __init__(self) -> None:
         self._handles: list[TransferHandle] = []
-        self.release = release
 
     def add(self, handle: TransferHandle | None) -> None:
         if handle is not None:
@@ -286,8 +274,7 @@ class MemoryManager:
         ``label``."""
         self.check_open()
         self._fire(HookEvent.BEFORE_OFFLOAD, groups)
-        releasing = self.empty_cache and not non_blocking and _cuda_in_use()
-        scope = MoveScope(release=torch.cuda.empty_cache if releasing and _release_during_copies() else None)
+        scope = MoveScope()
         yield scope
         handle = scope.handle
         handle.add_done_callback(self._release_cached_memory)
@@ -317,7 +304,7 @@ class MemoryManager:
         cache release and ledger record of ``offloading``."""
         units = arguments.sequence_of("offload_units", "units", units, is_movable_unit, "a bucket (a MovableUnit)")
         with self.offloading(groups, label or f"offload {','.join(groups)}", non_blocking=non_blocking) as scope:
-            scope.add(moves.offload_units(units, discard=discard, release=scope.release))
+            scope.add(moves.offload_units(units, discard=discard))
         return scope.handle
 
     def onload_units(self, units: Sequence[MovableUnit], *, groups: tuple[str, ...], label: str | None = None,
@@ -335,7 +322,7 @@ class MemoryManager:
         a subclass runs here costs no time on the offload's critical path."""
 
     def _release_cached_memory(self) -> None:
-        if self.empty_cache and _cuda_in_use():
+        if self.empty_cache and torch.cuda.is_available() and torch.cuda.is_initialized():
             # cuBLAS workspaces (tens of MiB per stream) are re-created at the next matmul; between phases they are
             # memory the engine could use, so they go back too.
             clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)

@@ -28,15 +28,9 @@ logger = logging.getLogger("memmgr")
 DiscardFn = Callable[[MovableUnit], "bool | None"]
 
 
-def offload_units(units: Sequence[MovableUnit], *, discard: DiscardFn | None = None,
-                  release: Callable[[], None] | None = None) -> TransferHandle:
-    """Issues the offload of every unit and returns one handle for all of them. ``discard(unit)`` overrides a unit's
-    policy (None keeps it).
-
-    Without ``release`` nothing blocks: each unit is freed with its copy in flight. With ``release`` (a blocking
-    offload that gives the memory back to the driver, e.g. ``torch.cuda.empty_cache``), the units with nothing to copy
-    are freed first and each copied unit once its own copy is done, ``release()`` after each: the memory goes back
-    while the later copies run instead of after the last one."""
+def offload_units(units: Sequence[MovableUnit], *, discard: DiscardFn | None = None) -> TransferHandle:
+    """Issues the offload of every unit without blocking and returns one handle for all of them. ``discard(unit)``
+    overrides a unit's policy (None keeps it)."""
     def discard_of(unit: MovableUnit) -> bool | None:
         return discard(unit) if discard is not None else None
 
@@ -56,14 +50,8 @@ def offload_units(units: Sequence[MovableUnit], *, discard: DiscardFn | None = N
         raise
     handles: list[TransferHandle] = []
     try:
-        if release is None:
-            for unit in units:
-                handles.append(unit.offload(non_blocking=True, discard=discard_of(unit)))
-        else:
-            copying = {id(unit) for unit in begun}
-            for unit in sorted(units, key=lambda u: id(u) in copying):  # stable: the copies in the order issued
-                handles.append(unit.offload(non_blocking=False, discard=discard_of(unit)))
-                release()
+        for unit in units:
+            handles.append(unit.offload(non_blocking=True, discard=discard_of(unit)))
     except BaseException:
         for unit in units:
             if unit.state is BucketState.ON_DEVICE:
