@@ -14,6 +14,10 @@ MemoryManager built with ``empty_cache=False`` (the release is called and timed 
   offload releases one); GB/s over the copied bytes, and x the same run's pinned peak;
 - the allocation and the release alone: 20 GiB as 256 MiB blocks or as one block, allocated right after each
   condition, written, then ``empty_cache`` timed;
+- with ``--release-wait``, after the engine condition and an onload: the offload's copies and release when the
+  offload comes 0.5, 2 or 5 s after the onload, each with and without a small release (one 2 MiB segment) made
+  right after the onload: whether the release's extra wait after another process's release is a matter of time, and
+  whether an early small release takes it off the offload;
 - with ``--release-overlap``, whether the release can run while copies do: 16 GiB in 256 MiB blocks copied
   device->host, ``end`` (every block freed with its copy in flight, then ``empty_cache`` once the copies are done)
   against ``during`` (each block freed once its own copy is done and released at once, while the later copies run);
@@ -112,12 +116,46 @@ def _release_overlap(device: torch.device, engine, peak: dict, out: dict) -> Non
     torch.cuda.empty_cache()
 
 
+def _release_wait(device: torch.device, engine, mgr, copied: int, peak: dict, out: dict) -> None:
+    """After the engine condition and an onload: whether the release's extra wait shrinks as the offload comes later
+    (``delay`` after the onload), and whether a small release right after the onload (one 2 MiB segment allocated and
+    given back, ``absorb``) takes the wait instead of the offload."""
+    mgr.empty_cache = False
+    for delay in (0.5, 2.0, 5.0) * 2:
+        for absorb in (False, True):
+            engine.cycle()
+            mgr.onload()
+            torch.cuda.synchronize(device)
+            absorb_s = 0.0
+            if absorb:
+                torch.cuda.empty_cache()
+                t0 = time.perf_counter()
+                probe = torch.empty(2 << 20, dtype=torch.uint8, device=device)
+                del probe
+                torch.cuda.empty_cache()
+                absorb_s = time.perf_counter() - t0
+            time.sleep(delay)
+            t0 = time.perf_counter()
+            mgr.offload()
+            copies_s = time.perf_counter() - t0
+            release_s, freed = _release(device)
+            gbps = copied / (copies_s + release_s) / lab.GB
+            out.setdefault("release_wait", []).append({"delay_s": delay, "absorb": absorb, "absorb_s": absorb_s,
+                                                       "copies_s": copies_s, "release_s": release_s,
+                                                       "segments": freed, "offload_gbps": gbps})
+            print(f"release_wait delay {delay:g} s{' after a 2 MiB release' if absorb else ''}"
+                  f"{f' ({absorb_s * 1e3:.1f} ms)' if absorb else ''}: copies {copies_s * 1e3:.1f} ms, release "
+                  f"{release_s * 1e3:.1f} ms for {freed} segments, offload {gbps:.1f} GB/s "
+                  f"({gbps / peak['d2h']:.2f}x)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--cycles", type=int, default=4)
     parser.add_argument("--gib", type=float, default=16.0, help="the synthetic state's copied bytes")
     parser.add_argument("--release-overlap", action="store_true", help="also the release-overlap part")
+    parser.add_argument("--release-wait", action="store_true", help="also the release-wait part")
     parser.add_argument("--release-gib", type=int, default=20, help="the release-alone part's allocation")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -217,6 +255,8 @@ def main() -> None:
                 print(f"median {condition} {arm}: offload {summary['offload_gbps']:.1f} GB/s "
                       f"({summary['offload_gbps'] / peak['d2h']:.2f}x), onload {summary['onload_gbps']:.1f} GB/s "
                       f"({summary['onload_gbps'] / peak['h2d']:.2f}x)", flush=True)
+        if args.release_wait:
+            _release_wait(device, engine, mgr, copied, peak, out)
         mgr.close()
     finally:
         engine.close()

@@ -230,6 +230,11 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                        lambda c: [Step("offload_phases", program("offload_phases.py", "--out",
                                                                  str(c.work / "offload_phases")), 200,
                                        show=r"^(peak|release_|cycle|median)")]),
+    "release-wait": ("offload_phases.py --release-wait --cycles 1: whether the release's extra wait after another "
+                     "process's release shrinks with time, and whether a small release right after the onload takes it",
+                     lambda c: [Step("release_wait", program("offload_phases.py", "--out", str(c.work / "release_wait"),
+                                                             "--cycles", "1", "--release-wait"), 240,
+                                     show=r"^(peak|release_|median)")]),
     "ab": ("the same small `memmgr bench` (synthetic state, memmgr alone, the pause, 5 cycles) from an earlier tree and "
            "from this one, alternating twice, on one machine: whether a change moved the ratios; then move_profile.py "
            "(where a move of 10,000 small tensors spends its time) from both trees. Carry the earlier "
