@@ -37,6 +37,7 @@ import logging
 import math
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Mapping, Sequence, Union
 
 import torch
@@ -62,10 +63,19 @@ def _storage_use_count(tensor: torch.Tensor) -> int:
 _PROBE_REFS = _storage_use_count(torch.empty(1)) - 1
 
 
-def _wait_for_copy(begun: "tuple[bool, torch.cuda.Event | None] | None") -> None:
-    """Waits for the copy of an offload ``begin_offload`` issued (none: nothing to wait for)."""
-    if begun is not None and begun[1] is not None:
-        begun[1].synchronize()
+@dataclass
+class _BegunOffload:
+    """An offload ``begin_offload`` issued and ``offload`` has not finished yet: its policy, its copy's event (None:
+    nothing in flight) and whether ``check_intact`` has passed since it began (the offload then skips its own check).
+    The mark lives and ends with the begun move, so a check never vouches for a later one."""
+
+    discard: bool
+    event: torch.cuda.Event | None
+    checked: bool = False
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
 
 
 def _describe(name: str, tensor: torch.Tensor) -> str:
@@ -198,8 +208,7 @@ class FlatTensors:
         self._drop_finalizer.atexit = False  # at exit the process's memory goes anyway; CUDA may be gone already
         # What each member looked like when it joined: a move first checks that it still views the bucket so.
         self._layout = [(t.shape, t.dtype, t.storage_offset()) for _, t, _ in members]
-        self._intact_for: str | None = None  # the move check_intact last passed for, consumed by that move
-        self._begun: tuple[bool, torch.cuda.Event | None] | None = None  # (discard, copy event) of begin_offload
+        self._begun: _BegunOffload | None = None
         self._index_layout()
         self._storage_key = storages.register(flat, self)
         self._state = BucketState.ON_DEVICE
@@ -349,20 +358,20 @@ class FlatTensors:
                 f"manager (mgr.close()) and build a new one. Nothing was moved")
 
     def _check_members(self, moving: str) -> None:
-        """Every member still views the bucket as it did when it joined (one pass over the members)."""
-        self._intact_for = None
+        """Every member still views the bucket as it did when it joined (one pass over the members); an offload's pass
+        marks the offload begun, if any (``_BegunOffload.checked``)."""
         tensors = [m[1] for m in self.members]
         # The common case in two list comparisons (this runs on every move, over every member; a tensor's nbytes and
         # data_ptr are cheap to read, its shape is not); the loop below only names the member that changed. A member
         # that still spans the same bytes at the same place moves losslessly, whatever shape it is viewed with now.
         if [x.nbytes for x in tensors] == self._member_nbytes:
             if moving != "offload":
-                self._intact_for = moving
                 return
             base = self.flat.data_ptr()
             if [x.data_ptr() for x in tensors] == self._member_pointers(base) or \
                     all(x.data_ptr() == base + off or not x.numel() for x, off in zip(tensors, self._byte_offsets)):
-                self._intact_for = moving
+                if self._begun is not None:
+                    self._begun.checked = True
                 return
         # One data pointer per member: on the device it is the bucket's address plus the member's offset exactly
         # when the member still views the bucket there (a rebound member has memory of its own elsewhere).
@@ -471,14 +480,15 @@ class FlatTensors:
         self._check_storage("offload")  # a copy out of storage freed or shrunk elsewhere would read past its end
         self.abandon_offload()
         discard = self.policy is Policy.DISCARD if discard is None else discard
-        self._begun = (discard, self._issue_offload_copy(discard))
+        self._begun = _BegunOffload(discard, self._issue_offload_copy(discard))
         return True
 
     def abandon_offload(self) -> None:
         """Drops an offload ``begin_offload`` issued (the bucket was never freed); waits for its copy, so that the
         host store is not written once it may serve again."""
         begun, self._begun = self._begun, None
-        _wait_for_copy(begun)
+        if begun is not None:
+            begun.wait()
 
     def _issue_offload_copy(self, discard: bool) -> torch.cuda.Event | None:
         """Takes the opt-in checksum and issues the device->host copy (a GPU bucket's, on the d2h copy stream; a CPU
@@ -515,15 +525,13 @@ class FlatTensors:
         if state is BucketState.ONLOADING:
             self.wait()
         discard = self.policy is Policy.DISCARD if discard is None else discard
-        begun, self._begun = self._begun, None
-        if begun is not None and begun[0] != discard:  # begun for the other policy: copy again (or drop)
-            _wait_for_copy(begun)
-            begun = None
-        if self._intact_for != "offload":  # checked already by the move this offload belongs to
+        if self._begun is not None and self._begun.discard != discard:  # begun for the other policy: copy again
+            self.abandon_offload()
+        if self._begun is None or not self._begun.checked:  # not checked by the move this offload belongs to
             self.check_intact("offload")
-        self._intact_for = None
+        begun, self._begun = self._begun, None
         storage = self.flat.untyped_storage()
-        event = begun[1] if begun is not None else self._issue_offload_copy(discard)
+        event = begun.event if begun is not None else self._issue_offload_copy(discard)
         if event is None:
             # state first: an interrupt between the two lines must never leave "on device" with no memory behind it
             self._state = BucketState.DISCARDED if discard else BucketState.ON_HOST
@@ -562,8 +570,7 @@ class FlatTensors:
         offload_events = self._pending.events if self._pending is not None else []
         if self._pending is not None and not self.flat.is_cuda:
             self.wait()
-        if self.flat.untyped_storage().nbytes() != self.nbytes:  # not allocated (and checked) by a transaction yet
-            self.allocate()
+        self.allocate()  # a no-op after the transaction's, but for the storage check (O(1))
         if state is BucketState.DISCARDED or self.nbytes == 0:
             if offload_events:
                 self.wait()

@@ -177,6 +177,31 @@ def test_member_rebound_while_offloaded_is_refused_at_onload_and_the_buckets_res
     assert same_bits(group.units[1].host_buffer.tensor[:24].view(torch.float32), expected[1].cpu())
 
 
+def test_a_check_made_for_an_abandoned_offload_does_not_vouch_for_a_later_one(device):
+    t, u = torch.randn(16, device=device), torch.randn(8, device=device)
+    bucket = memmgr.FlatTensors.coalesce([("t", t), ("u", u)], name="b", pool=pool())
+    assert bucket.begin_offload()
+    bucket.check_intact("offload")  # passes for this offload, which is then dropped
+    bucket.abandon_offload()
+    t.data = torch.randn(16, device=device)
+    with pytest.raises(memmgr.MemmgrStateError, match=r"tensor 't' .* no longer views the bucket's memory"):
+        bucket.offload()
+    assert bucket.state is memmgr.BucketState.ON_DEVICE and bucket.device_bytes == bucket.nbytes + 16 * 4
+
+
+def test_a_bucket_onloaded_on_its_own_refuses_a_buffer_given_other_memory_while_offloaded(device):
+    buffer = torch.randn(16, device=device)
+    expected = buffer.clone()
+    bucket = memmgr.FlatTensors.adopt(buffer, name="b", pool=pool())
+    bucket.offload()
+    with torch.no_grad():
+        buffer.set_(torch.zeros(16, device=device))
+    with pytest.raises(memmgr.MemmgrStateError, match=r"bucket 'b': its buffer .* was given other memory"):
+        bucket.onload()
+    assert bucket.state is memmgr.BucketState.ON_HOST
+    assert same_bits(bucket.host_buffer.tensor[:64].view(torch.float32), expected.cpu())  # the contents kept
+
+
 @pytest.mark.parametrize("rebind", ["data", "set_"])
 def test_member_given_other_memory_is_counted_refused_at_offload_and_managed_after_a_rebuild(rebind, device):
     model = mlp(device=device)
