@@ -3,8 +3,8 @@
 ``memmgr bench`` finds offloads 5-15% slower when another process took the freed memory and released it before the
 previous onload (its ``engine`` condition) than after a plain pause, by about a fixed time per offload. A memmgr
 offload is the copies, then the release of PyTorch's cache (``torch.cuda.empty_cache``: one ``cudaFree`` per
-segment), both inside the timed call. This program times the two apart, on the bench's synthetic state under a
-MemoryManager built with ``empty_cache=False`` (the release is called and timed here):
+segment), both inside the timed call. This program times the two apart, on the bench's synthetic state under the
+bench's MemoryManager, whose ``empty_cache`` it turns off where it calls and times the release itself:
 
 - per cycle, as the bench has it: a condition (``pause``: 0.5 s in this process; ``engine``:
   ``EngineStandIn.cycle()``, the helper process taking all free memory and releasing it), the onload (allocation
@@ -162,8 +162,7 @@ def main() -> None:
         sys.exit("offload_phases.py needs a GPU")
 
     from memmgr.host_memory import HostMemoryPool
-    from memmgr.manager import MemoryManager
-    from memmgr.tools.bench_methods import make_state
+    from memmgr.tools.bench_methods import MemmgrMethod, make_state
     from memmgr.tools.engine_standin import EngineStandIn
     from memmgr.transfer import copy_paths_status
 
@@ -203,12 +202,7 @@ def main() -> None:
 
         state = make_state(args.gib * lab.GiB, device)
         copied = state.copied_bytes
-        pool = HostMemoryPool()
-        mgr = MemoryManager(pool=pool, empty_cache=False)
-        mgr.add_group("weights", state.weights)
-        mgr.add_group("grads", state.grads, policy="discard")
-        mgr.add_group("main_weights", state.main_weights)
-        mgr.add_group("optimizer_states", state.moments)
+        mgr = MemmgrMethod().build_manager(state, HostMemoryPool())  # the bench's groups and policies
         units = [unit for entry in mgr.entries() for unit in entry.group.units]
         buckets, state_bytes = len(units), sum(unit.nbytes for unit in units)
         mgr.offload()  # the first offload pins the host buffers
