@@ -235,6 +235,12 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                      lambda c: [Step("release_wait", program("offload_phases.py", "--out", str(c.work / "release_wait"),
                                                              "--cycles", "1", "--release-wait"), 240,
                                      show=r"^(peak|release_|median)")]),
+    "release-probe": ("release_probe.py: what the extra wait of a release after another process's release depends "
+                      "on (time since it, either side's size, allocation time, a small release first, expandable "
+                      "segments), and how long the copy engines stay slow after releases of several sizes",
+                      lambda c: [Step("release_probe", program("release_probe.py", "--out",
+                                                               str(c.work / "release_probe")),
+                                      300, show=r"^median")]),
     "ab": ("the same small `memmgr bench` (synthetic state, memmgr alone, the pause, 5 cycles) from an earlier tree and "
            "from this one, alternating twice, on one machine: whether a change moved the ratios; then move_profile.py "
            "(where a move of 10,000 small tensors spends its time) from both trees. Carry the earlier "

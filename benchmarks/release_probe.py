@@ -1,0 +1,163 @@
+"""What the extra wait of a release (``cudaFree``) after another process's release depends on (GPU; issue 16).
+
+After the helper process (``EngineStandIn``) took memory and released it, this process's ``torch.cuda.empty_cache``
+of memory it allocated afterwards took tens of ms more than after a pause (``offload_phases.py``). Each row here is
+one trial: a condition (``engine``: the helper takes ``engine_gib`` (0: all that is free) and releases it;
+``pause``: 0.5 s in this process), then ``alloc_at_s`` later one block of ``gib`` allocated through PyTorch (or
+through its expandable segments, ``vmm``) and written, optionally a 2 MiB block allocated and released right after
+(``absorb``, timed), then ``free_after_s`` later the block freed and ``empty_cache`` timed (``release_ms``), with
+the time since the condition (``since_release_s``). It answers: does the wait fall with the time since the other
+release, grow with the bytes the other process released, belong to memory allocated right after that release, go
+away with virtual-memory mappings, or go to the first small release after it?
+
+Writes ``release_probe.json`` under ``--out``.
+
+    python benchmarks/release_probe.py --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import lab
+import torch
+
+
+def _trial(device: torch.device, engine, *, condition: str, engine_gib: float, gib: float, alloc_at_s: float,
+           free_after_s: float, absorb: bool = False, vmm: bool = False) -> dict:
+    if condition == "engine":
+        engine.cycle(None if engine_gib == 0 else int(engine_gib * lab.GiB))
+    else:
+        time.sleep(0.5)
+    t_release = time.perf_counter()
+    time.sleep(alloc_at_s)
+    if vmm:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    t0 = time.perf_counter()
+    block = torch.empty(int(gib * lab.GiB), dtype=torch.uint8, device=device)
+    block.fill_(7)
+    torch.cuda.synchronize(device)
+    alloc_ms = (time.perf_counter() - t0) * 1e3
+    if vmm:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+    absorb_ms = None
+    if absorb:
+        t0 = time.perf_counter()
+        probe = torch.empty(2 << 20, dtype=torch.uint8, device=device)
+        del probe
+        torch.cuda.empty_cache()
+        absorb_ms = (time.perf_counter() - t0) * 1e3
+    time.sleep(max(0.0, free_after_s - (time.perf_counter() - t_release - alloc_at_s)))
+    since = time.perf_counter() - t_release
+    del block
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    torch.cuda.empty_cache()
+    release_ms = (time.perf_counter() - t0) * 1e3
+    return {"condition": condition, "engine_gib": engine_gib, "gib": gib, "alloc_at_s": alloc_at_s,
+            "free_after_s": free_after_s, "absorb": absorb, "vmm": vmm, "alloc_ms": alloc_ms, "absorb_ms": absorb_ms,
+            "since_release_s": since, "release_ms": release_ms, "engine_held_gb": engine.last_occupied_bytes / lab.GB
+            if condition == "engine" else 0.0}
+
+
+def _recovery(device: torch.device, engine, engine_gib: float, host: torch.Tensor,
+              warm: torch.Tensor | None) -> dict:
+    """After the helper took ``engine_gib`` (0: all) and released it: 256 MiB host->device copies through the copy
+    engines back to back for 2 s, each timed by events, into ``warm`` (allocated long before) or, if None, into a
+    block allocated right after the release; the time until they run at 0.9x the last one's speed."""
+    engine.cycle(None if engine_gib == 0 else int(engine_gib * lab.GiB))
+    t_release = time.perf_counter()
+    dev = warm if warm is not None else torch.empty(host.numel(), dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
+    points = []
+    while time.perf_counter() - t_release < 2.0:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        with torch.cuda.stream(stream):
+            dev.copy_(host, non_blocking=True)
+        end.record(stream)
+        end.synchronize()
+        points.append((time.perf_counter() - t_release, host.numel() / (start.elapsed_time(end) / 1e3) / lab.GB))
+    settled = points[-1][1]
+    recovered_at = next(t for t, gbps in points if gbps >= 0.9 * settled)
+    return {"engine_gib": engine_gib, "fresh": warm is None, "engine_held_gb": engine.last_occupied_bytes / lab.GB,
+            "points": points, "first_gbps": points[0][1], "settled_gbps": settled, "recovered_at_s": recovered_at}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("release_probe.py needs a GPU")
+    from memmgr.tools.engine_standin import EngineStandIn
+
+    device = torch.device("cuda", 0)
+    torch.empty(1, device=device)
+    plan: list[tuple[str, dict]] = []
+    # time since the other release, for a 20 GiB block allocated right after it
+    for free_after in (0.1, 0.5, 1.0, 3.0):
+        for condition in ("engine", "pause"):
+            plan.append(("since", dict(condition=condition, engine_gib=0, gib=20, alloc_at_s=0.0,
+                                       free_after_s=free_after)))
+    # memory allocated 2 s after the other release, freed soon after
+    for free_after in (0.1, 1.0):
+        plan.append(("late_alloc", dict(condition="engine", engine_gib=0, gib=20, alloc_at_s=2.0,
+                                        free_after_s=free_after)))
+    # the other process's size
+    for engine_gib in (4, 16, 48):
+        plan.append(("engine_size", dict(condition="engine", engine_gib=engine_gib, gib=20, alloc_at_s=0.0,
+                                         free_after_s=1.0)))
+    # this process's size
+    for gib in (0.002, 1, 60):
+        for condition in ("engine", "pause"):
+            plan.append(("own_size", dict(condition=condition, engine_gib=0, gib=gib, alloc_at_s=0.0,
+                                          free_after_s=1.0)))
+    # a small release right after the allocation
+    for condition in ("engine", "pause"):
+        plan.append(("absorb", dict(condition=condition, engine_gib=0, gib=20, alloc_at_s=0.0, free_after_s=1.0,
+                                    absorb=True)))
+    # virtual-memory mappings (PyTorch's expandable segments: cuMemCreate/cuMemMap, released by cuMemUnmap/Release)
+    for condition in ("engine", "pause"):
+        plan.append(("vmm", dict(condition=condition, engine_gib=0, gib=20, alloc_at_s=0.0, free_after_s=1.0,
+                                 vmm=True)))
+
+    out: dict = {"meta": lab.metadata(), "rows": []}
+    engine = EngineStandIn(device)
+    try:
+        for rep in range(args.repeats):
+            for part, kw in plan:
+                row = {"part": part, "repeat": rep, **_trial(device, engine, **kw)}
+                out["rows"].append(row)
+                held = "" if row["condition"] == "pause" else f" {row['engine_held_gb']:.0f} GB"
+                absorbed = "" if row["absorb_ms"] is None else f", absorb {row['absorb_ms']:.1f} ms"
+                print(f"{part} {row['condition']}{held}: {row['gib']:g} GiB{' vmm' if row['vmm'] else ''} at "
+                      f"+{row['alloc_at_s']:g} s (alloc {row['alloc_ms']:.1f} ms{absorbed}), freed "
+                      f"{row['since_release_s']:.2f} s after the release: {row['release_ms']:.2f} ms", flush=True)
+        host = torch.empty(256 * lab.MiB, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(256 * lab.MiB, dtype=torch.uint8, device=device)
+        for rep in range(args.repeats):
+            for engine_gib, into in ((4, None), (16, None), (48, None), (0, None), (0, dev)):
+                row = {"repeat": rep, **_recovery(device, engine, engine_gib, host, into)}
+                torch.cuda.empty_cache()
+                out.setdefault("recovery", []).append(row)
+                print(f"median recovery after {row['engine_held_gb']:.0f} GB released, into "
+                      f"{'new' if row['fresh'] else 'old'} memory: engines at "
+                      f"{row['first_gbps']:.1f} GB/s at first, 0.9x of {row['settled_gbps']:.1f} after "
+                      f"{row['recovered_at_s']:.2f} s", flush=True)
+    finally:
+        engine.close()
+    keys = sorted({(r["part"], r["condition"], r["engine_gib"], r["gib"], r["alloc_at_s"], r["free_after_s"],
+                    r["absorb"], r["vmm"]) for r in out["rows"]}, key=str)
+    for key in keys:
+        rows = [r for r in out["rows"] if (r["part"], r["condition"], r["engine_gib"], r["gib"], r["alloc_at_s"],
+                                           r["free_after_s"], r["absorb"], r["vmm"]) == key]
+        print(f"median {key}: release {statistics.median(r['release_ms'] for r in rows):.2f} ms", flush=True)
+    lab.write_json(f"{args.out}/release_probe.json", out)
+
+
+if __name__ == "__main__":
+    main()
