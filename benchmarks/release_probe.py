@@ -17,8 +17,11 @@ Writes ``release_probe.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
 
 import lab
@@ -26,7 +29,7 @@ import torch
 
 
 def _trial(device: torch.device, engine, *, condition: str, engine_gib: float, gib: float, alloc_at_s: float,
-           free_after_s: float, absorb: bool = False, vmm: bool = False) -> dict:
+           free_after_s: float, absorb: bool = False, vmm: bool = False, write: bool = True) -> dict:
     if condition == "engine":
         engine.cycle(None if engine_gib == 0 else int(engine_gib * lab.GiB))
     else:
@@ -37,7 +40,8 @@ def _trial(device: torch.device, engine, *, condition: str, engine_gib: float, g
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     t0 = time.perf_counter()
     block = torch.empty(int(gib * lab.GiB), dtype=torch.uint8, device=device)
-    block.fill_(7)
+    if write:
+        block.fill_(7)
     torch.cuda.synchronize(device)
     alloc_ms = (time.perf_counter() - t0) * 1e3
     if vmm:
@@ -57,7 +61,8 @@ def _trial(device: torch.device, engine, *, condition: str, engine_gib: float, g
     torch.cuda.empty_cache()
     release_ms = (time.perf_counter() - t0) * 1e3
     return {"condition": condition, "engine_gib": engine_gib, "gib": gib, "alloc_at_s": alloc_at_s,
-            "free_after_s": free_after_s, "absorb": absorb, "vmm": vmm, "alloc_ms": alloc_ms, "absorb_ms": absorb_ms,
+            "free_after_s": free_after_s, "absorb": absorb, "vmm": vmm, "write": write, "alloc_ms": alloc_ms,
+            "absorb_ms": absorb_ms,
             "since_release_s": since, "release_ms": release_ms, "engine_held_gb": engine.last_occupied_bytes / lab.GB
             if condition == "engine" else 0.0}
 
@@ -86,44 +91,136 @@ def _recovery(device: torch.device, engine, engine_gib: float, host: torch.Tenso
             "points": points, "first_gbps": points[0][1], "settled_gbps": settled, "recovered_at_s": recovered_at}
 
 
+def _condition(engine, condition: str) -> float:
+    if condition == "engine":
+        engine.cycle()
+    else:
+        time.sleep(0.5)
+    return time.perf_counter()
+
+
+def _sleep_until(t_release: float, at_s: float) -> None:
+    time.sleep(max(0.0, at_s - (time.perf_counter() - t_release)))
+
+
+def _timed_release(device: torch.device) -> float:
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    torch.cuda.empty_cache()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _sentinel(device: torch.device, engine, condition: str, sentinel_at_s: float, big_at_s: float) -> dict:
+    """A 32 MiB block and a 20 GiB block allocated and written right after the condition; the small one released
+    at ``sentinel_at_s``, the large one at ``big_at_s``: whether a first release takes the extra wait for both."""
+    t_release = _condition(engine, condition)
+    held = [torch.empty(32 * lab.MiB, dtype=torch.uint8, device=device),
+            torch.empty(20 * lab.GiB, dtype=torch.uint8, device=device)]
+    for block in held:
+        block.fill_(3)
+    _sleep_until(t_release, sentinel_at_s)
+    del held[0]
+    sentinel_ms = _timed_release(device)
+    _sleep_until(t_release, big_at_s)
+    held.clear()
+    big_ms = _timed_release(device)
+    return {"condition": condition, "sentinel_at_s": sentinel_at_s, "big_at_s": big_at_s, "sentinel_ms": sentinel_ms,
+            "big_ms": big_ms}
+
+
+def _background(device: torch.device, engine, condition: str, free_in_thread: bool) -> dict:
+    """Memory allocated right after the condition; 1 s later the main thread runs 60 matmuls while (if
+    ``free_in_thread``) another thread releases a 32 MiB block allocated with it: whether that release holds up the
+    device's other work, and whether the later release of the rest is then quick."""
+    t_release = _condition(engine, condition)
+    held = [torch.empty(32 * lab.MiB, dtype=torch.uint8, device=device),
+            torch.empty(20 * lab.GiB, dtype=torch.uint8, device=device)]
+    for block in held:
+        block.fill_(3)
+    x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ x
+    torch.cuda.synchronize(device)
+    _sleep_until(t_release, 1.0)
+    thread_ms: list[float] = []
+
+    def release_small() -> None:
+        t0 = time.perf_counter()
+        torch.cuda.empty_cache()
+        thread_ms.append((time.perf_counter() - t0) * 1e3)
+
+    thread = threading.Thread(target=release_small)
+    if free_in_thread:
+        del held[0]
+    t0 = time.perf_counter()
+    if free_in_thread:
+        thread.start()
+    for _ in range(60):
+        x @ x
+    torch.cuda.synchronize(device)
+    matmul_ms = (time.perf_counter() - t0) * 1e3
+    if free_in_thread:
+        thread.join()
+    del x
+    _sleep_until(t_release, 1.5)
+    held.clear()
+    big_ms = _timed_release(device)
+    return {"condition": condition, "free_in_thread": free_in_thread, "matmul_ms": matmul_ms,
+            "thread_ms": thread_ms[0] if thread_ms else None, "big_ms": big_ms}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--parts", default=os.environ.get("MEMMGR_PROBE_PARTS", "trials,recovery"),
+                        help="comma-separated: trials, recovery, sentinel, background, nowrite, async")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     if not torch.cuda.is_available():
         sys.exit("release_probe.py needs a GPU")
     from memmgr.tools.engine_standin import EngineStandIn
 
     device = torch.device("cuda", 0)
     torch.empty(1, device=device)
+    # the helper keeps the default allocator whatever this process runs on
+    os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     plan: list[tuple[str, dict]] = []
-    # time since the other release, for a 20 GiB block allocated right after it
-    for free_after in (0.1, 0.5, 1.0, 3.0):
+    if "nowrite" in parts:
         for condition in ("engine", "pause"):
-            plan.append(("since", dict(condition=condition, engine_gib=0, gib=20, alloc_at_s=0.0,
-                                       free_after_s=free_after)))
-    # memory allocated 2 s after the other release, freed soon after
-    for free_after in (0.1, 1.0):
-        plan.append(("late_alloc", dict(condition="engine", engine_gib=0, gib=20, alloc_at_s=2.0,
-                                        free_after_s=free_after)))
-    # the other process's size
-    for engine_gib in (4, 16, 48):
-        plan.append(("engine_size", dict(condition="engine", engine_gib=engine_gib, gib=20, alloc_at_s=0.0,
-                                         free_after_s=1.0)))
-    # this process's size
-    for gib in (0.002, 1, 60):
+            plan.append(("nowrite", dict(condition=condition, engine_gib=0, gib=20, alloc_at_s=0.0, free_after_s=1.0,
+                                         write=False)))
+            plan.append(("write", dict(condition=condition, engine_gib=0, gib=20, alloc_at_s=0.0, free_after_s=1.0)))
+    if "async" in parts:  # this process on PyTorch's cudaMallocAsync backend (set by the parent), the helper not
         for condition in ("engine", "pause"):
-            plan.append(("own_size", dict(condition=condition, engine_gib=0, gib=gib, alloc_at_s=0.0,
-                                          free_after_s=1.0)))
-    # a small release right after the allocation
-    for condition in ("engine", "pause"):
-        plan.append(("absorb", dict(condition=condition, engine_gib=0, gib=20, alloc_at_s=0.0, free_after_s=1.0,
-                                    absorb=True)))
-    # virtual-memory mappings (PyTorch's expandable segments: cuMemCreate/cuMemMap, released by cuMemUnmap/Release)
-    for condition in ("engine", "pause"):
-        plan.append(("vmm", dict(condition=condition, engine_gib=0, gib=20, alloc_at_s=0.0, free_after_s=1.0,
-                                 vmm=True)))
+            plan.append(("async", dict(condition=condition, engine_gib=0, gib=20, alloc_at_s=0.0, free_after_s=1.0)))
+    if "trials" in parts:
+        # time since the other release, for a 20 GiB block allocated right after it
+        for free_after in (0.1, 0.5, 1.0, 3.0):
+            for condition in ("engine", "pause"):
+                plan.append(("since", dict(condition=condition, engine_gib=0, gib=20, alloc_at_s=0.0,
+                                           free_after_s=free_after)))
+        # memory allocated 2 s after the other release, freed soon after
+        for free_after in (0.1, 1.0):
+            plan.append(("late_alloc", dict(condition="engine", engine_gib=0, gib=20, alloc_at_s=2.0,
+                                            free_after_s=free_after)))
+        # the other process's size
+        for engine_gib in (4, 16, 48):
+            plan.append(("engine_size", dict(condition="engine", engine_gib=engine_gib, gib=20, alloc_at_s=0.0,
+                                             free_after_s=1.0)))
+        # this process's size
+        for gib in (0.002, 1, 60):
+            for condition in ("engine", "pause"):
+                plan.append(("own_size", dict(condition=condition, engine_gib=0, gib=gib, alloc_at_s=0.0,
+                                              free_after_s=1.0)))
+        # a small release right after the allocation
+        for condition in ("engine", "pause"):
+            plan.append(("absorb", dict(condition=condition, engine_gib=0, gib=20, alloc_at_s=0.0, free_after_s=1.0,
+                                        absorb=True)))
+        # virtual-memory mappings (PyTorch's expandable segments: cuMemCreate/cuMemMap, released by cuMemUnmap/Release)
+        for condition in ("engine", "pause"):
+            plan.append(("vmm", dict(condition=condition, engine_gib=0, gib=20, alloc_at_s=0.0, free_after_s=1.0,
+                                     vmm=True)))
 
     out: dict = {"meta": lab.metadata(), "rows": []}
     engine = EngineStandIn(device)
@@ -137,9 +234,24 @@ def main() -> None:
                 print(f"{part} {row['condition']}{held}: {row['gib']:g} GiB{' vmm' if row['vmm'] else ''} at "
                       f"+{row['alloc_at_s']:g} s (alloc {row['alloc_ms']:.1f} ms{absorbed}), freed "
                       f"{row['since_release_s']:.2f} s after the release: {row['release_ms']:.2f} ms", flush=True)
+        for rep in range(args.repeats):
+            for condition in ("engine", "pause") if "sentinel" in parts else ():
+                for sentinel_at, big_at in ((0.3, 1.5), (1.0, 1.5), (1.0, 1.02)):
+                    row = {"repeat": rep, **_sentinel(device, engine, condition, sentinel_at, big_at)}
+                    out.setdefault("sentinel", []).append(row)
+                    print(f"sentinel {condition}: 32 MiB released at {sentinel_at:g} s in {row['sentinel_ms']:.2f} "
+                          f"ms, then 20 GiB at {big_at:g} s in {row['big_ms']:.2f} ms", flush=True)
+            for condition in ("engine", "pause") if "background" in parts else ():
+                for free_in_thread in (False, True):
+                    row = {"repeat": rep, **_background(device, engine, condition, free_in_thread)}
+                    out.setdefault("background", []).append(row)
+                    thread = "" if row["thread_ms"] is None else f", the thread's release {row['thread_ms']:.2f} ms"
+                    print(f"background {condition}{' with a release in a thread' if free_in_thread else ''}: 60 "
+                          f"matmuls {row['matmul_ms']:.1f} ms{thread}; 20 GiB released in {row['big_ms']:.2f} ms",
+                          flush=True)
         host = torch.empty(256 * lab.MiB, dtype=torch.uint8, pin_memory=True)
         dev = torch.empty(256 * lab.MiB, dtype=torch.uint8, device=device)
-        for rep in range(args.repeats):
+        for rep in range(args.repeats if "recovery" in parts else 0):
             for engine_gib, into in ((4, None), (16, None), (48, None), (0, None), (0, dev)):
                 row = {"repeat": rep, **_recovery(device, engine, engine_gib, host, into)}
                 torch.cuda.empty_cache()
@@ -156,7 +268,14 @@ def main() -> None:
         rows = [r for r in out["rows"] if (r["part"], r["condition"], r["engine_gib"], r["gib"], r["alloc_at_s"],
                                            r["free_after_s"], r["absorb"], r["vmm"]) == key]
         print(f"median {key}: release {statistics.median(r['release_ms'] for r in rows):.2f} ms", flush=True)
-    lab.write_json(f"{args.out}/release_probe.json", out)
+    lab.write_json(f"{args.out}/release_probe{'_async' if 'async' in parts else ''}.json", out)
+    if "async" in parts or not parts & {"trials", "sentinel", "background", "nowrite"}:
+        return
+    # the same release on PyTorch's cudaMallocAsync backend (stream-ordered pool, trimmed by empty_cache): a process
+    # of its own, since the backend is chosen at CUDA's start
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync")
+    subprocess.run([sys.executable, __file__, "--out", args.out, "--repeats", str(args.repeats), "--parts", "async"],
+                   env=env, check=False)
 
 
 if __name__ == "__main__":

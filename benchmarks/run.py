@@ -237,7 +237,8 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                      show=r"^(peak|release_|median)")]),
     "release-probe": ("release_probe.py: what the extra wait of a release after another process's release depends "
                       "on (time since it, either side's size, allocation time, a small release first, expandable "
-                      "segments), and how long the copy engines stay slow after releases of several sizes",
+                      "segments), and how long the copy engines stay slow after releases of several sizes "
+                      "($MEMMGR_PROBE_PARTS picks the parts)",
                       lambda c: [Step("release_probe", program("release_probe.py", "--out",
                                                                str(c.work / "release_probe")),
                                       300, show=r"^median")]),
