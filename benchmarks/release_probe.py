@@ -92,6 +92,7 @@ def _recovery(device: torch.device, engine, engine_gib: float, host: torch.Tenso
 
 
 def _condition(engine, condition: str) -> float:
+    torch.cuda.empty_cache()
     if condition == "engine":
         engine.cycle()
     else:
@@ -110,6 +111,88 @@ def _timed_release(device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+class _Driver:
+    """The CUDA driver calls the tickle part makes itself, outside PyTorch's allocator: a 2 MiB cuMemAlloc/cuMemFree,
+    or a 2 MiB cuMemCreate/cuMemRelease (physical memory, never mapped, so no device work to wait for)."""
+
+    def __init__(self, device_index: int):
+        import ctypes
+
+        class Location(ctypes.Structure):
+            _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+        class AllocFlags(ctypes.Structure):
+            _fields_ = [("compressionType", ctypes.c_ubyte), ("gpuDirectRDMACapable", ctypes.c_ubyte),
+                        ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 4)]
+
+        class Prop(ctypes.Structure):
+            _fields_ = [("type", ctypes.c_int), ("requestedHandleTypes", ctypes.c_int), ("location", Location),
+                        ("win32HandleMetaData", ctypes.c_void_p), ("allocFlags", AllocFlags)]
+
+        self.ctypes = ctypes
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        self.prop = Prop(type=1, requestedHandleTypes=0, location=Location(type=1, id=device_index))
+        self.size = 2 << 20
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            raise RuntimeError(f"{what} failed with CUDA driver error {rc}")
+
+    def tickle(self, how: str) -> None:
+        ct = self.ctypes
+        if how == "malloc":
+            ptr = ct.c_uint64()
+            self._check(self.lib.cuMemAlloc_v2(ct.byref(ptr), ct.c_size_t(self.size)), "cuMemAlloc")
+            self._check(self.lib.cuMemFree_v2(ptr), "cuMemFree")
+        elif how == "vmm":
+            handle = ct.c_uint64()
+            self._check(self.lib.cuMemCreate(ct.byref(handle), ct.c_size_t(self.size), ct.byref(self.prop),
+                                             ct.c_uint64(0)), "cuMemCreate")
+            self._check(self.lib.cuMemRelease(handle), "cuMemRelease")
+
+
+def _tickle(device: torch.device, engine, driver: _Driver, condition: str, how: str, in_thread: bool,
+            at_s: float) -> dict:
+    """20 GiB allocated and written right after the condition; at ``at_s`` a 2 MiB driver allocation made and
+    released (``how``: none, malloc, vmm), on this thread or (``in_thread``) on another while this one runs 60
+    matmuls; at 1.5 s the 20 GiB released: whether the small driver call takes the release's extra wait, and
+    whether it holds up the device's work when made on another thread."""
+    t_release = _condition(engine, condition)
+    big = torch.empty(20 * lab.GiB, dtype=torch.uint8, device=device)
+    big.fill_(3)
+    x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ x
+    torch.cuda.synchronize(device)
+    _sleep_until(t_release, at_s)
+    tickle_ms: list[float] = []
+
+    def run_tickle() -> None:
+        torch.cuda.set_device(device)
+        t0 = time.perf_counter()
+        driver.tickle(how)
+        tickle_ms.append((time.perf_counter() - t0) * 1e3)
+
+    thread = threading.Thread(target=run_tickle)
+    if not in_thread:
+        run_tickle()
+    t0 = time.perf_counter()
+    if in_thread:
+        thread.start()
+    for _ in range(60):
+        x @ x
+    torch.cuda.synchronize(device)
+    matmul_ms = (time.perf_counter() - t0) * 1e3
+    if in_thread:
+        thread.join()
+    del x
+    _sleep_until(t_release, max(1.5, at_s + 0.5))
+    del big
+    big_ms = _timed_release(device)
+    return {"condition": condition, "how": how, "in_thread": in_thread, "at_s": at_s, "tickle_ms": tickle_ms[0],
+            "matmul_ms": matmul_ms, "big_ms": big_ms}
+
+
 def _sentinel(device: torch.device, engine, condition: str, sentinel_at_s: float, big_at_s: float) -> dict:
     """A 32 MiB block and a 20 GiB block allocated and written right after the condition; the small one released
     at ``sentinel_at_s``, the large one at ``big_at_s``: whether a first release takes the extra wait for both."""
@@ -118,6 +201,7 @@ def _sentinel(device: torch.device, engine, condition: str, sentinel_at_s: float
             torch.empty(20 * lab.GiB, dtype=torch.uint8, device=device)]
     for block in held:
         block.fill_(3)
+    del block
     _sleep_until(t_release, sentinel_at_s)
     del held[0]
     sentinel_ms = _timed_release(device)
@@ -137,6 +221,7 @@ def _background(device: torch.device, engine, condition: str, free_in_thread: bo
             torch.empty(20 * lab.GiB, dtype=torch.uint8, device=device)]
     for block in held:
         block.fill_(3)
+    del block
     x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         x @ x
@@ -174,7 +259,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--parts", default=os.environ.get("MEMMGR_PROBE_PARTS", "trials,recovery"),
-                        help="comma-separated: trials, recovery, sentinel, background, nowrite, async")
+                        help="comma-separated: trials, recovery, sentinel, background, nowrite, async, tickle")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     if not torch.cuda.is_available():
@@ -249,6 +334,16 @@ def main() -> None:
                     print(f"background {condition}{' with a release in a thread' if free_in_thread else ''}: 60 "
                           f"matmuls {row['matmul_ms']:.1f} ms{thread}; 20 GiB released in {row['big_ms']:.2f} ms",
                           flush=True)
+        driver = _Driver(device.index or 0)
+        for rep in range(args.repeats if "tickle" in parts else 0):
+            for condition in ("engine", "pause"):
+                for how, in_thread, at_s in (("none", False, 1.0), ("malloc", False, 1.0), ("vmm", False, 1.0),
+                                             ("malloc", True, 1.0), ("vmm", True, 1.0), ("vmm", False, 0.2)):
+                    row = {"repeat": rep, **_tickle(device, engine, driver, condition, how, in_thread, at_s)}
+                    out.setdefault("tickle", []).append(row)
+                    print(f"tickle {condition} {how}{' in a thread' if in_thread else ''} at {at_s:g} s: "
+                          f"{row['tickle_ms']:.2f} ms; 60 matmuls {row['matmul_ms']:.1f} ms; then 20 GiB released "
+                          f"in {row['big_ms']:.2f} ms", flush=True)
         host = torch.empty(256 * lab.MiB, dtype=torch.uint8, pin_memory=True)
         dev = torch.empty(256 * lab.MiB, dtype=torch.uint8, device=device)
         for rep in range(args.repeats if "recovery" in parts else 0):
