@@ -8,10 +8,12 @@ bench's MemoryManager, whose ``empty_cache`` it turns off where it calls and tim
 
 - per cycle, as the bench has it: a condition (``pause``: 0.5 s in this process; ``engine``:
   ``EngineStandIn.cycle()``, the helper process taking all free memory and releasing it), the onload (allocation
-  included; the copy path it ran), 0.5 s, the offload, in three arms: ``split`` (the copies, then the release timed
-  apart), ``end`` (the offload as memmgr runs it) and ``one_segment`` (the onload first allocates, and frees into
-  PyTorch's cache, one block of the whole state's size, so that the buckets are carved out of one segment and the
-  offload releases one); GB/s over the copied bytes, and x the same run's pinned peak;
+  included; the copy path it ran), 0.5 s, the offload, in the arms of ``ARMS``: ``split`` (the copies, then the
+  release timed apart; no driver settle, as it starts only with the manager's own release), ``end`` (the offload as
+  memmgr runs it: with the driver settle of ``memmgr.driver_settle``), ``end_unsettled`` (the same with
+  ``MEMMGR_DRIVER_SETTLE=0``) and, if added to ``ARMS``, ``one_segment`` (the onload first
+  allocates, and frees into PyTorch's cache, one block of the whole state's size, so that the buckets are carved out
+  of one segment and the offload releases one); GB/s over the copied bytes, and x the same run's pinned peak;
 - the allocation and the release alone: 20 GiB as 256 MiB blocks or as one block, allocated right after each
   condition, written, then ``empty_cache`` timed;
 - with ``--release-wait``, after the engine condition and an onload: the offload's copies and release when the
@@ -31,6 +33,7 @@ Writes ``offload_phases.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -38,6 +41,9 @@ import time
 import torch
 
 import lab
+
+
+ARMS = ("split", "end", "end_unsettled")  # "one_segment" too: see the module's docstring
 
 
 def _segments() -> int:
@@ -161,6 +167,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("offload_phases.py needs a GPU")
 
+    from memmgr.driver_settle import SETTLE_ENV
     from memmgr.host_memory import HostMemoryPool
     from memmgr.tools.bench_methods import MemmgrMethod, make_state
     from memmgr.tools.engine_standin import EngineStandIn
@@ -208,7 +215,8 @@ def main() -> None:
         mgr.offload()  # the first offload pins the host buffers
         torch.cuda.empty_cache()
         for condition in ["pause", "engine"] * args.cycles:
-            for arm in ("split", "end", "one_segment"):
+            for arm in ARMS:
+                os.environ[SETTLE_ENV] = "0" if arm in ("end_unsettled", "one_segment") else "1"
                 if condition == "engine":
                     engine.cycle()
                 else:
@@ -241,8 +249,9 @@ def main() -> None:
                 print(f"cycle {condition} {arm}: onload {row['onload_gbps']:.1f} GB/s "
                       f"({row['onload_gbps'] / peak['h2d']:.2f}x, {path}), then offload {row['offload_gbps']:.1f} "
                       f"GB/s ({row['offload_gbps'] / peak['d2h']:.2f}x{detail})", flush=True)
+        os.environ[SETTLE_ENV] = "1"
         for condition in ("pause", "engine"):
-            for arm in ("split", "end", "one_segment"):
+            for arm in ARMS:
                 rows = [r for r in out["cycles"] if r["condition"] == condition and r["arm"] == arm]
                 summary = {k: statistics.median(r[k] for r in rows) for k in ("offload_gbps", "onload_gbps")}
                 out.setdefault("median", {}).setdefault(condition, {})[arm] = summary

@@ -36,6 +36,7 @@ class BackendInfo:
     copy_path_requested: str = "auto"  # $MEMMGR_COPY_PATH, or "auto"
     copy_path_auto: dict[str, str] = field(default_factory=dict)  # what "auto" runs per direction
     copy_path_last: dict[str, str] = field(default_factory=dict)  # the path that ran last per direction
+    driver_settle: dict[str, Any] = field(default_factory=dict)  # memmgr.driver_settle.status()
 
     def describe(self) -> str:
         ext = "built" if self.extension_built else f"not built ({self.extension_error})"
@@ -47,7 +48,23 @@ class BackendInfo:
         text += ")"
         if self.copy_path_last:
             text += "; last ran: " + ", ".join(f"{d} {p}" for d, p in sorted(self.copy_path_last.items()))
+        if self.driver_settle:
+            text += "; " + describe_driver_settle(self.driver_settle)
         return text
+
+
+def describe_driver_settle(status: dict[str, Any]) -> str:
+    """One phrase for ``memmgr.driver_settle.status()``."""
+    if not status.get("enabled"):
+        return "driver settle at offload off"
+    if not status.get("available"):
+        return "driver settle at offload unavailable (no libcuda)"
+    text = f"driver settle at offload on ({status.get('started', 0)} run"
+    if status.get("last_ms") is not None:
+        text += f", last {status['last_ms']:.1f} ms"
+    if status.get("last_error"):
+        text += f", last error: {status['last_error']}"
+    return text + ")"
 
 
 def native_module() -> ModuleType | None:
@@ -75,5 +92,8 @@ def backend_info() -> BackendInfo:
         pinning = "cudart-register (torch.cuda.cudart().cudaHostRegister on an exact-size tensor)"
     paths = _copy_paths_status() if _copy_paths_status is not None else \
         {"available": ["engine"], "requested": "auto", "auto": {}, "last": {}}
+    from memmgr import driver_settle
+
     return BackendInfo(native is not None, _import_error, cuda, pinning, tuple(paths["available"]),
-                       str(paths["requested"]), dict(paths["auto"]), dict(paths["last"]))
+                       str(paths["requested"]), dict(paths["auto"]), dict(paths["last"]),
+                       driver_settle.status() if cuda else {})

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from memmgr import arguments, moves, storages
+from memmgr import arguments, driver_settle, moves, storages
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.flat_tensors import BucketizedFlatTensors, TensorsArg, tensors_argument
 from memmgr.groups import (MovableUnit, StateGroup, check_no_outside_references, default_priority, group_state,
@@ -269,11 +269,15 @@ class MemoryManager:
     @contextlib.contextmanager
     def offloading(self, groups: tuple[str, ...], label: str, *, non_blocking: bool = False) -> Iterator[MoveScope]:
         """Brackets an offload whose units the caller issues itself (``scope.add(handle)`` for each): before_offload
-        hooks on entry; on a normal exit, PyTorch's cache (and cuBLAS's workspaces) are released once the copies
-        complete, the copies are waited for unless ``non_blocking``, after_offload hooks run and the ledger records
-        ``label``."""
+        hooks on entry, and (with ``empty_cache``) a driver settle on a side thread (``memmgr.driver_settle``); on a
+        normal exit, PyTorch's cache (and cuBLAS's workspaces) are released once the copies complete, the copies are
+        waited for unless ``non_blocking``, after_offload hooks run and the ledger records ``label``."""
         self.check_open()
         self._fire(HookEvent.BEFORE_OFFLOAD, groups)
+        if self.empty_cache:
+            # The release at the end may owe the driver a wait for another process's release; a side thread pays it
+            # while the copies run (memmgr.driver_settle).
+            driver_settle.begin()
         scope = MoveScope()
         yield scope
         handle = scope.handle
