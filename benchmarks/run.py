@@ -149,6 +149,13 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
     "speed": ("the README's speed figures: the 1.3B Megatron speed over 12 cycles (built-ins beside it) and the "
               "default `memmgr bench`", lambda c: [megatron_suite(c, "--speed-only", "--cycles", "12", timeout=170),
                                                    memmgr_bench(c, timeout=380)]),
+    "memmgr-bench": ("`memmgr bench --methods memmgr --cycles 2` on the default workload (the 1.3B GPT and the "
+                     "synthetic state) and on the 3.7B GPT (`--gpt 4b`), both conditions: memmgr's figures where device time is "
+                     "too short for every peer",
+                     lambda c: [memmgr_bench(c, "--methods", "memmgr", "--cycles", "2", name="bench_default",
+                                             timeout=200),
+                                memmgr_bench(c, "--gpt", "4b", "--methods", "memmgr", "--cycles", "2", name="bench_4b",
+                                             timeout=200)]),
     "sweep": ("`memmgr bench --methods memmgr --sweep`: 1-32 GiB x 10-10,000 tensors per GiB, fitted GB/s",
               lambda c: [memmgr_bench(c, "--methods", "memmgr", "--sweep", name="sweep", timeout=300)]),
     "core": ("gpu_core.py: 16 GiB of mixed tensors and a 1B toy transformer under memmgr against the peak",

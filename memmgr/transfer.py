@@ -155,38 +155,18 @@ DEFAULT_ENGINE_FRACTION = 0.5
 #   undersells the engines (48-51 GB/s on memory where a whole copy runs at 55) but not the kernel (50.9), so on
 #   free engines the kernel probe read 0.99-1.05x the engine probe; right after a release it read 1.7-2.6x
 #   (engines 19-29.5 GB/s, kernel 49.5-50.6).
-# - The engines' slow spell after another process's release lasts about as long as the driver takes to clear the
-#   released memory: 0.02 s after 4 GB, 0.06 s after 17, 0.17 s after 52 and 0.5-0.55 s after 146 GB
-#   (benchmarks/release_probe.py, part recovery). An onload longer than that would stay on the kernel (0.93x) after
-#   the engines are back to full speed (0.98-1.00x). So while the kernel carries a move's host->device copies,
-#   'auto' re-times the engines on AUTO_REPROBE_BYTES at the head of one copy per AUTO_REPROBE_EVERY_BYTES issued, and
-#   hands the copies issued after that back to the engines once a re-probe reads AUTO_RECOVERED_FRACTION of the
-#   kernel's probe speed. A re-probe's result is known only once the device ran it, so while one is outstanding the
-#   issuing thread waits before going more than AUTO_AHEAD_BYTES past it (the device still has that much queued).
+# - The verdict holds for the whole move, although the engines' slow spell lasts about as long as the driver takes to
+#   clear the released memory (0.02 s after 4 GB, 0.17 s after 52, 0.5-0.55 s after 146 GB: release_probe.py). Re-
+#   timing the engines on 16 MiB at the head of a copy every 3 GiB of a kernel run, to hand the rest back to them,
+#   read them as recovered while whole copies still ran at half speed (onloads at 0.59-0.76x instead of 0.89x;
+#   benchmarks/results/2026-11-29/H200_SESSION5.md), so 'auto' does not.
 AUTO_POLICY: dict[str, str] = {"h2d": "probe", "d2h": "engine"}
 AUTO_PROBE_BYTES = 64 << 20
 AUTO_PROBE_MIN_BYTES = 2 * AUTO_PROBE_BYTES
 AUTO_KERNEL_MARGIN = 1.3
-AUTO_REPROBE_BYTES = 16 << 20
-AUTO_REPROBE_EVERY_BYTES = 3 << 30
-AUTO_AHEAD_BYTES = 2 << 30
-AUTO_RECOVERED_FRACTION = 0.85
 
 _last_paths: dict[str, str] = {}
 _last_probe: dict[int, dict[str, float | str]] = {}  # per device: the last probe's speeds and verdict
-
-
-class _KernelRun:
-    """Per device, while 'auto' has the kernel carry host->device copies: bytes issued since the last re-probe, and
-    the outstanding re-probe (its timing events and the bytes issued after it)."""
-
-    def __init__(self) -> None:
-        self.since_reprobe = 0
-        self.reprobe: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
-        self.after_reprobe = 0
-
-
-_kernel_runs: dict[int, _KernelRun] = {}
 _state_lock = threading.Lock()
 _warned_kernel_failure = False
 _prepared_devices: set[int] = set()
@@ -357,10 +337,7 @@ def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.
     with _state_lock:
         verdict = str(_last_probe.get(device, {}).get("verdict", "engine"))
     if probe <= 0 or nbytes < max(AUTO_PROBE_MIN_BYTES, 2 * probe) or not stream.query():
-        # Too small to measure, or queued behind other work (waiting would stall the caller): the last verdict,
-        # which re-probes revisit while it is the kernel.
-        if verdict == "kernel":
-            return _issue_kernel_run(dst, src, stream, direction, device, kernel_blocks)
+        # Too small to measure, or queued behind other work (waiting would stall the caller): the last verdict.
         ran = _issue(dst, src, stream, direction, verdict, 0, kernel_blocks)
         _record(direction, f"{ran} (auto, last probe)")
         return ran
@@ -379,60 +356,11 @@ def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.
     verdict = "kernel" if kernel_ran and kernel_gbps > AUTO_KERNEL_MARGIN * engine_gbps else "engine"
     with _state_lock:
         _last_probe[device] = {"verdict": verdict, "engine_gbps": engine_gbps, "kernel_gbps": kernel_gbps,
-                               "probe_bytes": probe, "reprobes": 0}
-        _kernel_runs[device] = _KernelRun()
+                               "probe_bytes": probe}
     ran = _issue(dst[2 * probe:], src[2 * probe:], stream, direction, verdict, 0, kernel_blocks)
     _record(direction, f"{ran} (auto, probe: engines {engine_gbps:.1f} GB/s, kernel {kernel_gbps:.1f} GB/s)")
     logger.debug("copy-path probe on cuda:%d: engines %.1f GB/s, kernel %.1f GB/s -> %s", device, engine_gbps,
                  kernel_gbps, ran)
-    return ran
-
-
-def _issue_kernel_run(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str, device: int,
-                      kernel_blocks: int) -> str:
-    """A host->device copy under a 'kernel' verdict (see AUTO_REPROBE_BYTES): settles an outstanding re-probe (waiting
-    for it once this many bytes were issued past it), hands the copy to the engines if they are back, else issues it
-    on the kernel, with a re-probe at its head when one is due."""
-    nbytes = dst.numel()
-    with _state_lock:
-        run = _kernel_runs.setdefault(device, _KernelRun())
-    if run.reprobe is not None:
-        start, end = run.reprobe
-        if run.after_reprobe + nbytes > AUTO_AHEAD_BYTES:
-            end.synchronize()
-        if end.query():
-            run.reprobe = None
-            seconds = start.elapsed_time(end) / 1e3
-            engine_gbps = AUTO_REPROBE_BYTES / seconds / 1e9 if seconds > 0 else float("inf")
-            with _state_lock:
-                last = _last_probe.setdefault(device, {"verdict": "kernel"})
-                last["reprobes"] = int(last.get("reprobes", 0)) + 1
-                last["reprobe_engine_gbps"] = engine_gbps
-                if engine_gbps >= AUTO_RECOVERED_FRACTION * float(last.get("kernel_gbps", float("inf"))):
-                    last["verdict"] = "engine"
-                    last["engines_back_after_reprobes"] = last["reprobes"]
-            logger.debug("copy-path re-probe on cuda:%d: engines %.1f GB/s", device, engine_gbps)
-    with _state_lock:
-        verdict = str(_last_probe.get(device, {}).get("verdict", "kernel"))
-    if verdict != "kernel":
-        ran = _issue(dst, src, stream, direction, verdict, 0, kernel_blocks)
-        _record(direction, f"{ran} (auto, engines back after a re-probe)")
-        return ran
-    head = AUTO_REPROBE_BYTES // _SPLIT_ALIGN * _SPLIT_ALIGN
-    if run.reprobe is None and run.since_reprobe >= AUTO_REPROBE_EVERY_BYTES and nbytes >= 2 * head > 0:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        _issue(dst[:head], src[:head], stream, direction, "engine", 0, kernel_blocks)
-        end.record(stream)
-        ran = _issue(dst[head:], src[head:], stream, direction, "kernel", 0, kernel_blocks)
-        run.reprobe, run.after_reprobe, run.since_reprobe = (start, end), nbytes - head, 0
-        _record(direction, f"{ran} (auto, last probe, re-probing the engines)")
-        return ran
-    ran = _issue(dst, src, stream, direction, "kernel", 0, kernel_blocks)
-    run.since_reprobe += nbytes
-    if run.reprobe is not None:
-        run.after_reprobe += nbytes
-    _record(direction, f"{ran} (auto, last probe)")
     return ran
 
 
