@@ -150,8 +150,8 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
               "default `memmgr bench`", lambda c: [megatron_suite(c, "--speed-only", "--cycles", "12", timeout=170),
                                                    memmgr_bench(c, timeout=380)]),
     "memmgr-bench": ("`memmgr bench --methods memmgr --cycles 2` on the default workload (the 1.3B GPT and the "
-                     "synthetic state) and on the 3.7B GPT (`--gpt 4b`), both conditions: memmgr's figures where device time is "
-                     "too short for every peer",
+                     "synthetic state) and on the 3.7B GPT (`--gpt 4b`), both conditions: memmgr's figures where "
+                     "device time is too short for every peer",
                      lambda c: [memmgr_bench(c, "--methods", "memmgr", "--cycles", "2", name="bench_default",
                                              timeout=200),
                                 memmgr_bench(c, "--gpt", "4b", "--methods", "memmgr", "--cycles", "2", name="bench_4b",
