@@ -249,6 +249,11 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                       lambda c: [Step("release_probe", program("release_probe.py", "--out",
                                                                str(c.work / "release_probe")),
                                       300, show=r"^median")]),
+    "onload-timeline": ("onload_timeline.py: a 50 GiB onload after another process's release, its allocations and "
+                        "the copy stream's idle time, as is / allocations first / a driver settle during it",
+                        lambda c: [Step("onload_timeline", program("onload_timeline.py", "--out",
+                                                                   str(c.work / "onload_timeline")),
+                                        300, show=r"^(peak|median)")]),
     "ab": ("the same small `memmgr bench` (synthetic state, memmgr alone, the pause, 5 cycles) from an earlier tree and "
            "from this one, alternating twice, on one machine: whether a change moved the ratios; then move_profile.py "
            "(where a move of 10,000 small tensors spends its time) from both trees. Carry the earlier "
