@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import lab
 import torch
@@ -160,10 +161,7 @@ def _tickle(device: torch.device, engine, driver: _Driver, condition: str, how: 
     t_release = _condition(engine, condition)
     big = torch.empty(20 * lab.GiB, dtype=torch.uint8, device=device)
     big.fill_(3)
-    x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        x @ x
-    torch.cuda.synchronize(device)
+    x = _matmul_operand(device)
     _sleep_until(t_release, at_s)
     tickle_ms: list[float] = []
 
@@ -173,24 +171,38 @@ def _tickle(device: torch.device, engine, driver: _Driver, condition: str, how: 
         driver.tickle(how)
         tickle_ms.append((time.perf_counter() - t0) * 1e3)
 
-    thread = threading.Thread(target=run_tickle)
     if not in_thread:
         run_tickle()
-    t0 = time.perf_counter()
-    if in_thread:
-        thread.start()
-    for _ in range(60):
-        x @ x
-    torch.cuda.synchronize(device)
-    matmul_ms = (time.perf_counter() - t0) * 1e3
-    if in_thread:
-        thread.join()
+    matmul_ms = _matmuls_beside(x, run_tickle if in_thread else None)
     del x
     _sleep_until(t_release, max(1.5, at_s + 0.5))
     del big
     big_ms = _timed_release(device)
     return {"condition": condition, "how": how, "in_thread": in_thread, "at_s": at_s, "tickle_ms": tickle_ms[0],
             "matmul_ms": matmul_ms, "big_ms": big_ms}
+
+
+def _matmul_operand(device: torch.device) -> torch.Tensor:
+    x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ x
+    torch.cuda.synchronize(device)
+    return x
+
+
+def _matmuls_beside(x: torch.Tensor, side: Callable[[], None] | None) -> float:
+    """Runs 60 matmuls of ``x`` while ``side`` (if given) runs on another thread; returns the matmuls' wall ms."""
+    thread = threading.Thread(target=side) if side is not None else None
+    t0 = time.perf_counter()
+    if thread is not None:
+        thread.start()
+    for _ in range(60):
+        x @ x
+    torch.cuda.synchronize(x.device)
+    matmul_ms = (time.perf_counter() - t0) * 1e3
+    if thread is not None:
+        thread.join()
+    return matmul_ms
 
 
 def _sentinel(device: torch.device, engine, condition: str, sentinel_at_s: float, big_at_s: float) -> dict:
@@ -222,10 +234,7 @@ def _background(device: torch.device, engine, condition: str, free_in_thread: bo
     for block in held:
         block.fill_(3)
     del block
-    x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        x @ x
-    torch.cuda.synchronize(device)
+    x = _matmul_operand(device)
     _sleep_until(t_release, 1.0)
     thread_ms: list[float] = []
 
@@ -234,18 +243,9 @@ def _background(device: torch.device, engine, condition: str, free_in_thread: bo
         torch.cuda.empty_cache()
         thread_ms.append((time.perf_counter() - t0) * 1e3)
 
-    thread = threading.Thread(target=release_small)
     if free_in_thread:
         del held[0]
-    t0 = time.perf_counter()
-    if free_in_thread:
-        thread.start()
-    for _ in range(60):
-        x @ x
-    torch.cuda.synchronize(device)
-    matmul_ms = (time.perf_counter() - t0) * 1e3
-    if free_in_thread:
-        thread.join()
+    matmul_ms = _matmuls_beside(x, release_small if free_in_thread else None)
     del x
     _sleep_until(t_release, 1.5)
     held.clear()
