@@ -182,6 +182,15 @@ def _tickle(device: torch.device, engine, driver: _Driver, condition: str, how: 
             "matmul_ms": matmul_ms, "big_ms": big_ms}
 
 
+def _small_and_large(device: torch.device) -> list[torch.Tensor]:
+    """A 32 MiB block and a 20 GiB block, written; only the returned list refers to them."""
+    held = [torch.empty(32 * lab.MiB, dtype=torch.uint8, device=device),
+            torch.empty(20 * lab.GiB, dtype=torch.uint8, device=device)]
+    for i in range(len(held)):
+        held[i].fill_(3)
+    return held
+
+
 def _matmul_operand(device: torch.device) -> torch.Tensor:
     x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     for _ in range(3):
@@ -209,11 +218,7 @@ def _sentinel(device: torch.device, engine, condition: str, sentinel_at_s: float
     """A 32 MiB block and a 20 GiB block allocated and written right after the condition; the small one released
     at ``sentinel_at_s``, the large one at ``big_at_s``: whether a first release takes the extra wait for both."""
     t_release = _condition(engine, condition)
-    held = [torch.empty(32 * lab.MiB, dtype=torch.uint8, device=device),
-            torch.empty(20 * lab.GiB, dtype=torch.uint8, device=device)]
-    for block in held:
-        block.fill_(3)
-    del block
+    held = _small_and_large(device)
     _sleep_until(t_release, sentinel_at_s)
     del held[0]
     sentinel_ms = _timed_release(device)
@@ -229,11 +234,7 @@ def _background(device: torch.device, engine, condition: str, free_in_thread: bo
     ``free_in_thread``) another thread releases a 32 MiB block allocated with it: whether that release holds up the
     device's other work, and whether the later release of the rest is then quick."""
     t_release = _condition(engine, condition)
-    held = [torch.empty(32 * lab.MiB, dtype=torch.uint8, device=device),
-            torch.empty(20 * lab.GiB, dtype=torch.uint8, device=device)]
-    for block in held:
-        block.fill_(3)
-    del block
+    held = _small_and_large(device)
     x = _matmul_operand(device)
     _sleep_until(t_release, 1.0)
     thread_ms: list[float] = []
