@@ -130,3 +130,27 @@ def test_bench_table_has_one_section_per_condition():
     text = bench.format_table(report)
     assert "## Megatron-shaped synthetic state, an engine in another process" in text
     assert "## Megatron-shaped synthetic state, an untimed pause" in text
+
+
+def test_memmgr_records_the_paths_each_cycle_ran():
+    device = torch.device("cpu")
+    result = bench.run_method(bench.MemmgrMethod(), 0.01 * bench.GB, device, 3,
+                              lambda: bench.make_state(0.01 * bench.GB, device))
+    assert result.error is None, result.error
+    assert len(result.paths) == 3
+    assert set(result.paths[0]) == {"onload", "offload", "driver_settle_ms"}
+    assert bench.run_method(_InstantMethod(), 0.001 * bench.GB, device, 2,
+                            lambda: bench.make_state(0.001 * bench.GB, device)).paths == []
+
+
+def test_bench_table_says_which_copy_paths_memmgr_ran():
+    paths = [{"onload": "kernel (auto, probe: engines 26.1 GB/s, kernel 50.3 GB/s)", "offload": "engine",
+              "driver_settle_ms": 31.0},
+             {"onload": "kernel (auto, last probe)", "offload": "engine", "driver_settle_ms": 28.5},
+             {"onload": "engine (auto, last probe)", "offload": "engine", "driver_settle_ms": 0.3}]
+    rows = [{"method": "memmgr", "skipped": "x", "paths": paths}, {"method": "per_tensor", "skipped": "x"}]
+    line = [x for x in bench._paths_line(rows) if x]
+    assert line == ["memmgr, paths over 3 cycles: onload kernel ×2, engine ×1; offload engine ×3; driver settle "
+                    "beside the offload's copies 0.3-31.0 ms"]
+    assert bench._paths_line([{"method": "memmgr", "paths": [{"onload": None, "offload": None,
+                                                                 "driver_settle_ms": None}]}]) == []

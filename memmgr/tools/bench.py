@@ -19,6 +19,7 @@ import logging
 import os
 import statistics
 import time
+from collections import Counter
 
 import torch
 
@@ -260,6 +261,26 @@ def _peer_line(results: list[dict]) -> list[str]:
                 f"steady state {vs['steady']:.2f}× ({vs['steady_peer']})"]
 
 
+def _paths_line(results: list[dict]) -> list[str]:
+    """For memmgr's rows: which copy path each cycle's onload and offload ran, and the driver settle's times."""
+    lines = []
+    for r in results:
+        paths = r.get("paths") or []
+        if not r["method"].startswith("memmgr") or not paths:
+            continue
+        parts = []
+        for move in ("onload", "offload"):
+            kinds = Counter(str(p[move]).split(" (")[0] for p in paths if p.get(move))
+            if kinds:
+                parts.append(f"{move} " + ", ".join(f"{kind} ×{n}" for kind, n in kinds.most_common()))
+        settles = [p["driver_settle_ms"] for p in paths if p.get("driver_settle_ms") is not None]
+        if settles:
+            parts.append(f"driver settle beside the offload's copies {min(settles):.1f}-{max(settles):.1f} ms")
+        if parts:
+            lines.append(f"{r['method']}, paths over {len(paths)} cycles: " + "; ".join(parts))
+    return [""] + lines if lines else []
+
+
 def format_table(report: dict) -> str:
     peak = report["peak_gbps"]
     lines = [f"# memmgr bench — {report['info']['device']} — {report['info']['date']}", "",
@@ -276,11 +297,12 @@ def format_table(report: dict) -> str:
             lines += [f"## Real megatron-core GPT, {title}", ""]
             if "results" in mg:
                 mg_rows = (mg.get("by_condition") or {"pause": mg["results"]}).get(name, [])
-                lines += [mg["description"], ""] + _table_rows(mg_rows) + _peer_line(mg_rows) + [""]
+                lines += [mg["description"], ""] + _table_rows(mg_rows) + _peer_line(mg_rows) + _paths_line(mg_rows)
+                lines += [""]
             else:
                 lines += [f"not run: {mg.get('skipped') or mg.get('error')}", ""]
         lines += [f"## Megatron-shaped synthetic state, {title}", ""]
-        lines += _table_rows(rows) + _peer_line(rows) + [""]
+        lines += _table_rows(rows) + _peer_line(rows) + _paths_line(rows) + [""]
     return "\n".join(lines).rstrip()
 
 

@@ -167,6 +167,10 @@ class Method:
 
     def onload(self, state: TrainingState) -> None: ...
 
+    def paths_ran(self) -> dict[str, object] | None:
+        """After a cycle: which copy paths moved its bytes (None: the method does not say)."""
+        return None
+
     def host_bytes(self) -> dict[str, int]:
         return {}
 
@@ -198,6 +202,14 @@ class MemmgrMethod(Method):
 
     def onload(self, state):
         self.mgr.onload()
+
+    def paths_ran(self):
+        from memmgr import driver_settle
+        from memmgr.transfer import copy_paths_status
+
+        last = copy_paths_status()["last"]
+        return {"onload": last.get("h2d"), "offload": last.get("d2h"),
+                "driver_settle_ms": driver_settle.status()["last_ms"]}
 
     def host_bytes(self):
         return {"pinned": self.pool.pinned_bytes_held, "pageable": self.pool.bytes_held - self.pool.pinned_bytes_held}
@@ -322,6 +334,7 @@ class MethodResult:
     torch_reserved_left_over: int | None = None
     intact: bool | None = None
     error: str | None = None
+    paths: list[dict] = field(default_factory=list)  # per cycle, what Method.paths_ran said
 
     def gbps(self, seconds: float) -> float:
         return self.copied_bytes / seconds / GB if seconds > 0 else math.inf
@@ -398,6 +411,9 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
             else:
                 time.sleep(phase_gap_s)
             result.onload_s.append(timed(lambda: method.onload(state), device))
+            ran = method.paths_ran()
+            if ran is not None:
+                result.paths.append(ran)
             time.sleep(phase_gap_s)
         result.intact = checksum(state.copied) == before
         method.teardown()
