@@ -1,4 +1,4 @@
-"""Loads the optional native extension and says which host-memory and copy paths are in use."""
+"""Loads the optional native extension and says which host-memory and copy paths, and which driver settle, are in use."""
 from __future__ import annotations
 
 import logging
@@ -7,6 +7,8 @@ from types import ModuleType
 from typing import Any, Callable
 
 import torch
+
+from memmgr import driver_settle
 
 logger = logging.getLogger("memmgr")
 
@@ -92,8 +94,6 @@ def backend_info() -> BackendInfo:
         pinning = "cudart-register (torch.cuda.cudart().cudaHostRegister on an exact-size tensor)"
     paths = _copy_paths_status() if _copy_paths_status is not None else \
         {"available": ["engine"], "requested": "auto", "auto": {}, "last": {}}
-    from memmgr import driver_settle
-
     return BackendInfo(native is not None, _import_error, cuda, pinning, tuple(paths["available"]),
                        str(paths["requested"]), dict(paths["auto"]), dict(paths["last"]),
                        driver_settle.status() if cuda else {})

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from memmgr.errors import MemmgrError
+
 logger = logging.getLogger("memmgr")
 
 SETTLE_ENV = "MEMMGR_DRIVER_SETTLE"
@@ -49,8 +51,9 @@ _LOCATION_TYPE_DEVICE = 1
 _GRANULARITY_MINIMUM = 0
 
 
-class DriverError(RuntimeError):
-    """A CUDA driver call of the settle failed (internal: logged, never raised to callers of ``begin``)."""
+class DriverCallError(MemmgrError, RuntimeError):
+    """A CUDA driver call of the settle failed (logged by the settle's thread, never raised to callers of
+    ``begin``)."""
 
 
 def _load_driver() -> ctypes.CDLL | None:
@@ -67,14 +70,14 @@ def physical_allocation_roundtrip(lib: ctypes.CDLL, device_index: int) -> None:
     granularity = ctypes.c_size_t()
     rc = lib.cuMemGetAllocationGranularity(ctypes.byref(granularity), ctypes.byref(prop), _GRANULARITY_MINIMUM)
     if rc != 0:
-        raise DriverError(f"cuMemGetAllocationGranularity returned CUDA driver error {rc}")
+        raise DriverCallError(f"cuMemGetAllocationGranularity returned CUDA driver error {rc}")
     handle = ctypes.c_uint64()
     rc = lib.cuMemCreate(ctypes.byref(handle), granularity, ctypes.byref(prop), ctypes.c_uint64(0))
     if rc != 0:
-        raise DriverError(f"cuMemCreate of {granularity.value} bytes returned CUDA driver error {rc}")
+        raise DriverCallError(f"cuMemCreate of {granularity.value} bytes returned CUDA driver error {rc}")
     rc = lib.cuMemRelease(handle)
     if rc != 0:
-        raise DriverError(f"cuMemRelease returned CUDA driver error {rc}")
+        raise DriverCallError(f"cuMemRelease returned CUDA driver error {rc}")
 
 
 class DriverSettle:
