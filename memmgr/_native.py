@@ -1,4 +1,4 @@
-"""Loads the optional native extension and says which host-memory and copy paths, and which driver settle, are in use."""
+"""Loads the optional native extension; says which host-memory paths, copy paths and driver settle are in use."""
 from __future__ import annotations
 
 import logging
