@@ -105,7 +105,7 @@ def main() -> None:
     print(f"peak: d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s", flush=True)
     out: dict = {"meta": lab.metadata(), "peak_gbps": peak, "cycles": []}
     engine = EngineStandIn(device)
-    lib = driver_settle._load_driver()
+    settle = driver_settle.DriverSettle(enabled=True)
     try:
         state = make_state(args.gib * lab.GiB, device)
         copied = state.copied_bytes
@@ -123,10 +123,11 @@ def main() -> None:
 
                     def settle_loop() -> None:
                         while not stop.is_set():
-                            driver_settle.physical_allocation_roundtrip(lib, device.index or 0)
+                            settle.begin(device.index or 0)  # starts nothing while the last one still runs
                             stop.wait(0.02)
+                        settle.wait()
 
-                    settler = threading.Thread(target=settle_loop) if arm == "settle_during" and lib else None
+                    settler = threading.Thread(target=settle_loop) if arm == "settle_during" else None
                     start = torch.cuda.Event(enable_timing=True)
                     with _Recorder(FlatTensors, copy_stream) as rec:
                         torch.cuda.synchronize(device)

@@ -113,43 +113,30 @@ def _timed_release(device: torch.device) -> float:
 
 
 class _Driver:
-    """The CUDA driver calls the tickle part makes itself, outside PyTorch's allocator: a 2 MiB cuMemAlloc/cuMemFree,
-    or a 2 MiB cuMemCreate/cuMemRelease (physical memory, never mapped, so no device work to wait for)."""
+    """The CUDA driver calls the tickle part makes itself, outside PyTorch's allocator: a 2 MiB cuMemAlloc/cuMemFree
+    (``malloc``), or memmgr's driver settle call, one granule (2 MiB on an H200) of physical memory created and
+    released, never mapped, so no device work to wait for (``vmm``)."""
 
     def __init__(self, device_index: int):
         import ctypes
 
-        class Location(ctypes.Structure):
-            _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-        class AllocFlags(ctypes.Structure):
-            _fields_ = [("compressionType", ctypes.c_ubyte), ("gpuDirectRDMACapable", ctypes.c_ubyte),
-                        ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 4)]
-
-        class Prop(ctypes.Structure):
-            _fields_ = [("type", ctypes.c_int), ("requestedHandleTypes", ctypes.c_int), ("location", Location),
-                        ("win32HandleMetaData", ctypes.c_void_p), ("allocFlags", AllocFlags)]
-
         self.ctypes = ctypes
         self.lib = ctypes.CDLL("libcuda.so.1")
-        self.prop = Prop(type=1, requestedHandleTypes=0, location=Location(type=1, id=device_index))
+        self.index = device_index
         self.size = 2 << 20
 
-    def _check(self, rc: int, what: str) -> None:
-        if rc != 0:
-            raise RuntimeError(f"{what} failed with CUDA driver error {rc}")
-
     def tickle(self, how: str) -> None:
+        from memmgr.driver_settle import physical_allocation_roundtrip
+
         ct = self.ctypes
         if how == "malloc":
             ptr = ct.c_uint64()
-            self._check(self.lib.cuMemAlloc_v2(ct.byref(ptr), ct.c_size_t(self.size)), "cuMemAlloc")
-            self._check(self.lib.cuMemFree_v2(ptr), "cuMemFree")
+            for rc, what in ((self.lib.cuMemAlloc_v2(ct.byref(ptr), ct.c_size_t(self.size)), "cuMemAlloc"),
+                             (self.lib.cuMemFree_v2(ptr), "cuMemFree")):
+                if rc != 0:
+                    raise RuntimeError(f"{what} failed with CUDA driver error {rc}")
         elif how == "vmm":
-            handle = ct.c_uint64()
-            self._check(self.lib.cuMemCreate(ct.byref(handle), ct.c_size_t(self.size), ct.byref(self.prop),
-                                             ct.c_uint64(0)), "cuMemCreate")
-            self._check(self.lib.cuMemRelease(handle), "cuMemRelease")
+            physical_allocation_roundtrip(self.lib, self.index)
 
 
 def _tickle(device: torch.device, engine, driver: _Driver, condition: str, how: str, in_thread: bool,
