@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-from memmgr.errors import MemmgrError
+from memmgr import arguments
+from memmgr.errors import MemmgrError, MemmgrInputError
 
 logger = logging.getLogger("memmgr")
 
@@ -160,7 +161,12 @@ _settle = DriverSettle()
 
 
 def begin(device: torch.device | int | None = None) -> threading.Thread | None:
-    """Starts the process-wide settle for ``device`` (default: the current CUDA device) if CUDA is up here."""
+    """Starts the process-wide settle for ``device`` (a CUDA device or its index; default: the current one) if CUDA
+    is up here."""
+    arguments.instance("driver_settle.begin", "device", device, (torch.device, int), optional=True)
+    if isinstance(device, torch.device) and device.type != "cuda":
+        raise MemmgrInputError(f"driver_settle.begin: device must be a CUDA device, got {device}; pass the GPU whose "
+                               f"offload is starting (e.g. torch.device('cuda', 0)) or its index")
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     if device is None:

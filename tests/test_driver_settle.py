@@ -117,3 +117,9 @@ def test_a_settle_on_the_gpu_runs_without_error():
     settle.wait(30)
     status = settle.status()
     assert status["available"] is True and status["last_error"] is None and status["last_ms"] is not None
+
+
+@pytest.mark.parametrize("device, match", [("cuda:0", "device"), (torch.device("cpu"), "CUDA device")])
+def test_begin_refuses_a_device_that_is_not_a_cuda_device_or_index(device, match):
+    with pytest.raises(memmgr.MemmgrInputError, match=match):
+        driver_settle.begin(device)
