@@ -17,15 +17,28 @@ finished its own copy was issued). Arms, each under the engine condition and aft
 - ``as_is``: ``mgr.onload()``;
 - ``alloc_first``: every bucket allocated (``unit.allocate()``) before ``mgr.onload()`` issues the copies;
 - ``settle_during``: a side thread makes the driver settle's call (``memmgr.driver_settle``) every 20 ms while the
-  onload runs, so that it, not an allocation, may meet the one-time wait.
+  onload runs, so that it, not an allocation, may meet the one-time wait;
+- ``reserve_first``: one allocation of all the buckets' bytes, freed to PyTorch's cache at once, before
+  ``mgr.onload()``: the buckets' allocations are then carved out of that cached block without driver calls;
+- ``reserve_engines``: the same with every copy on the copy engines (``MEMMGR_COPY_PATH=engine``).
 
-Between onloads the state is offloaded (untimed). Writes ``onload_timeline.json`` under ``--out``.
+Between onloads the state is offloaded (untimed). Two more parts (``--parts``):
 
-    python benchmarks/onload_timeline.py --out DIR [--gib 50] [--cycles 3]
+- ``alloc_beside``: after each condition (with the one-time wait paid first by a driver settle), ten fresh 150 MiB
+  allocations while an 8 GiB copy runs on a side stream through the copy kernel, or the copy engines, or while
+  matmuls run, or with nothing running: does an allocation wait for the work in flight (``done_at_alloc``)?
+- ``after_reserve``: right after each condition (or 0.5 s later), one 50 GiB allocation, then 1 GiB host->device
+  copies into it one after the other, through the engines or the kernel: each copy's GB/s and when it ran, so as to
+  see whether the engines' slow spell follows the other process's release or this process's allocation.
+
+Writes ``onload_timeline.json`` under ``--out``.
+
+    python benchmarks/onload_timeline.py --out DIR [--gib 50] [--cycles 3] [--parts arms,alloc_beside,after_reserve]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -35,7 +48,8 @@ import torch
 
 import lab
 
-ARMS = ("as_is", "alloc_first", "settle_during")
+ARMS = ("as_is", "alloc_first", "reserve_first", "reserve_engines")
+MiB = 1 << 20
 
 
 class _Recorder:
@@ -84,91 +98,232 @@ class _Recorder:
         return starved
 
 
+def _round_block(nbytes: int) -> int:
+    """The bytes PyTorch's caching allocator gives a request of ``nbytes`` (multiples of 512)."""
+    return max(512, (nbytes + 511) // 512 * 512)
+
+
+def run_arms(args, device, peak, engine, out: dict) -> None:
+    from memmgr import driver_settle
+    from memmgr.flat_tensors import FlatTensors
+    from memmgr.host_memory import HostMemoryPool
+    from memmgr.tools.bench_methods import MemmgrMethod, make_state
+    from memmgr.transfer import copy_paths_status, copy_stream
+
+    arms = [a for a in args.arms.split(",") if a]
+    settle = driver_settle.DriverSettle(enabled=True)
+    state = make_state(args.gib * lab.GiB, device)
+    copied = state.copied_bytes
+    mgr = MemmgrMethod().build_manager(state, HostMemoryPool())
+    units = [unit for entry in mgr.entries(order="onload") for unit in entry.group.units]
+    reserve_bytes = sum(_round_block(unit.nbytes) for unit in units if unit.nbytes)
+    mgr.offload()
+    for _ in range(args.cycles):
+        for condition in ("engine", "pause"):
+            for arm in arms:
+                if condition == "engine":
+                    engine.cycle()
+                else:
+                    time.sleep(0.5)
+                stop = threading.Event()
+
+                def settle_loop() -> None:
+                    while not stop.is_set():
+                        settle.begin(device.index or 0)  # starts nothing while the last one still runs
+                        stop.wait(0.02)
+                    settle.wait()
+
+                settler = threading.Thread(target=settle_loop) if arm == "settle_during" else None
+                if arm == "reserve_engines":
+                    os.environ["MEMMGR_COPY_PATH"] = "engine"
+                start = torch.cuda.Event(enable_timing=True)
+                reserve_ms = 0.0
+                with _Recorder(FlatTensors, copy_stream) as rec:
+                    torch.cuda.synchronize(device)
+                    rec.t0 = time.perf_counter()
+                    start.record(copy_stream(device, "h2d"))
+                    if settler is not None:
+                        settler.start()
+                    if arm == "alloc_first":
+                        for unit in units:
+                            unit.allocate()
+                    if arm.startswith("reserve"):
+                        block = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
+                        del block  # to the cache, whole: the buckets' allocations are carved out of it
+                        reserve_ms = (time.perf_counter() - rec.t0) * 1e3
+                    reserved_before = torch.cuda.memory_reserved(device)
+                    mgr.onload()
+                    torch.cuda.synchronize(device)
+                    onload_s = time.perf_counter() - rec.t0
+                    grew_gib = (torch.cuda.memory_reserved(device) - reserved_before) / lab.GiB
+                os.environ.pop("MEMMGR_COPY_PATH", None)
+                stop.set()
+                if settler is not None:
+                    settler.join()
+                row = {"condition": condition, "arm": arm, "onload_s": onload_s,
+                       "ratio": copied / onload_s / lab.GB / peak["h2d"], "buckets": len(rec.issues),
+                       "alloc_total_ms": sum(rec.allocs) * 1e3, "alloc_max_ms": max(rec.allocs, default=0) * 1e3,
+                       "reserve_ms": reserve_ms, "reserved_grew_during_onload_gib": grew_gib,
+                       "starved_ms": rec.starved_ms(start), "last_issue_ms": rec.issues[-1][0] * 1e3,
+                       "path": copy_paths_status()["last"].get("h2d")}
+                out["cycles"].append(row)
+                print(f"cycle {condition} {arm}: onload {row['onload_s'] * 1e3:.0f} ms ({row['ratio']:.2f}x, "
+                      f"{row['path']}); reserve {reserve_ms:.1f} ms; allocations {row['alloc_total_ms']:.0f} ms "
+                      f"(longest {row['alloc_max_ms']:.1f}), last issue at {row['last_issue_ms']:.0f} ms, copy "
+                      f"stream starved {row['starved_ms']:.1f} ms; cache grew {grew_gib:.2f} GiB during it",
+                      flush=True)
+                time.sleep(0.5)
+                mgr.offload()
+    for condition in ("engine", "pause"):
+        for arm in arms:
+            rows = [r for r in out["cycles"] if r["condition"] == condition and r["arm"] == arm]
+            summary = {k: statistics.median(r[k] for r in rows) for k in ("ratio", "alloc_total_ms", "alloc_max_ms",
+                                                                            "starved_ms", "reserve_ms")}
+            out.setdefault("median", {}).setdefault(condition, {})[arm] = summary
+            print(f"median {condition} {arm}: onload {summary['ratio']:.2f}x, reserve {summary['reserve_ms']:.0f} ms, "
+                  f"allocations {summary['alloc_total_ms']:.0f} ms (longest {summary['alloc_max_ms']:.1f}), starved "
+                  f"{summary['starved_ms']:.1f} ms", flush=True)
+    mgr.close()
+
+
+def _after_condition(engine, condition: str) -> float:
+    torch.cuda.empty_cache()
+    if condition == "engine":
+        engine.cycle()
+    else:
+        time.sleep(0.5)
+    return time.perf_counter()
+
+
+def alloc_beside(device, engine, out: dict) -> None:
+    """Fresh allocations while other work runs on a side stream."""
+    from memmgr.driver_settle import _load_driver, physical_allocation_roundtrip
+    from memmgr.host_memory import HostMemoryPool
+    from memmgr.transfer import issue_copy
+
+    lib = _load_driver()
+    pool = HostMemoryPool()
+    host = pool.acquire(8 * lab.GiB)
+    src = host.tensor[: 8 * lab.GiB]
+    dst = torch.empty(8 * lab.GiB, dtype=torch.uint8, device=device)
+    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    side = torch.cuda.Stream(device)
+
+    def work(kind: str) -> None:
+        if kind in ("kernel", "engine"):
+            issue_copy(dst, src, side, path=kind)
+        elif kind == "matmul":
+            for _ in range(100):
+                torch.mm(x, x)
+
+    rows = out.setdefault("alloc_beside", [])
+    for condition in ("engine", "pause"):
+        for kind in ("none", "kernel", "engine", "matmul"):
+            for _ in range(2):
+                _after_condition(engine, condition)
+                physical_allocation_roundtrip(lib, device.index or 0)  # the one-time wait, paid here
+                torch.cuda.synchronize(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                with torch.cuda.stream(side):
+                    start.record(side)
+                    work(kind)
+                    end.record(side)
+                t0 = time.perf_counter()
+                blocks, times, done = [], [], []
+                for _ in range(10):
+                    t = time.perf_counter()
+                    blocks.append(torch.empty(150 * MiB, dtype=torch.uint8, device=device))
+                    times.append((time.perf_counter() - t) * 1e3)
+                    done.append(end.query())
+                allocs_ms = (time.perf_counter() - t0) * 1e3
+                end.synchronize()
+                row = {"condition": condition, "beside": kind, "work_ms": start.elapsed_time(end),
+                       "allocs_ms": allocs_ms, "alloc_ms": times, "done_at_alloc": done}
+                rows.append(row)
+                print(f"alloc_beside {condition} {kind}: work {row['work_ms']:.1f} ms; ten 150 MiB allocations "
+                      f"{allocs_ms:.1f} ms (first {times[0]:.2f}, longest {max(times):.2f}); work done at each: "
+                      f"{''.join('y' if d else 'n' for d in done)}", flush=True)
+                del blocks
+    pool.release(host)
+    torch.cuda.empty_cache()
+
+
+def after_reserve(device, engine, out: dict, gib: float) -> None:
+    """Copy speed through each path into one large allocation made right after a condition."""
+    from memmgr.host_memory import HostMemoryPool
+    from memmgr.transfer import issue_copy
+
+    pool = HostMemoryPool()
+    host = pool.acquire(lab.GiB)
+    src = host.tensor[: lab.GiB]
+    stream = torch.cuda.Stream(device)
+    nbytes = int(gib * lab.GiB) // lab.GiB * lab.GiB
+    rows = out.setdefault("after_reserve", [])
+    for condition in ("engine", "pause"):
+        for path, delay_s in (("engine", 0.0), ("engine", 0.5), ("kernel", 0.0)):
+            t_condition = _after_condition(engine, condition)
+            time.sleep(delay_s)
+            t0 = time.perf_counter()
+            block = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            torch.cuda.synchronize(device)
+            reserve_ms = (time.perf_counter() - t0) * 1e3
+            copies_at_s = time.perf_counter() - t_condition
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(nbytes // lab.GiB + 1)]
+            marks[0].record(stream)
+            for i in range(nbytes // lab.GiB):
+                issue_copy(block[i * lab.GiB:(i + 1) * lab.GiB], src, stream, path=path)
+                marks[i + 1].record(stream)
+            marks[-1].synchronize()
+            speeds = [lab.GiB / (marks[i].elapsed_time(marks[i + 1]) / 1e3) / lab.GB for i in range(len(marks) - 1)]
+            total_s = marks[0].elapsed_time(marks[-1]) / 1e3
+            slow = [i for i, v in enumerate(speeds) if v < 0.8 * peak_of(out)]
+            row = {"condition": condition, "path": path, "delay_s": delay_s, "reserve_ms": reserve_ms,
+                   "copies_start_s_after_condition": copies_at_s, "gbps": speeds,
+                   "total_gbps": nbytes / total_s / lab.GB, "slow_chunks": len(slow),
+                   "slow_until_s": (marks[0].elapsed_time(marks[max(slow) + 1]) / 1e3) if slow else 0.0}
+            rows.append(row)
+            print(f"after_reserve {condition} {path} +{delay_s:.1f}s: reserve {gib:.0f} GiB {reserve_ms:.1f} ms, "
+                  f"copies from {copies_at_s:.3f} s after the condition: {row['total_gbps']:.1f} GB/s; "
+                  f"{len(slow)} of {len(speeds)} GiB below 0.8x peak, until {row['slow_until_s']:.3f} s; first ten "
+                  f"{' '.join(f'{v:.0f}' for v in speeds[:10])}", flush=True)
+            del block
+    pool.release(host)
+    torch.cuda.empty_cache()
+
+
+def peak_of(out: dict) -> float:
+    return out["peak_gbps"]["h2d"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--gib", type=float, default=50.0, help="the synthetic state's copied bytes")
     parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ARMS + ('settle_during',))}")
+    parser.add_argument("--parts", default="arms,alloc_beside,after_reserve")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("onload_timeline.py needs a GPU")
 
-    from memmgr import driver_settle
-    from memmgr.flat_tensors import FlatTensors
-    from memmgr.host_memory import HostMemoryPool
-    from memmgr.tools.bench_methods import MemmgrMethod, make_state
     from memmgr.tools.engine_standin import EngineStandIn
-    from memmgr.transfer import copy_paths_status, copy_stream
 
     device = torch.device("cuda", 0)
     peak = lab.pinned_peak(device)
     print(f"peak: d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s", flush=True)
     out: dict = {"meta": lab.metadata(), "peak_gbps": peak, "cycles": []}
     engine = EngineStandIn(device)
-    settle = driver_settle.DriverSettle(enabled=True)
+    parts = args.parts.split(",")
     try:
-        state = make_state(args.gib * lab.GiB, device)
-        copied = state.copied_bytes
-        mgr = MemmgrMethod().build_manager(state, HostMemoryPool())
-        units = [unit for entry in mgr.entries(order="onload") for unit in entry.group.units]
-        mgr.offload()
-        for _ in range(args.cycles):
-            for condition in ("engine", "pause"):
-                for arm in ARMS:
-                    if condition == "engine":
-                        engine.cycle()
-                    else:
-                        time.sleep(0.5)
-                    stop = threading.Event()
-
-                    def settle_loop() -> None:
-                        while not stop.is_set():
-                            settle.begin(device.index or 0)  # starts nothing while the last one still runs
-                            stop.wait(0.02)
-                        settle.wait()
-
-                    settler = threading.Thread(target=settle_loop) if arm == "settle_during" else None
-                    start = torch.cuda.Event(enable_timing=True)
-                    with _Recorder(FlatTensors, copy_stream) as rec:
-                        torch.cuda.synchronize(device)
-                        rec.t0 = time.perf_counter()
-                        start.record(copy_stream(device, "h2d"))
-                        if settler is not None:
-                            settler.start()
-                        if arm == "alloc_first":
-                            for unit in units:
-                                unit.allocate()
-                        mgr.onload()
-                        torch.cuda.synchronize(device)
-                        onload_s = time.perf_counter() - rec.t0
-                    stop.set()
-                    if settler is not None:
-                        settler.join()
-                    row = {"condition": condition, "arm": arm, "onload_s": onload_s,
-                           "ratio": copied / onload_s / lab.GB / peak["h2d"], "buckets": len(rec.issues),
-                           "alloc_total_ms": sum(rec.allocs) * 1e3, "alloc_max_ms": max(rec.allocs, default=0) * 1e3,
-                           "starved_ms": rec.starved_ms(start), "last_issue_ms": rec.issues[-1][0] * 1e3,
-                           "path": copy_paths_status()["last"].get("h2d")}
-                    out["cycles"].append(row)
-                    print(f"cycle {condition} {arm}: onload {row['onload_s'] * 1e3:.0f} ms ({row['ratio']:.2f}x, "
-                          f"{row['path']}); allocations {row['alloc_total_ms']:.0f} ms (longest "
-                          f"{row['alloc_max_ms']:.1f}), last issue at {row['last_issue_ms']:.0f} ms, copy stream "
-                          f"starved {row['starved_ms']:.1f} ms", flush=True)
-                    time.sleep(0.5)
-                    mgr.offload()
-        for condition in ("engine", "pause"):
-            for arm in ARMS:
-                rows = [r for r in out["cycles"] if r["condition"] == condition and r["arm"] == arm]
-                summary = {k: statistics.median(r[k] for r in rows) for k in ("ratio", "alloc_total_ms",
-                                                                                "alloc_max_ms", "starved_ms")}
-                out.setdefault("median", {}).setdefault(condition, {})[arm] = summary
-                print(f"median {condition} {arm}: onload {summary['ratio']:.2f}x, allocations "
-                      f"{summary['alloc_total_ms']:.0f} ms (longest {summary['alloc_max_ms']:.1f}), starved "
-                      f"{summary['starved_ms']:.1f} ms", flush=True)
-        mgr.close()
+        if "alloc_beside" in parts:
+            alloc_beside(device, engine, out)
+        if "after_reserve" in parts:
+            after_reserve(device, engine, out, args.gib)
+        if "arms" in parts:
+            run_arms(args, device, peak, engine, out)
     finally:
         engine.close()
-    lab.write_json(f"{args.out}/onload_timeline.json", out)
+        lab.write_json(f"{args.out}/onload_timeline.json", out)
 
 
 if __name__ == "__main__":

@@ -250,10 +250,11 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                                                str(c.work / "release_probe")),
                                       300, show=r"^median")]),
     "onload-timeline": ("onload_timeline.py: a 50 GiB onload after another process's release, its allocations and "
-                        "the copy stream's idle time, as is / allocations first / a driver settle during it",
+                        "the copy stream's idle time, as is / allocations first / one reservation first (kernel or "
+                        "engines); allocations beside work in flight; copy speed into a reservation after a release",
                         lambda c: [Step("onload_timeline", program("onload_timeline.py", "--out",
                                                                    str(c.work / "onload_timeline")),
-                                        300, show=r"^(peak|median)")]),
+                                        420, show=r"^(peak|median|alloc_beside|after_reserve)")]),
     "ab": ("the same small `memmgr bench` (synthetic state, memmgr alone, the pause, 5 cycles) from an earlier tree and "
            "from this one, alternating twice, on one machine: whether a change moved the ratios; then move_profile.py "
            "(where a move of 10,000 small tensors spends its time) from both trees. Carry the earlier "
