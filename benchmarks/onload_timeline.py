@@ -20,20 +20,23 @@ finished its own copy was issued). Arms, each under the engine condition and aft
   onload runs, so that it, not an allocation, may meet the one-time wait;
 - ``reserve_first``: one allocation of all the buckets' bytes, freed to PyTorch's cache at once, before
   ``mgr.onload()``: the buckets' allocations are then carved out of that cached block without driver calls;
-- ``reserve_engines``: the same with every copy on the copy engines (``MEMMGR_COPY_PATH=engine``).
+- ``reserve_engines``: the same with every copy on the copy engines (``MEMMGR_COPY_PATH=engine``);
+- any arm as ``ARM@BLOCKS``: with the copy kernel's grid at BLOCKS blocks (``MEMMGR_COPY_KERNEL_BLOCKS``).
 
 Between onloads the state is offloaded (untimed). Two more parts (``--parts``):
 
 - ``alloc_beside``: after each condition (with the one-time wait paid first by a driver settle), ten fresh 150 MiB
-  allocations while an 8 GiB copy runs on a side stream through the copy kernel, or the copy engines, or while
-  matmuls run, or with nothing running: does an allocation wait for the work in flight (``done_at_alloc``)?
+  allocations while an 8 GiB copy runs on a side stream through the copy kernel (``kernel@BLOCKS``: with that grid),
+  or the copy engines, or while matmuls run, or with nothing running (``--beside``): how long does an allocation take
+  beside the work in flight, and how fast does the copy run?
 - ``after_reserve``: right after each condition (or 0.5 s later), one 50 GiB allocation, then 1 GiB host->device
   copies into it one after the other, through the engines or the kernel: each copy's GB/s and when it ran, so as to
   see whether the engines' slow spell follows the other process's release or this process's allocation.
 
 Writes ``onload_timeline.json`` under ``--out``.
 
-    python benchmarks/onload_timeline.py --out DIR [--gib 50] [--cycles 3] [--parts arms,alloc_beside,after_reserve]
+    python benchmarks/onload_timeline.py --out DIR [--gib 50] [--cycles 3] [--parts alloc_beside,arms]
+        [--beside none,engine,kernel@264,...] [--arms as_is,as_is@66,...]
 """
 from __future__ import annotations
 
@@ -120,7 +123,10 @@ def run_arms(args, device, peak, engine, out: dict) -> None:
     mgr.offload()
     for _ in range(args.cycles):
         for condition in ("engine", "pause"):
-            for arm in arms:
+            for arm_spec in arms:
+                arm, _, blocks = arm_spec.partition("@")
+                if blocks:
+                    os.environ["MEMMGR_COPY_KERNEL_BLOCKS"] = blocks
                 if condition == "engine":
                     engine.cycle()
                 else:
@@ -157,17 +163,18 @@ def run_arms(args, device, peak, engine, out: dict) -> None:
                     onload_s = time.perf_counter() - rec.t0
                     grew_gib = (torch.cuda.memory_reserved(device) - reserved_before) / lab.GiB
                 os.environ.pop("MEMMGR_COPY_PATH", None)
+                os.environ.pop("MEMMGR_COPY_KERNEL_BLOCKS", None)
                 stop.set()
                 if settler is not None:
                     settler.join()
-                row = {"condition": condition, "arm": arm, "onload_s": onload_s,
+                row = {"condition": condition, "arm": arm_spec, "onload_s": onload_s,
                        "ratio": copied / onload_s / lab.GB / peak["h2d"], "buckets": len(rec.issues),
                        "alloc_total_ms": sum(rec.allocs) * 1e3, "alloc_max_ms": max(rec.allocs, default=0) * 1e3,
                        "reserve_ms": reserve_ms, "reserved_grew_during_onload_gib": grew_gib,
                        "starved_ms": rec.starved_ms(start), "last_issue_ms": rec.issues[-1][0] * 1e3,
                        "path": copy_paths_status()["last"].get("h2d")}
                 out["cycles"].append(row)
-                print(f"cycle {condition} {arm}: onload {row['onload_s'] * 1e3:.0f} ms ({row['ratio']:.2f}x, "
+                print(f"cycle {condition} {arm_spec}: onload {row['onload_s'] * 1e3:.0f} ms ({row['ratio']:.2f}x, "
                       f"{row['path']}); reserve {reserve_ms:.1f} ms; allocations {row['alloc_total_ms']:.0f} ms "
                       f"(longest {row['alloc_max_ms']:.1f}), last issue at {row['last_issue_ms']:.0f} ms, copy "
                       f"stream starved {row['starved_ms']:.1f} ms; cache grew {grew_gib:.2f} GiB during it",
@@ -195,7 +202,7 @@ def _after_condition(engine, condition: str) -> float:
     return time.perf_counter()
 
 
-def alloc_beside(device, engine, out: dict) -> None:
+def alloc_beside(device, engine, out: dict, kinds: list[str], repeats: int) -> None:
     """Fresh allocations while other work runs on a side stream."""
     from memmgr.driver_settle import _load_driver, physical_allocation_roundtrip
     from memmgr.host_memory import HostMemoryPool
@@ -210,16 +217,17 @@ def alloc_beside(device, engine, out: dict) -> None:
     side = torch.cuda.Stream(device)
 
     def work(kind: str) -> None:
-        if kind in ("kernel", "engine"):
-            issue_copy(dst, src, side, path=kind)
+        path, _, blocks = kind.partition("@")
+        if path in ("kernel", "engine"):
+            issue_copy(dst, src, side, path=path, kernel_blocks=int(blocks or 0))
         elif kind == "matmul":
             for _ in range(100):
                 torch.mm(x, x)
 
     rows = out.setdefault("alloc_beside", [])
     for condition in ("engine", "pause"):
-        for kind in ("none", "kernel", "engine", "matmul"):
-            for _ in range(2):
+        for kind in kinds:
+            for _ in range(repeats):
                 _after_condition(engine, condition)
                 physical_allocation_roundtrip(lib, device.index or 0)  # the one-time wait, paid here
                 torch.cuda.synchronize(device)
@@ -238,9 +246,12 @@ def alloc_beside(device, engine, out: dict) -> None:
                 allocs_ms = (time.perf_counter() - t0) * 1e3
                 end.synchronize()
                 row = {"condition": condition, "beside": kind, "work_ms": start.elapsed_time(end),
+                       "work_gbps": 8 * lab.GiB / (start.elapsed_time(end) / 1e3) / lab.GB if "@" in kind or
+                       kind in ("kernel", "engine") else None,
                        "allocs_ms": allocs_ms, "alloc_ms": times, "done_at_alloc": done}
                 rows.append(row)
-                print(f"alloc_beside {condition} {kind}: work {row['work_ms']:.1f} ms; ten 150 MiB allocations "
+                print(f"alloc_beside {condition} {kind}: work {row['work_ms']:.1f} ms "
+                      f"({row['work_gbps'] or 0:.1f} GB/s); ten 150 MiB allocations "
                       f"{allocs_ms:.1f} ms (first {times[0]:.2f}, longest {max(times):.2f}); work done at each: "
                       f"{''.join('y' if d else 'n' for d in done)}", flush=True)
                 del blocks
@@ -300,8 +311,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--gib", type=float, default=50.0, help="the synthetic state's copied bytes")
     parser.add_argument("--cycles", type=int, default=3)
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ARMS + ('settle_during',))}")
-    parser.add_argument("--parts", default="arms,alloc_beside,after_reserve")
+    parser.add_argument("--arms", default="as_is,as_is@66,as_is@33,as_is@16",
+                        help=f"of {', '.join(ARMS + ('settle_during',))}; ARM@BLOCKS runs it with that kernel grid")
+    parser.add_argument("--parts", default="alloc_beside,arms", help="of arms, alloc_beside, after_reserve")
+    parser.add_argument("--beside", default="none,engine,kernel@264,kernel@132,kernel@66,kernel@33,kernel@16",
+                        help="alloc_beside's side work: none, matmul, engine, kernel or kernel@BLOCKS")
+    parser.add_argument("--beside-repeats", type=int, default=1)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("onload_timeline.py needs a GPU")
@@ -316,7 +331,7 @@ def main() -> None:
     parts = args.parts.split(",")
     try:
         if "alloc_beside" in parts:
-            alloc_beside(device, engine, out)
+            alloc_beside(device, engine, out, args.beside.split(","), args.beside_repeats)
         if "after_reserve" in parts:
             after_reserve(device, engine, out, args.gib)
         if "arms" in parts:

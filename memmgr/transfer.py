@@ -14,7 +14,8 @@ Two ways move bytes between a GPU and pinned host memory:
 
 ``issue_copy`` picks one per move: its ``path`` argument, else the ``MEMMGR_COPY_PATH`` environment variable
 (``auto``, ``engine``, ``kernel`` or ``split``), else ``auto``; ``MEMMGR_COPY_SPLIT`` sets the engines' fraction of a
-split. ``copy_paths_status()`` says which paths are available and which ran last in each direction.
+split and ``MEMMGR_COPY_KERNEL_BLOCKS`` the kernel's grid size (0: the extension's default). ``copy_paths_status()``
+says which paths are available and which ran last in each direction.
 """
 from __future__ import annotations
 
@@ -132,6 +133,7 @@ class TransferHandle:
 COPY_PATHS = ("auto", "engine", "kernel", "split")
 COPY_PATH_ENV = "MEMMGR_COPY_PATH"
 COPY_SPLIT_ENV = "MEMMGR_COPY_SPLIT"
+KERNEL_BLOCKS_ENV = "MEMMGR_COPY_KERNEL_BLOCKS"
 
 # Split points are multiples of this many bytes from the start, so both parts keep the relative alignment of the
 # whole (the kernel moves 16-byte vectors wherever source and destination are co-aligned).
@@ -226,6 +228,23 @@ def resolve_engine_fraction(engine_fraction: float | None = None) -> float:
     return float(engine_fraction)
 
 
+def resolve_kernel_blocks(kernel_blocks: int = 0) -> int:
+    """The copy kernel's grid size: the argument if > 0, else ``$MEMMGR_COPY_KERNEL_BLOCKS``, else 0 (the default)."""
+    if kernel_blocks > 0:
+        return kernel_blocks
+    raw = os.environ.get(KERNEL_BLOCKS_ENV)
+    if not raw:
+        return 0
+    try:
+        blocks = int(raw)
+    except ValueError:
+        blocks = -1
+    if blocks < 0:
+        raise MemmgrInputError(f"${KERNEL_BLOCKS_ENV}={raw!r} is not a whole number >= 0; set it to the copy kernel's "
+                               f"grid size in blocks, or 0 (or unset it) for the extension's default")
+    return blocks
+
+
 def _record(direction: str, ran: str) -> None:
     with _state_lock:
         _last_paths[direction] = ran
@@ -276,11 +295,13 @@ def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, 
     to the engines, else ``$MEMMGR_COPY_SPLIT``, else 0.5); "auto" does what ``AUTO_POLICY`` says per direction, and
     when it probes (see there) it waits a few milliseconds for the probe. Where the kernel cannot run (no extension,
     pageable host memory, host<->host or device<->device), the engines move everything, whatever was asked.
-    ``kernel_blocks`` > 0 overrides the kernel's grid size (for measurements). Returns "engine", "kernel" or "split".
+    ``kernel_blocks`` > 0 (else ``$MEMMGR_COPY_KERNEL_BLOCKS``) overrides the kernel's grid size. Returns
+    "engine", "kernel" or "split".
     """
     _check_views(dst, src)
     requested = resolve_copy_path(path)
     fraction = resolve_engine_fraction(engine_fraction)
+    kernel_blocks = resolve_kernel_blocks(kernel_blocks)
     direction = _direction(dst, src)
     nbytes = dst.numel()
     chosen = requested

@@ -4,7 +4,7 @@ import pytest
 
 import memmgr
 from memmgr.transfer import (DEFAULT_ENGINE_FRACTION, copy_paths_status, kernels_available, resolve_copy_path,
-                             resolve_engine_fraction)
+                             resolve_engine_fraction, resolve_kernel_blocks)
 
 
 def test_copy_path_comes_from_the_argument_then_the_environment_then_auto(monkeypatch):
@@ -34,6 +34,18 @@ def test_engine_fraction_is_validated(monkeypatch):
         resolve_engine_fraction()
     with pytest.raises(memmgr.MemmgrInputError, match="between 0 and 1"):
         resolve_engine_fraction(1.5)
+
+
+def test_kernel_blocks_come_from_the_argument_then_the_environment_and_are_validated(monkeypatch):
+    monkeypatch.delenv("MEMMGR_COPY_KERNEL_BLOCKS", raising=False)
+    assert resolve_kernel_blocks() == 0
+    monkeypatch.setenv("MEMMGR_COPY_KERNEL_BLOCKS", "66")
+    assert resolve_kernel_blocks() == 66
+    assert resolve_kernel_blocks(33) == 33
+    for bad in ("many", "-2"):
+        monkeypatch.setenv("MEMMGR_COPY_KERNEL_BLOCKS", bad)
+        with pytest.raises(memmgr.MemmgrInputError, match="MEMMGR_COPY_KERNEL_BLOCKS.*grid size"):
+            resolve_kernel_blocks()
 
 
 def test_backend_info_reports_the_copy_paths_that_can_run():
