@@ -36,7 +36,7 @@ Between onloads the state is offloaded (untimed). Two more parts (``--parts``):
 Writes ``onload_timeline.json`` under ``--out``.
 
     python benchmarks/onload_timeline.py --out DIR [--gib 50] [--cycles 3] [--parts alloc_beside,arms]
-        [--beside none,engine,kernel@264,...] [--arms as_is,as_is@66,...]
+        [--beside none,kernel@264,...] [--arms as_is,as_is@264,...]
 """
 from __future__ import annotations
 
@@ -311,12 +311,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--gib", type=float, default=50.0, help="the synthetic state's copied bytes")
     parser.add_argument("--cycles", type=int, default=3)
-    parser.add_argument("--arms", default="as_is,as_is@66,as_is@33,as_is@16",
+    parser.add_argument("--arms", default="as_is,as_is@264,as_is@99",
                         help=f"of {', '.join(ARMS + ('settle_during',))}; ARM@BLOCKS runs it with that kernel grid")
     parser.add_argument("--parts", default="alloc_beside,arms", help="of arms, alloc_beside, after_reserve")
-    parser.add_argument("--beside", default="none,engine,kernel@264,kernel@132,kernel@66,kernel@33,kernel@16",
+    parser.add_argument("--beside", default="none,kernel@264,kernel@132,kernel@99",
                         help="alloc_beside's side work: none, matmul, engine, kernel or kernel@BLOCKS")
-    parser.add_argument("--beside-repeats", type=int, default=1)
+    parser.add_argument("--beside-repeats", type=int, default=2)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("onload_timeline.py needs a GPU")

@@ -21,11 +21,13 @@ constexpr int kThreads = 256;
 // Vectors each thread loads before it stores any: the link's latency is microseconds, so many requests must be in
 // flight per thread to keep ~55 GB/s moving (bytes in flight = threads * kUnroll * vector width).
 constexpr int kUnroll = 4;
-// Blocks per multiprocessor when the caller does not say: 2 x 256 threads x 4 x 16 B = 32 KiB in flight per SM,
-// several MiB per device, far above the link's bandwidth-delay product, while leaving most of each SM's thread
-// slots free for compute that runs at the same time. Measured on an H200 (132 SMs): host->device 51.2-51.4 GB/s at
-// 1 to 8 blocks per SM; device->host 52.4 at 1-2, 51.0 at 8.
-constexpr int kBlocksPerSm = 2;
+// Blocks per multiprocessor when the caller does not say: 256 threads x 4 x 16 B = 16 KiB in flight per SM, ~2 MiB
+// per H200, far above the link's bandwidth-delay product. More blocks copy no faster but queue the link deeper, and the
+// driver's own traffic waits in that queue: a fresh 150 MiB cudaMalloc beside a host->device kernel copy took ~3 ms at
+// 2 blocks per SM and ~1 ms at 1 (0.2 ms beside nothing), so an onload that allocates each bucket while the previous
+// one copies fell behind its copies. Fewer than 1 per SM allocate faster still but copy slower right after another
+// process's release (47.6 GB/s at 16-66 blocks against 51.1 at 132-264; onload_timeline.py, H200_SESSION6.md).
+constexpr int kBlocksPerSm = 1;
 constexpr int kMaxDevices = 64;
 
 std::atomic<int> g_sm_count[kMaxDevices];
