@@ -153,7 +153,9 @@ class MemoryManager:
         """Adds a named group: a list/dict of tensors to coalesce, flat buffers to adopt (``adopt=True``), or a
         ready StateGroup. ``collect`` returns the group's current tensors; tensors it returns that the group does
         not hold yet (optimizer state created lazily at the first step) are added at the next offload.
-        ``verify`` checksums each bucket at offload and checks it at onload (MemmgrCorruptionError on mismatch)."""
+        ``verify`` checksums each bucket at offload and checks it at onload (MemmgrCorruptionError on mismatch).
+        Coalescing frees the tensors' former storages into PyTorch's cache; with ``empty_cache`` that memory goes back
+        to the driver here, so that the first offload does not pay for releasing it."""
         self.check_open()
         arguments.string("add_group", "name", name)
         where = f"add_group({name!r})"
@@ -181,6 +183,7 @@ class MemoryManager:
             self._check_not_managed(name, tensors)
             group = BucketizedFlatTensors(tensors, self.bucket_size_mb, name=name, policy=policy, pool=self.pool,
                                           pin_ahead=pin_ahead, verify=verify)
+            self._release_coalescing_leftovers(group)
         prio = default_priority(name, group.policy) if priority is None else priority
         self._groups[name] = GroupEntry(group, prio, collect, len(self._groups))
         _mark_in_use(group, True)
@@ -324,6 +327,10 @@ class MemoryManager:
     def on_copies_in_flight(self, groups: tuple[str, ...]) -> None:
         """Called by every offload once its copies are issued and before they are waited for: host-side bookkeeping
         a subclass runs here costs no time on the offload's critical path."""
+
+    def _release_coalescing_leftovers(self, group: StateGroup) -> None:
+        if self.empty_cache and any(unit.device is not None and unit.device.type == "cuda" for unit in group.units):
+            torch.cuda.empty_cache()
 
     def _release_cached_memory(self) -> None:
         if self.empty_cache and torch.cuda.is_available() and torch.cuda.is_initialized():

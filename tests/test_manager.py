@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import same_bits
+from conftest import requires_cuda, same_bits
 import memmgr
 from memmgr import MemmgrInputError, MemmgrStateError, MemoryManager
 
@@ -301,3 +301,26 @@ def test_unknown_hook_event_is_rejected():
     mgr = memmgr.for_module(make_mlp("cpu"))
     with pytest.raises(MemmgrInputError, match="unknown hook event 'before_sync'"):
         mgr.register_hook("before_sync", print)
+
+
+@requires_cuda
+@pytest.mark.parametrize("empty_cache", [True, False])
+def test_add_group_gives_the_storages_its_coalescing_freed_back_to_the_driver(empty_cache):
+    torch.cuda.empty_cache()
+    tensors = [torch.randn(1 << 20, device="cuda") for _ in range(8)]  # 8 x 4 MiB, coalesced into new buckets
+    mgr = MemoryManager(empty_cache=empty_cache)
+    mgr.add_group("weights", tensors)
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    if empty_cache:
+        assert cached < 4 << 20  # nothing of the 32 MiB the former storages held
+    else:
+        assert cached >= 32 << 20
+    mgr.close()
+
+
+def test_add_group_releases_cache_only_for_coalesced_cuda_groups(monkeypatch):
+    released = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(True))
+    mgr = MemoryManager()
+    mgr.add_group("weights", [torch.randn(16)])
+    assert released == []  # CPU tensors: nothing cached on a GPU
