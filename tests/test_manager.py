@@ -305,7 +305,7 @@ def test_unknown_hook_event_is_rejected():
 
 @requires_cuda
 @pytest.mark.parametrize("empty_cache", [True, False])
-def test_add_group_gives_the_storages_its_coalescing_freed_back_to_the_driver(empty_cache):
+def test_add_group_gives_the_storages_its_coalescing_freed_back_to_the_cuda_driver(empty_cache):
     torch.cuda.empty_cache()
     tensors = [torch.randn(1 << 20, device="cuda") for _ in range(8)]  # 8 x 4 MiB, coalesced into new buckets
     mgr = MemoryManager(empty_cache=empty_cache)
