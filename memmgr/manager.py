@@ -272,15 +272,17 @@ class MemoryManager:
     @contextlib.contextmanager
     def offloading(self, groups: tuple[str, ...], label: str, *, non_blocking: bool = False) -> Iterator[MoveScope]:
         """Brackets an offload whose units the caller issues itself (``scope.add(handle)`` for each): before_offload
-        hooks on entry, and (with ``empty_cache``) a driver settle on a side thread (``memmgr.driver_settle``); on a
-        normal exit, PyTorch's cache (and cuBLAS's workspaces) are released once the copies complete, the copies are
-        waited for unless ``non_blocking``, after_offload hooks run and the ledger records ``label``."""
+        hooks on entry, and (with ``empty_cache``) a driver settle on a side thread for each GPU the groups hold memory
+        on (``memmgr.driver_settle``); on a normal exit, PyTorch's cache (and cuBLAS's workspaces) are released once
+        the copies complete, the copies are waited for unless ``non_blocking``, after_offload hooks run and the ledger
+        records ``label``."""
         self.check_open()
         self._fire(HookEvent.BEFORE_OFFLOAD, groups)
         if self.empty_cache:
             # The release at the end may owe the driver a wait for another process's release; a side thread pays it
             # while the copies run (memmgr.driver_settle).
-            driver_settle.begin()
+            for device in self._cuda_devices(groups):
+                driver_settle.begin(device)
         scope = MoveScope()
         yield scope
         handle = scope.handle
@@ -327,6 +329,12 @@ class MemoryManager:
     def on_copies_in_flight(self, groups: tuple[str, ...]) -> None:
         """Called by every offload once its copies are issued and before they are waited for: host-side bookkeeping
         a subclass runs here costs no time on the offload's critical path."""
+
+    def _cuda_devices(self, groups: tuple[str, ...]) -> list[torch.device]:
+        """The GPUs the named groups' units live on, in index order."""
+        devices = {unit.device for entry in self._resolve(groups) for unit in entry.group.units
+                   if unit.device is not None and unit.device.type == "cuda"}
+        return sorted(devices, key=lambda device: device.index or 0)
 
     def _release_coalescing_leftovers(self, group: StateGroup) -> None:
         if self.empty_cache and any(unit.device is not None and unit.device.type == "cuda" for unit in group.units):

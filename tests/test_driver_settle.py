@@ -2,6 +2,7 @@
 never runs twice at once for one device, and that the manager starts it exactly when its offload will release."""
 import logging
 import threading
+import types
 
 import pytest
 import torch
@@ -83,17 +84,29 @@ def test_the_status_phrase_says_what_ran():
 
 
 @pytest.mark.parametrize("empty_cache", [True, False])
-def test_an_offload_starts_a_settle_only_when_it_releases_memory(monkeypatch, empty_cache):
+def test_an_offload_starts_a_settle_on_its_gpu_only_when_it_releases_memory(monkeypatch, empty_cache, device):
     started = []
     monkeypatch.setattr(driver_settle, "begin", lambda device=None: started.append(device))
-    model = torch.nn.Linear(8, 8)
+    model = torch.nn.Linear(8, 8).to(device)
     mgr = memmgr.MemoryManager(empty_cache=empty_cache)
     mgr.add_group("weights", list(model.parameters()), policy="copy")
     mgr.offload()
     mgr.onload()
     mgr.offload()
-    assert len(started) == (2 if empty_cache else 0)
+    expected = [model.weight.device] * 2 if empty_cache and device.type == "cuda" else []  # nothing to release on a CPU
+    assert started == expected
     mgr.close()
+
+
+def test_the_manager_names_each_gpu_its_groups_live_on_once():
+    mgr = memmgr.MemoryManager()
+    mgr.add_group("weights", [torch.zeros(4)])
+    units = {"a": [torch.device("cuda", 1), torch.device("cuda", 0)], "b": [torch.device("cuda", 1), None,
+                                                                           torch.device("cpu")]}
+    fake_entries = [types.SimpleNamespace(group=types.SimpleNamespace(
+        units=[types.SimpleNamespace(device=d) for d in devices])) for devices in units.values()]
+    mgr._resolve = lambda groups: fake_entries
+    assert mgr._cuda_devices(("a", "b")) == [torch.device("cuda", 0), torch.device("cuda", 1)]
 
 
 @pytest.mark.gpu
