@@ -162,6 +162,11 @@ DEFAULT_ENGINE_FRACTION = 0.5
 #   timing the engines on 16 MiB at the head of a copy every 3 GiB of a kernel run, to hand the rest back to them,
 #   read them as recovered while whole copies still ran at half speed (onloads at 0.59-0.76x instead of 0.89x;
 #   benchmarks/results/2026-11-29/H200_SESSION5.md), so 'auto' does not.
+# - An onload allocates each bucket while the one before it copies. Beside a kernel copy a fresh 150 MiB allocation
+#   waits for the link's queue (3 ms at 2 blocks per SM, 1 ms at 1; 0.2 ms beside engine copies or compute), hence
+#   the kernel's grid of 1 block per SM (csrc/copy_kernels.cu). Allocating all buckets before the first copy (0.80-
+#   0.84x) or reserving them in one allocation (0.74x: 50 GiB takes 145-336 ms right after a release) was slower than
+#   allocating as the copies go (0.89-0.90x; onload_timeline.py, H200_SESSION6.md).
 AUTO_POLICY: dict[str, str] = {"h2d": "probe", "d2h": "engine"}
 AUTO_PROBE_BYTES = 64 << 20
 AUTO_PROBE_MIN_BYTES = 2 * AUTO_PROBE_BYTES
