@@ -21,7 +21,13 @@ finished its own copy was issued). Arms, each under the engine condition and aft
 - ``reserve_first``: one allocation of all the buckets' bytes, freed to PyTorch's cache at once, before
   ``mgr.onload()``: the buckets' allocations are then carved out of that cached block without driver calls;
 - ``reserve_engines``: the same with every copy on the copy engines (``MEMMGR_COPY_PATH=engine``);
-- any arm as ``ARM@BLOCKS``: with the copy kernel's grid at BLOCKS blocks (``MEMMGR_COPY_KERNEL_BLOCKS``).
+- any arm as ``ARM@BLOCKS``: with the copy kernel's grid at BLOCKS blocks (``MEMMGR_COPY_KERNEL_BLOCKS``), and as
+  ``ARM:NAME=VALUE[:NAME=VALUE...]`` with those environment variables set for it (e.g.
+  ``as_is:MEMMGR_COPY_PATH=split:MEMMGR_COPY_SPLIT=0.1``); ``PROBE_MIB=N`` there sets the ``auto`` path's probe size
+  (``memmgr.transfer.AUTO_PROBE_BYTES``) instead.
+
+The first cycle of each arm and condition also records every bucket's issue time on the host, the end of its copy on
+the device and its size (``timeline``: [issue_ms, end_ms, bytes]), and each allocation's time (``alloc_ms``).
 
 Between onloads the state is offloaded (untimed). Two more parts (``--parts``):
 
@@ -35,12 +41,15 @@ Between onloads the state is offloaded (untimed). Two more parts (``--parts``):
 
 Writes ``onload_timeline.json`` under ``--out``.
 
-    python benchmarks/onload_timeline.py --out DIR [--gib 50] [--cycles 3] [--parts alloc_beside,arms]
-        [--beside none,kernel@264,...] [--arms as_is,as_is@264,...]
+    python benchmarks/onload_timeline.py --out DIR [--gib 50] [--cycles 3] [--parts arms,alloc_beside,after_reserve]
+        [--beside none,kernel@264,...] [--arms as_is,as_is@264,as_is:PROBE_MIB=16,...]
+
+Through ``benchmarks/run.py onload-timeline``, ``$MEMMGR_TIMELINE_ARGS`` adds these options.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -101,84 +110,66 @@ class _Recorder:
         return starved
 
 
+@contextlib.contextmanager
+def _arm_settings(arm_spec: str):
+    """Applies an arm's settings (``ARM@BLOCKS``, ``ARM:NAME=VALUE...``) for its duration; yields the arm's name."""
+    from memmgr import transfer
+
+    head, *assignments = arm_spec.split(":")
+    arm, _, blocks = head.partition("@")
+    settings = dict(a.split("=", 1) for a in assignments)
+    if blocks:
+        settings["MEMMGR_COPY_KERNEL_BLOCKS"] = blocks
+    if arm == "reserve_engines":
+        settings["MEMMGR_COPY_PATH"] = "engine"
+    probe = settings.pop("PROBE_MIB", None)
+    saved_env = {name: os.environ.get(name) for name in settings}
+    saved_probe = (transfer.AUTO_PROBE_BYTES, transfer.AUTO_PROBE_MIN_BYTES)
+    os.environ.update(settings)
+    if probe is not None:
+        transfer.AUTO_PROBE_BYTES = int(float(probe) * MiB)
+        transfer.AUTO_PROBE_MIN_BYTES = 2 * transfer.AUTO_PROBE_BYTES
+    try:
+        yield arm
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        transfer.AUTO_PROBE_BYTES, transfer.AUTO_PROBE_MIN_BYTES = saved_probe
+
+
 def _round_block(nbytes: int) -> int:
     """The bytes PyTorch's caching allocator gives a request of ``nbytes`` (multiples of 512)."""
     return max(512, (nbytes + 511) // 512 * 512)
 
 
 def run_arms(args, device, peak, engine, out: dict) -> None:
-    from memmgr import driver_settle
-    from memmgr.flat_tensors import FlatTensors
     from memmgr.host_memory import HostMemoryPool
     from memmgr.tools.bench_methods import MemmgrMethod, make_state
-    from memmgr.transfer import copy_paths_status, copy_stream
 
     arms = [a for a in args.arms.split(",") if a]
-    settle = driver_settle.DriverSettle(enabled=True)
     state = make_state(args.gib * lab.GiB, device)
-    copied = state.copied_bytes
     mgr = MemmgrMethod().build_manager(state, HostMemoryPool())
-    units = [unit for entry in mgr.entries(order="onload") for unit in entry.group.units]
-    reserve_bytes = sum(_round_block(unit.nbytes) for unit in units if unit.nbytes)
     mgr.offload()
-    for _ in range(args.cycles):
+    for cycle in range(args.cycles):
         for condition in ("engine", "pause"):
             for arm_spec in arms:
-                arm, _, blocks = arm_spec.partition("@")
-                if blocks:
-                    os.environ["MEMMGR_COPY_KERNEL_BLOCKS"] = blocks
-                if condition == "engine":
-                    engine.cycle()
-                else:
-                    time.sleep(0.5)
-                stop = threading.Event()
-
-                def settle_loop() -> None:
-                    while not stop.is_set():
-                        settle.begin(device.index or 0)  # starts nothing while the last one still runs
-                        stop.wait(0.02)
-                    settle.wait()
-
-                settler = threading.Thread(target=settle_loop) if arm == "settle_during" else None
-                if arm == "reserve_engines":
-                    os.environ["MEMMGR_COPY_PATH"] = "engine"
-                start = torch.cuda.Event(enable_timing=True)
-                reserve_ms = 0.0
-                with _Recorder(FlatTensors, copy_stream) as rec:
-                    torch.cuda.synchronize(device)
-                    rec.t0 = time.perf_counter()
-                    start.record(copy_stream(device, "h2d"))
-                    if settler is not None:
-                        settler.start()
-                    if arm == "alloc_first":
-                        for unit in units:
-                            unit.allocate()
-                    if arm.startswith("reserve"):
-                        block = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
-                        del block  # to the cache, whole: the buckets' allocations are carved out of it
-                        reserve_ms = (time.perf_counter() - rec.t0) * 1e3
-                    reserved_before = torch.cuda.memory_reserved(device)
-                    mgr.onload()
-                    torch.cuda.synchronize(device)
-                    onload_s = time.perf_counter() - rec.t0
-                    grew_gib = (torch.cuda.memory_reserved(device) - reserved_before) / lab.GiB
-                os.environ.pop("MEMMGR_COPY_PATH", None)
-                os.environ.pop("MEMMGR_COPY_KERNEL_BLOCKS", None)
-                stop.set()
-                if settler is not None:
-                    settler.join()
-                row = {"condition": condition, "arm": arm_spec, "onload_s": onload_s,
-                       "ratio": copied / onload_s / lab.GB / peak["h2d"], "buckets": len(rec.issues),
-                       "alloc_total_ms": sum(rec.allocs) * 1e3, "alloc_max_ms": max(rec.allocs, default=0) * 1e3,
-                       "reserve_ms": reserve_ms, "reserved_grew_during_onload_gib": grew_gib,
-                       "starved_ms": rec.starved_ms(start), "last_issue_ms": rec.issues[-1][0] * 1e3,
-                       "path": copy_paths_status()["last"].get("h2d")}
+                with _arm_settings(arm_spec) as arm:
+                    if condition == "engine":
+                        engine.cycle()
+                    else:
+                        time.sleep(0.5)
+                    row = _timed_onload(mgr, arm, device, state.copied_bytes / lab.GB / peak["h2d"],
+                                        keep_timeline=cycle == 0)
+                row.update(condition=condition, arm=arm_spec)
                 out["cycles"].append(row)
                 print(f"cycle {condition} {arm_spec}: onload {row['onload_s'] * 1e3:.0f} ms ({row['ratio']:.2f}x, "
-                      f"{row['path']}); reserve {reserve_ms:.1f} ms; allocations {row['alloc_total_ms']:.0f} ms "
-                      f"(longest {row['alloc_max_ms']:.1f}), last issue at {row['last_issue_ms']:.0f} ms, copy "
-                      f"stream starved {row['starved_ms']:.1f} ms; cache grew {grew_gib:.2f} GiB during it",
-                      flush=True)
+                      f"{row['path']}); reserve {row['reserve_ms']:.1f} ms; allocations {row['alloc_total_ms']:.0f} "
+                      f"ms (longest {row['alloc_max_ms']:.1f}), last issue at {row['last_issue_ms']:.0f} ms, copy "
+                      f"stream starved {row['starved_ms']:.1f} ms; cache grew "
+                      f"{row['reserved_grew_during_onload_gib']:.2f} GiB during it", flush=True)
                 time.sleep(0.5)
                 mgr.offload()
     for condition in ("engine", "pause"):
@@ -191,6 +182,59 @@ def run_arms(args, device, peak, engine, out: dict) -> None:
                   f"allocations {summary['alloc_total_ms']:.0f} ms (longest {summary['alloc_max_ms']:.1f}), starved "
                   f"{summary['starved_ms']:.1f} ms", flush=True)
     mgr.close()
+
+
+def _timed_onload(mgr, arm: str, device: torch.device, seconds_at_peak: float, keep_timeline: bool) -> dict:
+    """One ``mgr.onload()`` the way ``arm`` prepares it, timed from the host and on the copy stream."""
+    from memmgr import driver_settle
+    from memmgr.flat_tensors import FlatTensors
+    from memmgr.transfer import copy_paths_status, copy_stream
+
+    units = [unit for entry in mgr.entries(order="onload") for unit in entry.group.units]
+    stop = threading.Event()
+    settle = driver_settle.DriverSettle(enabled=True)
+
+    def settle_loop() -> None:
+        while not stop.is_set():
+            settle.begin(device.index or 0)  # starts nothing while the last one still runs
+            stop.wait(0.02)
+        settle.wait()
+
+    settler = threading.Thread(target=settle_loop) if arm == "settle_during" else None
+    start = torch.cuda.Event(enable_timing=True)
+    reserve_ms = 0.0
+    with _Recorder(FlatTensors, copy_stream) as rec:
+        torch.cuda.synchronize(device)
+        rec.t0 = time.perf_counter()
+        start.record(copy_stream(device, "h2d"))
+        if settler is not None:
+            settler.start()
+        if arm == "alloc_first":
+            for unit in units:
+                unit.allocate()
+        if arm.startswith("reserve"):
+            reserve = sum(_round_block(unit.nbytes) for unit in units if unit.nbytes)
+            block = torch.empty(reserve, dtype=torch.uint8, device=device)
+            del block  # to the cache, whole: the buckets' allocations are carved out of it
+            reserve_ms = (time.perf_counter() - rec.t0) * 1e3
+        reserved_before = torch.cuda.memory_reserved(device)
+        mgr.onload()
+        torch.cuda.synchronize(device)
+        onload_s = time.perf_counter() - rec.t0
+        grew_gib = (torch.cuda.memory_reserved(device) - reserved_before) / lab.GiB
+    stop.set()
+    if settler is not None:
+        settler.join()
+    row = {"onload_s": onload_s, "ratio": seconds_at_peak / onload_s, "buckets": len(rec.issues),
+           "alloc_total_ms": sum(rec.allocs) * 1e3, "alloc_max_ms": max(rec.allocs, default=0) * 1e3,
+           "reserve_ms": reserve_ms, "reserved_grew_during_onload_gib": grew_gib,
+           "starved_ms": rec.starved_ms(start), "last_issue_ms": rec.issues[-1][0] * 1e3,
+           "path": copy_paths_status()["last"].get("h2d")}
+    if keep_timeline:
+        row["timeline"] = [[issued_s * 1e3, start.elapsed_time(event), nbytes]
+                           for issued_s, nbytes, event in rec.issues]
+        row["alloc_ms"] = [a * 1e3 for a in rec.allocs]
+    return row
 
 
 def _after_condition(engine, condition: str) -> float:
@@ -311,9 +355,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--gib", type=float, default=50.0, help="the synthetic state's copied bytes")
     parser.add_argument("--cycles", type=int, default=3)
-    parser.add_argument("--arms", default="as_is,as_is@264,as_is@99",
+    parser.add_argument("--arms", default="as_is,as_is:MEMMGR_COPY_PATH=split:MEMMGR_COPY_SPLIT=0.1,as_is:PROBE_MIB=16",
                         help=f"of {', '.join(ARMS + ('settle_during',))}; ARM@BLOCKS runs it with that kernel grid")
-    parser.add_argument("--parts", default="alloc_beside,arms", help="of arms, alloc_beside, after_reserve")
+    parser.add_argument("--parts", default="arms", help="of arms, alloc_beside, after_reserve")
     parser.add_argument("--beside", default="none,kernel@264,kernel@132,kernel@99",
                         help="alloc_beside's side work: none, matmul, engine, kernel or kernel@BLOCKS")
     parser.add_argument("--beside-repeats", type=int, default=2)

@@ -69,6 +69,11 @@ def program(name: str, *args: str) -> list[str]:
     return [PY, str(BENCH / name), *args]
 
 
+def timeline_args() -> list[str]:
+    """onload_timeline.py's options from $MEMMGR_TIMELINE_ARGS (e.g. "--gib 16 --arms as_is,as_is@264")."""
+    return shlex.split(os.environ.get("MEMMGR_TIMELINE_ARGS", ""))
+
+
 def pytest_gpu(ctx: Context, everything: bool = False) -> Step:
     """The tests that touch CUDA (``gpu``-marked ones and the ``[cuda]`` variants; the CPU tests run in CI), or with
     ``everything`` the whole suite."""
@@ -250,10 +255,12 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                                                str(c.work / "release_probe")),
                                       300, show=r"^median")]),
     "onload-timeline": ("onload_timeline.py: a 50 GiB onload after another process's release, its allocations and "
-                        "the copy stream's idle time, as is / allocations first / one reservation first (kernel or "
-                        "engines); allocations beside work in flight; copy speed into a reservation after a release",
+                        "the copy stream's idle time, per arm (copy-path settings, kernel grid, probe size; "
+                        "$MEMMGR_TIMELINE_ARGS adds options); allocations beside work in flight; copy speed into a "
+                        "reservation after a release",
                         lambda c: [Step("onload_timeline", program("onload_timeline.py", "--out",
-                                                                   str(c.work / "onload_timeline")),
+                                                                   str(c.work / "onload_timeline"),
+                                                                   *timeline_args()),
                                         420, show=r"^(peak|median|alloc_beside|after_reserve)")]),
     "ab": ("the same small `memmgr bench` (synthetic state, memmgr alone, the pause, 5 cycles) from an earlier tree and "
            "from this one, alternating twice, on one machine: whether a change moved the ratios; then move_profile.py "
