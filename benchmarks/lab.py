@@ -183,6 +183,18 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
 
 
+def after_condition(engine: Any, condition: str) -> float:
+    """Gives this process's cache back, then stands in for the phase between two moves: ``engine`` (an
+    ``EngineStandIn``) takes all free memory and releases it, or ("pause") 0.5 s pass. Returns when that ended
+    (``time.perf_counter()``)."""
+    torch.cuda.empty_cache()
+    if condition == "engine":
+        engine.cycle()
+    else:
+        time.sleep(0.5)
+    return time.perf_counter()
+
+
 def cleanup(*pools: Any) -> None:
     """Collects garbage, waits for the GPU, gives cached device memory back and trims the given host pools."""
     gc.collect()

@@ -237,22 +237,13 @@ def _timed_onload(mgr, arm: str, device: torch.device, seconds_at_peak: float, k
     return row
 
 
-def _after_condition(engine, condition: str) -> float:
-    torch.cuda.empty_cache()
-    if condition == "engine":
-        engine.cycle()
-    else:
-        time.sleep(0.5)
-    return time.perf_counter()
-
-
 def alloc_beside(device, engine, out: dict, kinds: list[str], repeats: int) -> None:
     """Fresh allocations while other work runs on a side stream."""
-    from memmgr.driver_settle import _load_driver, physical_allocation_roundtrip
+    from memmgr.driver_settle import DriverSettle
     from memmgr.host_memory import HostMemoryPool
     from memmgr.transfer import issue_copy
 
-    lib = _load_driver()
+    settle = DriverSettle(enabled=True)
     pool = HostMemoryPool()
     host = pool.acquire(8 * lab.GiB)
     src = host.tensor[: 8 * lab.GiB]
@@ -272,8 +263,9 @@ def alloc_beside(device, engine, out: dict, kinds: list[str], repeats: int) -> N
     for condition in ("engine", "pause"):
         for kind in kinds:
             for _ in range(repeats):
-                _after_condition(engine, condition)
-                physical_allocation_roundtrip(lib, device.index or 0)  # the one-time wait, paid here
+                lab.after_condition(engine, condition)
+                settle.begin(device.index or 0)  # the one-time wait, paid here, before the allocations
+                settle.wait()
                 torch.cuda.synchronize(device)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 with torch.cuda.stream(side):
@@ -316,7 +308,7 @@ def after_reserve(device, engine, out: dict, gib: float) -> None:
     rows = out.setdefault("after_reserve", [])
     for condition in ("engine", "pause"):
         for path, delay_s in (("engine", 0.0), ("engine", 0.5), ("kernel", 0.0)):
-            t_condition = _after_condition(engine, condition)
+            t_condition = lab.after_condition(engine, condition)
             time.sleep(delay_s)
             t0 = time.perf_counter()
             block = torch.empty(nbytes, dtype=torch.uint8, device=device)

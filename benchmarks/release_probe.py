@@ -92,15 +92,6 @@ def _recovery(device: torch.device, engine, engine_gib: float, host: torch.Tenso
             "points": points, "first_gbps": points[0][1], "settled_gbps": settled, "recovered_at_s": recovered_at}
 
 
-def _condition(engine, condition: str) -> float:
-    torch.cuda.empty_cache()
-    if condition == "engine":
-        engine.cycle()
-    else:
-        time.sleep(0.5)
-    return time.perf_counter()
-
-
 def _sleep_until(t_release: float, at_s: float) -> None:
     time.sleep(max(0.0, at_s - (time.perf_counter() - t_release)))
 
@@ -145,7 +136,7 @@ def _tickle(device: torch.device, engine, driver: _Driver, condition: str, how: 
     released (``how``: none, malloc, vmm), on this thread or (``in_thread``) on another while this one runs 60
     matmuls; at 1.5 s the 20 GiB released: whether the small driver call takes the release's extra wait, and
     whether it holds up the device's work when made on another thread."""
-    t_release = _condition(engine, condition)
+    t_release = lab.after_condition(engine, condition)
     big = torch.empty(20 * lab.GiB, dtype=torch.uint8, device=device)
     big.fill_(3)
     x = _matmul_operand(device)
@@ -204,7 +195,7 @@ def _matmuls_beside(x: torch.Tensor, side: Callable[[], None] | None) -> float:
 def _sentinel(device: torch.device, engine, condition: str, sentinel_at_s: float, big_at_s: float) -> dict:
     """A 32 MiB block and a 20 GiB block allocated and written right after the condition; the small one released
     at ``sentinel_at_s``, the large one at ``big_at_s``: whether a first release takes the extra wait for both."""
-    t_release = _condition(engine, condition)
+    t_release = lab.after_condition(engine, condition)
     held = _small_and_large(device)
     _sleep_until(t_release, sentinel_at_s)
     del held[0]
@@ -220,7 +211,7 @@ def _background(device: torch.device, engine, condition: str, free_in_thread: bo
     """Memory allocated right after the condition; 1 s later the main thread runs 60 matmuls while (if
     ``free_in_thread``) another thread releases a 32 MiB block allocated with it: whether that release holds up the
     device's other work, and whether the later release of the rest is then quick."""
-    t_release = _condition(engine, condition)
+    t_release = lab.after_condition(engine, condition)
     held = _small_and_large(device)
     x = _matmul_operand(device)
     _sleep_until(t_release, 1.0)
