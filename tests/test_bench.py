@@ -154,3 +154,24 @@ def test_bench_table_says_which_copy_paths_memmgr_ran():
                     "beside the offload's copies 0.3-31.0 ms"]
     assert bench._paths_line([{"method": "memmgr", "paths": [{"onload": None, "offload": None,
                                                                  "driver_settle_ms": None}]}]) == []
+
+
+@pytest.mark.parametrize("peer_left_native_pools", [True, False])
+def test_bench_command_ends_before_a_peers_teardown_can_abort_it(monkeypatch, tmp_path, peer_left_native_pools):
+    from click.testing import CliRunner
+
+    from memmgr.tools import cli
+
+    ran, exits = [], []
+    monkeypatch.setattr(bench, "run_bench", lambda **kwargs: ran.append(kwargs["out"]))
+    monkeypatch.setattr(bench_methods, "_pools_released_only_in_a_region", peer_left_native_pools)
+
+    def record_exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli.os, "_exit", record_exit)
+    result = CliRunner().invoke(cli.main, ["bench", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert ran == [str(tmp_path)]
+    assert exits == ([0] if peer_left_native_pools else [])

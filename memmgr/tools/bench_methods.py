@@ -280,6 +280,16 @@ class PerTensorMethod(Method):
             torch._C._host_emptyCache()
 
 
+_pools_released_only_in_a_region = False
+
+
+def teardown_unsafe_at_exit() -> bool:
+    """Whether a peer left native state that the interpreter's own teardown cannot release: torch_memory_saver's
+    pools, whose free hook (``tms_torch_free``) aborts the process when memory is freed outside one of its regions,
+    as the pools are at exit."""
+    return _pools_released_only_in_a_region
+
+
 class TorchMemorySaverMethod(Method):
     name = "torch_memory_saver"
     description = "torch_memory_saver region with CPU backup, pause/resume (hook_mode='torch')"
@@ -297,6 +307,8 @@ class TorchMemorySaverMethod(Method):
     def make_state(self, copied_bytes, device):
         from torch_memory_saver import torch_memory_saver as tms
 
+        global _pools_released_only_in_a_region
+        _pools_released_only_in_a_region = True
         try:
             tms.hook_mode = "torch"
         except (AssertionError, AttributeError):  # set by an earlier state in this process; it cannot change after

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 try:
@@ -42,6 +43,23 @@ def bench(out: str, size_gb: float | None, sweep: bool, cycles: int, methods: st
     run_bench(out=out, size_gb=size_gb, sweep=sweep, cycles=cycles,
               methods=methods.split(",") if methods else None, megatron=megatron, phase_gap_s=phase_gap,
               between=between.split(",") if between else None, gpt=gpt)
+    _end_before_peer_teardown()
+
+
+def _end_before_peer_teardown() -> None:
+    """Ends the process at once, its files written and its output flushed, where a peer's native teardown at exit
+    would abort it (``bench_methods.teardown_unsafe_at_exit``): the run succeeded, and its exit status says so."""
+    from memmgr.tools.bench_methods import teardown_unsafe_at_exit
+
+    if not teardown_unsafe_at_exit():
+        return
+    logging.getLogger("memmgr").info("ending without the interpreter's teardown: torch_memory_saver's free hook "
+                                     "aborts when its pools are released outside a region, as they are at exit")
+    for handler in logging.getLogger().handlers + logging.getLogger("memmgr").handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @main.command()
