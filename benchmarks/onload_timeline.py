@@ -41,7 +41,8 @@ Between onloads the state is offloaded (untimed). Two more parts (``--parts``):
 
 Writes ``onload_timeline.json`` under ``--out``.
 
-    python benchmarks/onload_timeline.py --out DIR [--gib 50] [--cycles 3] [--parts arms,alloc_beside,after_reserve]
+    python benchmarks/onload_timeline.py --out DIR [--gib 50] [--cycles 3] [--bucket-mb MB]
+        [--parts arms,alloc_beside,after_reserve]
         [--beside none,kernel@264,...] [--arms as_is,as_is@264,as_is:PROBE_MIB=16,...]
 
 Through ``benchmarks/run.py onload-timeline``, ``$MEMMGR_TIMELINE_ARGS`` adds these options.
@@ -151,7 +152,10 @@ def run_arms(args, device, peak, engine, out: dict) -> None:
 
     arms = [a for a in args.arms.split(",") if a]
     state = make_state(args.gib * lab.GiB, device)
-    mgr = MemmgrMethod().build_manager(state, HostMemoryPool())
+    options = {"bucket_size_mb": args.bucket_mb} if args.bucket_mb else {}
+    mgr = MemmgrMethod().build_manager(state, HostMemoryPool(), **options)
+    out["buckets"] = {"bucket_size_mb": args.bucket_mb or "default",
+                      "count": sum(len(entry.group.units) for entry in mgr.entries())}
     mgr.offload()
     for cycle in range(args.cycles):
         for condition in ("engine", "pause"):
@@ -347,6 +351,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--gib", type=float, default=50.0, help="the synthetic state's copied bytes")
     parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--bucket-mb", type=float, default=0, help="the manager's bucket size (0: its default)")
     parser.add_argument("--arms", default="as_is,as_is:MEMMGR_COPY_PATH=split:MEMMGR_COPY_SPLIT=0.1,as_is:PROBE_MIB=16",
                         help=f"of {', '.join(ARMS + ('settle_during',))}; ARM@BLOCKS runs it with that kernel grid")
     parser.add_argument("--parts", default="arms", help="of arms, alloc_beside, after_reserve")

@@ -187,10 +187,10 @@ class MemmgrMethod(Method):
         self.pool = HostMemoryPool()
         self.mgr = self.build_manager(state, self.pool)
 
-    def build_manager(self, state, pool):
+    def build_manager(self, state, pool, **manager_options):
         from memmgr.manager import MemoryManager
 
-        mgr = MemoryManager(pool=pool)
+        mgr = MemoryManager(pool=pool, **manager_options)
         mgr.add_group("weights", state.weights)
         mgr.add_group("grads", state.grads, policy="discard")
         mgr.add_group("main_weights", state.main_weights)
