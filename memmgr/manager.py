@@ -87,6 +87,12 @@ def _is_in_use(group: StateGroup) -> bool:
         return False
 
 
+def _cuda_devices(units: Iterable[MovableUnit]) -> list[torch.device]:
+    """The GPUs these units live on, each once, in index order."""
+    devices = {unit.device for unit in units if unit.device is not None and unit.device.type == "cuda"}
+    return sorted(devices, key=lambda device: device.index or 0)
+
+
 def _mark_in_use(group: StateGroup, in_use: bool) -> None:
     try:
         if in_use:
@@ -183,7 +189,10 @@ class MemoryManager:
             self._check_not_managed(name, tensors)
             group = BucketizedFlatTensors(tensors, self.bucket_size_mb, name=name, policy=policy, pool=self.pool,
                                           pin_ahead=pin_ahead, verify=verify)
-            self._release_coalescing_leftovers(group)
+            if _cuda_devices(group.units):
+                # coalescing left the tensors' former storages in PyTorch's cache: released here, not at the first
+                # offload
+                self._release_cached_memory()
         prio = default_priority(name, group.policy) if priority is None else priority
         self._groups[name] = GroupEntry(group, prio, collect, len(self._groups))
         _mark_in_use(group, True)
@@ -281,7 +290,7 @@ class MemoryManager:
         if self.empty_cache:
             # The release at the end may owe the driver a wait for another process's release; a side thread pays it
             # while the copies run (memmgr.driver_settle).
-            for device in self._cuda_devices(groups):
+            for device in _cuda_devices(unit for entry in self._resolve(groups) for unit in entry.group.units):
                 driver_settle.begin(device)
         scope = MoveScope()
         yield scope
@@ -329,16 +338,6 @@ class MemoryManager:
     def on_copies_in_flight(self, groups: tuple[str, ...]) -> None:
         """Called by every offload once its copies are issued and before they are waited for: host-side bookkeeping
         a subclass runs here costs no time on the offload's critical path."""
-
-    def _cuda_devices(self, groups: tuple[str, ...]) -> list[torch.device]:
-        """The GPUs the named groups' units live on, in index order."""
-        devices = {unit.device for entry in self._resolve(groups) for unit in entry.group.units
-                   if unit.device is not None and unit.device.type == "cuda"}
-        return sorted(devices, key=lambda device: device.index or 0)
-
-    def _release_coalescing_leftovers(self, group: StateGroup) -> None:
-        if self.empty_cache and any(unit.device is not None and unit.device.type == "cuda" for unit in group.units):
-            torch.cuda.empty_cache()
 
     def _release_cached_memory(self) -> None:
         if self.empty_cache and torch.cuda.is_available() and torch.cuda.is_initialized():

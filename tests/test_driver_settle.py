@@ -98,15 +98,12 @@ def test_an_offload_starts_a_settle_on_its_gpu_only_when_it_releases_memory(monk
     mgr.close()
 
 
-def test_the_manager_names_each_gpu_its_groups_live_on_once():
-    mgr = memmgr.MemoryManager()
-    mgr.add_group("weights", [torch.zeros(4)])
-    units = {"a": [torch.device("cuda", 1), torch.device("cuda", 0)], "b": [torch.device("cuda", 1), None,
-                                                                           torch.device("cpu")]}
-    fake_entries = [types.SimpleNamespace(group=types.SimpleNamespace(
-        units=[types.SimpleNamespace(device=d) for d in devices])) for devices in units.values()]
-    mgr._resolve = lambda groups: fake_entries
-    assert mgr._cuda_devices(("a", "b")) == [torch.device("cuda", 0), torch.device("cuda", 1)]
+def test_the_manager_names_each_gpu_its_units_live_on_once():
+    from memmgr.manager import _cuda_devices
+
+    devices = [torch.device("cuda", 1), torch.device("cuda", 0), torch.device("cuda", 1), None, torch.device("cpu")]
+    units = [types.SimpleNamespace(device=device) for device in devices]
+    assert _cuda_devices(units) == [torch.device("cuda", 0), torch.device("cuda", 1)]
 
 
 @pytest.mark.gpu
