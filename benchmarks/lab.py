@@ -183,6 +183,17 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
 
 
+def gpu_program_start(program: str) -> tuple[torch.device, dict[str, Any]]:
+    """What a single-GPU lab program does first: exits saying it needs a GPU where there is none, else measures the
+    pinned-copy peak on cuda:0 and prints it (the line ``run.py``'s summaries pick up); returns the device and peak."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{program} needs a GPU")
+    device = torch.device("cuda", 0)
+    peak = pinned_peak(device)
+    print(f"peak: d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s", flush=True)
+    return device, peak
+
+
 def after_condition(engine: Any, condition: str) -> float:
     """Gives this process's cache back, then stands in for the phase between two moves: ``engine`` (an
     ``EngineStandIn``) takes all free memory and releases it, or ("pause") 0.5 s pass. Returns when that ended

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -164,8 +163,7 @@ def main() -> None:
     parser.add_argument("--release-wait", action="store_true", help="also the release-wait part")
     parser.add_argument("--release-gib", type=int, default=20, help="the release-alone part's allocation")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("offload_phases.py needs a GPU")
+    device, peak = lab.gpu_program_start("offload_phases.py")
 
     from memmgr.driver_settle import SETTLE_ENV
     from memmgr.host_memory import HostMemoryPool
@@ -173,9 +171,6 @@ def main() -> None:
     from memmgr.tools.engine_standin import EngineStandIn
     from memmgr.transfer import copy_paths_status
 
-    device = torch.device("cuda", 0)
-    peak = lab.pinned_peak(device)
-    print(f"peak: d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s", flush=True)
     out: dict = {"meta": lab.metadata(), "peak_gbps": peak, "cycles": [],
                  "release_alone": []}
     engine = EngineStandIn(device)

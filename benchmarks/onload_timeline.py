@@ -53,7 +53,6 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import threading
 import time
 
@@ -359,14 +358,10 @@ def main() -> None:
                         help="alloc_beside's side work: none, matmul, engine, kernel or kernel@BLOCKS")
     parser.add_argument("--beside-repeats", type=int, default=2)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("onload_timeline.py needs a GPU")
+    device, peak = lab.gpu_program_start("onload_timeline.py")
 
     from memmgr.tools.engine_standin import EngineStandIn
 
-    device = torch.device("cuda", 0)
-    peak = lab.pinned_peak(device)
-    print(f"peak: d2h {peak['d2h']:.1f} GB/s, h2d {peak['h2d']:.1f} GB/s", flush=True)
     out: dict = {"meta": lab.metadata(), "peak_gbps": peak, "cycles": []}
     engine = EngineStandIn(device)
     parts = args.parts.split(",")
