@@ -21,6 +21,9 @@ finished its own copy was issued). Arms, each under the engine condition and aft
 - ``reserve_first``: one allocation of all the buckets' bytes, freed to PyTorch's cache at once, before
   ``mgr.onload()``: the buckets' allocations are then carved out of that cached block without driver calls;
 - ``reserve_engines``: the same with every copy on the copy engines (``MEMMGR_COPY_PATH=engine``);
+- ``raw_kernel``, ``raw_engine``: no onload, the ceiling it is measured against: the same bytes copied from one pinned
+  1 GiB host buffer into a device buffer held throughout, in chunks of the bucket size, one ``issue_copy`` each
+  through that path on one stream;
 - any arm as ``ARM@BLOCKS``: with the copy kernel's grid at BLOCKS blocks (``MEMMGR_COPY_KERNEL_BLOCKS``), and as
   ``ARM:NAME=VALUE[:NAME=VALUE...]`` with those environment variables set for it (e.g.
   ``as_is:MEMMGR_COPY_PATH=split:MEMMGR_COPY_SPLIT=0.1``); ``PROBE_MIB=N`` there sets the ``auto`` path's probe size
@@ -60,7 +63,7 @@ import torch
 
 import lab
 
-ARMS = ("as_is", "alloc_first", "reserve_first", "reserve_engines")
+ARMS = ("as_is", "alloc_first", "reserve_first", "reserve_engines", "raw_kernel", "raw_engine")
 MiB = 1 << 20
 
 
@@ -155,6 +158,12 @@ def run_arms(args, device, peak, engine, out: dict) -> None:
     mgr = MemmgrMethod().build_manager(state, HostMemoryPool(), **options)
     out["buckets"] = {"bucket_size_mb": args.bucket_mb or "default",
                       "count": sum(len(entry.group.units) for entry in mgr.entries())}
+    raw = None
+    if any(a.startswith("raw_") for a in arms):
+        pool = HostMemoryPool()
+        raw = (pool.acquire(lab.GiB).tensor[:lab.GiB],
+               torch.empty(state.copied_bytes, dtype=torch.uint8, device=device),
+               int((args.bucket_mb or mgr.bucket_size_mb) * MiB))
     mgr.offload()
     for cycle in range(args.cycles):
         for condition in ("engine", "pause"):
@@ -164,10 +173,19 @@ def run_arms(args, device, peak, engine, out: dict) -> None:
                         engine.cycle()
                     else:
                         time.sleep(0.5)
-                    row = _timed_onload(mgr, arm, device, state.copied_bytes / lab.GB / peak["h2d"],
-                                        keep_timeline=cycle == 0)
+                    if arm.startswith("raw_"):
+                        row = _timed_raw_copy(arm.removeprefix("raw_"), *raw, device, peak["h2d"])
+                    else:
+                        row = _timed_onload(mgr, arm, device, state.copied_bytes / lab.GB / peak["h2d"],
+                                            keep_timeline=cycle == 0)
                 row.update(condition=condition, arm=arm_spec)
                 out["cycles"].append(row)
+                if arm.startswith("raw_"):
+                    print(f"cycle {condition} {arm_spec}: {row['gib']:.1f} GiB in {row['copy_ms']:.1f} ms "
+                          f"({row['gbps']:.1f} GB/s, {row['ratio']:.3f}x) on the stream, {row['wall_ms']:.1f} ms "
+                          f"on the host", flush=True)
+                    time.sleep(0.5)
+                    continue
                 print(f"cycle {condition} {arm_spec}: onload {row['onload_s'] * 1e3:.0f} ms ({row['ratio']:.2f}x, "
                       f"{row['path']}); reserve {row['reserve_ms']:.1f} ms; allocations {row['alloc_total_ms']:.0f} "
                       f"ms (longest {row['alloc_max_ms']:.1f}), last issue at {row['last_issue_ms']:.0f} ms, copy "
@@ -178,8 +196,8 @@ def run_arms(args, device, peak, engine, out: dict) -> None:
     for condition in ("engine", "pause"):
         for arm in arms:
             rows = [r for r in out["cycles"] if r["condition"] == condition and r["arm"] == arm]
-            summary = {k: statistics.median(r[k] for r in rows) for k in ("ratio", "alloc_total_ms", "alloc_max_ms",
-                                                                            "starved_ms", "reserve_ms")}
+            keys = ("ratio", "alloc_total_ms", "alloc_max_ms", "starved_ms", "reserve_ms")
+            summary = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}
             out.setdefault("median", {}).setdefault(condition, {})[arm] = summary
             print(f"median {condition} {arm}: onload {summary['ratio']:.2f}x, reserve {summary['reserve_ms']:.0f} ms, "
                   f"allocations {summary['alloc_total_ms']:.0f} ms (longest {summary['alloc_max_ms']:.1f}), starved "
@@ -222,6 +240,9 @@ def _timed_onload(mgr, arm: str, device: torch.device, seconds_at_peak: float, k
             reserve_ms = (time.perf_counter() - rec.t0) * 1e3
         reserved_before = torch.cuda.memory_reserved(device)
         mgr.onload()
+        returned_s = time.perf_counter() - rec.t0
+        current_end = torch.cuda.Event(enable_timing=True)
+        current_end.record(torch.cuda.current_stream(device))
         torch.cuda.synchronize(device)
         onload_s = time.perf_counter() - rec.t0
         grew_gib = (torch.cuda.memory_reserved(device) - reserved_before) / lab.GiB
@@ -232,12 +253,38 @@ def _timed_onload(mgr, arm: str, device: torch.device, seconds_at_peak: float, k
            "alloc_total_ms": sum(rec.allocs) * 1e3, "alloc_max_ms": max(rec.allocs, default=0) * 1e3,
            "reserve_ms": reserve_ms, "reserved_grew_during_onload_gib": grew_gib,
            "starved_ms": rec.starved_ms(start), "last_issue_ms": rec.issues[-1][0] * 1e3,
+           "first_issue_ms": rec.issues[0][0] * 1e3, "returned_ms": returned_s * 1e3,
+           "copies_end_ms": start.elapsed_time(rec.issues[-1][2]), "compute_end_ms": start.elapsed_time(current_end),
            "path": copy_paths_status()["last"].get("h2d")}
     if keep_timeline:
         row["timeline"] = [[issued_s * 1e3, start.elapsed_time(event), nbytes]
                            for issued_s, nbytes, event in rec.issues]
         row["alloc_ms"] = [a * 1e3 for a in rec.allocs]
     return row
+
+
+def _timed_raw_copy(path: str, src: torch.Tensor, dst: torch.Tensor, chunk: int, device: torch.device,
+                    peak_gbps: float) -> dict:
+    """``dst``'s bytes copied from ``src`` (repeated) in chunks of ``chunk`` bytes through ``path`` on one stream."""
+    from memmgr.transfer import copy_stream, issue_copy
+
+    stream = copy_stream(device, "h2d")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    start.record(stream)
+    offset = 0
+    while offset < dst.numel():
+        n = min(chunk, dst.numel() - offset, src.numel())
+        issue_copy(dst[offset:offset + n], src[:n], stream, path=path)
+        offset += n
+    end.record(stream)
+    end.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    copy_ms = start.elapsed_time(end)
+    gbps = dst.numel() / (copy_ms / 1e3) / lab.GB
+    return {"path": path, "gib": dst.numel() / lab.GiB, "copy_ms": copy_ms, "wall_ms": wall_ms, "gbps": gbps,
+            "ratio": gbps / peak_gbps}
 
 
 def alloc_beside(device, engine, out: dict, kinds: list[str], repeats: int) -> None:
