@@ -741,6 +741,14 @@ def _restore_dropped(buffer: HostBuffer | None, flat: torch.Tensor) -> None:
         torch.cuda.synchronize(flat.device)
 
 
+# An onload allocates each bucket (a cudaMalloc, once the offload gave PyTorch's cache back) while the bucket before it
+# copies. Right after another process's release, each of those allocations slows the copy kernel beside it: a 16 GiB
+# onload there ran at 0.89-0.90x of the pinned peak with 256 MiB buckets and at 0.91x with 1 GiB ones, against
+# 0.91-0.92x for the kernel copying the same bytes into memory held throughout (onload_timeline.py, H200_SESSION7.md).
+# Coalescing needs one bucket of extra device memory at a time.
+DEFAULT_BUCKET_SIZE_MB = 1024
+
+
 class BucketizedFlatTensors:
     """A group of tensors of any devices and dtypes, coalesced into flat buckets of at most ``bucket_size_mb``.
 
@@ -748,7 +756,7 @@ class BucketizedFlatTensors:
     its own. Coalescing needs at most one bucket of extra memory at a time.
     """
 
-    def __init__(self, tensors: TensorsArg, bucket_size_mb: float = 256, *, name: str = "tensors",
+    def __init__(self, tensors: TensorsArg, bucket_size_mb: float = DEFAULT_BUCKET_SIZE_MB, *, name: str = "tensors",
                  policy: Policy | str = Policy.COPY, pool: HostMemoryPool | None = None, align_bytes: int = 64,
                  pin_ahead: bool = True, verify: bool = False):
         arguments.string("BucketizedFlatTensors", "name", name)

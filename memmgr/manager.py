@@ -14,7 +14,7 @@ import torch
 
 from memmgr import arguments, driver_settle, moves, storages
 from memmgr.errors import MemmgrInputError, MemmgrStateError
-from memmgr.flat_tensors import BucketizedFlatTensors, TensorsArg, tensors_argument
+from memmgr.flat_tensors import DEFAULT_BUCKET_SIZE_MB, BucketizedFlatTensors, TensorsArg, tensors_argument
 from memmgr.groups import (MovableUnit, StateGroup, check_no_outside_references, default_priority, group_state,
                            is_movable_unit)
 from memmgr.host_memory import HostMemoryPool, default_pool
@@ -133,8 +133,8 @@ class MemoryManager:
     and ``register_hook(event, fn)`` to run code around each of these.
     """
 
-    def __init__(self, *, bucket_size_mb: float = 256, empty_cache: bool = True, pool: HostMemoryPool | None = None,
-                 weights_group: str = "weights",
+    def __init__(self, *, bucket_size_mb: float = DEFAULT_BUCKET_SIZE_MB, empty_cache: bool = True,
+                 pool: HostMemoryPool | None = None, weights_group: str = "weights",
                  named_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None):
         where = "MemoryManager"
         self.bucket_size_mb = arguments.number(where, "bucket_size_mb", bucket_size_mb, positive=True,

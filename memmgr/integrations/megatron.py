@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from memmgr import arguments
 from memmgr.errors import MemmgrIntegrationError, MemmgrStateError
-from memmgr.flat_tensors import BucketizedFlatTensors, Policy, validate_tensors
+from memmgr.flat_tensors import DEFAULT_BUCKET_SIZE_MB, BucketizedFlatTensors, Policy, validate_tensors
 from memmgr.groups import DroppedTensors, unique_storage_bytes
 from memmgr.host_memory import HostMemoryPool
 from memmgr.manager import MemoryManager
@@ -472,7 +472,7 @@ class MegatronMemoryManager(MemoryManager):
 
 
 def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], optimizer: Any, *,
-                 bucket_size_mb: float = 256, empty_cache: bool = True, pin_ahead: bool = True,
+                 bucket_size_mb: float = DEFAULT_BUCKET_SIZE_MB, empty_cache: bool = True, pin_ahead: bool = True,
                  pool: HostMemoryPool | None = None) -> MemoryManager:
     """A MemoryManager for megatron-core DDP model chunks and their megatron optimizer (see the module docstring).
 

@@ -7,6 +7,7 @@ import torch
 
 from memmgr import arguments
 from memmgr.errors import MemmgrInputError
+from memmgr.flat_tensors import DEFAULT_BUCKET_SIZE_MB
 from memmgr.groups import DroppedTensors
 from memmgr.host_memory import HostMemoryPool
 from memmgr.manager import MemoryManager
@@ -47,8 +48,8 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer, names: dict[int, s
 
 
 def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-               include_buffers: bool = True, bucket_size_mb: float = 256, empty_cache: bool = True,
-               pin_ahead: bool = True, pool: HostMemoryPool | None = None) -> MemoryManager:
+               include_buffers: bool = True, bucket_size_mb: float = DEFAULT_BUCKET_SIZE_MB,
+               empty_cache: bool = True, pin_ahead: bool = True, pool: HostMemoryPool | None = None) -> MemoryManager:
     """A MemoryManager for a plain PyTorch module (on CUDA or the CPU) and, optionally, its torch.optim optimizer.
 
     Groups: ``weights`` (parameters and, with ``include_buffers``, floating-point and integer buffers), ``grads``
