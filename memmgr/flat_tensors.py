@@ -555,12 +555,15 @@ class FlatTensors:
         storage.resize_(self.nbytes)
         return True
 
-    def onload(self, non_blocking: bool = False) -> TransferHandle:
+    def onload(self, non_blocking: bool = False, *, zero_after: torch.cuda.Event | None = None) -> TransferHandle:
         """Re-allocates the device storage in place and restores the contents (or zeroes a discarded bucket).
 
-        The copy is ordered before any later work on the current stream, so compute may follow immediately. The
-        members are checked once the copy is issued (``check_intact``); a refusal frees the storage again, leaving the
-        bucket as it was.
+        The copy (or the zeroing) is ordered before any later work on the current stream, so compute may follow
+        immediately. A discarded bucket on a GPU is zeroed behind the current stream's work so far, or, given
+        ``zero_after`` (an event recorded on the current stream no later than this call, with no work that uses
+        memory after it), on the GPU's fill stream behind that event alone: after it, the current stream may already
+        wait for copies of the same onload, and the zeroing need not. The members are checked once the copy is
+        issued (``check_intact``); a refusal frees the storage again, leaving the bucket as it was.
         """
         arguments.boolean(f"bucket {self.name!r} onload", "non_blocking", non_blocking)
         state = self.state
@@ -574,8 +577,7 @@ class FlatTensors:
         if state is BucketState.DISCARDED or self.nbytes == 0:
             if offload_events:
                 self.wait()
-            with torch.no_grad():
-                self.flat.zero_()
+            self._zero(zero_after)
             self._pending = None
             self._state = BucketState.ON_DEVICE
             self._check_members_restored(revert_to=state.settled())
@@ -615,6 +617,22 @@ class FlatTensors:
         if not non_blocking:
             self._check_restored(revert_to=BucketState.ON_HOST)
         return TransferHandle.completed()
+
+    def _zero(self, after: torch.cuda.Event | None) -> None:
+        if after is None or not self.flat.is_cuda:
+            with torch.no_grad():
+                self.flat.zero_()
+            return
+        current = torch.cuda.current_stream(self.flat.device)
+        stream = copy_stream(self.flat.device, "fill")
+        stream.wait_event(after)
+        with torch.cuda.stream(stream), torch.no_grad():
+            self.flat.zero_()
+            done = torch.cuda.Event()
+            done.record(stream)
+        current.wait_event(done)
+        # The allocator may hand this block out again only after the fill stream is done with it.
+        self.flat.record_stream(stream)
 
     # ---- verification ----
     def checksum_mismatch(self) -> tuple[int, int] | None:

@@ -54,7 +54,11 @@ class MovableUnit(Protocol):
 
     def allocate(self) -> bool: ...
 
-    def onload(self, non_blocking: bool = False) -> TransferHandle: ...
+    def onload(self, non_blocking: bool = False, *, zero_after: torch.cuda.Event | None = None) -> TransferHandle:
+        """``zero_after``: where a unit that comes back re-zeroed may be zeroed from, instead of behind the work the
+        current stream holds now (a transaction passes the start of its onload, so that the zeroing runs while the
+        copies do)."""
+        ...
 
     def revert_onload(self, state: BucketState) -> None: ...
 
@@ -226,7 +230,7 @@ class DroppedTensors(ContentlessUnit):
         self._dropped = True
         return TransferHandle.completed()
 
-    def onload(self, non_blocking: bool = False) -> TransferHandle:
+    def onload(self, non_blocking: bool = False, *, zero_after: torch.cuda.Event | None = None) -> TransferHandle:
         self._dropped = False
         return TransferHandle.completed()
 

@@ -3,7 +3,8 @@
 - ``offload_units`` issues every unit's copy, checks every unit while the copies run (a unit whose tensors changed
   under it refuses the whole move, nothing freed), then frees them; if interrupted part-way through the frees
   (KeyboardInterrupt, a signal), it finishes the rest, so that a set of units is never left split.
-- ``OnloadTransaction`` brings units back one at a time (each allocation overlaps the copy of the unit before it).
+- ``OnloadTransaction`` brings units back one at a time (each allocation overlaps the copy of the unit before it;
+  re-zeroed units are zeroed while the copies run).
   If the GPU runs out of memory, or anything else interrupts it, every unit it brought back is freed again and left
   as it was, host copies intact; ``verify()`` compares opt-in checksums after the copies and undoes the whole
   transaction on a mismatch. ``onload_units`` is the common case: one transaction over a list of units.
@@ -76,6 +77,7 @@ class OnloadTransaction:
         self.bytes_needed = bytes_needed
         self._issued: list[tuple[MovableUnit, BucketState]] = []
         self._handles: list[TransferHandle] = []
+        self._starts: dict[torch.device, torch.cuda.Event] = {}
 
     @property
     def units(self) -> list[MovableUnit]:
@@ -94,9 +96,10 @@ class OnloadTransaction:
             return None
         previous = unit.state.settled()
         try:
+            zero_after = self._start_on(unit.device)
             unit.allocate()
             self._issued.append((unit, previous))
-            handle = unit.onload(non_blocking=True)
+            handle = unit.onload(non_blocking=True, zero_after=zero_after)
         except torch.OutOfMemoryError as exc:
             self.rollback()
             raise self._out_of_memory(unit, exc) from exc
@@ -105,6 +108,20 @@ class OnloadTransaction:
             raise
         self._handles.append(handle)
         return handle
+
+    def _start_on(self, device: torch.device | None) -> torch.cuda.Event | None:
+        """An event on the device's current stream at this transaction's first unit there: re-zeroed units are zeroed
+        behind it, not behind the copies of this transaction that the current stream waits for later."""
+        if device is None or device.type != "cuda":
+            return None
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        start = self._starts.get(device)
+        if start is None:
+            start = torch.cuda.Event()
+            start.record(torch.cuda.current_stream(device))
+            self._starts[device] = start
+        return start
 
     def issue_all(self, units: Iterable[MovableUnit]) -> None:
         for unit in units:

@@ -79,6 +79,34 @@ def test_offload_order_frees_discardable_first_and_onload_brings_weights_first(d
                      ("onload", "weights"), ("onload", "optimizer_states"), ("onload", "grads")]
 
 
+@requires_cuda
+def test_an_onload_zeroes_discarded_buckets_while_its_copies_are_still_queued():
+    from memmgr.transfer import copy_stream
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    weights = {"w": torch.randn(1 << 22, device=device)}
+    grads = {"g": torch.randn(1 << 22, device=device)}
+    expected = weights["w"].clone()
+    mgr = MemoryManager()
+    mgr.add_group("weights", weights)
+    mgr.add_group("grads", grads, policy="discard")
+    mgr.offload()
+    h2d, fill = copy_stream(device, "h2d"), copy_stream(device, "fill")
+    clock_khz = getattr(torch.cuda.get_device_properties(device), "clock_rate", 1_800_000)
+    with torch.cuda.stream(h2d):
+        torch.cuda._sleep(int(0.5 * clock_khz * 1000))  # the onload's copies queue behind ~0.5 s
+    handle = mgr.onload(non_blocking=True)
+    fill.synchronize()
+    copies_queued = not h2d.query()
+    with torch.cuda.stream(fill):
+        nonzero = int(torch.count_nonzero(grads["g"]).item())
+    handle.wait()
+    assert copies_queued, "the copies finished before the check; the test proves nothing"
+    assert nonzero == 0
+    assert torch.count_nonzero(grads["g"]).item() == 0  # on the current stream, ordered after the zeroing
+    assert same_bits(weights["w"], expected)
+
+
 def test_phase_offloads_all_but_kept_and_restores_after_an_exception(device):
     model = make_mlp(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
