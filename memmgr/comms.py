@@ -383,7 +383,7 @@ class NcclCommunicators(ContentlessUnit):
     def allocate(self) -> bool:
         return False
 
-    def onload(self, non_blocking: bool = False) -> TransferHandle:
+    def onload(self, non_blocking: bool = False, *, zero_after: torch.cuda.Event | None = None) -> TransferHandle:
         for name in self._comms:
             self.restore(name)
         return TransferHandle.completed()

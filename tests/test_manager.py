@@ -80,7 +80,7 @@ def test_offload_order_frees_discardable_first_and_onload_brings_weights_first(d
 
 
 @requires_cuda
-def test_an_onload_zeroes_discarded_buckets_while_its_copies_are_still_queued():
+def test_an_onload_zeroes_discarded_cuda_buckets_while_its_copies_are_still_queued():
     from memmgr.transfer import copy_stream
 
     device = torch.device("cuda", torch.cuda.current_device())
