@@ -27,7 +27,10 @@ finished its own copy was issued). Arms, each under the engine condition and aft
 - any arm as ``ARM@BLOCKS``: with the copy kernel's grid at BLOCKS blocks (``MEMMGR_COPY_KERNEL_BLOCKS``), and as
   ``ARM:NAME=VALUE[:NAME=VALUE...]`` with those environment variables set for it (e.g.
   ``as_is:MEMMGR_COPY_PATH=split:MEMMGR_COPY_SPLIT=0.1``); ``PROBE_MIB=N`` there sets the ``auto`` path's probe size
-  (``memmgr.transfer.AUTO_PROBE_BYTES``) instead.
+  (``memmgr.transfer.AUTO_PROBE_BYTES``) instead, ``DELAY_MS=N`` waits N ms between the condition and the onload
+  (an onload that begins 0.1 s or more after another process's release meets the driver's one-time wait, 25-45 ms,
+  at its first allocation), and ``SETTLE_AT_RELEASE=1`` starts a driver settle (``memmgr.driver_settle``) right
+  after the condition, before that wait: whether a settle made while the trainer waits takes it off the onload.
 
 The first cycle of each arm and condition also records every bucket's issue time on the host, the end of its copy on
 the device and its size (``timeline``: [issue_ms, end_ms, bytes]), and each allocation's time (``alloc_ms``).
@@ -115,7 +118,8 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _arm_settings(arm_spec: str):
-    """Applies an arm's settings (``ARM@BLOCKS``, ``ARM:NAME=VALUE...``) for its duration; yields the arm's name."""
+    """Applies an arm's settings (``ARM@BLOCKS``, ``ARM:NAME=VALUE...``) for its duration; yields the arm's name and
+    what to do between the condition and the onload: (delay in seconds, whether to start a driver settle first)."""
     from memmgr import transfer
 
     head, *assignments = arm_spec.split(":")
@@ -126,6 +130,7 @@ def _arm_settings(arm_spec: str):
     if arm == "reserve_engines":
         settings["MEMMGR_COPY_PATH"] = "engine"
     probe = settings.pop("PROBE_MIB", None)
+    before_onload = (float(settings.pop("DELAY_MS", 0)) / 1e3, settings.pop("SETTLE_AT_RELEASE", "0") == "1")
     saved_env = {name: os.environ.get(name) for name in settings}
     saved_probe = (transfer.AUTO_PROBE_BYTES, transfer.AUTO_PROBE_MIN_BYTES)
     os.environ.update(settings)
@@ -133,7 +138,7 @@ def _arm_settings(arm_spec: str):
         transfer.AUTO_PROBE_BYTES = int(float(probe) * MiB)
         transfer.AUTO_PROBE_MIN_BYTES = 2 * transfer.AUTO_PROBE_BYTES
     try:
-        yield arm
+        yield arm, before_onload
     finally:
         for name, value in saved_env.items():
             if value is None:
@@ -149,6 +154,7 @@ def _round_block(nbytes: int) -> int:
 
 
 def run_arms(args, device, peak, engine, out: dict) -> None:
+    from memmgr.driver_settle import DriverSettle
     from memmgr.host_memory import HostMemoryPool
     from memmgr.tools.bench_methods import MemmgrMethod, make_state
 
@@ -164,15 +170,19 @@ def run_arms(args, device, peak, engine, out: dict) -> None:
         raw = (pool.acquire(lab.GiB).tensor[:lab.GiB],
                torch.empty(state.copied_bytes, dtype=torch.uint8, device=device),
                int((args.bucket_mb or mgr.bucket_size_mb) * MiB))
+    settle = DriverSettle(enabled=True)
     mgr.offload()
     for cycle in range(args.cycles):
         for condition in ("engine", "pause"):
             for arm_spec in arms:
-                with _arm_settings(arm_spec) as arm:
+                with _arm_settings(arm_spec) as (arm, (delay_s, settle_at_release)):
                     if condition == "engine":
                         engine.cycle()
                     else:
                         time.sleep(0.5)
+                    if settle_at_release:
+                        settle.begin(device.index or 0)
+                    time.sleep(delay_s)
                     if arm.startswith("raw_"):
                         row = _timed_raw_copy(arm.removeprefix("raw_"), *raw, device, peak["h2d"])
                     else:

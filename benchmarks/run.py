@@ -69,6 +69,19 @@ def program(name: str, *args: str) -> list[str]:
     return [PY, str(BENCH / name), *args]
 
 
+def ab_bench_args() -> list[str]:
+    """The ``ab`` suite's bench options, the same for both trees: $MEMMGR_AB_ARGS, else the synthetic state, memmgr
+    alone, after a pause, 5 cycles (e.g. "--methods memmgr --between engine,pause --cycles 2" adds the 1.3B GPT and
+    the engine condition)."""
+    raw = os.environ.get("MEMMGR_AB_ARGS")
+    return shlex.split(raw) if raw else ["--no-megatron", "--methods", "memmgr", "--between", "pause", "--cycles", "5"]
+
+
+def ab_profiles() -> bool:
+    """Whether the ``ab`` suite ends with move_profile.py from both trees ($MEMMGR_AB_PROFILE=0: it does not)."""
+    return os.environ.get("MEMMGR_AB_PROFILE", "1") != "0"
+
+
 def timeline_args() -> list[str]:
     """onload_timeline.py's options from $MEMMGR_TIMELINE_ARGS (e.g. "--gib 16 --arms as_is,as_is@264")."""
     return shlex.split(os.environ.get("MEMMGR_TIMELINE_ARGS", ""))
@@ -262,23 +275,23 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                                                    str(c.work / "onload_timeline"),
                                                                    *timeline_args()),
                                         420, show=r"^(peak|median|alloc_beside|after_reserve)")]),
-    "ab": ("the same small `memmgr bench` (synthetic state, memmgr alone, the pause, 5 cycles) from an earlier tree and "
-           "from this one, alternating twice, on one machine: whether a change moved the ratios; then move_profile.py "
-           "(where a move of 10,000 small tensors spends its time) from both trees. Carry the earlier "
+    "ab": ("the same small `memmgr bench` (synthetic state, memmgr alone, the pause, 5 cycles; $MEMMGR_AB_ARGS sets "
+           "other options for both) from an earlier tree and from this one, alternating twice, on one machine: whether "
+           "a change moved the ratios; then move_profile.py (where a move of 10,000 small tensors spends its time) "
+           "from both trees, unless $MEMMGR_AB_PROFILE=0. Carry the earlier "
            "tree as .ab/before: `git archive COMMIT memmgr csrc setup.py pyproject.toml | tar -x -C .ab/before`",
            lambda c: [Step("build_before", ["bash", "-c", f"cd {ROOT / '.ab' / 'before'} && MEMMGR_BUILD_EXT=1 "
                                             f"{PY} setup.py -q build_ext --inplace"], 240, show="", needs=".ab/before")]
            + [step for i in (1, 2) for step in (
-               Step(f"bench_before_{i}", [PY, "-m", "memmgr", "bench", "--no-megatron", "--methods", "memmgr",
-                                          "--cycles", "5", "--out", str(c.work / f"bench_before_{i}")], 150,
+               Step(f"bench_before_{i}", [PY, "-m", "memmgr", "bench", *ab_bench_args(),
+                                          "--out", str(c.work / f"bench_before_{i}")], 150,
                     env={"PYTHONPATH": str(ROOT / ".ab" / "before")}, cwd="/tmp", needs=".ab/before"),
-               memmgr_bench(c, "--no-megatron", "--methods", "memmgr", "--between", "pause", "--cycles", "5",
-                            name=f"bench_now_{i}", timeout=150))]
-           + [Step("profile_before", program("move_profile.py", "--label", "before", "--out",
+               memmgr_bench(c, *ab_bench_args(), name=f"bench_now_{i}", timeout=150))]
+           + [step for step in [Step("profile_before", program("move_profile.py", "--label", "before", "--out",
                                              str(c.work / "profile_before")), 90, show=r"^move_profile",
                    env={"PYTHONPATH": str(ROOT / ".ab" / "before")}, cwd="/tmp", needs=".ab/before"),
               Step("profile_now", program("move_profile.py", "--label", "now", "--out", str(c.work / "profile_now")),
-                   90, show=r"^move_profile")]),
+                   90, show=r"^move_profile")] if ab_profiles()]),
     "ipc-sync": ("ipc_sync_speed.py: same-GPU weight sync through memmgr's CUDA IPC transport into a transformers "
                  "engine in a second process, the 1.3B Llama and a ~4B Qwen3: GB/s from the device and from pinned "
                  "host buckets against the pinned peak, peak extra GPU memory against the ring, bit-exactness",
