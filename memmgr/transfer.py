@@ -166,7 +166,11 @@ DEFAULT_ENGINE_FRACTION = 0.5
 #   waits for the link's queue (3 ms at 2 blocks per SM, 1 ms at 1; 0.2 ms beside engine copies or compute), hence
 #   the kernel's grid of 1 block per SM (csrc/copy_kernels.cu). Allocating all buckets before the first copy (0.80-
 #   0.84x) or reserving them in one allocation (0.74x: 50 GiB takes 145-336 ms right after a release) was slower than
-#   allocating as the copies go (0.89-0.90x; onload_timeline.py, H200_SESSION6.md).
+#   allocating as the copies go (0.89-0.90x; onload_timeline.py, H200_SESSION6.md). Each allocation beside the
+#   kernel also slows it for a while, so memmgr's buckets are 1 GiB (memmgr.flat_tensors.DEFAULT_BUCKET_SIZE_MB):
+#   a 16 GiB onload then ran at 0.91x, within 0.5% of the kernel copying into memory held throughout, against
+#   0.89-0.90x with 256 MiB buckets. A 10% engine share beside the kernel after a release ran at 0.84x
+#   (H200_SESSION7.md).
 AUTO_POLICY: dict[str, str] = {"h2d": "probe", "d2h": "engine"}
 AUTO_PROBE_BYTES = 64 << 20
 AUTO_PROBE_MIN_BYTES = 2 * AUTO_PROBE_BYTES
