@@ -239,6 +239,9 @@ def resolve_engine_fraction(engine_fraction: float | None = None) -> float:
 
 def resolve_kernel_blocks(kernel_blocks: int = 0) -> int:
     """The copy kernel's grid size: the argument if > 0, else ``$MEMMGR_COPY_KERNEL_BLOCKS``, else 0 (the default)."""
+    if isinstance(kernel_blocks, bool) or not isinstance(kernel_blocks, int) or kernel_blocks < 0:
+        raise MemmgrInputError(f"kernel_blocks must be a whole number >= 0 (the copy kernel's grid size in blocks, 0 "
+                               f"for the default), got {kernel_blocks!r}")
     if kernel_blocks > 0:
         return kernel_blocks
     raw = os.environ.get(KERNEL_BLOCKS_ENV)

@@ -46,6 +46,9 @@ def test_kernel_blocks_come_from_the_argument_then_the_environment_and_are_valid
         monkeypatch.setenv("MEMMGR_COPY_KERNEL_BLOCKS", bad)
         with pytest.raises(memmgr.MemmgrInputError, match="MEMMGR_COPY_KERNEL_BLOCKS.*grid size"):
             resolve_kernel_blocks()
+    for bad in (-1, 2.5, True, "66"):
+        with pytest.raises(memmgr.MemmgrInputError, match="kernel_blocks must be a whole number"):
+            resolve_kernel_blocks(bad)
 
 
 def test_backend_info_reports_the_copy_paths_that_can_run():
