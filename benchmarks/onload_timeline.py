@@ -164,11 +164,10 @@ def run_arms(args, device, peak, engine, out: dict) -> None:
     mgr = MemmgrMethod().build_manager(state, HostMemoryPool(), **options)
     out["buckets"] = {"bucket_size_mb": args.bucket_mb or "default",
                       "count": sum(len(entry.group.units) for entry in mgr.entries())}
-    raw = None
+    raw, raw_pool, raw_host = None, HostMemoryPool(), None
     if any(a.startswith("raw_") for a in arms):
-        pool = HostMemoryPool()
-        raw = (pool.acquire(lab.GiB).tensor[:lab.GiB],
-               torch.empty(state.copied_bytes, dtype=torch.uint8, device=device),
+        raw_host = raw_pool.acquire(lab.GiB)
+        raw = (raw_host.tensor[:lab.GiB], torch.empty(state.copied_bytes, dtype=torch.uint8, device=device),
                int((args.bucket_mb or mgr.bucket_size_mb) * MiB))
     settle = DriverSettle(enabled=True)
     mgr.offload()
@@ -213,6 +212,9 @@ def run_arms(args, device, peak, engine, out: dict) -> None:
                   f"allocations {summary['alloc_total_ms']:.0f} ms (longest {summary['alloc_max_ms']:.1f}), starved "
                   f"{summary['starved_ms']:.1f} ms", flush=True)
     mgr.close()
+    del raw
+    if raw_host is not None:
+        raw_pool.release(raw_host)
 
 
 def _timed_onload(mgr, arm: str, device: torch.device, seconds_at_peak: float, keep_timeline: bool) -> dict:
@@ -279,21 +281,19 @@ def _timed_raw_copy(path: str, src: torch.Tensor, dst: torch.Tensor, chunk: int,
     from memmgr.transfer import copy_stream, issue_copy
 
     stream = copy_stream(device, "h2d")
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def copy_all() -> None:
+        step = min(chunk, src.numel())
+        for offset in range(0, dst.numel(), step):
+            n = min(step, dst.numel() - offset)
+            issue_copy(dst[offset:offset + n], src[:n], stream, path=path)
+
     torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    start.record(stream)
-    offset = 0
-    while offset < dst.numel():
-        n = min(chunk, dst.numel() - offset, src.numel())
-        issue_copy(dst[offset:offset + n], src[:n], stream, path=path)
-        offset += n
-    end.record(stream)
-    end.synchronize()
+    copy_s = lab.cuda_timed(copy_all, stream)
     wall_ms = (time.perf_counter() - t0) * 1e3
-    copy_ms = start.elapsed_time(end)
-    gbps = dst.numel() / (copy_ms / 1e3) / lab.GB
-    return {"path": path, "gib": dst.numel() / lab.GiB, "copy_ms": copy_ms, "wall_ms": wall_ms, "gbps": gbps,
+    gbps = dst.numel() / copy_s / lab.GB
+    return {"path": path, "gib": dst.numel() / lab.GiB, "copy_ms": copy_s * 1e3, "wall_ms": wall_ms, "gbps": gbps,
             "ratio": gbps / peak_gbps}
 
 
