@@ -255,6 +255,13 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                        lambda c: [Step("offload_phases", program("offload_phases.py", "--out",
                                                                  str(c.work / "offload_phases")), 200,
                                        show=r"^(peak|release_|cycle|median)")]),
+    "offload-profile": ("offload_profile.py: where one offload's time goes on the bench's 1.3B GPT and synthetic "
+                        "state, after a pause and after another process's release: the call timed whole and with "
+                        "its release apart, one torch.profiler timeline (copies, gaps, what follows the last copy) "
+                        "and one cProfile per state",
+                        lambda c: [Step("offload_profile", program("offload_profile.py", "--out",
+                                                                   str(c.work / "offload_profile")), 240,
+                                        show=r"^(peak|profiled|median|.*intact)")]),
     "release-wait": ("offload_phases.py --release-wait --cycles 1: whether the release's extra wait after another "
                      "process's release shrinks with time, and whether a small release right after the onload takes it",
                      lambda c: [Step("release_wait", program("offload_phases.py", "--out", str(c.work / "release_wait"),
