@@ -109,8 +109,8 @@ def _python_profile(mgr: Any, device: torch.device) -> str:
     return buf.getvalue()
 
 
-def _build(state_name: str, device: torch.device, gib: float) -> tuple[Any, Any]:
-    """(state, manager): the bench's state and manager for ``state_name``."""
+def _build(state_name: str, device: torch.device, gib: float, bucket_mb: float) -> tuple[Any, Any]:
+    """(state, manager): the bench's state and manager for ``state_name``, with buckets of ``bucket_mb``."""
     from memmgr.host_memory import HostMemoryPool
 
     if state_name == "gpt":
@@ -124,22 +124,25 @@ def _build(state_name: str, device: torch.device, gib: float) -> tuple[Any, Any]
         labels = torch.randint(0, model["vocab"], (2, model["seq"]), generator=gen).to(device)
         bm.train_step(ddp, opt, tokens, labels)
         state = bm.MegatronState(ddp, opt)
-        mgr = bm.MegatronMemmgrMethod().build_manager(state, HostMemoryPool())
+        from memmgr.integrations.megatron import for_megatron
+
+        mgr = for_megatron(ddp, opt, pool=HostMemoryPool(), bucket_size_mb=bucket_mb)  # as MegatronMemmgrMethod
     else:
         from memmgr.tools.bench_methods import MemmgrMethod, make_state
 
         state = make_state(gib * lab.GiB, device)
-        mgr = MemmgrMethod().build_manager(state, HostMemoryPool())
+        mgr = MemmgrMethod().build_manager(state, HostMemoryPool(), bucket_size_mb=bucket_mb)
     return state, mgr
 
 
-def profile_state(state_name: str, device: torch.device, peak: dict, engine: Any, args: argparse.Namespace,
-                  out_dir: str) -> dict[str, Any]:
-    state, mgr = _build(state_name, device, args.gib)
+def profile_state(state_name: str, bucket_mb: float, device: torch.device, peak: dict, engine: Any,
+                  args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
+    state, mgr = _build(state_name, device, args.gib, bucket_mb)
+    state_name = f"{state_name}@{bucket_mb:g}MiB"
     copied = state.copied_bytes
     before = lab.checksum(state.copied)
     mgr.offload()  # the first offload pins the host buffers
-    result: dict[str, Any] = {"state": state_name, "copied_bytes": copied,
+    result: dict[str, Any] = {"state": state_name, "bucket_mb": bucket_mb, "copied_bytes": copied,
                               "units": sum(len(entry.group.units) for entry in mgr.entries()), "cycles": []}
     at_peak_ms = copied / (peak["d2h"] * lab.GB) * 1e3
     result["at_peak_ms"] = at_peak_ms
@@ -198,12 +201,52 @@ def profile_state(state_name: str, device: torch.device, peak: dict, engine: Any
     return result
 
 
+def release_by_segment_size(device: torch.device, engine: Any, sizes_mib: list[int],
+                            total_gib: int = 20) -> list[dict[str, Any]]:
+    """``total_gib`` allocated as segments of each size right after each condition (allocation timed), written,
+    copied device->host segment by segment into one pinned 1 GiB buffer, and released (``empty_cache`` timed) right
+    after the copies: what a release costs by segment size, as an offload ends."""
+    host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    rows = []
+    for condition in CONDITIONS * 2:
+        for size in sizes_mib:
+            count = max(1, (total_gib << 10) // size)
+            lab.after_condition(engine, condition)
+            t0 = time.perf_counter()
+            blocks = [torch.empty(size << 20, dtype=torch.uint8, device=device) for _ in range(count)]
+            torch.cuda.synchronize(device)
+            alloc_s = time.perf_counter() - t0
+            for b in blocks:
+                b.fill_(7)
+            torch.cuda.synchronize(device)
+            time.sleep(0.5)
+            for b in blocks:
+                for start in range(0, b.numel(), host.numel()):
+                    part = b[start:start + host.numel()]
+                    host[:part.numel()].copy_(part, non_blocking=True)
+            torch.cuda.synchronize(device)
+            del blocks, part
+            release_s = lab.timed(torch.cuda.empty_cache, device)
+            row = {"condition": condition, "segment_mib": size, "segments": count, "alloc_ms": alloc_s * 1e3,
+                   "release_ms": release_s * 1e3, "release_ms_per_segment": release_s * 1e3 / count}
+            rows.append(row)
+            print(f"release {condition}: {count} x {size} MiB allocated in {row['alloc_ms']:.1f} ms, released "
+                  f"right after their copies in {row['release_ms']:.1f} ms ({row['release_ms_per_segment']:.2f} "
+                  f"ms each)", flush=True)
+    del host
+    lab.cleanup()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--states", default="gpt,synthetic")
     parser.add_argument("--cycles", type=int, default=4)
     parser.add_argument("--gib", type=float, default=17.13e9 / 2**30, help="the synthetic state's copied GiB")
+    parser.add_argument("--bucket-mb", default="1024", help="bucket sizes, comma-separated: each state under each")
+    parser.add_argument("--release-sizes", default="", help="also the release part: segment sizes in MiB, "
+                        "comma-separated (e.g. 256,1024,2048,4096,8192,20480)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device, peak = lab.gpu_program_start("offload_profile.py")
@@ -212,8 +255,12 @@ def main() -> None:
     out: dict[str, Any] = {"meta": lab.metadata(), "peak_gbps": peak, "states": []}
     engine = EngineStandIn(device)
     try:
+        if args.release_sizes:
+            out["release_by_segment_size"] = release_by_segment_size(
+                device, engine, [int(x) for x in args.release_sizes.split(",")])
         for state_name in args.states.split(","):
-            out["states"].append(profile_state(state_name, device, peak, engine, args, args.out))
+            for bucket_mb in (float(x) for x in args.bucket_mb.split(",")):
+                out["states"].append(profile_state(state_name, bucket_mb, device, peak, engine, args, args.out))
     finally:
         engine.close()
     lab.write_json(os.path.join(args.out, "offload_profile.json"), out)

@@ -87,6 +87,11 @@ def timeline_args() -> list[str]:
     return shlex.split(os.environ.get("MEMMGR_TIMELINE_ARGS", ""))
 
 
+def profile_args() -> list[str]:
+    """offload_profile.py's options from $MEMMGR_PROFILE_ARGS (e.g. "--states gpt --bucket-mb 1024,4096")."""
+    return shlex.split(os.environ.get("MEMMGR_PROFILE_ARGS", ""))
+
+
 def pytest_gpu(ctx: Context, everything: bool = False) -> Step:
     """The tests that touch CUDA (``gpu``-marked ones and the ``[cuda]`` variants; the CPU tests run in CI), or with
     ``everything`` the whole suite."""
@@ -258,10 +263,11 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
     "offload-profile": ("offload_profile.py: where one offload's time goes on the bench's 1.3B GPT and synthetic "
                         "state, after a pause and after another process's release: the call timed whole and with "
                         "its release apart, one torch.profiler timeline (copies, gaps, what follows the last copy) "
-                        "and one cProfile per state",
+                        "and one cProfile per state ($MEMMGR_PROFILE_ARGS adds options: bucket sizes, the release "
+                        "by segment size)",
                         lambda c: [Step("offload_profile", program("offload_profile.py", "--out",
-                                                                   str(c.work / "offload_profile")), 240,
-                                        show=r"^(peak|profiled|median|.*intact)")]),
+                                                                   str(c.work / "offload_profile"), *profile_args()),
+                                        300, show=r"^(peak|profiled|median|release|.*intact)")]),
     "release-wait": ("offload_phases.py --release-wait --cycles 1: whether the release's extra wait after another "
                      "process's release shrinks with time, and whether a small release right after the onload takes it",
                      lambda c: [Step("release_wait", program("offload_phases.py", "--out", str(c.work / "release_wait"),
