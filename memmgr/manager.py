@@ -281,19 +281,20 @@ class MemoryManager:
     @contextlib.contextmanager
     def offloading(self, groups: tuple[str, ...], label: str, *, non_blocking: bool = False) -> Iterator[MoveScope]:
         """Brackets an offload whose units the caller issues itself (``scope.add(handle)`` for each): before_offload
-        hooks on entry, and (with ``empty_cache``) a driver settle on a side thread for each GPU the groups hold memory
-        on (``memmgr.driver_settle``); on a normal exit, PyTorch's cache (and cuBLAS's workspaces) are released once
-        the copies complete, the copies are waited for unless ``non_blocking``, after_offload hooks run and the ledger
-        records ``label``."""
+        hooks on entry; on a normal exit, with ``empty_cache``, a driver settle on a side thread for each GPU the
+        groups' buckets live on (``memmgr.driver_settle``) and PyTorch's cache (and cuBLAS's workspaces) released
+        once the copies complete; then the copies are waited for unless ``non_blocking``, after_offload hooks run and
+        the ledger records ``label``."""
         self.check_open()
         self._fire(HookEvent.BEFORE_OFFLOAD, groups)
-        if self.empty_cache:
-            # The release at the end may owe the driver a wait for another process's release; a side thread pays it
-            # while the copies run (memmgr.driver_settle).
-            for device in _cuda_devices(unit for entry in self._resolve(groups) for unit in entry.group.units):
-                driver_settle.begin(device)
         scope = MoveScope()
         yield scope
+        if self.empty_cache:
+            # The release at the end may owe the driver a wait for another process's release; a side thread pays it
+            # while the copies run (memmgr.driver_settle). It starts once they are issued, so that neither it nor
+            # finding the devices delays the first copy.
+            for device in _cuda_devices(unit for entry in self._resolve(groups) for unit in entry.group.units):
+                driver_settle.begin(device)
         handle = scope.handle
         handle.add_done_callback(self._release_cached_memory)
         self.on_copies_in_flight(groups)

@@ -98,6 +98,27 @@ def test_an_offload_starts_a_settle_on_its_gpu_only_when_it_releases_memory(monk
     mgr.close()
 
 
+def test_an_offload_starts_its_settle_only_once_its_copies_are_issued(monkeypatch):
+    """The settle's side thread and the search for the units' GPUs come after the copies are issued, so neither
+    delays the first copy; the release at the end still comes after the settle began."""
+    from memmgr import manager as manager_module
+    from memmgr.states import GroupState
+
+    events = []
+    monkeypatch.setattr(manager_module, "_cuda_devices", lambda units: [torch.device("cuda", 0)])
+    monkeypatch.setattr(driver_settle, "begin",
+                        lambda device=None: events.append(("settle", mgr.group("weights").state)))
+    mgr = memmgr.MemoryManager()
+    monkeypatch.setattr(mgr, "_release_cached_memory", lambda: events.append(("release", None)))
+    mgr.add_group("weights", {"w": torch.ones(256), "b": torch.zeros(16)}, policy="copy")
+    events.clear()  # coalescing released the former storages
+    mgr.offload()
+    assert events[0][0] == "settle" and events[0][1] is not GroupState.ON_DEVICE
+    assert [name for name, _ in events] == ["settle", "release"]
+    mgr.onload()
+    mgr.close()
+
+
 def test_the_manager_names_each_gpu_its_units_live_on_once():
     from memmgr.manager import _cuda_devices
 
