@@ -1,10 +1,9 @@
 """Where one offload's time goes on the bench's states, after a pause and after another process's release (GPU).
 
-``memmgr bench`` offloads the 1.3B Megatron GPT (18.76 GB) at 0.92-0.96x of the pinned peak after a plain pause, the
-synthetic state (17.13 GB) at 0.94-0.97x; at the peak both would take about 0.34 s, so the GPT's offload spends some
-20 ms beyond its copies. This program says where, for each state of ``--states`` (``gpt``: the bench's GPT, built and
-stepped once as ``memmgr bench`` does, under ``for_megatron``; ``synthetic``: ``make_state`` of ``--gib`` under the
-bench's MemoryManager):
+An offload at the link's peak would take its copied bytes over the pinned-copy peak; this program says where the time
+beyond that goes, for each state of ``--states`` (``gpt``: the bench's 1.3B GPT, built and stepped once as ``memmgr
+bench`` does, under ``for_megatron``; ``synthetic``: ``make_state`` of ``--gib`` under the bench's MemoryManager),
+with buckets of each size of ``--bucket-mb``:
 
 - ``--cycles`` cycles per condition (``pause``: 0.5 s in this process; ``engine``: ``EngineStandIn.cycle()``, the
   helper process taking all free memory and releasing it), each: the condition, the onload, 0.5 s, then the offload
@@ -16,9 +15,14 @@ bench's MemoryManager):
   (``cudaFree``: the release);
 - one offload after a pause under ``cProfile``: the Python functions by own and by cumulative time.
 
-Writes ``offload_profile.json`` and ``offload_profile.txt`` under ``--out``.
+With ``--release-sizes``, first: 20 GiB allocated as segments of each size right after each condition, copied
+device->host and released, the release timed (what ``cudaFree`` costs by segment size as an offload ends).
+
+Writes ``offload_profile.json``, ``offload_profile.txt`` (the cProfile listings) and one Chrome trace per profiled
+offload under ``--out``.
 
     python benchmarks/offload_profile.py --out DIR [--states gpt,synthetic] [--cycles 4] [--gib 16]
+        [--bucket-mb 1024,2048] [--release-sizes 256,1024,20480]
 """
 from __future__ import annotations
 

@@ -77,6 +77,11 @@ def ab_bench_args() -> list[str]:
     return shlex.split(raw) if raw else ["--no-megatron", "--methods", "memmgr", "--between", "pause", "--cycles", "5"]
 
 
+# the earlier tree first, then the installed wheels (megatron-core: without it the earlier tree's bench would leave
+# out the Megatron GPT), never this tree
+AB_BEFORE_ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / ".ab" / "before"), SITE])}
+
+
 def ab_profiles() -> bool:
     """Whether the ``ab`` suite ends with move_profile.py from both trees ($MEMMGR_AB_PROFILE=0: it does not)."""
     return os.environ.get("MEMMGR_AB_PROFILE", "1") != "0"
@@ -298,11 +303,11 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
            + [step for i in (1, 2) for step in (
                Step(f"bench_before_{i}", [PY, "-m", "memmgr", "bench", *ab_bench_args(),
                                           "--out", str(c.work / f"bench_before_{i}")], 150,
-                    env={"PYTHONPATH": str(ROOT / ".ab" / "before")}, cwd="/tmp", needs=".ab/before"),
+                    env=AB_BEFORE_ENV, cwd="/tmp", needs=".ab/before"),
                memmgr_bench(c, *ab_bench_args(), name=f"bench_now_{i}", timeout=150))]
            + [step for step in [Step("profile_before", program("move_profile.py", "--label", "before", "--out",
                                              str(c.work / "profile_before")), 90, show=r"^move_profile",
-                   env={"PYTHONPATH": str(ROOT / ".ab" / "before")}, cwd="/tmp", needs=".ab/before"),
+                   env=AB_BEFORE_ENV, cwd="/tmp", needs=".ab/before"),
               Step("profile_now", program("move_profile.py", "--label", "now", "--out", str(c.work / "profile_now")),
                    90, show=r"^move_profile")] if ab_profiles()]),
     "ipc-sync": ("ipc_sync_speed.py: same-GPU weight sync through memmgr's CUDA IPC transport into a transformers "

@@ -4,10 +4,10 @@ After another process on the same GPU gives memory back to the driver (an infere
 first call in this process that allocates or frees device memory through the driver some 0.1 s or more later waits
 25-45 ms (146 GB released on an H200), whatever its own size; the calls after it do not wait. An offload ends by
 giving its memory back (``torch.cuda.empty_cache``, one ``cudaFree`` per segment), so it paid that wait after its
-copies. ``begin(device)``, called when an offload starts, makes a small physical allocation and releases it at once
-(``cuMemCreate``/``cuMemRelease`` of one allocation granule, never mapped) on a side thread: that call pays the wait
-while the copies run, and it waits for no device work, so the copies and other work on the device run on
-undisturbed. The same through ``cudaMalloc``/``cudaFree`` would wait for the device and held up the other work.
+copies. ``begin(device)``, called once an offload's copies are issued, makes a small physical allocation and
+releases it at once (``cuMemCreate``/``cuMemRelease`` of one allocation granule, never mapped) on a side thread: that
+call pays the wait while the copies run, and it waits for no device work, so the copies and other work on the device
+run on undisturbed. The same through ``cudaMalloc``/``cudaFree`` would wait for the device and held up the other work.
 Measured in ``benchmarks/release_probe.py`` (part ``tickle``; ``benchmarks/results/2026-11-29/H200_SESSION5.md``).
 
 The driver is reached through ``libcuda`` with ctypes (the call releases the GIL). Where there is no CUDA driver,
