@@ -206,6 +206,20 @@ def after_condition(engine: Any, condition: str) -> float:
     return time.perf_counter()
 
 
+def written_blocks(count: int, nbytes: int, device: torch.device, value: int) -> tuple[list[torch.Tensor], float]:
+    """``count`` fresh device blocks of ``nbytes`` each, written with ``value`` and settled 0.5 s; returns them and the
+    seconds their allocation took (synchronized)."""
+    t0 = time.perf_counter()
+    blocks = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)]
+    torch.cuda.synchronize(device)
+    alloc_s = time.perf_counter() - t0
+    for b in blocks:
+        b.fill_(value)
+    torch.cuda.synchronize(device)
+    time.sleep(0.5)
+    return blocks, alloc_s
+
+
 def cleanup(*pools: Any) -> None:
     """Collects garbage, waits for the GPU, gives cached device memory back and trims the given host pools."""
     gc.collect()

@@ -182,15 +182,7 @@ def main() -> None:
                     engine.cycle()
                 else:
                     time.sleep(0.5)
-                t0 = time.perf_counter()
-                blocks = [torch.empty((args.release_gib << 30) // count, dtype=torch.uint8, device=device)
-                          for _ in range(count)]
-                torch.cuda.synchronize(device)
-                alloc_s = time.perf_counter() - t0
-                for b in blocks:
-                    b.fill_(2)
-                torch.cuda.synchronize(device)
-                time.sleep(0.5)
+                blocks, alloc_s = lab.written_blocks(count, (args.release_gib << 30) // count, device, 2)
                 del blocks
                 seconds, freed = _release(device)
                 row = {"condition": condition, "blocks": count, "alloc_s": alloc_s, "release_s": seconds,

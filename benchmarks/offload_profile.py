@@ -216,14 +216,7 @@ def release_by_segment_size(device: torch.device, engine: Any, sizes_mib: list[i
         for size in sizes_mib:
             count = max(1, (total_gib << 10) // size)
             lab.after_condition(engine, condition)
-            t0 = time.perf_counter()
-            blocks = [torch.empty(size << 20, dtype=torch.uint8, device=device) for _ in range(count)]
-            torch.cuda.synchronize(device)
-            alloc_s = time.perf_counter() - t0
-            for b in blocks:
-                b.fill_(7)
-            torch.cuda.synchronize(device)
-            time.sleep(0.5)
+            blocks, alloc_s = lab.written_blocks(count, size << 20, device, 7)
             for b in blocks:
                 for start in range(0, b.numel(), host.numel()):
                     part = b[start:start + host.numel()]
