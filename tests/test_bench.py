@@ -175,3 +175,42 @@ def test_bench_command_ends_before_a_peers_teardown_can_abort_it(monkeypatch, tm
     assert result.exit_code == 0, result.output
     assert ran == [str(tmp_path)]
     assert exits == ([0] if peer_left_native_pools else [])
+
+
+class _PooledMethod(bench.Method):
+    """Builds its state in a pool of its own that keeps the memory after its run and reuses it for the next state,
+    as torch_memory_saver's does; its moves release and map back that memory. ``gpu`` stands in for NVML."""
+
+    name = "pooled"
+    allocates_own_state = True
+
+    def __init__(self, state_bytes: int):
+        self.state_bytes = state_bytes
+        self.gpu = 1000
+        self.pooled = False
+
+    def make_state(self, copied_bytes, device):
+        if not self.pooled:
+            self.gpu += self.state_bytes
+            self.pooled = True
+        return bench.make_state(copied_bytes, device)
+
+    def offload(self, state):
+        self.gpu -= self.state_bytes
+
+    def onload(self, state):
+        self.gpu += self.state_bytes
+
+
+def test_a_method_whose_pool_keeps_memory_between_conditions_is_not_credited_with_it(monkeypatch):
+    device = torch.device("cpu")
+    method = _PooledMethod(state_bytes=500)
+    monkeypatch.setattr(bench_methods, "process_gpu_bytes", lambda device: method.gpu)
+    by_condition = {"engine": [], "pause": []}
+    bench_methods.run_under_conditions(method, {"engine": lambda: None, "pause": None}, by_condition,
+                                       {"d2h": 1.0, "h2d": 1.0}, 2, copied_bytes=0.001 * bench.GB, device=device,
+                                       make=None, phase_gap_s=0.0)
+    rows = [by_condition["engine"][0], by_condition["pause"][0]]
+    assert [row["error"] for row in rows] == [None, None]
+    assert [row["gpu_left_over_bytes"] for row in rows] == [0, 0]  # not -500 for the second condition
+    assert [row["gpu_released_bytes"] for row in rows] == [500, 500]

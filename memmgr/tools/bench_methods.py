@@ -379,6 +379,16 @@ def process_gpu_bytes(device: torch.device) -> int | None:
     return total - free
 
 
+def gpu_baseline(device: torch.device) -> tuple[int | None, int]:
+    """(this process's GPU bytes as NVML sees them, PyTorch's reserved bytes) once garbage is collected, the device
+    synchronized and PyTorch's cache released: what a method's GPU left over is counted from."""
+    gc.collect()  # a model freed by the previous method may still sit in reference cycles
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return process_gpu_bytes(device), torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+
+
 def run_method(method: Method, copied_bytes: float, device: torch.device, cycles: int,
                make: Callable[[], TrainingState], baseline: tuple[int | None, int] | None = None,
                phase_gap_s: float = 0.0, between: Callable[[], object] | None = None) -> MethodResult:
@@ -386,14 +396,10 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
     offload and each onload (the phases in between). ``between``, if given, replaces the pause after each offload
     (e.g. an engine in another process taking the freed memory and releasing it: ``EngineStandIn.cycle``), so the
     onload starts right after it returns. ``baseline``: (NVML bytes, memory_reserved) before the state existed,
-    when ``make`` returns a state built earlier (the Megatron workload); else measured here."""
-    gc.collect()  # a model freed by the previous method may still sit in reference cycles
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if baseline is None:
-        baseline = (process_gpu_bytes(device), torch.cuda.memory_reserved(device) if device.type == "cuda" else 0)
-    gpu_baseline, reserved_baseline = baseline
+    when ``make`` returns a state built earlier (the Megatron workload) or the method's own pool may still hold an
+    earlier state's memory (``run_under_conditions``); else measured here."""
+    now = gpu_baseline(device)
+    gpu_before, reserved_baseline = baseline if baseline is not None else now
     try:
         state = method.make_state(copied_bytes, device) if getattr(method, "allocates_own_state", False) else make()
     except Exception as exc:  # a peer that cannot even build its state must not stop the comparison
@@ -414,7 +420,7 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
                 after = process_gpu_bytes(device)
                 if loaded is not None and after is not None:
                     result.gpu_released_bytes = loaded - after
-                    result.gpu_left_over_bytes = after - gpu_baseline if gpu_baseline is not None else None
+                    result.gpu_left_over_bytes = after - gpu_before if gpu_before is not None else None
                 if device.type == "cuda":
                     result.torch_reserved_left_over = torch.cuda.memory_reserved(device) - reserved_baseline
                 result.host_bytes = method.host_bytes()
@@ -448,6 +454,10 @@ def run_under_conditions(method: Method, conditions: dict[str, Callable[[], obje
         for rows in by_condition.values():
             rows.append({"method": method.name, "skipped": reason})
         return
+    if getattr(method, "allocates_own_state", False) and run.get("baseline") is None:
+        # Its own pool may keep the memory of one condition's state through the next (torch_memory_saver's does):
+        # every condition counts what is left over from before the first state.
+        run = dict(run, baseline=gpu_baseline(run["device"]))  # type: ignore[arg-type]
     for name, between in conditions.items():
         result = run_method(method, cycles=cycles, between=between, **run)  # type: ignore[arg-type]
         by_condition[name].append(result.summary(peak))
