@@ -208,6 +208,9 @@ def run_arms(args, device, peak, engine, out: dict) -> None:
             keys = ("ratio", "alloc_total_ms", "alloc_max_ms", "starved_ms", "reserve_ms")
             summary = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}
             out.setdefault("median", {}).setdefault(condition, {})[arm] = summary
+            if arm.startswith("raw_"):  # copies into memory held throughout: no onload, allocation or reservation
+                print(f"median {condition} {arm}: copies {summary['ratio']:.2f}x", flush=True)
+                continue
             print(f"median {condition} {arm}: onload {summary['ratio']:.2f}x, reserve {summary['reserve_ms']:.0f} ms, "
                   f"allocations {summary['alloc_total_ms']:.0f} ms (longest {summary['alloc_max_ms']:.1f}), starved "
                   f"{summary['starved_ms']:.1f} ms", flush=True)
