@@ -93,8 +93,8 @@ class _Recorder:
                 recorder.allocs.append(time.perf_counter() - t)
             return fresh
 
-        def onload(unit, non_blocking=False):
-            handle = recorder._onload(unit, non_blocking=non_blocking)
+        def onload(unit, non_blocking=False, **options):  # options: what the transaction passes on (zero_after)
+            handle = recorder._onload(unit, non_blocking=non_blocking, **options)
             if unit.flat.is_cuda and unit.nbytes:
                 event = torch.cuda.Event(enable_timing=True)
                 event.record(recorder.copy_stream(unit.flat.device, "h2d"))

@@ -112,3 +112,24 @@ def test_offload_profile_reads_the_copies_gaps_and_release_of_one_offload_from_a
     assert summary["copy_gbps_while_busy"] == 1.0  # 7 MB in 7 ms
     assert summary["runtime_calls"]["cudaFree"] == {"count": 2, "total_ms": 1.1, "max_ms": 0.8}
     assert list(summary["runtime_calls"])[0] == "cudaFree"  # by total time
+
+
+def test_onload_timeline_recorder_passes_an_onload_everything_the_transaction_gives_it():
+    import onload_timeline
+
+    import memmgr
+    from memmgr.flat_tensors import FlatTensors
+    from memmgr.transfer import copy_stream
+
+    weights = {"w": torch.arange(64, dtype=torch.float32)}
+    grads = {"g": torch.ones(32)}
+    mgr = memmgr.MemoryManager()
+    mgr.add_group("weights", weights)
+    mgr.add_group("grads", grads, policy="discard")
+    mgr.offload()
+    with onload_timeline._Recorder(FlatTensors, copy_stream) as recorder:
+        recorder.t0 = 0.0
+        mgr.onload()  # the transaction passes zero_after to every unit's onload
+    assert FlatTensors.onload is recorder._onload  # restored
+    assert torch.equal(weights["w"], torch.arange(64, dtype=torch.float32)) and not grads["g"].any()
+    mgr.close()
