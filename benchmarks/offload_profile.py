@@ -128,9 +128,7 @@ def _build(state_name: str, device: torch.device, gib: float, bucket_mb: float) 
         labels = torch.randint(0, model["vocab"], (2, model["seq"]), generator=gen).to(device)
         bm.train_step(ddp, opt, tokens, labels)
         state = bm.MegatronState(ddp, opt)
-        from memmgr.integrations.megatron import for_megatron
-
-        mgr = for_megatron(ddp, opt, pool=HostMemoryPool(), bucket_size_mb=bucket_mb)  # as MegatronMemmgrMethod
+        mgr = bm.MegatronMemmgrMethod().build_manager(state, HostMemoryPool(), bucket_size_mb=bucket_mb)
     else:
         from memmgr.tools.bench_methods import MemmgrMethod, make_state
 

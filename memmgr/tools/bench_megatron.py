@@ -156,10 +156,10 @@ class MegatronMemmgrMethod(MemmgrMethod):
     name = "memmgr"
     description = "memmgr.for_megatron: DDP buffers adopted, main weights and Adam moments coalesced, pinned ahead"
 
-    def build_manager(self, state: MegatronState, pool):
+    def build_manager(self, state: MegatronState, pool, **manager_options):
         from memmgr.integrations.megatron import for_megatron
 
-        return for_megatron(state.ddp, state.opt, pool=pool)
+        return for_megatron(state.ddp, state.opt, pool=pool, **manager_options)
 
 
 class MegatronBuiltinMethod(Method):
