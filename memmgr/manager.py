@@ -385,9 +385,20 @@ class MemoryManager:
             logger.debug("group %s picked up %d new tensors", group.name, len(new))
 
     # ---- phases and weight sync ----
+    def collect(self, *groups: str) -> None:
+        """Picks up state the named groups (all if none) do not hold yet, as every offload does first: tensors a
+        group's ``collect`` reports that it does not hold (optimizer state created at the first ``step()`` or by a
+        ``load_state_dict``) join it, and buckets nobody uses any more leave it. Only groups wholly on the device
+        re-collect."""
+        for entry in self.entries(*groups):
+            self._collect_new_tensors(entry)
+
     def placement(self, *groups: str) -> "Placement":
-        """Where every unit of the named groups (all if none) is now: ``restore_placement`` brings each unit back
-        to it. Units are compared one by one, so a budgeted (partial) offload is restored as it was."""
+        """Where every unit of the named groups (all if none) is now, after picking up new state (``collect``):
+        ``restore_placement`` brings each unit back to it. State created since the last offload is part of it, so
+        an offload that would collect it is undone too. Units are compared one by one, so a budgeted (partial)
+        offload is restored as it was."""
+        self.collect(*groups)
         return Placement([(e.name, unit, unit.state.holds_device_memory)
                           for e in self.entries(*groups) for unit in e.group.units])
 
