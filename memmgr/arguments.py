@@ -133,3 +133,22 @@ def named_tensors(where: str, name: str, values: Any, *, list_pairs: bool = True
                 raise _bad(where, f"each item of {name}", item, "a (name, tensor) pair")
             yield item[0], item[1]
     return checked()
+
+
+def device(where: str, name: str, value: Any, *, optional: bool = False) -> torch.device | None:
+    """``value`` (a torch.device, a device string such as ``"cuda:0"``, or a CUDA index) as a torch.device; None
+    passes when ``optional``."""
+    if value is None and optional:
+        return None
+    want = "a torch.device, a device string such as 'cuda:0' or 'cpu', or a CUDA device index" + \
+        (" or None" if optional else "")
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
+        raise _bad(where, name, value, want)
+    if isinstance(value, numbers.Integral) and value < 0:
+        raise _bad(where, name, value, want)
+    try:
+        return torch.device("cuda", int(value)) if isinstance(value, numbers.Integral) else torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise _bad(where, name, value, want) from None
