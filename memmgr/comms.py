@@ -50,7 +50,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from memmgr import nvml
+from memmgr import arguments, nvml
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.groups import ContentlessUnit
 from memmgr.states import BucketState, Policy
@@ -167,6 +167,16 @@ class Communicator:
                 "measured_by": self.measure_source}
 
 
+def _is_process_group(group: Any) -> bool:
+    """Whether ``group`` is a torch.distributed process group (or the world group's handle)."""
+    if group is None or group is getattr(dist.GroupMember, "NON_GROUP_MEMBER", object()):
+        return False
+    kinds = tuple(k for k in (getattr(dist, "ProcessGroup", None),
+                              getattr(getattr(torch._C, "_distributed_c10d", None), "ProcessGroup", None))
+                  if isinstance(k, type))
+    return isinstance(group, kinds) if kinds else hasattr(group, "size") and hasattr(group, "rank")
+
+
 class NcclCommunicators(ContentlessUnit):
     """A manager group (and its own single unit, policy DISCARD) of named process groups whose communicators'
     memory leaves the GPU at offload (release) and comes back at onload (restore). See the module docstring for
@@ -182,10 +192,11 @@ class NcclCommunicators(ContentlessUnit):
 
     def __init__(self, name: str = "nccl", *, device: torch.device | str | None = None, measure: bool = True,
                  warmup: bool = True):
-        self.name = name
-        self._device = torch.device(device) if device is not None else default_device()
-        self.measure = measure
-        self.warmup = warmup
+        where = "NcclCommunicators"
+        self.name = arguments.string(where, "name", name)
+        self._device = arguments.device(where, "device", device, optional=True) or default_device()
+        self.measure = arguments.boolean(where, "measure", measure)
+        self.warmup = arguments.boolean(where, "warmup", warmup)
         self._comms: dict[str, Communicator] = {}
 
     # ---- registration ----
@@ -196,6 +207,13 @@ class NcclCommunicators(ContentlessUnit):
         (default: the group's backend for the device, if it has them). ``create``/``rebind``: the re-create
         fallback (``create()`` returns a new equivalent group, ``rebind(new)`` hands it to its users); used only
         when there is no native suspend. Every rank registers the same groups in the same order."""
+        where = f"NcclCommunicators({self.name!r}).register"
+        arguments.string(where, "name", name)
+        arguments.function(where, "create", create, optional=True)
+        arguments.function(where, "rebind", rebind, optional=True)
+        if not _is_process_group(group):
+            raise MemmgrInputError(f"{where}: group for {name!r} must be a torch.distributed ProcessGroup this rank "
+                                   f"is a member of (e.g. dist.new_group(ranks)), got {type(group).__name__}")
         if name in self._comms:
             raise MemmgrInputError(f"NcclCommunicators {self.name!r}: communicator {name!r} is registered already; "
                                    f"registered: {list(self._comms)}")
@@ -232,10 +250,7 @@ class NcclCommunicators(ContentlessUnit):
 
     def process_group(self, name: str) -> Any:
         """The current group registered under ``name`` (after a re-create, the new one)."""
-        comm = self._comms.get(name)
-        if comm is None:
-            raise MemmgrInputError(f"NcclCommunicators {self.name!r}: no communicator {name!r}; registered: "
-                                   f"{list(self._comms)}")
+        comm = self._communicator(name)
         if comm.state != LIVE:
             raise MemmgrStateError(f"NcclCommunicators {self.name!r}: {name!r} is {comm.state}; onload the group "
                                    f"before using it")
@@ -290,10 +305,17 @@ class NcclCommunicators(ContentlessUnit):
         except Exception as exc:
             logger.debug("memory_stats() of %r failed: %s", comm.name, exc)
 
+    def _communicator(self, name: str) -> Communicator:
+        comm = self._comms.get(name) if isinstance(name, str) else None
+        if comm is None:
+            raise MemmgrInputError(f"NcclCommunicators {self.name!r}: no communicator {name!r}; registered: "
+                                   f"{list(self._comms)}")
+        return comm
+
     def release(self, name: str) -> int | None:
         """Releases one communicator's memory; returns the bytes this process's GPU usage dropped by (None where
         not measured)."""
-        comm = self._comms[name]
+        comm = self._communicator(name)
         if comm.state != LIVE:
             return 0
         self._sync()  # a communicator must be idle before it is suspended or destroyed
@@ -336,7 +358,7 @@ class NcclCommunicators(ContentlessUnit):
     def restore(self, name: str) -> int | None:
         """Restores one communicator; returns the bytes this process's GPU usage grew by (None where not
         measured). A re-created group is handed to ``rebind`` and, with ``warmup``, initialized by one all-reduce."""
-        comm = self._comms[name]
+        comm = self._communicator(name)
         if comm.state == LIVE:
             return 0
         probe = torch.zeros(1, device=self._device) if comm.method == RECREATE and self.warmup else None

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -122,6 +123,33 @@ def _hidden_bases(tensors: list[torch.Tensor], known: set[int]) -> dict[int, tor
     return bases
 
 
+def _base_refs_baseline() -> int:
+    """Python references to a view base that nobody else holds, counted as ``_held_bases`` counts them (its dict
+    entry and getrefcount's argument), calibrated on this interpreter."""
+    def views() -> tuple[torch.Tensor, torch.Tensor]:
+        base = torch.empty(2)
+        return base[:1], base[1:]
+    first, _second = views()
+    probe = {0: first._base}
+    return sys.getrefcount(probe[0])
+
+
+def _held_bases(bases: dict[int, torch.Tensor]) -> int:
+    """How many of ``bases`` (view bases nothing in the group holds) a Python object outside the group still
+    references, e.g. the caller's ``base`` whose slices are being coalesced: rebinding the slices would then free
+    memory the caller still reads."""
+    return sum(1 for key in bases if sys.getrefcount(bases[key]) > _BASE_REFS)
+
+
+_BASE_REFS = _base_refs_baseline()
+
+
+def _is_wrapper_subclass(tensor: torch.Tensor) -> bool:
+    """A tensor subclass that dispatches through Python (DTensor, float8 and other wrapper tensors): its data is
+    not the storage memmgr would view."""
+    return torch._C._dispatch_keys(tensor).has(torch._C.DispatchKey.Python)
+
+
 def _byte_range(tensor: torch.Tensor) -> tuple[int, int]:
     start = tensor.storage_offset() * tensor.element_size()
     return start, start + tensor.numel() * tensor.element_size()
@@ -136,6 +164,14 @@ def validate_tensors(items: list[tuple[str, torch.Tensor]], group: str) -> None:
     storages_seen: dict[int, list[tuple[str, torch.Tensor]]] = {}
     seen: dict[int, str] = {}
     for name, tensor in items:
+        if tensor.is_quantized:
+            raise MemmgrInputError(f"group {group!r}: {_describe(name, tensor)} is quantized ({tensor.qscheme()}); "
+                                   f"a flat bucket holds plain tensors only. Keep quantized tensors out of the group "
+                                   f"or dequantize them (t.dequantize())")
+        if _is_wrapper_subclass(tensor):
+            raise MemmgrInputError(f"group {group!r}: {_describe(name, tensor)} is a {type(tensor).__name__}, a "
+                                   f"tensor subclass whose storage memmgr cannot view into a flat bucket; pass "
+                                   f"plain tensors or parameters (e.g. its local tensor)")
         if tensor.layout != torch.strided:
             raise MemmgrInputError(f"group {group!r}: {_describe(name, tensor)} is {tensor.layout}; only dense "
                                    f"(strided) tensors can live in a flat bucket. Convert it with .to_dense()")
@@ -165,7 +201,7 @@ def validate_tensors(items: list[tuple[str, torch.Tensor]], group: str) -> None:
     for shared in storages_seen.values():
         names = [n for n, _ in shared]
         bases = _hidden_bases([t for _, t in shared], {id(t) for _, t in shared})
-        extra = _storage_use_count(shared[0][1]) - len(shared) - len(bases) - _PROBE_REFS
+        extra = _storage_use_count(shared[0][1]) - len(shared) - len(bases) - _PROBE_REFS + _held_bases(bases)
         if len(shared) > 1:
             ranges = sorted((_byte_range(t), n) for n, t in shared)
             overlapping = [(a[1], b[1]) for a, b in zip(ranges, ranges[1:]) if b[0][0] < a[0][1]]
@@ -189,6 +225,8 @@ def validate_tensors(items: list[tuple[str, torch.Tensor]], group: str) -> None:
 
 class FlatTensors:
     """One flat bucket: a 1-D tensor of one device and dtype that holds (or is) a group of tensors."""
+
+    _released = False  # set by unmanage(): the bucket holds nothing any more and refuses to move
 
     def __init__(self, flat: torch.Tensor, members: list[tuple[str, torch.Tensor, int]], *, name: str,
                  policy: Policy | str = Policy.COPY, pool: HostMemoryPool | None = None, verify: bool = False):
@@ -469,7 +507,18 @@ class FlatTensors:
         return self._host
 
     # ---- moves ----
+    def check_open(self, where: str = "") -> None:
+        """Raises MemmgrStateError once this bucket was released (its manager closed, or a re-collect dropped it):
+        whatever kept it (an exporter, a budget plan) must be built again from the manager that manages the tensors
+        now."""
+        if self._released:
+            raise MemmgrStateError(f"{where + ': ' if where else ''}bucket {self.name!r} was released when its "
+                                   f"manager was closed (mgr.close()) or its tensors left the group; it no longer "
+                                   f"holds them. Build this object again from the open manager (e.g. "
+                                   f"MegatronExporter(..., weights=new_mgr.group('weights')))")
+
     def begin_offload(self, discard: bool | None = None) -> bool:
+        self.check_open("offload")
         """Issues the copy of an offload without freeing anything (the bucket stays on the device, and its contents
         with it): ``offload`` with the same ``discard`` then only frees, and the check that must pass before the free
         (``check_intact``) can run while the copy does. ``abandon_offload`` drops a begun offload. False (nothing
@@ -546,6 +595,7 @@ class FlatTensors:
         return handle
 
     def allocate(self) -> bool:
+        self.check_open("onload")
         """Re-allocates the device storage in place (raises torch.OutOfMemoryError); True if it was freed. Refuses a
         storage resized or replaced outside memmgr; the members are checked by ``onload``, while its copy runs."""
         self._check_storage("onload")
@@ -704,6 +754,7 @@ class FlatTensors:
         storage is no longer registered, so its tensors, still views of it, can be managed again (a new manager
         coalesces them afresh). The bucket is empty afterwards."""
         self.release_host_buffer()
+        self._released = True
         self._drop_finalizer.detach()  # nothing left to put back, and the finalizer would keep the old flat alive
         storages.unregister(self._storage_key, self)
         self.members = []
@@ -789,6 +840,17 @@ class BucketizedFlatTensors:
         self._align_bytes = arguments.integer(where, "align_bytes", align_bytes, minimum=1, maximum=1 << 30)
         self.buckets: list[FlatTensors] = []
         self.extend(tensors, pin_ahead=pin_ahead)
+
+    _released = False  # set by unmanage(): the group holds nothing any more and refuses to move
+
+    def check_open(self, where: str = "") -> None:
+        """Raises MemmgrStateError once the group was released by ``unmanage()`` (its manager closed): whatever kept
+        it (an exporter, a second reference) must be built again from the manager that manages the tensors now."""
+        if self._released:
+            raise MemmgrStateError(f"{where + ': ' if where else ''}group {self.name!r} was released when its "
+                                   f"manager was closed (mgr.close()); it no longer holds its tensors. Use the new "
+                                   f"manager's group instead (new_mgr.group({self.name!r})) and build what kept "
+                                   f"this one (an exporter, say) again from it")
 
     @classmethod
     def from_buffers(cls, buffers: TensorsArg, *, name: str, policy: Policy | str = Policy.COPY,
@@ -884,6 +946,7 @@ class BucketizedFlatTensors:
         return list(self.buckets)
 
     def offload(self, non_blocking: bool = False, discard: bool | None = None) -> TransferHandle:
+        self.check_open("offload")
         arguments.boolean(f"group {self.name!r} offload", "non_blocking", non_blocking)
         arguments.boolean(f"group {self.name!r} offload", "discard", discard, optional=True)
         handle = moves.offload_units(self.buckets, discard=lambda _bucket: discard)
@@ -894,6 +957,7 @@ class BucketizedFlatTensors:
     def onload(self, non_blocking: bool = False) -> TransferHandle:
         """Restores every bucket; if the GPU runs out of memory, frees what this call allocated and raises
         MemmgrOutOfMemoryError with the host copies intact, so a retry after freeing memory succeeds."""
+        self.check_open("onload")
         arguments.boolean(f"group {self.name!r} onload", "non_blocking", non_blocking)
         if not any(not b.state.holds_device_memory for b in self.buckets):
             logger.debug("group %s is already %s; onload is a no-op", self.name, self.state.value)
@@ -940,6 +1004,7 @@ class BucketizedFlatTensors:
 
     def require_on_device(self) -> None:
         """Raises MemmgrStateError unless every bucket is on the device (use before touching the tensors)."""
+        self.check_open("require_on_device")
         state = self.state
         if state not in (GroupState.ON_DEVICE, GroupState.ONLOADING):
             raise MemmgrStateError(f"group {self.name!r} is {state.value}: its tensors have no device memory "
@@ -973,6 +1038,7 @@ class BucketizedFlatTensors:
         for bucket in self.buckets:
             bucket.unmanage()
         self.buckets = []
+        self._released = True
 
     def __len__(self) -> int:
         return len(self.buckets)

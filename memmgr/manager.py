@@ -62,14 +62,11 @@ class GroupStatus:
 class GroupEntry:
     """A registered group with its offload priority (lower leaves first, comes back last) and registration index."""
 
+    name: str  # the name the manager knows it by (a ready group may carry another name of its own)
     group: StateGroup
     priority: int
     collect: Callable[[], TensorsArg] | None
     index: int
-
-    @property
-    def name(self) -> str:
-        return self.group.name
 
     @property
     def state(self) -> GroupState:
@@ -125,6 +122,36 @@ class MoveScope:
         return TransferHandle.combine(self._handles)
 
 
+class _InertStateDictHook:
+    """What an ``_OnloadForStateDict`` hook becomes in a pickled or deep-copied module or optimizer: the copy is
+    not managed, so its state dicts need nothing brought back."""
+
+    def __call__(self, *_args: Any) -> None:
+        return None
+
+
+class _OnloadForStateDict:
+    """A state-dict pre-hook that onloads ``groups`` of a manager (held weakly) before a managed module or
+    optimizer saves or loads its state. A class rather than a closure so that a managed module can still be
+    pickled (``torch.save(model)``): a copy gets an inert hook."""
+
+    def __init__(self, manager: "MemoryManager", groups: tuple[str, ...]):
+        self._manager = weakref.ref(manager)
+        self.groups = groups
+        self.owners: "weakref.WeakSet[Any]" = weakref.WeakSet()  # a deep copy of a module carries its hooks along
+
+    def __call__(self, obj: Any, *_args: Any) -> None:
+        mgr = self._manager()
+        if mgr is not None and obj in self.owners:
+            mgr.onload_if_offloaded(self.groups)
+
+    def __reduce__(self) -> tuple:
+        return _InertStateDictHook, ()
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return _InertStateDictHook()
+
+
 class MemoryManager:
     """Holds named state groups and moves them off and onto the GPU.
 
@@ -177,6 +204,9 @@ class MemoryManager:
             tensors = tensors_argument(tensors, name)
         if is_group:
             group = tensors
+            check_released = getattr(group, "check_open", None)
+            if callable(check_released):
+                check_released(where)
             if _is_in_use(group):
                 raise MemmgrInputError(f"{where}: this group is already in an open MemoryManager; a group belongs to "
                                        f"one manager at a time. Close that manager first, or pass the group's tensors "
@@ -194,7 +224,7 @@ class MemoryManager:
                 # offload
                 self._release_cached_memory()
         prio = default_priority(name, group.policy) if priority is None else priority
-        self._groups[name] = GroupEntry(group, prio, collect, len(self._groups))
+        self._groups[name] = GroupEntry(name, group, prio, collect, len(self._groups))
         _mark_in_use(group, True)
         return group
 
@@ -208,6 +238,14 @@ class MemoryManager:
 
     def group(self, name: str) -> StateGroup:
         return self._resolve([name])[0].group
+
+    def name_of(self, group: StateGroup) -> str:
+        """The name this manager knows ``group`` by (MemmgrInputError if it holds no such group)."""
+        for name, entry in self._groups.items():
+            if entry.group is group:
+                return name
+        raise MemmgrInputError(f"{getattr(group, 'name', group)!r} is not a group of this manager; its groups: "
+                               f"{list(self._groups)}")
 
     @property
     def group_names(self) -> list[str]:
@@ -544,16 +582,8 @@ class MemoryManager:
                                    f"{type(groups).__name__}")
         groups = tuple(groups)
         self._resolve(groups)
-        ref = weakref.ref(self)
-        owners: "weakref.WeakSet[Any]" = weakref.WeakSet()  # a deep copy of a module carries its hooks along
-
-        def bring_back(obj: Any, *_args: Any) -> None:
-            mgr = ref()
-            if mgr is not None and not mgr._closed and obj in owners:
-                on = [n for n in groups if any(not u.state.holds_device_memory for u in mgr._groups[n].group.units)]
-                if on:
-                    mgr.onload(*on)
-
+        bring_back = _OnloadForStateDict(self, groups)
+        owners = bring_back.owners
         if isinstance(owner, torch.nn.Module):
             owners.update(owner.modules())
             self._checkpoint_hooks.append(owner.register_load_state_dict_pre_hook(bring_back))
@@ -566,6 +596,14 @@ class MemoryManager:
         else:
             raise MemmgrInputError(f"onload_for_state_dicts takes a torch.nn.Module or a torch.optim.Optimizer, got "
                                    f"{type(owner).__name__}")
+
+    def onload_if_offloaded(self, groups: Sequence[str]) -> None:
+        """Onloads those of ``groups`` that have a unit off the device (nothing once the manager is closed)."""
+        if self._closed:
+            return
+        off = [n for n in groups if any(not u.state.holds_device_memory for u in self._resolve([n])[0].group.units)]
+        if off:
+            self.onload(*off)
 
     # ---- hooks ----
     def register_hook(self, event: HookEvent | str, fn: HookFn) -> HookHandle:

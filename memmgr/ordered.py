@@ -268,7 +268,7 @@ def onload_in_order(target: Any, module: torch.nn.Module, order: Sequence[int] |
     order = registration_order(group, module) if order is None else check_order(order, len(group.buckets))
     device = group.devices[0]
     cuda = device.type == "cuda"
-    names = (group.name,)
+    names = (mgr.name_of(group),) if mgr is not None else (group.name,)
     scope = mgr.onloading(names, f"onload in order {group.name}", non_blocking=True) if mgr is not None else contextlib.nullcontext()
     with scope:
         compute = torch.cuda.current_stream(device) if cuda else None

@@ -210,8 +210,13 @@ def swap(out: Any, into: Any, margin_bytes: int = 0, *, out_groups: Sequence[str
     in_mgr = into if isinstance(into, MemoryManager) else None
     out_groups_l = _groups_of(out, out_groups, "offload")
     in_groups_l = _groups_of(into, into_groups, "onload")
-    if {id(g) for g in out_groups_l} & {id(g) for g in in_groups_l}:
-        raise MemmgrInputError("swap: the same group is both outgoing and incoming")
+    both = [out_mgr.name_of(g) if out_mgr is not None else getattr(g, "name", repr(g))
+            for g in out_groups_l if any(g is h for h in in_groups_l)]
+    if both:
+        raise MemmgrInputError(f"swap: group(s) {both} would be both outgoing and incoming"
+                               f"{' (out and into are the same manager)' if out is into else ''}; a swap moves "
+                               f"one set of groups out and another in: pass different managers or disjoint "
+                               f"out_groups/into_groups")
     if out_mgr is not None:  # what a plain offload does first: new optimizer state, references autograd still holds
         out_mgr.prepare_offload(*(out_groups or ()))
     else:
@@ -229,8 +234,8 @@ def swap(out: Any, into: Any, margin_bytes: int = 0, *, out_groups: Sequence[str
             f"{in_bytes - out_bytes - margin_bytes} B or pass strict=False", budget_bytes=in_bytes,
             available_bytes=out_bytes + margin_bytes)
 
-    out_names = tuple(g.name for g in out_groups_l)
-    in_names = tuple(g.name for g in in_groups_l)
+    out_names = tuple(out_mgr.name_of(g) if out_mgr is not None else g.name for g in out_groups_l)
+    in_names = tuple(in_mgr.name_of(g) if in_mgr is not None else g.name for g in in_groups_l)
     txn = OnloadTransaction(f"swap into {', '.join(map(repr, in_names))}", group=",".join(in_names),
                             bytes_needed=in_bytes)
     in_units = [SwapUnit(u.name, int(u.nbytes), (lambda u=u: txn.issue(u) or TransferHandle.completed()))
