@@ -1,32 +1,124 @@
-"""``load_weights`` callables for engines that are plain torch modules."""
+"""``load_weights`` callables for engines that are plain torch modules, and the engine-side undo log that makes a
+sync all-or-nothing.
+
+A sync is a session: ``begin()``, one ``load_weights`` call per bucket, then ``commit()`` (every bucket loaded) or
+``rollback()`` (the sync failed or was interrupted). With ``atomic=True`` (the default) the loader copies each
+engine tensor into a host buffer just before the session first overwrites it (``UndoLog``: one buffer per tensor,
+kept and reused by later syncs, pinned for CUDA tensors), and ``rollback`` copies every overwritten tensor back, so
+a failed sync ends with the engine on its previous weights, all of them. A call that fails part-way (an unknown
+name, a wrong shape, an offloaded target) is refused before it copies anything, and inside a session the loader
+rolls the whole session back itself. The extra memory is one host copy of every tensor a sync overwrites (at most
+the whole model), allocated by the first sync and reused; the extra time is one device->host copy per overwritten
+tensor.
+
+With ``atomic=False`` nothing is copied aside: a failed session leaves the engine with a mix of old and new weights,
+so the loader marks it not consistent (``consistent`` is False, ``check_consistent()`` and the module's forward
+raise ``MemmgrStateError``) until the next session commits. While a session is open the module does not serve
+either (its weights are half old, half new). Calls outside a session (no ``begin()``) load as they come, each call
+refused whole if any of its tensors does not fit.
+"""
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+import logging
+from typing import Any, Iterable
 
 import torch
 
 from memmgr import arguments
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 
+logger = logging.getLogger("memmgr")
+
+
+class UndoLog:
+    """Host copies of engine tensors taken just before a sync first overwrites them, and their restoration.
+
+    ``save(key, tensor)`` copies ``tensor`` into the host buffer of ``key`` (allocated at the first save of that key
+    and reused while shape and dtype stay, pinned when ``tensor`` is on a GPU) once per session; ``restore()``
+    copies every saved tensor back, in place; ``clear()`` ends the session (the buffers are kept for the next one).
+    ``host_bytes`` is the memory the buffers hold.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[Any, torch.Tensor] = {}
+        self._saved: dict[Any, torch.Tensor] = {}  # key -> the engine tensor saved in this session
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    @property
+    def saved(self) -> int:
+        """How many tensors the open session has saved."""
+        return len(self._saved)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._saved
+
+    def save(self, key: Any, tensor: torch.Tensor) -> None:
+        if key in self._saved:
+            return
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
+            pin = tensor.is_cuda and torch.cuda.is_available()
+            buf = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+            self._buffers[key] = buf
+        with torch.no_grad():
+            buf.copy_(tensor.detach())  # synchronous: the engine's tensor is overwritten right after
+        self._saved[key] = tensor
+
+    def restore(self) -> int:
+        """Copies every tensor saved in this session back; returns how many. Ends the session."""
+        n = 0
+        with torch.no_grad():
+            for key, tensor in self._saved.items():
+                tensor.copy_(self._buffers[key], non_blocking=tensor.is_cuda)
+                n += 1
+            if any(t.is_cuda for t in self._saved.values()):
+                torch.cuda.synchronize()
+        self._saved.clear()
+        return n
+
+    def clear(self) -> None:
+        self._saved.clear()
+
+    def release(self) -> None:
+        """Frees the host buffers (a later session allocates them again)."""
+        self._saved.clear()
+        self._buffers.clear()
+
 
 class ModuleWeightLoader:
     """``load_weights`` for a plain torch module: copies each (name, tensor) into the parameter or buffer of that
     name, bit for bit. A name the module lacks, or a shape or dtype that differs, raises MemmgrInputError naming the
-    tensor and both shapes and dtypes; nothing is cast."""
+    tensor and both shapes and dtypes, before any tensor of that call is copied; nothing is cast.
 
-    def __init__(self, module: torch.nn.Module, *, include_buffers: bool = True):
+    Sessions (``begin``/``commit``/``rollback``, see the module docstring) make a multi-bucket sync all-or-nothing:
+    ``atomic=True`` keeps a host copy of each tensor before the session first overwrites it and puts them all back
+    on failure; ``atomic=False`` keeps none and marks the module not consistent (it refuses to run forward) after a
+    failed session, until a session commits.
+    """
+
+    def __init__(self, module: torch.nn.Module, *, include_buffers: bool = True, atomic: bool = True):
         if not isinstance(module, torch.nn.Module):
             raise MemmgrInputError(f"ModuleWeightLoader takes a torch.nn.Module, got {type(module).__name__}")
         arguments.boolean("ModuleWeightLoader", "include_buffers", include_buffers)
+        arguments.boolean("ModuleWeightLoader", "atomic", atomic)
         self.module = module
+        self.atomic = atomic
         self._targets: dict[str, torch.Tensor] = dict(module.named_parameters())
         if include_buffers:
             for n, b in module.named_buffers():
                 if b is not None:
                     self._targets.setdefault(n, b)
         self.loaded: set[str] = set()
+        self.undo = UndoLog()
+        self._session = False
+        self._failed: str | None = None  # why the module is not consistent (a failed non-atomic session)
+        module.register_forward_pre_hook(self._guard)
 
+    # -- what the engine holds -----------------------------------------------------------------------------------------
     def expected(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Engine name -> (shape, dtype) of every tensor this loader can fill."""
         return {n: (tuple(t.shape), t.dtype) for n, t in self._targets.items()}
@@ -35,29 +127,132 @@ class ModuleWeightLoader:
         """Engine tensors no sync has filled yet."""
         return [n for n in self._targets if n not in self.loaded]
 
+    # -- sessions ------------------------------------------------------------------------------------------------------
+    @property
+    def in_session(self) -> bool:
+        return self._session
+
+    @property
+    def consistent(self) -> bool:
+        """False while a session is open and after a failed session of a non-atomic loader (until one commits)."""
+        return not self._session and self._failed is None
+
+    def check_consistent(self, where: str = "the engine") -> None:
+        """Raises MemmgrStateError unless the module's weights all come from one committed sync (or its start)."""
+        if self._session:
+            raise MemmgrStateError(f"{where}: a weight sync into {type(self.module).__name__} is in progress (begun, "
+                                   f"not committed); its weights are part old, part new. Finish the sync first")
+        if self._failed is not None:
+            raise MemmgrStateError(f"{where}: {type(self.module).__name__} holds a mix of old and new weights after "
+                                   f"a failed sync ({self._failed}) and atomic=False kept no copy to restore; sync "
+                                   f"again (a committed sync makes it consistent) or use atomic=True")
+
+    def _guard(self, module: torch.nn.Module, args: Any) -> None:
+        if not self.consistent:
+            self.check_consistent(f"{type(module).__name__}.forward")
+
+    def begin(self) -> None:
+        """Opens a sync session. A session still open (its sync was interrupted without rollback) is rolled back
+        first."""
+        if self._session:
+            logger.warning("ModuleWeightLoader: a new sync begins while the previous one is still open; rolling the "
+                           "previous one back")
+            self.rollback("a new sync began before it finished")
+        self.undo.clear()
+        self._touched_in_session = False
+        self._session = True
+
+    def commit(self) -> None:
+        """Ends the session: the loaded weights are the engine's weights, the module is consistent again."""
+        self.undo.clear()
+        self._session = False
+        self._failed = None
+
+    def rollback(self, reason: str = "the sync failed") -> int:
+        """Ends the session after a failure: with ``atomic`` every tensor the session overwrote gets its previous
+        value back (returns how many); without, the module is marked not consistent. No-op outside a session."""
+        if not self._session:
+            return 0
+        self._session = False
+        if not self.atomic:
+            if not self._touched_in_session:
+                return 0
+            self._failed = reason
+            logger.warning("ModuleWeightLoader: sync failed (%s) with atomic=False; %s holds a mix of old and new "
+                           "weights and refuses to serve until a sync commits", reason, type(self.module).__name__)
+            return 0
+        n = self.undo.restore()
+        logger.warning("ModuleWeightLoader: sync failed (%s); restored %d overwritten tensor(s) of %s to their "
+                       "previous values", reason, n, type(self.module).__name__)
+        return n
+
+    # -- loading -------------------------------------------------------------------------------------------------------
+    _touched_in_session = False
+
+    def _check(self, pairs: list[tuple[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+        out = []
+        for name, tensor in pairs:
+            target = self._targets.get(name)
+            if target is None:
+                close = difflib.get_close_matches(name, list(self._targets), n=3)
+                raise MemmgrInputError(
+                    f"load_weights: {type(self.module).__name__} has no parameter or buffer {name!r} (received "
+                    f"shape {tuple(tensor.shape)}, {tensor.dtype}){'; closest: ' + str(close) if close else ''}. "
+                    f"Fix the name_map so trainer names map onto the engine's names")
+            if tuple(target.shape) != tuple(tensor.shape) or target.dtype != tensor.dtype:
+                raise MemmgrInputError(
+                    f"load_weights: tensor {name!r} arrived as shape {tuple(tensor.shape)}, {tensor.dtype} but the "
+                    f"engine's {name!r} is shape {tuple(target.shape)}, {target.dtype}; nothing is cast or "
+                    f"reshaped. Build the engine with the trainer's architecture and dtype, or fix the name_map")
+            if target.numel() and target.untyped_storage().nbytes() == 0:
+                raise MemmgrStateError(f"load_weights: engine tensor {name!r} (shape {tuple(target.shape)}) has "
+                                       f"no storage: it is offloaded. Onload the engine's weights before the sync")
+            out.append((target, tensor, name))
+        return out
+
     def __call__(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        pairs = arguments.named_tensors("load_weights", "weights", weights, list_pairs=False)
-        with torch.no_grad():
-            for name, tensor in pairs:
-                target = self._targets.get(name)
-                if target is None:
-                    close = difflib.get_close_matches(name, list(self._targets), n=3)
-                    raise MemmgrInputError(
-                        f"load_weights: {type(self.module).__name__} has no parameter or buffer {name!r} (received "
-                        f"shape {tuple(tensor.shape)}, {tensor.dtype}){'; closest: ' + str(close) if close else ''}. "
-                        f"Fix the name_map so trainer names map onto the engine's names")
-                if tuple(target.shape) != tuple(tensor.shape) or target.dtype != tensor.dtype:
-                    raise MemmgrInputError(
-                        f"load_weights: tensor {name!r} arrived as shape {tuple(tensor.shape)}, {tensor.dtype} but the "
-                        f"engine's {name!r} is shape {tuple(target.shape)}, {target.dtype}; nothing is cast or "
-                        f"reshaped. Build the engine with the trainer's architecture and dtype, or fix the name_map")
-                if target.numel() and target.untyped_storage().nbytes() == 0:
-                    raise MemmgrStateError(f"load_weights: engine tensor {name!r} (shape {tuple(target.shape)}) has "
-                                           f"no storage: it is offloaded. Onload the engine's weights before the sync")
-                target.copy_(tensor)
-                self.loaded.add(name)
+        try:
+            pairs = list(arguments.named_tensors("load_weights", "weights", weights, list_pairs=False))
+            checked = self._check(pairs)
+        except Exception as exc:
+            if self._session:
+                self.rollback(f"{type(exc).__name__} in load_weights")
+            raise
+        try:
+            with torch.no_grad():
+                for target, tensor, name in checked:
+                    if self._session:
+                        self._touched_in_session = True
+                        if self.atomic:
+                            self.undo.save(name, target)
+                    target.copy_(tensor)
+                    self.loaded.add(name)
+        except Exception as exc:
+            if self._session:
+                self.rollback(f"{type(exc).__name__} while copying")
+            raise
 
 
-def module_load_weights(module: torch.nn.Module, *, include_buffers: bool = True) -> ModuleWeightLoader:
+def module_load_weights(module: torch.nn.Module, *, include_buffers: bool = True,
+                        atomic: bool = True) -> ModuleWeightLoader:
     """A ready ``load_weights`` for a plain torch module (see ModuleWeightLoader)."""
-    return ModuleWeightLoader(module, include_buffers=include_buffers)
+    return ModuleWeightLoader(module, include_buffers=include_buffers, atomic=atomic)
+
+
+def begin_sync(load_weights: Any) -> None:
+    """Opens a sync session on ``load_weights`` where it has sessions (``ModuleWeightLoader`` does)."""
+    begin = getattr(load_weights, "begin", None)
+    if callable(begin):
+        begin()
+
+
+def commit_sync(load_weights: Any) -> None:
+    commit = getattr(load_weights, "commit", None)
+    if callable(commit):
+        commit()
+
+
+def rollback_sync(load_weights: Any, reason: str = "the sync failed") -> None:
+    rollback = getattr(load_weights, "rollback", None)
+    if callable(rollback):
+        rollback(reason)

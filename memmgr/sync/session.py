@@ -7,6 +7,9 @@
    bucket into the engine: from device memory, or from memmgr's pinned host copy while the weights group is
    offloaded (nothing is onloaded, so the trainer's weights stay off the GPU);
 3. the engine finishes (a vLLM engine commits its ``weight_version`` only once every worker loaded everything);
+   If the sync stops part-way (the export, the transport or the engine fails), the transport is told to
+   ``abort``: an engine with sync sessions (``ModuleWeightLoader``, the IPC engine, vLLM through
+   ``VLLMWeightSync``) goes back to its previous weights, all of them;
 4. the ``after_weight_sync`` hooks (e.g. the engine's KV cache wakes), also when the sync failed, so that whatever
    the before-hooks released comes back.
 
@@ -119,13 +122,18 @@ def _through_transport(exporter: Any, transport: Transport, pack_in_place: bool)
                 transport.send_bucket(part)
                 nbytes += part.payload_bytes
             nbuckets += 1
-    except BaseException:
+    except BaseException as exc:
         transport.release_reservations()
+        transport.abort(f"{type(exc).__name__} during the export or send")
         raise
     if exporter.is_receiver:
-        if not started:
-            transport.start(as_specs(exporter.entries))
-        transport.finish()
+        try:
+            if not started:
+                transport.start(as_specs(exporter.entries))
+            transport.finish()
+        except BaseException as exc:
+            transport.abort(f"{type(exc).__name__} while finishing")
+            raise
     return nbytes, nbuckets, None
 
 

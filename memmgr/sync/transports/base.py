@@ -290,6 +290,11 @@ class Transport(ABC):
     once the engine has loaded the bucket, so the caller may refill the bucket's memory afterwards. ``finish``
     returns once the engine has every bucket of this sync; ``close`` releases the channel. Failures raise
     ``MemmgrSyncError`` (``MemmgrSyncTimeoutError`` for a peer that does not answer) naming the rank and the step.
+
+    A sync is ``start`` -> ``send_bucket`` ... -> ``finish``; whoever drives it calls ``abort`` when it stops
+    part-way. Transports whose engine keeps sync sessions (``ModuleWeightLoader``, the IPC engine's
+    ``CudaIpcReceiver.handle``) open one at ``start``, commit it at ``finish`` and roll it back at ``abort`` or when
+    the engine fails, so a failed sync leaves the engine on its previous weights.
     """
 
     #: short name of the transport, used in messages
@@ -323,7 +328,12 @@ class Transport(ABC):
         """Moves one bucket to the engine."""
 
     def finish(self) -> None:
-        """Returns once every bucket sent in this sync has reached the engine."""
+        """Returns once every bucket sent in this sync has reached the engine (and, where the engine has sync
+        sessions, the engine committed them)."""
+
+    def abort(self, reason: str = "the sync failed") -> None:
+        """Tells the engine that this sync stopped part-way (best effort; never raises): an engine with sync
+        sessions puts back every tensor the sync overwrote (or, built non-atomic, marks itself not consistent)."""
 
     def close(self) -> None:
         """Releases the channel; the transport cannot send afterwards."""

@@ -18,6 +18,15 @@ every sync:
 
 With two or more slots the producer fills one slot while the consumer copies out of another. A buffer reused before
 the consumer finished reading it would corrupt weights; the ring only reuses a slot whose announce returned.
+
+A sync is also a session on the engine: ``start`` announces ``{"control": "begin"}``, ``finish`` (once every bucket
+was copied out) ``{"control": "commit"}``, and ``abort`` (the trainer gave up: an export, transport or engine error,
+a timeout) ``{"control": "abort"}``. An engine that serves with ``CudaIpcReceiver.handle(description,
+load_weights)`` and an atomic ``ModuleWeightLoader`` keeps a host copy of each tensor before the sync first
+overwrites it and puts all of them back on abort, on its own loading error, or when a new sync begins while one is
+still open; so a failed or interrupted sync leaves it on its previous weights, all of them. ``receive`` answers a
+control message with an empty bucket, so an engine loop that only calls ``receive`` and ``load_weights`` keeps
+working (without sessions: a failed sync then leaves it with the buckets before the failure).
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ from memmgr import arguments
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncTimeoutError
 from memmgr.sync import device_uuid
 from memmgr.sync.layout import aligned
+from memmgr.sync.loaders import begin_sync, commit_sync, rollback_sync
 from memmgr.sync.transports.base import ALIGN_BYTES, DEFAULT_BUCKET_BYTES, Transport, WeightBucket
 
 logger = logging.getLogger("memmgr")
@@ -95,8 +105,45 @@ class CudaIpcTransport(Transport):
         self._next = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memmgr-ipc-announce")
         self._broken: str | None = None
+        self._open = False  # a session announced to the engine and not yet committed or aborted
         self.buckets = 0
         self.nbytes = 0
+
+    # -- the engine's sync session ---------------------------------------------------------------------------------
+    def _control(self, op: str, **extra: Any) -> dict[str, Any]:
+        return {"control": op, "slot": -1, "nbytes": 0, "dtype": "uint8", "numel": 0, "entries": [], "ipc": {},
+                **extra}
+
+    def start(self, specs: Sequence[Any]) -> None:
+        """Checks the sync against ``held`` (nothing moves on a mismatch), then opens the engine's sync session."""
+        super().start(specs)
+        self._check_usable()
+        if self._open:  # the previous sync was neither finished nor aborted
+            self.abort("a new sync started before the previous one finished")
+        try:
+            self._pool.submit(self.announce, self._control("begin", tensors=len(specs))).result(
+                timeout=self.timeout_s)
+        except TimeoutError as exc:
+            self._broken = "the engine did not answer the start of a sync"
+            raise MemmgrSyncTimeoutError(f"CUDA IPC weight sync: the engine did not answer the start of the sync "
+                                         f"within {self.timeout_s:.0f} s; nothing was sent") from exc
+        except Exception as exc:
+            raise MemmgrSyncError(f"CUDA IPC weight sync: the engine refused the start of the sync "
+                                  f"({type(exc).__name__}: {str(exc)[:500]}); nothing was sent") from exc
+        self._open = True
+
+    def abort(self, reason: str = "the sync failed") -> None:
+        """Tells the engine to roll the sync back (queued after the buckets already announced; waits at most
+        ``timeout_s`` for the engine's answer, never raises)."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            future = self._pool.submit(self.announce, self._control("abort", reason=reason[:300]))
+            future.result(timeout=self.timeout_s)
+        except Exception as exc:
+            logger.warning("CUDA IPC weight sync: could not tell the engine to roll back (%s: %s); it refuses to "
+                           "serve until it rolls back at its next sync", type(exc).__name__, exc)
 
     @property
     def ring_bytes(self) -> int:
@@ -269,12 +316,26 @@ class CudaIpcTransport(Transport):
 
     def finish(self) -> None:
         """Returns once the engine has copied out every announced bucket."""
-        for slot in range(self.num_buffers + 1):
-            self._wait_slot(slot)
-        self._reserved.clear()
+        try:
+            for slot in range(self.num_buffers + 1):
+                self._wait_slot(slot)
+        except BaseException as exc:
+            self.abort(f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self._reserved.clear()
+        if self._open:
+            self._open = False
+            try:
+                self._pool.submit(self.announce, self._control("commit")).result(timeout=self.timeout_s)
+            except Exception as exc:
+                self._broken = "the engine failed to commit a sync"
+                raise MemmgrSyncError(f"CUDA IPC weight sync: the engine failed to commit the sync "
+                                      f"({type(exc).__name__}: {str(exc)[:500]})") from exc
 
     def close(self) -> None:
-        """Waits (bounded) for outstanding buckets, then frees the ring."""
+        """Waits (bounded) for outstanding buckets, rolls back a sync left open, then frees the ring."""
+        self.abort("the transport was closed during a sync")
         try:
             deadline = time.monotonic() + min(self.timeout_s, 30.0)
             for f in self._pending:
@@ -313,6 +374,8 @@ class CudaIpcReceiver:
         self._mapped: dict[int, tuple[tuple, torch.Tensor]] = {}
 
     def receive(self, description: dict[str, Any]) -> WeightBucket:
+        if description.get("control"):  # a session message (see handle): no weights in it
+            return WeightBucket(torch.empty(0, dtype=torch.uint8, device=self.device), ())
         exports = description.get("ipc") or {}
         args = exports.get(self.uuid)
         if args is None:
@@ -332,6 +395,37 @@ class CudaIpcReceiver:
         dtype, numel, _ = WeightBucket.layout_from_meta(description)
         nbytes = int(description.get("nbytes", numel * torch.empty(0, dtype=dtype).element_size()))
         return WeightBucket.from_meta(description, buf[:nbytes].view(dtype))
+
+    def handle(self, description: dict[str, Any], load_weights: Callable[[Any], Any]) -> None:
+        """The engine's whole step for one announced message; answer the producer once it returns.
+
+        A bucket is received, loaded (``load_weights(views)``) and its slot released (``done``); a session message
+        opens (``begin``), commits (``commit``) or rolls back (``abort``) the sync on ``load_weights`` where it keeps
+        sessions (``ModuleWeightLoader``). A bucket that fails to load rolls the session back before the error is
+        raised, so the engine is on its previous weights when the producer hears of it."""
+        control = description.get("control")
+        if control == "begin":
+            begin_sync(load_weights)
+            return
+        if control == "commit":
+            commit_sync(load_weights)
+            return
+        if control == "abort":
+            rollback_sync(load_weights, str(description.get("reason") or "the trainer abandoned the sync"))
+            return
+        if control:
+            raise MemmgrSyncError(f"CUDA IPC weight sync: unknown session message {control!r}; trainer and engine "
+                                  f"must run the same memmgr version")
+        try:
+            bucket = self.receive(description)
+            load_weights(bucket.views())
+            self.done()  # the copies out of the slot have finished: the producer may refill it
+        except BaseException as exc:
+            try:
+                self.done()
+            finally:
+                rollback_sync(load_weights, f"{type(exc).__name__} while loading a bucket")
+            raise
 
     def done(self) -> None:
         """Marks the end of the copy-out: waits until this process's GPU work reading the slot has finished."""
