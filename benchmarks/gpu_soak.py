@@ -4,10 +4,14 @@ One GPU, one process (a 1-process NCCL group on 127.0.0.1 and a free port, set u
 benchmarks/lab.py that benchmarks/gpu_megatron.py uses). A small GPTModel (4 layers, hidden 512, 8 heads, vocab 8192, seq 128, batch 4, bf16, DistributedDataParallel
 with grad_reduce_in_fp32 and the distributed optimizer, torch AdamW) runs N cycles of
 
-    training step (zero_grad_buffer, forward, backward, finish_grad_sync, optimizer.step) -> mgr.offload() -> mgr.onload()
+    training step (zero_grad_buffer, forward, backward, finish_grad_sync, optimizer.step), then, with the default
+    ``--via phase`` (the README's loop): ``with mgr.phase("generate"):`` a weight sync inside it
+    (``with mgr.weight_sync() as weights``, which reads every weight) and the phase's exit brings everything back;
+    with ``--via calls``: ``mgr.offload()`` -> ``mgr.onload()``.
 
 The manager is built right after the model, before the first step (optimizer state is created at step 1 and picked up
-at the first offload). At cycles 1, 10, 100, 250, 500, 750, 1000 (and N), right after the offload, i.e. while
+at the first offload). In phase mode every cycle checks that every group is back on the device after the phase, and
+``--reference`` runs the same steps on a fresh model without memmgr afterwards and compares the losses bit for bit. At cycles 1, 10, 100, 250, 500, 750, 1000 (and N), right after the offload, i.e. while
 offloaded, it records NVML process usage and device used, torch memory_reserved/allocated, host RSS (VmRSS), the
 memmgr pool's bytes_held, the bytes still on the device per group, and the cycle's loss. At the end, cycle N is
 compared with cycle 10 (NVML process usage, reserved, RSS each within 1%), losses must be finite, and per-phase times
@@ -73,7 +77,7 @@ def time_stats(xs: list[float]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # the two setups: each returns (step_fn, mgr, measure_fn, env)
 # ---------------------------------------------------------------------------------------------------------------------
-def setup_gpu() -> tuple[Callable[[int], float], Any, Callable[[], dict], dict]:
+def setup_gpu(manage: bool = True) -> tuple[Callable[[int], float], Any, Callable[[], dict], dict]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     import torch
@@ -82,7 +86,7 @@ def setup_gpu() -> tuple[Callable[[int], float], Any, Callable[[], dict], dict]:
     from memmgr.host_memory import HostMemoryPool
     from memmgr.integrations.megatron import for_megatron
 
-    env = lab.init_megatron()
+    env = lab.init_megatron() if not torch.distributed.is_initialized() else {}
     env["master_port"] = os.environ["MASTER_PORT"]
     idx = nvml.nvml_index(0)
     env["nvml_index"] = idx
@@ -95,8 +99,7 @@ def setup_gpu() -> tuple[Callable[[int], float], Any, Callable[[], dict], dict]:
     env["params"] = sum(p.numel() for p in ddp.parameters())
     env["baseline_before_model"] = baseline
     data = lab.token_batches(NUM_BATCHES, BATCH, MODEL["seq"], MODEL["vocab"])
-    pool = HostMemoryPool()
-    mgr = for_megatron(ddp, opt, pool=pool)
+    mgr = for_megatron(ddp, opt, pool=HostMemoryPool()) if manage else None
 
     def step(i: int) -> float:
         return lab.megatron_train_step(ddp, opt, *data[i % len(data)])
@@ -115,7 +118,7 @@ def measure_cuda(torch: Any, nvml: Any, idx: int | None) -> dict:
             "rss": host_rss()}
 
 
-def setup_cpu() -> tuple[Callable[[int], float], Any, Callable[[], dict], dict]:
+def setup_cpu(manage: bool = True) -> tuple[Callable[[int], float], Any, Callable[[], dict], dict]:
     import torch
 
     import memmgr
@@ -125,7 +128,7 @@ def setup_cpu() -> tuple[Callable[[int], float], Any, Callable[[], dict], dict]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(32, 256, generator=g), torch.randn(32, 256, generator=g)) for _ in range(NUM_BATCHES)]
-    mgr = memmgr.for_module(model, opt)
+    mgr = memmgr.for_module(model, opt) if manage else None
 
     def step(i: int) -> float:
         x, y = data[i % len(data)]
@@ -161,8 +164,10 @@ def run(args: argparse.Namespace) -> dict:
     checkpoints = sorted({c for c in CHECKPOINTS if c <= args.cycles} | {args.cycles})
     records: list[dict] = []
     losses: list[float] = []
-    times = {"step": [], "offload": [], "onload": []}
+    times: dict[str, list[float]] = {"step": [], "offload": [], "onload": [], "weight_sync": []}
+    synced_numel: list[int] = []
     results["records"] = records
+    results["via"] = args.via
     mgr = None
     try:
         t0 = time.perf_counter()
@@ -171,25 +176,50 @@ def run(args: argparse.Namespace) -> dict:
         results["setup_seconds"] = time.perf_counter() - t0
         results["groups_at_build"] = {n: {"nbytes": s.nbytes, "policy": str(s.policy)} for n, s in mgr.state().items()}
         t_loop = time.perf_counter()
+        not_back: list[int] = []
+        results["not_back_after_phase"] = not_back
         for cycle in range(1, args.cycles + 1):
             sync()
             t0 = time.perf_counter()
             loss = step(cycle - 1)  # float(loss) synchronizes on the loss; sync() below covers optimizer.step
             sync()
             t1 = time.perf_counter()
-            mgr.offload()
-            sync()
-            t2 = time.perf_counter()
-            if cycle in checkpoints:
-                rec = {"cycle": cycle, "loss": loss, **measure(), "pool_bytes_held": mgr.pool.bytes_held,
-                       "device_bytes_while_offloaded": {n: s.device_bytes for n, s in mgr.state().items()},
-                       "left_behind_bytes": sum(getattr(mgr, "left_behind", {}).values())}
-                records.append(rec)
-            sync()
-            t3 = time.perf_counter()
-            mgr.onload()
-            sync()
-            t4 = time.perf_counter()
+
+            def record() -> None:
+                if cycle in checkpoints:
+                    records.append({"cycle": cycle, "loss": loss, **measure(), "pool_bytes_held": mgr.pool.bytes_held,
+                                    "device_bytes_while_offloaded": {n: s.device_bytes
+                                                                     for n, s in mgr.state().items()},
+                                    "left_behind_bytes": sum(getattr(mgr, "left_behind", {}).values())})
+
+            if args.via == "phase":
+                with mgr.phase("generate"):
+                    sync()
+                    t2 = time.perf_counter()
+                    record()
+                    ts = time.perf_counter()
+                    with mgr.weight_sync() as weights:
+                        # what an engine's copy does: every weight read on the device
+                        read = sum(int(t.numel()) for t in weights.values())
+                        torch.cat([t.reshape(-1)[:1].float() for t in weights.values()]).sum().item()
+                    sync()
+                    times["weight_sync"].append(time.perf_counter() - ts)
+                    synced_numel.append(read)
+                    t3 = time.perf_counter()
+                sync()
+                t4 = time.perf_counter()
+                if any(s.state != "on_device" for n, s in mgr.state().items() if s.nbytes):
+                    not_back.append(cycle)
+            else:
+                mgr.offload()
+                sync()
+                t2 = time.perf_counter()
+                record()
+                sync()
+                t3 = time.perf_counter()
+                mgr.onload()
+                sync()
+                t4 = time.perf_counter()
             losses.append(loss)
             times["step"].append(t1 - t0)
             times["offload"].append(t2 - t1)
@@ -207,16 +237,29 @@ def run(args: argparse.Namespace) -> dict:
         print(results["traceback"], file=sys.stderr)
     results["cycles_completed"] = len(losses)
     results["losses"] = losses
+    results["weight_sync_numel"] = sorted(set(synced_numel))
+    if mgr is not None:
+        try:
+            mgr.close()
+        except Exception as exc:  # noqa: BLE001
+            results.setdefault("error", f"close: {type(exc).__name__}: {exc}")
+        mgr = None
+    if args.reference and "error" not in results:
+        results["reference"] = reference_losses(args, losses)
     results["times_per_cycle_s"] = {k: [round(x, 6) for x in v] for k, v in times.items()}
     results["time_stats"] = {k: time_stats(v) for k, v in times.items()}
     results["total_seconds"] = time.perf_counter() - t_start
     results["checks"] = checks(records, losses, args.cycles, results)
-    if mgr is not None:
-        try:
-            mgr.close()
-        except Exception:  # noqa: BLE001
-            pass
     return results
+
+
+def reference_losses(args: argparse.Namespace, losses: list[float]) -> dict:
+    """The same steps on a fresh model built the same way, without memmgr: the losses must be equal bit for bit."""
+    step, _none, _measure, _env = (setup_cpu if args.cpu_smoke else setup_gpu)(manage=False)
+    ref = [step(i) for i in range(len(losses))]
+    differ = [i + 1 for i, (a, b) in enumerate(zip(losses, ref)) if a != b]
+    return {"cycles": len(ref), "equal": not differ, "first_differing_cycles": differ[:20],
+            "max_abs_diff": max((abs(a - b) for a, b in zip(losses, ref)), default=0.0)}
 
 
 def checks(records: list[dict], losses: list[float], cycles: int, results: dict) -> dict:
@@ -268,7 +311,11 @@ def checks(records: list[dict], losses: list[float], cycles: int, results: dict)
         if records else None
     completed = len(losses) == cycles and "error" not in results
     out["completed"] = completed
-    out["pass"] = completed and bool(judged) and all(judged) and out["losses_finite"]["pass"]
+    out["all_back_after_phase"] = not results.get("not_back_after_phase")
+    reference = results.get("reference")
+    out["losses_equal_reference"] = reference.get("equal") if reference else None
+    out["pass"] = completed and bool(judged) and all(judged) and out["losses_finite"]["pass"] and \
+        out["all_back_after_phase"] and out["losses_equal_reference"] is not False
     return out
 
 
@@ -284,7 +331,14 @@ def summary(results: dict) -> str:
     ts = results.get("time_stats", {})
     if ts.get("offload", {}).get("n"):
         lines.append("median/p90 ms: " + ", ".join(
-            f"{k} {ts[k]['median_s'] * 1e3:.2f}/{ts[k]['p90_s'] * 1e3:.2f}" for k in ("step", "offload", "onload")))
+            f"{k} {ts[k]['median_s'] * 1e3:.2f}/{ts[k]['p90_s'] * 1e3:.2f}"
+            for k in ("step", "offload", "onload", "weight_sync") if ts.get(k, {}).get("n")))
+    if results.get("via") == "phase":
+        lines.append(f"every group back on the device after each phase: "
+                     f"{'PASS' if c.get('all_back_after_phase') else 'FAIL'}")
+    if c.get("losses_equal_reference") is not None:
+        lines.append(f"losses equal to the same steps without memmgr, bit for bit: "
+                     f"{'PASS' if c['losses_equal_reference'] else 'FAIL'} {results.get('reference')}")
     for key, m in (c.get("metrics") or {}).items():
         verdict = "n/a" if m.get("pass") is None else ("PASS" if m["pass"] else "FAIL")
         ratio = f"{m['ratio']:.5f}" if m.get("ratio") is not None else "-"
@@ -309,6 +363,10 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path, help="output directory (gets soak.json)")
     parser.add_argument("--cycles", type=int, default=None, help="default 1000 (20 with --cpu-smoke)")
     parser.add_argument("--cpu-smoke", action="store_true")
+    parser.add_argument("--via", choices=("phase", "calls"), default="phase",
+                        help="phase: the README's loop (mgr.phase with a weight sync inside); calls: offload/onload")
+    parser.add_argument("--reference", action="store_true",
+                        help="afterwards, run the same steps without memmgr and compare the losses bit for bit")
     args = parser.parse_args()
     if args.cycles is None:
         args.cycles = 20 if args.cpu_smoke else 1000

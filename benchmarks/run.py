@@ -196,9 +196,10 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
     "reliability": ("gpu_reliability.py: OOM on onload, interrupted transfers, stream ordering, verify",
                     lambda c: [Step("reliability", program("gpu_reliability.py", "--out", str(c.work / "reliability")),
                                     120, show="")]),
-    "soak": ("gpu_soak.py: 1000 cycles of step/offload/onload of a small Megatron GPT (NVML, reserved, RSS drift)",
-             lambda c: [Step("soak", program("gpu_soak.py", "--out", str(c.work / "soak"), "--cycles", "1000"), 150,
-                             show="")]),
+    "soak": ("gpu_soak.py: 1000 cycles of a small Megatron GPT through the README's loop (step, then mgr.phase with "
+             "a weight sync inside; NVML, reserved, RSS drift), then the same steps without memmgr, losses bit for "
+             "bit", lambda c: [Step("soak", program("gpu_soak.py", "--out", str(c.work / "soak"), "--cycles", "1000",
+                                                    "--reference"), 200, show="")]),
     "report": ("gpu_report.py --megatron --quick-doctor: the ledger's categories against NVML at every snapshot, "
                "timeline, doctor", lambda c: [Step("report", program("gpu_report.py", "--out", str(c.work / "report"),
                                                                      "--megatron", "--quick-doctor"), 120, show="",
