@@ -18,12 +18,14 @@ round's message (at most the largest parameter's bytes), a receiver that also se
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
+from memmgr import arguments
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.flat_tensors import BucketizedFlatTensors
 from memmgr.sync.export.discovery import local_parameters
@@ -59,6 +61,30 @@ class ExportBucket:
         return [(e.name, self.tensor(e)) for e in self.entries]
 
 
+def _device_argument(where: str, device: Any) -> torch.device | None:
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise MemmgrInputError(f"{where}: device must be None, a torch.device or a device string such as 'cuda:0' or "
+                               f"'cpu', got {device!r} ({type(device).__name__})")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise MemmgrInputError(f"{where}: device={device!r} is not a device torch knows ({exc}); pass None (the "
+                               f"device of this rank's parameters), 'cpu' or 'cuda:N'") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise MemmgrInputError(f"{where}: device={device!r}: the export builds buckets on 'cpu' (gloo) or 'cuda' "
+                               f"(NCCL) only")
+    return dev
+
+
+def _check_open(weights: Any, where: str) -> None:
+    """A weights group whose manager was closed refuses (``check_open`` raises MemmgrStateError)."""
+    check = getattr(weights, "check_open", None)
+    if callable(check):
+        check(where)
+
+
 class MegatronExporter:
     """Exports megatron-core model chunks as Hugging Face tensors (see the module docstring). Collective: every rank
     of the default process group constructs it, with its own chunks, and iterates ``buckets()`` to the end.
@@ -72,7 +98,10 @@ class MegatronExporter:
     device of this rank's parameters; it must suit the process group's backend).
 
     Raises MemmgrExportError on every rank, before anything is sent, for an unknown parameter, a family without a
-    table, or a Hugging Face config that disagrees with the model. ``hf_config`` may be any object with the Hugging
+    table, a Hugging Face config that disagrees with the model, or a model that lacks a tensor the family's table
+    requires (e.g. a norm replaced by an identity, or q/k norms for qwen3), naming the missing Hugging Face and
+    megatron names. Bad ``receivers``, ``device`` or ``bucket_bytes`` raise MemmgrInputError naming the argument.
+    ``buckets()`` refuses with MemmgrStateError once the manager of ``weights`` was closed. ``hf_config`` may be any object with the Hugging
     Face config attributes (transformers itself is not needed).
 
     Build it once, while or after the model exists, and call ``buckets()`` at every sync: the plan (one gather of
@@ -87,16 +116,25 @@ class MegatronExporter:
         if not chunks or not all(isinstance(c, torch.nn.Module) for c in chunks):
             raise MemmgrExportError("model_chunks must be a torch.nn.Module or a non-empty list of them (the chunks "
                                     "given to for_megatron)")
-        if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
-            raise MemmgrExportError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
+        where = "MegatronExporter"
+        arguments.integer(where, "bucket_bytes", bucket_bytes, minimum=1)
+        rank_list = arguments.sequence_of(where, "receivers", receivers,
+                                          lambda r: isinstance(r, numbers.Integral) and not isinstance(r, bool),
+                                          "global ranks (int)")
+        device = _device_argument(where, device)
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
-        self.receivers = sorted({int(r) for r in receivers})
+        self.receivers = sorted({int(r) for r in rank_list})
         if not self.receivers or any(r < 0 or r >= self.world_size for r in self.receivers):
-            raise MemmgrExportError(f"receivers={list(receivers)}: expected global ranks in [0, {self.world_size})")
+            raise MemmgrExportError(f"{where}: receivers={[int(r) for r in rank_list]} must be a non-empty list of "
+                                    f"global ranks in [0, {self.world_size}) (the ranks that feed the engine); pass "
+                                    f"e.g. receivers=(0,)")
         self.bucket_bytes = bucket_bytes
 
+        self._weights = weights
+        if weights is not None:
+            _check_open(weights, "MegatronExporter")
         local = local_parameters(chunks)
         try:
             self.source: WeightSource = (HostCopySource(weights, zip(local.local_names, local.tensors), chunks)
@@ -115,7 +153,7 @@ class MegatronExporter:
                        for info, name, tensor in zip(local.infos, local.local_names, local.tensors)}
         if device is None:
             device = local.tensors[0].device if local.tensors else torch.device("cpu")
-        self.device = torch.device(device)
+        self.device = device
         self._side_stream: torch.cuda.Stream | None = None  # where staged shards are placed (made at first use)
         logger.info("export plan: %s, %d Hugging Face tensors in %d bucket(s) of <= %.1f MiB, receivers %s",
                     self.plan.family.name, len(self.plan.entries), len(self.plan.buckets), bucket_bytes / 2**20,
@@ -202,6 +240,7 @@ class MegatronExporter:
         ``allocate(dtype, numel)``, if given, provides each bucket's flat tensor of a dtype (e.g. a transport's
         ``reserve``, so that the bucket is packed straight into the memory it is sent from); where it returns None
         the exporter allocates."""
+        _check_open(self._weights, "MegatronExporter.buckets")
         self._preflight()
         me = self.rank
         others = [q for q in self.receivers if q != me]

@@ -1,5 +1,6 @@
 """The export plan: every rank's parameters gathered, mapped through the family's table, checked against the
-Hugging Face config, ordered and packed into buckets. Every rank computes the same plan from the same gathered
+Hugging Face config (sizes, and that the model has every tensor the table requires: ``missing_tensors``), ordered
+and packed into buckets. Every rank computes the same plan from the same gathered
 metadata, so a problem found anywhere raises the same MemmgrExportError on every rank before any weight moves.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from memmgr.sync.export.discovery import LocalParams, ParamInfo
 from memmgr.sync.export.errors import MemmgrExportError
-from memmgr.sync.export.families import FAMILIES, Family, config_dims, eval_dim, family_for
+from memmgr.sync.export.families import FAMILIES, Family, Row, config_dims, eval_dim, family_for
 from memmgr.sync.export.layouts import Geometry, LayoutError, output_shapes
 from memmgr.sync.layout import ParamSpec, aligned, itemsize
 
@@ -214,6 +215,8 @@ def build_plan(gathered: list[LocalParams], hf_config: Any, bucket_bytes: int) -
         if layers != set(range(dims["layers"])):
             problems.append(f"the model's layers {sorted(layers)[:4]}...{sorted(layers)[-2:] if layers else ''} "
                             f"({len(layers)} found over all ranks) do not match num_hidden_layers={dims['layers']}")
+    if not problems:
+        problems += missing_tensors(family, dims, hf_config, units, hf_tied)
     _fail(problems, f"into {family.name}")
     units.sort(key=lambda u: u.order)
     return ExportPlan(family, units, _pack(units, bucket_bytes), bucket_bytes)
@@ -256,3 +259,74 @@ def _pack(units: list[Unit], bucket_bytes: int) -> list[BucketPlan]:
                 messages[provider] = (items, total + _aligned(u.shard_nbytes))
         buckets.append(BucketPlan(index, members, numels, rounds))
     return buckets
+
+
+def _is_moe(template: str) -> bool:
+    return "{expert}" in template or "shared_expert" in template or template.endswith(("mlp.gate.weight",
+                                                                                        "block_sparse_moe.gate.weight"))
+
+
+def _is_dense_mlp(template: str) -> bool:
+    return not _is_moe(template) and any(f"mlp.{p}_proj." in template for p in ("gate", "up", "down"))
+
+
+def _megatron_name(pattern: str, layer: int | None, expert: int | None) -> str:
+    name = pattern.replace(r"(?P<layer>\d+)", str(layer)).replace(r"(?P<expert>\d+)", str(expert))
+    return name.replace("\\.", ".")
+
+
+def missing_tensors(family: Family, dims: dict[str, int], hf_config: Any, units: list[Unit],
+                    hf_tied: bool) -> list[str]:
+    """What the family's table requires and no parameter of the model gives, one problem line per missing
+    Hugging Face tensor (with the megatron parameter(s) that would give it). Required: every row's Hugging Face names
+    for every layer and outside the layers, except the output head of a tied model, the attention biases unless the
+    family or config has them (qwen2, ``attention_bias``), the shared expert unless the config sizes one, the dense
+    MLP in a MoE layer and the experts in a dense one (a layer is MoE where the model has a router or experts
+    there, or where the family has no dense MLP)."""
+    produced = {n for u in units for n in u.hf_names}
+    layers = dims.get("layers", 0)
+    experts = dims.get("experts", 0)
+    bias = family.name in ("qwen2", "qwen2_moe") or getattr(hf_config, "attention_bias", False) is True
+    shared = dims.get("shared_ffn", 0) > 0
+    templates: dict[str, list[Row]] = {}
+    for row in family.rows:
+        for t in row.hf:
+            templates.setdefault(t, []).append(row)
+    has_dense = any(_is_dense_mlp(t) for t in templates)
+    moe_layers: set[int] = set()
+    for u in units:
+        if u.order[0] == 1 and any(_is_moe(n) or ".experts." in n for n in u.hf_names):
+            moe_layers.add(u.order[1])
+    missing: list[tuple[str, list[str]]] = []
+
+    def need(template: str, rows: list[Row], layer: int | None, expert: int | None) -> None:
+        name = template.format(layer=layer, expert=expert)
+        if name not in produced:
+            missing.append((name, sorted({_megatron_name(r.pattern, layer, expert) for r in rows})))
+
+    for template, rows in templates.items():
+        if template.endswith(".bias") and not bias:
+            continue
+        if template.startswith("lm_head") and hf_tied:
+            continue
+        if "shared_expert" in template and not shared:
+            continue
+        if "{layer}" not in template:
+            need(template, rows, None, None)
+            continue
+        for layer in range(layers):
+            moe = layer in moe_layers or not has_dense
+            if _is_moe(template) and not moe or _is_dense_mlp(template) and moe:
+                continue
+            if "{expert}" in template:
+                for e in range(experts):
+                    need(template, rows, layer, e)
+            else:
+                need(template, rows, layer, None)
+    if not missing:
+        return []
+    shown = "; ".join(f"{hf} (from megatron {' or '.join(meg)})" for hf, meg in missing[:6])
+    more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+    return [f"the {family.name} table requires {len(missing)} Hugging Face tensor(s) the model does not have: "
+            f"{shown}{more}. An engine would keep stale values for them: build the model with these parameters "
+            f"(e.g. its norms, qk_layernorm for qwen3) or export it as the family it is"]

@@ -1,0 +1,78 @@
+"""Bad arguments to the sync's constructors raise MemmgrInputError naming the argument, at the call."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from memmgr.errors import MemmgrInputError, MemmgrStateError
+
+
+class _Client:
+    """Just enough of vLLM's client protocol for VLLMWeightSync's constructor (nothing is called)."""
+
+    def init_weight_transfer_engine(self, info): ...
+    def start_weight_update(self): ...
+    def update_weights(self, info): ...
+    def finish_weight_update(self, version=None): ...
+    def collective_rpc(self, method, *a, **k): return []
+
+
+@pytest.mark.parametrize("name, value", [
+    ("timeout_s", -1), ("timeout_s", 0), ("timeout_s", "60"), ("timeout_s", float("nan")),
+    ("bucket_bytes", 0), ("bucket_bytes", -5), ("bucket_bytes", 1.5), ("bucket_bytes", True),
+    ("num_workers", 0), ("num_workers", -1), ("num_workers", "2"),
+    ("master_port", 0), ("master_port", 70000), ("atomic", 1),
+])
+def test_vllm_weight_sync_refuses_a_bad_argument_naming_it(name, value):
+    pytest.importorskip("vllm")
+    from memmgr.sync.engines.vllm import VLLMWeightSync
+
+    with pytest.raises(MemmgrInputError, match=f"VLLMWeightSync: {name} must be"):
+        VLLMWeightSync(_Client(), **{name: value})
+
+
+def test_vllm_weight_sync_takes_good_arguments():
+    pytest.importorskip("vllm")
+    from memmgr.sync.engines.vllm import VLLMWeightSync
+
+    sync = VLLMWeightSync(_Client(), timeout_s=5, bucket_bytes=1 << 20, num_workers=2, atomic=False)
+    assert (sync.timeout_s, sync.bucket_bytes, sync.num_workers, sync.atomic) == (5.0, 1 << 20, 2, False)
+
+
+@pytest.fixture(scope="module")
+def megatron_env(tmp_path_factory):
+    pytest.importorskip("megatron.core")
+    pytest.importorskip("transformers")
+    from export_models import single_rank_megatron
+
+    with single_rank_megatron(tmp_path_factory.mktemp("dist")):
+        yield
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(receivers="0"), "receivers"), (dict(receivers=(-1,)), "receivers"), (dict(receivers=(1,)), "receivers"),
+    (dict(receivers=()), "receivers"), (dict(receivers=(0.5,)), "receivers"), (dict(receivers=None), "receivers"),
+    (dict(device="nope"), "device"), (dict(device=3.5), "device"), (dict(device="meta"), "device"),
+    (dict(bucket_bytes=0), "bucket_bytes"), (dict(bucket_bytes=True), "bucket_bytes"),
+])
+def test_megatron_exporter_refuses_a_bad_argument_naming_it(megatron_env, kwargs, named):
+    from export_models import build_chunks, hf_config
+    from memmgr.sync.export import MegatronExporter
+
+    with pytest.raises(MemmgrInputError, match=named):
+        MegatronExporter(build_chunks("llama"), hf_config("llama"), **kwargs)
+
+
+def test_exporter_refuses_to_read_a_weights_group_whose_manager_was_closed(megatron_env):
+    from export_models import build_chunks, hf_config
+    from memmgr.sync.export import MegatronExporter
+
+    exporter = MegatronExporter(build_chunks("llama"), hf_config("llama"))
+
+    def closed(where):
+        raise MemmgrStateError(f"{where}: the manager was closed")
+
+    exporter._weights = SimpleNamespace(check_open=closed)  # what BucketizedFlatTensors does after mgr.close()
+    with pytest.raises(MemmgrStateError, match="MegatronExporter.buckets: the manager was closed"):
+        next(iter(exporter.buckets()))
