@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
+import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
+from memmgr import arguments
 from memmgr.errors import MemmgrInputError
 from memmgr.tools.bench_methods import (  # noqa: F401
     DEFAULT_PHASE_GAP_S,
@@ -69,24 +73,183 @@ def conditions_for(device: torch.device, requested: list[str] | None) -> list[st
     return list(dict.fromkeys(requested))
 
 
+GPT_CHOICES = ("1.3b", "4b")
+MAX_CYCLES = 1000
+# GPU bytes of the synthetic state per copied byte: the fp32 gradients (dropped, not copied) come on top of the bf16
+# weights, fp32 main weights and fp32 moments (2 + 4 + 8 bytes copied per parameter, 4 more on the device).
+STATE_PER_COPIED = 18 / 14
+
+
+def method_names() -> list[str]:
+    """Every method ``--methods`` may name: the synthetic state's methods and the megatron GPT's built-in helpers."""
+    from memmgr.tools.bench_megatron import MegatronBuiltinMethod
+
+    names = [m.name for m in all_methods()]
+    return names + [n for n in (MegatronBuiltinMethod.name,) if n not in names]
+
+
+def smallest_state_bytes() -> int:
+    """Copied bytes of the smallest synthetic state ``make_state`` builds (hidden 256, one layer)."""
+    from memmgr.tools.bench_methods import gpt_shapes
+
+    params = sum(math.prod(shape) for _, shape in gpt_shapes(256, 1))
+    return params * 14
+
+
+def host_memory_available() -> int | None:
+    """Bytes of host memory this process can still take: MemAvailable, capped by a cgroup limit; None if unknown."""
+    from memmgr.tools.doctor import host_memory
+
+    info = host_memory()
+    avail = info.get("available")
+    limit = info.get("cgroup_limit")
+    if limit is not None:
+        avail = limit if avail is None else min(avail, limit)
+    return avail
+
+
+def _names_list(option: str, values: list[str] | None, allowed: list[str] | tuple[str, ...]) -> list[str] | None:
+    if values is None:
+        return None
+    names = [v.strip() for v in values]
+    if not names or any(not n for n in names):
+        raise MemmgrInputError(f"{option}: empty name in {','.join(values)!r}; give comma-separated names from "
+                               f"{', '.join(allowed)}")
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise MemmgrInputError(f"{option}: unknown {'name' if len(unknown) == 1 else 'names'} "
+                               f"{', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
+def check_size(size_gb: float | None, device: torch.device) -> None:
+    """MemmgrInputError unless ``size_gb`` (the copied bytes of the synthetic state, in GB) is a finite positive number
+    that the bench can build and that fits the memory there is: on a GPU the state with its gradients in free GPU
+    memory and its pinned host copy in available host memory; on the CPU path both in available host memory."""
+    if size_gb is None:
+        return
+    if isinstance(size_gb, bool) or not isinstance(size_gb, (int, float)) or not math.isfinite(size_gb) \
+            or size_gb <= 0:
+        raise MemmgrInputError(f"--size-gb: {size_gb!r} is not a size; give a positive number of GB (e.g. 2), or "
+                               f"leave it out to size the state to the free memory")
+    smallest = smallest_state_bytes()
+    copied = size_gb * GB
+    if copied < smallest:
+        raise MemmgrInputError(f"--size-gb {size_gb:g}: the smallest state the bench builds copies "
+                               f"{smallest / GB:.2f} GB (one layer of width 256 and the embedding); give "
+                               f"{math.ceil(smallest / GB * 100) / 100:.2f} or more")
+    state = copied * STATE_PER_COPIED
+    host = host_memory_available()
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if state > free:
+            raise MemmgrInputError(
+                f"--size-gb {size_gb:g}: the state takes {state / GB:.1f} GB of GPU memory with its gradients; "
+                f"{torch.cuda.get_device_name(device)} has {free / GB:.1f} GB free. Give --size-gb "
+                f"{_floor2(free / STATE_PER_COPIED / GB)} or less, or leave it out to size the state to the free memory")
+        if host is not None and copied > host:
+            raise MemmgrInputError(
+                f"--size-gb {size_gb:g}: the offloaded copy takes {copied / GB:.1f} GB of pinned host memory; "
+                f"{host / GB:.1f} GB is available. Give --size-gb {_floor2(host / GB)} or less")
+    elif host is not None and state + copied > host:
+        raise MemmgrInputError(
+            f"--size-gb {size_gb:g}: the CPU path holds the state ({state / GB:.1f} GB with its gradients) and its "
+            f"host copy ({copied / GB:.1f} GB) in host memory, {(state + copied) / GB:.1f} GB; {host / GB:.1f} GB "
+            f"is available. Give --size-gb {_floor2(host / (STATE_PER_COPIED + 1) / GB)} or less, or leave it out "
+            f"(the CPU path's default is {default_size(device) / GB:g} GB)")
+
+
+def _floor2(x: float) -> str:
+    return f"{math.floor(x * 100) / 100:.2f}"
+
+
+def check_out(out: str) -> None:
+    """MemmgrInputError unless ``out`` is (or can be made) a directory this process can write files in."""
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+        raise MemmgrInputError(f"--out: {out!r} is not a directory path; give one (default memmgr-bench)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise MemmgrInputError(f"--out {out}: exists and is not a directory; give a directory for bench.json, "
+                               f"bench.md and bench.png")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise MemmgrInputError(f"--out {out}: cannot write there ({exc.strerror or exc}); give a directory you can "
+                               f"write") from None
+
+
+@dataclass
+class BenchArguments:
+    """``run_bench``'s arguments once checked: names de-duplicated, the device they were checked for."""
+
+    device: torch.device
+    methods: list[str] | None
+    between: list[str]
+    cycles: int
+    phase_gap_s: float
+
+
+def check_arguments(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bool = False, cycles: int = 3,
+                    methods: list[str] | None = None, megatron: bool | None = None,
+                    phase_gap_s: float | None = None, between: list[str] | None = None,
+                    gpt: str = "1.3b", device: torch.device | None = None) -> BenchArguments:
+    """Checks every argument of ``run_bench`` before anything runs, and ``out`` by creating it and writing a file
+    there: MemmgrInputError naming the option (as ``memmgr bench`` spells it), what it got and what to give."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    arguments.boolean("--sweep", "the flag", sweep)
+    arguments.boolean("--megatron/--no-megatron", "the flag", megatron, optional=True)
+    if isinstance(cycles, bool) or not isinstance(cycles, int) or not 1 <= cycles <= MAX_CYCLES:
+        raise MemmgrInputError(f"--cycles: {cycles!r} is not a number of cycles; give 1 to {MAX_CYCLES} (each "
+                               f"method needs at least one offload and onload to be timed)")
+    if phase_gap_s is not None and (isinstance(phase_gap_s, bool) or not isinstance(phase_gap_s, (int, float))
+                                    or not math.isfinite(phase_gap_s) or not 0 <= phase_gap_s <= 3600):
+        raise MemmgrInputError(f"--phase-gap: {phase_gap_s!r} is not a pause; give seconds from 0 (back-to-back "
+                               f"cycles) to 3600")
+    if gpt not in GPT_CHOICES:
+        raise MemmgrInputError(f"--gpt: unknown model {gpt!r}; choose from {', '.join(GPT_CHOICES)}")
+    chosen = _names_list("--methods", methods, method_names())
+    requested = _names_list("--between", between, BETWEEN_CHOICES)
+    try:
+        conditions = conditions_for(device, requested)
+    except MemmgrInputError as exc:
+        raise MemmgrInputError(f"--{exc}") from None
+    if megatron:
+        from memmgr.tools import bench_megatron
+
+        reason = bench_megatron.unavailable_reason()
+        if reason:
+            raise MemmgrInputError(f"--megatron: the megatron-core GPT cannot run here: it {reason}; leave out "
+                                   f"--megatron (the synthetic state still runs)")
+    check_size(size_gb, device)
+    check_out(out)
+    return BenchArguments(device=device, methods=chosen, between=conditions, cycles=cycles,
+                          phase_gap_s=phase_gap_for(device, phase_gap_s))
+
+
 def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bool = False, cycles: int = 3,
               methods: list[str] | None = None, megatron: bool | None = None,
               phase_gap_s: float | None = None, between: list[str] | None = None, gpt: str = "1.3b") -> dict:
+    """``memmgr bench``: checks every argument first (``check_arguments``: MemmgrInputError before anything runs),
+    then times each method and writes bench.json, bench.md and bench.png into ``out``; returns the report."""
     import click
     from tqdm import tqdm
 
     from memmgr import backend_info
     from memmgr.tools.engine_standin import EngineStandIn
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    checked = check_arguments(out=out, size_gb=size_gb, sweep=sweep, cycles=cycles, methods=methods,
+                              megatron=megatron, phase_gap_s=phase_gap_s, between=between, gpt=gpt)
+    device, methods = checked.device, checked.methods
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU only (no GPU: the CPU path)"
-    os.makedirs(out, exist_ok=True)
     copied = size_gb * GB if size_gb else default_size(device)
     chosen = [m for m in all_methods() if methods is None or m.name in methods]
     if device.type != "cuda":
         chosen = [m for m in chosen if not isinstance(m, TorchMemorySaverMethod)]
-    gap = phase_gap_for(device, phase_gap_s)
-    condition_names = conditions_for(device, between)
+    gap = checked.phase_gap_s
+    condition_names = checked.between
     engine = EngineStandIn(device) if "engine" in condition_names else None
     conditions = {name: (engine.cycle if name == "engine" else None) for name in condition_names}
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": label, "torch": torch.__version__,

@@ -1,4 +1,7 @@
-"""The ``memmgr`` command line: ``bench`` (the main job), ``report`` and ``doctor``."""
+"""The ``memmgr`` command line: ``bench`` (the main job), ``report`` and ``doctor``.
+
+Every argument is checked before anything runs; a bad one ends the command with one line, ``Error: <option>: what
+it got and what to give``, and exit status 2, never a traceback (``ArgumentError``)."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +14,23 @@ except ImportError:  # the tools extra is not installed: say how to get it rathe
     sys.exit("memmgr's command-line tools need the tools extra: pip install 'memmgr[tools]'")
 
 
+class ArgumentError(click.ClickException):
+    """A command-line argument that cannot be used: printed as one ``Error:`` line, exit status 2 (as click's own
+    usage errors)."""
+
+    exit_code = 2
+
+
+def _checked(check, *args, **kwargs):
+    """``check(*args, **kwargs)``, a MemmgrInputError becoming an ArgumentError."""
+    from memmgr.errors import MemmgrInputError
+
+    try:
+        return check(*args, **kwargs)
+    except MemmgrInputError as exc:
+        raise ArgumentError(str(exc)) from None
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log memmgr's debug messages.")
 def main(verbose: bool) -> None:
@@ -20,10 +40,14 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.option("--out", default="memmgr-bench", show_default=True, help="Directory for JSON, Markdown and PNG.")
-@click.option("--size-gb", type=float, default=None, help="State size in GB (default: fits the free memory).")
+@click.option("--size-gb", type=float, default=None,
+              help="State size in GB, checked against the memory there is (default: fits the free memory).")
 @click.option("--sweep", is_flag=True, help="Also sweep state sizes and tensor counts.")
-@click.option("--cycles", type=int, default=3, show_default=True, help="Offload/onload cycles per method.")
-@click.option("--methods", default=None, help="Comma-separated subset of methods to run.")
+@click.option("--cycles", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Offload/onload cycles per method (memmgr runs at least 5).")
+@click.option("--methods", default=None,
+              help="Comma-separated subset of methods to run: memmgr, per_tensor_to_cpu_non_blocking, "
+                   "per_tensor_cpu_pageable, torch_memory_saver, megatron_builtin.")
 @click.option("--megatron/--no-megatron", default=None, help="Use a real megatron-core GPT when installed.")
 @click.option("--phase-gap", type=click.FloatRange(min=0), default=None,
               help="Untimed seconds after each offload and onload, standing in for the phases in between "
@@ -38,11 +62,13 @@ def main(verbose: bool) -> None:
 def bench(out: str, size_gb: float | None, sweep: bool, cycles: int, methods: str | None,
           megatron: bool | None, phase_gap: float | None, between: str | None, gpt: str) -> None:
     """Time offload/onload against the link's peak and against peers (the main job)."""
-    from memmgr.tools.bench import run_bench
+    from memmgr.tools import bench as bench_module
 
-    run_bench(out=out, size_gb=size_gb, sweep=sweep, cycles=cycles,
-              methods=methods.split(",") if methods else None, megatron=megatron, phase_gap_s=phase_gap,
-              between=between.split(",") if between else None, gpt=gpt)
+    options = dict(out=out, size_gb=size_gb, sweep=sweep, cycles=cycles,
+                   methods=methods.split(",") if methods is not None else None, megatron=megatron,
+                   phase_gap_s=phase_gap, between=between.split(",") if between is not None else None, gpt=gpt)
+    _checked(bench_module.check_arguments, **options)
+    _checked(bench_module.run_bench, **options)
     _end_before_peer_teardown()
 
 
@@ -63,14 +89,17 @@ def _end_before_peer_teardown() -> None:
 
 
 @main.command()
-@click.argument("logs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--plot", default=None, help="Write a PNG timeline here.")
+@click.argument("logs", nargs=-1, required=True)
+@click.option("--plot", default=None, help="Write a PNG timeline here (a path ending in .png).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 def report(logs: tuple[str, ...], plot: str | None, as_json: bool) -> None:
-    """Render memory ledgers (JSON Lines written by memmgr.ledger.Ledger) as a table, JSON or a PNG."""
-    from memmgr.tools.report import render_logs
+    """Render memory ledgers (JSON Lines written by memmgr.ledger.Ledger: files, directories, globs or {rank}
+    patterns) as a table, JSON or a PNG. Fails when a path holds no snapshot."""
+    from memmgr.tools.report import check_plot, load_snapshots, render_logs
 
-    render_logs(list(logs), plot=plot, as_json=as_json)
+    _checked(check_plot, plot)
+    records = _checked(load_snapshots, list(logs))
+    render_logs(list(logs), plot=plot, as_json=as_json, records=records)
 
 
 @main.command()

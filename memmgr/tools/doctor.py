@@ -102,7 +102,11 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def run_doctor(quick: bool = False) -> dict[str, Any]:
-    """Prints the report (click.echo) and returns what it found, including ``verdicts`` (list of strings)."""
+    """Prints the report (click.echo) and returns what it found, including ``verdicts`` (list of strings).
+    MemmgrInputError if ``quick`` is not a bool."""
+    from memmgr import arguments
+
+    arguments.boolean("memmgr doctor", "quick", quick)
     echo = click.echo
     found: dict[str, Any] = {"verdicts": []}
     verdicts: list[str] = found["verdicts"]
@@ -264,4 +268,7 @@ def _measure(found: dict[str, Any], verdicts: list[str], quick: bool, gpus: list
 
 
 if __name__ == "__main__":  # python -m memmgr.tools.doctor [--quick]
+    unknown = [a for a in sys.argv[1:] if a != "--quick"]
+    if unknown:
+        sys.exit(f"Error: unknown argument(s) {' '.join(unknown)}; python -m memmgr.tools.doctor takes only --quick")
     run_doctor(quick="--quick" in sys.argv)

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from memmgr.ledger import CATEGORIES, CATEGORY_TITLES, GiB, Record, gpu_categories, read_records
+from memmgr.errors import MemmgrInputError
+from memmgr.ledger import CATEGORIES, CATEGORY_TITLES, GiB, Record, gpu_categories, ledger_files, read_records
+
+logger = logging.getLogger("memmgr")
 
 
 def _gib(n: int | float | None, width: int = 0, signed: bool = False) -> str:
@@ -276,12 +280,72 @@ def plot_timeline(records: list[Record], out_png: str | os.PathLike) -> Path:
     return out
 
 
-def render_logs(paths: Sequence[str], plot: str | None = None, as_json: bool = False) -> None:
+class _Quiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def load_snapshots(paths: Sequence[str]) -> list[Record]:
+    """The snapshots of every ledger ``paths`` name (files, directories of ``*.jsonl``, globs or ``{rank}``
+    patterns), checked one path at a time: MemmgrInputError naming a path that matches no file, a file that cannot
+    be read as text, and a path whose files hold no snapshot (no JSON line with a snapshot's ``seq`` and ``label``:
+    an empty ledger, or a file that is not one), with what to pass instead. Records come back as ``read_records``
+    orders them."""
+    if not paths:
+        raise MemmgrInputError("LOGS: no ledger given; pass the JSON Lines file(s) a memmgr.ledger.Ledger wrote, or "
+                               "their directory")
+    for path in paths:
+        files = ledger_files(path)
+        if not files:
+            what = "a directory without *.jsonl files" if os.path.isdir(path) else "no such file"
+            raise MemmgrInputError(f"LOGS: {path!r} matches no ledger ({what}); pass the JSON Lines file(s) a "
+                                   f"memmgr.ledger.Ledger wrote, their directory, a glob or a {{rank}} pattern")
+        quiet = _Quiet()  # the checking read says nothing; the final read warns of skipped lines once
+        logger.addFilter(quiet)
+        try:
+            found = read_records([path])
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MemmgrInputError(f"LOGS: {path!r} cannot be read as a ledger ({type(exc).__name__}: {exc}); pass "
+                                   f"the JSON Lines file(s) a memmgr.ledger.Ledger wrote") from None
+        finally:
+            logger.removeFilter(quiet)
+        if not any(isinstance(r.get("seq"), int) and "label" in r for r in found):
+            names = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+            raise MemmgrInputError(f"LOGS: no memmgr snapshots found in {path!r} ({names}: empty, or not a ledger "
+                                   f"a memmgr.ledger.Ledger wrote); pass a ledger with at least one snapshot")
+    return [r for r in read_records(paths) if isinstance(r.get("seq"), int) and "label" in r]
+
+
+def check_plot(plot: str | None) -> None:
+    """MemmgrInputError unless ``plot`` is None or a ``.png`` path whose directory exists (or can be made) and can be
+    written."""
+    if plot is None:
+        return
+    if not plot.lower().endswith(".png"):
+        raise MemmgrInputError(f"--plot {plot}: the timeline is a PNG; give a path ending in .png")
+    if os.path.isdir(plot):
+        raise MemmgrInputError(f"--plot {plot}: is a directory; give a file path ending in .png")
+    parent = os.path.dirname(os.path.abspath(plot))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+        if os.path.exists(plot) and not os.access(plot, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise MemmgrInputError(f"--plot {plot}: cannot write there ({exc.strerror or exc}); give a path you can "
+                               f"write") from None
+
+
+def render_logs(paths: Sequence[str], plot: str | None = None, as_json: bool = False,
+                records: list[Record] | None = None) -> None:
     """``memmgr report``: reads ledgers (every rank's file is gathered) and prints a table or JSON; ``plot`` writes
-    the PNG timeline too."""
+    the PNG timeline too. ``records``: the snapshots already read (``load_snapshots``), else ``paths`` are read here
+    and an empty result prints that no snapshots were found."""
     import click
 
-    records = read_records(paths)
+    if records is None:
+        records = read_records(paths)
     if not records:
         click.echo(f"no snapshots found in {', '.join(paths)}")
         return
