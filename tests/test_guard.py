@@ -110,6 +110,20 @@ def test_printing_an_offloaded_parameter_raises_naming_it_and_its_group():
     _assert_names(raised, "0.weight", "weights")
 
 
+def test_reading_weights_inside_a_phase_that_offloaded_them_raises_and_they_work_after_it():
+    raised = _misuse("""
+        with mgr.phase("generate"):
+            try:
+                model[0].weight.max()
+            except memmgr.MemmgrStateError as exc:
+                error = exc
+        assert not memmgr.guard.active()
+        model(torch.randn(2, 8)).sum().backward()  # back on the device: no guard in the way
+        raise error
+        """)
+    _assert_names(raised, "0.weight", "weights")
+
+
 def test_forward_backward_and_step_of_another_model_run_unchanged_while_the_guard_is_active():
     def step() -> list[torch.Tensor]:
         torch.manual_seed(2)
@@ -201,6 +215,23 @@ def test_requested_reads_the_option_first_then_the_environment_variable(monkeypa
         guard.requested(None)
     with pytest.raises(MemmgrInputError, match="guard_offloaded must be True, False or None"):
         guard.requested("1")  # type: ignore[arg-type]
+
+
+def test_install_on_a_manager_without_groups_yet_guards_the_groups_added_later():
+    mgr = memmgr.MemoryManager()  # as the manager's guard_offloaded option installs it: at construction
+    handle = guard.install(mgr)
+    try:
+        weights = [torch.randn(8, 8), torch.randn(3)]
+        mgr.add_group("late", weights)
+        mgr.offload("late")
+        assert guard.active()
+        with pytest.raises(MemmgrStateError, match="group 'late'"):
+            weights[1].add(1)
+        mgr.onload("late")
+        assert not guard.active()
+    finally:
+        handle.remove()
+        mgr.close()
 
 
 def test_install_refuses_what_is_not_a_manager_naming_the_argument():
