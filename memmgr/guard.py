@@ -55,21 +55,31 @@ ENV_VAR = "MEMMGR_GUARD_OFFLOADED"
 # The manager events after which the placement of its buckets may have changed.
 _EVENTS = ("after_offload", "after_onload", "after_weight_sync")
 
-_aten = torch.ops.aten
+_NO_DATA_OP_NAMES = (
+    "detach.default", "alias.default", "lift_fresh.default",
+    "empty_like.default", "zeros_like.default", "ones_like.default", "full_like.default", "rand_like.default",
+    "randn_like.default", "new_empty.default", "new_empty_strided.default", "new_zeros.default", "new_ones.default",
+    "new_full.default", "set_.source_Storage", "set_.source_Storage_storage_offset", "set_.source_Tensor",
+    "set_.default", "resize_.default", "is_pinned.default", "is_same_size.default",
+    "_has_compatible_shallow_copy_type.default", "sym_size.int", "sym_stride.int", "sym_numel.default",
+    "sym_storage_offset.default", "size.int", "stride.int", "dim.default",
+)
+
+
+def _resolve_ops(names: tuple[str, ...]) -> frozenset:
+    """The aten overloads named ``op.overload``; names this PyTorch lacks are left out."""
+    found = []
+    for name in names:
+        op, _, overload = name.partition(".")
+        try:
+            found.append(getattr(getattr(torch.ops.aten, op), overload))
+        except (AttributeError, RuntimeError):
+            continue
+    return frozenset(found)
+
+
 # Ops that neither read nor write the data of their tensor arguments: they pass even on an offloaded tensor.
-_NO_DATA_OPS = frozenset(
-    op for op in (
-        _aten.detach.default, _aten.alias.default, _aten.lift_fresh.default,
-        _aten.empty_like.default, _aten.zeros_like.default, _aten.ones_like.default, _aten.full_like.default,
-        _aten.rand_like.default, _aten.randn_like.default,
-        _aten.new_empty.default, _aten.new_empty_strided.default, _aten.new_zeros.default, _aten.new_ones.default,
-        _aten.new_full.default,
-        _aten.set_.source_Storage, _aten.set_.source_Storage_storage_offset, _aten.set_.source_Tensor,
-        _aten.set_.default, _aten.resize_.default,
-        _aten.is_pinned.default, _aten.is_same_size.default, _aten._has_compatible_shallow_copy_type.default,
-        _aten.sym_size.int, _aten.sym_stride.int, _aten.sym_numel.default, _aten.sym_storage_offset.default,
-        _aten.size.int, _aten.stride.int, _aten.dim.default,
-    ))
+_NO_DATA_OPS = _resolve_ops(_NO_DATA_OP_NAMES)
 
 _lock = threading.RLock()
 # storage key of an offloaded bucket -> (weak reference to its guard, group name, weak reference to the unit)
