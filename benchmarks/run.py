@@ -317,6 +317,25 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                  lambda c: [Step(f"ipc_{preset}", program("ipc_sync_speed.py", "--preset", preset, "--out",
                                                           str(c.work / f"ipc_{preset}")), 240, show=r"^ipc_sync")
                             for preset in ("1.3b", "4b")]),
+    "atomic-sync": ("atomic_sync_cost.py: what an atomic sync costs through the CUDA IPC transport into a "
+                    "transformers engine (1.3B Llama, ~4B Qwen3): sync time with the engine's undo copy on and off, "
+                    "its host and GPU memory, and a sync failing mid-way leaving the engine bit for bit as before",
+                    lambda c: [Step("atomic", program("atomic_sync_cost.py", "--out", str(c.work / "atomic")), 420,
+                                    show=r"^\||PASS|FAIL|ERROR")]),
+    "users-loops": ("the loops users write, on the GPU: examples/ as written (tests/test_examples.py), the defects "
+                    "users met (tests/test_user_defects.py), the debug guard, and the stateful test of the public "
+                    "API with $MEMMGR_STATEFUL_EXAMPLES sequences (default 400) per optimizer",
+                    lambda c: [Step("pytest_users", [PY, "-m", "pytest", str(ROOT / "tests" / "test_examples.py"),
+                                                     str(ROOT / "tests" / "test_user_defects.py"),
+                                                     str(ROOT / "tests" / "test_guard.py"), "-q", "-p",
+                                                     "no:cacheprovider", "-k", "cuda or gpu"], 300,
+                                    show=r"passed|failed|error", cwd=str(ROOT)),
+                               Step("stateful", [PY, "-m", "pytest", str(ROOT / "tests" / "test_stateful_api.py"),
+                                                 "-q", "-p", "no:cacheprovider"], 400,
+                                    show=r"passed|failed|error", cwd=str(ROOT),
+                                    env={"MEMMGR_STATEFUL_EXAMPLES": os.environ.get("MEMMGR_STATEFUL_EXAMPLES",
+                                                                                    "400"),
+                                         "MEMMGR_STATEFUL_DEVICE": "cuda"})]),
     "ipc-sync-megatron": ("ipc_sync_speed.py --trainer megatron: a megatron-core trainer managed by memmgr syncs "
                           "through sync_weights (the Megatron->HF export) and the CUDA IPC transport into a "
                           "transformers engine in a second process, the 1.3B Llama and a ~4B Qwen3: GB/s from the "

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from memmgr import arguments, driver_settle, moves, storages
+from memmgr import arguments, driver_settle, guard, moves, storages
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.flat_tensors import DEFAULT_BUCKET_SIZE_MB, BucketizedFlatTensors, TensorsArg, tensors_argument
 from memmgr.groups import (MovableUnit, StateGroup, check_no_outside_references, default_priority, group_state,
@@ -162,7 +162,11 @@ class MemoryManager:
 
     def __init__(self, *, bucket_size_mb: float = DEFAULT_BUCKET_SIZE_MB, empty_cache: bool = True,
                  pool: HostMemoryPool | None = None, weights_group: str = "weights",
-                 named_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None):
+                 named_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None,
+                 guard_offloaded: bool | None = None):
+        """``guard_offloaded``: a debug mode (``memmgr.guard``) in which using a managed tensor while its group is
+        offloaded raises MemmgrStateError naming the tensor and group instead of crashing the process; None:
+        ``MEMMGR_GUARD_OFFLOADED=1`` turns it on. Each PyTorch op costs a few µs more while a group is offloaded."""
         where = "MemoryManager"
         self.bucket_size_mb = arguments.number(where, "bucket_size_mb", bucket_size_mb, positive=True,
                                                maximum=2.0**40)
@@ -178,6 +182,7 @@ class MemoryManager:
         self._checkpoint_hooks: list[Any] = []  # removable handles of onload_for_state_dicts
         self._syncs: list[Placement] = []  # one placement per begin_weight_sync not ended yet
         self.left_behind: dict[str, int] = {}  # state an integration saw but does not move, by description -> bytes
+        self._guard = guard.install(self) if guard.requested(guard_offloaded) else None
 
     # ---- building ----
     def add_group(self, name: str, tensors: TensorsArg | StateGroup, policy: Policy | str = Policy.COPY, *,
@@ -679,6 +684,8 @@ class MemoryManager:
         for entry in self._groups.values():
             entry.group.unmanage()
             _mark_in_use(entry.group, False)
+        if self._guard is not None:
+            self._guard.remove()
         self._closed = True
 
     def __enter__(self) -> "MemoryManager":

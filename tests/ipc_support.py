@@ -52,10 +52,9 @@ def _engine_main(config: Any, dtype: torch.dtype, device_index: int, descs: Any,
                          "missing": loader.missing()})
             continue
         try:
-            bucket = receiver.receive(msg)
-            loader(bucket.views())
-            receiver.done()  # the copies out of the slot have finished: the producer may refill it
-            acks.put(("ok", msg["slot"]))
+            # one engine step: load the announced bucket (or begin/commit/abort a sync), rolling back on failure
+            receiver.handle(msg, loader)
+            acks.put(("ok", msg.get("slot") if isinstance(msg, dict) else None))
         except Exception as exc:  # reported to the producer like an RPC error
             acks.put(("error", f"{type(exc).__name__}: {exc}"))
     receiver.close()

@@ -191,3 +191,28 @@ def test_a_group_of_a_closed_manager_refuses_to_move():
     again.offload()
     again.onload()
     again.close()
+
+
+_GUARDED_READ = """
+import os, torch, memmgr
+from memmgr.errors import MemmgrStateError
+m = torch.nn.Linear(8, 8, device=DEVICE)
+mgr = memmgr.for_module(m, guard_offloaded=GUARD)
+mgr.offload()
+try:
+    m(torch.ones(1, 8, device=DEVICE))
+except MemmgrStateError as exc:
+    assert "'weight'" in str(exc) and "'weights'" in str(exc), exc
+    print("REFUSED")
+mgr.onload()
+print(float(m(torch.ones(1, 8, device=DEVICE)).sum()) == float(m(torch.ones(1, 8, device=DEVICE)).sum()))
+mgr.close()
+"""
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_the_managers_guard_option_turns_a_read_while_offloaded_into_an_error(how, monkeypatch):
+    if how == "environment":
+        monkeypatch.setenv("MEMMGR_GUARD_OFFLOADED", "1")
+    out = _run_python(f"GUARD = {True if how == 'option' else None}\n" + _GUARDED_READ)
+    assert out.returncode == 0 and "REFUSED" in out.stdout and "True" in out.stdout, out.stderr[-3000:]

@@ -473,14 +473,15 @@ class MegatronMemoryManager(MemoryManager):
 
 def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], optimizer: Any, *,
                  bucket_size_mb: float = DEFAULT_BUCKET_SIZE_MB, empty_cache: bool = True, pin_ahead: bool = True,
-                 pool: HostMemoryPool | None = None) -> MemoryManager:
+                 pool: HostMemoryPool | None = None, guard_offloaded: bool | None = None) -> MemoryManager:
     """A MemoryManager for megatron-core DDP model chunks and their megatron optimizer (see the module docstring).
 
     ``model_chunks``: one DistributedDataParallel chunk or the list of them (virtual pipeline); ``optimizer``: what
     ``get_megatron_optimizer`` returned (ChainedOptimizer, DistributedOptimizer, Float16OptimizerWithFloat16Params,
     FP32Optimizer), or None to manage the model alone. Build it while all state is on the GPU, between training
     steps. ``pool``: the host memory pool for the offloaded copies (default: memmgr's shared pool). Raises
-    MemmgrIntegrationError (changing nothing) for inputs it cannot manage.
+    MemmgrIntegrationError (changing nothing) for inputs it cannot manage. ``guard_offloaded``: the manager's debug
+    guard (``MemoryManager``).
     """
     for flag, value in (("empty_cache", empty_cache), ("pin_ahead", pin_ahead)):
         arguments.boolean("for_megatron", flag, value)
@@ -502,7 +503,7 @@ def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], opti
 
     named_params = list(found.named_params)
     mgr = MegatronMemoryManager(found, bucket_size_mb=bucket_size_mb, empty_cache=empty_cache, pool=pool,
-                                named_weights=lambda: list(named_params))
+                                named_weights=lambda: list(named_params), guard_offloaded=guard_offloaded)
     mgr.add_group("grad_buffers", found.grad_buffers, Policy.DISCARD, adopt=True, pin_ahead=pin_ahead)
     mgr.add_group("grads", _ShardGrads("grads", found.grad_holders, found.opt_param_names,
                                        list(found.grad_buffers.values())))

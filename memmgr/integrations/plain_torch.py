@@ -49,7 +49,8 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer, names: dict[int, s
 
 def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                include_buffers: bool = True, bucket_size_mb: float = DEFAULT_BUCKET_SIZE_MB,
-               empty_cache: bool = True, pin_ahead: bool = True, pool: HostMemoryPool | None = None) -> MemoryManager:
+               empty_cache: bool = True, pin_ahead: bool = True, pool: HostMemoryPool | None = None,
+               guard_offloaded: bool | None = None) -> MemoryManager:
     """A MemoryManager for a plain PyTorch module (on CUDA or the CPU) and, optionally, its torch.optim optimizer.
 
     Groups: ``weights`` (parameters and, with ``include_buffers``, floating-point and integer buffers), ``grads``
@@ -58,7 +59,7 @@ def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None 
     and state an ``optimizer.load_state_dict`` replaced is let go). ``pool``: the host memory pool for the offloaded
     copies (default: memmgr's shared pool). ``state_dict()``/``load_state_dict()`` of the module or the optimizer
     bring their group back to the device first (``MemoryManager.onload_for_state_dicts``), so checkpoints save and
-    load whatever the placement.
+    load whatever the placement. ``guard_offloaded``: the manager's debug guard (``MemoryManager``).
     """
     if not isinstance(module, torch.nn.Module):
         raise MemmgrInputError(f"for_module takes a torch.nn.Module, got {type(module).__name__}")
@@ -84,7 +85,7 @@ def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None 
             if b is not None and b.numel() > 0:
                 weights[n] = b
     mgr = MemoryManager(bucket_size_mb=bucket_size_mb, empty_cache=empty_cache, pool=pool,
-                        named_weights=lambda: list(weights.items()))
+                        named_weights=lambda: list(weights.items()), guard_offloaded=guard_offloaded)
     mgr.add_group("weights", weights, pin_ahead=pin_ahead)
     mgr.add_group("grads", DroppedGradients("grads", [p for _, p in named_params], [n for n, _ in named_params]))
     if optimizer is not None:
