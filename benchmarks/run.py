@@ -331,11 +331,10 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                                      "no:cacheprovider", "-k", "cuda or gpu"], 300,
                                     show=r"passed|failed|error", cwd=str(ROOT)),
                                Step("stateful", [PY, "-m", "pytest", str(ROOT / "tests" / "test_stateful_api.py"),
-                                                 "-q", "-p", "no:cacheprovider"], 400,
-                                    show=r"passed|failed|error", cwd=str(ROOT),
+                                                 "-q", "-p", "no:cacheprovider", "-k", "cuda"], 400,
+                                    show=r"passed|failed|error|STATS", cwd=str(ROOT),
                                     env={"MEMMGR_STATEFUL_EXAMPLES": os.environ.get("MEMMGR_STATEFUL_EXAMPLES",
-                                                                                    "400"),
-                                         "MEMMGR_STATEFUL_DEVICE": "cuda"})]),
+                                                                                    "400")})]),
     "ipc-sync-megatron": ("ipc_sync_speed.py --trainer megatron: a megatron-core trainer managed by memmgr syncs "
                           "through sync_weights (the Megatron->HF export) and the CUDA IPC transport into a "
                           "transformers engine in a second process, the 1.3B Llama and a ~4B Qwen3: GB/s from the "
