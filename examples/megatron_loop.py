@@ -256,6 +256,10 @@ def megatron_world(device: torch.device, workdir: str):
                                              init_method=f"file://{workdir}/init", rank=0, world_size=1)
         try:
             parallel_state.initialize_model_parallel(1, 1)
+            if device.type == "cuda":  # megatron's CUDA RNG tracker (forked around attention)
+                from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+                model_parallel_cuda_manual_seed(0)
             yield
         finally:
             parallel_state.destroy_model_parallel()
