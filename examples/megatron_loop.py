@@ -275,8 +275,8 @@ def main() -> None:
                         help="flip one bit of the memmgr run's final optimizer state before the comparison, to see "
                              "the check fail (exit status 1)")
     args = parser.parse_args()
-    if args.iterations < 1:
-        parser.error("--iterations must be at least 1")
+    if args.iterations < 2:
+        parser.error("--iterations must be at least 2: steps before the checkpoint and after the resume")
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device here")

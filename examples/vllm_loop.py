@@ -216,8 +216,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iterations", type=int, default=3)
     args = parser.parse_args()
-    if args.iterations < 1:
-        parser.error("--iterations must be at least 1")
+    if args.iterations < 2:
+        parser.error("--iterations must be at least 2: steps before the checkpoint and after the resume")
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device here")
