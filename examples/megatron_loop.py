@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import memmgr
+from loop_checks import add_loop_arguments, check_loop_arguments, fail
 from memmgr.sync import ModuleWeightLoader
 from memmgr.sync.export import MegatronExporter
 from memmgr.sync.session import sync_weights
@@ -233,11 +234,6 @@ def prompts_for(iteration: int, device: torch.device) -> torch.Tensor:
     return torch.randint(0, HF_VOCAB, (BATCH, PROMPT_LEN), generator=g).to(device)
 
 
-def fail(message: str) -> None:
-    print(f"FAILED: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
 @contextlib.contextmanager
 def megatron_world(device: torch.device, workdir: str):
     """One rank, TP=PP=1: gloo on the CPU (with tests/megatron_shim.py), NCCL on a GPU."""
@@ -268,20 +264,13 @@ def megatron_world(device: torch.device, workdir: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--iterations", type=int, default=10)
+    add_loop_arguments(parser, iterations=10)
     parser.add_argument("--optimizer", choices=["distributed", "float16"], default="distributed")
     parser.add_argument("--corrupt", action="store_true",
                         help="flip one bit of the memmgr run's final optimizer state before the comparison, to see "
                              "the check fail (exit status 1)")
     args = parser.parse_args()
-    if args.iterations < 2:
-        parser.error("--iterations must be at least 2: steps before the checkpoint and after the resume")
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA device here")
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)  # the comparison is bit for bit
+    check_loop_arguments(parser, args)
     for noise in (".*Transformer Engine and Apex.*", "Apex is not installed.*", "full scope is deprecated.*"):
         warnings.filterwarnings("ignore", message=noise)  # megatron-core without TransformerEngine and Apex
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import memmgr
+from loop_checks import add_loop_arguments, check_loop_arguments, check_same_training, fail
 from memmgr.ledger import Ledger
 from memmgr.sync import ModuleWeightLoader
 
@@ -184,42 +185,15 @@ def check_engine_matches(engine: Engine, weights, iteration: int) -> None:
              f"{differ or sorted(held.keys() ^ weights.keys())}")
 
 
-def differences(a, b, path: str = "") -> list[str]:
-    """Where two nested state dicts differ: tensors by torch.equal (shape, dtype and every element), the rest by ==."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-                and a.device == b.device and torch.equal(a, b))
-        return [] if same else [path]
-    if isinstance(a, dict) and isinstance(b, dict):
-        if a.keys() != b.keys():
-            return [f"{path} (keys {sorted(map(str, a.keys() ^ b.keys()))})"]
-        return [d for k in a for d in differences(a[k], b[k], f"{path}.{k}" if path else str(k))]
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
-    return [] if a == b else [path]
-
-
-def fail(message: str) -> None:
-    print(f"FAILED: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--iterations", type=int, default=10)
+    add_loop_arguments(parser, iterations=10)
     parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
     parser.add_argument("--corrupt", action="store_true",
                         help="flip one bit of the memmgr run's final optimizer state before the comparison, to see "
                              "the check fail (exit status 1)")
     args = parser.parse_args()
-    if args.iterations < 2:
-        parser.error("--iterations must be at least 2: steps before the checkpoint and after the resume")
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA device here")
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)  # the comparison is bit for bit
+    check_loop_arguments(parser, args)
     with tempfile.TemporaryDirectory() as work:
         os.makedirs(os.path.join(work, "memmgr"))
         os.makedirs(os.path.join(work, "plain"))
@@ -240,13 +214,7 @@ def main() -> None:
         state = next(iter(managed["optimizer"]["state"].values()))
         key = "exp_avg_sq" if "exp_avg_sq" in state else "momentum_buffer"
         state[key].view(-1)[0:1].view(torch.int32).bitwise_xor_(1)
-    for what in ("model", "optimizer"):
-        diff = differences(managed[what], plain[what])
-        if diff:
-            fail(f"with memmgr the final {what} state differs from the run without it in {len(diff)} tensor(s) or "
-                 f"value(s): {diff[:10]}")
-    if managed["losses"] != plain["losses"]:
-        fail(f"the losses differ: with memmgr {managed['losses']}, without {plain['losses']}")
+    check_same_training(managed, plain)
     n = sum(1 for _ in managed["model"].values()) + sum(
         1 for s in managed["optimizer"]["state"].values() for v in s.values() if isinstance(v, torch.Tensor))
     print(f"OK plain_torch_loop: {args.iterations} iterations on {args.device} with {args.optimizer}, resumed at "

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import tempfile
 import warnings
 
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import memmgr
+from loop_checks import add_loop_arguments, check_loop_arguments, check_same_training, fail
 
 VOCAB, HIDDEN, PROMPT_LEN, NEW_TOKENS = 128, 128, 5, 8
 PROMPTS_PER_ITERATION = 3
@@ -191,38 +191,11 @@ def run_loop(args: argparse.Namespace, llm, use_memmgr: bool, workdir: str) -> d
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "losses": losses}
 
 
-def differences(a, b, path: str = "") -> list[str]:
-    """Where two nested state dicts differ: tensors by torch.equal (shape, dtype and every element), the rest by ==."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-                and a.device == b.device and torch.equal(a, b))
-        return [] if same else [path]
-    if isinstance(a, dict) and isinstance(b, dict):
-        if a.keys() != b.keys():
-            return [f"{path} (keys {sorted(map(str, a.keys() ^ b.keys()))})"]
-        return [d for k in a for d in differences(a[k], b[k], f"{path}.{k}" if path else str(k))]
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
-    return [] if a == b else [path]
-
-
-def fail(message: str) -> None:
-    print(f"FAILED: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--iterations", type=int, default=3)
+    add_loop_arguments(parser, iterations=3)
     args = parser.parse_args()
-    if args.iterations < 2:
-        parser.error("--iterations must be at least 2: steps before the checkpoint and after the resume")
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA device here")
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)  # the comparison is bit for bit
+    check_loop_arguments(parser, args)
     warnings.filterwarnings("ignore", category=FutureWarning)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as work:
@@ -239,13 +212,7 @@ def main() -> None:
             plain = run_loop(args, llm, use_memmgr=False, workdir=os.path.join(work, "plain"))
         finally:
             stop_engine(llm)
-    for what in ("model", "optimizer"):
-        diff = differences(managed[what], plain[what])
-        if diff:
-            fail(f"with memmgr the final {what} state differs from the run without it in {len(diff)} tensor(s) or "
-                 f"value(s): {diff[:10]}")
-    if managed["losses"] != plain["losses"]:
-        fail(f"the losses differ: with memmgr {managed['losses']}, without {plain['losses']}")
+    check_same_training(managed, plain)
     print(f"OK vllm_loop: {args.iterations} iterations on {args.device} (trainer) with a vLLM engine, resumed at "
           f"iteration {args.iterations // 2}: vLLM's greedy generation equal to transformers' after every sync; "
           f"weights and optimizer state identical to the loop without memmgr (final loss {managed['losses'][-1]:.6f})")
