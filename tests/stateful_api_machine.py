@@ -51,7 +51,7 @@ from memmgr.sync.transports.base import specs_of
 # ---------------------------------------------------------------------------------------------------- what runs
 RULES = ["backward", "backward_with_grads_dropped", "optimizer_step", "zero_grad", "offload", "onload", "offload_budget", "free", "plan_onload",
          "phase", "weight_sync", "sync_weights", "failing_hook", "failing_engine", "save_checkpoint",
-         "load_checkpoint", "close_and_rebuild", "swap"]
+         "load_checkpoint", "close_and_rebuild", "swap", "deepcopy_model"]
 # the work a phase body may do (phase.<name> in DISABLED turns one off)
 PHASE_ACTIONS = ["train", "weight_sync", "sync_weights", "onload", "offload", "free", "save_checkpoint",
                  "nested_phase"]
@@ -893,6 +893,21 @@ class MemmgrAPIMachine(RuleBasedStateMachine):
         # the load_state_dict hooks brought both groups back first
         tr.apply(lambda g, u, old: ON if g in ("weights", "optimizer_states") else old)
         self.count("load_checkpoint")
+
+    @rule(t=trainer_index)
+    @enabled("deepcopy_model")
+    def deepcopy_model(self, t):
+        """``copy.deepcopy`` of the managed module and optimizer reads offloaded tensors' host copies (README), moves
+        nothing, and the copy's ``state_dict()`` (its hooks came along) does not onload the original's groups."""
+        tr = self.trainers[t]
+        model, opt_state = copy.deepcopy((tr.model, tr.opt.state_dict()))
+        tr.apply(lambda g, u, old: old)
+        theirs = dict(list(tr.twin.named_parameters()) + list(tr.twin.named_buffers()))
+        for name, w in list(model.named_parameters()) + list(model.named_buffers()):
+            assert has_memory(w) and same_bits(w, theirs[name]), f"deep copy of weight {name} differs from the twin's"
+        model.state_dict()
+        tr.apply(lambda g, u, old: ON if g == "optimizer_states" else old)  # tr.opt.state_dict() above onloaded it
+        self.count("deepcopy_model")
 
     # ---- lifecycle
     @rule(t=trainer_index)
