@@ -239,7 +239,11 @@ class DroppedTensors(ContentlessUnit):
 
     @property
     def state(self) -> BucketState:
-        return BucketState.DISCARDED if self._dropped else BucketState.ON_DEVICE
+        """DISCARDED from the offload that dropped the tensors until the framework re-creates them (a backward with
+        the group left off) or an onload; ON_DEVICE otherwise, so that the next offload drops re-created ones."""
+        if self._dropped and self.device_bytes == 0:
+            return BucketState.DISCARDED
+        return BucketState.ON_DEVICE
 
     @property
     def device(self) -> torch.device | None:

@@ -511,11 +511,17 @@ class MemoryManager:
         if entry.state is GroupState.DISCARDED:
             raise MemmgrStateError(f"group {self.weights_group!r} was discarded, so there are no weights to sync; "
                                    f"offload weights with the copy policy")
-        self._fire(HookEvent.BEFORE_WEIGHT_SYNC, (self.weights_group,))
+        try:
+            self._fire(HookEvent.BEFORE_WEIGHT_SYNC, (self.weights_group,))
+        except BaseException as exc:
+            # every before has its after: whatever the hooks that did run released (an engine's KV cache, say)
+            # is restored before the error propagates
+            self._after_failed_sync(exc)
+            raise
         before = self.placement(self.weights_group)
         try:
             self.onload(self.weights_group)
-        except BaseException:
+        except BaseException as exc:
             # No sync will happen and end_weight_sync() will not be called: what this call brought back leaves
             # again (quietly: no hooks, the error in flight is the one to report), and the after-hooks still run,
             # so that whatever the before-hooks released (an engine's KV cache, say) is restored.
@@ -524,11 +530,22 @@ class MemoryManager:
                 if undo:
                     moves.offload_units(undo).wait()
                     self._release_cached_memory()
-            finally:
-                self._fire(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
+            except BaseException as undo_exc:  # noqa: BLE001 - the onload's own error is the one to raise
+                logger.error("undoing a failed weight-sync onload failed too: %r", undo_exc)
+                exc.add_note(f"memmgr: undoing the weight-sync onload failed too: {undo_exc!r}")
+            self._after_failed_sync(exc)
             raise
         self._syncs.append(before)
         return self.named_weights()
+
+    def _after_failed_sync(self, exc: BaseException) -> None:
+        """Runs every after_weight_sync hook after a sync failed with ``exc``; an after hook's own failure is
+        logged and noted on ``exc``, which stays the one to raise."""
+        try:
+            self._fire_all(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
+        except Exception as hook_exc:  # noqa: BLE001 - the sync's own error is the one to raise
+            logger.error("an after_weight_sync hook failed after the sync had failed: %r", hook_exc)
+            exc.add_note(f"memmgr: an after_weight_sync hook failed too: {hook_exc!r}")
 
     def end_weight_sync(self) -> None:
         """Offloads the weights begin_weight_sync brought back (unit by unit, as they were), then fires
@@ -539,8 +556,10 @@ class MemoryManager:
         try:
             if not self._closed:
                 self.restore_placement(before)
-        finally:
-            self._fire(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
+        except BaseException as exc:
+            self._after_failed_sync(exc)
+            raise
+        self._fire_all(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
 
     @contextlib.contextmanager
     def weight_sync_hooks(self) -> Iterator["MemoryManager"]:
@@ -554,11 +573,7 @@ class MemoryManager:
             self._fire(HookEvent.BEFORE_WEIGHT_SYNC, names)
             yield self
         except BaseException as exc:
-            try:
-                self._fire_all(HookEvent.AFTER_WEIGHT_SYNC, names)
-            except Exception as hook_exc:  # noqa: BLE001 - the sync's own error is the one to raise
-                logger.error("an after_weight_sync hook failed after the sync had failed: %r", hook_exc)
-                exc.add_note(f"memmgr: an after_weight_sync hook failed too: {hook_exc!r}")
+            self._after_failed_sync(exc)
             raise
         self._fire_all(HookEvent.AFTER_WEIGHT_SYNC, names)
 
@@ -569,8 +584,14 @@ class MemoryManager:
         weights = self.begin_weight_sync()
         try:
             yield weights
-        finally:
-            self.end_weight_sync()
+        except BaseException as exc:
+            try:
+                self.end_weight_sync()
+            except Exception as end_exc:  # noqa: BLE001 - the body's error is the one to raise
+                logger.error("ending a weight sync whose body failed failed too: %r", end_exc)
+                exc.add_note(f"memmgr: ending the weight sync failed too: {end_exc!r}")
+            raise
+        self.end_weight_sync()
 
     # ---- checkpoints ----
     def onload_for_state_dicts(self, owner: torch.nn.Module | torch.optim.Optimizer, groups: Sequence[str]) -> None:

@@ -216,3 +216,55 @@ def test_the_managers_guard_option_turns_a_read_while_offloaded_into_an_error(ho
         monkeypatch.setenv("MEMMGR_GUARD_OFFLOADED", "1")
     out = _run_python(f"GUARD = {True if how == 'option' else None}\n" + _GUARDED_READ)
     assert out.returncode == 0 and "REFUSED" in out.stdout and "True" in out.stdout, out.stderr[-3000:]
+
+
+def _sync_hooks(mgr, failing: str):
+    calls = []
+
+    def fail(event, names):
+        calls.append(f"{event}:raised")
+        raise RuntimeError(failing)
+
+    if failing == "before_weight_sync":
+        mgr.register_hook("before_weight_sync", fail)
+    mgr.register_hook("after_weight_sync", lambda e, n: calls.append("after-1"))
+    if failing == "after_weight_sync":
+        mgr.register_hook("after_weight_sync", fail)
+    mgr.register_hook("after_weight_sync", lambda e, n: calls.append("after-2"))
+    return calls
+
+
+@pytest.mark.parametrize("failing", ["before_weight_sync", "after_weight_sync"])
+def test_every_after_sync_hook_runs_when_a_sync_hook_fails_and_the_weights_go_back(failing):
+    mgr = memmgr.for_module(torch.nn.Linear(4, 4))
+    calls = _sync_hooks(mgr, failing)
+    mgr.offload()
+    with pytest.raises(RuntimeError, match=failing):
+        with mgr.weight_sync():
+            pass
+    assert "after-1" in calls and "after-2" in calls, calls
+    assert mgr.state()["weights"].state == "on_host"
+    mgr.close()
+
+
+def test_a_failing_sync_body_is_the_error_raised_even_when_an_after_hook_fails():
+    mgr = memmgr.for_module(torch.nn.Linear(4, 4))
+    calls = _sync_hooks(mgr, "after_weight_sync")
+    with pytest.raises(ValueError, match="body") as info:
+        with mgr.weight_sync():
+            raise ValueError("body")
+    assert "after-2" in calls and any("after_weight_sync" in n for n in info.value.__notes__)
+    mgr.close()
+
+
+def test_gradients_recreated_while_the_grads_group_is_off_count_as_on_the_device_and_leave_at_the_next_phase():
+    m = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    mgr = memmgr.for_module(m, opt)
+    mgr.offload()
+    mgr.onload("weights")
+    m(torch.ones(2, 8)).sum().backward()  # the grads group was dropped; backward re-creates it
+    assert mgr.state()["grads"].state == "on_device" and mgr.state()["grads"].device_bytes > 0
+    with mgr.phase("generate", keep=["weights"]):
+        assert m.weight.grad is None and mgr.state()["grads"].device_bytes == 0
+    mgr.close()
