@@ -6,7 +6,11 @@ build and load it on machines without a GPU. Its copy kernels (csrc/*.cu, no tor
 alone into objects linked into the extension, for the architectures in MEMMGR_CUDA_ARCHS (default "80;90": A100,
 H100/H200, plus compute_90 PTX that newer GPUs compile at load). Set MEMMGR_BUILD_EXT=0 to skip it,
 MEMMGR_BUILD_EXT=1 to fail if it cannot be built. Without the extension the pure-Python path runs (exact-size buffers pinned through
-torch.cuda.cudart().cudaHostRegister) and ``memmgr.backend_info()`` says so.
+torch.cuda.cudart().cudaHostRegister) and ``memmgr.backend_info()`` and ``memmgr doctor`` say so, with the command
+that builds it later, from a checkout, once a CUDA toolkit is there (torch must be importable, hence no build
+isolation):
+
+    MEMMGR_BUILD_EXT=1 python3 -m pip install --no-build-isolation -e .
 
 Metadata, dependencies and the supported megatron-core range (the ``megatron`` extra: >=0.12,<0.20) are declared in
 pyproject.toml; this file only adds the extension.
@@ -18,6 +22,7 @@ import subprocess
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD_LATER = "MEMMGR_BUILD_EXT=1 python3 -m pip install --no-build-isolation -e ."  # as memmgr._native.BUILD_COMMAND
 CUDA_SOURCES = ["csrc/copy_kernels.cu"]
 
 
@@ -41,14 +46,16 @@ def extension_modules():
     if cuda_home is None:
         if wanted == "1":
             raise RuntimeError("MEMMGR_BUILD_EXT=1 but no CUDA toolkit (nvcc, CUDA_HOME) was found")
-        print("memmgr: no CUDA toolkit found; installing the pure-Python path only")
+        print("memmgr: no CUDA toolkit found; installing the pure-Python path only (no copy kernel). To build the "
+              f"extension later, with nvcc on PATH or CUDA_HOME set, run from this checkout: {BUILD_LATER}")
         return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         if wanted == "1":
             raise
-        print("memmgr: torch is not importable at build time (use pip --no-build-isolation); pure-Python path only")
+        print("memmgr: torch is not importable at build time (use pip --no-build-isolation); pure-Python path only. "
+              f"To build the extension: {BUILD_LATER}")
         return [], {}
     class BuildWithKernels(BuildExtension):
         """Compiles the .cu sources with nvcc first and links their objects into the extension."""

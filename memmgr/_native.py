@@ -14,11 +14,18 @@ logger = logging.getLogger("memmgr")
 
 import importlib
 import importlib.util
+import os
+import shutil
+
+# How to get the extension after an install without a CUDA toolkit: run from a memmgr checkout, with nvcc on PATH or
+# CUDA_HOME set (setup.py builds it; MEMMGR_BUILD_EXT=1 makes a failed build an error instead of a silent skip).
+BUILD_COMMAND = "MEMMGR_BUILD_EXT=1 python3 -m pip install --no-build-isolation -e ."
 
 native: ModuleType | None = None
 _import_error: str | None = None
 if importlib.util.find_spec("memmgr._pinned") is None:  # the pure-Python path is a supported configuration
-    _import_error = "no memmgr._pinned in this installation (built only where a CUDA toolkit was found)"
+    _import_error = "no memmgr._pinned in this installation: it is built only where a CUDA toolkit was found at " \
+                    "install time"
 else:
     try:
         native = importlib.import_module("memmgr._pinned")
@@ -41,7 +48,7 @@ class BackendInfo:
     driver_settle: dict[str, Any] = field(default_factory=dict)  # memmgr.driver_settle.status()
 
     def describe(self) -> str:
-        ext = "built" if self.extension_built else f"not built ({self.extension_error})"
+        ext = "built" if self.extension_built else f"not built ({self.extension_error}; {build_hint()})"
         text = f"native extension {ext}; CUDA {'available' if self.cuda_available else 'unavailable'}; " \
                f"host buffers pinned via {self.pinning}; copy paths {', '.join(self.copy_paths)} " \
                f"(requested {self.copy_path_requested}"
@@ -71,6 +78,29 @@ def describe_driver_settle(status: dict[str, Any]) -> str:
 
 def native_module() -> ModuleType | None:
     return native
+
+
+def find_cuda_toolkit() -> str | None:
+    """The CUDA toolkit setup.py would build the extension with (CUDA_HOME, CUDA_PATH, the one holding ``nvcc`` on
+    PATH, /usr/local/cuda: the first with ``include/cuda_runtime_api.h``), or None."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return home
+    return None
+
+
+def build_hint() -> str:
+    """How to build the native extension (its pinning and the copy kernel) now: the command to run from a memmgr
+    checkout, and whether this machine has the CUDA toolkit it needs."""
+    toolkit = find_cuda_toolkit()
+    where = f"the CUDA toolkit at {toolkit}" if toolkit else \
+        "a CUDA toolkit (none found here: install one and put nvcc on PATH or set CUDA_HOME)"
+    return f"to build it, run from a memmgr checkout with {where}: {BUILD_COMMAND}"
 
 
 # memmgr.transfer owns the copy paths and registers how to report them here (it imports this module, so this module

@@ -1,7 +1,12 @@
 """The ``memmgr`` command line: ``bench`` (the main job), ``report`` and ``doctor``.
 
 Every argument is checked before anything runs; a bad one ends the command with one line, ``Error: <option>: what
-it got and what to give``, and exit status 2, never a traceback (``ArgumentError``)."""
+it got and what to give``, and exit status 2, never a traceback (``ArgumentError``).
+
+This module imports only click (and the ``memmgr`` package): each command imports what it needs (its tools module,
+tqdm, matplotlib) when it runs, so ``--help`` and ``--version`` stay quick. Logging goes to stderr through
+``tqdm.write``, so log lines do not glue onto a progress bar; memmgr's own logger is at INFO (DEBUG with
+``-v``), every other library's at WARNING."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +16,12 @@ import sys
 try:
     import click
 except ImportError:  # the tools extra is not installed: say how to get it rather than fail with a traceback
-    sys.exit("memmgr's command-line tools need the tools extra: pip install 'memmgr[tools]'")
+    sys.exit("memmgr's command-line tools need the tools extra (click, tqdm, matplotlib, numpy): from a memmgr "
+             "checkout, pip install -e \".[tools]\" (or pip install click tqdm matplotlib numpy)")
+
+logger = logging.getLogger("memmgr")
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 class ArgumentError(click.ClickException):
@@ -31,11 +41,68 @@ def _checked(check, *args, **kwargs):
         raise ArgumentError(str(exc)) from None
 
 
+class TqdmLogHandler(logging.StreamHandler):
+    """Writes each record through ``tqdm.write`` (to this handler's stream), which clears any progress bar on the
+    line, prints the record and redraws the bar; a plain stream write where tqdm is not installed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            super().emit(record)
+            return
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging(verbose: bool) -> bool:
+    """Sends log records to stderr through ``TqdmLogHandler``, memmgr's at DEBUG (``verbose``) or INFO and every
+    other logger's at WARNING (the root logger's level), and returns True. Does nothing and returns False where the
+    root logger already has a handler (a program that configured logging itself, pytest's capture)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return False
+    handler = TqdmLogHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    return True
+
+
+def package_version() -> str:
+    """memmgr's version from the installed distribution's metadata; ``memmgr.__version__`` when it is not installed
+    (run from a source tree)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("memmgr")
+    except importlib.metadata.PackageNotFoundError:
+        from memmgr import __version__
+
+        return __version__
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"memmgr {package_version()}")
+    ctx.exit()
+
+
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Log memmgr's debug messages.")
-def main(verbose: bool) -> None:
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print memmgr's version and exit.")
+@click.option("-v", "--verbose", is_flag=True, help="Log memmgr's debug messages (other libraries stay at WARNING).")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Free and restore GPU training state between RL phases, at PCIe speed."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if configure_logging(verbose):
+        logger.debug("memmgr %s, Python %s: running %r with memmgr's debug log", package_version(),
+                     sys.version.split()[0], ctx.invoked_subcommand)
 
 
 @main.command()

@@ -170,8 +170,13 @@ def run_doctor(quick: bool = False) -> dict[str, Any]:
     except Exception as exc:
         echo(f"  native extension: status unknown ({exc})")
     if not info.extension_built:
-        verdicts.append("native extension not built: pinning uses one-thread first touch + cudaHostRegister, slower "
-                        "to set up (pip install -e . with a CUDA toolkit builds it)")
+        from memmgr._native import build_hint
+
+        echo(f"  native extension: missing ({info.extension_error})")
+        verdicts.append("native extension not built: no copy kernel (onloads right after another process's release "
+                        "run on the copy engines, at about half the link's speed until the driver has cleared that "
+                        "memory) and pinning uses one-thread first touch + cudaHostRegister, slower to set up; "
+                        + build_hint())
 
     # ---- host limits ----
     soft, hard = memlock_limit()
