@@ -78,7 +78,7 @@ def swap_section(peak: dict, gib: float, margin_mib: int, reps: int) -> dict:
     for i in range(reps):
         torch.cuda.synchronize()
         used0 = process_gpu_bytes(DEV)
-        r = swap(out=cur_on, into=cur_off, margin_bytes=margin_mib * MiB)
+        r = swap(out=cur_on, into=cur_off, margin_bytes=margin_mib * MiB, track_torch_peak=True)
         torch.cuda.synchronize()
         row = r.as_dict()
         row["ratio_to_one_way_peak"] = r.gbps / one_way
@@ -91,7 +91,7 @@ def swap_section(peak: dict, gib: float, margin_mib: int, reps: int) -> dict:
     # intact after every swap: the one now on the device, then bring the other back by one more swap
     on_ck = checksum(ta if cur_on is a else tb)
     out["intact_on"] = on_ck == (ck_a if cur_on is a else ck_b)
-    last = swap(out=cur_on, into=cur_off, margin_bytes=margin_mib * MiB)
+    last = swap(out=cur_on, into=cur_off, margin_bytes=margin_mib * MiB, track_torch_peak=True)
     out["intact_other"] = checksum(ta if cur_off is a else tb) == (ck_a if cur_off is a else ck_b)
     runs.append({**last.as_dict(), "ratio_to_one_way_peak": last.gbps / one_way, "direction": "final"})
     best = max(runs, key=lambda r: r["gbps"])

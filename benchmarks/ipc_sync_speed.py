@@ -357,7 +357,7 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
             if cuda:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            res = sync_weights(mgr, exporter, transport, pack_in_place=not args.staged)
+            res = sync_weights(mgr, exporter, transport, pack_in_place=not args.staged, measure=True)
             seconds = time.perf_counter() - t0
             run = {"seconds": seconds, "gbps": res.nbytes / seconds / 1e9, "nbytes": res.nbytes,
                    "buckets": res.buckets, "source": res.source, "sync_weights_seconds": res.seconds,

@@ -286,7 +286,7 @@ def section_comms(run: Run) -> dict:
     res["backend_has_suspend_method"] = callable(getattr(backend, "suspend", None))
     res["native_suspend"] = has_native_suspend(backend)
 
-    comms = NcclCommunicators("nccl", device=run.device)
+    comms = NcclCommunicators("nccl", device=run.device, measure=True)
     methods = {}
     for name in names:
         methods[name] = comms.register(name, holder[name], create=lambda: dist.new_group(ranks),
@@ -386,7 +386,7 @@ def comms_megatron(run: Run) -> dict:
     res: dict[str, Any] = {"roles": {role: dist.get_process_group_ranks(g) for role, g in found.items()}}
     for group in found.values():
         _exercise(run, group, 2**20)
-    comms = NcclCommunicators("megatron_nccl", device=run.device)
+    comms = NcclCommunicators("megatron_nccl", device=run.device, measure=True)
     unbound = []
     for role, group in found.items():
         ranks = dist.get_process_group_ranks(group)

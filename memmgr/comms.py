@@ -34,9 +34,11 @@ Two ways to release a communicator, chosen per group at ``register``:
 
 A group that has neither (no native suspend, no ``create``) is refused at ``register`` with the fix.
 
-Bytes: each communicator's GPU memory is measured as the change of this process's GPU usage (NVML, else
-``cudaMemGetInfo``) across its own release and restore (the device is synchronized around each); ``device_bytes``
-is the measured bytes of the communicators that are live (0 before the first measurement, and on the CPU).
+Bytes, with ``measure=True``: each communicator's GPU memory is measured as the change of this process's GPU usage
+(NVML, else ``cudaMemGetInfo``) across its own release and restore (the device is synchronized and the usage polled
+until it settles, around each); ``device_bytes`` is the measured bytes of the communicators that are live (0
+before the first measurement, on the CPU, and without ``measure``, the default: then a release or restore runs no
+NVML query, no poll and no synchronize beyond the one a release needs, see ``release``).
 ``report()`` lists, per communicator, how it is released, its state, the bytes freed and restored, the seconds, and
 the backend's ``memory_stats()`` where it has them; ``versions()`` says which torch and NCCL are in use.
 """
@@ -183,14 +185,15 @@ class NcclCommunicators(ContentlessUnit):
     the two ways a communicator is released and what each can and cannot do.
 
     ``device``: the GPU whose memory the communicators hold (default: the current CUDA device, else the CPU, where
-    nothing is measured). ``measure``: measure bytes per communicator (a device synchronize and one NVML query
-    before and after each one). ``warmup``: run one small all-reduce on a re-created group at onload so that its
+    nothing is measured). ``measure`` (default False): measure bytes per communicator (a device synchronize and an
+    NVML query before each release and restore, and after it a synchronize and queries every 20 ms until the usage
+    stops changing). ``warmup``: run one small all-reduce on a re-created group at onload so that its
     communicator exists (and is measured) before the next phase."""
 
     policy = Policy.DISCARD
     ledger_category = "nccl"  # memmgr.ledger reports these bytes as NCCL memory, not as PyTorch tensors
 
-    def __init__(self, name: str = "nccl", *, device: torch.device | str | None = None, measure: bool = True,
+    def __init__(self, name: str = "nccl", *, device: torch.device | str | None = None, measure: bool = False,
                  warmup: bool = True):
         where = "NcclCommunicators"
         self.name = arguments.string(where, "name", name)
@@ -282,7 +285,9 @@ class NcclCommunicators(ContentlessUnit):
 
     def _measure_settled(self, polls: int = 10, interval_s: float = 0.02) -> int | None:
         """The usage once it stops changing: a communicator's teardown may return its memory to the driver a
-        moment after the call that started it returned."""
+        moment after the call that started it returned. None (and no query, no wait) without ``measure``."""
+        if not self.measure:
+            return None
         value = self._measure()
         for _ in range(polls):
             if value is None:
@@ -318,7 +323,10 @@ class NcclCommunicators(ContentlessUnit):
         comm = self._communicator(name)
         if comm.state != LIVE:
             return 0
-        self._sync()  # a communicator must be idle before it is suspended or destroyed
+        # Needed whether or not anything is measured: suspending or destroying a communicator frees the buffers its
+        # kernels use, and collectives queued on it (on NCCL's streams, or waited for by the caller's) may still be
+        # running. NCCL does not wait for them, so the device must be idle first.
+        self._sync()
         if comm.method == NATIVE:
             self._stats(comm)
         before = self._measure()

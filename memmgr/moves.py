@@ -11,6 +11,9 @@
 
 Every onload in memmgr (a group's, the manager's, a budget plan's, a swap's incoming side, an ordered onload) goes
 through ``OnloadTransaction``, so there is one place where a failed restore is undone.
+
+Each move resolves its copy policy (``memmgr.transfer.CopyPolicy``: which copy path, the kernel's grid size) once,
+when it starts, and every bucket copy it issues runs under it (``memmgr.transfer.copy_policy_scope``).
 """
 from __future__ import annotations
 
@@ -22,16 +25,23 @@ import torch
 from memmgr.errors import MemmgrCorruptionError, MemmgrOutOfMemoryError
 from memmgr.groups import MovableUnit
 from memmgr.states import BucketState
-from memmgr.transfer import TransferHandle
+from memmgr.transfer import CopyPolicy, TransferHandle, copy_policy_scope, resolve_copy_policy
 
 logger = logging.getLogger("memmgr")
 
 DiscardFn = Callable[[MovableUnit], "bool | None"]
 
 
-def offload_units(units: Sequence[MovableUnit], *, discard: DiscardFn | None = None) -> TransferHandle:
+def offload_units(units: Sequence[MovableUnit], *, discard: DiscardFn | None = None,
+                  copy_policy: CopyPolicy | None = None) -> TransferHandle:
     """Issues the offload of every unit without blocking and returns one handle for all of them. ``discard(unit)``
-    overrides a unit's policy (None keeps it)."""
+    overrides a unit's policy (None keeps it). Every copy runs under ``copy_policy`` (default: the enclosing move's,
+    else the environment's, read once here)."""
+    with copy_policy_scope(copy_policy):
+        return _offload_units(units, discard)
+
+
+def _offload_units(units: Sequence[MovableUnit], discard: DiscardFn | None) -> TransferHandle:
     def discard_of(unit: MovableUnit) -> bool | None:
         return discard(unit) if discard is not None else None
 
@@ -69,9 +79,13 @@ def _free_bytes(device: torch.device | None) -> int | None:
 
 class OnloadTransaction:
     """Onloads units one by one; ``rollback()`` (run automatically when an onload fails) returns each unit it
-    brought back to the state it had before. ``what`` names the transaction in errors (a group, a plan, a swap)."""
+    brought back to the state it had before. ``what`` names the transaction in errors (a group, a plan, a swap).
+    ``copy_policy``: how every copy of the transaction runs (default: the enclosing move's, else the environment's,
+    read once here)."""
 
-    def __init__(self, what: str, *, group: str | None = None, bytes_needed: int | None = None):
+    def __init__(self, what: str, *, group: str | None = None, bytes_needed: int | None = None,
+                 copy_policy: CopyPolicy | None = None):
+        self.copy_policy = resolve_copy_policy(copy_policy, where=f"{what}: copy_policy")
         self.what = what
         self.group = group if group is not None else what
         self.bytes_needed = bytes_needed
@@ -99,7 +113,8 @@ class OnloadTransaction:
             zero_after = self._start_on(unit.device)
             unit.allocate()
             self._issued.append((unit, previous))
-            handle = unit.onload(non_blocking=True, zero_after=zero_after)
+            with copy_policy_scope(self.copy_policy):
+                handle = unit.onload(non_blocking=True, zero_after=zero_after)
         except torch.OutOfMemoryError as exc:
             self.rollback()
             raise self._out_of_memory(unit, exc) from exc

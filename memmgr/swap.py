@@ -13,8 +13,11 @@ never holding more GPU memory than the outgoing state frees plus a stated margin
    bucket, and B's allocations reuse the blocks A's finished copies gave back.
 
 The result records the high-water mark of ``allocated_B - completed_freed_A`` in that host bookkeeping (<= M by
-construction) and, on a GPU, the peaks the caching allocator saw during the swap (allocated, active - which also
-counts blocks whose copy is still reading them - and reserved), relative to the start.
+construction) and, on a GPU with ``track_torch_peak=True``, the peaks the caching allocator saw during the swap
+(allocated, active - which also counts blocks whose copy is still reading them - and reserved), relative to the
+start. Tracking resets the allocator's peak statistics, the caller's as well, so it is off unless asked for.
+
+Every copy of the swap, out and in, runs under one copy policy (``memmgr.transfer.CopyPolicy``), read once.
 
 ``SwapLedger`` and ``run_swap`` hold the scheduling logic over any units with ``done()``/``wait()`` handles, so it is
 tested without a GPU.
@@ -35,7 +38,7 @@ from memmgr.errors import MemmgrInputError
 from memmgr.groups import MovableUnit, StateGroup, check_no_outside_references
 from memmgr.manager import MemoryManager, MoveScope
 from memmgr.moves import OnloadTransaction
-from memmgr.transfer import TransferHandle
+from memmgr.transfer import TransferHandle, copy_policy_scope, resolve_copy_policy
 
 logger = logging.getLogger("memmgr")
 
@@ -186,13 +189,15 @@ def _out_unit(u: MovableUnit) -> SwapUnit:
 
 def swap(out: Any, into: Any, margin_bytes: int = 0, *, out_groups: Sequence[str] | None = None,
          into_groups: Sequence[str] | None = None, non_blocking: bool = False, strict: bool = True,
-         track_torch_peak: bool = True) -> SwapResult:
+         track_torch_peak: bool = False) -> SwapResult:
     """Offloads ``out`` (a MemoryManager, a group, or a list of groups) while onloading ``into``, overlapping the
     two directions bucket by bucket, never letting B's allocated bytes exceed A's completed-freed bytes plus
     ``margin_bytes`` (see the module docstring). ``track_torch_peak`` resets the CUDA allocator's peak statistics
-    to report the peaks during the swap. With ``strict`` (default) a B larger than A plus the margin raises
-    MemmgrBudgetError before anything moves. On running out of GPU memory, B's buckets allocated by this call are
-    freed again (host copies intact; A stays offloaded) and MemmgrOutOfMemoryError is raised."""
+    (``torch.cuda.reset_peak_memory_stats``, which the caller's own peak readings see too) to report the peaks during
+    the swap in ``SwapResult.torch_peak_*``; without it those fields are None and the statistics are left alone.
+    With ``strict`` (default) a B larger than A plus the margin raises MemmgrBudgetError before anything moves. On
+    running out of GPU memory, B's buckets allocated by this call are freed again (host copies intact; A stays
+    offloaded) and MemmgrOutOfMemoryError is raised."""
     margin_bytes = arguments.integer("swap", "margin_bytes", margin_bytes, minimum=0)
     for flag, value in (("non_blocking", non_blocking), ("strict", strict), ("track_torch_peak", track_torch_peak)):
         arguments.boolean("swap", flag, value)
@@ -236,8 +241,9 @@ def swap(out: Any, into: Any, margin_bytes: int = 0, *, out_groups: Sequence[str
 
     out_names = tuple(out_mgr.name_of(g) if out_mgr is not None else g.name for g in out_groups_l)
     in_names = tuple(in_mgr.name_of(g) if in_mgr is not None else g.name for g in in_groups_l)
+    copy_policy = resolve_copy_policy(where="swap")  # both directions' copies run under it
     txn = OnloadTransaction(f"swap into {', '.join(map(repr, in_names))}", group=",".join(in_names),
-                            bytes_needed=in_bytes)
+                            bytes_needed=in_bytes, copy_policy=copy_policy)
     in_units = [SwapUnit(u.name, int(u.nbytes), (lambda u=u: txn.issue(u) or TransferHandle.completed()))
                 for u in in_raw]
     device = _device_of(out_raw + in_raw)
@@ -255,7 +261,8 @@ def swap(out: Any, into: Any, margin_bytes: int = 0, *, out_groups: Sequence[str
                                                          non_blocking=non_blocking))
                     if in_mgr is not None else MoveScope())
         t0 = time.perf_counter()
-        schedule = run_swap(out_units, in_units, margin_bytes, strict=strict)
+        with copy_policy_scope(copy_policy):
+            schedule = run_swap(out_units, in_units, margin_bytes, strict=strict)
         for h in schedule.out_handles:
             out_scope.add(h)
         for h in schedule.in_handles:

@@ -9,20 +9,23 @@ Two ways move bytes between a GPU and pinned host memory:
 - ``kernel``: the extension's copy kernel (csrc/copy_kernels.cu): the SMs load and store across the link through the
   host buffer's mapped address (zero-copy). Unaffected by busy copy engines; it occupies SM slots while it runs and
   needs the native extension and pinned host memory.
-- ``split``: both at once on disjoint parts of the bytes (the engines take ``engine_fraction`` of them, the kernel
-  the rest, on a second stream joined back before the copy counts as done).
 
-``issue_copy`` picks one per move: its ``path`` argument, else the ``MEMMGR_COPY_PATH`` environment variable
-(``auto``, ``engine``, ``kernel`` or ``split``), else ``auto``; ``MEMMGR_COPY_SPLIT`` sets the engines' fraction of a
-split and ``MEMMGR_COPY_KERNEL_BLOCKS`` the kernel's grid size (0: the extension's default). ``copy_paths_status()``
-says which paths are available and which ran last in each direction.
+Which one runs is a ``CopyPolicy``: the path (``auto``, ``engine`` or ``kernel``) and the kernel's grid size. A move
+resolves it once, from ``MEMMGR_COPY_PATH`` (default ``auto``) and ``MEMMGR_COPY_KERNEL_BLOCKS`` (0: the extension's
+default), with ``CopyPolicy.from_env()``, and makes it the policy of every copy it issues (``copy_policy_scope``;
+``memmgr.moves`` does this for every offload and onload). ``issue_copy`` takes its ``policy`` argument, else the
+policy of the move around it, else reads the environment for that one copy. ``copy_paths_status()`` says which paths
+are available and which ran last in each direction.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import logging
 import os
 import threading
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -39,7 +42,8 @@ def copy_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
     """The dedicated stream for one direction ("d2h" or "h2d") on one GPU, created once.
 
     Two streams per GPU let an offload of one group and an onload of another use both directions of the link at once.
-    Any other name gives another stream of its own (the kernel half of a split copy runs on "h2d-kernel"/"d2h-kernel").
+    Any other name gives another stream of its own. Making a "h2d" or "d2h" stream also loads the copy kernels into
+    the device's context (``prepare_kernels``), off the critical path of the first copy.
     """
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (index, direction)
@@ -48,11 +52,7 @@ def copy_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
         if stream is None:
             stream = torch.cuda.Stream(device=index)
             _streams[key] = stream
-            companion = (index, direction + "-kernel")
-            if direction in ("h2d", "d2h") and companion not in _streams and kernels_available():
-                # Made with its direction's stream, off the critical path: the stream for the kernel half of split
-                # copies, and the kernels loaded into the context.
-                _streams[companion] = torch.cuda.Stream(device=index)
+            if direction in ("h2d", "d2h") and kernels_available():
                 prepare_kernels(index)
         return stream
 
@@ -130,15 +130,13 @@ class TransferHandle:
 
 
 # ---- copy paths ----
-COPY_PATHS = ("auto", "engine", "kernel", "split")
+COPY_PATHS = ("auto", "engine", "kernel")
 COPY_PATH_ENV = "MEMMGR_COPY_PATH"
-COPY_SPLIT_ENV = "MEMMGR_COPY_SPLIT"
 KERNEL_BLOCKS_ENV = "MEMMGR_COPY_KERNEL_BLOCKS"
 
-# Split points are multiples of this many bytes from the start, so both parts keep the relative alignment of the
-# whole (the kernel moves 16-byte vectors wherever source and destination are co-aligned).
-_SPLIT_ALIGN = 4096
-DEFAULT_ENGINE_FRACTION = 0.5
+# The auto probe's sizes are multiples of this many bytes, so the parts after each probe keep the relative alignment
+# of the whole (the kernel moves 16-byte vectors wherever source and destination are co-aligned).
+_PROBE_ALIGN = 4096
 
 # What 'auto' does, from benchmarks/copy_path_probe.py on H200s (PCIe Gen5 x16, pinned-copy peak 54.7-55.3 GB/s each
 # way; benchmarks/results/2026-11-29/COPY_PATHS.md), 8 and 24 GiB copies:
@@ -170,7 +168,7 @@ DEFAULT_ENGINE_FRACTION = 0.5
 #   kernel also slows it for a while, so memmgr's buckets are 1 GiB (memmgr.flat_tensors.DEFAULT_BUCKET_SIZE_MB):
 #   a 16 GiB onload then ran at 0.91x, within 0.5% of the kernel copying into memory held throughout, against
 #   0.89-0.90x with 256 MiB buckets. A 10% engine share beside the kernel after a release ran at 0.84x
-#   (H200_SESSION7.md).
+#   (H200_SESSION7.md), so each copy runs on one path.
 AUTO_POLICY: dict[str, str] = {"h2d": "probe", "d2h": "engine"}
 AUTO_PROBE_BYTES = 64 << 20
 AUTO_PROBE_MIN_BYTES = 2 * AUTO_PROBE_BYTES
@@ -211,6 +209,9 @@ def resolve_copy_path(path: str | None = None) -> str:
     if path is None:
         path = os.environ.get(COPY_PATH_ENV) or "auto"
         source = f"${COPY_PATH_ENV}"
+    if not isinstance(path, str):
+        raise MemmgrInputError(f"copy path must be a string, one of {', '.join(COPY_PATHS)}; got "
+                               f"{type(path).__name__} {path!r}")
     path = path.strip().lower()
     if path not in COPY_PATHS:
         raise MemmgrInputError(f"copy path {path!r} (from the {source}) is not one of {', '.join(COPY_PATHS)}; "
@@ -218,30 +219,9 @@ def resolve_copy_path(path: str | None = None) -> str:
     return path
 
 
-def resolve_engine_fraction(engine_fraction: float | None = None) -> float:
-    """The engines' share of a split copy: the argument, else ``$MEMMGR_COPY_SPLIT``, else the default."""
-    source = "engine_fraction argument"
-    if engine_fraction is None:
-        raw = os.environ.get(COPY_SPLIT_ENV)
-        if not raw:
-            return DEFAULT_ENGINE_FRACTION
-        source = f"${COPY_SPLIT_ENV}"
-        try:
-            engine_fraction = float(raw)
-        except ValueError:
-            raise MemmgrInputError(f"{source}={raw!r} is not a number; set it to the copy engines' share of a split "
-                                   f"copy, between 0 and 1 (e.g. 0.5)") from None
-    if not 0.0 <= engine_fraction <= 1.0:
-        raise MemmgrInputError(f"the copy engines' share of a split copy ({source}) must be between 0 and 1, got "
-                               f"{engine_fraction}; e.g. 0.5 gives each path half the bytes")
-    return float(engine_fraction)
-
-
 def resolve_kernel_blocks(kernel_blocks: int = 0) -> int:
     """The copy kernel's grid size: the argument if > 0, else ``$MEMMGR_COPY_KERNEL_BLOCKS``, else 0 (the default)."""
-    if isinstance(kernel_blocks, bool) or not isinstance(kernel_blocks, int) or kernel_blocks < 0:
-        raise MemmgrInputError(f"kernel_blocks must be a whole number >= 0 (the copy kernel's grid size in blocks, 0 "
-                               f"for the default), got {kernel_blocks!r}")
+    _check_kernel_blocks(kernel_blocks)
     if kernel_blocks > 0:
         return kernel_blocks
     raw = os.environ.get(KERNEL_BLOCKS_ENV)
@@ -257,6 +237,72 @@ def resolve_kernel_blocks(kernel_blocks: int = 0) -> int:
     return blocks
 
 
+def _check_kernel_blocks(kernel_blocks: object) -> None:
+    if isinstance(kernel_blocks, bool) or not isinstance(kernel_blocks, int) or kernel_blocks < 0:
+        raise MemmgrInputError(f"kernel_blocks must be a whole number >= 0 (the copy kernel's grid size in blocks, 0 "
+                               f"for the default), got {kernel_blocks!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyPolicy:
+    """How the copies of one move run: ``path`` ("auto", "engine" or "kernel") and the copy kernel's grid size
+    (``kernel_blocks``, 0: the extension's default). Immutable; a move resolves it once (``from_env``) and every copy
+    it issues uses it (``copy_policy_scope``)."""
+
+    path: str = "auto"
+    kernel_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str):
+            raise MemmgrInputError(f"CopyPolicy: path must be one of {', '.join(COPY_PATHS)}, got {self.path!r}; "
+                                   f"CopyPolicy.from_env() reads ${COPY_PATH_ENV}")
+        object.__setattr__(self, "path", resolve_copy_path(self.path))
+        _check_kernel_blocks(self.kernel_blocks)
+
+    @classmethod
+    def from_env(cls) -> "CopyPolicy":
+        """The policy ``$MEMMGR_COPY_PATH`` and ``$MEMMGR_COPY_KERNEL_BLOCKS`` ask for (unset: "auto" and 0), read
+        now; raises MemmgrInputError naming the variable and the allowed values when one is invalid."""
+        return cls(resolve_copy_path(), resolve_kernel_blocks())
+
+    def with_overrides(self, path: str | None = None, kernel_blocks: int = 0) -> "CopyPolicy":
+        """This policy with ``path`` (if given) and ``kernel_blocks`` (if > 0) in place of its own."""
+        _check_kernel_blocks(kernel_blocks)
+        if path is None and kernel_blocks == 0:
+            return self
+        return CopyPolicy(self.path if path is None else path, kernel_blocks or self.kernel_blocks)
+
+
+_move_policy: contextvars.ContextVar[CopyPolicy | None] = contextvars.ContextVar("memmgr_copy_policy", default=None)
+
+
+def active_copy_policy() -> CopyPolicy | None:
+    """The policy of the ``copy_policy_scope`` this code runs in (None outside any)."""
+    return _move_policy.get()
+
+
+def resolve_copy_policy(policy: CopyPolicy | None = None, *, where: str = "copy policy") -> CopyPolicy:
+    """``policy`` if given, else the enclosing ``copy_policy_scope``'s, else ``CopyPolicy.from_env()`` read now."""
+    if policy is None:
+        return _move_policy.get() or CopyPolicy.from_env()
+    if not isinstance(policy, CopyPolicy):
+        raise MemmgrInputError(f"{where}: policy must be a memmgr.transfer.CopyPolicy or None, got "
+                               f"{type(policy).__name__}; e.g. CopyPolicy('engine') or CopyPolicy.from_env()")
+    return policy
+
+
+@contextlib.contextmanager
+def copy_policy_scope(policy: CopyPolicy | None = None) -> Iterator[CopyPolicy]:
+    """Makes ``policy`` the one every ``issue_copy`` without a policy argument uses inside the block (in this thread
+    or task). ``policy`` None: the enclosing scope's, else ``CopyPolicy.from_env()`` read once now. Yields it."""
+    policy = resolve_copy_policy(policy, where="copy_policy_scope")
+    token = _move_policy.set(policy)
+    try:
+        yield policy
+    finally:
+        _move_policy.reset(token)
+
+
 def _record(direction: str, ran: str) -> None:
     with _state_lock:
         _last_paths[direction] = ran
@@ -269,7 +315,7 @@ def copy_paths_status() -> dict[str, object]:
     with _state_lock:
         last = dict(_last_paths)
         probes = {dev: dict(p) for dev, p in _last_probe.items()}
-    return {"available": ["engine", "kernel", "split"] if kernels else ["engine"],
+    return {"available": ["engine", "kernel"] if kernels else ["engine"],
             "requested": os.environ.get(COPY_PATH_ENV) or "auto",
             "auto": dict(AUTO_POLICY) if kernels else {"h2d": "engine", "d2h": "engine"},
             "last": last, "last_probe": probes}
@@ -296,27 +342,24 @@ def _check_views(dst: torch.Tensor, src: torch.Tensor) -> None:
                                f"same size")
 
 
-def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, *, path: str | None = None,
-               engine_fraction: float | None = None, kernel_blocks: int = 0) -> str:
+def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, *, policy: CopyPolicy | None = None,
+               path: str | None = None, kernel_blocks: int = 0) -> str:
     """Issues the copy of ``src`` into ``dst`` on ``stream``, asynchronously, and returns the path that moved the bulk.
 
     ``dst`` and ``src`` are contiguous 1-D uint8 views of equal size; one of them is on the stream's GPU and the other
     is host memory (or also on that GPU). The copy is complete once the work enqueued on ``stream`` up to the return
-    is: a split's kernel part runs on a second stream that ``stream`` waits for. ``path`` (else ``$MEMMGR_COPY_PATH``,
-    else "auto") picks the copy engines, the copy kernel, or both on disjoint parts (``engine_fraction`` of the bytes
-    to the engines, else ``$MEMMGR_COPY_SPLIT``, else 0.5); "auto" does what ``AUTO_POLICY`` says per direction, and
-    when it probes (see there) it waits a few milliseconds for the probe. Where the kernel cannot run (no extension,
-    pageable host memory, host<->host or device<->device), the engines move everything, whatever was asked.
-    ``kernel_blocks`` > 0 (else ``$MEMMGR_COPY_KERNEL_BLOCKS``) overrides the kernel's grid size. Returns
-    "engine", "kernel" or "split".
+    is. ``policy`` (else the one of the ``copy_policy_scope`` around the call, else ``CopyPolicy.from_env()`` read for
+    this copy) picks the copy engines or the copy kernel; ``path`` and ``kernel_blocks`` > 0 override its fields.
+    "auto" does what ``AUTO_POLICY`` says per direction, and when it probes (see there) it waits a few milliseconds
+    for the probe. Where the kernel cannot run (no extension, pageable host memory, host<->host or device<->device),
+    the engines move everything, whatever was asked. Returns "engine" or "kernel".
     """
     _check_views(dst, src)
-    requested = resolve_copy_path(path)
-    fraction = resolve_engine_fraction(engine_fraction)
-    kernel_blocks = resolve_kernel_blocks(kernel_blocks)
+    policy = resolve_copy_policy(policy, where="issue_copy").with_overrides(path, kernel_blocks)
+    kernel_blocks = policy.kernel_blocks
     direction = _direction(dst, src)
     nbytes = dst.numel()
-    chosen = requested
+    chosen = policy.path
     if direction not in ("h2d", "d2h") or nbytes == 0 or not kernels_available():
         chosen = "engine"
     elif not (src if direction == "h2d" else dst).is_pinned():
@@ -325,60 +368,44 @@ def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, 
         if AUTO_POLICY.get(direction) == "probe":
             return _issue_auto_probed(dst, src, stream, direction, kernel_blocks)
         chosen = AUTO_POLICY.get(direction, "engine")
-    split_at = 0
-    if chosen == "split":
-        split_at = int(nbytes * fraction) // _SPLIT_ALIGN * _SPLIT_ALIGN
-        if fraction >= 1.0 or split_at >= nbytes:
-            chosen = "engine"
-        elif split_at <= 0:
-            chosen = "kernel"
-    chosen = _issue(dst, src, stream, direction, chosen, split_at, kernel_blocks)
-    nbytes = max(nbytes, 1)
-    _record(direction, chosen if chosen != "split" else f"split (engines {split_at / nbytes:.0%})")
+    chosen = _issue(dst, src, stream, chosen, kernel_blocks)
+    _record(direction, chosen)
     return chosen
 
 
-def _issue(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str, chosen: str,
-           split_at: int, kernel_blocks: int) -> str:
-    """Enqueues one path on ``stream`` ("split": engines on bytes [0, split_at), kernel on the rest); returns the
-    path that ran (the engines if the kernel could not be launched)."""
-    nbytes = dst.numel()
-    if chosen == "engine":
-        split_at = nbytes
-    elif chosen == "kernel":
-        split_at = 0
-    if chosen != "engine":
+def _issue(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, chosen: str, kernel_blocks: int) -> str:
+    """Enqueues one path ("engine" or "kernel") on ``stream``; returns the path that ran (the engines if the kernel
+    could not be launched)."""
+    if chosen == "kernel":
         try:
-            _issue_kernel_part(dst, src, stream, direction, split_at, kernel_blocks, separate=chosen == "split")
+            _issue_kernel(dst, src, stream, kernel_blocks)
+            return "kernel"
         except RuntimeError as exc:
-            # Nothing of the kernel part was enqueued (the extension checks before it launches): the engines take it.
+            # Nothing was enqueued (the extension checks before it launches): the engines take the bytes.
             _warn_kernel_failure(exc)
-            chosen, split_at = "engine", nbytes
-    if split_at > 0:
+    if dst.numel() > 0:
         with torch.cuda.stream(stream):
-            dst[:split_at].copy_(src[:split_at], non_blocking=True)
-    if chosen == "split":
-        stream.wait_stream(copy_stream(stream.device, direction + "-kernel"))
-    return chosen
+            dst.copy_(src, non_blocking=True)
+    return "engine"
 
 
 def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str,
                        kernel_blocks: int) -> str:
     device = stream.device.index if stream.device.index is not None else torch.cuda.current_device()
     nbytes = dst.numel()
-    probe = AUTO_PROBE_BYTES // _SPLIT_ALIGN * _SPLIT_ALIGN
+    probe = AUTO_PROBE_BYTES // _PROBE_ALIGN * _PROBE_ALIGN
     with _state_lock:
         verdict = str(_last_probe.get(device, {}).get("verdict", "engine"))
     if probe <= 0 or nbytes < max(AUTO_PROBE_MIN_BYTES, 2 * probe) or not stream.query():
         # Too small to measure, or queued behind other work (waiting would stall the caller): the last verdict.
-        ran = _issue(dst, src, stream, direction, verdict, 0, kernel_blocks)
+        ran = _issue(dst, src, stream, verdict, kernel_blocks)
         _record(direction, f"{ran} (auto, last probe)")
         return ran
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
     marks[0].record(stream)
-    _issue(dst[:probe], src[:probe], stream, direction, "engine", 0, kernel_blocks)
+    _issue(dst[:probe], src[:probe], stream, "engine", kernel_blocks)
     marks[1].record(stream)
-    kernel_ran = _issue(dst[probe:2 * probe], src[probe:2 * probe], stream, direction, "kernel", 0,
+    kernel_ran = _issue(dst[probe:2 * probe], src[probe:2 * probe], stream, "kernel",
                         kernel_blocks) == "kernel"  # else it could not launch and the engines did its part
     marks[2].record(stream)
     marks[2].synchronize()
@@ -390,26 +417,19 @@ def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.
     with _state_lock:
         _last_probe[device] = {"verdict": verdict, "engine_gbps": engine_gbps, "kernel_gbps": kernel_gbps,
                                "probe_bytes": probe}
-    ran = _issue(dst[2 * probe:], src[2 * probe:], stream, direction, verdict, 0, kernel_blocks)
+    ran = _issue(dst[2 * probe:], src[2 * probe:], stream, verdict, kernel_blocks)
     _record(direction, f"{ran} (auto, probe: engines {engine_gbps:.1f} GB/s, kernel {kernel_gbps:.1f} GB/s)")
     logger.debug("copy-path probe on cuda:%d: engines %.1f GB/s, kernel %.1f GB/s -> %s", device, engine_gbps,
                  kernel_gbps, ran)
     return ran
 
 
-def _issue_kernel_part(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str, start: int,
-                       kernel_blocks: int, separate: bool) -> None:
-    """Launches the copy kernel on bytes [start, end): on ``stream``, or (``separate``) on the direction's kernel
-    stream ordered after ``stream``'s work so far, so the engines' part on ``stream`` runs at the same time."""
+def _issue_kernel(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, kernel_blocks: int) -> None:
+    """Launches the copy kernel on all of ``dst``'s bytes, on ``stream``."""
     native = native_module()
     device = stream.device.index if stream.device.index is not None else torch.cuda.current_device()
     prepare_kernels(device)
-    run_on = stream
-    if separate:
-        run_on = copy_stream(stream.device, direction + "-kernel")
-        run_on.wait_stream(stream)
-    native.kernel_copy(dst.data_ptr() + start, src.data_ptr() + start, dst.numel() - start, run_on.cuda_stream,
-                       device, kernel_blocks)
+    native.kernel_copy(dst.data_ptr(), src.data_ptr(), dst.numel(), stream.cuda_stream, device, kernel_blocks)
 
 
 def _warn_kernel_failure(exc: Exception) -> None:

@@ -216,7 +216,7 @@ def _nccl_worker(rank: int, world: int, workdir: str) -> None:
         holder = {"tp": dist.new_group([0, 1])}
         t = torch.ones(1 << 22, device="cuda")
         dist.all_reduce(t, group=holder["tp"])  # sets the communicator up
-        comms = NcclCommunicators(device=torch.device("cuda", rank))
+        comms = NcclCommunicators(device=torch.device("cuda", rank), measure=True)
         comms.register("tp", holder["tp"], create=lambda: dist.new_group([0, 1]),
                        rebind=lambda g: holder.__setitem__("tp", g))
         mgr = MemoryManager(pool=HostMemoryPool())

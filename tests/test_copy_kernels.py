@@ -49,12 +49,6 @@ def copy_on_stream(dst: torch.Tensor, src: torch.Tensor, direction: str, **kwarg
     return ran
 
 
-def expected_path(path: str, nbytes: int) -> str:
-    if path == "split" and nbytes < 2 * 4096:
-        return "kernel"  # the engines' half rounds down to zero 4 KiB pages
-    return path
-
-
 def h2d_case(nbytes: int, src_off: int, dst_off: int, path: str, seed: int, **kwargs):
     data = random_bytes(nbytes, seed)
     host = pinned(nbytes + src_off)
@@ -84,23 +78,23 @@ def d2h_case(nbytes: int, src_off: int, dst_off: int, path: str, seed: int, **kw
     return ran
 
 
-@pytest.mark.parametrize("path", ["engine", "kernel", "split"])
+@pytest.mark.parametrize("path", ["engine", "kernel"])
 @pytest.mark.parametrize("nbytes", ODD_SIZES)
 def test_host_to_device_is_bit_exact_for_odd_sizes(nbytes, path):
-    assert h2d_case(nbytes, 0, 0, path, seed=nbytes) == expected_path(path, nbytes)
+    assert h2d_case(nbytes, 0, 0, path, seed=nbytes) == path
 
 
-@pytest.mark.parametrize("path", ["engine", "kernel", "split"])
+@pytest.mark.parametrize("path", ["engine", "kernel"])
 @pytest.mark.parametrize("nbytes", ODD_SIZES)
 def test_device_to_host_is_bit_exact_for_odd_sizes(nbytes, path):
-    assert d2h_case(nbytes, 0, 0, path, seed=nbytes) == expected_path(path, nbytes)
+    assert d2h_case(nbytes, 0, 0, path, seed=nbytes) == path
 
 
 MISALIGNED = [(off, 0) for off in range(1, 16)] + [(0, off) for off in range(1, 16)] + \
              [(off, off) for off in range(1, 16)] + [(3, 11), (8, 4), (12, 2)]
 
 
-@pytest.mark.parametrize("path", ["kernel", "split"])
+@pytest.mark.parametrize("path", ["kernel"])
 @pytest.mark.parametrize("src_off,dst_off", MISALIGNED)
 def test_misaligned_offsets_copy_bit_exact_both_directions(src_off, dst_off, path):
     nbytes = (1 << 16) + 13
@@ -115,33 +109,6 @@ def test_kernel_grid_stride_covers_every_byte_whatever_the_grid(blocks):
     assert d2h_case(nbytes, 1, 1, "kernel", seed=blocks + 1, kernel_blocks=blocks) == "kernel"
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_split_moves_every_byte_at_any_engine_fraction(fraction):
-    nbytes = (32 << 20) + 9
-    want = {0.0: "kernel", 1.0: "engine"}.get(fraction, "split")
-    assert h2d_case(nbytes, 0, 0, "split", seed=7, engine_fraction=fraction) == want
-    assert d2h_case(nbytes, 0, 0, "split", seed=8, engine_fraction=fraction) == want
-
-
-def test_split_copy_is_complete_for_work_enqueued_after_it_on_the_stream():
-    # No synchronize between the copy and its consumer: the consumer runs on the copy stream, which must wait for
-    # the kernel half running on the second stream.
-    nbytes = 256 << 20
-    data = random_bytes(nbytes, 3)
-    host = pinned(nbytes)
-    host.tensor.copy_(data)
-    expected = data.to(torch.int64).sum()
-    for trial in range(3):
-        dst = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
-        stream = copy_stream(dst.device, "h2d")
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            assert issue_copy(dst, host.tensor, stream, path="split", engine_fraction=0.3) == "split"
-            total = dst.to(torch.int64).sum()
-        stream.synchronize()
-        assert int(total) == int(expected), f"trial {trial}"
-
-
 def test_pageable_host_memory_falls_back_to_the_engines():
     data = random_bytes(10000, 5)
     dst = torch.empty(10000, dtype=torch.uint8, device="cuda")
@@ -151,14 +118,15 @@ def test_pageable_host_memory_falls_back_to_the_engines():
 
 def test_unknown_copy_path_is_rejected_naming_the_choices():
     dst = torch.empty(16, dtype=torch.uint8, device="cuda")
-    with pytest.raises(memmgr.MemmgrInputError, match="auto, engine, kernel, split"):
-        copy_on_stream(dst, pinned(16).tensor, "h2d", path="dma")
+    for bad in ("dma", "split"):
+        with pytest.raises(memmgr.MemmgrInputError, match="auto, engine, kernel;"):
+            copy_on_stream(dst, pinned(16).tensor, "h2d", path=bad)
 
 
-@pytest.mark.parametrize("path", ["engine", "kernel", "split", "auto"])
+@pytest.mark.parametrize("path", ["engine", "kernel", "auto"])
 def test_flat_tensors_round_trip_is_bit_exact_on_every_path(path, monkeypatch):
     monkeypatch.setenv("MEMMGR_COPY_PATH", path)
-    nbytes = (24 << 20) + 7  # odd-sized bucket, large enough for 'auto' to split
+    nbytes = (24 << 20) + 7  # odd-sized bucket
     original = random_bytes(nbytes, 11).cuda()
     bucket = FlatTensors.adopt(original.clone(), name=f"bucket-{path}", verify=True)
     bucket.offload()
@@ -179,7 +147,7 @@ def test_flat_tensors_round_trip_is_bit_exact_on_every_path(path, monkeypatch):
 
 def test_backend_info_lists_every_copy_path_when_the_kernels_are_built():
     info = memmgr.backend_info()
-    assert info.copy_paths == ("engine", "kernel", "split")
+    assert info.copy_paths == ("engine", "kernel")
     assert "kernel" in info.describe()
 
 

@@ -3,8 +3,7 @@ backend_info reports which paths exist."""
 import pytest
 
 import memmgr
-from memmgr.transfer import (DEFAULT_ENGINE_FRACTION, copy_paths_status, kernels_available, resolve_copy_path,
-                             resolve_engine_fraction, resolve_kernel_blocks)
+from memmgr.transfer import copy_paths_status, kernels_available, resolve_copy_path, resolve_kernel_blocks
 
 
 def test_copy_path_comes_from_the_argument_then_the_environment_then_auto(monkeypatch):
@@ -12,28 +11,23 @@ def test_copy_path_comes_from_the_argument_then_the_environment_then_auto(monkey
     assert resolve_copy_path() == "auto"
     monkeypatch.setenv("MEMMGR_COPY_PATH", "Kernel")
     assert resolve_copy_path() == "kernel"
-    assert resolve_copy_path("split") == "split"
+    assert resolve_copy_path("engine") == "engine"
 
 
 def test_unknown_copy_path_in_the_environment_names_the_variable_and_the_choices(monkeypatch):
     monkeypatch.setenv("MEMMGR_COPY_PATH", "dma")
-    with pytest.raises(memmgr.MemmgrInputError, match=r"MEMMGR_COPY_PATH.*auto, engine, kernel, split"):
+    with pytest.raises(memmgr.MemmgrInputError, match=r"MEMMGR_COPY_PATH.*auto, engine, kernel;"):
         resolve_copy_path()
     with pytest.raises(memmgr.MemmgrInputError, match="path argument"):
         resolve_copy_path("fast")
 
 
-def test_engine_fraction_is_validated(monkeypatch):
-    monkeypatch.delenv("MEMMGR_COPY_SPLIT", raising=False)
-    assert resolve_engine_fraction() == DEFAULT_ENGINE_FRACTION
-    monkeypatch.setenv("MEMMGR_COPY_SPLIT", "0.25")
-    assert resolve_engine_fraction() == 0.25
-    assert resolve_engine_fraction(0.75) == 0.75
-    monkeypatch.setenv("MEMMGR_COPY_SPLIT", "half")
-    with pytest.raises(memmgr.MemmgrInputError, match="MEMMGR_COPY_SPLIT='half' is not a number"):
-        resolve_engine_fraction()
-    with pytest.raises(memmgr.MemmgrInputError, match="between 0 and 1"):
-        resolve_engine_fraction(1.5)
+def test_split_copy_path_is_refused_with_the_allowed_paths(monkeypatch):
+    monkeypatch.setenv("MEMMGR_COPY_PATH", "split")
+    with pytest.raises(memmgr.MemmgrInputError, match=r"'split'.*MEMMGR_COPY_PATH.*auto, engine, kernel;"):
+        resolve_copy_path()
+    with pytest.raises(memmgr.MemmgrInputError, match=r"'split'.*path argument.*auto, engine, kernel;"):
+        resolve_copy_path("split")
 
 
 def test_kernel_blocks_come_from_the_argument_then_the_environment_and_are_validated(monkeypatch):

@@ -14,7 +14,12 @@
    the before-hooks released comes back.
 
 Extra GPU memory is what the export stages (two buckets plus the largest tensor) and what the transport holds (its
-bucket ring); ``SyncResult.peak_extra_gpu_bytes`` reports what PyTorch's allocator saw above the start.
+bucket ring); with ``measure=True``, ``SyncResult.peak_extra_gpu_bytes`` reports what PyTorch's allocator saw above
+the start. Measuring synchronizes the device before and after the sync and resets the allocator's peak statistics
+(the caller's too), so it is off unless asked for. The sync itself needs no device synchronize: the exporter orders
+its reads after the work queued before it (stream waits), and each transport waits for its own copies before it
+hands a bucket over (the IPC transport synchronizes its copy before announcing a slot; the collective ones wait
+for their work).
 """
 from __future__ import annotations
 
@@ -43,10 +48,11 @@ class SyncResult:
 
     nbytes: int                      # weight bytes handed to the engine (0 on ranks that only take part)
     buckets: int
-    seconds: float                   # from the before-hooks to the engine having finished
+    seconds: float                   # from the before-hooks to the call's return (measured: to the device being done)
     source: str                      # "device" or "host copy"
-    peak_extra_gpu_bytes: int | None  # PyTorch allocator's peak above the start (None without CUDA)
+    peak_extra_gpu_bytes: int | None  # PyTorch allocator's peak above the start (None unless measured on CUDA)
     engine_report: Any = None        # what the engine adapter returned (e.g. VLLMSyncReport)
+    measured: bool = False           # measure=True on CUDA: seconds include the device's work, the peak is known
 
     @property
     def gbps(self) -> float:
@@ -54,7 +60,7 @@ class SyncResult:
 
 
 def sync_weights(manager: MemoryManager, exporter: Any, engine: Transport | LoadWeights | Any, *,
-                 weight_version: str | None = None, pack_in_place: bool = True) -> SyncResult:
+                 weight_version: str | None = None, pack_in_place: bool = True, measure: bool = False) -> SyncResult:
     """Syncs the trainer's weights into ``engine`` as one call (see the module docstring). Every rank of the export
     calls it (the export is collective); the receiver ranks feed the engine.
 
@@ -63,8 +69,12 @@ def sync_weights(manager: MemoryManager, exporter: Any, engine: Transport | Load
     with ``sync(weights, specs=..., weight_version=...)`` (``memmgr.sync.engines.vllm.VLLMWeightSync``), or a
     ``load_weights`` callable in this process. ``pack_in_place``: where the transport has memory of its own (the
     IPC ring), the export packs each bucket straight into it (no copy between export and send, no export buffers
-    beside it); False has the exporter allocate its buckets and the transport copy them."""
+    beside it); False has the exporter allocate its buckets and the transport copy them. ``measure``: on CUDA,
+    synchronize the device around the sync and reset the allocator's peak statistics (the caller's too) to report
+    ``seconds`` up to the device being done and ``peak_extra_gpu_bytes``; without it the peak is None, ``seconds`` is
+    the host's time to the call's return, and neither the device nor the statistics are touched."""
     arguments.boolean("sync_weights", "pack_in_place", pack_in_place)
+    arguments.boolean("sync_weights", "measure", measure)
     if not isinstance(manager, MemoryManager):
         raise MemmgrInputError(f"sync_weights: manager must be a MemoryManager, got {type(manager).__name__}")
     for attr in ("buckets", "entries", "is_receiver"):
@@ -74,8 +84,8 @@ def sync_weights(manager: MemoryManager, exporter: Any, engine: Transport | Load
     adapter = _adapter(engine, pack_in_place)
     weights = manager.group(manager.weights_group)
     source = "device" if weights.device_bytes >= weights.nbytes else "host copy"
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    start_bytes = None
+    device = _measured_device(measure)
+    start_bytes = 0
     if device is not None:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -87,10 +97,18 @@ def sync_weights(manager: MemoryManager, exporter: Any, engine: Transport | Load
             torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) - start_bytes if device is not None else None
-    result = SyncResult(nbytes, nbuckets, seconds, source, peak, report)
-    logger.info("weight sync: %d B in %d bucket(s) from the %s in %.3f s (%.1f GB/s), peak extra GPU %s B", nbytes,
-                nbuckets, source, seconds, result.gbps, peak)
+    result = SyncResult(nbytes, nbuckets, seconds, source, peak, report, measured=device is not None)
+    logger.info("weight sync: %d B in %d bucket(s) from the %s in %.3f s (%.1f GB/s)%s", nbytes, nbuckets, source,
+                seconds, result.gbps, f", peak extra GPU {peak} B" if peak is not None else "")
     return result
+
+
+def _measured_device(measure: bool) -> torch.device | None:
+    """The CUDA device ``sync_weights`` measures on: the current one with ``measure`` where CUDA is up, else None
+    (nothing measured, nothing synchronized)."""
+    if not measure or not torch.cuda.is_available():
+        return None
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _adapter(engine: Any, pack_in_place: bool) -> Callable[[Any, str | None], tuple[int, int, Any]]:
