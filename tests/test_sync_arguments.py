@@ -1,7 +1,6 @@
 """Bad arguments to the sync's constructors raise MemmgrInputError naming the argument, at the call."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 
@@ -64,15 +63,24 @@ def test_megatron_exporter_refuses_a_bad_argument_naming_it(megatron_env, kwargs
         MegatronExporter(build_chunks("llama"), hf_config("llama"), **kwargs)
 
 
-def test_exporter_refuses_to_read_a_weights_group_whose_manager_was_closed(megatron_env):
+def test_an_exporter_kept_across_close_refuses_instead_of_reading_freed_memory(megatron_env):
+    import memmgr
     from export_models import build_chunks, hf_config
     from memmgr.sync.export import MegatronExporter
 
-    exporter = MegatronExporter(build_chunks("llama"), hf_config("llama"))
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    def closed(where):
-        raise MemmgrStateError(f"{where}: the manager was closed")
-
-    exporter._weights = SimpleNamespace(check_open=closed)  # what BucketizedFlatTensors does after mgr.close()
-    with pytest.raises(MemmgrStateError, match="MegatronExporter.buckets: the manager was closed"):
+    model = build_chunks("llama")[0]
+    chunks = [DistributedDataParallel(model.config, DistributedDataParallelConfig(use_distributed_optimizer=True),
+                                      model)]
+    mgr = memmgr.for_megatron(chunks, None)
+    exporter = MegatronExporter(chunks, hf_config("llama"), weights=mgr.group("weights"))
+    assert next(iter(exporter.buckets())) is not None
+    mgr.close()
+    again = memmgr.for_megatron(chunks, None)  # the same model under a new manager, offloaded
+    again.offload()
+    with pytest.raises(MemmgrStateError, match="closed"):
         next(iter(exporter.buckets()))
+    fresh = MegatronExporter(chunks, hf_config("llama"), weights=again.group("weights"))
+    assert next(iter(fresh.buckets())) is not None  # built from the open manager, it reads the host copy
+    again.close()
