@@ -276,6 +276,7 @@ class Ledger:
             raise MemmgrInputError(f"Ledger.track: manager must be a MemoryManager, got "
                                              f"{type(manager).__name__}")
         arguments.string("Ledger.track", "name", name, optional=True)
+        self._measure_communicators(manager)
         if manager in self._manager_names:
             if name:
                 old = self._manager_names[manager]
@@ -286,6 +287,15 @@ class Ledger:
         name = name or f"m{len(self._manager_names)}"
         self._manager_names[manager] = name
         self._managers[name] = manager
+
+    @staticmethod
+    def _measure_communicators(manager: Any) -> None:
+        """Turns on the byte measurement of the manager's NCCL communicator groups (off by default, since it
+        synchronizes and polls NVML around every release): a ledger that reports them asked for it."""
+        for name in getattr(manager, "group_names", ()):
+            group = manager.group(name)
+            if getattr(group, "ledger_category", None) == "nccl" and hasattr(group, "measure"):
+                group.measure = True
 
     def attach(self, manager: Any, name: str | None = None) -> "Ledger":
         """``manager.attach_ledger(self)`` and ``track(manager, name)``."""
@@ -328,6 +338,7 @@ class Ledger:
         pools: list[Any] = []
         left_behind: dict[str, dict[str, int]] = {}
         for mname, mgr in managers:
+            self._measure_communicators(mgr)
             pool = getattr(mgr, "pool", None)
             if pool is not None and all(pool is not p for p in pools):
                 pools.append(pool)

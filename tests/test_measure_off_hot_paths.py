@@ -333,3 +333,17 @@ def test_a_copy_outside_any_move_reads_the_environment_for_itself(monkeypatch, e
     monkeypatch.setenv("MEMMGR_COPY_PATH", "split")
     with pytest.raises(MemmgrInputError, match="auto, engine, kernel;"):
         transfer.issue_copy(dst, src, None)
+
+
+def test_a_ledger_turns_on_the_byte_measurement_of_the_communicators_it_reports(tmp_path):
+    import memmgr
+    from memmgr.comms import NcclCommunicators
+    from memmgr.ledger import Ledger
+
+    mgr = memmgr.for_module(torch.nn.Linear(4, 4))
+    comms = NcclCommunicators("nccl", device="cpu")
+    mgr.add_group("nccl", comms)
+    assert comms.measure is False  # measured only when asked
+    Ledger(str(tmp_path / "ledger.jsonl")).attach(mgr, "trainer")
+    assert comms.measure is True
+    mgr.close()
