@@ -1,5 +1,5 @@
 """Copy-path probe (python benchmarks/copy_path_probe.py --out DIR): host<->device copy speed of the copy engines,
-the copy kernel, a split of both and memmgr's 'auto', with the GPU's memory fresh from another process's release and
+the copy kernel and memmgr's 'auto', with the GPU's memory fresh from another process's release and
 without, against the same run's pinned-copy peak.
 
 What it measures (GB/s = 1e9 bytes/s, CUDA-event time on the copy stream):
@@ -11,9 +11,9 @@ What it measures (GB/s = 1e9 bytes/s, CUDA-event time on the copy stream):
   and in ``after_release`` a helper process (memmgr.tools.engine_standin, started once) allocates and writes
   ``--other-gib`` of GPU memory and frees it (empty_cache) right before. Then the probe allocates the device side
   fresh (h2d: the destination; d2h: the source, filled on the GPU) and copies ``--size-gib`` pinned->device or
-  device->pinned with each path of ``--paths``: ``engine``, ``kernel``, ``auto``, ``split`` at each engine fraction
-  of ``--splits``, and ``engineN`` (the engines on N streams at once).
-  Every copy's bytes are checked (h2d: all of them on the GPU; d2h: sampled windows and every split point).
+  device->pinned with each path of ``--paths``: ``engine``, ``kernel``, ``auto`` and ``engineN`` (the engines on
+  N streams at once).
+  Every copy's bytes are checked (h2d: all of them on the GPU; d2h: sampled windows).
 - ``warm``: the same copies into/out of device memory allocated once, long before (no release anywhere).
   ``auto`` is the policy of memmgr.transfer (h2d: a probe of both paths on the first 2 x 64 MiB decides).
 - FlatTensors cycles (``--flat-cycles``): one ``--size-gib`` bucket offloaded and onloaded (blocking, wall time,
@@ -59,15 +59,14 @@ def parse_args(argv=None):
                    help="GPU memory the helper process takes and releases before each after_release copy")
     p.add_argument("--repeats", type=int, default=3, help="copies per path, scenario and direction")
     p.add_argument("--peak-iters", type=int, default=5)
-    p.add_argument("--splits", default="0.5", help="engine fractions of the split path to try")
     p.add_argument("--blocks", default="132,264,528,1056", help="kernel grid sizes for the sweep ('' skips it)")
     p.add_argument("--timeline-s", type=float, default=3.0, help="seconds of the timeline after a release (0 skips)")
     p.add_argument("--timeline-directions", default="h2d", help="directions of the timeline: h2d, d2h or both")
     p.add_argument("--scenarios", default="warm,alone,after_release")
     p.add_argument("--flat-cycles", type=int, default=3, help="FlatTensors cycles per path and scenario (0 skips)")
     p.add_argument("--directions", default="h2d,d2h")
-    p.add_argument("--paths", default="engine,kernel,auto,split",
-                   help="paths to compare: engine, kernel, auto, split (at each --splits fraction), and engineN: the "
+    p.add_argument("--paths", default="engine,kernel,auto",
+                   help="paths to compare: engine, kernel, auto, and engineN: the "
                         "copy engines on N streams at once, each with 1/N of the bytes (probe only, not a memmgr path)")
     return p.parse_args(argv)
 
@@ -101,7 +100,7 @@ class Probe:
                 self.multi_engine(direction, dst, src, int(path[6:]), stream)
                 ran = path
             else:
-                ran = issue_copy(dst, src, stream, path=path, engine_fraction=fraction, kernel_blocks=blocks)
+                ran = issue_copy(dst, src, stream, path=path, kernel_blocks=blocks)
             end.record(stream)
         end.synchronize()
         return dst.numel() / (start.elapsed_time(end) / 1e3) / 1e9, ran
@@ -175,12 +174,9 @@ class Probe:
     def configs(self) -> list[tuple[str, float | None]]:
         configs: list[tuple[str, float | None]] = []
         for path in [p.strip() for p in self.args.paths.split(",") if p.strip()]:
-            if path in ("kernel", "auto", "split") and not self.kernels:
+            if path in ("kernel", "auto") and not self.kernels:
                 continue
-            if path == "split":
-                configs += [("split", float(f)) for f in self.args.splits.split(",") if f.strip()]
-            else:
-                configs.append((path, None))
+            configs.append((path, None))
         return configs
 
     def multi_engine(self, direction: str, dst: torch.Tensor, src: torch.Tensor, streams: int,

@@ -26,7 +26,7 @@ finished its own copy was issued). Arms, each under the engine condition and aft
   through that path on one stream;
 - any arm as ``ARM@BLOCKS``: with the copy kernel's grid at BLOCKS blocks (``MEMMGR_COPY_KERNEL_BLOCKS``), and as
   ``ARM:NAME=VALUE[:NAME=VALUE...]`` with those environment variables set for it (e.g.
-  ``as_is:MEMMGR_COPY_PATH=split:MEMMGR_COPY_SPLIT=0.1``); ``PROBE_MIB=N`` there sets the ``auto`` path's probe size
+  ``as_is:MEMMGR_COPY_PATH=kernel``); ``PROBE_MIB=N`` there sets the ``auto`` path's probe size
   (``memmgr.transfer.AUTO_PROBE_BYTES``) instead, ``DELAY_MS=N`` waits N ms between the condition and the onload
   (an onload that begins 0.1 s or more after another process's release meets the driver's one-time wait, 25-45 ms,
   at its first allocation), and ``SETTLE_AT_RELEASE=1`` starts a driver settle (``memmgr.driver_settle``) right
@@ -411,7 +411,7 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=50.0, help="the synthetic state's copied bytes")
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--bucket-mb", type=float, default=0, help="the manager's bucket size (0: its default)")
-    parser.add_argument("--arms", default="as_is,as_is:MEMMGR_COPY_PATH=split:MEMMGR_COPY_SPLIT=0.1,as_is:PROBE_MIB=16",
+    parser.add_argument("--arms", default="as_is,as_is:MEMMGR_COPY_PATH=kernel,as_is:PROBE_MIB=16",
                         help=f"of {', '.join(ARMS + ('settle_during',))}; ARM@BLOCKS runs it with that kernel grid")
     parser.add_argument("--parts", default="arms", help="of arms, alloc_beside, after_reserve")
     parser.add_argument("--beside", default="none,kernel@264,kernel@132,kernel@99",
