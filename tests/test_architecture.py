@@ -108,3 +108,35 @@ print("ok", sorted(m for m in sys.modules if m.split(".")[0] in {blocked!r}))
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok []"
+
+
+def test_transports_import_nothing_above_them():
+    offenders = []
+    for name, tree in modules().items():
+        if not name.startswith("memmgr.sync.transports"):
+            continue
+        for node in runtime_imports(tree):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            offenders += [f"{name} imports {t}" for t in targets
+                          if t == "memmgr.sync" or t == "memmgr.manager" or t.startswith("memmgr.integrations")
+                          or t.startswith(("memmgr.sync.session", "memmgr.sync.engines", "memmgr.sync.export"))]
+    assert offenders == []
+
+
+def test_one_module_of_the_weight_sync_broadcasts():
+    """Every byte of a weight sync goes through ``memmgr.sync.comm``: no other module calls a torch.distributed
+    broadcast (or builds its options) itself."""
+    callers = set()
+    for name, tree in modules().items():
+        if not name.startswith("memmgr.sync"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("BroadcastOptions", "broadcast_object_list"):
+                callers.add(name)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "broadcast" \
+                    and ast.unparse(node.func.value) in ("dist", "torch.distributed"):
+                callers.add(name)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "broadcast" \
+                    and ast.unparse(node.func.value).endswith(".backend"):
+                callers.add(name)
+    assert callers == {"memmgr.sync.comm"}

@@ -1,8 +1,8 @@
-"""memmgr.sync: the weight-sync protocol between a sender and a receiver process over gloo on the CPU.
+"""memmgr.sync: WeightSender / WeightReceiver (name -> tensor maps over the gloo transport) between two processes.
 
 One pair of spawned processes plays every scenario in order (each scenario's outcome, errors included, is written
 to a JSON file per rank), so the suite pays the start-up of two Python processes once. Single-process tests cover
-the layout and the module loader.
+the sync plan and the module loader.
 """
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import torch
 
 import memmgr
 from memmgr import MemmgrInputError, MemmgrStateError
-from memmgr.sync import (ModuleWeightLoader, SyncLayout, WeightReceiver, WeightSender, init_sync_group,
-                         module_load_weights)
+from memmgr.sync import ModuleWeightLoader, WeightReceiver, WeightSender, init_sync_group
+from memmgr.sync.loaders import module_load_weights
+from memmgr.sync.sender import SyncPlan
+from memmgr.sync.transports import group_pairs
 
 SMALL_BUCKET_MB = 0.004  # ~4 KB: the test models span several buckets of each dtype
 
@@ -106,7 +108,7 @@ def _worker(rank: int, port: int, port2: int, out_dir: str) -> None:
         receiver = WeightReceiver(group, 0, loader, name_map=engine_name)
         reference = Net(seed=1)  # what the sender holds, rebuilt here to compare bit for bit
 
-    # 1. first sync: metadata goes out, weights match bit for bit; 2. second sync: cached metadata
+    # 1. first sync: weights match bit for bit; 2. second sync: the updated weights arrive
     for step in ("first", "second"):
         if rank == 0:
             if step == "second":
@@ -123,16 +125,16 @@ def _worker(rank: int, port: int, port2: int, out_dir: str) -> None:
                 return st
             results[step] = _outcome(recv)
 
-    # 3. the receiver lost its cached metadata (an engine restart): clear error on both sides, then recovery
+    # 3. a receiver built afresh (an engine restart) takes part in the next sync as it is
     if rank == 1:
-        receiver.layout = None
-    for step in ("stale_cache", "after_stale_cache"):
-        if rank == 0:
-            results[step] = _outcome(lambda: _stats(sender.send(dict(model.state_dict()))))
-        else:
-            results[step] = _outcome(lambda: _stats(receiver.receive()))
+        receiver = WeightReceiver(group, 0, loader, name_map=engine_name)
+    if rank == 0:
+        results["fresh_receiver"] = _outcome(lambda: _stats(sender.send(dict(model.state_dict()))))
+    else:
+        results["fresh_receiver"] = _outcome(lambda: {**_stats(receiver.receive()),
+                                                      "mismatches": mismatches(engine, reference)})
 
-    # 4. a changed layout (a subset of the tensors) re-sends the metadata
+    # 4. another set of tensors (a subset) syncs with its own plan
     if rank == 0:
         subset = {n: t for n, t in model.state_dict().items() if not n.startswith("layers.0.")}
         results["changed_layout"] = _outcome(lambda: _stats(sender.send(subset)))
@@ -181,7 +183,7 @@ def _worker(rank: int, port: int, port2: int, out_dir: str) -> None:
         def send_mgr():
             st = _stats(sender.send(mgr))
             st["order"] = list(order)
-            st["weights_state_after"] = mgr.state()["weights"].state
+            st["weights_state_after"] = mgr.state["weights"].state
             return st
         results["manager"] = _outcome(send_mgr)
     else:
@@ -192,14 +194,13 @@ def _worker(rank: int, port: int, port2: int, out_dir: str) -> None:
     # weights are offloaded again and after_weight_sync still fires
     if rank == 0:
         order.clear()
-        sender.invalidate_metadata()  # the receiver below is new: it needs the layout
 
         def send_fail():
             try:
                 sender.send(mgr)
             finally:
                 results["manager_raises_state"] = {"order": list(order),
-                                                   "weights_state": mgr.state()["weights"].state}
+                                                   "weights_state": mgr.state["weights"].state}
         results["manager_raises"] = _outcome(send_fail)
     else:
         def boom(weights):
@@ -287,42 +288,37 @@ def test_sync_is_bit_exact_for_mixed_dtypes_over_several_buckets(results):
     assert sent["nbytes"] == got["nbytes"] > 0
 
 
-def test_metadata_is_sent_once_and_cached(results):
+def test_every_sync_sends_its_plan_then_one_broadcast_per_bucket(results):
     _ok(results, "second")
-    first, second = results[0]["first"], results[0]["second"]
-    assert first["metadata_sent"] and results[1]["first"]["metadata_sent"]
-    assert not second["metadata_sent"] and not results[1]["second"]["metadata_sent"]
-    # header, [metadata], status, one per bucket, final status
-    assert first["collectives"] == 4 + first["buckets"]
-    assert second["collectives"] == 3 + second["buckets"]
-    assert results[1]["second"]["collectives"] == second["collectives"]
+    for step in ("first", "second"):
+        sent, got = results[0][step], results[1][step]
+        assert sent["metadata_sent"] and got["metadata_sent"]
+        # plan length, plan, status, one per bucket, final status
+        assert sent["collectives"] == got["collectives"] == 4 + sent["buckets"]
     assert results[1]["second"]["mismatches"] == []  # the updated weights arrived
 
 
-def test_changed_layout_resends_metadata(results):
+def test_a_receiver_built_afresh_takes_part_in_the_next_sync(results):
+    _ok(results, "fresh_receiver")
+    assert results[1]["fresh_receiver"]["mismatches"] == []
+
+
+def test_another_set_of_weights_syncs_with_its_own_plan(results):
     _ok(results, "changed_layout")
-    assert results[0]["changed_layout"]["metadata_sent"] and results[1]["changed_layout"]["metadata_sent"]
-
-
-def test_stale_receiver_metadata_is_a_clear_error_then_recovers(results):
-    for rank in (0, 1):
-        r = results[rank]["stale_cache"]
-        assert not r["ok"] and "MemmgrError" in r["bases"]
-        assert "disagree on the sync metadata" in r["error"], r["error"]
-    _ok(results, "after_stale_cache")
-    assert results[0]["after_stale_cache"]["metadata_sent"]
+    sent, got = results[0]["changed_layout"], results[1]["changed_layout"]
+    assert got["buckets"] == sent["buckets"] and got["nbytes"] == sent["nbytes"] < results[0]["first"]["nbytes"]
 
 
 @pytest.mark.parametrize("case, needles", [
-    ("missing_name", ["'layers.3.weight'", "'model.layers.3.weight'", "no tensor of that name", "(27, 24)",
-                      "engine_name"]),
-    ("wrong_shape", ["'layers.2.weight'", "'model.layers.2.weight'", "(26, 24)", "(5, 5)"]),
-    ("wrong_dtype", ["'layers.4.bias'", "torch.float32", "torch.float16", "(28,)"]),
+    ("missing_name", ["'model.layers.3.weight' (trainer tensor 'layers.3.weight')", "no weight of that name",
+                      "[27, 24]", "engine_name"]),
+    ("wrong_shape", ["'model.layers.2.weight' (trainer tensor 'layers.2.weight')", "[26, 24]", "[5, 5]"]),
+    ("wrong_dtype", ["(trainer tensor 'layers.4.bias')", "float32", "float16", "[28]"]),
 ])
 def test_engine_mismatch_errors_name_the_tensor_and_both_shapes(results, case, needles):
     for rank in (0, 1):
         r = results[rank][case]
-        assert not r["ok"] and r["type"] == "MemmgrInputError", r
+        assert not r["ok"] and r["type"] == "MemmgrSyncMismatchError", r
         for needle in needles:
             assert needle in r["error"], (rank, needle, r["error"])
     assert "receiver" in results[0][case]["error"]  # the sender says where it failed
@@ -376,29 +372,24 @@ def test_sync_over_default_process_group(results):
 # ---------------------------------------------------------------------------------------------------------------------
 # single process: layout and loader
 # ---------------------------------------------------------------------------------------------------------------------
-def test_layout_buckets_are_bounded_per_dtype_and_aligned():
-    named = [(f"t{i}", (100 + i,), torch.bfloat16 if i % 3 else torch.float32) for i in range(40)]
-    named.append(("big", (10_000,), torch.float32))
-    layout = SyncLayout.build(named, bucket_bytes=2048)
-    for b in layout.buckets:
-        specs = [layout.tensors[i] for i in b.members]
-        assert all(s.dtype == b.dtype for s in specs)
-        assert b.nbytes <= 2048 or len(specs) == 1  # a tensor larger than a bucket gets its own
-        assert all(s.offset * s.dtype.itemsize % 256 == 0 for s in specs)
-        ends = sorted((s.offset, s.offset + s.numel) for s in specs)
-        assert all(a[1] <= b_[0] for a, b_ in zip(ends, ends[1:]))  # no overlap
-    assert [t.name for t in layout.tensors] == [n for n, _, _ in named]
-    assert SyncLayout.from_bytes(layout.to_bytes()) == layout
-    assert SyncLayout.build(named, 2048).version == layout.version
-    assert SyncLayout.build(named[:-1], 2048).version != layout.version
+def test_plan_lists_every_bucket_of_the_stream_and_round_trips_through_json():
+    pairs = [(f"t{i}", torch.zeros(100 + i, dtype=torch.bfloat16 if i % 3 else torch.float32)) for i in range(40)]
+    pairs.append(("big", torch.zeros(10_000)))
+    groups = list(group_pairs(pairs, 2048))
+    plan = SyncPlan.of(groups, "GPU-x")
+    assert len(plan.buckets) == len(groups) >= 4
+    assert sorted(t.name for t in plan.tensors) == sorted(n for n, _ in pairs)
+    assert plan.max_bucket_nbytes >= 40_000  # the large tensor's bucket of its own
+    assert SyncPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
 
 
-def test_layout_detects_corrupted_metadata():
-    layout = SyncLayout.build([("a", (4,), torch.float32)], 1024)
-    data = json.loads(layout.to_bytes())
-    data["tensors"][0][1] = [5]
-    with pytest.raises(memmgr.MemmgrError, match="does not hash"):
-        SyncLayout.from_bytes(json.dumps(data).encode())
+def test_plan_of_another_format_or_malformed_is_refused_naming_the_fix():
+    plan = SyncPlan.of([[("a", torch.zeros(4))]]).to_json()
+    with pytest.raises(memmgr.MemmgrError, match="same memmgr version"):
+        SyncPlan.from_json({**plan, "format": 1})
+    plan["buckets"][0]["entries"][0][1] = "four"
+    with pytest.raises(memmgr.MemmgrError, match="malformed bucket metadata"):
+        SyncPlan.from_json(plan)
 
 
 def test_module_loader_copies_bit_for_bit():

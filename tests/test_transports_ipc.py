@@ -222,8 +222,8 @@ def test_ipc_sync_that_does_not_fit_the_engine_is_refused_at_start():
 
 
 def test_ipc_buckets_packed_into_reserved_slots_are_sent_from_there_bit_exact():
-    from memmgr.sync.layout import aligned
     from memmgr.sync.transports import ALIGN_BYTES
+    from memmgr.sync.transports.base import aligned
     from memmgr.sync.transports.ipc import CudaIpcTransport
 
     dev = torch.device("cuda", 0)

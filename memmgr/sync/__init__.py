@@ -1,23 +1,57 @@
-"""Weight sync: trainer weights handed to inference engines.
+"""Weight sync: trainer weights handed to inference engines, as one stream of flat per-dtype buckets.
 
+- ``session``: ``sync_weights``, one sync as one call with the manager's before/after-sync hooks (``SyncResult``).
 - ``export``: megatron-core chunks to Hugging Face names and layouts, re-joined across TP/PP/EP, streamed in flat
   per-dtype buckets from device memory or the pinned host copy (``MegatronExporter``).
-- ``transports``: the bucket stream's data planes (in-process, gloo, NCCL, same-GPU CUDA IPC) behind ``Transport``.
+- ``transports``: the data planes that move the buckets (in-process, gloo, NCCL, same-GPU CUDA IPC) behind
+  ``Transport``; ``transports.base`` owns the bucket (``WeightBucket``), its packer and the spec check.
+- ``comm``: the sync's process groups (``init_sync_group``) and its collectives, including the status all-reduce.
+- ``sender`` / ``receiver``: ``WeightSender`` / ``WeightReceiver``, name -> tensor maps over the gloo or NCCL
+  transport, with every rank told when one failed.
+- ``loaders``: ``ModuleWeightLoader``, ``load_weights`` for engines that are plain torch modules.
 - ``engines``: engine adapters (``engines.vllm.VLLMWeightSync``: vLLM's weight-transfer protocol).
-- ``session``: ``sync_weights``, one sync as one call with the manager's before/after-sync hooks.
-- The reference protocol (``WeightSender``/``WeightReceiver``: ``protocol``, ``layout``, ``comm``, ``names``,
-  ``endpoint``, ``sender``, ``receiver``): a bucketed broadcast of name -> tensor maps from one trainer rank to the
-  engine processes of its group, with the layout sent only when it changed and a status all-reduce before any
-  weight moves; ``loaders`` gives ``load_weights`` for engines that are plain torch modules.
-"""
-from memmgr.errors import MemmgrSyncError
-from memmgr.sync.comm import SyncGroup, device_uuid, init_sync_group
-from memmgr.sync.layout import BucketSpec, SyncLayout, SyncStats, TensorSpec
-from memmgr.sync.loaders import ModuleWeightLoader, module_load_weights
-from memmgr.sync.protocol import PROTOCOL_VERSION, SAME_GPU_HINT
-from memmgr.sync.receiver import WeightReceiver
-from memmgr.sync.sender import WeightSender
 
-__all__ = ["WeightSender", "WeightReceiver", "SyncGroup", "init_sync_group", "SyncLayout", "SyncStats", "TensorSpec",
-           "BucketSpec", "ModuleWeightLoader", "module_load_weights", "MemmgrSyncError", "device_uuid",
-           "SAME_GPU_HINT", "PROTOCOL_VERSION"]
+The names below are imported on first use, so that ``import memmgr.sync`` (and the transports under it) loads
+neither the manager nor the export.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "sync_weights": "memmgr.sync.session",
+    "SyncResult": "memmgr.sync.session",
+    "MegatronExporter": "memmgr.sync.export.exporter",
+    "ModuleWeightLoader": "memmgr.sync.loaders",
+    "Transport": "memmgr.sync.transports.base",
+    "WeightBucket": "memmgr.sync.transports.base",
+    "InProcessTransport": "memmgr.sync.transports.inproc",
+    "GlooTransport": "memmgr.sync.transports.gloo",
+    "GlooReceiver": "memmgr.sync.transports.gloo",
+    "NcclTransport": "memmgr.sync.transports.nccl",
+    "NcclReceiver": "memmgr.sync.transports.nccl",
+    "CudaIpcTransport": "memmgr.sync.transports.ipc",
+    "CudaIpcReceiver": "memmgr.sync.transports.ipc",
+    "WeightSender": "memmgr.sync.sender",
+    "WeightReceiver": "memmgr.sync.receiver",
+    "SyncStats": "memmgr.sync.sender",
+    "SyncGroup": "memmgr.sync.comm",
+    "init_sync_group": "memmgr.sync.comm",
+    "device_uuid": "memmgr.sync.comm",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'memmgr.sync' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

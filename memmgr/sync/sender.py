@@ -1,50 +1,138 @@
-"""The trainer side of the reference protocol: ``WeightSender``."""
+"""The trainer side of the name -> tensor front end: ``WeightSender``, over the bucket-stream transports.
+
+A sync of a name -> tensor map, on a group of one trainer rank and engine processes (``WeightReceiver``):
+
+1. the sender broadcasts the sync's plan (``SyncPlan``: every bucket's layout, and the sender's GPU), or, when it
+   cannot send (its weights were discarded, a wrong argument), an abort message naming the error;
+2. the status all-reduce: each receiver checks the plan against what its engine holds (names, shapes, dtypes,
+   ``transports.base.check_specs``; a sender on its own GPU), and if one does not fit every rank raises, before any
+   weight moves;
+3. one broadcast per bucket (``GlooTransport`` / ``NcclTransport``: packed with ``WeightBucket.pack``, received by
+   the matching receiver), each handed to the engine's ``load_weights`` on arrival;
+4. the status all-reduce again: a ``load_weights`` that raised on any receiver raises on every rank.
+"""
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from memmgr.errors import MemmgrError, MemmgrInputError, MemmgrStateError, MemmgrSyncError
-from memmgr.manager import MemoryManager
-from memmgr.sync.comm import wait_work
-from memmgr.sync.endpoint import Endpoint
-from memmgr.sync.layout import SyncLayout, SyncStats
-from memmgr.sync.protocol import MAGIC, MESSAGE_BYTES, PROTOCOL_VERSION, STATUS_ABORT, STATUS_OK
+from memmgr.errors import MemmgrInputError, MemmgrStateError, MemmgrSyncError
+from memmgr.sync.comm import STATUS_OK, as_sync_group, check_distinct_gpus, device_uuid
+from memmgr.sync.transports.base import (
+    ParamSpec,
+    WeightBucket,
+    dtype_from_name,
+    group_pairs,
+    itemsize,
+)
+from memmgr.sync.transports.gloo import GlooTransport
+from memmgr.sync.transports.nccl import NcclTransport
 
 logger = logging.getLogger("memmgr")
 
-class WeightSender:
-    """Broadcasts a trainer rank's weights to the engine processes of its sync group.
+PLAN_FORMAT = 2  # raised whenever the plan's JSON changes: trainer and engine must run the same memmgr
 
-    ``send(source)`` takes a MemoryManager (the weights come back to the GPU for the sync only, through
-    ``mgr.weight_sync()``, and leave again afterwards, also on errors) or a plain name -> tensor mapping.
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """One sync as the receivers see it before any weight moves: each bucket's layout (``WeightBucket.meta()``, in
+    sending order), the sender's GPU, and the names in the order of the sender's mapping; ``tensors`` lists every
+    weight in that order."""
+    buckets: tuple[dict, ...]
+    device_uuid: str = ""
+    order: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, groups: list[list[tuple[str, torch.Tensor]]], device_uuid: str = "",
+           order: Sequence[str] = ()) -> "SyncPlan":
+        """The plan of sending ``groups`` (``group_pairs``' lists, one bucket each) from the GPU ``device_uuid``;
+        ``order``: the names in the order of the sender's mapping."""
+        return cls(tuple(WeightBucket.meta_of(*WeightBucket.layout_of(g)) for g in groups), device_uuid,
+                   tuple(order))
+
+    @property
+    def max_bucket_nbytes(self) -> int:
+        return max((int(m["numel"]) * itemsize(dtype_from_name(m["dtype"])) for m in self.buckets), default=0)
+
+    @property
+    def tensors(self) -> tuple[ParamSpec, ...]:
+        specs = [e.spec() for meta in self.buckets for e in WeightBucket.layout_from_meta(meta)[2]]
+        rank = {name: i for i, name in enumerate(self.order)}
+        return tuple(sorted(specs, key=lambda s: rank.get(s.name, len(rank))))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": PLAN_FORMAT, "buckets": list(self.buckets), "device_uuid": self.device_uuid,
+                "order": list(self.order)}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "SyncPlan":
+        if not isinstance(obj, dict) or obj.get("format") != PLAN_FORMAT or not isinstance(obj.get("buckets"), list):
+            got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+            raise MemmgrSyncError(f"weight sync: the sender's plan is of format {got}, this receiver reads format "
+                                  f"{PLAN_FORMAT}; install the same memmgr version on trainer and engine")
+        plan = cls(tuple(obj["buckets"]), str(obj.get("device_uuid", "")), tuple(str(n) for n in obj.get("order", ())))
+        plan.tensors  # noqa: B018 - validates every bucket's layout
+        return plan
+
+
+@dataclass
+class SyncStats:
+    """What one sync did, on one side."""
+    metadata_sent: bool = False       # the plan (every bucket's layout) went out / came in; True for every sync
+    collectives: int = 0              # collectives this side took part in
+    buckets: int = 0
+    nbytes: int = 0                   # weight bytes moved (without alignment padding)
+    wire_bytes: int = 0               # bucket bytes broadcast (with padding)
+    seconds: float = 0.0              # plan to final status, inclusive
+    bucket_seconds: float = 0.0       # first bucket broadcast to last one complete
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        """Weight bytes per second over the whole sync, in GB/s (1e9)."""
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class WeightSender:
+    """Broadcasts a trainer rank's weights to the engine processes (``WeightReceiver``) of its sync group.
+
+    ``group``: a ``SyncGroup`` (``init_sync_group``) or a torch.distributed group (None: the default group);
+    ``src_rank``: this process's rank in it. ``send(source)`` takes a MemoryManager (the weights come back to the
+    GPU for the sync only, through ``mgr.weight_sync()``, and leave again afterwards, also on errors) or a plain
+    name -> tensor mapping, and returns once every receiver loaded everything. ``store`` (a c10d Store shared by the
+    group) and ``tag`` make the sender and its receivers compare device UUIDs before the first collective;
+    ``device_uuid`` overrides this GPU's UUID.
     """
 
     def __init__(self, group: Any = None, src_rank: int = 0, *, bucket_size_mb: float = 256, store: Any = None,
                  device_uuid: str | None = None, tag: str = "weights"):
-        self._ep = Endpoint(group, src_rank, store=store, device_uuid_override=device_uuid, tag=tag)
-        if self._ep.rank != src_rank:
-            raise MemmgrInputError(f"WeightSender: this process is rank {self._ep.rank} of the sync group but "
+        self.group = as_sync_group(group, store)
+        if not (0 <= src_rank < self.group.world_size):
+            raise MemmgrInputError(f"weight sync: src_rank {src_rank} is outside the group of "
+                                   f"{self.group.world_size} ranks; src_rank is the sender's rank inside the sync group")
+        if self.group.rank != src_rank:
+            raise MemmgrInputError(f"WeightSender: this process is rank {self.group.rank} of the sync group but "
                                    f"src_rank is {src_rank}; build the sender on the source rank and a "
                                    f"WeightReceiver on every other rank")
         if bucket_size_mb <= 0:
             raise MemmgrInputError(f"WeightSender: bucket_size_mb must be positive, got {bucket_size_mb}")
+        cls = NcclTransport if "nccl" in self.group.backend_name else GlooTransport
+        # the plan carries every bucket's layout, so none goes in-band
+        self.transport = cls(self.group, src_rank=src_rank, layout_in_band=False)
+        self.src_rank = src_rank
         self.bucket_bytes = int(bucket_size_mb * 2**20)
-        self.layout: SyncLayout | None = None
-        self._signature: tuple | None = None
-        self._sent_version: int | None = None
+        self._uuid_override = device_uuid
+        self._tag = tag
+        self._checked_gpus = False
         self.last_stats: SyncStats | None = None
-
-    def invalidate_metadata(self) -> None:
-        """Sends the layout again at the next sync (e.g. after an engine restarted)."""
-        self._sent_version = None
 
     def send(self, source: Any) -> SyncStats:
         """Sends one version of the weights; returns this side's SyncStats. Blocks until every receiver loaded it."""
-        if isinstance(source, MemoryManager):
+        if callable(getattr(source, "weight_sync", None)) and not isinstance(source, Mapping):
             entered = False
             try:
                 with source.weight_sync() as weights:
@@ -61,33 +149,29 @@ class WeightSender:
             raise exc
         return self._send(source)
 
-    # ---- internals ----
     def _abort(self, exc: BaseException) -> None:
         """Tells the receivers this sync will not happen, so they raise instead of waiting for weights."""
-        message = f"{type(exc).__name__}: {exc}"
         try:
-            self._ep.handshake(None)
-            comm = self._ep.comm
-            data = message.encode()[:MESSAGE_BYTES]
-            header = torch.tensor([MAGIC, PROTOCOL_VERSION, STATUS_ABORT, 0, 0, 0, 0, len(data)], dtype=torch.int64,
-                                  device=comm.device)
-            wait_work(comm.broadcast(header, self.src_rank))
-            buf = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
-            buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            buf = buf.to(comm.device)
-            wait_work(comm.broadcast(buf, self.src_rank))
+            self._check_gpus(None)
+            self.transport.send_control({"format": PLAN_FORMAT, "abort": f"{type(exc).__name__}: {exc}"})
         except Exception as err:  # the original error matters more
             logger.warning("weight sync: could not tell the receivers that the sync was aborted: %s", err)
 
-    @property
-    def src_rank(self) -> int:
-        return self._ep.src_rank
+    def _uuid(self, device: torch.device | None) -> str:
+        return self._uuid_override if self._uuid_override is not None else device_uuid(device)
 
-    def _layout_for(self, items: list[tuple[str, torch.Tensor]]) -> SyncLayout:
+    def _check_gpus(self, device: torch.device | None) -> None:
+        if self._checked_gpus or self.group.store is None:
+            return
+        self._checked_gpus = True
+        check_distinct_gpus(self.group.store, self.src_rank,
+                            [r for r in range(self.group.world_size) if r != self.src_rank], self._uuid(device),
+                            key=self._tag)
+
+    def _validate(self, items: list[tuple[str, Any]]) -> torch.device:
         if not items:
             raise MemmgrInputError("WeightSender: there are no weights to send (empty mapping)")
-        device = items[0][1].device
-        comm = self._ep.comm
+        device = items[0][1].device if isinstance(items[0][1], torch.Tensor) else None
         for name, t in items:
             if not isinstance(t, torch.Tensor):
                 raise MemmgrInputError(f"WeightSender: weight {name!r} is a {type(t).__name__}, not a tensor")
@@ -99,94 +183,54 @@ class WeightSender:
             if t.numel() > 0 and t.untyped_storage().nbytes() == 0:
                 raise MemmgrStateError(f"WeightSender: weight {name!r} (shape {tuple(t.shape)}) has no storage: it "
                                        f"is offloaded. Pass the MemoryManager itself to send(), or onload first")
-        if "nccl" in comm.backend and device.type != "cuda":
-            raise MemmgrInputError(f"WeightSender: the sync group uses NCCL but the weights are on {device}; "
-                                   f"onload them to the GPU (or use a gloo group for CPU tensors)")
-        signature = tuple((n, tuple(t.shape), t.dtype) for n, t in items)
-        if signature != self._signature or self.layout is None:
-            self.layout = SyncLayout.build(signature, self.bucket_bytes, self._ep.my_uuid(device))
-            self._signature = signature
-            logger.debug("weight sync: layout %#x, %d tensors in %d buckets", self.layout.version,
-                         len(self.layout.tensors), len(self.layout.buckets))
-        return self.layout
+        if device != self.transport.device:
+            raise MemmgrInputError(f"WeightSender: the sync group uses {self.group.backend_name} but the weights are "
+                                   f"on {device}; {self.group.backend_name} sends from {self.transport.device} "
+                                   f"(onload them to the GPU for NCCL, or use a gloo group for CPU tensors)")
+        return device
 
     def _send(self, weights: Mapping[str, torch.Tensor]) -> SyncStats:
         items = list(weights.items())
         try:
-            layout = self._layout_for(items)
-            device = items[0][1].device
-            self._ep.handshake(device)
+            device = self._validate(items)
+            groups = list(group_pairs(items, self.bucket_bytes))
+            self._check_gpus(device)
         except BaseException as exc:
             if not isinstance(exc, MemmgrSyncError):
                 self._abort(exc)
             raise
-        comm = self._ep.comm
-        stats = SyncStats(version=layout.version)
+        comm = self.transport.comm
+        stats = SyncStats()
         count0 = comm.count
         t0 = time.perf_counter()
-        meta = layout.to_bytes() if self._sent_version != layout.version else b""
-        header = torch.tensor([MAGIC, PROTOCOL_VERSION, STATUS_OK, layout.version, len(meta), len(layout.buckets),
-                               layout.nbytes, 0], dtype=torch.int64, device=device)
-        wait_work(comm.broadcast(header, self.src_rank))
-        if meta:
-            mt = torch.frombuffer(bytearray(meta), dtype=torch.uint8).to(device)
-            wait_work(comm.broadcast(mt, self.src_rank))
-            stats.metadata_sent = True
-        try:
-            self._ep.report_status(STATUS_OK, "", stats)
-        except MemmgrError:
-            self._sent_version = None
-            raise
-        self._sent_version = layout.version
-
+        plan = SyncPlan.of(groups, self._uuid(device), [n for n, _ in items])
+        self.transport.send_control(plan.to_json(), "the sync plan")
+        stats.metadata_sent = True
+        self.transport.exchange_status(STATUS_OK)  # the receivers say whether the plan fits their engine
         tb = time.perf_counter()
-        self._send_buckets(layout, [t for _, t in items], stats)
-        del items
-        self._ep.report_status(STATUS_OK, "", stats)  # receivers report whether load_weights took everything
-        now = time.perf_counter()
-        stats.bucket_seconds = now - tb
-        stats.seconds = now - t0
-        stats.nbytes = layout.nbytes
-        stats.collectives = comm.count - count0
-        self.last_stats = stats
-        logger.info("weight sync sent %.1f MB in %d buckets in %.3f s (%.2f GB/s)%s", stats.nbytes / 1e6,
-                    stats.buckets, stats.seconds, stats.gbps, " with metadata" if stats.metadata_sent else "")
-        return stats
-
-
-    def _send_buckets(self, layout: SyncLayout, tensors: list[torch.Tensor], stats: SyncStats) -> None:
-        """One broadcast per bucket; packs bucket k+1 while bucket k is in flight (two send buffers)."""
-        comm, device = self._ep.comm, tensors[0].device
-        nbuf = min(2, len(layout.buckets))
-        bufs = [torch.empty(layout.max_bucket_nbytes, dtype=torch.uint8, device=device) for _ in range(nbuf)]
-        works: list[Any] = [None] * nbuf
-        dst: list[torch.Tensor] = []
-        src: list[torch.Tensor] = []
+        buffer = torch.empty(plan.max_bucket_nbytes, dtype=torch.uint8, device=device)
         try:
-            with torch.no_grad():
-                for k, bucket in enumerate(layout.buckets):
-                    slot = k % nbuf
-                    if works[slot] is not None:
-                        wait_work(works[slot])  # the broadcast that last used this buffer is done (stream-ordered on GPU)
-                    flat = bufs[slot][:bucket.nbytes].view(bucket.dtype)
-                    dst.clear()
-                    src.clear()
-                    for i in bucket.members:
-                        spec = layout.tensors[i]
-                        if spec.numel:
-                            dst.append(flat[spec.offset:spec.offset + spec.numel])
-                            src.append(tensors[i].reshape(-1))
-                    if dst:
-                        torch._foreach_copy_(dst, src)
-                    works[slot] = comm.broadcast(flat, self.src_rank)
-                    stats.wire_bytes += bucket.nbytes
-                for w in works:
-                    if w is not None:
-                        wait_work(w)
+            for group in groups:
+                dtype = group[0][1].dtype
+                bucket = WeightBucket.pack(group, out=buffer[:buffer.numel() // itemsize(dtype) * itemsize(dtype)]
+                                           .view(dtype))
+                self.transport.send_bucket(bucket)  # returns once the broadcast completed: the buffer is free
+                stats.wire_bytes += bucket.nbytes
+                stats.nbytes += bucket.payload_bytes
+                stats.buckets += 1
         finally:
             # views of the weights must not outlive the sync (a traceback keeps this frame alive, and the manager
             # refuses to offload weights that something still references)
-            dst.clear()
-            src.clear()
-            tensors.clear()
-        stats.buckets = len(layout.buckets)
+            items.clear()
+            groups.clear()
+            bucket = group = None
+        self.transport.exchange_status(STATUS_OK)  # the receivers say whether load_weights took everything
+        now = time.perf_counter()
+        stats.bucket_seconds = now - tb
+        stats.seconds = now - t0
+        stats.collectives = comm.count - count0
+        self.last_stats = stats
+        logger.info("weight sync sent %.1f MB in %d buckets in %.3f s (%.2f GB/s)", stats.nbytes / 1e6,
+                    stats.buckets, stats.seconds, stats.gbps)
+        return stats
+

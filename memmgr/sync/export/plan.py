@@ -15,13 +15,7 @@ from memmgr.sync.export.discovery import LocalParams, ParamInfo
 from memmgr.sync.export.errors import MemmgrExportError
 from memmgr.sync.export.families import FAMILIES, Family, Row, config_dims, eval_dim, family_for
 from memmgr.sync.export.layouts import Geometry, LayoutError, output_shapes
-from memmgr.sync.layout import ParamSpec, aligned, itemsize
-
-ALIGN_BYTES = 64
-
-
-def _aligned(nbytes: int) -> int:
-    return aligned(nbytes, ALIGN_BYTES)
+from memmgr.sync.transports.base import ParamSpec, aligned, itemsize, padded_numel
 
 
 @dataclass(frozen=True)
@@ -58,7 +52,7 @@ class Unit:
             n = itemsize(self.dtype)
             for s in shape:
                 n *= s
-            total += _aligned(n)
+            total += aligned(n)
         return total
 
 
@@ -233,7 +227,7 @@ def _pack(units: list[Unit], bucket_bytes: int) -> list[BucketPlan]:
         else:
             groups.append([u])
             size = u.hf_nbytes
-    cap = max((_aligned(u.shard_nbytes) * len(u.providers) for u in units), default=0)
+    cap = max((aligned(u.shard_nbytes) * len(u.providers) for u in units), default=0)
     buckets = []
     for index, members in enumerate(groups):
         numels: dict[torch.dtype, int] = {}
@@ -241,13 +235,12 @@ def _pack(units: list[Unit], bucket_bytes: int) -> list[BucketPlan]:
         round_bytes = cap + 1
         for pos, u in enumerate(members):
             u.entries = []
-            align = ALIGN_BYTES // itemsize(u.dtype)
             for hf_name, shape in zip(u.hf_names, u.hf_shapes):
                 offset = numels.get(u.dtype, 0)
                 entry = ExportEntry(hf_name, shape, u.dtype, offset)
                 u.entries.append(entry)
-                numels[u.dtype] = offset + -(-entry.numel // align) * align
-            unit_bytes = _aligned(u.shard_nbytes) * len(u.providers)
+                numels[u.dtype] = offset + padded_numel(entry.numel, u.dtype)  # WeightBucket.pack's layout
+            unit_bytes = aligned(u.shard_nbytes) * len(u.providers)
             if round_bytes + unit_bytes > cap:
                 rounds.append({})
                 round_bytes = 0
@@ -256,7 +249,7 @@ def _pack(units: list[Unit], bucket_bytes: int) -> list[BucketPlan]:
             for s, provider in enumerate(u.providers):
                 items, total = messages.get(provider, ([], 0))
                 items.append((pos, s, total))
-                messages[provider] = (items, total + _aligned(u.shard_nbytes))
+                messages[provider] = (items, total + aligned(u.shard_nbytes))
         buckets.append(BucketPlan(index, members, numels, rounds))
     return buckets
 

@@ -1,5 +1,6 @@
-"""What every weight transport shares: the flat per-dtype bucket, the tensor metadata, the check against what an
-engine holds, and the trainer-side ``Transport`` interface.
+"""What every weight transport shares: the flat per-dtype bucket and its packer (the one packing rule of the weight
+sync, which the export's plan follows too), the tensor metadata (``ParamSpec``), the check against what an engine
+holds, and the trainer-side ``Transport`` interface.
 
 A sync is a stream of ``WeightBucket`` s: each is one flat 1-D tensor of a single dtype holding several weights back
 to back (each starting at a byte offset aligned to ``ALIGN_BYTES``), plus one ``TensorEntry`` per weight (name,
@@ -22,16 +23,63 @@ import torch
 
 from memmgr import arguments
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
-from memmgr.sync.layout import ParamSpec, aligned, dtype_from_name, dtype_name, itemsize
-from memmgr.sync.protocol import ALIGN_BYTES
 
 logger = logging.getLogger("memmgr")
 
 DEFAULT_BUCKET_BYTES = 256 << 20
+ALIGN_BYTES = 256       # each weight starts at a multiple of this inside its bucket (the export's buckets too)
 
 
-def _aligned(nbytes: int) -> int:
-    return aligned(nbytes, ALIGN_BYTES)
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise MemmgrSyncError(f"weight sync metadata names dtype {name!r}, which this torch ({torch.__version__}) "
+                              f"lacks; use the same torch version on trainer and engine")
+    return dtype
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def aligned(nbytes: int, align: int = ALIGN_BYTES) -> int:
+    """``nbytes`` rounded up to a multiple of ``align``: the bytes a weight of ``nbytes`` takes in a bucket."""
+    return -(-nbytes // align) * align
+
+
+def padded_numel(numel: int, dtype: torch.dtype) -> int:
+    """The elements of ``dtype`` a weight of ``numel`` elements takes in a bucket (up to the next aligned offset)."""
+    item = itemsize(dtype)
+    return aligned(numel * item) // item
+
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Name, shape and dtype of one weight: what the trainer sends or what the engine holds. The entries that place a
+    weight inside a bucket (``TensorEntry``, the export's ``ExportEntry``) are ParamSpecs with an offset."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    def spec(self) -> "ParamSpec":
+        """The weight's name, shape and dtype alone."""
+        return ParamSpec(self.name, tuple(self.shape), self.dtype)
 
 
 @dataclass(frozen=True)
@@ -87,8 +135,14 @@ class WeightBucket:
 
     def meta(self) -> dict[str, Any]:
         """The bucket's layout as plain JSON-able data (what a control channel carries; no tensor data)."""
-        return {"dtype": dtype_name(self.dtype), "numel": int(self.flat.numel()),
-                "entries": [[e.name, list(e.shape), e.offset] for e in self.entries]}
+        return self.meta_of(self.dtype, int(self.flat.numel()), self.entries)
+
+    @staticmethod
+    def meta_of(dtype: torch.dtype, numel: int, entries: Sequence[TensorEntry]) -> dict[str, Any]:
+        """``meta()`` of a bucket of ``dtype`` x ``numel`` holding ``entries`` (e.g. from ``layout_of``), before it
+        is packed."""
+        return {"dtype": dtype_name(dtype), "numel": int(numel),
+                "entries": [[e.name, list(e.shape), e.offset] for e in entries]}
 
     @staticmethod
     def layout_from_meta(meta: Mapping[str, Any]) -> tuple[torch.dtype, int, tuple[TensorEntry, ...]]:
@@ -102,6 +156,26 @@ class WeightBucket:
             raise MemmgrSyncError(f"weight sync: malformed bucket metadata ({exc!r}); trainer and engine must run the "
                                   f"same memmgr version") from exc
         return dtype, numel, entries
+
+    @staticmethod
+    def layout_of(pairs: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.dtype, int, tuple[TensorEntry, ...]]:
+        """(dtype, numel, entries) of the bucket ``pack`` makes of ``pairs`` (all of one dtype), without copying:
+        each weight at the next ``ALIGN_BYTES``-aligned byte offset, in order."""
+        if not pairs:
+            raise MemmgrInputError("WeightBucket.pack: no tensors given")
+        dtype = pairs[0][1].dtype
+        item = itemsize(dtype)
+        entries = []
+        offset = 0
+        for name, t in pairs:
+            if not isinstance(t, torch.Tensor):
+                raise MemmgrInputError(f"WeightBucket.pack: {name!r} is a {type(t).__name__}, not a tensor")
+            if t.dtype != dtype:
+                raise MemmgrInputError(f"WeightBucket.pack: tensor {name!r} is {t.dtype} but the bucket's first "
+                                       f"tensor is {dtype}; pack one dtype per bucket (bucketize does)")
+            entries.append(TensorEntry(name, tuple(int(s) for s in t.shape), dtype, offset))
+            offset = aligned(offset + t.numel() * item)
+        return dtype, offset // item, tuple(entries)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], flat: torch.Tensor) -> "WeightBucket":
@@ -121,21 +195,7 @@ class WeightBucket:
         transport. Otherwise the bucket is allocated on ``device`` (default: the first tensor's device).
         """
         pairs = list(arguments.named_tensors("WeightBucket.pack", "pairs", pairs))
-        if not pairs:
-            raise MemmgrInputError("WeightBucket.pack: no tensors given")
-        dtype = pairs[0][1].dtype
-        item = itemsize(dtype)
-        entries = []
-        offset = 0
-        for name, t in pairs:
-            if not isinstance(t, torch.Tensor):
-                raise MemmgrInputError(f"WeightBucket.pack: {name!r} is a {type(t).__name__}, not a tensor")
-            if t.dtype != dtype:
-                raise MemmgrInputError(f"WeightBucket.pack: tensor {name!r} is {t.dtype} but the bucket's first "
-                                       f"tensor is {dtype}; pack one dtype per bucket (bucketize does)")
-            entries.append(TensorEntry(name, tuple(int(s) for s in t.shape), dtype, offset))
-            offset = _aligned(offset + t.numel() * item)
-        numel = offset // item
+        dtype, numel, entries = cls.layout_of(pairs)
         if out is None:
             flat = torch.empty(numel, dtype=dtype, device=device if device is not None else pairs[0][1].device)
         else:
@@ -143,7 +203,7 @@ class WeightBucket:
                 raise MemmgrInputError(f"WeightBucket.pack: out is {out.dtype} x {tuple(out.shape)} but the bucket "
                                        f"needs a 1-D {dtype} tensor of at least {numel} elements")
             flat = out[:numel]
-        bucket = cls(flat, tuple(entries))
+        bucket = cls(flat, entries)
         dst = [v.reshape(-1) for _, v in bucket.views()]
         src = [t.detach().reshape(-1) for _, t in pairs]
         with torch.no_grad():
@@ -211,7 +271,7 @@ def _group_pairs(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int
             raise MemmgrInputError(f"bucketize: tensor {name!r} appears twice in the weight stream; each name must "
                                    f"be sent once per sync")
         seen.add(name)
-        nbytes = _aligned(t.numel() * t.element_size())
+        nbytes = aligned(t.numel() * t.element_size())
         members = open_.setdefault(t.dtype, [])
         if members and fill[t.dtype] + nbytes > bucket_bytes:
             yield list(members)
@@ -240,34 +300,41 @@ def specs_of(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Te
 
 
 def check_specs(sent: Sequence[ParamSpec], held: Mapping[str, tuple[Sequence[int], torch.dtype]], *,
-                where: str = "the engine", require_all: bool = True) -> None:
+                where: str = "the engine", require_all: bool = True, sent_as: Mapping[str, str] | None = None,
+                fix: str | None = None) -> None:
     """Raises ``MemmgrSyncMismatchError`` if the weights about to be sent do not fit what ``where`` holds.
 
     ``held`` maps each name the engine accepts to (shape, dtype). A sent name the engine lacks, a shape or dtype
     that differs, a name sent twice, and (with ``require_all``) an engine weight that is not sent are each named in
-    the message, with the closest engine names for an unknown one.
+    the message, with the closest engine names for an unknown one. ``sent_as`` (engine name -> the trainer's name
+    of that tensor) adds the trainer's name to each; ``fix`` replaces the message's advice.
     """
     sent = as_specs(sent)
     if not isinstance(held, Mapping):
         raise MemmgrInputError(f"check_specs: held must map each engine weight's name to (shape, dtype), got "
                                f"{type(held).__name__}")
+    sent_as = sent_as or {}
+
+    def label(name: str) -> str:
+        return f"{name!r}" + (f" (trainer tensor {sent_as[name]!r})" if name in sent_as else "")
+
     problems: list[str] = []
     names: set[str] = set()
     for spec in sent:
         if spec.name in names:
-            problems.append(f"{spec.name!r} is sent twice")
+            problems.append(f"{label(spec.name)} is sent twice")
             continue
         names.add(spec.name)
         if spec.name not in held:
             close = difflib.get_close_matches(spec.name, list(held), n=3)
-            problems.append(f"{spec.name!r} (shape {list(spec.shape)}, {dtype_name(spec.dtype)}): {where} has no "
-                            f"weight of that name" + (f" (closest: {close})" if close else ""))
+            problems.append(f"{label(spec.name)} (shape {list(spec.shape)}, {dtype_name(spec.dtype)}): {where} has "
+                            f"no weight of that name" + (f" (closest: {close})" if close else ""))
             continue
         shape, dtype = held[spec.name]
         shape = tuple(int(s) for s in shape)
         if shape != spec.shape or dtype != spec.dtype:
-            problems.append(f"{spec.name!r}: sent shape {list(spec.shape)}, {dtype_name(spec.dtype)} but {where} "
-                            f"holds shape {list(shape)}, {dtype_name(dtype)}")
+            problems.append(f"{label(spec.name)}: sent shape {list(spec.shape)}, {dtype_name(spec.dtype)} but "
+                            f"{where} holds shape {list(shape)}, {dtype_name(dtype)}")
     if require_all:
         missing = [n for n in held if n not in names]
         if missing:
@@ -277,9 +344,9 @@ def check_specs(sent: Sequence[ParamSpec], held: Mapping[str, tuple[Sequence[int
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
         raise MemmgrSyncMismatchError(
             f"weight sync refused before any weight moved; {where} keeps its previous weights. "
-            + "; ".join(problems[:8]) + more + ". Send the engine's checkpoint names (HF names for vLLM) with its "
-            "shapes and dtype: fix the export's name mapping, build trainer and engine from the same architecture, "
-            "or cast to the engine's dtype")
+            + "; ".join(problems[:8]) + more + ". " + (fix or "Send the engine's checkpoint names (HF names for "
+            "vLLM) with its shapes and dtype: fix the export's name mapping, build trainer and engine from the same "
+            "architecture, or cast to the engine's dtype"))
 
 
 class Transport(ABC):
@@ -342,4 +409,5 @@ class Transport(ABC):
 __all__ = ["ALIGN_BYTES", "DEFAULT_BUCKET_BYTES", "ParamSpec",
            "TensorEntry", "WeightBucket", "bucketize", "group_pairs",
            "split_per_dtype", "is_multi_dtype_bucket", "as_specs",
-           "specs_of", "check_specs", "Transport", "dtype_name", "dtype_from_name"]
+           "specs_of", "check_specs", "Transport", "dtype_name", "dtype_from_name", "itemsize", "aligned",
+           "padded_numel"]

@@ -1,14 +1,17 @@
 """Broadcast transports: buckets broadcast over a torch.distributed group of their own, gloo (CPU engines and
 tests, ``memmgr.sync.transports.gloo``) or NCCL (an engine on another GPU, ``memmgr.sync.transports.nccl``).
 
-Rank 0 of the group is the trainer (``CollectiveTransport``); ranks 1..N are engine workers
-(``CollectiveReceiver``), each getting every bucket. The group is made by ``memmgr.sync.init_sync_group`` on a TCP
-store that the trainer hosts, so it does not touch the default torch.distributed group of either side (vLLM has one
-of its own). Buckets live where the backend moves them: CPU memory for gloo, the current GPU for NCCL.
+The trainer is rank ``src_rank`` (0 by default) of the group (``CollectiveTransport``); every other rank is an
+engine worker (``CollectiveReceiver``), each getting every bucket. The group is made by ``connect`` (through
+``memmgr.sync.comm.init_sync_group``) on a TCP store that the trainer hosts, so it does not touch the default
+torch.distributed group of either side (vLLM has one of its own). Buckets live where the backend moves them: CPU
+memory for gloo, the current GPU for NCCL. Every byte goes through ``memmgr.sync.comm.Comm.broadcast``.
 
-A bucket's layout reaches the receivers either through a control channel (``announce``: for vLLM, its
-``update_weights`` RPC, which runs while the broadcast is in flight) or, without one, in-band: a length and the
-JSON layout are broadcast before the data.
+A bucket's layout reaches the receivers through a control channel (``announce``: for vLLM, its ``update_weights``
+RPC, which runs while the broadcast is in flight), or in-band: a length and the JSON layout broadcast before the data
+(``send_control``/``receive_control``, which also carry a caller's own messages), or not at all where the receivers
+know it already (``layout_in_band=False``: the name -> tensor front end sends the whole sync's plan first).
+``exchange_status`` is the status all-reduce: every rank reports, and if one failed every rank raises its message.
 """
 from __future__ import annotations
 
@@ -19,27 +22,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncTimeoutError
-from memmgr.sync import SyncGroup, init_sync_group
+from memmgr.sync.comm import (
+    STATUS_OK,
+    Comm,
+    SyncGroup,
+    group_device,
+    init_sync_group,
+    report_status,
+    translate_error,
+)
 from memmgr.sync.transports.base import Transport, WeightBucket
 
 logger = logging.getLogger("memmgr")
 
 Announce = Callable[[dict[str, Any]], Any]
 _POLL_S = 0.002
-
-
-def _translate(exc: BaseException, *, step: str, rank: int, peers: str, backend: str = "gloo") -> MemmgrSyncError:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    low = text.lower()
-    if "timed out" in low or "timeout" in low:
-        return MemmgrSyncTimeoutError(f"{backend} weight sync: {step} timed out on rank {rank} waiting for {peers} "
-                                      f"({text[:300]}). The engine worker is gone or stuck; check its log, then "
-                                      f"reconnect (a new transport) before the next sync")
-    return MemmgrSyncError(f"{backend} weight sync: {step} failed on rank {rank} with {peers} ({type(exc).__name__}: "
-                           f"{text[:300]}). The group is unusable; reconnect before the next sync")
 
 
 def connect(master_address: str, master_port: int, world_size: int, rank: int, *, backend: str = "gloo",
@@ -56,44 +55,66 @@ def connect(master_address: str, master_port: int, world_size: int, rank: int, *
         raise
     except Exception as exc:  # the store or the mesh did not come up
         who = "the engine workers (ranks 1..%d)" % (world_size - 1) if rank == 0 else "the trainer (rank 0)"
-        raise _translate(exc, step=f"joining the group at {master_address}:{master_port}", rank=rank,
+        raise translate_error(exc, step=f"joining the group at {master_address}:{master_port}", rank=rank,
                          peers=who, backend=backend) from exc
 
 
-def _broadcast(group: SyncGroup, tensor: torch.Tensor) -> Any:
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 0
-    opts.rootTensor = 0
-    return group.backend.broadcast([tensor], opts)
+def _peers_of(group: SyncGroup, src: int) -> str:
+    ranks = [r for r in range(group.world_size) if r != src]
+    if len(ranks) == 1:
+        return f"engine worker rank {ranks[0]}"
+    return f"engine worker ranks {ranks[0]}..{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else \
+        f"engine worker ranks {ranks}"
 
 
-def _group_device(backend: str) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+def _send_json(comm: Comm, src: int, obj: Any, device: torch.device, wait: Callable[[Any, str], None],
+               head_step: str, step: str) -> None:
+    data = json.dumps(obj).encode()
+    head = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    wait(comm.broadcast(head, src), head_step)
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    wait(comm.broadcast(raw, src), step)
+
+
+def _receive_json(comm: Comm, src: int, device: torch.device, wait: Callable[[Any, str], None], head_step: str,
+                  step: str) -> Any:
+    head = torch.zeros(1, dtype=torch.int64, device=device)
+    wait(comm.broadcast(head, src), head_step)
+    raw = torch.empty(int(head.item()), dtype=torch.uint8, device=device)
+    wait(comm.broadcast(raw, src), step)
+    return json.loads(bytes(raw.cpu().numpy().tobytes()).decode())
 
 
 class CollectiveTransport(Transport):
-    """Trainer side (rank 0): broadcasts each bucket's bytes to every engine worker of ``group``.
+    """Trainer side (rank ``src_rank``, 0 by default): broadcasts each bucket's bytes to every engine worker of
+    ``group``.
 
     With ``announce``, ``send_bucket`` calls ``announce(describe(bucket))`` on a helper thread while the broadcast
     is in flight and returns when both are done; if the control call fails first, the broadcast is abandoned and the
-    failure raised (the group is then unusable: reconnect). ``timeout_s`` bounds each bucket.
+    failure raised (the group is then unusable: reconnect). Without it, each bucket's layout is broadcast before its
+    data unless ``layout_in_band`` is False (the receivers know it from a message of the caller's). ``timeout_s``
+    bounds each bucket.
     """
 
     name = "collective"
     backend = "gloo"
 
-    def __init__(self, group: SyncGroup, *, announce: Announce | None = None, timeout_s: float | None = None):
+    def __init__(self, group: SyncGroup, *, announce: Announce | None = None, timeout_s: float | None = None,
+                 src_rank: int = 0, layout_in_band: bool = True):
         kind = type(self).__name__
         if not isinstance(group, SyncGroup) or group.backend_name != self.backend:
             raise MemmgrInputError(f"{kind} takes a {self.backend} SyncGroup from "
                                    f"memmgr.sync.transports.{self.backend}.connect() (or init_sync_group(..., "
                                    f"backend={self.backend!r}))")
-        if group.rank != 0:
-            raise MemmgrInputError(f"{kind} runs on rank 0 of the sync group (the trainer), this process is "
+        if group.rank != src_rank:
+            raise MemmgrInputError(f"{kind} runs on rank {src_rank} of the sync group (the trainer), this process is "
                                    f"rank {group.rank}; engine workers use the matching receiver")
         self.group = group
-        self.device = _group_device(self.backend)
+        self.src_rank = src_rank
+        self.comm = Comm(group)
+        self.device = group_device(self.backend)
         self.announce = announce
+        self.layout_in_band = layout_in_band
         self.timeout_s = float(timeout_s) if timeout_s is not None else group.timeout.total_seconds()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"memmgr-{self.backend}-announce")
         self._broken: str | None = None
@@ -102,8 +123,7 @@ class CollectiveTransport(Transport):
 
     @property
     def peers(self) -> str:
-        n = self.group.world_size - 1
-        return "engine worker rank 1" if n == 1 else f"engine worker ranks 1..{n}"
+        return _peers_of(self.group, self.src_rank)
 
     def _check_usable(self) -> None:
         if self._broken is not None:
@@ -124,14 +144,25 @@ class CollectiveTransport(Transport):
                     work.wait()
                 except Exception as exc:
                     self._broken = f"{step} failed"
-                    raise _translate(exc, step=step, rank=0, peers=self.peers, backend=self.backend) from exc
+                    raise translate_error(exc, step=step, rank=self.src_rank, peers=self.peers,
+                                     backend=self.backend) from exc
                 return
             if time.monotonic() > deadline:
                 self._broken = f"{step} timed out"
                 raise MemmgrSyncTimeoutError(f"{self.backend} weight sync: {step} did not complete within {self.timeout_s:.0f} s "
-                                             f"on rank 0 waiting for {self.peers}; the engine worker is gone or "
-                                             f"stuck. Reconnect before the next sync")
+                                             f"on rank {self.src_rank} waiting for {self.peers}; the engine worker is "
+                                             f"gone or stuck. Reconnect before the next sync")
             time.sleep(_POLL_S)
+
+    def send_control(self, message: Any, step: str = "a control message") -> None:
+        """Broadcasts ``message`` (JSON-able) to the engine workers: their ``receive_control()`` returns it."""
+        self._check_usable()
+        _send_json(self.comm, self.src_rank, message, self.device, lambda w, st: self._wait(w, None, st),
+                   f"{step} header", step)
+
+    def exchange_status(self, code: int = STATUS_OK, message: str = "") -> None:
+        """The status all-reduce (``memmgr.sync.comm.report_status``): raises on every rank if any rank failed."""
+        report_status(self.comm, code, message, src=self.src_rank)
 
     def send_bucket(self, bucket: WeightBucket) -> None:
         self._check_usable()
@@ -143,13 +174,10 @@ class CollectiveTransport(Transport):
         control = None
         if self.announce is not None:
             control = self._pool.submit(self.announce, self.describe(bucket))
-        else:
-            meta = json.dumps(bucket.meta()).encode()
-            head = torch.tensor([len(meta)], dtype=torch.int64, device=self.device)
-            self._wait(_broadcast(self.group, head), None, f"{step} header")
-            raw = torch.frombuffer(bytearray(meta), dtype=torch.uint8).to(self.device)
-            self._wait(_broadcast(self.group, raw), None, f"{step} layout")
-        self._wait(_broadcast(self.group, bucket.flat), control, step)
+        elif self.layout_in_band:
+            _send_json(self.comm, self.src_rank, bucket.meta(), self.device,
+                       lambda w, st: self._wait(w, None, st), f"{step} header", f"{step} layout")
+        self._wait(self.comm.broadcast(bucket.flat, self.src_rank), control, step)
         if control is not None:
             remaining = max(1.0, self.timeout_s)
             try:
@@ -171,7 +199,8 @@ class CollectiveTransport(Transport):
 
 
 class CollectiveReceiver:
-    """Engine-worker side (rank >= 1): receives buckets broadcast by rank 0 into one reused buffer.
+    """Engine-worker side (any rank but ``src_rank``): receives buckets broadcast by the trainer into one reused
+    buffer.
 
     ``receive(meta)`` returns the bucket that ``meta`` (a ``WeightBucket.meta()`` that came over the control
     channel) describes; ``receive()`` reads the layout in-band first. With ``reuse_buffer`` the returned bucket
@@ -181,32 +210,42 @@ class CollectiveReceiver:
 
     backend = "gloo"
 
-    def __init__(self, group: SyncGroup, *, reuse_buffer: bool = True):
+    def __init__(self, group: SyncGroup, *, reuse_buffer: bool = True, src_rank: int = 0):
         kind = type(self).__name__
         if not isinstance(group, SyncGroup) or group.backend_name != self.backend:
             raise MemmgrInputError(f"{kind} takes a {self.backend} SyncGroup from "
                                    f"memmgr.sync.transports.{self.backend}.connect()")
-        if group.rank == 0:
-            raise MemmgrInputError(f"{kind} runs on an engine worker (rank >= 1); rank 0 is the trainer's transport")
+        if group.rank == src_rank:
+            raise MemmgrInputError(f"{kind} runs on an engine worker (rank >= 1); rank {src_rank} is the trainer's "
+                                   f"transport" if src_rank == 0 else
+                                   f"{kind} runs on an engine worker; rank {src_rank} is the trainer's transport")
         self.group = group
+        self.src_rank = src_rank
+        self.comm = Comm(group)
         self.reuse_buffer = reuse_buffer
-        self.device = _group_device(self.backend)
+        self.device = group_device(self.backend)
         self._buffer = torch.empty(0, dtype=torch.uint8, device=self.device)
 
     def _wait(self, work: Any, step: str) -> None:
         try:
             work.wait()
         except Exception as exc:
-            raise _translate(exc, step=step, rank=self.group.rank, peers="the trainer (rank 0)",
+            raise translate_error(exc, step=step, rank=self.group.rank, peers=f"the trainer (rank {self.src_rank})",
                              backend=self.backend) from exc
+
+    def receive_control(self) -> Any:
+        """The message the trainer's ``send_control`` broadcast."""
+        return _receive_json(self.comm, self.src_rank, self.device, self._wait, "receiving a control message header",
+                             "receiving a control message")
+
+    def exchange_status(self, code: int = STATUS_OK, message: str = "") -> None:
+        """The status all-reduce (``memmgr.sync.comm.report_status``): raises on every rank if any rank failed."""
+        report_status(self.comm, code, message, src=self.src_rank)
 
     def receive(self, meta: dict[str, Any] | None = None) -> WeightBucket:
         if meta is None:
-            head = torch.zeros(1, dtype=torch.int64, device=self.device)
-            self._wait(_broadcast(self.group, head), "receiving a bucket header")
-            raw = torch.empty(int(head.item()), dtype=torch.uint8, device=self.device)
-            self._wait(_broadcast(self.group, raw), "receiving a bucket layout")
-            meta = json.loads(bytes(raw.cpu().numpy().tobytes()).decode())
+            meta = _receive_json(self.comm, self.src_rank, self.device, self._wait, "receiving a bucket header",
+                                 "receiving a bucket layout")
         dtype, numel, _ = WeightBucket.layout_from_meta(meta)
         nbytes = numel * torch.empty(0, dtype=dtype).element_size()
         if not self.reuse_buffer:
@@ -215,7 +254,7 @@ class CollectiveReceiver:
             if self._buffer.numel() < nbytes:
                 self._buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             flat = self._buffer[:nbytes].view(dtype)
-        self._wait(_broadcast(self.group, flat), f"receiving a {dtype} bucket of {nbytes} B")
+        self._wait(self.comm.broadcast(flat, self.src_rank), f"receiving a {dtype} bucket of {nbytes} B")
         return WeightBucket.from_meta(meta, flat)
 
     def close(self) -> None:

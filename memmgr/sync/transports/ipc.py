@@ -39,10 +39,9 @@ import torch
 
 from memmgr import arguments
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncTimeoutError
-from memmgr.sync import device_uuid
-from memmgr.sync.layout import aligned
+from memmgr.sync.comm import device_uuid
 from memmgr.sync.loaders import begin_sync, commit_sync, rollback_sync
-from memmgr.sync.transports.base import ALIGN_BYTES, DEFAULT_BUCKET_BYTES, Transport, WeightBucket
+from memmgr.sync.transports.base import ALIGN_BYTES, DEFAULT_BUCKET_BYTES, Transport, WeightBucket, aligned
 
 logger = logging.getLogger("memmgr")
 

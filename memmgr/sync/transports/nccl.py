@@ -2,17 +2,17 @@
 on other GPUs (the mechanism is ``memmgr.sync.transports.collective``).
 
 NCCL refuses two ranks of one communicator on the same GPU, so ``connect`` compares the ranks' device UUIDs through
-the group's store before the first collective and raises ``MemmgrSyncError`` saying so (an engine on the trainer's
-own GPU takes the CUDA IPC transport, ``memmgr.sync.transports.ipc``). Buckets are on the current GPU of each rank:
-the export stages them there, also when it reads the trainer's pinned host copy.
+the group's store before the first collective (``memmgr.sync.comm.check_distinct_gpus``) and raises
+``MemmgrSyncError`` saying so (an engine on the trainer's own GPU takes the CUDA IPC transport,
+``memmgr.sync.transports.ipc``). Buckets are on the current GPU of each rank: the export stages them there, also when
+it reads the trainer's pinned host copy.
 """
 from __future__ import annotations
 
 import torch
 
 from memmgr.errors import MemmgrSyncError
-from memmgr.sync.comm import SyncGroup, device_uuid
-from memmgr.sync.protocol import SAME_GPU_HINT
+from memmgr.sync.comm import SyncGroup, check_distinct_gpus, device_uuid
 from memmgr.sync.transports.collective import CollectiveReceiver, CollectiveTransport
 from memmgr.sync.transports.collective import connect as _connect_backend
 
@@ -24,15 +24,13 @@ def connect(master_address: str, master_port: int, world_size: int, rank: int, *
     group = _connect_backend(master_address, master_port, world_size, rank, backend="nccl", timeout_s=timeout_s,
                              prefix=prefix)
     mine = device_uuid(torch.device("cuda", torch.cuda.current_device()))
-    key = f"{prefix}/uuid/"
-    group.store.set(key + str(rank), mine)
-    peers = range(1, world_size) if rank == 0 else [0]
-    for peer in peers:
-        theirs = group.store.get(key + str(peer)).decode()
-        if mine and theirs == mine:
-            group.close()
-            raise MemmgrSyncError(f"NCCL weight sync: rank {rank} and rank {peer} are on the same GPU (UUID {mine}). "
-                                  f"{SAME_GPU_HINT}; or use memmgr.sync.transports.ipc for an engine on this GPU")
+    try:
+        check_distinct_gpus(group.store, rank, range(1, world_size) if rank == 0 else [0], mine, key=prefix,
+                            what="NCCL weight sync",
+                            advice="; or use memmgr.sync.transports.ipc for an engine on this GPU")
+    except MemmgrSyncError:
+        group.close()
+        raise
     return group
 
 
