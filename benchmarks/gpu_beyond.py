@@ -14,9 +14,9 @@ Sections (each in its own try/except; a failure is recorded and the next section
    end of the first forward with ``memmgr.ordered.onload_in_order`` against onload time + forward time sequential
    (target <= 0.6x); the batch is sized so that the forward takes about as long as the onload. Output bit-equal to
    the resident model's.
-4. budget: an ~8 GB Megatron-shaped training state (256 MiB buckets); ``mgr.offload(budget_bytes=N)`` with N = 5 GiB
+4. budget: an ~8 GB Megatron-shaped training state (256 MiB buckets); ``mgr.free(N)`` with N = 5 GiB
    + 12345 B must free >= N bytes (torch.cuda.mem_get_info after empty_cache, and NVML) and move no more than N plus
-   one bucket; the dry-run plan equals the executed one; ``state()`` reports partial groups; onload is bit-exact.
+   one bucket; the dry-run plan equals the executed one; ``state`` reports partial groups; onload is bit-exact.
 
 Writes DIR/beyond.json (every section's figures and pass/fail flags, with the run's metadata) and prints a summary.
 """
@@ -63,7 +63,7 @@ def swap_section(peak: dict, gib: float, margin_mib: int, reps: int) -> dict:
     out["setup_s"] = time.perf_counter() - t0
     b.offload()
     cleanup()
-    nbytes = a.state()["optimizer_states"].nbytes
+    nbytes = a.state["optimizer_states"].nbytes
     out["bytes_each"] = nbytes
     out["buckets_each"] = len(a.group("optimizer_states").buckets)
     one_way = max(peak["d2h"], peak["h2d"])
@@ -227,7 +227,7 @@ def budget_section(state_gb: float, budget_gib: float) -> dict:
     cleanup()
     n = int(budget_gib * GiB) + 12345
     out["budget_bytes"] = n
-    out["managed_bytes"] = {k: v.nbytes for k, v in mgr.state().items()}
+    out["managed_bytes"] = {k: v.nbytes for k, v in mgr.state.items()}
     max_bucket = max(b.nbytes for name in mgr.group_names for b in mgr.group(name).buckets)
     out["max_bucket_bytes"] = max_bucket
     dry = mgr.plan_offload(n)
@@ -238,7 +238,7 @@ def budget_section(state_gb: float, budget_gib: float) -> dict:
     nv0 = process_gpu_bytes(DEV)
     alloc0 = torch.cuda.memory_allocated(DEV)
     t0 = time.perf_counter()
-    plan = mgr.offload(budget_bytes=n)
+    plan = mgr.free(n)
     out["offload_s"] = time.perf_counter() - t0
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -252,12 +252,12 @@ def budget_section(state_gb: float, budget_gib: float) -> dict:
     out["freed_mem_get_info"] = free1 - free0
     out["freed_nvml"] = (nv0 - nv1) if nv0 is not None and nv1 is not None else None
     out["freed_torch_allocated"] = alloc0 - torch.cuda.memory_allocated(DEV)
-    out["state_after"] = {k: v.state for k, v in mgr.state().items()}
+    out["state_after"] = {k: v.state for k, v in mgr.state.items()}
     out["pass_freed_ge_n"] = out["freed_mem_get_info"] >= n and (out["freed_nvml"] is None or out["freed_nvml"] >= n)
     out["pass_moved_le_n_plus_bucket"] = plan.planned_bytes <= n + max_bucket
     out["onload_s"] = timed(lambda: mgr.onload(), DEV)
     out["intact"] = checksum(state.copied) == before
-    out["all_on_device"] = all(v.state == "on_device" for v in mgr.state().values())
+    out["all_on_device"] = all(v.state == "on_device" for v in mgr.state.values())
     del mgr, state, plan, dry
     cleanup(pool)
     return out

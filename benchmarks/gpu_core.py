@@ -128,7 +128,7 @@ def manager_section(cycles: int) -> dict:
     mgr.offload("grads")  # gradients first (dropped), then time weights + optimizer states
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    state = mgr.state()
+    state = mgr.state
     moved = state["weights"].nbytes + state["optimizer_states"].nbytes
     out["moved_bytes"] = moved
     used_loaded = nvml_used()

@@ -127,7 +127,7 @@ def section_equivalence(args) -> dict:
                         losses.append(train_step(ddp, opt, *b))
                         if mgr is not None:
                             mgr.offload()
-                            zero_after_offload &= all(s.device_bytes == 0 for s in mgr.state().values())
+                            zero_after_offload &= all(s.device_bytes == 0 for s in mgr.state.values())
                             mgr.onload()
                     params = {n: bits(p).cpu().clone() for n, p in ddp.named_parameters()}
                     runs.append((losses, params, zero_after_offload))
@@ -233,7 +233,7 @@ def section_speed_and_memory(args, baseline: dict, results: dict) -> None:
         t0 = time.perf_counter()
         mgr = for_megatron(ddp, opt, pool=pool)
         speed["memmgr_build_seconds"] = time.perf_counter() - t0  # includes pinning the host copies
-        speed["groups"] = {n: {"nbytes": s.nbytes, "policy": s.policy} for n, s in mgr.state().items()}
+        speed["groups"] = {n: {"nbytes": s.nbytes, "policy": s.policy} for n, s in mgr.state.items()}
         copied = sum(mgr.group(n).nbytes for n in COPIED_GROUPS)
         speed["memmgr_copied_bytes"] = copied
         cyc = []
@@ -269,7 +269,7 @@ def section_speed_and_memory(args, baseline: dict, results: dict) -> None:
             memory["live_cuda_tensors"] = itemize_live_cuda_tensors()
             memory["left_behind"] = dict(mgr.left_behind)
             memory["group_state"] = {n: {"state": s.state, "device_bytes": s.device_bytes, "host_bytes": s.host_bytes}
-                                     for n, s in mgr.state().items()}
+                                     for n, s in mgr.state.items()}
         except Exception as exc:  # noqa: BLE001
             memory["error"] = f"{type(exc).__name__}: {exc}"
             memory["traceback"] = traceback.format_exc()
@@ -364,7 +364,7 @@ def section_selective(args) -> dict:
             expected = ddp(tokens, positions(tokens), None, labels=labels).clone()
         mgr.offload()
         mgr.onload("weights")
-        st = mgr.state()
+        st = mgr.state
         with torch.no_grad():
             got = ddp(tokens, positions(tokens), None, labels=labels)
         out["weights_alone_forward"] = {

@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict:
         step, mgr, measure, env = (setup_cpu if args.cpu_smoke else setup_gpu)()
         results["env"] = env
         results["setup_seconds"] = time.perf_counter() - t0
-        results["groups_at_build"] = {n: {"nbytes": s.nbytes, "policy": str(s.policy)} for n, s in mgr.state().items()}
+        results["groups_at_build"] = {n: {"nbytes": s.nbytes, "policy": str(s.policy)} for n, s in mgr.state.items()}
         t_loop = time.perf_counter()
         not_back: list[int] = []
         results["not_back_after_phase"] = not_back
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
                 if cycle in checkpoints:
                     records.append({"cycle": cycle, "loss": loss, **measure(), "pool_bytes_held": mgr.pool.bytes_held,
                                     "device_bytes_while_offloaded": {n: s.device_bytes
-                                                                     for n, s in mgr.state().items()},
+                                                                     for n, s in mgr.state.items()},
                                     "left_behind_bytes": sum(getattr(mgr, "left_behind", {}).values())})
 
             if args.via == "phase":
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
                     t3 = time.perf_counter()
                 sync()
                 t4 = time.perf_counter()
-                if any(s.state != "on_device" for n, s in mgr.state().items() if s.nbytes):
+                if any(s.state != "on_device" for n, s in mgr.state.items() if s.nbytes):
                     not_back.append(cycle)
             else:
                 mgr.offload()

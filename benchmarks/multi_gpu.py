@@ -915,7 +915,7 @@ def train_layout(run: Run, name: str) -> dict:
             losses.append(pipeline_train_step(run, ddp, opt, batch, shape, microbatches))
             if mgr is not None:
                 mgr.offload()
-                zero_after_offload &= all(s.device_bytes == 0 for s in mgr.state().values())
+                zero_after_offload &= all(s.device_bytes == 0 for s in mgr.state.values())
                 mgr.onload()
         params = {n: lab.bits(p).cpu().clone() for n, p in ddp.named_parameters()}
         runs.append((losses, params, zero_after_offload))

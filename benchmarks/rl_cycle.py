@@ -352,11 +352,11 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
 
         mgr = phase("trainer manager", trainer.make_mgr)
         engine_mgr = phase("engine manager", lambda: memmgr.for_module(engine.model))
-        state = mgr.state()
+        state = mgr.state
         rec.data["trainer_state_bytes"] = {k: v.nbytes for k, v in state.items()}
         rec.data["weight_bytes"] = state["weights"].nbytes
         rec.data["sync_weight_bytes"] = sum(t.numel() * t.element_size() for t in mgr.named_weights().values())
-        rec.data["engine_weight_bytes"] = engine_mgr.state()["weights"].nbytes
+        rec.data["engine_weight_bytes"] = engine_mgr.state["weights"].nbytes
         rec.data["kv_bytes"] = kv_bytes
         rec.data["left_behind"] = dict(getattr(mgr, "left_behind", {}))
         phase("offload trainer", lambda: mgr.offload())
@@ -425,7 +425,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
             t_phase = time.perf_counter()
 
             def do_generate() -> None:
-                if engine_mgr.state()["weights"].state != "on_device":
+                if engine_mgr.state["weights"].state != "on_device":
                     engine_mgr.onload()
                 hold["kv"] = torch.empty(kv_bytes, dtype=torch.uint8, device=device)
                 rec.snap("generate: engine weights + KV cache", "generate", it)

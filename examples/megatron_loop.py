@@ -208,7 +208,7 @@ def run_loop(args: argparse.Namespace, use_memmgr: bool, workdir: str) -> dict:
 
         with mgr.phase("generate") if mgr is not None else contextlib.nullcontext():
             if mgr is not None:
-                still_on = [n for n, s in mgr.state().items() if s.device_bytes]
+                still_on = [n for n, s in mgr.state.items() if s.device_bytes]
                 if still_on:
                     fail(f"iteration {it}: inside the generate phase, groups {still_on} still hold device memory")
                 result = sync_weights(mgr, exporter, load_weights)  # read from the host copy, nothing onloaded

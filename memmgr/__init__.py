@@ -11,7 +11,8 @@ from memmgr._native import BackendInfo, backend_info
 from memmgr.errors import (MemmgrCorruptionError, MemmgrError, MemmgrHostMemoryError, MemmgrInputError,
                            MemmgrIntegrationError, MemmgrOutOfMemoryError, MemmgrStateError, MemmgrSyncError)
 from memmgr.flat_tensors import BucketizedFlatTensors, FlatTensors
-from memmgr.manager import GroupStatus, HookEvent, HookHandle, MemoryManager
+from memmgr.hooks import HookEvent, HookHandle
+from memmgr.manager import GroupStatus, MemoryManager
 from memmgr.states import BucketState, GroupState, Policy
 from memmgr.integrations.plain_torch import for_module
 from memmgr.host_memory import HostBuffer, HostMemoryPool, allocate_host_buffer, default_pool

@@ -1,16 +1,18 @@
 """Budgeted offload: free at least N bytes of GPU memory, cheapest state first, whole buckets at a time.
 
-``mgr.offload(budget_bytes=N)`` (or ``mgr.free(N)``) picks buckets in offload-priority order (discardable gradients,
-then optimizer states, main weights, weights; ``MemoryManager`` priorities), within a group from its last bucket
-backwards (so a model's first layers, which a forward needs first, stay longest), and stops as soon as the chosen
-buckets hold at least N bytes of device storage. Greedy in that order, the plan moves less than N plus one bucket.
+``mgr.free(N)`` picks buckets in offload-priority order (discardable gradients, then optimizer states, main weights,
+weights; ``MemoryManager`` priorities), within a group from its last bucket backwards (so a model's first layers,
+which a forward needs first, stay longest), and stops as soon as the chosen buckets hold at least N bytes of device
+storage. Greedy in that order, the plan moves less than N plus one bucket.
 It returns an ``OffloadPlan``: the list of (group, bucket, bytes, discard?) it moved, which ``plan.onload()`` restores
 exactly (``mgr.onload()`` restores every bucket that is off, planned or not). ``mgr.plan_offload(N)`` computes the
 same plan without moving anything (a dry run).
 
-A group with some buckets off and others on is ``GroupState.PARTIAL`` (``"partial"`` in ``mgr.state()``).
+A group with some buckets off and others on is ``GroupState.PARTIAL`` (``"partial"`` in ``mgr.state``).
 
-The planning itself (``plan_units``) is pure bookkeeping over ``Candidate`` rows, so it is tested without a GPU.
+The planning itself (``plan_units``) is pure bookkeeping over ``Candidate`` rows, so it is tested without a GPU. This
+module reaches the manager through its public methods only (``entries``, ``prepare_offload``, ``group_names``,
+``offload_units``, ``onload_units``).
 """
 from __future__ import annotations
 
@@ -139,7 +141,7 @@ class OffloadPlan:
         arguments.boolean("OffloadPlan.onload", "non_blocking", non_blocking)
         if self.dry_run:
             raise MemmgrStateError("this plan is a dry run (plan_offload); nothing was moved, so nothing to onload. "
-                                   "Apply it with mgr.offload(budget_bytes=...) or memmgr.budget.apply_plan")
+                                   "Apply it with memmgr.budget.apply_plan, or call mgr.free(nbytes)")
         if self.manager is None:
             raise MemmgrStateError("this plan has no manager to onload through; build it with mgr.plan_offload")
         units = [self.units[i.bucket] for i in reversed(self.items)]
@@ -174,7 +176,7 @@ def _candidates(mgr: "MemoryManager", groups: Iterable[str] = ()) -> tuple[list[
 
 
 def plan_offload(mgr: "MemoryManager", budget_bytes: int, groups: Iterable[str] = ()) -> OffloadPlan:
-    """The plan ``offload(budget_bytes=...)`` would carry out now, without moving anything (a dry run). Tensors a
+    """The plan ``mgr.free(budget_bytes)`` would carry out now, without moving anything (a dry run). Tensors a
     group's ``collect`` would add at the next offload are not in it yet."""
     budget_bytes = arguments.integer("plan_offload", "budget_bytes", budget_bytes, minimum=0)
     groups = arguments.names("plan_offload", "groups", groups)

@@ -148,7 +148,7 @@ class _Guard:
             return {}
         found: dict[int, tuple[str, Any]] = {}
         try:
-            names = list(manager.state())
+            names = list(manager.state)
             for name in names:
                 for unit in manager.group(name).units:
                     key = getattr(unit, "storage_key", None)
@@ -193,11 +193,12 @@ def install(manager: Any) -> GuardHandle:
     Uses the manager's public hooks only; takes effect at the manager's next offload (and at once if a group is
     already off the device). Installing twice on one manager returns the first handle. ``handle.remove()`` undoes
     it."""
-    for attr in ("register_hook", "state", "group"):
-        if not callable(getattr(manager, attr, None)):
-            raise MemmgrInputError(f"memmgr.guard.install: manager must be a memmgr.MemoryManager (with register_hook, "
-                                   f"state and group), got {type(manager).__name__} without {attr}(); pass the manager "
-                                   f"that memmgr.for_module / for_megatron returned")
+    missing = [f"{attr}()" for attr in ("register_hook", "group") if not callable(getattr(manager, attr, None))]
+    missing += ["state"] if not hasattr(type(manager), "state") else []
+    if missing:
+        raise MemmgrInputError(f"memmgr.guard.install: manager must be a memmgr.MemoryManager (with register_hook(), "
+                               f"group() and state), got {type(manager).__name__} without {missing[0]}; pass the "
+                               f"manager that memmgr.for_module / for_megatron returned")
     with _lock:
         existing = _guards.get(id(manager))
         if existing is not None and not existing.removed and existing._manager() is manager:

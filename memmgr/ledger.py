@@ -272,9 +272,9 @@ class Ledger:
     # ---- managers ----
     def track(self, manager: Any, name: str | None = None) -> None:
         """Reports ``manager``'s groups in every later snapshot (also in those other managers trigger)."""
-        if not callable(getattr(manager, "state", None)):
-            raise MemmgrInputError(f"Ledger.track: manager must be a MemoryManager, got "
-                                             f"{type(manager).__name__}")
+        if not hasattr(type(manager), "state"):
+            raise MemmgrInputError(f"Ledger.track: manager must be a MemoryManager (with a state property), got "
+                                   f"{type(manager).__name__}")
         arguments.string("Ledger.track", "name", name, optional=True)
         self._measure_communicators(manager)
         if manager in self._manager_names:
@@ -344,7 +344,7 @@ class Ledger:
                 pools.append(pool)
             if getattr(mgr, "left_behind", None):
                 left_behind[mname] = {str(k): int(v) for k, v in mgr.left_behind.items()}
-            for gname, st in mgr.state().items():
+            for gname, st in mgr.state.items():
                 try:
                     by_dev = _group_device_bytes(mgr.group(gname))
                 except Exception:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
-import inspect
 import logging
 import weakref
 from collections import OrderedDict
@@ -12,40 +10,21 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from memmgr import arguments, driver_settle, guard, moves, storages
+from memmgr import arguments, checkpoint_hooks, driver_settle, guard, moves
+from memmgr.budget import OffloadPlan, offload_budget, plan_offload
 from memmgr.errors import MemmgrInputError, MemmgrStateError
-from memmgr.flat_tensors import DEFAULT_BUCKET_SIZE_MB, BucketizedFlatTensors, TensorsArg, tensors_argument
+from memmgr.flat_tensors import DEFAULT_BUCKET_SIZE_MB, BucketizedFlatTensors
+from memmgr.hooks import HookEvent, HookFn, HookHandle, Hooks
 from memmgr.groups import (MovableUnit, StateGroup, check_no_outside_references, default_priority, group_state,
                            is_movable_unit)
 from memmgr.host_memory import HostMemoryPool, default_pool
 from memmgr.states import GroupState, Policy, policy_from
+from memmgr.tensor_checks import TensorsArg, tensors_argument
 from memmgr.transfer import TransferHandle
 
+__all__ = ["GroupEntry", "GroupStatus", "HookEvent", "HookHandle", "MemoryManager", "MoveScope", "Placement"]
+
 logger = logging.getLogger("memmgr")
-
-
-class HookEvent(str, enum.Enum):
-    BEFORE_OFFLOAD = "before_offload"
-    AFTER_OFFLOAD = "after_offload"
-    BEFORE_ONLOAD = "before_onload"
-    AFTER_ONLOAD = "after_onload"
-    BEFORE_WEIGHT_SYNC = "before_weight_sync"
-    AFTER_WEIGHT_SYNC = "after_weight_sync"
-
-
-HookFn = Callable[[str, tuple], Any]
-
-
-class HookHandle:
-    """Returned by register_hook; ``remove()`` unregisters the hook."""
-
-    def __init__(self, hooks: list, entry: tuple):
-        self._hooks = hooks
-        self._entry = entry
-
-    def remove(self) -> None:
-        if self._entry in self._hooks:
-            self._hooks.remove(self._entry)
 
 
 @dataclass(frozen=True)
@@ -72,6 +51,9 @@ class GroupEntry:
     def state(self) -> GroupState:
         return group_state(self.group)
 
+
+# A pickled managed module (torch.save(model)) names its inert state-dict hook by this path too.
+_InertStateDictHook = checkpoint_hooks.InertStateDictHook
 
 # The groups of every open manager: one group must not be moved by two managers.
 _groups_in_use: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -122,42 +104,14 @@ class MoveScope:
         return TransferHandle.combine(self._handles)
 
 
-class _InertStateDictHook:
-    """What an ``_OnloadForStateDict`` hook becomes in a pickled or deep-copied module or optimizer: the copy is
-    not managed, so its state dicts need nothing brought back."""
-
-    def __call__(self, *_args: Any) -> None:
-        return None
-
-
-class _OnloadForStateDict:
-    """A state-dict pre-hook that onloads ``groups`` of a manager (held weakly) before a managed module or
-    optimizer saves or loads its state. A class rather than a closure so that a managed module can still be
-    pickled (``torch.save(model)``): a copy gets an inert hook."""
-
-    def __init__(self, manager: "MemoryManager", groups: tuple[str, ...]):
-        self._manager = weakref.ref(manager)
-        self.groups = groups
-        self.owners: "weakref.WeakSet[Any]" = weakref.WeakSet()  # a deep copy of a module carries its hooks along
-
-    def __call__(self, obj: Any, *_args: Any) -> None:
-        mgr = self._manager()
-        if mgr is not None and obj in self.owners:
-            mgr.onload_if_offloaded(self.groups)
-
-    def __reduce__(self) -> tuple:
-        return _InertStateDictHook, ()
-
-    def __deepcopy__(self, memo: dict) -> Any:
-        return _InertStateDictHook()
-
-
 class MemoryManager:
     """Holds named state groups and moves them off and onto the GPU.
 
-    ``offload(*names)`` / ``onload(*names)`` (no names: every group), ``phase(name, keep=...)`` for a block of
-    code during which the other groups are off the GPU, ``weight_sync()`` around each trainer->engine weight sync,
-    and ``register_hook(event, fn)`` to run code around each of these.
+    ``offload(*names)`` / ``onload(*names)`` (no names: every group), ``free(nbytes)`` for at least that many bytes
+    (cheapest whole buckets first; ``memmgr.budget``), ``phase(name, keep=...)`` for a block of code during which
+    the other groups are off the GPU, ``weight_sync()`` around each trainer->engine weight sync, and
+    ``register_hook(event, fn)`` to run code around each of these (``memmgr.hooks``). ``state`` and ``group_names``
+    are properties.
     """
 
     def __init__(self, *, bucket_size_mb: float = DEFAULT_BUCKET_SIZE_MB, empty_cache: bool = True,
@@ -175,7 +129,7 @@ class MemoryManager:
         self.weights_group = arguments.string(where, "weights_group", weights_group)
         self._named_weights = arguments.function(where, "named_weights", named_weights, optional=True)
         self._groups: "OrderedDict[str, GroupEntry]" = OrderedDict()
-        self._hooks: list[tuple[str, HookFn]] = []
+        self._hooks = Hooks()
         self._closed = False
         self._phases: list[str] = []
         self._ledger = None
@@ -257,18 +211,16 @@ class MemoryManager:
         return list(self._groups)
 
     # ---- moving ----
-    def offload(self, *groups: str, non_blocking: bool = False, budget_bytes: int | None = None) -> Any:
-        """Moves the named groups (all if none) off the GPU: discardable ones first, weights last.
-
-        With ``budget_bytes``: frees at least that many bytes, cheapest whole buckets first, and returns the
-        ``memmgr.budget.OffloadPlan`` it carried out (``plan.onload()`` restores exactly it)."""
+    def offload(self, *groups: str, non_blocking: bool = False, budget_bytes: None = None) -> TransferHandle:
+        """Moves the named groups (all if none) off the GPU, whole: discardable ones first, weights last. Returns the
+        handle of the copies (complete unless ``non_blocking``). To free only some bytes, call ``free(nbytes)``;
+        ``budget_bytes`` is refused with a MemmgrInputError that says so."""
         arguments.boolean("offload", "non_blocking", non_blocking)
-        arguments.integer("offload", "budget_bytes", budget_bytes, minimum=0, optional=True)
-        arguments.names("offload", "groups", groups)
         if budget_bytes is not None:
-            from memmgr.budget import offload_budget
-
-            return offload_budget(self, budget_bytes, groups, non_blocking=non_blocking)
+            raise MemmgrInputError(f"offload: budget_bytes={budget_bytes!r} is not an argument of offload, which moves "
+                                   f"whole groups; call mgr.free(nbytes, *groups) to free at least nbytes, cheapest "
+                                   f"buckets first (it returns the OffloadPlan it carried out)")
+        arguments.names("offload", "groups", groups)
         entries = self.prepare_offload(*groups)
         units = [unit for entry in entries for unit in entry.group.units]
         return self.offload_units(units, groups=tuple(e.name for e in entries), non_blocking=non_blocking)
@@ -283,15 +235,19 @@ class MemoryManager:
         units = [unit for entry in entries for unit in entry.group.units]
         return self.onload_units(units, groups=tuple(e.name for e in entries), non_blocking=non_blocking)
 
-    def free(self, nbytes: int, *groups: str, non_blocking: bool = False) -> Any:
-        """Frees at least ``nbytes`` of GPU memory, cheapest buckets first; returns the OffloadPlan (memmgr.budget)."""
+    def free(self, nbytes: int, *groups: str, non_blocking: bool = False, strict: bool = True) -> OffloadPlan:
+        """Frees at least ``nbytes`` of GPU memory from the named groups (all if none), cheapest whole buckets first,
+        and returns the ``memmgr.budget.OffloadPlan`` it carried out (``plan.onload()`` restores exactly it). With
+        ``strict``, a budget larger than all the managed state on the device raises MemmgrBudgetError before
+        anything moves; otherwise everything available moves and ``plan.shortfall_bytes`` says by how much the
+        budget was missed."""
+        arguments.boolean("free", "non_blocking", non_blocking)
         arguments.integer("free", "nbytes", nbytes, minimum=0)
-        return self.offload(*groups, non_blocking=non_blocking, budget_bytes=nbytes)
+        arguments.names("free", "groups", groups)
+        return offload_budget(self, nbytes, groups, non_blocking=non_blocking, strict=strict)
 
-    def plan_offload(self, budget_bytes: int, *groups: str) -> Any:
-        """The OffloadPlan ``offload(budget_bytes=...)`` would carry out, without moving anything (a dry run)."""
-        from memmgr.budget import plan_offload
-
+    def plan_offload(self, budget_bytes: int, *groups: str) -> OffloadPlan:
+        """The OffloadPlan ``free(budget_bytes)`` would carry out, without moving anything (a dry run)."""
         arguments.integer("plan_offload", "budget_bytes", budget_bytes, minimum=0)
         return plan_offload(self, budget_bytes, groups)
 
@@ -315,7 +271,7 @@ class MemoryManager:
         outside it. Returns the groups in offload order."""
         entries = self.entries(*groups, order="offload")
         for entry in entries:
-            self._collect_new_tensors(entry)
+            self._recollect(entry)
         for entry in entries:
             if entry.state.holds_device_memory:
                 check_no_outside_references(entry.group)
@@ -329,7 +285,7 @@ class MemoryManager:
         once the copies complete; then the copies are waited for unless ``non_blocking``, after_offload hooks run and
         the ledger records ``label``."""
         self.check_open()
-        self._fire(HookEvent.BEFORE_OFFLOAD, groups)
+        self._hooks.fire(HookEvent.BEFORE_OFFLOAD, groups)
         scope = MoveScope()
         yield scope
         if self.empty_cache:
@@ -343,7 +299,7 @@ class MemoryManager:
         self.on_copies_in_flight(groups)
         if not non_blocking:
             handle.wait()
-        self._fire(HookEvent.AFTER_OFFLOAD, groups)
+        self._hooks.fire(HookEvent.AFTER_OFFLOAD, groups)
         self._record(label)
 
     @contextlib.contextmanager
@@ -351,12 +307,12 @@ class MemoryManager:
         """Brackets an onload whose units the caller issues itself: before_onload hooks on entry; on a normal exit,
         the copies are waited for unless ``non_blocking``, after_onload hooks run and the ledger records ``label``."""
         self.check_open()
-        self._fire(HookEvent.BEFORE_ONLOAD, groups)
+        self._hooks.fire(HookEvent.BEFORE_ONLOAD, groups)
         scope = MoveScope()
         yield scope
         if not non_blocking:
             scope.handle.wait()
-        self._fire(HookEvent.AFTER_ONLOAD, groups)
+        self._hooks.fire(HookEvent.AFTER_ONLOAD, groups)
         self._record(label)
 
     def offload_units(self, units: Sequence[MovableUnit], *, groups: tuple[str, ...], label: str | None = None,
@@ -392,40 +348,15 @@ class MemoryManager:
                 clear_workspaces()
             torch.cuda.empty_cache()
 
-    def _collect_new_tensors(self, entry: GroupEntry) -> None:
-        """Re-collects a group from its ``collect`` (only while it is on the device): buckets none of whose tensors
-        ``collect`` reports any more (optimizer state a ``load_state_dict`` replaced) leave the group; reported
-        tensors that view one of the group's buckets (state rebuilt over the same memory) join that bucket without a
-        copy; tensors that view a bucket of another group stay with it; the rest are coalesced into new buckets."""
+    def _recollect(self, entry: GroupEntry) -> None:
+        """Re-collects a group from its ``collect`` while it is wholly on the device
+        (``BucketizedFlatTensors.recollect``); new tensors already in another group of this manager are refused."""
         group = entry.group
         if entry.collect is None or not isinstance(group, BucketizedFlatTensors):
             return
         if entry.state is not GroupState.ON_DEVICE:
             return
-        current = tensors_argument(entry.collect(), group.name)
-        items = list(current.items()) if isinstance(current, dict) else [(None, t) for t in current]
-        held = {id(t) for t in group.tensors}
-        own = {b.storage_key: b for b in group.buckets}
-        new: dict[str, torch.Tensor] = {}
-        for i, (n, t) in enumerate(items):
-            if id(t) in held or not isinstance(t, torch.Tensor):
-                continue
-            name = n if n is not None else f"{group.name}+{i}"
-            owner = storages.owner_of(t)
-            if owner is None:
-                new[name] = t
-            elif own.get(owner.storage_key) is owner:
-                owner.add_alias(name, t)
-        current_ids = {id(t) for _, t in items}
-        stale = [b for b in group.buckets if b.members and not any(id(m[1]) in current_ids for m in b.members)]
-        if stale:
-            group.drop_buckets(stale)
-            logger.info("group %s: %d bucket(s) no longer hold any of its tensors (replaced, e.g. by a "
-                        "load_state_dict) and were released", group.name, len(stale))
-        if new:
-            self._check_not_managed(group.name, new)
-            group.extend(new)
-            logger.debug("group %s picked up %d new tensors", group.name, len(new))
+        group.recollect(entry.collect(), check_new=lambda new: self._check_not_managed(group.name, new))
 
     # ---- phases and weight sync ----
     def collect(self, *groups: str) -> None:
@@ -434,7 +365,7 @@ class MemoryManager:
         ``load_state_dict``) join it, and buckets nobody uses any more leave it. Only groups wholly on the device
         re-collect."""
         for entry in self.entries(*groups):
-            self._collect_new_tensors(entry)
+            self._recollect(entry)
 
     def placement(self, *groups: str) -> "Placement":
         """Where every unit of the named groups (all if none) is now, after picking up new state (``collect``):
@@ -512,7 +443,7 @@ class MemoryManager:
             raise MemmgrStateError(f"group {self.weights_group!r} was discarded, so there are no weights to sync; "
                                    f"offload weights with the copy policy")
         try:
-            self._fire(HookEvent.BEFORE_WEIGHT_SYNC, (self.weights_group,))
+            self._hooks.fire(HookEvent.BEFORE_WEIGHT_SYNC, (self.weights_group,))
         except BaseException as exc:
             # every before has its after: whatever the hooks that did run released (an engine's KV cache, say)
             # is restored before the error propagates
@@ -542,7 +473,7 @@ class MemoryManager:
         """Runs every after_weight_sync hook after a sync failed with ``exc``; an after hook's own failure is
         logged and noted on ``exc``, which stays the one to raise."""
         try:
-            self._fire_all(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
+            self._hooks.fire_all(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
         except Exception as hook_exc:  # noqa: BLE001 - the sync's own error is the one to raise
             logger.error("an after_weight_sync hook failed after the sync had failed: %r", hook_exc)
             exc.add_note(f"memmgr: an after_weight_sync hook failed too: {hook_exc!r}")
@@ -559,7 +490,7 @@ class MemoryManager:
         except BaseException as exc:
             self._after_failed_sync(exc)
             raise
-        self._fire_all(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
+        self._hooks.fire_all(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
 
     @contextlib.contextmanager
     def weight_sync_hooks(self) -> Iterator["MemoryManager"]:
@@ -570,12 +501,12 @@ class MemoryManager:
         self.check_open()
         names = (self.weights_group,)
         try:
-            self._fire(HookEvent.BEFORE_WEIGHT_SYNC, names)
+            self._hooks.fire(HookEvent.BEFORE_WEIGHT_SYNC, names)
             yield self
         except BaseException as exc:
             self._after_failed_sync(exc)
             raise
-        self._fire_all(HookEvent.AFTER_WEIGHT_SYNC, names)
+        self._hooks.fire_all(HookEvent.AFTER_WEIGHT_SYNC, names)
 
     @contextlib.contextmanager
     def weight_sync(self) -> Iterator["OrderedDict[str, torch.Tensor]"]:
@@ -608,20 +539,7 @@ class MemoryManager:
                                    f"{type(groups).__name__}")
         groups = tuple(groups)
         self._resolve(groups)
-        bring_back = _OnloadForStateDict(self, groups)
-        owners = bring_back.owners
-        if isinstance(owner, torch.nn.Module):
-            owners.update(owner.modules())
-            self._checkpoint_hooks.append(owner.register_load_state_dict_pre_hook(bring_back))
-            for module in owner.modules():  # megatron builds sharded state dicts from submodules' state_dict()
-                self._checkpoint_hooks.append(module.register_state_dict_pre_hook(bring_back))
-        elif isinstance(owner, torch.optim.Optimizer):
-            owners.add(owner)
-            self._checkpoint_hooks.append(owner.register_load_state_dict_pre_hook(bring_back))
-            self._checkpoint_hooks.append(owner.register_state_dict_pre_hook(bring_back))
-        else:
-            raise MemmgrInputError(f"onload_for_state_dicts takes a torch.nn.Module or a torch.optim.Optimizer, got "
-                                   f"{type(owner).__name__}")
+        self._checkpoint_hooks.extend(checkpoint_hooks.register_onload_hooks(self, owner, groups))
 
     def onload_if_offloaded(self, groups: Sequence[str]) -> None:
         """Onloads those of ``groups`` that have a unit off the device (nothing once the manager is closed)."""
@@ -633,45 +551,8 @@ class MemoryManager:
 
     # ---- hooks ----
     def register_hook(self, event: HookEvent | str, fn: HookFn) -> HookHandle:
-        """Calls ``fn(event, group_names)`` at ``event``; hooks run in registration order."""
-        try:
-            event = HookEvent(event)
-        except (ValueError, TypeError):
-            raise MemmgrInputError(f"unknown hook event {event!r}; events: {[e.value for e in HookEvent]}") from None
-        arguments.function(f"register_hook({event.value!r})", "fn", fn)
-        try:
-            signature = inspect.signature(fn)
-        except (TypeError, ValueError):  # a builtin without a signature: called as documented, unchecked
-            signature = None
-        if signature is not None:
-            try:
-                signature.bind(event.value, ())
-            except TypeError:
-                raise MemmgrInputError(f"register_hook({event.value!r}): fn{signature} cannot be called as "
-                                       f"fn(event, group_names); give it those two parameters") from None
-        entry = (event.value, fn)
-        self._hooks.append(entry)
-        return HookHandle(self._hooks, entry)
-
-    def _fire(self, event: HookEvent, names: tuple) -> None:
-        for hook_event, fn in list(self._hooks):
-            if hook_event == event.value:
-                fn(event.value, names)
-
-    def _fire_all(self, event: HookEvent, names: tuple) -> None:
-        """Runs every hook of ``event`` even if one raises (hooks that restore a state), then raises the first
-        error, with the others noted on it."""
-        errors: list[Exception] = []
-        for hook_event, fn in list(self._hooks):
-            if hook_event == event.value:
-                try:
-                    fn(event.value, names)
-                except Exception as exc:  # noqa: BLE001 - the remaining hooks still run
-                    errors.append(exc)
-        if errors:
-            for other in errors[1:]:
-                errors[0].add_note(f"memmgr: another {event.value} hook failed too: {other!r}")
-            raise errors[0]
+        """Calls ``fn(event, group_names)`` at ``event``; hooks run in registration order (``memmgr.hooks``)."""
+        return self._hooks.register(event, fn)
 
     # ---- reports ----
     def attach_ledger(self, ledger: Any) -> None:
@@ -686,8 +567,10 @@ class MemoryManager:
         if self._ledger is not None:
             self._ledger.snapshot(label, phase=self.current_phase, managers=[self])
 
+    @property
     def state(self) -> "OrderedDict[str, GroupStatus]":
-        """Where each group is and how many bytes it holds on the GPU and on the host."""
+        """Where each group is and how many bytes it holds on the GPU and on the host: group name -> GroupStatus,
+        a new mapping each time it is read."""
         return OrderedDict(
             (n, GroupStatus(n, e.state.value, e.group.policy.value, e.group.nbytes, e.group.device_bytes,
                             e.group.host_bytes)) for n, e in self._groups.items())

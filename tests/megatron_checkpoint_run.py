@@ -105,23 +105,23 @@ def run(config, workdir, data, pool) -> dict:
     first = T.train_step(ddp, opt, *data[0])
     mgr.offload()
     save(ddp, opt, os.path.join(workdir, "managed"))  # saved while offloaded
-    out["saved_offloaded_states"] = {n: s.state for n, s in mgr.state().items()}
+    out["saved_offloaded_states"] = {n: s.state for n, s in mgr.state.items()}
     mgr.onload()
     out["managed"] = [first] + rest(ddp, opt, mgr)
     out["managed_params"] = digest(ddp)
-    sizes = {n: s.nbytes for n, s in mgr.state().items()}
+    sizes = {n: s.nbytes for n, s in mgr.state.items()}
     mgr.offload()
     load(ddp, opt, os.path.join(workdir, "managed"))  # loaded into the managed model, while offloaded
     mgr.offload()  # the loaded state is re-collected; nothing refers to the buckets from outside
     out["sizes_before_load"] = sizes
-    out["sizes_after_load"] = {n: s.nbytes for n, s in mgr.state().items()}
-    out["device_bytes_offloaded_after_load"] = {n: s.device_bytes for n, s in mgr.state().items()}
+    out["sizes_after_load"] = {n: s.nbytes for n, s in mgr.state.items()}
+    out["device_bytes_offloaded_after_load"] = {n: s.device_bytes for n, s in mgr.state.items()}
     mgr.onload()
     out["managed_reloaded"] = rest(ddp, opt, mgr)
     mgr.close()
     mgr = for_megatron(ddp, opt, pool=pool)  # managed again after close
     mgr.offload()
-    out["remanaged_off_bytes"] = sum(s.device_bytes for s in mgr.state().values())
+    out["remanaged_off_bytes"] = sum(s.device_bytes for s in mgr.state.values())
     mgr.onload()
     mgr.close()
 

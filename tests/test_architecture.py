@@ -110,6 +110,29 @@ print("ok", sorted(m for m in sys.modules if m.split(".")[0] in {blocked!r}))
     assert out.stdout.strip() == "ok []"
 
 
+RUNTIME_MODULE_LINE_LIMIT = 650
+
+
+def test_no_runtime_module_exceeds_the_line_limit():
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        if name.startswith("memmgr.tools") or name == "memmgr.__main__":
+            continue
+        lines = len(path.read_text().splitlines())
+        if lines > RUNTIME_MODULE_LINE_LIMIT:
+            offenders[name] = lines
+    assert offenders == {}, f"split these modules (at most {RUNTIME_MODULE_LINE_LIMIT} lines each): {offenders}"
+
+
+def test_budget_reaches_the_manager_through_public_members_only():
+    tree = ast.parse((PACKAGE / "budget.py").read_text())
+    private = [f"line {node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
+               if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+               and not (isinstance(node.value, ast.Name) and node.value.id == "self")]
+    assert private == []
+
+
 def test_transports_import_nothing_above_them():
     offenders = []
     for name, tree in modules().items():

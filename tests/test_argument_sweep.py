@@ -59,7 +59,7 @@ class World:
 
     def fingerprint(self) -> Any:
         tensors = list(self.model.parameters()) + [t for s in self.opt.state.values() for t in s.values()]
-        return (dict(self.mgr.state()), self.mgr.group_names, self.pool.bytes_held, self.group.state,
+        return (dict(self.mgr.state), self.mgr.group_names, self.pool.bytes_held, self.group.state,
                 [t.detach().clone() for t in tensors + [self.spare] + self.group.tensors])
 
 
@@ -104,10 +104,13 @@ ARGS = [
     Arg("add_group", "verify", NOT_BOOL, lambda w, v: w.mgr.add_group("new", [w.spare], verify=v)),
     Arg("offload", "groups", NOT_GROUP, lambda w, v: w.mgr.offload(v), names="group"),
     Arg("offload", "non_blocking", NOT_BOOL, lambda w, v: w.mgr.offload(non_blocking=v)),
-    Arg("offload", "budget_bytes", NOT_OPTIONAL_COUNT, lambda w, v: w.mgr.offload(budget_bytes=v)),
+    Arg("offload", "budget_bytes", [0, 1, 8], lambda w, v: w.mgr.offload(budget_bytes=v)),  # a budget is free()'s
     Arg("onload", "groups", NOT_GROUP, lambda w, v: w.mgr.onload(v), names="group"),
     Arg("onload", "non_blocking", NOT_BOOL, lambda w, v: w.mgr.onload(non_blocking=v)),
     Arg("free", "nbytes", NOT_COUNT, lambda w, v: w.mgr.free(v)),
+    Arg("free", "non_blocking", NOT_BOOL, lambda w, v: w.mgr.free(1, non_blocking=v)),
+    Arg("free", "strict", NOT_BOOL, lambda w, v: w.mgr.free(1, strict=v)),
+    Arg("free", "groups", NOT_GROUP, lambda w, v: w.mgr.free(1, v), names="group"),
     Arg("plan_offload", "budget_bytes", NOT_COUNT, lambda w, v: w.mgr.plan_offload(v)),
     Arg("group", "name", NOT_GROUP, lambda w, v: w.mgr.group(v), names="group"),
     Arg("entries", "order", ["x", 3, ["onload"]], lambda w, v: w.mgr.entries(order=v)),

@@ -7,8 +7,8 @@ import torch
 
 from conftest import same_bits
 import memmgr
-from memmgr import MemmgrInputError, MemmgrStateError, MemoryManager
-from memmgr.budget import Candidate, MemmgrBudgetError, apply_plan, plan_units
+from memmgr import MemmgrInputError, MemmgrStateError, MemoryManager, TransferHandle
+from memmgr.budget import Candidate, MemmgrBudgetError, OffloadPlan, apply_plan, plan_units
 from memmgr.groups import group_state
 from memmgr.states import GroupState
 
@@ -95,7 +95,7 @@ def build_manager(device, pool=None):
 
 
 def device_bytes(mgr):
-    return sum(s.device_bytes for s in mgr.state().values())
+    return sum(s.device_bytes for s in mgr.state.values())
 
 
 def test_budgeted_offload_frees_at_least_n_cheapest_first_and_onload_restores(device):
@@ -105,14 +105,14 @@ def test_budgeted_offload_frees_at_least_n_cheapest_first_and_onload_restores(de
     dry = mgr.plan_offload(budget)
     assert dry.dry_run and device_bytes(mgr) == total  # nothing moved
     assert dry.planned_bytes >= budget
-    plan = mgr.offload(budget_bytes=budget)
+    plan = mgr.free(budget)
     assert not plan.dry_run and list(plan) == list(dry)
     freed = total - device_bytes(mgr)
     assert freed == plan.planned_bytes >= budget
     assert freed - max(b for _, _, b, _ in plan) < budget  # budget plus at most one bucket
     assert [g for g, _, _, _ in plan][:4] == ["grads"] * 4 and all(d for g, _, _, d in plan if g == "grads")
     assert plan.groups == ["grads", "optimizer_states"]
-    st = mgr.state()
+    st = mgr.state
     assert st["grads"].state == "discarded" and st["optimizer_states"].state == PARTIAL
     assert st["weights"].state == "on_device"
     assert group_state(mgr.group("optimizer_states")) is GroupState.PARTIAL
@@ -131,25 +131,25 @@ def test_manager_onload_brings_back_every_off_bucket_and_plan_onload_only_its_ow
     plan = mgr.free(3 * 4 * KiB, "main_weights")
     assert {g for g, _, _, _ in plan} == {"main_weights"}
     plan.onload()
-    assert mgr.state()["main_weights"].state == "on_device" and mgr.state()["weights"].state == "on_host"
-    plan2 = mgr.offload(budget_bytes=1)
-    assert mgr.state()["grads"].state == PARTIAL and list(plan2)[0][:2] == ("grads", "grads/3")  # one bucket
+    assert mgr.state["main_weights"].state == "on_device" and mgr.state["weights"].state == "on_host"
+    plan2 = mgr.free(1)
+    assert mgr.state["grads"].state == PARTIAL and list(plan2)[0][:2] == ("grads", "grads/3")  # one bucket
     mgr.onload()
-    assert all(s.state == "on_device" for s in mgr.state().values())
+    assert all(s.state == "on_device" for s in mgr.state.values())
     for name in ("weights", "main_weights", "optimizer_states"):
         assert all(same_bits(a, b) for a, b in zip(state[name].values(), snap[name]))
 
 
 def test_partial_groups_work_with_offload_phase_and_state(device):
     mgr, state, snap = build_manager(device)
-    mgr.offload(budget_bytes=7 * 4 * KiB)
-    assert mgr.state()["optimizer_states"].state == PARTIAL
+    mgr.free(7 * 4 * KiB)
+    assert mgr.state["optimizer_states"].state == PARTIAL
     with mgr.phase("generate", keep=["weights"]):
-        assert mgr.state()["optimizer_states"].state == "on_host"
-        assert mgr.state()["weights"].state == "on_device"
-    assert mgr.state()["optimizer_states"].state == PARTIAL  # a phase restores each bucket's placement
+        assert mgr.state["optimizer_states"].state == "on_host"
+        assert mgr.state["weights"].state == "on_device"
+    assert mgr.state["optimizer_states"].state == PARTIAL  # a phase restores each bucket's placement
     mgr.onload()
-    mgr.offload(budget_bytes=7 * 4 * KiB)
+    mgr.free(7 * 4 * KiB)
     mgr.offload()  # the rest of a partial group goes too
     assert device_bytes(mgr) == 0
     mgr.onload()
@@ -160,14 +160,28 @@ def test_budget_too_large_raises_before_moving_anything_unless_not_strict(device
     mgr, _, _ = build_manager(device)
     total = device_bytes(mgr)
     with pytest.raises(MemmgrBudgetError, match="hold only") as info:
-        mgr.offload(budget_bytes=total + 1)
+        mgr.free(total + 1)
     assert info.value.available_bytes == total and device_bytes(mgr) == total
-    from memmgr.budget import offload_budget
-
-    plan = offload_budget(mgr, total + 1, strict=False)
+    plan = mgr.free(total + 1, strict=False)
     assert plan.shortfall_bytes == 1 and device_bytes(mgr) == 0
     mgr.onload()
     assert mgr.plan_offload(0).items == []
+
+
+def test_offload_refuses_a_budget_and_names_free_instead(device):
+    mgr, _, _ = build_manager(device)
+    total = device_bytes(mgr)
+    with pytest.raises(MemmgrInputError, match=r"budget_bytes.*mgr\.free\(nbytes"):
+        mgr.offload(budget_bytes=8)
+    assert device_bytes(mgr) == total
+
+
+def test_offload_and_onload_return_transfer_handles_and_free_returns_its_plan(device):
+    mgr, _, _ = build_manager(device)
+    assert isinstance(mgr.offload("grads"), TransferHandle)
+    assert isinstance(mgr.onload("grads"), TransferHandle)
+    plan = mgr.free(1)
+    assert isinstance(plan, OffloadPlan) and not plan.dry_run and plan.planned_bytes >= 1
 
 
 def test_dry_run_plan_can_be_applied_once_and_goes_stale(device):
@@ -190,9 +204,9 @@ def test_budget_with_for_module_drops_grads_first(device):
     model(torch.randn(8, 64, device=device)).sum().backward()
     opt.step()
     mgr = memmgr.for_module(model, opt, bucket_size_mb=16 * KiB / 2**20)
-    grads = mgr.state()["grads"].device_bytes
+    grads = mgr.state["grads"].device_bytes
     assert grads > 0
-    plan = mgr.offload(budget_bytes=grads)
+    plan = mgr.free(grads)
     assert [(g, d) for g, _, _, d in plan] == [("grads", True)]
     assert all(p.grad is None for p in model.parameters())
     mgr.onload()
@@ -375,7 +389,7 @@ def test_onload_in_order_restores_weights_and_hooks_wait_in_forward_order(device
     assert ordered.hooks_active == 0
     ordered.wait()
     wait_for_buckets(group.buckets)
-    assert mgr.state()["weights"].state == "on_device"
+    assert mgr.state["weights"].state == "on_device"
 
 
 def test_onload_in_order_finish_covers_buckets_the_forward_does_not_touch(device):
@@ -403,13 +417,13 @@ def test_onload_in_order_with_a_prefetch_window_issues_lazily_from_the_hooks(dev
     ordered = onload_in_order(mgr, net, order, prefetch=prefetch)
     assert ordered.issued == prefetch + 1 < len(group.buckets)
     # the rest is still on the host ("onloading" while a copy is in flight on a GPU: in-flight states win)
-    assert mgr.state()["weights"].state in (PARTIAL, "onloading")
+    assert mgr.state["weights"].state in (PARTIAL, "onloading")
     assert "on_host" in bucket_states(group).values()
     with torch.no_grad():
         assert same_bits(net(ids), expected)
     assert ordered.issued == len(group.buckets) and ordered.hooks_active == 0
     ordered.wait()
-    assert mgr.state()["weights"].state == "on_device"
+    assert mgr.state["weights"].state == "on_device"
     with pytest.raises(MemmgrInputError):
         onload_in_order(mgr, net, prefetch=-1)
 
@@ -419,4 +433,4 @@ def test_ordered_wait_without_a_forward_issues_everything(device):
     mgr.offload("weights")
     ordered = onload_in_order(mgr, net, prefetch=0)
     ordered.wait()
-    assert mgr.state()["weights"].state == "on_device" and ordered.hooks_active == 0
+    assert mgr.state["weights"].state == "on_device" and ordered.hooks_active == 0

@@ -87,7 +87,7 @@ def _native_worker(rank: int, world: int, workdir: str) -> None:
         for _cycle in range(2):
             mgr.offload()
             assert all(f.suspended for f in fakes.values())
-            assert mgr.state()["nccl"].state == GroupState.DISCARDED.value
+            assert mgr.state["nccl"].state == GroupState.DISCARDED.value
             assert [r["state"] for r in comms.report()] == ["suspended", "suspended"]
             with pytest.raises(MemmgrStateError, match="onload"):
                 comms.process_group("tp")
@@ -132,7 +132,7 @@ def _recreate_worker(rank: int, world: int, workdir: str) -> None:
             mgr.offload()
             assert [r["state"] for r in comms.report()] == ["destroyed", "destroyed"]
             assert comms.report()[1]["method"] == RECREATE
-            assert mgr.state()["nccl"].state == GroupState.DISCARDED.value
+            assert mgr.state["nccl"].state == GroupState.DISCARDED.value
             mgr.onload()
             assert len(rebinds) == cycle + 1 and holder["tp"] is rebinds[-1]
             assert comms.process_group("tp") is holder["tp"] and holder["tp"] is not first
@@ -224,9 +224,9 @@ def _nccl_worker(rank: int, world: int, workdir: str) -> None:
         mgr.offload()
         (row,) = comms.report()
         assert row["bytes_freed"] is not None and row["bytes_freed"] > 0, row
-        assert mgr.state()["nccl"].device_bytes == 0
+        assert mgr.state["nccl"].device_bytes == 0
         mgr.onload()
-        assert mgr.state()["nccl"].device_bytes > 0
+        assert mgr.state["nccl"].device_bytes > 0
         x = torch.full((1024,), float(rank + 1), device="cuda")
         dist.all_reduce(x, group=holder["tp"])
         assert bool(torch.all(x == 3.0))

@@ -45,17 +45,17 @@ def test_training_with_offload_between_steps_is_bitwise_identical(device, dtype)
     losses, params, mgr = train(device, dtype, 6, offload_between_steps=True)
     assert all(same_bits(a, b) for a, b in zip(losses, ref_losses))
     assert all(same_bits(a, b) for a, b in zip(params, ref_params))
-    assert mgr.state()["optimizer_states"].nbytes > 0  # lazily created Adam moments were picked up
+    assert mgr.state["optimizer_states"].nbytes > 0  # lazily created Adam moments were picked up
 
 
 def test_state_reports_placement_and_bytes(device):
     model = make_mlp(device)
     mgr = memmgr.for_module(model)
     nbytes = sum(p.numel() * 4 for p in model.parameters())
-    st = mgr.state()["weights"]
+    st = mgr.state["weights"]
     assert st.state == "on_device" and st.device_bytes >= nbytes and st.host_bytes >= nbytes
     mgr.offload("weights")
-    st = mgr.state()["weights"]
+    st = mgr.state["weights"]
     assert st.state == "on_host" and st.device_bytes == 0
 
 
@@ -116,10 +116,10 @@ def test_phase_offloads_all_but_kept_and_restores_after_an_exception(device):
     expected = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(KeyError):
         with mgr.phase("generate", keep=("optimizer_states",)):
-            assert mgr.state()["weights"].state == "on_host"
-            assert mgr.state()["optimizer_states"].state == "on_device"
+            assert mgr.state["weights"].state == "on_host"
+            assert mgr.state["optimizer_states"].state == "on_device"
             raise KeyError("boom")
-    assert mgr.state()["weights"].state == "on_device"
+    assert mgr.state["weights"].state == "on_device"
     assert all(same_bits(p, e) for p, e in zip(model.parameters(), expected))
 
 
@@ -127,11 +127,11 @@ def test_phases_nest_and_restore_each_level(device):
     model = make_mlp(device)
     mgr = memmgr.for_module(model)
     with mgr.phase("outer", keep=("weights",)):
-        assert mgr.state()["weights"].state == "on_device"
+        assert mgr.state["weights"].state == "on_device"
         with mgr.phase("inner"):
             assert mgr.current_phase == "inner"
-            assert mgr.state()["weights"].state == "on_host"
-        assert mgr.state()["weights"].state == "on_device"
+            assert mgr.state["weights"].state == "on_host"
+        assert mgr.state["weights"].state == "on_device"
         assert mgr.current_phase == "outer"
     assert mgr.current_phase is None
 
@@ -162,18 +162,18 @@ def test_weight_sync_brings_back_only_weights_and_offloads_them_again_even_on_er
     expected = {n: p.detach().clone() for n, p in model.named_parameters()}
     mgr.offload()
     events = []
-    mgr.register_hook("before_weight_sync", lambda e, g: events.append((e, mgr.state()["weights"].state)))
-    mgr.register_hook("after_weight_sync", lambda e, g: events.append((e, mgr.state()["weights"].state)))
+    mgr.register_hook("before_weight_sync", lambda e, g: events.append((e, mgr.state["weights"].state)))
+    mgr.register_hook("after_weight_sync", lambda e, g: events.append((e, mgr.state["weights"].state)))
     with mgr.weight_sync() as weights:
-        assert mgr.state()["optimizer_states"].state == "on_host"
-        assert mgr.state()["weights"].state == "on_device"
+        assert mgr.state["optimizer_states"].state == "on_host"
+        assert mgr.state["weights"].state == "on_device"
         assert list(weights)[:2] == ["0.weight", "0.bias"]
         assert all(same_bits(weights[n], expected[n]) for n in expected)
     assert events == [("before_weight_sync", "on_host"), ("after_weight_sync", "on_host")]
     with pytest.raises(RuntimeError, match="sync failed"):
         with mgr.weight_sync():
             raise RuntimeError("sync failed")
-    assert mgr.state()["weights"].state == "on_host"
+    assert mgr.state["weights"].state == "on_host"
     assert events[-1] == ("after_weight_sync", "on_host")
 
 
@@ -198,7 +198,7 @@ def test_weight_sync_whose_onload_fails_still_runs_the_after_hooks(monkeypatch):
             with mgr.weight_sync():
                 pytest.fail("the body must not run without the weights")
     assert events == ["before_weight_sync", "after_weight_sync"]  # what the before-hooks freed is given back
-    assert mgr.state()["weights"].state == "on_host"
+    assert mgr.state["weights"].state == "on_host"
     with mgr.weight_sync() as weights:  # a retry once memory is free syncs the same bits
         assert all(same_bits(weights[n], expected[n]) for n in expected)
     assert events == ["before_weight_sync", "after_weight_sync"] * 2
@@ -279,7 +279,7 @@ def test_unknown_group_names_list_the_known_ones():
     with pytest.raises(MemmgrInputError, match="unknown group"):
         with mgr.phase("generate", keep=("nope",)):
             pass
-    assert mgr.state()["weights"].state == "on_device"
+    assert mgr.state["weights"].state == "on_device"
 
 
 def test_module_without_parameters_is_rejected():
@@ -309,7 +309,7 @@ def test_offload_during_unfinished_backward_is_refused_and_nothing_moves():
     loss = model(torch.randn(2, 16)).sum()
     with pytest.raises(MemmgrStateError, match="unfinished step"):
         mgr.offload()
-    assert mgr.state()["weights"].state == "on_device"
+    assert mgr.state["weights"].state == "on_device"
     assert all(same_bits(p, e) for p, e in zip(model.parameters(), expected))
     loss.backward()
     mgr.offload()

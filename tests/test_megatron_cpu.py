@@ -137,7 +137,7 @@ def test_offload_onload_between_steps_is_bitwise_identical(megatron_env, config)
     for b in data:
         losses.append(train_step(ddp, opt, *b))
         mgr.offload()
-        assert all(s.device_bytes == 0 for s in mgr.state().values()), mgr.state()
+        assert all(s.device_bytes == 0 for s in mgr.state.values()), mgr.state
         mgr.onload()
     assert losses == ref_losses
     ref = dict(ref_ddp.named_parameters())
@@ -168,12 +168,12 @@ def test_each_group_alone_moves_its_bytes(megatron_env, config):
     assert mgr.group("optimizer_states").nbytes >= 2 * main_bytes  # exp_avg + exp_avg_sq
 
     for name in ["grad_buffers", "weights", "main_weights", "optimizer_states"]:
-        before = {n: s.device_bytes for n, s in mgr.state().items()}
+        before = {n: s.device_bytes for n, s in mgr.state.items()}
         contents = [bits(t) for _, t in mgr.group(name).named_tensors]
         nbytes = mgr.group(name).nbytes
         assert before[name] == nbytes > 0
         mgr.offload(name)
-        after = {n: s.device_bytes for n, s in mgr.state().items()}
+        after = {n: s.device_bytes for n, s in mgr.state.items()}
         assert after[name] == 0
         assert {n: v for n, v in after.items() if n != name} == {n: v for n, v in before.items() if n != name}
         if name == "grad_buffers":
@@ -181,7 +181,7 @@ def test_each_group_alone_moves_its_bytes(megatron_env, config):
         if name == "weights" and dist_opt:
             assert all(b.param_data.untyped_storage().nbytes() == 0 for b in bufs)
         mgr.onload(name)
-        assert mgr.state()[name].device_bytes == nbytes
+        assert mgr.state[name].device_bytes == nbytes
         restored = [bits(t) for _, t in mgr.group(name).named_tensors]
         if name == "grad_buffers":
             assert all(not r.any() for r in restored)  # re-zeroed
@@ -201,7 +201,7 @@ def test_onload_weights_alone_then_forward(megatron_env, config):
         expected = ddp(tokens, POS, None, labels=labels).clone()
     mgr.offload()
     mgr.onload("weights")
-    state = mgr.state()
+    state = mgr.state
     assert state["weights"].state == "on_device"
     assert state["optimizer_states"].state == "on_host" and state["optimizer_states"].device_bytes == 0
     assert state["grad_buffers"].device_bytes == 0
@@ -239,7 +239,7 @@ def test_bad_inputs_raise_and_leave_tensors_unchanged(megatron_env):
     mgr.offload("optimizer_states")
     mgr.onload("optimizer_states")
     before = snapshot(ddp, opt)
-    states = mgr.state()
+    states = mgr.state
     bucket_group = ddp.bucket_groups[0]
     bucket_group.grad_reduce_handle = object()  # a reduction in flight
     try:
@@ -258,7 +258,7 @@ def test_bad_inputs_raise_and_leave_tensors_unchanged(megatron_env):
             mgr.offload("weights")
     finally:
         bucket_group.param_gather_handle = None
-    assert mgr.state() == states
+    assert mgr.state == states
     assert same_snapshot(before, snapshot(ddp, opt))
     mgr.offload()  # and once nothing is in flight, it works
     mgr.onload()
@@ -299,10 +299,10 @@ def test_budgeted_offload_frees_what_it_planned_and_restores_exactly(megatron_en
     train_step(ddp, opt, *batches(1)[0])
     mgr = for_megatron(ddp, opt)
     before = snapshot(ddp, opt)
-    on_device = sum(s.device_bytes for s in mgr.state().values())
+    on_device = sum(s.device_bytes for s in mgr.state.values())
     plan = mgr.free(1 << 20)
     assert plan.planned_bytes >= 1 << 20
-    assert on_device - sum(s.device_bytes for s in mgr.state().values()) == plan.planned_bytes
+    assert on_device - sum(s.device_bytes for s in mgr.state.values()) == plan.planned_bytes
     plan.onload()
     after = snapshot(ddp, opt)
     assert before.keys() == after.keys() and all(torch.equal(before[k][2], after[k][2]) for k in before)
@@ -340,7 +340,7 @@ def test_grad_views_into_reallocated_grad_buffers_are_not_counted_twice(megatron
         mgr.offload()
         mgr.onload()
     train_step(ddp, opt, *batches(1)[0])
-    assert mgr.state()["grads"].device_bytes == 0
+    assert mgr.state["grads"].device_bytes == 0
 
 
 # ---- the bench's Megatron workload reads the same state for_megatron manages ----
@@ -362,7 +362,7 @@ def test_bench_megatron_state_matches_the_groups_and_a_peer_round_trip_is_exact(
     assert before.keys() == after.keys() and all(torch.equal(before[k][2], after[k][2]) for k in before)
 
     mgr = mm.for_megatron(ddp, opt, pool=HostMemoryPool(pin=False))
-    groups = mgr.state()
+    groups = mgr.state
     assert sum(t.numel() * t.element_size() for t in state.weights.values()) == groups["weights"].nbytes
     assert sum(t.numel() * t.element_size() for t in state.main_weights.values()) == groups["main_weights"].nbytes
     # the group also holds Adam's one-element step counters, which the bench's peers leave where they are

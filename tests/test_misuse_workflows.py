@@ -24,7 +24,7 @@ def step(model, opt, seed=0):
 
 
 def states(mgr):
-    return {n: s.state for n, s in mgr.state().items()}
+    return {n: s.state for n, s in mgr.state.items()}
 
 
 # ---- the public API keeps working when called again ----
@@ -61,7 +61,7 @@ def test_weight_sync_nested_in_a_phase_leaves_weights_off_until_the_phase_ends()
         assert states(mgr)["weights"] == "on_host"
         with mgr.weight_sync():  # and again: the second sync leaves them off too
             pass
-        assert mgr.state()["weights"].device_bytes == 0
+        assert mgr.state["weights"].device_bytes == 0
     assert states(mgr)["weights"] == "on_device"
 
 
@@ -85,7 +85,7 @@ def test_leaving_a_phase_restores_a_budgeted_offload_bucket_by_bucket():
     off = {b.name for b in mgr.group("weights").buckets if b.device_bytes == 0}
     assert states(mgr)["weights"] == "partial" and off == {i[1] for i in plan}
     with mgr.phase("generate"):
-        assert mgr.state()["weights"].device_bytes == 0
+        assert mgr.state["weights"].device_bytes == 0
     assert states(mgr)["weights"] == "partial"
     assert {b.name for b in mgr.group("weights").buckets if b.device_bytes == 0} == off
     with mgr.phase("train", keep=["weights"]):  # a kept partial group stays as it is
@@ -109,7 +109,7 @@ def test_failed_onload_in_weight_sync_leaves_the_weights_off_and_runs_the_after_
     with pytest.raises(RuntimeError, match="engine refused"):
         with mgr.weight_sync():
             pytest.fail("the body must not run")
-    assert states(mgr)["weights"] == "on_host" and mgr.state()["weights"].device_bytes == 0
+    assert states(mgr)["weights"] == "on_host" and mgr.state["weights"].device_bytes == 0
     assert events == ["after_weight_sync"]
     handle.remove()
     mgr.onload()
@@ -130,7 +130,7 @@ def test_member_grown_with_resize_is_refused_before_anything_moves(device):
     expected = t.clone()
     with pytest.raises(memmgr.MemmgrStateError, match=r"storage holds 4000 bytes .*resize_.*Nothing was moved"):
         mgr.offload()
-    assert mgr.state()["g"].state == "on_device" and torch.equal(t, expected)
+    assert mgr.state["g"].state == "on_device" and torch.equal(t, expected)
 
 
 def test_member_resized_inside_its_bucket_is_named_in_the_refusal():
@@ -140,7 +140,7 @@ def test_member_resized_inside_its_bucket_is_named_in_the_refusal():
     u.resize_(2)  # shrinks the view: the bucket still holds it, but no longer as it was registered
     with pytest.raises(memmgr.MemmgrStateError, match=r"tensor 'u' is now \(2,\) .* joined the bucket as \(6,\)"):
         mgr.offload()
-    assert mgr.state()["g"].device_bytes == mgr.state()["g"].nbytes
+    assert mgr.state["g"].device_bytes == mgr.state["g"].nbytes
 
 
 def test_member_resized_while_offloaded_is_refused_at_onload_with_the_host_copy_intact():
@@ -152,7 +152,7 @@ def test_member_resized_while_offloaded_is_refused_at_onload_with_the_host_copy_
     t.resize_(20)  # re-allocates the freed storage with 80 bytes
     with pytest.raises(memmgr.MemmgrStateError, match=r"bucket 'g/0': its storage holds 80 bytes"):
         mgr.onload()
-    assert mgr.state()["g"].state == "on_host"
+    assert mgr.state["g"].state == "on_host"
     t.resize_(10)
     t.untyped_storage().resize_(0)  # undone: the onload goes through
     mgr.onload()
@@ -171,7 +171,7 @@ def test_member_rebound_while_offloaded_is_refused_at_onload_and_the_buckets_res
     u.data = torch.zeros(3, device=device)
     with pytest.raises(memmgr.MemmgrStateError, match=r"tensor 'u' is now \(3,\) .* joined the bucket as \(6,\)"):
         mgr.onload()
-    assert mgr.state()["g"].state == "on_host"
+    assert mgr.state["g"].state == "on_host"
     assert [b.flat.untyped_storage().nbytes() for b in group.units] == [0, 0]
     assert same_bits(group.units[0].host_copy(t), expected[0].cpu())  # nothing lost
     assert same_bits(group.units[1].host_buffer.tensor[:24].view(torch.float32), expected[1].cpu())
@@ -215,11 +215,11 @@ def test_member_given_other_memory_is_counted_refused_at_offload_and_managed_aft
         with torch.no_grad():
             weight.set_(new)
     new = new.clone()  # the test keeps no reference to the memory the weight now owns
-    assert mgr.state()["weights"].device_bytes == 16 * 8 * 4  # not 0: the new memory is seen
+    assert mgr.state["weights"].device_bytes == 16 * 8 * 4  # not 0: the new memory is seen
     mgr.onload()  # restoring the other members is safe
     with pytest.raises(memmgr.MemmgrStateError, match=r"tensor '0.weight' .* no longer views the bucket's memory"):
         mgr.offload()
-    assert torch.equal(weight, new) and mgr.state()["weights"].state == "on_device"
+    assert torch.equal(weight, new) and mgr.state["weights"].state == "on_device"
     mgr.close()
     mgr2 = memmgr.for_module(model, pin_ahead=False)  # the fix the message gives
     mgr2.offload()
@@ -325,9 +325,9 @@ def test_deepcopy_and_pickle_of_offloaded_tensors_read_the_host_copy_in_a_subpro
                    for k, v in s.items())
         assert torch.equal(pickle.loads(pickle.dumps(model[0].bias)).cpu(), ref_model["0.bias"].cpu())
         assert clone[0].weight.device.type == device.type
-        assert all(s.device_bytes == 0 for s in mgr.state().values())  # nothing was onloaded for it
+        assert all(s.device_bytes == 0 for s in mgr.state.values())  # nothing was onloaded for it
         assert all(torch.equal(model.state_dict()[k], v) for k, v in ref_model.items())  # state_dict onloads
-        assert mgr.state()["weights"].state == "on_device" and mgr.state()["optimizer_states"].state == "on_host"
+        assert mgr.state["weights"].state == "on_device" and mgr.state["optimizer_states"].state == "on_host"
         print("ok")
     """.replace("DEVICE", str(device)))
     assert out.strip() == "ok"
@@ -400,7 +400,7 @@ def test_closed_manager_releases_the_model_and_a_new_manager_works_and_reuses_th
     held = host.bytes_held
     mgr.offload()
     mgr.close()  # onloads, then lets go: the tensors are ordinary tensors again, the host buffers back in the pool
-    assert mgr.state()["weights"].nbytes == 0 and host.bytes_held == held
+    assert mgr.state["weights"].nbytes == 0 and host.bytes_held == held
     for cycle in range(2):
         mgr = memmgr.for_module(model, opt, pool=host)
         losses += train(model, opt, mgr, steps=1, seed=2 + cycle)
@@ -425,7 +425,7 @@ def test_manager_dropped_without_close_returns_its_host_buffers_to_the_pool():
     mgr = memmgr.for_module(model, pool=host)  # the same model again: its tensors are free to be managed
     assert host.bytes_held == held  # same sizes: the buffers the dropped manager gave back, no new host memory
     mgr.offload()
-    assert mgr.state()["weights"].device_bytes == 0
+    assert mgr.state["weights"].device_bytes == 0
     mgr.onload()
 
 
@@ -505,7 +505,7 @@ def test_checkpoint_saved_under_memmgr_resumes_under_a_new_manager_bitwise(tmp_p
     mgr2 = memmgr.for_module(model2, opt2, pin_ahead=False)
     assert mgr2.group("optimizer_states").nbytes == mgr.group("optimizer_states").nbytes  # all of it managed
     mgr2.offload()
-    assert all(s.device_bytes == 0 for s in mgr2.state().values())  # nothing of the loaded state left behind
+    assert all(s.device_bytes == 0 for s in mgr2.state.values())  # nothing of the loaded state left behind
     mgr2.onload()
     assert train(model2, opt2, mgr2, steps=3, seed=2) == train(ref_model, ref_opt, steps=3, seed=2)
     assert all(same_bits(a, b) for a, b in zip(model2.parameters(), ref_model.parameters()))

@@ -263,6 +263,7 @@ class _FakeManager:
     pool = None
     left_behind = {"rotary cache": 1 << 20}
 
+    @property
     def state(self):
         return OrderedDict(weights=GroupStatus("weights", "on_device", "copy", 2 << 30, 2 << 30, 0),
                            optimizer_states=GroupStatus("optimizer_states", "on_host", "copy", 4 << 30, 0, 4 << 30))
@@ -319,6 +320,7 @@ def test_snapshot_never_raises():
     class Broken:
         pool = None
 
+        @property
         def state(self):
             raise RuntimeError("boom")
 

@@ -34,8 +34,8 @@ for i in range(4):
     for model, o in ((m, opt), (twin, twin_opt)):
         model(x).sum().backward(); o.step(); o.zero_grad()
     with mgr.phase("generate"):
-        assert mgr.state()["optimizer_states"].state == "on_host", mgr.state()
-    assert mgr.state()["optimizer_states"].state == "on_device", mgr.state()
+        assert mgr.state["optimizer_states"].state == "on_host", mgr.state
+    assert mgr.state["optimizer_states"].state == "on_device", mgr.state
 for a, b in zip(opt.state.values(), twin_opt.state.values()):
     for k in a:
         assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
@@ -61,7 +61,7 @@ saved = copy.deepcopy(opt.state_dict())
 opt.load_state_dict(saved)  # new state tensors replace the managed ones
 with mgr.phase("generate"):
     pass
-assert mgr.state()["optimizer_states"].state == "on_device", mgr.state()
+assert mgr.state["optimizer_states"].state == "on_device", mgr.state
 m(torch.ones(2, 32, device=DEVICE)).sum().backward(); opt.step()
 print("LOAD-OK")
 """
@@ -82,8 +82,8 @@ def test_weight_sync_inside_a_phase_leaves_new_state_where_the_phase_found_it():
     with mgr.phase("generate"):
         with mgr.weight_sync() as weights:
             assert set(weights) == {"weight", "bias"}
-        assert mgr.state()["weights"].state == "on_host"
-    assert all(s.state == "on_device" for n, s in mgr.state().items() if n != "grads")
+        assert mgr.state["weights"].state == "on_host"
+    assert all(s.state == "on_device" for n, s in mgr.state.items() if n != "grads")
     mgr.close()
 
 
@@ -128,7 +128,7 @@ def test_a_managed_module_and_optimizer_pickle_whole_in_any_placement():
         copy = torch.load(buf, weights_only=False)
         assert torch.equal(copy[0].weight, expected)
         copy.state_dict()  # the copy's hooks are inert: not managed, nothing to bring back
-    assert mgr.state()["weights"].state == "on_host"
+    assert mgr.state["weights"].state == "on_host"
     mgr.close()
 
 
@@ -243,7 +243,7 @@ def test_every_after_sync_hook_runs_when_a_sync_hook_fails_and_the_weights_go_ba
         with mgr.weight_sync():
             pass
     assert "after-1" in calls and "after-2" in calls, calls
-    assert mgr.state()["weights"].state == "on_host"
+    assert mgr.state["weights"].state == "on_host"
     mgr.close()
 
 
@@ -264,7 +264,7 @@ def test_gradients_recreated_while_the_grads_group_is_off_count_as_on_the_device
     mgr.offload()
     mgr.onload("weights")
     m(torch.ones(2, 8)).sum().backward()  # the grads group was dropped; backward re-creates it
-    assert mgr.state()["grads"].state == "on_device" and mgr.state()["grads"].device_bytes > 0
+    assert mgr.state["grads"].state == "on_device" and mgr.state["grads"].device_bytes > 0
     with mgr.phase("generate", keep=["weights"]):
-        assert m.weight.grad is None and mgr.state()["grads"].device_bytes == 0
+        assert m.weight.grad is None and mgr.state["grads"].device_bytes == 0
     mgr.close()

@@ -525,7 +525,7 @@ def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], opti
         mgr.onload_for_state_dicts(opt.optimizer, ["weights", "main_weights", "optimizer_states"])
     mgr._refresh_left_behind()
     logger.info("for_megatron: %d chunk(s), %d inner optimizer(s); %s", len(chunks), len(found.optimizers),
-                ", ".join(f"{n}={s.nbytes / 2**20:.1f} MiB" for n, s in mgr.state().items()))
+                ", ".join(f"{n}={s.nbytes / 2**20:.1f} MiB" for n, s in mgr.state.items()))
     return mgr
 
 
