@@ -73,6 +73,32 @@ def test_no_module_imports_private_names_of_another():
     assert offenders == []
 
 
+VLLM_WORKER_SIDE = ("memmgr.sync.engines.vllm.worker", "memmgr.sync.engines.vllm.served")
+VLLM_TRAINER_SIDE = ("memmgr.sync.engines.vllm.trainer", "memmgr.sync.engines.vllm.trainer_engine",
+                     "memmgr.sync.engines.vllm.plan", "memmgr.sync.engines.vllm.client")
+
+
+def test_vllm_worker_side_and_trainer_side_do_not_import_each_other():
+    trees = modules()
+    graph = {name: imported_memmgr_modules(name, tree, set(trees)) for name, tree in trees.items()}
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    # the package itself (imported before any of its modules) imports neither side
+    offenders = [f"{a} imports {b}" for side, other in ((VLLM_WORKER_SIDE, VLLM_TRAINER_SIDE),
+                                                         (VLLM_TRAINER_SIDE, VLLM_WORKER_SIDE),
+                                                         (("memmgr.sync.engines.vllm",),
+                                                          VLLM_WORKER_SIDE + VLLM_TRAINER_SIDE))
+                 for a in side for b in sorted(reach(a) & set(other))]
+    assert offenders == []
+
+
 def test_runtime_ring_never_imports_the_tools_ring():
     offenders = []
     for name, tree in modules().items():
@@ -88,7 +114,8 @@ def test_runtime_ring_never_imports_the_tools_ring():
 @pytest.mark.parametrize("blocked", [TOOLING])
 def test_import_memmgr_works_without_the_tooling_packages(blocked):
     runtime = [n for n in modules() if not n.startswith("memmgr.tools") and n != "memmgr.__main__"
-               and n not in ("memmgr.integrations.megatron", "memmgr.sync.engines.vllm")]  # optional engines
+               and n != "memmgr.integrations.megatron"
+               and not n.startswith("memmgr.sync.engines.vllm")]  # optional engines
     script = f"""
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):

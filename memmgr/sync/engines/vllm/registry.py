@@ -1,0 +1,53 @@
+"""The names that enable memmgr's ``memmgr_gloo`` backend in vLLM, and its entries in vLLM's two registries.
+
+vLLM picks a weight-transfer engine by name from ``WeightTransferEngineFactory`` (in its worker processes) and
+``WeightTransferTrainerFactory`` (in the trainer). Both registries import an engine lazily, from a module path and a
+class name, and they are separate so that the worker and the trainer do not import each other's code. This module
+registers ``memmgr_gloo`` in both by those strings (``worker.py`` for the worker, ``trainer_engine.py`` for the
+trainer) and imports neither side itself.
+
+Importing this module registers the backend. ``worker.py`` imports it, so naming ``WORKER_EXTENSION`` as the
+engine's ``worker_extension_cls`` registers the backend inside vLLM's worker processes before they build their
+transfer engine.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.distributed.weight_transfer import WeightTransferEngineFactory, WeightTransferTrainerFactory
+
+from memmgr.errors import MemmgrInputError
+
+BACKEND = "memmgr_gloo"
+WORKER_EXTENSION = "memmgr.sync.engines.vllm.worker.MemmgrWorkerExtension"
+_WORKER_ENGINE = ("memmgr.sync.engines.vllm.worker", "MemmgrGlooWeightTransferEngine")
+_TRAINER_ENGINE = ("memmgr.sync.engines.vllm.trainer_engine", "MemmgrGlooTrainerWeightTransferEngine")
+
+
+def register_vllm_backends() -> None:
+    """Adds ``memmgr_gloo`` to vLLM's worker-side and trainer-side weight-transfer registries (idempotent), each by
+    module path and class name, so a registry imports only its own side, when it builds the engine."""
+    for factory, (module_path, cls_name) in ((WeightTransferEngineFactory, _WORKER_ENGINE),
+                                             (WeightTransferTrainerFactory, _TRAINER_ENGINE)):
+        try:
+            factory.register_engine(BACKEND, module_path, cls_name)
+        except ValueError:  # already registered (this module imported twice, or by a vLLM plugin)
+            pass
+
+
+def vllm_engine_kwargs(**extra: Any) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM(...)`` / ``EngineArgs`` that enable memmgr's weight sync: the
+    ``memmgr_gloo`` transfer backend and the worker extension (``extra`` is merged in)."""
+    from vllm.config import WeightTransferConfig
+
+    if extra.get("worker_extension_cls") not in (None, WORKER_EXTENSION):
+        raise MemmgrInputError(f"vllm_engine_kwargs: worker_extension_cls={extra['worker_extension_cls']!r} would "
+                               f"replace memmgr's {WORKER_EXTENSION!r}; subclass MemmgrWorkerExtension instead")
+    kwargs = {"weight_transfer_config": WeightTransferConfig(backend=BACKEND), "worker_extension_cls": WORKER_EXTENSION}
+    kwargs.update(extra)
+    return kwargs
+
+
+register_vllm_backends()
+
+__all__ = ["BACKEND", "WORKER_EXTENSION", "register_vllm_backends", "vllm_engine_kwargs"]
