@@ -237,13 +237,18 @@ class DroppedTensors(ContentlessUnit):
     def revert_onload(self, state: BucketState) -> None:
         self._dropped = state is BucketState.DISCARDED
 
+    def recreated(self) -> None:
+        """Ends the drop: the framework re-created the tensors (a backward ran with the group left off). A subclass
+        that can see the re-creation calls it then; ``state`` calls it when it finds device memory held."""
+        self._dropped = False
+
     @property
     def state(self) -> BucketState:
         """DISCARDED from the offload that dropped the tensors until the framework re-creates them (a backward with
         the group left off) or an onload; ON_DEVICE otherwise, so that the next offload drops re-created ones."""
-        if self._dropped and self.device_bytes == 0:
-            return BucketState.DISCARDED
-        return BucketState.ON_DEVICE
+        if self._dropped and self.device_bytes > 0:
+            self.recreated()
+        return BucketState.DISCARDED if self._dropped else BucketState.ON_DEVICE
 
     @property
     def device(self) -> torch.device | None:

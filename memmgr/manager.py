@@ -378,11 +378,15 @@ class MemoryManager:
 
     def restore_placement(self, placement: "Placement") -> None:
         """Offloads the units of ``placement`` that were off the device and are on it now, then onloads those that
-        were on it and are off now. Units no longer in their group (dropped at a re-collect) are left alone; units
-        added since are not in the placement and stay where they are."""
+        were on it and are off now. Groups re-collect first (``collect``): units no longer in their group (state a
+        ``load_state_dict`` replaced) are left alone, and units that joined a group since are placed as the
+        group's units all were (a group wholly offloaded before is wholly offloaded again); in a group that was
+        partly offloaded they stay where they are."""
         arguments.instance("restore_placement", "placement", placement, Placement)
+        self.collect(*dict.fromkeys(g for g, _u, _on in placement.rows))
         current = {id(u) for e in self._groups.values() for u in e.group.units}
         rows = [(g, u, on) for g, u, on in placement.rows if id(u) in current]
+        rows += self._joined_since(placement)
         back_off = [(g, u) for g, u, on in rows if not on and u.state.holds_device_memory]
         back_on = [(g, u) for g, u, on in rows if on and not u.state.holds_device_memory]
         if back_off:
@@ -392,6 +396,16 @@ class MemoryManager:
         if back_on:
             names = tuple(dict.fromkeys(g for g, _ in back_on))
             self.onload_units([u for _, u in back_on], groups=names)
+
+    def _joined_since(self, placement: "Placement") -> list[tuple[str, MovableUnit, bool]]:
+        """Rows for the units that joined a group after ``placement`` was taken, in groups whose units it found
+        all on or all off the device."""
+        sides: dict[str, set[bool]] = {}
+        for g, _u, on in placement.rows:
+            sides.setdefault(g, set()).add(on)
+        placed = {id(u) for _g, u, _on in placement.rows}
+        return [(g, u, next(iter(on))) for g, on in sides.items() if len(on) == 1
+                for u in self._groups[g].group.units if id(u) not in placed]
 
     @contextlib.contextmanager
     def phase(self, name: str, keep: Iterable[str] = ()) -> Iterator["MemoryManager"]:

@@ -70,21 +70,6 @@ OP_EVENTS = {
 }
 # name -> why it is off (a memmgr bug, with the repro in the report of issue 29 item 3). Re-enable: delete the line.
 DISABLED: dict[str, str] = {
-    "backward_with_grads_dropped": (
-        "memmgr bug: after an offload dropped the grads, a backward run with only weights (and optimizer states) "
-        "onloaded re-creates gradients on the device, but the grads group stays 'discarded' in state() (with "
-        "device_bytes > 0) and a phase that does not keep it leaves those gradients on the device"),
-    "failing_hook.weight_sync.before_weight_sync": (
-        "memmgr bug: MemoryManager.weight_sync()/begin_weight_sync() fires before_weight_sync outside its try, so a "
-        "before-sync hook that raises skips every after_weight_sync hook (sync_weights runs them; the README says "
-        "every after-sync hook runs, also when a before-sync hook fails)"),
-    "failing_hook.weight_sync.after_weight_sync": (
-        "memmgr bug: end_weight_sync() fires after_weight_sync with _fire, not _fire_all, so an after-sync hook that "
-        "raises skips the after-sync hooks registered after it (sync_weights' weight_sync_hooks runs every one)"),
-    "phase.load_checkpoint": (
-        "memmgr bug: an optimizer.load_state_dict inside a phase makes the phase's exit raise MemmgrStateError "
-        "('bucket optimizer_states/N was released ...'): restore_placement lists the units to move back before its "
-        "prepare_offload re-collects the group, which drops the replaced state's buckets, then offloads them"),
 }
 ENABLED = {r for r in RULES if r not in DISABLED}
 ENABLED_PHASE_ACTIONS = [a for a in PHASE_ACTIONS if f"phase.{a}" not in DISABLED]

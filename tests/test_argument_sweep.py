@@ -14,7 +14,8 @@ from memmgr import (BucketizedFlatTensors, FlatTensors, HostMemoryPool, MemmgrEr
 from memmgr.budget import apply_plan, offload_budget, plan_offload
 from memmgr.ledger import Ledger
 from memmgr.ordered import onload_in_order, record_first_use
-from memmgr.sync import ModuleWeightLoader, module_load_weights
+from memmgr.sync import ModuleWeightLoader
+from memmgr.sync.loaders import module_load_weights
 from memmgr.sync.transports import (WeightBucket, as_specs, bucketize, check_specs, group_pairs, specs_of,
                                     split_per_dtype)
 

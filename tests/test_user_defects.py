@@ -268,3 +268,23 @@ def test_gradients_recreated_while_the_grads_group_is_off_count_as_on_the_device
     with mgr.phase("generate", keep=["weights"]):
         assert m.weight.grad is None and mgr.state["grads"].device_bytes == 0
     mgr.close()
+
+
+def test_loading_optimizer_state_inside_a_phase_leaves_the_group_where_the_phase_found_it():
+    m = torch.nn.Linear(6, 8)
+    opt = torch.optim.Adam(m.parameters())
+    mgr = memmgr.for_module(m, opt)
+    m(torch.randn(2, 6)).sum().backward()
+    opt.step()
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    expected = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    mgr.offload("optimizer_states")
+    with mgr.phase("resume", keep=["optimizer_states"]):
+        opt.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))  # brings the group back, replaces its state
+    assert mgr.state["optimizer_states"].state == "on_host"
+    mgr.onload()
+    assert all(torch.equal(opt.state_dict()["state"][0][k], v) for k, v in expected.items())
+    m(torch.randn(2, 6)).sum().backward()
+    opt.step()
+    mgr.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -26,6 +27,21 @@ class DroppedGradients(DroppedTensors):
         super().__init__(name)
         self._params = params
         self._names = names
+        # A gradient accumulated after the drop (a backward with the group left off) ends the drop at once, also
+        # when the caller sets it to None again before anyone looks at the state.
+        ref = weakref.ref(self)
+
+        def on_accumulate(_param: torch.Tensor) -> None:
+            group = ref()
+            if group is not None:
+                group.recreated()
+
+        self._hooks = [p.register_post_accumulate_grad_hook(on_accumulate) for p in params if p.requires_grad]
+
+    def unmanage(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def held_tensors(self) -> list[tuple[str, torch.Tensor]]:
         return [(f"{n}.grad", p.grad) for n, p in zip(self._names, self._params) if p.grad is not None]
