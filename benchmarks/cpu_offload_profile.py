@@ -1,9 +1,9 @@
 """Host-side cost of for_megatron's offload/onload, on the CPU: python benchmarks/cpu_offload_profile.py
 
 Builds a 24-layer megatron-core GPT (hidden 256, so the copies are small and the Python bookkeeping shows) through
-tests/megatron_shim.py (CUDA calls redirected to the CPU; its __torch_function__ inflates every torch call, so the
-times are upper bounds), takes a step, then times three offload/onload cycles and prints a cProfile of one of each
-(the 20 costliest calls by cumulative time). Needs no GPU; writes nothing but stdout.
+memmgr.tools.megatron_cpu_shim (CUDA calls redirected to the CPU; its __torch_function__ inflates every torch call,
+so the times are upper bounds), takes a step, then times three offload/onload cycles and prints a cProfile of one of
+each (the 20 costliest calls by cumulative time). Needs no GPU; writes nothing but stdout.
 """
 import argparse
 import cProfile
@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 root = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(root / "tests"), str(root)]
+sys.path.insert(0, str(root))  # memmgr from this checkout
 
 
 def main() -> int:
@@ -25,7 +25,7 @@ def main() -> int:
     warnings.filterwarnings("ignore")
 
     import torch
-    from megatron_shim import cpu_megatron
+    from memmgr.tools.megatron_cpu_shim import cpu_megatron
 
     with cpu_megatron():
         from megatron.core import parallel_state
@@ -33,7 +33,8 @@ def main() -> int:
         torch.distributed.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
         parallel_state.initialize_model_parallel(1, 1)
         from memmgr.integrations.megatron import for_megatron
-        from memmgr.tools.bench_megatron import build_gpt, train_step
+        from memmgr.tools.bench_megatron import train_step
+        from memmgr.tools.megatron_models import build_gpt
 
         ddp, opt = build_gpt(layers=24, hidden=256, heads=8, ffn=1024, vocab=1000, seq=16, cpu_init=True)
         tokens, labels = torch.randint(0, 1000, (2, 16)), torch.randint(0, 1000, (2, 16))

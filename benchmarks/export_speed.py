@@ -16,7 +16,7 @@ distributed optimizer's param buffers, and a memmgr manager for it (``for_megatr
    buckets plus the largest single parameter's Hugging Face bytes.
 4. identity: checksums of every bucket exported from the device and from the host copy must agree.
 
---tiny builds a 2-layer hidden-64 model on the CPU (gloo; megatron through tests/megatron_shim.py) to smoke-test
+--tiny builds a 2-layer hidden-64 model on the CPU (gloo; megatron through memmgr.tools.megatron_cpu_shim) to smoke-test
 the program; its numbers mean nothing. Writes DIR/export_speed.json (with the run's metadata) and prints one
 summary line per section to stdout.
 """
@@ -104,7 +104,6 @@ def run_export(make, device: torch.device, repeats: int, with_checksums: bool = 
 def main() -> int:
     args = parse_args()
     warnings.filterwarnings("ignore")
-    root = lab.ROOT
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and not args.tiny \
         else torch.device("cpu")
     shape = dict(TINY if args.tiny else LLAMA_1_3B)
@@ -113,18 +112,18 @@ def main() -> int:
     result: dict[str, Any] = {"metadata": lab.metadata(), "shape": shape, "bucket_mb": args.bucket_mb}
     shim = None
     if device.type != "cuda":
-        sys.path.insert(0, str(root / "tests"))
-        from megatron_shim import cpu_megatron
+        from memmgr.tools.megatron_cpu_shim import cpu_megatron
 
         shim = cpu_megatron()
         shim.__enter__()
     try:
         from memmgr.integrations.megatron import for_megatron
         from memmgr.sync.export import MegatronExporter
+        from memmgr.tools.megatron_models import gpt_for_hf
 
         result["setup"] = lab.init_megatron_one_process(device)
         cfg = hf_config(shape)
-        ddp = lab.megatron_gpt_for_hf(cfg, device)
+        ddp = gpt_for_hf(cfg, device)
         mgr = for_megatron(ddp, None)
         weights = mgr.group("weights")
         bucket_bytes = int(args.bucket_mb * 2**20)

@@ -60,7 +60,7 @@ def init_distributed() -> dict:
 
 
 def build(*, cpu_init: bool = True, **model: Any) -> tuple[Any, Any]:
-    """memmgr.tools.bench_megatron.build_gpt, with CPU initialization by default (the same weights on every run)."""
+    """memmgr.tools.megatron_models.build_gpt, with CPU initialization by default (the same weights on every run)."""
     return lab.build_megatron_gpt(cpu_init=cpu_init, **model)
 
 

@@ -18,7 +18,7 @@ the engine having loaded everything, best of --reps.
 4. identity: after the syncs every engine tensor must equal the trainer's bit for bit (position-weighted checksums)
    and the engine's logits on a fixed prompt are compared with the trainer's.
 
---trainer megatron: the trainer is a megatron-core GPTModel of the preset's layout (lab.megatron_gpt_for_hf: bf16,
+--trainer megatron: the trainer is a megatron-core GPTModel of the preset's layout (memmgr.tools.megatron_models.gpt_for_hf: bf16,
 megatron DDP, norm weights randomized) managed by memmgr.for_megatron; each sync is one call of
 memmgr.sync.session.sync_weights(manager, MegatronExporter(..., weights=manager's weights group), transport), which
 exports Hugging Face tensors in --bucket-mb buckets and streams them into the ring.
@@ -35,7 +35,7 @@ exports Hugging Face tensors in --bucket-mb buckets and streams them into the ri
    those of a transformers model in the trainer's process loaded with the exported tensors (exactly; the same
    code on the same GPU), and are compared with megatron's own logits (max abs difference, relative to the largest
    logit, and the argmax per position: two implementations in bf16, so close, not equal).
---cpu runs the megatron mode's code on the CPU (megatron through tests/megatron_shim.py, a gloo group of one) with
+--cpu runs the megatron mode's code on the CPU (megatron through memmgr.tools.megatron_cpu_shim, a gloo group of one) with
 the engine in this process behind memmgr's in-process transport instead of CUDA IPC, for the tiny presets: a smoke
 test of the program, its numbers mean nothing.
 
@@ -243,7 +243,7 @@ def run_megatron(args: argparse.Namespace) -> None:
     device = torch.device("cpu") if args.cpu else torch.device("cuda", torch.cuda.current_device())
     shim = None
     if args.cpu:
-        from megatron_shim import cpu_megatron
+        from memmgr.tools.megatron_cpu_shim import cpu_megatron
 
         shim = cpu_megatron()
         shim.__enter__()
@@ -288,6 +288,7 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
     from memmgr.sync import ModuleWeightLoader
     from memmgr.sync.export import MegatronExporter
     from memmgr.sync.session import sync_weights
+    from memmgr.tools.megatron_models import gpt_for_hf
 
     cuda = device.type == "cuda"
     config = hf_config(args.preset)
@@ -307,7 +308,7 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
         transport = engine.transport
 
     torch.manual_seed(0)
-    ddp = lab.megatron_gpt_for_hf(config, device)
+    ddp = gpt_for_hf(config, device)
     with torch.no_grad():  # norms of 1 would hide a q/k-norm mix-up in the logits
         for name, p in ddp.named_parameters():
             if "norm" in name:

@@ -275,7 +275,7 @@ def init_megatron() -> dict:
 
 def init_megatron_one_process(device: torch.device) -> dict:
     """One process, tensor and pipeline parallel size 1: NCCL through ``init_megatron`` on a GPU, a gloo group of one
-    on the CPU (megatron-core itself then runs through tests/megatron_shim.py, which the caller enters)."""
+    on the CPU (megatron-core itself then runs through memmgr.tools.megatron_cpu_shim, which the caller enters)."""
     if device.type == "cuda":
         return init_megatron()
     from megatron.core import parallel_state
@@ -287,57 +287,10 @@ def init_megatron_one_process(device: torch.device) -> dict:
     return {"torch": torch.__version__, "device": "cpu"}
 
 
-def _rope_theta(hf_config: Any) -> float:
-    theta = getattr(hf_config, "rope_theta", None)  # transformers 4; transformers 5 keeps it in rope_parameters
-    if theta is None:
-        theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta")
-    return float(theta if theta is not None else 10000.0)
-
-
-def megatron_gpt_for_hf(hf_config: Any, device: torch.device, *, max_seq: int = 128) -> Any:
-    """A megatron-core GPTModel laid out like a dense Hugging Face model of the Llama (and Mistral), Qwen2 or Qwen3
-    family, so that ``memmgr.sync.export.MegatronExporter`` exports it under that config's names and a transformers
-    model loaded with the export computes what megatron computes: RMSNorm (the config's ``rms_norm_eps``), SwiGLU,
-    RoPE (the config's theta), no linear biases (Qwen2: a qkv bias; Qwen3: per-head q/k RMSNorm), ``head_dim`` from
-    the config (kv_channels), embeddings tied as the config says; local layer spec, bf16, in megatron DDP with the
-    distributed optimizer's param buffers (what ``memmgr.for_megatron`` manages). Random megatron initialization,
-    on the GPU for a CUDA ``device``, else on the CPU (under tests/megatron_shim.py). ``hf_config`` may be any object
-    with the Hugging Face config attributes."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
-
-    model_type = getattr(hf_config, "model_type", "llama")
-    if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
-        raise ValueError(f"megatron_gpt_for_hf builds dense llama/mistral/qwen2/qwen3 models, not {model_type!r}")
-    hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
-    qk_norm = model_type == "qwen3"
-    cfg = TransformerConfig(
-        num_layers=hf_config.num_hidden_layers, hidden_size=hidden, num_attention_heads=heads,
-        num_query_groups=getattr(hf_config, "num_key_value_heads", None) or heads, kv_channels=head_dim,
-        ffn_hidden_size=hf_config.intermediate_size, normalization="RMSNorm",
-        layernorm_epsilon=float(getattr(hf_config, "rms_norm_eps", 1e-6)), gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=model_type == "qwen2", qk_layernorm=qk_norm,
-        hidden_dropout=0.0, attention_dropout=0.0, bf16=True, params_dtype=torch.bfloat16,
-        pipeline_dtype=torch.bfloat16, use_cpu_initialization=device.type != "cuda")
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=qk_norm,
-                                                                                 normalization="RMSNorm"),
-                     vocab_size=hf_config.vocab_size, max_sequence_length=max_seq, position_embedding_type="rope",
-                     rotary_base=int(_rope_theta(hf_config)),
-                     share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)))
-    if device.type == "cuda":
-        model.cuda()
-    model = Float16Module(cfg, model)
-    return DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=True), model)
-
-
 def build_megatron_gpt(*, cpu_init: bool = True, **model: Any) -> tuple[Any, Any]:
-    """memmgr.tools.bench_megatron.build_gpt (DDP with grad_reduce_in_fp32, megatron Adam), initialized on the CPU
+    """memmgr.tools.megatron_models.build_gpt (DDP with grad_reduce_in_fp32, megatron Adam), initialized on the CPU
     by default so that every run starts from the same weights."""
-    from memmgr.tools.bench_megatron import build_gpt
+    from memmgr.tools.megatron_models import build_gpt
 
     return build_gpt(cpu_init=cpu_init, **model)
 

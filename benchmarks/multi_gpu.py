@@ -21,7 +21,7 @@ handover  cross-GPU weight handover: rank 0 (trainer, GPU 0) exports a Llama-sha
           other. Bytes/s of steady-state syncs (the first one carries the metadata) against a plain broadcast of
           one buffer of the same size on the same group, timed the same way; ratio = sync / broadcast.
 export    Megatron->HF export on the GPUs: TP=2 (qwen2, tied embeddings, qkv bias), PP=2 with 2 virtual stages
-          (llama), EP=2 (qwen3_moe), each filled from one TP=1 model's state dict (tests/export_models.py), against
+          (llama), EP=2 (qwen3_moe), each filled from one TP=1 model's state dict (memmgr.tools.megatron_models), against
           the TP=1 export of the same weights (same GPUs, data-parallel 2): every tensor identical.
 train     a megatron-core training step (bf16, distributed optimizer, grad_reduce_in_fp32; fp32 on the CPU) at TP=2
           and at PP=2 (megatron's pipeline schedule, 2 microbatches): --steps steps with memmgr's full
@@ -52,12 +52,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # tests/export_models.py: tiny models and the TP=1 -> parallel sharding
-
-import lab  # noqa: E402
+import lab
 
 log = logging.getLogger("multi_gpu")
 GB = 1e9
@@ -156,7 +152,7 @@ class Run:
 
 @contextlib.contextmanager
 def megatron_context(run: Run) -> Iterator[None]:
-    """megatron-core on the CPU through tests/megatron_shim.py (--cpu), else as it is. megatron-core reads
+    """megatron-core on the CPU through memmgr.tools.megatron_cpu_shim (--cpu), else as it is. megatron-core reads
     ``moe_utils.te_general_gemm`` without TransformerEngine installed in some versions: set to None if absent."""
     import warnings
 
@@ -164,7 +160,7 @@ def megatron_context(run: Run) -> Iterator[None]:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     if run.cpu:
-        from export_models import megatron_on_cpu
+        from memmgr.tools.megatron_models import megatron_on_cpu
 
         # megatron-core 0.19 asks for the current CUDA stream in its gradient sync (to wait for CUDA-graph events):
         # on a CPU-only build a stream with nothing to wait for stands in
@@ -434,20 +430,15 @@ def _ms(v: float | None) -> str:
 def build_llama_gpt(run: Run, shape: dict) -> Any:
     """A megatron-core GPTModel with Llama's layout (RMSNorm, SwiGLU, RoPE, no biases, untied), bf16 on the GPU
     (fp32 on the CPU), weights filled from seeded generators so that every rank holds the same ones."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
+    from memmgr.tools.megatron_models import LLAMA_LAYOUT, gpt_model, transformer_config
 
     dtype = run.handover_dtype
-    cfg = TransformerConfig(
+    cfg = transformer_config(
         num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
         num_query_groups=shape["kv_heads"], kv_channels=shape["hidden"] // shape["heads"],
-        ffn_hidden_size=shape["ffn"], normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, bf16=dtype == torch.bfloat16,
-        params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=run.cpu, perform_initialization=False)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=shape["vocab"], max_sequence_length=256, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False)
+        ffn_hidden_size=shape["ffn"], bf16=dtype == torch.bfloat16, params_dtype=dtype, pipeline_dtype=dtype,
+        use_cpu_initialization=run.cpu, perform_initialization=False, **LLAMA_LAYOUT)
+    model = gpt_model(cfg, vocab_size=shape["vocab"], max_sequence_length=256, rope=True)
     # megatron's torch RMSNorm (local spec) is built in fp32 whatever params_dtype says: one dtype, as
     # Float16Module would make it, so that the export matches the bf16 engine
     model.to(device=run.device, dtype=dtype)
@@ -745,7 +736,7 @@ def section_handover_dp(run: Run) -> dict:
 # export: TP=2, PP=2, EP=2 against TP=1
 # ---------------------------------------------------------------------------------------------------------------------
 def export_hf_config(family: str, layers: int) -> Any:
-    import export_models as em
+    from memmgr.tools import megatron_models as em
 
     try:
         return em.hf_config(family, layers)
@@ -762,7 +753,7 @@ def _export_all(run: Run, chunks: list, family: str, layers: int) -> dict[str, t
 
 
 def export_case(run: Run, name: str) -> dict:
-    import export_models as em
+    from memmgr.tools import megatron_models as em
 
     family, layers, sizes, vpp = EXPORT_CASES[name]
     tp, pp, ep = sizes.get("tp", 1), sizes.get("pp", 1), sizes.get("ep", 1)
@@ -825,31 +816,13 @@ TRAIN_LAYOUTS = {"tp2": dict(tp=2), "pp2": dict(pp=2)}
 
 def build_trainer(run: Run, tp: int, pp: int, shape: dict) -> tuple[Any, Any]:
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
 
-    bf16 = not run.cpu
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    torch.manual_seed(0)
-    cfg = TransformerConfig(num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
-                            hidden_dropout=0.0, attention_dropout=0.0, bf16=bf16, params_dtype=dtype,
-                            pipeline_dtype=dtype, use_cpu_initialization=True, tensor_model_parallel_size=tp,
-                            pipeline_model_parallel_size=pp)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=shape["vocab"],
-                     max_sequence_length=shape["seq"], pre_process=ps.is_pipeline_first_stage(),
-                     post_process=ps.is_pipeline_last_stage())
-    model.to(run.device)
-    if bf16:
-        model = Float16Module(cfg, model)
-    ddp = DistributedDataParallel(
-        cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True), model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=bf16, params_dtype=dtype,
-                                                 use_distributed_optimizer=True, clip_grad=1.0), [ddp])
-    return ddp, opt
+    from memmgr.tools.megatron_models import build_gpt
+
+    return build_gpt(layers=shape["layers"], hidden=shape["hidden"], heads=shape["heads"], vocab=shape["vocab"],
+                     seq=shape["seq"], bf16=not run.cpu, cpu_init=True, seed=0, lr=1e-3, device=run.device,
+                     tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
 
 
 def pipeline_train_step(run: Run, ddp: Any, opt: Any, batch: tuple[torch.Tensor, torch.Tensor], shape: dict,
@@ -975,7 +948,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma-separated, run in this order: {', '.join(SECTIONS)} (or the issue's letters d, c, "
                          f"a, b)")
-    ap.add_argument("--cpu", action="store_true", help="gloo on the CPU (megatron through tests/megatron_shim.py)")
+    ap.add_argument("--cpu", action="store_true", help="gloo on the CPU (megatron through memmgr.tools.megatron_cpu_shim)")
     ap.add_argument("--tiny", action="store_true", help="tiny models (the CPU dry run)")
     ap.add_argument("--bf16", action="store_true", help="bf16 handover models on the CPU too (as on GPUs)")
     ap.add_argument("--sizes", default="1.3b", help="handover model sizes, comma-separated: 1.3b, 4b (default 1.3b)")

@@ -17,20 +17,18 @@ optimizer state must be equal, tensor by tensor (``torch.equal``). Exit status 0
 
     python examples/megatron_loop.py [--device cpu|cuda] [--iterations 10] [--optimizer distributed|float16]
 
-On the CPU, megatron-core's few CUDA-only calls are redirected by tests/megatron_shim.py (a test helper; a GPU run
-needs nothing of it).
+On the CPU, megatron-core's few CUDA-only calls are redirected by memmgr.tools.megatron_cpu_shim (a GPU run needs
+nothing of it).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
-import sys
 import tempfile
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 import memmgr
 from loop_checks import add_loop_arguments, check_loop_arguments, fail
@@ -55,30 +53,16 @@ def hf_config():
 
 def build_trainer(device: torch.device, optimizer: str, seed: int):
     """(ddp, optimizer): a Llama-shaped GPT that matches hf_config() numerically, wrapped in megatron DDP."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
+    from memmgr.tools.megatron_models import LLAMA_LAYOUT, ddp_and_optimizer, gpt_model, transformer_config
 
-    distributed = optimizer == "distributed"
-    bf16, dtype = True, torch.bfloat16  # bf16 weights; both optimizers keep fp32 main weights and moments
+    dtype = torch.bfloat16  # bf16 weights; both optimizers keep fp32 main weights and moments
     torch.manual_seed(seed)
-    cfg = TransformerConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                            num_query_groups=2, kv_channels=16, normalization="RMSNorm", layernorm_epsilon=1e-6,
-                            gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-                            hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, bf16=bf16,
-                            params_dtype=dtype, pipeline_dtype=dtype)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=MEGATRON_VOCAB, max_sequence_length=64, share_embeddings_and_output_weights=False,
-                     position_embedding_type="rope", rotary_base=10000).to(device)
-    if bf16:
-        model = Float16Module(cfg, model)
-    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=distributed), model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=bf16, params_dtype=dtype,
-                                                 use_distributed_optimizer=distributed, clip_grad=1.0), [ddp])
-    return ddp, opt
+    cfg = transformer_config(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                             num_query_groups=2, kv_channels=16, layernorm_epsilon=1e-6, use_cpu_initialization=True,
+                             bf16=True, params_dtype=dtype, pipeline_dtype=dtype, **LLAMA_LAYOUT)
+    model = gpt_model(cfg, vocab_size=MEGATRON_VOCAB, max_sequence_length=64, rope=True).to(device)
+    return ddp_and_optimizer(cfg, model, lr=1e-3, distributed_optimizer=optimizer == "distributed",
+                             grad_reduce_in_fp32=False)
 
 
 def build_engine(device: torch.device, dtype: torch.dtype):
@@ -236,12 +220,11 @@ def prompts_for(iteration: int, device: torch.device) -> torch.Tensor:
 
 @contextlib.contextmanager
 def megatron_world(device: torch.device, workdir: str):
-    """One rank, TP=PP=1: gloo on the CPU (with tests/megatron_shim.py), NCCL on a GPU."""
+    """One rank, TP=PP=1: gloo on the CPU (with memmgr.tools.megatron_cpu_shim), NCCL on a GPU."""
     from megatron.core import parallel_state
 
     if device.type == "cpu":
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-        from megatron_shim import cpu_megatron
+        from memmgr.tools.megatron_cpu_shim import cpu_megatron
 
         shim = cpu_megatron()
     else:

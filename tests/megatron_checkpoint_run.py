@@ -26,7 +26,7 @@ META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 def main(configs: list[str]) -> None:
     import test_megatron_cpu as T
-    from megatron_shim import cpu_megatron
+    from memmgr.tools.megatron_cpu_shim import cpu_megatron
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from memmgr.host_memory import HostMemoryPool

@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 
-from export_models import FAMILIES, HF_VOCAB, RMS_EPS, ROPE_THETA, build_chunks, hf_config, randomize  # noqa: E402
-from export_models import single_rank_megatron  # noqa: E402
+from memmgr.tools.megatron_models import FAMILIES, HF_VOCAB, RMS_EPS, ROPE_THETA, build_chunks, hf_config, randomize  # noqa: E402
+from memmgr.tools.megatron_models import single_rank_megatron  # noqa: E402
 from memmgr.sync.export import MegatronExporter, MemmgrExportError  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 
-from export_models import (HF_VOCAB, SEQ, build_chunks, greedy, hf_config, megatron_logits,  # noqa: E402
+from memmgr.tools.megatron_models import (HF_VOCAB, SEQ, build_chunks, greedy, hf_config, megatron_logits,  # noqa: E402
                            randomize, single_rank_megatron, save_hf_checkpoint)
 from memmgr.sync.export import ExportBucket, MegatronExporter  # noqa: E402
 

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 
-from export_models import build_chunks, hf_config, randomize, single_rank_megatron  # noqa: E402
+from memmgr.tools.megatron_models import build_chunks, hf_config, randomize, single_rank_megatron  # noqa: E402
 from memmgr.errors import MemmgrInputError, MemmgrStateError  # noqa: E402
 from memmgr.host_memory import HostMemoryPool  # noqa: E402
 from memmgr.sync.export import MegatronExporter, MemmgrExportError  # noqa: E402

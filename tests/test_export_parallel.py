@@ -18,7 +18,7 @@ import torch.distributed as dist
 pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 
-from export_models import (HF_VOCAB, SEQ, build_chunks, hf_config, load_full_state,  # noqa: E402
+from memmgr.tools.megatron_models import (HF_VOCAB, SEQ, build_chunks, hf_config, load_full_state,  # noqa: E402
                            megatron_logits, megatron_on_cpu, randomize)
 from memmgr.sync.export import MegatronExporter  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""for_megatron against real megatron-core on the CPU (world size 1, gloo), through tests/megatron_shim.py."""
+"""for_megatron against real megatron-core on the CPU (world size 1, gloo), through memmgr.tools.megatron_cpu_shim."""
 from __future__ import annotations
 
 import warnings
@@ -38,7 +38,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def megatron_env(tmp_path_factory):
-    from megatron_shim import cpu_megatron
+    from memmgr.tools.megatron_cpu_shim import cpu_megatron
 
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
     with cpu_megatron():
@@ -59,29 +59,11 @@ def megatron_env(tmp_path_factory):
 
 
 def build(config: str, grad_reduce_in_fp32: bool = True):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
+    from memmgr.tools.megatron_models import build_gpt
 
     dist_opt, bf16 = CONFIGS[config]
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    torch.manual_seed(0)
-    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
-                            hidden_dropout=0.0, attention_dropout=0.0, bf16=bf16, params_dtype=dtype,
-                            pipeline_dtype=dtype)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
-                     max_sequence_length=SEQ)
-    if bf16:
-        model = Float16Module(cfg, model)
-    ddp = DistributedDataParallel(
-        cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=grad_reduce_in_fp32,
-                                           use_distributed_optimizer=dist_opt), model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=bf16, params_dtype=dtype,
-                                                 use_distributed_optimizer=dist_opt, clip_grad=1.0), [ddp])
-    return ddp, opt
+    return build_gpt(layers=2, hidden=64, heads=4, vocab=VOCAB, seq=SEQ, bf16=bf16, dist_opt=dist_opt, cpu_init=True,
+                     seed=0, lr=1e-3, grad_reduce_in_fp32=grad_reduce_in_fp32, device=None)
 
 
 def batches(n: int):

@@ -43,7 +43,7 @@ def test_vllm_weight_sync_takes_good_arguments():
 def megatron_env(tmp_path_factory):
     pytest.importorskip("megatron.core")
     pytest.importorskip("transformers")
-    from export_models import single_rank_megatron
+    from memmgr.tools.megatron_models import single_rank_megatron
 
     with single_rank_megatron(tmp_path_factory.mktemp("dist")):
         yield
@@ -56,7 +56,7 @@ def megatron_env(tmp_path_factory):
     (dict(bucket_bytes=0), "bucket_bytes"), (dict(bucket_bytes=True), "bucket_bytes"),
 ])
 def test_megatron_exporter_refuses_a_bad_argument_naming_it(megatron_env, kwargs, named):
-    from export_models import build_chunks, hf_config
+    from memmgr.tools.megatron_models import build_chunks, hf_config
     from memmgr.sync.export import MegatronExporter
 
     with pytest.raises(MemmgrInputError, match=named):
@@ -65,7 +65,7 @@ def test_megatron_exporter_refuses_a_bad_argument_naming_it(megatron_env, kwargs
 
 def test_an_exporter_kept_across_close_refuses_instead_of_reading_freed_memory(megatron_env):
     import memmgr
-    from export_models import build_chunks, hf_config
+    from memmgr.tools.megatron_models import build_chunks, hf_config
     from memmgr.sync.export import MegatronExporter
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

@@ -1,4 +1,4 @@
-"""End to end on the CPU: a megatron-core trainer (tests/megatron_shim.py) takes training steps, memmgr exports its
+"""End to end on the CPU: a megatron-core trainer (memmgr.tools.megatron_cpu_shim) takes training steps, memmgr exports its
 weights to Hugging Face names (memmgr.sync.export) and syncs them into a running vLLM engine through vLLM's
 weight-transfer protocol; vLLM's greedy generation equals transformers' on the exported weights after every step, and
 a bad update is refused with the engine unchanged."""
@@ -13,7 +13,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here; CI runs this mod
 pytest.importorskip("transformers", reason="transformers is the reference model of these tests")
 pytest.importorskip("megatron.core", reason="the trainer of this test is megatron-core")
 pytest.importorskip("memmgr.sync.export", reason="needs the Megatron -> Hugging Face export (memmgr.sync.export)")
-em = pytest.importorskip("export_models", reason="needs the export's test models (tests/export_models.py)")
+from memmgr.tools import megatron_models as em  # noqa: E402
 
 from memmgr.errors import MemmgrSyncMismatchError  # noqa: E402
 from memmgr.sync.engines.vllm import VLLMWeightSync  # noqa: E402

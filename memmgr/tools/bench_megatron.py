@@ -17,6 +17,7 @@ import torch
 
 from memmgr.tools.bench_methods import (MemmgrMethod, Method, PerTensorMethod, TrainingState, memmgr_cycles,
                                         run_under_conditions)
+from memmgr.tools.megatron_models import build_gpt
 
 logger = logging.getLogger("memmgr")
 
@@ -68,34 +69,6 @@ def init_single_process() -> None:
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
-
-
-def build_gpt(*, layers: int, hidden: int, heads: int, vocab: int, seq: int, ffn: int | None = None,
-              bf16: bool = True, dist_opt: bool = True, cpu_init: bool = False, seed: int = 0) -> tuple[Any, Any]:
-    """A megatron-core GPTModel in DistributedDataParallel (grad_reduce_in_fp32) and its megatron Adam optimizer."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
-
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    torch.manual_seed(seed)
-    extra = {"ffn_hidden_size": ffn} if ffn else {}
-    cfg = TransformerConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, hidden_dropout=0.0,
-                            attention_dropout=0.0, bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
-                            use_cpu_initialization=cpu_init, **extra)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab,
-                     max_sequence_length=seq)
-    model.cuda()
-    if bf16:
-        model = Float16Module(cfg, model)
-    ddp = DistributedDataParallel(
-        cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt), model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=bf16, params_dtype=dtype,
-                                                 use_distributed_optimizer=dist_opt, clip_grad=1.0), [ddp])
-    return ddp, opt
 
 
 def train_step(ddp: Any, opt: Any, tokens: torch.Tensor, labels: torch.Tensor) -> float:

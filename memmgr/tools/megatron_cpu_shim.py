@@ -1,4 +1,5 @@
-"""TEST-ONLY: run megatron-core's training path on a CPU-only PyTorch build, in one process.
+"""megatron-core's training path on a CPU-only PyTorch build, in one process (tests, CPU smoke runs of the
+benchmarks, ``examples/megatron_loop.py --device cpu``).
 
 megatron-core assumes CUDA in a few places that a tiny CPU test reaches. This module redirects exactly those to
 the CPU, and nothing else, while ``cpu_megatron()`` is active (it restores everything on exit):
@@ -14,7 +15,7 @@ the CPU, and nothing else, while ``cpu_megatron()`` is active (it restores every
 4. The CUDA RNG tracker's ``fork()`` (used around dropout, which these tests set to 0): a no-op context, since a
    CPU-only build has no CUDA generator to fork.
 
-Nothing here is used by memmgr itself; the library never needs it.
+The runtime never imports this module; it is tooling for runs without a GPU.
 """
 from __future__ import annotations
 

@@ -1,10 +1,21 @@
-"""TEST-ONLY: tiny megatron-core GPT models configured to match a Hugging Face family numerically, their Hugging
-Face configs, and the sharding of a full (TP=1) megatron state dict into a parallel model's parameters.
+"""The megatron-core models of the benchmarks, the examples and the tests, built in one place.
 
-Used by tests/test_export*.py. megatron runs on the CPU through tests/megatron_shim.py; MoE layers use the
-``allgather`` token dispatcher (the ``alltoall`` one creates a CUDA stream in its constructor), and
-``moe_utils.te_general_gemm`` is set to None because megatron-core 0.16.1 reads that name without TransformerEngine
-installed (a NameError in the router otherwise).
+- ``transformer_config``, ``gpt_model`` and ``ddp_and_optimizer``: a ``TransformerConfig`` (dropout 0), a
+  ``GPTModel`` on megatron's local layer spec (norm, q/k norm and experts from the config), and megatron DDP with its
+  Adam optimizer. ``LLAMA_LAYOUT`` holds the Llama layout's config fields (RMSNorm, SwiGLU, no linear biases).
+- ``build_gpt``: the GPT of ``memmgr bench`` and the benchmarks (learned positions, LayerNorm) in DDP with
+  grad_reduce_in_fp32 and megatron Adam. ``gpt_for_hf``: a dense GPT laid out like a Hugging Face Llama/Mistral/
+  Qwen2/Qwen3 config, in DDP.
+- ``FAMILIES``, ``hf_config``, ``megatron_config``, ``build_chunks``: tiny models (hidden 64) of several Hugging Face
+  families (dense, MoE, tied or not) that match their transformers twin numerically, one chunk per virtual pipeline
+  stage, and the sharding of a full (TP=1) megatron state dict into a parallel model's parameters
+  (``load_full_state``).
+- ``megatron_on_cpu`` / ``single_rank_megatron``: megatron-core on the CPU through
+  ``memmgr.tools.megatron_cpu_shim``. MoE layers use the ``allgather`` token dispatcher (the ``alltoall`` one creates
+  a CUDA stream in its constructor), and ``moe_utils.te_general_gemm`` is set to None because megatron-core 0.16.1
+  reads that name without TransformerEngine installed (a NameError in the router otherwise).
+
+megatron-core and transformers are imported inside the functions; importing this module needs only torch.
 """
 from __future__ import annotations
 
@@ -73,8 +84,117 @@ FAMILIES: dict[str, dict[str, Any]] = {
 RMS_EPS = 1e-6
 ROPE_THETA = 10000.0
 
+# The Llama layout's TransformerConfig fields (Mistral, Qwen2/3 and the MoE families share them)
+LLAMA_LAYOUT: dict[str, Any] = dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+                                    add_bias_linear=False)
+
+
+def transformer_config(**fields: Any):
+    """A megatron-core ``TransformerConfig`` of ``fields``, hidden and attention dropout 0 unless given."""
+    from megatron.core.transformer import TransformerConfig
+
+    fields.setdefault("hidden_dropout", 0.0)
+    fields.setdefault("attention_dropout", 0.0)
+    return TransformerConfig(**fields)
+
+
+def gpt_model(cfg: Any, *, vocab_size: int, max_sequence_length: int, rope: bool = False, rotary_base: int = 10000,
+              tied: bool = False, pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None):
+    """A ``GPTModel`` of ``cfg`` on megatron's local layer spec (the config's normalization, q/k layernorm and
+    experts); RoPE positions where ``rope``, else learned absolute ones; the output layer tied to the embedding
+    where ``tied``."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, qk_layernorm=cfg.qk_layernorm,
+                                    normalization=cfg.normalization)
+    return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=vocab_size,
+                    max_sequence_length=max_sequence_length, pre_process=pre_process, post_process=post_process,
+                    share_embeddings_and_output_weights=tied,
+                    position_embedding_type="rope" if rope else "learned_absolute", rotary_base=rotary_base,
+                    vp_stage=vp_stage)
+
+
+def ddp_and_optimizer(cfg: Any, model: Any, *, lr: float | None = 1e-3, distributed_optimizer: bool = True,
+                      grad_reduce_in_fp32: bool = True) -> tuple[Any, Any]:
+    """``model`` (under ``Float16Module`` where ``cfg.bf16``) in megatron ``DistributedDataParallel``, and its megatron
+    Adam optimizer (clip_grad 1.0; None where ``lr`` is None)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+
+    if cfg.bf16:
+        model = Float16Module(cfg, model)
+    ddp = DistributedDataParallel(
+        cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=grad_reduce_in_fp32,
+                                           use_distributed_optimizer=distributed_optimizer), model)
+    if lr is None:
+        return ddp, None
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=lr, bf16=cfg.bf16, params_dtype=cfg.params_dtype,
+                                                 use_distributed_optimizer=distributed_optimizer, clip_grad=1.0),
+                                 [ddp])
+    return ddp, opt
+
+
+def build_gpt(*, layers: int, hidden: int, heads: int, vocab: int, seq: int, ffn: int | None = None,
+              bf16: bool = True, dist_opt: bool = True, cpu_init: bool = False, seed: int = 0, lr: float = 1e-4,
+              grad_reduce_in_fp32: bool = True, device: Any = "cuda", **parallel: Any) -> tuple[Any, Any]:
+    """A GPT (LayerNorm, learned positions, untied) built after ``torch.manual_seed(seed)``, in DDP with its megatron
+    Adam optimizer. ``device``: "cuda" moves it with ``Module.cuda()`` (a no-op under ``megatron_cpu_shim``), None
+    leaves it where it was built, anything else goes to ``Module.to``. ``parallel``: more TransformerConfig fields
+    (TP/PP sizes) and GPTModel's ``pre_process``/``post_process``."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    torch.manual_seed(seed)
+    stages = {k: parallel.pop(k) for k in ("pre_process", "post_process") if k in parallel}
+    extra = {"ffn_hidden_size": ffn} if ffn else {}
+    cfg = transformer_config(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, bf16=bf16,
+                             params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=cpu_init, **extra,
+                             **parallel)
+    model = gpt_model(cfg, vocab_size=vocab, max_sequence_length=seq, **stages)
+    if device == "cuda":
+        model.cuda()
+    elif device is not None:
+        model.to(device)
+    return ddp_and_optimizer(cfg, model, lr=lr, distributed_optimizer=dist_opt,
+                             grad_reduce_in_fp32=grad_reduce_in_fp32)
+
+
+def _rope_theta(hf_cfg: Any) -> float:
+    theta = getattr(hf_cfg, "rope_theta", None)  # transformers 4; transformers 5 keeps it in rope_parameters
+    if theta is None:
+        theta = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_theta")
+    return float(theta if theta is not None else 10000.0)
+
+
+def gpt_for_hf(hf_cfg: Any, device: torch.device, *, max_seq: int = 128) -> Any:
+    """A megatron-core GPTModel laid out like a dense Hugging Face model of the Llama (and Mistral), Qwen2 or Qwen3
+    family, so that ``memmgr.sync.export.MegatronExporter`` exports it under that config's names and a transformers
+    model loaded with the export computes what megatron computes: RMSNorm (the config's ``rms_norm_eps``), SwiGLU,
+    RoPE (the config's theta), no linear biases (Qwen2: a qkv bias; Qwen3: per-head q/k RMSNorm), ``head_dim`` from
+    the config (kv_channels), embeddings tied as the config says; local layer spec, bf16, in megatron DDP with the
+    distributed optimizer's param buffers (what ``memmgr.for_megatron`` manages), no optimizer. Random megatron
+    initialization, on the GPU for a CUDA ``device``, else on the CPU (under ``megatron_cpu_shim``). ``hf_cfg`` may
+    be any object with the Hugging Face config attributes."""
+    model_type = getattr(hf_cfg, "model_type", "llama")
+    if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+        raise ValueError(f"gpt_for_hf builds dense llama/mistral/qwen2/qwen3 models, not {model_type!r}")
+    hidden, heads = hf_cfg.hidden_size, hf_cfg.num_attention_heads
+    cfg = transformer_config(
+        num_layers=hf_cfg.num_hidden_layers, hidden_size=hidden, num_attention_heads=heads,
+        num_query_groups=getattr(hf_cfg, "num_key_value_heads", None) or heads,
+        kv_channels=getattr(hf_cfg, "head_dim", None) or hidden // heads, ffn_hidden_size=hf_cfg.intermediate_size,
+        layernorm_epsilon=float(getattr(hf_cfg, "rms_norm_eps", 1e-6)), add_qkv_bias=model_type == "qwen2",
+        qk_layernorm=model_type == "qwen3", bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
+        use_cpu_initialization=device.type != "cuda", **LLAMA_LAYOUT)
+    model = gpt_model(cfg, vocab_size=hf_cfg.vocab_size, max_sequence_length=max_seq, rope=True,
+                      rotary_base=int(_rope_theta(hf_cfg)), tied=bool(getattr(hf_cfg, "tie_word_embeddings", False)))
+    if device.type == "cuda":
+        model.cuda()
+    return ddp_and_optimizer(cfg, model, lr=None, grad_reduce_in_fp32=False)[0]
+
 
 def hf_config(family: str, num_layers: int = 2):
+    """The Hugging Face config of ``family`` (vocabulary ``HF_VOCAB``)."""
     from transformers import AutoConfig
 
     kwargs = dict(FAMILIES[family]["hf"])
@@ -85,21 +205,18 @@ def hf_config(family: str, num_layers: int = 2):
 
 
 def megatron_config(family: str, num_layers: int = 2, **parallel: Any):
-    from megatron.core.transformer import TransformerConfig
-
+    """The fp32, CPU-initialized TransformerConfig of ``family`` (MoE: allgather dispatcher, no aux loss)."""
     mc = dict(FAMILIES[family]["mc"])
     if "num_moe_experts" in mc:
         mc.update(moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
                   moe_aux_loss_coeff=0.0)
-    return TransformerConfig(num_layers=num_layers, use_cpu_initialization=True, hidden_dropout=0.0,
-                             attention_dropout=0.0, normalization="RMSNorm", layernorm_epsilon=RMS_EPS,
-                             gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-                             params_dtype=torch.float32, **mc, **parallel)
+    return transformer_config(num_layers=num_layers, use_cpu_initialization=True, layernorm_epsilon=RMS_EPS,
+                              params_dtype=torch.float32, **LLAMA_LAYOUT, **mc, **parallel)
 
 
 @contextlib.contextmanager
 def megatron_on_cpu() -> Iterator[None]:
-    from megatron_shim import cpu_megatron
+    from memmgr.tools.megatron_cpu_shim import cpu_megatron
 
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
     with cpu_megatron():
@@ -129,23 +246,18 @@ def single_rank_megatron(init_dir) -> Iterator[None]:
 def build_chunks(family: str, num_layers: int = 2, vpp: int | None = None, **parallel: Any) -> list:
     """This rank's GPTModel chunks (one per virtual pipeline stage) for the current parallel_state."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     if vpp:
         parallel["virtual_pipeline_model_parallel_size"] = vpp
     cfg = megatron_config(family, num_layers, **parallel)
-    spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, qk_layernorm=cfg.qk_layernorm,
-                                    normalization="RMSNorm")
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        chunks.append(GPTModel(
-            config=cfg, transformer_layer_spec=spec, vocab_size=MEGATRON_VOCAB, max_sequence_length=64,
+        chunks.append(gpt_model(
+            cfg, vocab_size=MEGATRON_VOCAB, max_sequence_length=64, rope=True, rotary_base=int(ROPE_THETA),
+            tied=FAMILIES[family]["tied"],
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            share_embeddings_and_output_weights=FAMILIES[family]["tied"], position_embedding_type="rope",
-            rotary_base=int(ROPE_THETA), vp_stage=stage))
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage), vp_stage=stage))
     return chunks
 
 
@@ -206,6 +318,7 @@ def load_full_state(chunks: list, full: dict[str, torch.Tensor]) -> None:
 
 
 def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``model``'s logits on ``tokens`` over the Hugging Face vocabulary (the padding rows dropped), fp32."""
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():
         return model(tokens, pos, None)[..., :HF_VOCAB].float()
