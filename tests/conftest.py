@@ -6,6 +6,48 @@ CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
+# Tests by cost (issue 31): every test is exactly one of `unit` (fast, in-process; `-m unit` runs them alone),
+# `integration` (starts a vLLM engine, spawns processes or multi-rank gloo runs, runs examples/ or the stateful machine
+# in subprocesses, builds megatron models, or otherwise takes more than about 2 s) and `gpu` (needs CUDA; `-m gpu`).
+# A file whose tests are all integration says so with a module-level `pytestmark`; the integration tests of a file
+# that also holds unit or gpu tests are named here (None: every test of the file not marked gpu).
+COST_MARKS = ("unit", "integration", "gpu")
+INTEGRATION_TESTS: dict[str, tuple[str, ...] | None] = {
+    "test_examples.py": None,  # each runs a program of examples/ in a subprocess
+    "test_comms.py": ("test_native_suspend_and_resume_are_called_and_collectives_work_after",
+                      "test_fallback_destroys_and_recreates_through_the_factory"),  # two spawned gloo ranks
+    "test_misuse_workflows.py": ("test_deepcopy_and_pickle_of_offloaded_tensors_read_the_host_copy_in_a_subprocess",
+                                 "test_copying_a_tensor_without_memory_raises_and_a_discarded_one_reads_zeros_in_a_subprocess",
+                                 "test_two_groups_adopting_one_storage_then_offloading_cannot_crash_in_a_subprocess",
+                                 "test_manager_dropped_while_offloaded_gives_the_tensors_their_contents_back_in_a_subprocess"),  # a fresh interpreter each
+    "test_sync.py": ("test_sync_is_bit_exact_for_mixed_dtypes_over_several_buckets",
+                     "test_every_sync_sends_its_plan_then_one_broadcast_per_bucket",
+                     "test_a_receiver_built_afresh_takes_part_in_the_next_sync",
+                     "test_another_set_of_weights_syncs_with_its_own_plan",
+                     "test_engine_mismatch_errors_name_the_tensor_and_both_shapes",
+                     "test_load_weights_error_names_tensor_shapes_and_mapping",
+                     "test_manager_source_fires_hooks_in_order_and_offloads_again",
+                     "test_manager_weights_offloaded_again_when_sync_raises",
+                     "test_discarded_weights_raise_on_sender_and_abort_receiver",
+                     "test_same_gpu_is_refused_with_placement_advice",
+                     "test_sync_over_default_process_group"),  # the spawned pair of ranks of the `results` fixture
+    "test_sync_atomicity.py": ("test_failed_vllm_sync_leaves_the_engine_generating_exactly_as_before_and_the_next_sync_works",
+                               "test_vllm_sync_with_atomic_off_marks_the_engine_not_consistent_until_a_sync_commits"),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # ahead of -m's deselection
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            continue
+        names = INTEGRATION_TESTS.get(item.path.name, ())
+        if names is None or getattr(item, "originalname", item.name) in names:
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
+
+
 def devices():
     return ["cpu", "cuda"] if CUDA else ["cpu"]
 

@@ -6,6 +6,8 @@ import memmgr
 
 from memmgr.tools import bench, bench_methods
 
+pytestmark = pytest.mark.integration  # issue 31: tests by cost (tests/conftest.py)
+
 
 def test_every_cpu_method_round_trips_the_state_intact_and_frees_in_place():
     device = torch.device("cpu")

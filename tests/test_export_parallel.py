@@ -24,6 +24,7 @@ from memmgr.sync.export import MegatronExporter  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning")
+pytestmark = [pytestmark, pytest.mark.integration]  # issue 31: tests by cost (tests/conftest.py)
 
 # name: (family, layers, world, parallel sizes, virtual stages, receivers, check logits); a "+host" case wraps the
 # chunks in megatron DDP under for_megatron and exports from the offloaded weights' host copy

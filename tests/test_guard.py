@@ -20,6 +20,8 @@ import memmgr
 from memmgr import guard
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 
+pytestmark = pytest.mark.integration  # issue 31: tests by cost (tests/conftest.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SETUP = """

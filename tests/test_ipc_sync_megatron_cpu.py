@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # issue 31: tests by cost (tests/conftest.py)
+
 pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 

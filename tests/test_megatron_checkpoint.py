@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.integration  # issue 31: tests by cost (tests/conftest.py)
+
 pytest.importorskip("megatron.core")
 
 CONFIGS = ["float16-opt", "distopt-bf16"]

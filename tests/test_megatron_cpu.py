@@ -24,6 +24,7 @@ def for_megatron(*args, **kwargs):
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning")
+pytestmark = [pytestmark, pytest.mark.integration]  # issue 31: tests by cost (tests/conftest.py)
 
 SEQ, BATCH, VOCAB = 16, 2, 128
 

@@ -22,6 +22,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import stateful_api_machine as machine  # noqa: E402
 
+pytestmark = pytest.mark.integration  # issue 31: tests by cost (tests/conftest.py)
+
 EXAMPLES = int(os.environ.get("MEMMGR_STATEFUL_EXAMPLES", 100))
 STEPS = int(os.environ.get("MEMMGR_STATEFUL_STEPS", 30))
 

@@ -13,6 +13,8 @@ from memmgr.sync.transports.gloo import GlooReceiver, GlooTransport, connect
 
 from conftest import random_tensor, same_bits, tensors_from_bytes, tensors_to_bytes
 
+pytestmark = pytest.mark.integration  # issue 31: tests by cost (tests/conftest.py)
+
 
 def _free_port() -> int:
     import socket

@@ -16,6 +16,8 @@ from memmgr.errors import MemmgrInputError, MemmgrStateError
 
 from conftest import devices
 
+pytestmark = pytest.mark.integration  # issue 31: tests by cost (tests/conftest.py)
+
 
 def _run_python(script: str, device: str = "cpu") -> subprocess.CompletedProcess:
     code = f"import torch\nDEVICE = {device!r}\n" + textwrap.dedent(script)

@@ -21,6 +21,8 @@ from memmgr.sync.transports import MemmgrSyncMismatchError, WeightBucket, bucket
 import vllm_support as vs  # noqa: E402
 from test_transports import export_like_bucket  # noqa: E402
 
+pytestmark = pytest.mark.integration  # issue 31: tests by cost (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):

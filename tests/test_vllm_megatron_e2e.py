@@ -23,6 +23,7 @@ import vllm_support as vs  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning")
+pytestmark = [pytestmark, pytest.mark.integration]  # issue 31: tests by cost (tests/conftest.py)
 
 FAMILY = "qwen3"  # head_dim 32 (vLLM's CPU attention needs >= 32), tied embeddings
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10, 11], [1, 20, 21, 22, 23, 24, 25]]
