@@ -15,27 +15,27 @@ isolation):
 Metadata, dependencies and the supported megatron-core range (the ``megatron`` extra: >=0.12,<0.20) are declared in
 pyproject.toml; this file only adds the extension.
 """
+import importlib.util
 import os
-import shutil
 import subprocess
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BUILD_LATER = "MEMMGR_BUILD_EXT=1 python3 -m pip install --no-build-isolation -e ."  # as memmgr._native.BUILD_COMMAND
 CUDA_SOURCES = ["csrc/copy_kernels.cu"]
 
 
-def find_cuda_home():
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates.append("/usr/local/cuda")
-    for home in candidates:
-        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
-            return home
-    return None
+def _toolkit_module():
+    """memmgr/_toolkit.py, loaded by path: importing the package would import torch."""
+    spec = importlib.util.spec_from_file_location("memmgr_toolkit", os.path.join(HERE, "memmgr", "_toolkit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_TOOLKIT = _toolkit_module()
+BUILD_LATER = _TOOLKIT.BUILD_COMMAND
+find_cuda_home = _TOOLKIT.find_cuda_toolkit
 
 
 def extension_modules():

@@ -1,6 +1,8 @@
 """Loads the optional native extension; says which host-memory paths, copy paths and driver settle are in use."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -9,17 +11,10 @@ from typing import Any, Callable
 import torch
 
 from memmgr import driver_settle
+from memmgr._toolkit import BUILD_COMMAND, find_cuda_toolkit
 
 logger = logging.getLogger("memmgr")
 
-import importlib
-import importlib.util
-import os
-import shutil
-
-# How to get the extension after an install without a CUDA toolkit: run from a memmgr checkout, with nvcc on PATH or
-# CUDA_HOME set (setup.py builds it; MEMMGR_BUILD_EXT=1 makes a failed build an error instead of a silent skip).
-BUILD_COMMAND = "MEMMGR_BUILD_EXT=1 python3 -m pip install --no-build-isolation -e ."
 
 native: ModuleType | None = None
 _import_error: str | None = None
@@ -78,20 +73,6 @@ def describe_driver_settle(status: dict[str, Any]) -> str:
 
 def native_module() -> ModuleType | None:
     return native
-
-
-def find_cuda_toolkit() -> str | None:
-    """The CUDA toolkit setup.py would build the extension with (CUDA_HOME, CUDA_PATH, the one holding ``nvcc`` on
-    PATH, /usr/local/cuda: the first with ``include/cuda_runtime_api.h``), or None."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates.append("/usr/local/cuda")
-    for home in candidates:
-        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
-            return home
-    return None
 
 
 def build_hint() -> str:
