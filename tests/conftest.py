@@ -95,3 +95,19 @@ def tensors_from_bytes(data: bytes) -> dict:
     import io
 
     return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def write_cpu_ledger(tmp_path) -> str:
+    """A ledger file of a small CPU manager (a snapshot, an offload, an onload) for the report's tests."""
+    import memmgr
+    from memmgr.ledger import Ledger
+
+    mgr = memmgr.for_module(torch.nn.Linear(8, 8))
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger.attach(mgr, "actor")
+    ledger.snapshot("start")
+    mgr.offload()
+    mgr.onload()
+    ledger.close()
+    mgr.close()
+    return str(ledger.path)

@@ -20,6 +20,8 @@ from memmgr.ledger import Ledger
 from memmgr.tools import bench
 from memmgr.tools.cli import main
 
+from conftest import write_cpu_ledger
+
 GPU = torch.cuda.is_available()
 
 
@@ -211,16 +213,7 @@ def test_every_method_the_bench_can_run_is_a_name_methods_accepts():
 
 # ---------------------------------------------------------------- report
 def _ledger(tmp_path) -> str:
-    model = torch.nn.Linear(8, 8)
-    mgr = memmgr.for_module(model)
-    ledger = Ledger(tmp_path / "ledger.jsonl")
-    ledger.attach(mgr, "actor")
-    ledger.snapshot("start")
-    mgr.offload()
-    mgr.onload()
-    ledger.close()
-    mgr.close()
-    return str(ledger.path)
+    return write_cpu_ledger(tmp_path)
 
 
 def test_report_on_an_empty_folder_fails_saying_no_ledger_is_there(tmp_path):

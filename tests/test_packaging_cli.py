@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from conftest import write_cpu_ledger
+
 pytestmark = pytest.mark.integration  # issue 31: tests by cost (tests/conftest.py)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -81,26 +83,14 @@ def test_help_costs_little_more_than_importing_memmgr():
 
 
 def test_verbose_shows_memmgr_debug_lines_and_no_matplotlib_debug_lines(tmp_path):
-    import torch
-
-    import memmgr
-    from memmgr.ledger import Ledger
-
-    mgr = memmgr.for_module(torch.nn.Linear(8, 8))
-    ledger = Ledger(tmp_path / "ledger.jsonl")
-    ledger.attach(mgr, "actor")
-    ledger.snapshot("start")
-    mgr.offload()
-    mgr.onload()
-    ledger.close()
-    mgr.close()
+    ledger_path = write_cpu_ledger(tmp_path)
     # --plot imports matplotlib, which logs dozens of DEBUG lines wherever the root logger is at DEBUG
-    proc = _run(_memmgr_cmd("-v", "report", str(ledger.path), "--plot", str(tmp_path / "t.png")), cwd=tmp_path)
+    proc = _run(_memmgr_cmd("-v", "report", ledger_path, "--plot", str(tmp_path / "t.png")), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "t.png").exists()
     assert re.search(r"^DEBUG memmgr: memmgr \S+, Python .*'report'", proc.stderr, flags=re.M), proc.stderr
     assert "matplotlib" not in proc.stderr and "PIL" not in proc.stderr, proc.stderr[:2000]
-    quiet = _run(_memmgr_cmd("report", str(ledger.path)), cwd=tmp_path)
+    quiet = _run(_memmgr_cmd("report", ledger_path), cwd=tmp_path)
     assert quiet.returncode == 0 and "DEBUG" not in quiet.stderr, quiet.stderr
 
 
