@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from typing import Any
 
 import torch
 
@@ -11,6 +12,8 @@ from memmgr.errors import MemmgrInputError
 from memmgr.flat_tensors import DEFAULT_BUCKET_SIZE_MB
 from memmgr.groups import DroppedTensors
 from memmgr.host_memory import HostMemoryPool
+from memmgr.states import BucketState
+from memmgr.transfer import TransferHandle
 from memmgr.manager import MemoryManager
 
 logger = logging.getLogger("memmgr")
@@ -27,8 +30,14 @@ class DroppedGradients(DroppedTensors):
         super().__init__(name)
         self._params = params
         self._names = names
-        # A gradient accumulated after the drop (a backward with the group left off) ends the drop at once, also
-        # when the caller sets it to None again before anyone looks at the state.
+        self._hooks: list[Any] = []
+
+    def _watch_for_recreation(self) -> None:
+        """While the gradients are dropped, a gradient accumulated by a backward ends the drop at once, also when
+        the caller sets it to None again before anyone looks at the state. The hooks exist only between a drop and
+        the next onload, so training steps with the group on the device pay nothing for them."""
+        if self._hooks:
+            return
         ref = weakref.ref(self)
 
         def on_accumulate(_param: torch.Tensor) -> None:
@@ -36,12 +45,24 @@ class DroppedGradients(DroppedTensors):
             if group is not None:
                 group.recreated()
 
-        self._hooks = [p.register_post_accumulate_grad_hook(on_accumulate) for p in params if p.requires_grad]
+        self._hooks = [p.register_post_accumulate_grad_hook(on_accumulate) for p in self._params if p.requires_grad]
 
-    def unmanage(self) -> None:
+    def _stop_watching(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+    def onload(self, non_blocking: bool = False, *, zero_after: torch.cuda.Event | None = None) -> TransferHandle:
+        self._stop_watching()
+        return super().onload(non_blocking, zero_after=zero_after)
+
+    def revert_onload(self, state: BucketState) -> None:
+        super().revert_onload(state)
+        if state is BucketState.DISCARDED:
+            self._watch_for_recreation()
+
+    def unmanage(self) -> None:
+        self._stop_watching()
 
     def held_tensors(self) -> list[tuple[str, torch.Tensor]]:
         return [(f"{n}.grad", p.grad) for n, p in zip(self._names, self._params) if p.grad is not None]
@@ -49,6 +70,7 @@ class DroppedGradients(DroppedTensors):
     def drop(self) -> None:
         for p in self._params:
             p.grad = None
+        self._watch_for_recreation()
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
