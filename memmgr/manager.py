@@ -373,6 +373,9 @@ class MemoryManager:
         an offload that would collect it is undone too. Units are compared one by one, so a budgeted (partial)
         offload is restored as it was."""
         self.collect(*groups)
+        return self._placement_as_is(*groups)
+
+    def _placement_as_is(self, *groups: str) -> "Placement":
         return Placement([(e.name, unit, unit.state.holds_device_memory)
                           for e in self.entries(*groups) for unit in e.group.units])
 
@@ -423,12 +426,15 @@ class MemoryManager:
             raise MemmgrInputError(f"phase {name!r}: keep must be group names (a list of str), got "
                                    f"{type(keep).__name__}") from None
         self._resolve(keep)
-        before = self.placement()
         to_offload = [n for n, e in self._groups.items() if n not in keep and self._on_device(e)]
+        # the groups to offload re-collect once, here, so that the placement to restore holds what the offload
+        # moves (kept groups re-collect at the exit, in restore_placement)
+        entries = self.prepare_offload(*to_offload) if to_offload else []
+        before = self._placement_as_is()
         self._phases.append(name)
         try:
-            if to_offload:
-                self.offload(*to_offload)
+            if entries:
+                self.offload_units([u for e in entries for u in e.group.units], groups=tuple(e.name for e in entries))
             self._record(f"enter {name}")
             yield self
         finally:
