@@ -65,7 +65,9 @@ class UndoLog:
             buf = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
             self._buffers[key] = buf
         with torch.no_grad():
-            buf.copy_(tensor.detach())  # synchronous: the engine's tensor is overwritten right after
+            # queued on the current stream, where the loader then overwrites the tensor: the stream runs this read
+            # first, so the host need not wait for each tensor's copy (the buffer is pinned on CUDA)
+            buf.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
         self._saved[key] = tensor
 
     def restore(self) -> int:
