@@ -98,10 +98,9 @@ def profile_args() -> list[str]:
 
 
 def pytest_gpu(ctx: Context, everything: bool = False) -> Step:
-    """The tests that touch CUDA (``gpu``-marked ones and the ``[cuda]`` variants; the CPU tests run in CI), or with
-    ``everything`` the whole suite."""
-    # the CPU-only programs whose names say gpu (the --help checks, multi_gpu.py's gloo dry run) run in CI
-    select = [] if everything else ["-k", "(cuda or gpu) and not dry_run and not benchmarks_help"]
+    """The tests that touch CUDA (``-m gpu``: tests/conftest.py marks the ``[cuda]`` variants and the tests skipped
+    without CUDA; the CPU tests run in CI), or with ``everything`` the whole suite."""
+    select = [] if everything else ["-m", "gpu"]
     return Step("pytest_gpu_all" if everything else "pytest_gpu",
                 [PY, "-m", "pytest", str(ROOT / "tests"), "-q", "-p", "no:cacheprovider", *select,
                  "--ignore", str(ROOT / "tests" / "test_megatron_cpu.py")], 420 if everything else 240,
@@ -328,10 +327,10 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                     lambda c: [Step("pytest_users", [PY, "-m", "pytest", str(ROOT / "tests" / "test_examples.py"),
                                                      str(ROOT / "tests" / "test_user_defects.py"),
                                                      str(ROOT / "tests" / "test_guard.py"), "-q", "-p",
-                                                     "no:cacheprovider", "-k", "cuda or gpu"], 300,
+                                                     "no:cacheprovider", "-m", "gpu"], 300,
                                     show=r"passed|failed|error", cwd=str(ROOT)),
                                Step("stateful", [PY, "-m", "pytest", str(ROOT / "tests" / "test_stateful_api.py"),
-                                                 "-q", "-p", "no:cacheprovider", "-k", "cuda"], 400,
+                                                 "-q", "-p", "no:cacheprovider", "-m", "gpu"], 400,
                                     show=r"passed|failed|error|STATS", cwd=str(ROOT),
                                     env={"MEMMGR_STATEFUL_EXAMPLES": os.environ.get("MEMMGR_STATEFUL_EXAMPLES",
                                                                                     "400")})]),

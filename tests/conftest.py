@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -36,9 +38,27 @@ INTEGRATION_TESTS: dict[str, tuple[str, ...] | None] = {
 }
 
 
+NEEDS_GPU_REASON = re.compile(r"needs (a|2|two) (CUDA )?GPU|needs a CUDA")
+
+
+def _needs_cuda(item) -> bool:
+    """A test skipped without CUDA (``requires_cuda`` or its reason) or a ``[cuda]`` variant of a device-parametrized
+    test: `-m gpu` selects these too, so the GPU runs need no name matching."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any(_is_cuda(value) for value in callspec.params.values()):
+        return True
+    return any(NEEDS_GPU_REASON.search(str(mark.kwargs.get("reason", ""))) for mark in item.iter_markers("skipif"))
+
+
+def _is_cuda(value) -> bool:
+    return value == "cuda" or (isinstance(value, torch.device) and value.type == "cuda")
+
+
 @pytest.hookimpl(tryfirst=True)  # ahead of -m's deselection
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        if item.get_closest_marker("gpu") is None and _needs_cuda(item):
+            item.add_marker(pytest.mark.gpu)
         if item.get_closest_marker("gpu") is not None:
             continue
         names = INTEGRATION_TESTS.get(item.path.name, ())
