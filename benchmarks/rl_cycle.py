@@ -3,9 +3,9 @@
     python benchmarks/rl_cycle.py --gpus N --iters K --out DIR [--trainer megatron|plain|auto]
 
 One process per GPU (torch.multiprocessing spawn). Process r hosts trainer rank r (data parallel over all N ranks:
-a megatron-core GPTModel managed by ``memmgr.for_megatron``, or with ``--trainer plain`` a plain torch transformer
-managed by ``memmgr.for_module``) and the engine on GPU r (a copy of the model for generation plus a KV-cache-sized
-buffer, managed by ``memmgr.for_module``). Weight sync uses reverse placement: trainer rank i feeds the engine on GPU
+a megatron-core GPTModel built by ``memmgr.tools.megatron_models`` and managed by ``memmgr.for_megatron``, or with
+``--trainer plain`` a plain torch transformer managed by ``memmgr.for_module``) and the engine on GPU r (a copy of
+the model for generation plus a KV-cache-sized buffer, managed by ``memmgr.for_module``). Weight sync uses reverse placement: trainer rank i feeds the engine on GPU
 (i + 1) % N, through pair process groups of their own (NCCL refuses an engine on its trainer's GPU). Pairs sync in
 rounds of disjoint pairs (two rounds for even N, three for odd), so no process waits on two communicators at once.
 
@@ -129,34 +129,26 @@ def build_plain(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 def build_megatron(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[Side, Side]:
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from memmgr.tools.megatron_models import ddp_and_optimizer, gpt_model, transformer_config
 
     parallel_state.initialize_model_parallel(1, 1)  # data parallel over every rank
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(1234)
-    cfg = TransformerConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-                            hidden_dropout=0.0, attention_dropout=0.0, bf16=dtype == torch.bfloat16,
-                            params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=False)
+    cfg = transformer_config(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+                             bf16=dtype == torch.bfloat16, params_dtype=dtype, pipeline_dtype=dtype,
+                             use_cpu_initialization=False)
 
-    def gpt() -> torch.nn.Module:
-        return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=args.vocab,
-                        max_sequence_length=args.max_seq).to(device)
-
-    from megatron.core.transformer.module import Float16Module
+    def gpt() -> torch.nn.Module:  # LayerNorm, learned positions, untied
+        return gpt_model(cfg, vocab_size=args.vocab, max_sequence_length=args.max_seq).to(device)
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:  # bf16 GPTModels run under Float16Module
         return Float16Module(cfg, model) if dtype != torch.float32 else model
 
     core = gpt()
-    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                                     use_distributed_optimizer=True), wrap(core))
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=dtype == torch.bfloat16,
-                                                 params_dtype=dtype, use_distributed_optimizer=True,
-                                                 clip_grad=1.0), [ddp])
+    # DDP (grad_reduce_in_fp32, distributed optimizer; Float16Module in bf16) and megatron Adam (lr 1e-4, clip 1.0)
+    ddp, opt = ddp_and_optimizer(cfg, core, lr=1e-4)
 
     def positions(tokens: torch.Tensor) -> torch.Tensor:
         return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)

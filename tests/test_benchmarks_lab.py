@@ -85,35 +85,6 @@ def test_bits_equal_compares_bytes_shape_and_dtype():
     assert not lab.bits_equal(a, a.reshape(2, 1))
 
 
-def test_offload_profile_reads_the_copies_gaps_and_release_of_one_offload_from_a_trace(tmp_path):
-    import offload_profile
-
-    def event(name, cat, ts, dur, **args):
-        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "args": args}
-
-    trace = {"traceEvents": [
-        event(offload_profile.CALL_ANNOTATION, "user_annotation", 1000, 10_000),
-        event("cudaMemcpyAsync", "cuda_runtime", 1500, 10),
-        event("Memcpy DtoH (Device -> Pinned)", "gpu_memcpy", 1600, 3000, bytes=3_000_000),
-        event("cudaMemcpyAsync", "cuda_runtime", 1600, 10),
-        event("Memcpy DtoH (Device -> Pinned)", "gpu_memcpy", 5600, 4000, bytes=4_000_000),  # 1 ms after the first
-        event("cudaFree", "cuda_runtime", 9700, 800),
-        event("cudaFree", "cuda_runtime", 10_500, 300),
-        event("aten::empty", "cpu_op", 1200, 5),  # neither a copy nor a runtime call
-    ]}
-    path = tmp_path / "trace.json"
-    path.write_text(json.dumps(trace))
-    summary = offload_profile.trace_summary(str(path))
-    assert summary["call_ms"] == 10.0 and summary["copies"] == 2
-    assert summary["first_issue_ms"] == 0.5 and summary["first_copy_start_ms"] == 0.6
-    assert summary["last_copy_end_ms"] == 8.6 and summary["after_last_copy_ms"] == 1.4
-    assert summary["copy_busy_ms"] == 7.0 and summary["copy_idle_between_ms"] == 1.0
-    assert summary["largest_gaps_ms"] == [1.0]
-    assert summary["copy_gbps_while_busy"] == 1.0  # 7 MB in 7 ms
-    assert summary["runtime_calls"]["cudaFree"] == {"count": 2, "total_ms": 1.1, "max_ms": 0.8}
-    assert list(summary["runtime_calls"])[0] == "cudaFree"  # by total time
-
-
 def test_onload_timeline_recorder_passes_an_onload_everything_the_transaction_gives_it():
     import onload_timeline
 

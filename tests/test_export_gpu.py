@@ -34,27 +34,19 @@ def megatron_cuda(tmp_path_factory):
 
 
 def test_gpu_export_from_device_and_pinned_host_copy_agree_within_the_memory_bound(megatron_cuda):
-    import torch.nn.functional as F
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
     from transformers import LlamaConfig
 
     from memmgr.host_memory import HostMemoryPool
     from memmgr.integrations.megatron import for_megatron
     from memmgr.sync.export import MegatronExporter
+    from memmgr.tools.megatron_models import LLAMA_LAYOUT, ddp_and_optimizer, gpt_model, transformer_config
 
-    cfg = TransformerConfig(num_layers=4, hidden_size=512, num_attention_heads=8, num_query_groups=2,
-                            ffn_hidden_size=1376, normalization="RMSNorm", gated_linear_unit=True,
-                            activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-                            bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=4096, max_sequence_length=128, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False).cuda()
-    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=True),
-                                  Float16Module(cfg, model))
+    cfg = transformer_config(num_layers=4, hidden_size=512, num_attention_heads=8, num_query_groups=2,
+                             ffn_hidden_size=1376, bf16=True, params_dtype=torch.bfloat16,
+                             pipeline_dtype=torch.bfloat16, **LLAMA_LAYOUT)
+    # megatron's vocabulary padded to 4096 rows; the export drops the rows past the Hugging Face config's 4000
+    model = gpt_model(cfg, vocab_size=4096, max_sequence_length=128, rope=True).cuda()
+    ddp, _ = ddp_and_optimizer(cfg, model, lr=None, grad_reduce_in_fp32=False)  # under Float16Module, no optimizer
     hf = LlamaConfig(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
                      head_dim=64, intermediate_size=1376, vocab_size=4000, tie_word_embeddings=False)
     pool = HostMemoryPool()

@@ -8,9 +8,9 @@ host memcpy) and is labelled as such.
 Each cycle is offload, a pause, onload, a pause: the pauses stand in for the phases in between (generation, training)
 and are not timed. They matter on a GPU: for about 0.1 s after memory goes back to the driver (``empty_cache``),
 copies into newly allocated device memory run ~10% slower (the driver's doing, likely background work on the freed
-memory), for every method alike (``benchmarks/gpu_alloc_probe.py --fresh``). In an RL loop the
-generate phase sits there, so the bench measures the onload a trainer actually gets; ``--phase-gap 0`` measures
-back-to-back cycles.
+memory), for every method alike (measured in run L, ``benchmarks/results/2026-11-21/h100-probe-l/fresh3/``; see
+``benchmarks/results/README.md``). In an RL loop the generate phase sits there, so the bench measures the onload a
+trainer actually gets; ``--phase-gap 0`` measures back-to-back cycles.
 """
 from __future__ import annotations
 
