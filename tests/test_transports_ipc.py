@@ -1,7 +1,9 @@
 """The same-GPU CUDA IPC transport between two processes (GPU only)."""
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ from memmgr.errors import MemmgrSyncError
 from memmgr.sync.transports import WeightBucket, bucketize, group_pairs
 
 from conftest import random_tensor, requires_cuda, same_bits, tensors_from_bytes, tensors_to_bytes
-from ipc_support import start_seeing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the IPC engine lives in the lab
+import lab  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -56,7 +60,7 @@ class _Engine:
         ctx = mp.get_context("spawn")
         self.descs, self.acks, self.results = ctx.Queue(), ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(target=_consumer, args=(self.descs, self.acks, self.results, delay_s), daemon=True)
-        start_seeing(self.proc, visible)
+        lab.start_seeing(self.proc, visible)
         self.fail_next = False
 
     def announce(self, desc):
@@ -178,7 +182,6 @@ def test_ipc_matches_the_gpu_by_uuid_across_different_visible_devices():
 
 def test_ipc_sync_into_a_transformers_engine_on_the_same_gpu_is_bit_exact_and_logits_match():
     transformers = pytest.importorskip("transformers", reason="the engine of this test is a transformers model")
-    from ipc_support import EngineProcess, checksums
     from memmgr.sync.transports import group_pairs
     from memmgr.sync.transports.ipc import CudaIpcTransport
 
@@ -189,7 +192,7 @@ def test_ipc_sync_into_a_transformers_engine_on_the_same_gpu_is_bit_exact_and_lo
     with torch.device("cuda"):
         trainer = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     weights = dict(trainer.state_dict())
-    engine = EngineProcess(config, torch.bfloat16)
+    engine = lab.IpcEngineProcess(config, torch.bfloat16)
     transport = CudaIpcTransport(engine.announce, buffer_bytes=512 << 10, num_buffers=2)
     try:
         for group in group_pairs(weights.items(), 256 << 10):
@@ -199,7 +202,7 @@ def test_ipc_sync_into_a_transformers_engine_on_the_same_gpu_is_bit_exact_and_lo
     finally:
         transport.close()
         engine.stop()
-    assert report["checksums"] == checksums(weights.items())  # every engine tensor, bit for bit
+    assert report["checksums"] == lab.named_checksums(weights.items())  # every engine tensor, bit for bit
     assert all("rotary" in n for n in report["missing"])  # only non-persistent buffers were not sent
     with torch.no_grad():
         logits = trainer(torch.tensor([[1, 5, 9, 13]], device="cuda")).logits.float().cpu()

@@ -18,7 +18,7 @@ from memmgr.sync.engines.vllm import MemmgrGlooTrainerInitInfo, OfflineLLMClient
 from memmgr.errors import MemmgrSyncError  # noqa: E402
 from memmgr.sync.transports import MemmgrSyncMismatchError, WeightBucket, bucketize, specs_of  # noqa: E402
 
-import vllm_support as vs  # noqa: E402
+from memmgr.tools import vllm_models as vs  # noqa: E402
 from test_transports import export_like_bucket  # noqa: E402
 
 pytestmark = pytest.mark.integration  # issue 31: tests by cost (tests/conftest.py)

@@ -13,7 +13,7 @@ pytest.importorskip("transformers", reason="transformers is the reference model 
 
 from memmgr.sync.engines.vllm import VLLMWeightSync  # noqa: E402
 
-import vllm_support as vs  # noqa: E402
+from memmgr.tools import vllm_models as vs  # noqa: E402
 
 pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel CPU workers need two cores")
 pytestmark = [pytestmark, pytest.mark.integration]  # issue 31: tests by cost (tests/conftest.py)

@@ -19,7 +19,7 @@ from memmgr.errors import MemmgrSyncMismatchError  # noqa: E402
 from memmgr.sync.engines.vllm import VLLMWeightSync  # noqa: E402
 from memmgr.sync.export import MegatronExporter  # noqa: E402
 
-import vllm_support as vs  # noqa: E402
+from memmgr.tools import vllm_models as vs  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning")

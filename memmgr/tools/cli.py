@@ -3,10 +3,10 @@
 Every argument is checked before anything runs; a bad one ends the command with one line, ``Error: <option>: what
 it got and what to give``, and exit status 2, never a traceback (``ArgumentError``).
 
-This module imports only click (and the ``memmgr`` package): each command imports what it needs (its tools module,
-tqdm, matplotlib) when it runs, so ``--help`` and ``--version`` stay quick. Logging goes to stderr through
-``tqdm.write``, so log lines do not glue onto a progress bar; memmgr's own logger is at INFO (DEBUG with
-``-v``), every other library's at WARNING."""
+This module imports only click (and the ``memmgr`` package, which imports no torch until one of its names is
+used): each command imports what it needs (its tools module, torch, tqdm, matplotlib) when it runs, so ``--help``
+and ``--version`` stay quick. Logging goes to stderr through ``tqdm.write``, so log lines do not glue onto a
+progress bar; memmgr's own logger is at INFO (DEBUG with ``-v``), every other library's at WARNING."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
-"""Helpers for tests that run a real vLLM engine on the CPU (import only where vllm is installed).
+"""Tiny vLLM engines on the CPU, built in one place for the benchmarks and the tests (and to try memmgr's vLLM weight
+sync without a GPU or the Hugging Face hub).
 
 - ``save_tokenizer(folder, vocab)``: a locally trained WordLevel tokenizer (no hub access).
 - ``build_tiny_model(folder)``: a tiny random Llama or Qwen3 (head_dim 32, float32, tied or untied embeddings) and a
@@ -6,16 +7,21 @@
 - ``start_engine(folder)``: a ``vllm.LLM`` on the CPU over that folder, eager, small context and KV cache, with
   memmgr's weight-transfer backend and worker extension; ``stop_engine(llm)`` shuts it down.
 - ``new_weights(model, seed)``: fresh random weights in HF names (a dict), scaled so that greedy decoding has clear
-  winners (the same argmax on vLLM's and transformers' kernels).
+  winners (the same argmax on vLLM's and transformers' kernels); ``hf_model_with(model, weights)`` loads them.
 - ``greedy_vllm`` / ``greedy_hf``: greedy token ids of each prompt on either side.
+
+vllm, transformers and tokenizers are imported inside the functions; importing this module needs only torch.
 """
 from __future__ import annotations
 
 import gc
 import os
-from typing import Iterable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+
+from memmgr.errors import MemmgrInputError
 
 PROMPTS: list[list[int]] = [[1, 5, 6, 7, 8], [1, 9, 10, 11], [1, 20, 21, 22, 23, 24, 25]]
 MAX_TOKENS = 8
@@ -80,17 +86,19 @@ def new_weights(model: torch.nn.Module, *, seed: int) -> dict[str, torch.Tensor]
 
 def start_engine(folder: str, **overrides):
     """A ``vllm.LLM`` over ``folder`` on the CPU with memmgr's weight sync enabled (spawned engine processes find
-    memmgr through PYTHONPATH, which this sets to include the repository)."""
+    this memmgr through PYTHONPATH, which this sets to include the directory that holds the package: a checkout's
+    root need not be installed)."""
     from vllm import LLM
 
     from memmgr.sync.engines.vllm import vllm_engine_kwargs
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    home = str(Path(__file__).resolve().parents[2])  # memmgr/tools/vllm_models.py -> the package's parent
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if repo not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([repo] + paths)
+    if home not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([home] + paths)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    kwargs = dict(model=folder, enforce_eager=True, max_model_len=128, dtype="float32", max_num_seqs=4, seed=0)
+    kwargs = {"model": folder, "enforce_eager": True, "max_model_len": 128, "dtype": "float32", "max_num_seqs": 4,
+              "seed": 0}
     kwargs.update(overrides)
     return LLM(**vllm_engine_kwargs(**kwargs))
 
@@ -130,9 +138,8 @@ def hf_model_with(model, weights: dict[str, torch.Tensor]):
     """``model`` with ``weights`` loaded: every checkpoint tensor, same shapes (a tied head follows its embedding)."""
     result = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    assert set(result.missing_keys) <= tied and not result.unexpected_keys, result
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise MemmgrInputError(f"the weights do not fit the model: missing {sorted(missing)}, unexpected "
+                               f"{sorted(result.unexpected_keys)}")
     return model.eval()
-
-
-def pairs(weights: dict[str, torch.Tensor]) -> Iterable[tuple[str, torch.Tensor]]:
-    return list(weights.items())
