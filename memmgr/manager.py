@@ -21,6 +21,7 @@ from memmgr.host_memory import HostMemoryPool, default_pool
 from memmgr.states import GroupState, Policy, policy_from
 from memmgr.tensor_checks import TensorsArg, tensors_argument
 from memmgr.transfer import TransferHandle
+from memmgr.weight_sync_bracket import WeightSyncBracket
 
 __all__ = ["GroupEntry", "GroupStatus", "HookEvent", "HookHandle", "MemoryManager", "MoveScope", "Placement"]
 
@@ -134,7 +135,7 @@ class MemoryManager:
         self._phases: list[str] = []
         self._ledger = None
         self._checkpoint_hooks: list[Any] = []  # removable handles of onload_for_state_dicts
-        self._syncs: list[Placement] = []  # one placement per begin_weight_sync not ended yet
+        self._weight_syncs = WeightSyncBracket(self, self._hooks)
         self.left_behind: dict[str, int] = {}  # state an integration saw but does not move, by description -> bytes
         self._guard = guard.install(self) if guard.requested(guard_offloaded) else None
 
@@ -181,7 +182,7 @@ class MemoryManager:
             if _cuda_devices(group.units):
                 # coalescing left the tensors' former storages in PyTorch's cache: released here, not at the first
                 # offload
-                self._release_cached_memory()
+                self.release_cached_memory()
         prio = default_priority(name, group.policy) if priority is None else priority
         self._groups[name] = GroupEntry(name, group, prio, collect, len(self._groups))
         _mark_in_use(group, True)
@@ -295,7 +296,7 @@ class MemoryManager:
             for device in _cuda_devices(unit for entry in self._resolve(groups) for unit in entry.group.units):
                 driver_settle.begin(device)
         handle = scope.handle
-        handle.add_done_callback(self._release_cached_memory)
+        handle.add_done_callback(self.release_cached_memory)
         self.on_copies_in_flight(groups)
         if not non_blocking:
             handle.wait()
@@ -339,7 +340,8 @@ class MemoryManager:
         """Called by every offload once its copies are issued and before they are waited for: host-side bookkeeping
         a subclass runs here costs no time on the offload's critical path."""
 
-    def _release_cached_memory(self) -> None:
+    def release_cached_memory(self) -> None:
+        """Gives PyTorch's cached blocks and cuBLAS's workspaces back to the driver (with ``empty_cache``)."""
         if self.empty_cache and torch.cuda.is_available() and torch.cuda.is_initialized():
             # cuBLAS workspaces (tens of MiB per stream) are re-created at the next matmul; between phases they are
             # memory the engine could use, so they go back too.
@@ -457,60 +459,12 @@ class MemoryManager:
         """Fires before_weight_sync hooks and onloads only the weights group; pair with end_weight_sync(). If the
         onload fails (or an after_onload hook raises), the weights this call brought back leave the device again
         and the after_weight_sync hooks run before the error propagates (every before has its after)."""
-        self.check_open()
-        entry = self._resolve([self.weights_group])[0]
-        if entry.state is GroupState.DISCARDED:
-            raise MemmgrStateError(f"group {self.weights_group!r} was discarded, so there are no weights to sync; "
-                                   f"offload weights with the copy policy")
-        try:
-            self._hooks.fire(HookEvent.BEFORE_WEIGHT_SYNC, (self.weights_group,))
-        except BaseException as exc:
-            # every before has its after: whatever the hooks that did run released (an engine's KV cache, say)
-            # is restored before the error propagates
-            self._after_failed_sync(exc)
-            raise
-        before = self.placement(self.weights_group)
-        try:
-            self.onload(self.weights_group)
-        except BaseException as exc:
-            # No sync will happen and end_weight_sync() will not be called: what this call brought back leaves
-            # again (quietly: no hooks, the error in flight is the one to report), and the after-hooks still run,
-            # so that whatever the before-hooks released (an engine's KV cache, say) is restored.
-            try:
-                undo = [u for _g, u, on in before.rows if not on and u.state.holds_device_memory]
-                if undo:
-                    moves.offload_units(undo).wait()
-                    self._release_cached_memory()
-            except BaseException as undo_exc:  # noqa: BLE001 - the onload's own error is the one to raise
-                logger.error("undoing a failed weight-sync onload failed too: %r", undo_exc)
-                exc.add_note(f"memmgr: undoing the weight-sync onload failed too: {undo_exc!r}")
-            self._after_failed_sync(exc)
-            raise
-        self._syncs.append(before)
-        return self.named_weights()
-
-    def _after_failed_sync(self, exc: BaseException) -> None:
-        """Runs every after_weight_sync hook after a sync failed with ``exc``; an after hook's own failure is
-        logged and noted on ``exc``, which stays the one to raise."""
-        try:
-            self._hooks.fire_all(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
-        except Exception as hook_exc:  # noqa: BLE001 - the sync's own error is the one to raise
-            logger.error("an after_weight_sync hook failed after the sync had failed: %r", hook_exc)
-            exc.add_note(f"memmgr: an after_weight_sync hook failed too: {hook_exc!r}")
+        return self._weight_syncs.begin()
 
     def end_weight_sync(self) -> None:
         """Offloads the weights begin_weight_sync brought back (unit by unit, as they were), then fires
         after_weight_sync."""
-        if not self._syncs:
-            raise MemmgrStateError("end_weight_sync() without a begin_weight_sync(); use `with mgr.weight_sync()`")
-        before = self._syncs.pop()
-        try:
-            if not self._closed:
-                self.restore_placement(before)
-        except BaseException as exc:
-            self._after_failed_sync(exc)
-            raise
-        self._hooks.fire_all(HookEvent.AFTER_WEIGHT_SYNC, (self.weights_group,))
+        self._weight_syncs.end()
 
     @contextlib.contextmanager
     def weight_sync_hooks(self) -> Iterator["MemoryManager"]:
@@ -518,31 +472,13 @@ class MemoryManager:
         before_weight_sync hooks on entry, after_weight_sync hooks on exit. The after hooks run, every one of them,
         also when a before hook or the body raises (they put the engine back to serving), and the first error is the
         one raised: an after hook's failure is then logged and noted on it. Nothing moves."""
-        self.check_open()
-        names = (self.weights_group,)
-        try:
-            self._hooks.fire(HookEvent.BEFORE_WEIGHT_SYNC, names)
+        with self._weight_syncs.hooks_only():
             yield self
-        except BaseException as exc:
-            self._after_failed_sync(exc)
-            raise
-        self._hooks.fire_all(HookEvent.AFTER_WEIGHT_SYNC, names)
 
-    @contextlib.contextmanager
-    def weight_sync(self) -> Iterator["OrderedDict[str, torch.Tensor]"]:
+    def weight_sync(self) -> contextlib.AbstractContextManager["OrderedDict[str, torch.Tensor]"]:
         """Around one weight sync: only the weights come back (grads, main weights and optimizer states stay off),
         the body gets name -> tensor, and the weights leave again afterwards (also when the body raises)."""
-        weights = self.begin_weight_sync()
-        try:
-            yield weights
-        except BaseException as exc:
-            try:
-                self.end_weight_sync()
-            except Exception as end_exc:  # noqa: BLE001 - the body's error is the one to raise
-                logger.error("ending a weight sync whose body failed failed too: %r", end_exc)
-                exc.add_note(f"memmgr: ending the weight sync failed too: {end_exc!r}")
-            raise
-        self.end_weight_sync()
+        return self._weight_syncs.around()
 
     # ---- checkpoints ----
     def onload_for_state_dicts(self, owner: torch.nn.Module | torch.optim.Optimizer, groups: Sequence[str]) -> None:
@@ -619,6 +555,10 @@ class MemoryManager:
         self.close()
 
     # ---- helpers ----
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def check_open(self) -> None:
         """Raises MemmgrStateError once the manager is closed."""
         if self._closed:

@@ -109,7 +109,7 @@ def test_an_offload_starts_its_settle_only_once_its_copies_are_issued(monkeypatc
     monkeypatch.setattr(driver_settle, "begin",
                         lambda device=None: events.append(("settle", mgr.group("weights").state)))
     mgr = memmgr.MemoryManager()
-    monkeypatch.setattr(mgr, "_release_cached_memory", lambda: events.append(("release", None)))
+    monkeypatch.setattr(mgr, "release_cached_memory", lambda: events.append(("release", None)))
     mgr.add_group("weights", {"w": torch.ones(256), "b": torch.zeros(16)}, policy="copy")
     events.clear()  # coalescing released the former storages
     mgr.offload()
