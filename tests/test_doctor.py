@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from memmgr import nvml
 from memmgr.tools import doctor, measure
 from memmgr.tools.cli import main
-from tests.conftest import requires_cuda
+from conftest import requires_cuda
 
 
 @pytest.fixture(autouse=True)
