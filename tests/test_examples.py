@@ -3,6 +3,7 @@ with memmgr ends with weights and optimizer state identical to the same loop wit
 option; and a difference is reported with exit status 1. GPU variants are marked ``gpu`` and need CUDA."""
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import subprocess
@@ -93,3 +94,21 @@ def test_vllm_loop_generates_like_transformers_and_matches_the_loop_without_memm
     line = assert_success(run_example("vllm_loop.py", "--device", device, "--iterations", "2"), "vllm_loop")
     assert f"2 iterations on {device} (trainer) with a vLLM engine" in line
     assert "equal to transformers' after every sync" in line
+
+
+# ---- verl ----
+VERL_SITE = os.environ.get("MEMMGR_VERL_SITE", "")  # verl installed with --no-deps --target (.ci/run)
+needs_verl = pytest.mark.skipif(
+    importlib.machinery.PathFinder.find_spec("verl", ([VERL_SITE] if VERL_SITE else []) + sys.path) is None
+    or not has("transformers"), reason="verl is not installed (pip install verl==0.9.1, or MEMMGR_VERL_SITE: .ci/run)")
+
+
+@needs_verl
+def test_verl_loop_generates_like_transformers_and_matches_the_loop_without_memmgr():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + ([VERL_SITE] if VERL_SITE else []) + [
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "verl_loop.py"), "--device", "cpu"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=env)
+    line = assert_success(proc, "verl_loop")
+    assert "3 iterations on cpu (trainer) through verl's checkpoint-engine interface (MemmgrCheckpointEngine" in line
+    assert "identical to the loop without memmgr" in line
