@@ -18,7 +18,7 @@ calling pattern, per weight update (``CheckpointEngineManager.update_weights``):
 5. ``finalize()`` on every worker.
 
 On the wire each sync is a start message, then per bucket its layout and one broadcast of its flat per-dtype bytes
-(``memmgr.sync.transports``: ``WeightBucket``, ``group_pairs``), then an end message and the status all-reduce: a
+(``memmgr.sync.transports``' ``WeightBucket`` layout, each weight copied in as verl's generator yields it), then an end message and the status all-reduce: a
 rollout worker that stopped taking weights part-way makes ``send_weights`` raise ``MemmgrSyncError`` on the trainer,
 and a trainer whose weight generator failed tells the rollouts, whose ``receive_weights`` raise too.
 
