@@ -1,11 +1,12 @@
 """What an all-or-nothing weight sync costs: python benchmarks/atomic_sync_cost.py --out DIR [--presets 1.3b,4b]
-[--reps 5] [--bucket-mb 512] [--cpu]
+[--reps 5] [--gap-s 0.5] [--bucket-mb 512] [--cpu]
 
 The setting of benchmarks/ipc_sync_speed.py (its presets: the Llama-shaped 1.3B and the ~4B Qwen3, bf16): the
 trainer is a transformers model on the GPU, the engine the same model in a second process on the same GPU, and every
 weight travels through memmgr's CudaIpcTransport (a ring of 2 IPC buffers of --bucket-mb). The engine serves with
-CudaIpcReceiver.handle and a ModuleWeightLoader, once with atomic=True (it copies each tensor to a pinned host buffer
-before the sync first overwrites it, and puts them all back if the sync fails) and once with atomic=False.
+CudaIpcReceiver.handle and a ModuleWeightLoader, once with atomic=True (it keeps a pinned host copy of each tensor a
+sync overwrites, refreshed on a side stream after each commit, and puts them all back if a sync fails) and once with
+atomic=False. The timed syncs are --gap-s apart, the generation between two syncs of an RL loop.
 Per preset it measures:
 1. time: --reps full syncs (start -> every bucket -> commit) per setting, median and min seconds, GB/s, and the
    median's overhead of atomic over non-atomic;
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--presets", default=None,
                     help="comma-separated presets of ipc_sync_speed.py (default: 1.3b,4b; with --cpu: tiny,tiny-qwen3)")
     ap.add_argument("--reps", type=int, default=5, help="timed syncs per setting; medians reported (default 5)")
+    ap.add_argument("--gap-s", type=float, default=0.5,
+                    help="seconds between timed syncs, standing in for the generation between two syncs of an RL loop "
+                         "(an atomic engine's host copies of a sync run then); default 0.5")
     ap.add_argument("--bucket-mb", type=float, default=512, help="ring buffer size in MiB (default 512)")
     ap.add_argument("--cpu", action="store_true", help="CPU smoke test: tiny presets, in-process engine")
     ap.add_argument("--out", type=Path, required=True,
@@ -245,6 +249,7 @@ def measure_preset(preset: str, args: argparse.Namespace) -> dict:
             engine.report()  # resets the engine's peak
             times, trainer_peaks = [], []
             for _ in range(args.reps):
+                time.sleep(0 if args.cpu else args.gap_s)
                 if not args.cpu:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()

@@ -1044,7 +1044,7 @@ def main(argv=None) -> int:
     DEVICE = torch.device(args.device)
     OPTIMIZER = args.optimizer
     if DEVICE.type == "cuda":
-        torch.cuda.set_device(DEVICE)
+        torch.cuda.set_device(torch.device(DEVICE).index or 0)
     warnings.simplefilter("ignore")
     from hypothesis.stateful import get_state_machine_test
 

@@ -122,6 +122,41 @@ def test_undo_buffers_are_reused_across_syncs_and_hold_one_copy_of_what_was_over
     assert all(loader.undo._buffers[k] is buffers[k] for k in buffers)  # no new allocation
 
 
+def _on(device, weights: dict) -> dict:
+    return {n: t.detach().to(device) for n, t in weights.items()}
+
+
+@pytest.mark.parametrize("where", WHERE)
+def test_a_failed_sync_after_committed_ones_restores_the_last_committed_weights(device, where):
+    # on a GPU the committed syncs' host copies are taken in the background after each commit (UndoLog.snapshot):
+    # the failing sync must still find every overwritten tensor's last committed value
+    engine = _engine_model(0).to(device)
+    loader = ModuleWeightLoader(engine)
+    for seed in (1, 2):
+        _drive(_FlakyTransport(loader), _on(device, _engine_model(seed).state_dict()), fault=None, fail_at=-1)
+    committed = {n: t.detach().clone() for n, t in engine.state_dict().items()}
+    new = _on(device, _engine_model(3).state_dict())
+    n = _bucket_count(new)
+    with pytest.raises(MemmgrSyncError):
+        _drive(_FlakyTransport(loader, "transport", _index(where, n)), new, fault="transport",
+               fail_at=_index(where, n))
+    assert all(same_bits(engine.state_dict()[k], committed[k]) for k in committed)
+    _drive(_FlakyTransport(loader), new, fault=None, fail_at=-1)
+    assert all(same_bits(engine.state_dict()[k], new[k]) for k in new)
+
+
+def test_a_load_outside_a_session_is_what_a_later_failed_sync_restores(device):
+    engine = _engine_model(0).to(device)
+    loader = ModuleWeightLoader(engine)
+    _drive(_FlakyTransport(loader), _on(device, _engine_model(1).state_dict()), fault=None, fail_at=-1)
+    manual = _on(device, _engine_model(2).state_dict())
+    loader(list(manual.items()))  # no session: the host copy taken after the last commit is stale now
+    new = _on(device, _engine_model(3).state_dict())
+    with pytest.raises(MemmgrSyncError):
+        _drive(_FlakyTransport(loader, "transport", 1), new, fault="transport", fail_at=1)
+    assert all(same_bits(engine.state_dict()[k], manual[k]) for k in manual)
+
+
 def test_non_atomic_loader_refuses_to_serve_after_a_failed_sync_until_a_sync_commits():
     engine = _engine_model(0)
     loader = ModuleWeightLoader(engine, atomic=False)

@@ -8,8 +8,9 @@ kept and reused by later syncs, pinned for CUDA tensors), and ``rollback`` copie
 a failed sync ends with the engine on its previous weights, all of them. A call that fails part-way (an unknown
 name, a wrong shape, an offloaded target) is refused before it copies anything, and inside a session the loader
 rolls the whole session back itself. The extra memory is one host copy of every tensor a sync overwrites (at most
-the whole model), allocated by the first sync and reused; the extra time is one device->host copy per overwritten
-tensor.
+the whole model), allocated by the first sync and reused. The extra time: for GPU tensors, the device->host copies
+of what a sync wrote are queued when it commits and run on a side stream while the engine serves, so a later sync
+only waits for them if it starts before they finish (the first sync copies as it goes, like CPU tensors always do).
 
 With ``atomic=False`` nothing is copied aside: a failed session leaves the engine with a mix of old and new weights,
 so the loader marks it not consistent (``consistent`` is False, ``check_consistent()`` and the module's forward
@@ -32,17 +33,26 @@ logger = logging.getLogger("memmgr")
 
 
 class UndoLog:
-    """Host copies of engine tensors taken just before a sync first overwrites them, and their restoration.
+    """Host copies of the engine tensors a sync overwrites, and their restoration.
 
-    ``save(key, tensor)`` copies ``tensor`` into the host buffer of ``key`` (allocated at the first save of that key
-    and reused while shape and dtype stay, pinned when ``tensor`` is on a GPU) once per session; ``restore()``
-    copies every saved tensor back, in place; ``clear()`` ends the session (the buffers are kept for the next one).
-    ``host_bytes`` is the memory the buffers hold.
+    ``save(key, tensor)`` makes sure the host buffer of ``key`` holds ``tensor``'s value before the session first
+    overwrites it; ``restore()`` copies every saved tensor back, in place; ``clear()`` ends the session (the buffers
+    are kept for the next one); ``host_bytes`` is the memory the buffers hold (allocated at the first save of a key,
+    reused while shape and dtype stay, pinned for GPU tensors).
+
+    GPU tensors are copied aside ahead of time: ``snapshot()`` (called when a sync commits) queues a device->host
+    copy of every tensor the session wrote, on a side stream, so that the copies run while the engine serves, off the
+    next sync's critical path; that sync's ``save`` then finds the value in the buffer already and only orders the
+    overwrite after the copy (one stream wait per session). A key whose snapshot is missing or stale (the first sync,
+    a load outside a session) is copied at ``save`` time, on the current stream, as CPU tensors always are.
     """
 
     def __init__(self) -> None:
         self._buffers: dict[Any, torch.Tensor] = {}
         self._saved: dict[Any, torch.Tensor] = {}  # key -> the engine tensor saved in this session
+        self._snapshot: dict[Any, torch.Tensor] = {}  # key -> the tensor whose value its buffer holds (or will)
+        self._snapshot_done: dict[torch.device, torch.cuda.Event] = {}  # per GPU: the snapshot copies have finished
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     @property
     def host_bytes(self) -> int:
@@ -59,36 +69,88 @@ class UndoLog:
     def save(self, key: Any, tensor: torch.Tensor) -> None:
         if key in self._saved:
             return
-        buf = self._buffers.get(key)
-        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
-            pin = tensor.is_cuda and torch.cuda.is_available()
-            buf = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
-            self._buffers[key] = buf
-        with torch.no_grad():
-            # queued on the current stream, where the loader then overwrites the tensor: the stream runs this read
-            # first, so the host need not wait for each tensor's copy (the buffer is pinned on CUDA)
-            buf.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+        if self._snapshot.get(key) is tensor:
+            # the buffer holds this tensor's value (or will, once the snapshot's copies finish): the overwrite that
+            # follows on the current stream waits for them
+            self._wait_for_snapshot(tensor.device)
+        else:
+            buf = self._buffer(key, tensor)
+            if tensor.is_cuda:
+                self._wait_for_snapshot(tensor.device)  # a snapshot copy into this buffer may still be queued
+            with torch.no_grad():
+                # queued on the current stream, where the loader then overwrites the tensor: the stream runs this
+                # read first, so the host need not wait for each tensor's copy (the buffer is pinned on CUDA)
+                buf.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
         self._saved[key] = tensor
 
     def restore(self) -> int:
-        """Copies every tensor saved in this session back; returns how many. Ends the session."""
+        """Copies every tensor saved in this session back; returns how many. Ends the session. The buffers then
+        hold the engine's values, so they stay the snapshot of the tensors restored."""
         n = 0
         with torch.no_grad():
             for key, tensor in self._saved.items():
                 tensor.copy_(self._buffers[key], non_blocking=tensor.is_cuda)
+                self._snapshot[key] = tensor
                 n += 1
             if any(t.is_cuda for t in self._saved.values()):
                 torch.cuda.synchronize()
         self._saved.clear()
         return n
 
+    def snapshot(self) -> None:
+        """Ends a committed session: queues a copy of every GPU tensor it saved (now holding the new weights) into
+        its buffer on a side stream, after the work queued so far; the next session's ``save`` uses it."""
+        written = [(k, t) for k, t in self._saved.items() if t.is_cuda]
+        self._saved.clear()
+        self._snapshot = {k: t for k, t in self._snapshot.items() if not t.is_cuda}
+        by_device: dict[torch.device, list[tuple[Any, torch.Tensor]]] = {}
+        for key, tensor in written:
+            by_device.setdefault(tensor.device, []).append((key, tensor))
+        for device, pairs in by_device.items():
+            stream = self._streams.get(device) or self._streams.setdefault(device, torch.cuda.Stream(device))
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream), torch.no_grad():
+                for key, tensor in pairs:
+                    self._buffer(key, tensor).copy_(tensor.detach(), non_blocking=True)
+                    self._snapshot[key] = tensor
+                done = torch.cuda.Event()
+                done.record(stream)
+            self._snapshot_done[device] = done
+
+    def forget_snapshot(self, key: Any) -> None:
+        """``key``'s tensor was written outside a session: its buffer no longer holds its value."""
+        self._snapshot.pop(key, None)
+
     def clear(self) -> None:
         self._saved.clear()
 
     def release(self) -> None:
         """Frees the host buffers (a later session allocates them again)."""
+        for done in self._snapshot_done.values():
+            done.synchronize()
         self._saved.clear()
+        self._snapshot.clear()
+        self._snapshot_done.clear()
         self._buffers.clear()
+
+    def _buffer(self, key: Any, tensor: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
+            if buf is not None and tensor.is_cuda:
+                self._wait_for_snapshot(tensor.device, host=True)  # a snapshot copy may still write the old one
+            pin = tensor.is_cuda and torch.cuda.is_available()
+            buf = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+            self._buffers[key] = buf
+        return buf
+
+    def _wait_for_snapshot(self, device: torch.device, host: bool = False) -> None:
+        done = self._snapshot_done.get(device)
+        if done is None:
+            return
+        if host:
+            done.synchronize()
+        else:
+            torch.cuda.current_stream(device).wait_event(done)
 
 
 class ModuleWeightLoader:
@@ -165,8 +227,12 @@ class ModuleWeightLoader:
         self._session = True
 
     def commit(self) -> None:
-        """Ends the session: the loaded weights are the engine's weights, the module is consistent again."""
-        self.undo.clear()
+        """Ends the session: the loaded weights are the engine's weights, the module is consistent again. With
+        ``atomic``, the host copies of what it wrote are refreshed in the background (``UndoLog.snapshot``)."""
+        if self.atomic:
+            self.undo.snapshot()
+        else:
+            self.undo.clear()
         self._session = False
         self._failed = None
 
@@ -227,6 +293,8 @@ class ModuleWeightLoader:
                         self._touched_in_session = True
                         if self.atomic:
                             self.undo.save(name, target)
+                    else:
+                        self.undo.forget_snapshot(name)
                     target.copy_(tensor)
                     self.loaded.add(name)
         except Exception as exc:

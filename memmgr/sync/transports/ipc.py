@@ -105,6 +105,9 @@ class CudaIpcTransport(Transport):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memmgr-ipc-announce")
         self._broken: str | None = None
         self._open = False  # a session announced to the engine and not yet committed or aborted
+        # set by the announcing thread when a bucket's announce fails: the buckets queued behind it are not announced
+        # (the engine has rolled back, and loading them would leave it on a mix); start() clears it
+        self._bucket_failed: str | None = None
         self.buckets = 0
         self.nbytes = 0
 
@@ -119,6 +122,7 @@ class CudaIpcTransport(Transport):
         self._check_usable()
         if self._open:  # the previous sync was neither finished nor aborted
             self.abort("a new sync started before the previous one finished")
+        self._bucket_failed = None
         try:
             self._pool.submit(self.announce, self._control("begin", tensors=len(specs))).result(
                 timeout=self.timeout_s)
@@ -269,17 +273,28 @@ class CudaIpcTransport(Transport):
         description.update({"slot": slot, "nbytes": bucket.nbytes, "ipc": {self.uuid: self._slot_export(slot)}})
         if wait_here:
             stream.synchronize()
-            self._pending[slot] = self._pool.submit(self.announce, description)
+            self._pending[slot] = self._pool.submit(self._announce_bucket, None, description)
         else:
             packed = torch.cuda.Event()
             packed.record(stream)
-            self._pending[slot] = self._pool.submit(self._announce_when_packed, packed, description)
+            self._pending[slot] = self._pool.submit(self._announce_bucket, packed, description)
         self.buckets += 1
         self.nbytes += bucket.payload_bytes
 
-    def _announce_when_packed(self, packed: torch.cuda.Event, description: dict[str, Any]) -> Any:
-        packed.synchronize()
-        return self.announce(description)
+    def _announce_bucket(self, packed: torch.cuda.Event | None, description: dict[str, Any]) -> Any:
+        """Runs on the announcing thread, in send order: waits for the slot's packing (``packed``), then announces,
+        unless an earlier bucket of this sync failed to load; then the bucket is not sent at all: the engine rolled
+        the sync back on that failure and would load this one outside it."""
+        if self._bucket_failed is not None:
+            raise MemmgrSyncError(f"CUDA IPC weight sync: bucket in ring slot {description.get('slot')} not sent: an "
+                                  f"earlier bucket of this sync failed ({self._bucket_failed})")
+        if packed is not None:
+            packed.synchronize()
+        try:
+            return self.announce(description)
+        except BaseException as exc:
+            self._bucket_failed = f"slot {description.get('slot')}: {type(exc).__name__}: {str(exc)[:200]}"
+            raise
 
     def send_bucket(self, bucket: WeightBucket) -> None:
         """Copies ``bucket`` (on this GPU or in host memory) into the next free slot and announces it; returns
@@ -371,6 +386,8 @@ class CudaIpcReceiver:
         # slot -> (export key, mapped buffer): one mapping per export, released when the export changes or on
         # close, so torch's cross-process reference count of each producer buffer stays paired
         self._mapped: dict[int, tuple[tuple, torch.Tensor]] = {}
+        # after handle() rolled a sync back, buckets of that sync still in flight are refused until the next begin
+        self._rolled_back: str | None = None
 
     def receive(self, description: dict[str, Any]) -> WeightBucket:
         if description.get("control"):  # a session message (see handle): no weights in it
@@ -404,26 +421,33 @@ class CudaIpcReceiver:
         raised, so the engine is on its previous weights when the producer hears of it."""
         control = description.get("control")
         if control == "begin":
+            self._rolled_back = None
             begin_sync(load_weights)
             return
         if control == "commit":
             commit_sync(load_weights)
             return
         if control == "abort":
-            rollback_sync(load_weights, str(description.get("reason") or "the trainer abandoned the sync"))
+            self._rolled_back = str(description.get("reason") or "the trainer abandoned the sync")
+            rollback_sync(load_weights, self._rolled_back)
             return
         if control:
             raise MemmgrSyncError(f"CUDA IPC weight sync: unknown session message {control!r}; trainer and engine "
                                   f"must run the same memmgr version")
+        if self._rolled_back is not None:
+            raise MemmgrSyncError(f"CUDA IPC weight sync: a bucket of a sync this engine rolled back "
+                                  f"({self._rolled_back}) arrived; it is not loaded (the engine stays on its previous "
+                                  f"weights) until the next sync begins")
         try:
             bucket = self.receive(description)
             load_weights(bucket.views())
             self.done()  # the copies out of the slot have finished: the producer may refill it
         except BaseException as exc:
+            self._rolled_back = f"{type(exc).__name__} while loading a bucket"
             try:
                 self.done()
             finally:
-                rollback_sync(load_weights, f"{type(exc).__name__} while loading a bucket")
+                rollback_sync(load_weights, self._rolled_back)
             raise
 
     def done(self) -> None:
