@@ -103,7 +103,7 @@ def engine(trainer, tmp_path_factory):
 def test_training_steps_reach_vllm_through_the_export_and_generate_like_transformers(trainer, engine, tmp_path):
     model, opt = trainer
     assert vs.greedy_vllm(engine, PROMPTS) == hf_greedy(exported(model), tmp_path / "step0")
-    sync = VLLMWeightSync(engine, timeout_s=60)
+    sync = VLLMWeightSync(engine, timeout_s=60, bucket_bytes=32 * 1024)
     try:
         for step in (1, 2):
             before = vs.greedy_vllm(engine, PROMPTS)
@@ -146,7 +146,7 @@ def test_readme_loop_syncs_offloaded_weights_from_the_host_copy_into_vllm_betwee
     for event in ("before_weight_sync", "after_weight_sync"):
         mgr.register_hook(event, lambda ev, groups: events.append(ev))
     ex = MegatronExporter([ddp], em.hf_config(FAMILY), weights=mgr.group("weights"), bucket_bytes=32 * 1024)
-    sync = VLLMWeightSync(engine, timeout_s=60)
+    sync = VLLMWeightSync(engine, timeout_s=60, bucket_bytes=32 * 1024)
     try:
         mgr.offload("weights")
         result = sync_weights(mgr, ex, sync, weight_version="rl-1")

@@ -19,6 +19,7 @@ from vllm.distributed.weight_transfer import WeightTransferEngineFactory, Weight
 from memmgr.errors import MemmgrInputError
 
 BACKEND = "memmgr_gloo"
+BACKENDS = (BACKEND, "ipc", "nccl")  # the backends VLLMWeightSync drives: memmgr's, and vLLM's own two for GPUs
 WORKER_EXTENSION = "memmgr.sync.engines.vllm.worker.MemmgrWorkerExtension"
 _WORKER_ENGINE = ("memmgr.sync.engines.vllm.worker", "MemmgrGlooWeightTransferEngine")
 _TRAINER_ENGINE = ("memmgr.sync.engines.vllm.trainer_engine", "MemmgrGlooTrainerWeightTransferEngine")
@@ -35,19 +36,23 @@ def register_vllm_backends() -> None:
             pass
 
 
-def vllm_engine_kwargs(**extra: Any) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM(...)`` / ``EngineArgs`` that enable memmgr's weight sync: the
-    ``memmgr_gloo`` transfer backend and the worker extension (``extra`` is merged in)."""
+def vllm_engine_kwargs(*, backend: str = BACKEND, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM(...)`` / ``EngineArgs`` that enable memmgr's weight sync: the transfer
+    ``backend`` (``"memmgr_gloo"``, the default, for CPU engines; vLLM's ``"ipc"`` or ``"nccl"`` on GPUs) and the
+    worker extension, which answers what the engine holds and keeps the atomicity copy (``extra`` is merged in)."""
     from vllm.config import WeightTransferConfig
 
+    if backend not in BACKENDS:
+        raise MemmgrInputError(f"vllm_engine_kwargs: backend={backend!r} is not one memmgr drives; pick one of "
+                               f"{BACKENDS}")
     if extra.get("worker_extension_cls") not in (None, WORKER_EXTENSION):
         raise MemmgrInputError(f"vllm_engine_kwargs: worker_extension_cls={extra['worker_extension_cls']!r} would "
                                f"replace memmgr's {WORKER_EXTENSION!r}; subclass MemmgrWorkerExtension instead")
-    kwargs = {"weight_transfer_config": WeightTransferConfig(backend=BACKEND), "worker_extension_cls": WORKER_EXTENSION}
+    kwargs = {"weight_transfer_config": WeightTransferConfig(backend=backend), "worker_extension_cls": WORKER_EXTENSION}
     kwargs.update(extra)
     return kwargs
 
 
 register_vllm_backends()
 
-__all__ = ["BACKEND", "WORKER_EXTENSION", "register_vllm_backends", "vllm_engine_kwargs"]
+__all__ = ["BACKEND", "BACKENDS", "WORKER_EXTENSION", "register_vllm_backends", "vllm_engine_kwargs"]

@@ -8,7 +8,8 @@ the CPU backend's packed-GEMM handles that post-load processing replaces). Shoul
 every module back: the tensors' previous values copied in place, the replaced attributes restored, so the engine
 serves exactly its previous weights. On success the copy is dropped (``clear()``). Its cost per sync: one
 device->host copy of the model's weights and one host copy of them held (plus, on the CPU backend, the previous
-packed weights kept alive until the sync ends).
+packed weights kept alive until the sync ends). ``abandon_layerwise_reload`` ends the reload of a sync that stopped
+part-way, whichever backend carried it.
 """
 from __future__ import annotations
 
@@ -20,6 +21,25 @@ _MODULE_INTERNALS = frozenset(torch.nn.Module().__dict__) | {"_parameters", "_bu
                                                              "_non_persistent_buffers_set"}
 _MISSING = object()
 _NONE_TENSORS = "\0memmgr: names registered as None"
+
+
+def abandon_layerwise_reload(model: torch.nn.Module, model_config: Any) -> bool:
+    """Ends a vLLM layerwise reload that did not complete (a failed or abandoned sync, on any backend): drops what
+    layers that were not fully loaded had buffered and finalizes the reload, so that every layer is back on its
+    kernel tensors (layers the sync completed keep the new weights; ``ServedState.restore`` puts those back).
+    Returns False, touching nothing, when no reload is open."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    open_layers = [info for info in (get_layerwise_info(layer) for layer in model.modules()) if info.can_load()]
+    if not open_layers:
+        return False
+    for info in open_layers:
+        if info.load_numel > 0:
+            info.loaded_weights = []
+            info.load_numel = 0
+    finalize_layerwise_reload(model, model_config)
+    return True
 
 
 class ServedState:
@@ -121,4 +141,4 @@ class ServedState:
         self._modules = []
 
 
-__all__ = ["ServedState"]
+__all__ = ["ServedState", "abandon_layerwise_reload"]

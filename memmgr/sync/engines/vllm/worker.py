@@ -37,7 +37,7 @@ from vllm.distributed.weight_transfer.base import (
 from memmgr.errors import MemmgrSyncError
 from memmgr.sync.engines.vllm.metadata import encode_metadata, engine_weight_metadata
 from memmgr.sync.engines.vllm.registry import register_vllm_backends
-from memmgr.sync.engines.vllm.served import ServedState
+from memmgr.sync.engines.vllm.served import ServedState, abandon_layerwise_reload
 from memmgr.sync.transports.base import ParamSpec, check_specs, dtype_from_name
 from memmgr.sync.transports.gloo import GlooReceiver, connect
 
@@ -160,16 +160,8 @@ class MemmgrGlooWeightTransferEngine(WeightTransferEngine[MemmgrGlooInitInfo, Me
         consistent until a sync commits."""
         if not self._reloading:
             return
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
-
-        for layer in self.model.modules():
-            info = get_layerwise_info(layer)
-            if info.can_load() and info.load_numel > 0:
-                info.loaded_weights = []
-                info.load_numel = 0
         try:
-            finalize_layerwise_reload(self.model, self.model_config)
+            abandon_layerwise_reload(self.model, self.model_config)
         finally:
             self._reloading = False
             if self.atomic:
@@ -233,10 +225,55 @@ class MemmgrGlooWeightTransferEngine(WeightTransferEngine[MemmgrGlooInitInfo, Me
             self._receiver = None
 
 
+def _bracket_target(worker: Any) -> tuple[Any, ServedState]:
+    """The worker's weight-transfer engine and the ``ServedState`` the extension keeps on the worker."""
+    engine = getattr(worker, "weight_transfer_engine", None)
+    if engine is None:
+        raise MemmgrSyncError("memmgr weight sync: this vLLM worker has no weight-transfer engine; start it with "
+                              "vllm_engine_kwargs(backend=...)")
+    served = getattr(worker, "memmgr_served", None)
+    if served is None:
+        served = ServedState()
+        worker.memmgr_served = served
+    return engine, served
+
+
 class MemmgrWorkerExtension:
     """vLLM worker extension (``worker_extension_cls=WORKER_EXTENSION``): registers the ``memmgr_gloo`` backend in
-    the worker process (by importing this module) and answers ``collective_rpc("memmgr_weight_metadata")`` and
-    ``collective_rpc("memmgr_weight_state")``."""
+    the worker process (by importing this module) and answers over ``collective_rpc``: ``memmgr_weight_metadata``
+    and ``memmgr_weight_state``, and the atomicity bracket of a sync carried by another backend (vLLM's ``ipc`` or
+    ``nccl``, which keep no copy themselves): ``memmgr_begin_weight_update`` (copy what the worker serves aside),
+    ``memmgr_abandon_weight_update`` (end the reload and put it back) and ``memmgr_end_weight_update`` (drop the
+    copy). ``memmgr_gloo`` brackets its syncs itself (``MemmgrGlooWeightTransferEngine``)."""
+
+    def memmgr_begin_weight_update(self) -> int:
+        """Copies what this worker's model serves to host buffers (``ServedState.capture``), before a sync on a
+        backend that keeps no copy; returns the bytes held."""
+        engine, served = _bracket_target(self)
+        served.capture(engine.model)
+        return served.host_bytes
+
+    def memmgr_abandon_weight_update(self) -> int:
+        """After a sync that failed part-way on any backend: ends vLLM's layerwise reload if one is open, puts back
+        what ``memmgr_begin_weight_update`` copied (every module's tensors and processed state), and closes the
+        worker's update session so the next sync can start; returns the tensors put back (0 without a copy)."""
+        engine, served = _bracket_target(self)
+        try:
+            abandon_layerwise_reload(engine.model, engine.model_config)
+        finally:
+            restored = served.restore()
+            served.clear()
+            if getattr(self, "_weight_update_active", False):
+                self._weight_update_active = False
+                engine.reset_weight_update_target()
+        logger.warning("memmgr weight sync: sync abandoned; %d tensors put back: the worker serves its previous "
+                       "weights", restored)
+        return restored
+
+    def memmgr_end_weight_update(self) -> None:
+        """After a sync that committed: drops the references of the copy (its host buffers stay for the next)."""
+        _engine, served = _bracket_target(self)
+        served.clear()
 
     def memmgr_weight_metadata(self) -> dict[str, list]:
         """Name -> [shape, dtype name] of every weight this worker's engine holds (see engine_weight_metadata)."""
