@@ -313,12 +313,13 @@ def test_ipc_sync_that_fails_mid_way_leaves_the_engine_process_on_its_previous_w
     refuse = names[len(names) // 2] if fault == "loader" else None
     proc = ctx.Process(target=_ipc_engine_main, args=(descs, acks, results, {"refuse": refuse}), daemon=True)
     proc.start()
-    calls = {"n": 0}
+    buckets = {"announced": 0, "fail_at": _bucket_count(new) // 2}  # the middle bucket of the sync
 
     def announce(desc):
-        calls["n"] += 1
-        if fault == "transport" and desc.get("entries") and calls["n"] > len(names) // 2:
-            raise RuntimeError("injected: the control channel broke")
+        if desc.get("entries"):
+            buckets["announced"] += 1
+            if fault == "transport" and buckets["announced"] > buckets["fail_at"]:
+                raise RuntimeError("injected: the control channel broke")
         descs.put(desc)
         status, detail = acks.get(timeout=120)
         if status != "ok":
