@@ -27,7 +27,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 pytestmark = [pytestmark, pytest.mark.integration]  # issue 31: tests by cost (tests/conftest.py)
 
 # name: (family, layers, world, parallel sizes, virtual stages, receivers, check logits); a "+host" case wraps the
-# chunks in megatron DDP under for_megatron and exports from the offloaded weights' host copy
+# chunks in megatron DDP under for_megatron and exports from the offloaded weights' host copy; a "+group" case exports
+# each data-parallel replica on its own tensor-parallel group (MegatronExporter(group=...), receivers are ranks of that
+# group), nothing on the default group: both replicas' group rank 0 (global ranks 0 and 2) receive the whole model
 CASES = {
     "tp2": ("qwen2", 2, 2, dict(tp=2), None, (0, 1), True),
     "tp2-mqa": ("qwen2-mqa", 2, 2, dict(tp=2), None, (0,), True),  # more TP shards than query groups
@@ -36,7 +38,14 @@ CASES = {
     "tp2-pp2-ep2": ("qwen2_moe", 2, 4, dict(tp=2, pp=2, ep=2, etp=1), None, (0,), False),
     # experts split over an expert-TP group of 2 as well; dense weights replicated over 2 data-parallel ranks
     "tp2-dp2-ep2-etp2": ("qwen3_moe", 2, 4, dict(tp=2, ep=2, etp=2), None, (0, 3), False),
+    "tp2-dp2+group": ("qwen2", 2, 4, dict(tp=2), None, (0,), False),
 }
+
+
+def global_receivers(case: str) -> tuple[int, ...]:
+    """The global ranks that receive the export of ``case``."""
+    receivers = CASES[case][5]
+    return (0, 2) if case.endswith("+group") else receivers
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +89,11 @@ def _worker(rank: int, world: int, case: str, workdir: str) -> None:
             load_full_state(chunks, ref["megatron"])
             if case.endswith("+host"):
                 got = _export_offloaded(chunks, family, layers, receivers)
+            elif case.endswith("+group"):
+                got = _export(chunks, family, layers, receivers=receivers, group=ps.get_tensor_model_parallel_group())
             else:
                 got = _export(chunks, family, layers, receivers=receivers)
-            assert bool(got) == (rank in receivers)
+            assert bool(got) == (rank in global_receivers(case))
             if got:
                 torch.save(got, f"{workdir}/export{rank}.pt")
             if check_logits:
@@ -144,7 +155,7 @@ def test_parallel_export_equals_the_tp1_export(megatron_env, case, tmp_path):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    for rank in receivers:
+    for rank in global_receivers(case):
         got = torch.load(tmp_path / f"export{rank}.pt")
         assert list(got) == list(reference)
         for name in reference:

@@ -9,7 +9,7 @@
 - ``FAMILIES``, ``hf_config``, ``megatron_config``, ``build_chunks``: tiny models (hidden 64) of several Hugging Face
   families (dense, MoE, tied or not) that match their transformers twin numerically, one chunk per virtual pipeline
   stage, and the sharding of a full (TP=1) megatron state dict into a parallel model's parameters
-  (``load_full_state``).
+  (``load_full_state``); ``randomize`` draws weights far from megatron's init, the same model at any TP.
 - ``megatron_on_cpu`` / ``single_rank_megatron``: megatron-core on the CPU through
   ``memmgr.tools.megatron_cpu_shim``. MoE layers use the ``allgather`` token dispatcher (the ``alltoall`` one creates
   a CUDA stream in its constructor), and ``moe_utils.te_general_gemm`` is set to None because megatron-core 0.16.1
@@ -262,18 +262,32 @@ def build_chunks(family: str, num_layers: int = 2, vpp: int | None = None, **par
 
 
 def randomize(chunks: list, seed: int = 0) -> None:
-    """Weights far from megatron's init (norms around 1, routers decisive) so that a wrong mapping shows."""
+    """Weights far from megatron's init (norms around 1, routers decisive) so that a wrong mapping shows. Under
+    tensor parallelism each rank draws the whole (TP=1) tensor and keeps its shard, so the ranks hold one model (at
+    TP=1 the same draws as ever)."""
+    from megatron.core import parallel_state as ps
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for chunk in chunks:
             for name, p in chunk.named_parameters():
-                noise = torch.randn(p.shape, generator=g)
+                rank, size = 0, 1
+                if getattr(p, "tensor_model_parallel", False) and ps.model_parallel_is_initialized():
+                    expert = ".mlp.experts." in name
+                    rank = ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
+                    size = (ps.get_expert_tensor_parallel_world_size() if expert
+                            else ps.get_tensor_model_parallel_world_size())
+                shape = list(p.shape)
+                if size > 1:
+                    shape[p.partition_dim] *= size
+                noise = torch.randn(shape, generator=g)
                 if "norm" in name:
-                    p.copy_(1.0 + 0.2 * noise)
+                    full = 1.0 + 0.2 * noise
                 elif "router" in name:
-                    p.copy_(0.5 * noise)
+                    full = 0.5 * noise
                 else:
-                    p.copy_(0.08 * noise)
+                    full = 0.08 * noise
+                p.copy_(shard_from_full(full, p, name, rank, size))
 
 
 def global_name(chunk, local_name: str) -> str:

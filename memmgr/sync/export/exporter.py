@@ -5,8 +5,9 @@ Every rank of the job builds a ``MegatronExporter`` and iterates ``buckets()`` t
 allocates the bucket's flat tensors; then, round by round (consecutive parameters whose shards together take at most
 the largest parameter's bytes), it places the shards it holds itself, and every rank that holds a shard the round
 needs (the lowest rank holding it: data-parallel replicas stay idle) reads it from its source and sends it in one
-message per receiver, which the receivers place. Point-to-point on the default process group
-(``torch.distributed.batch_isend_irecv``): NCCL on GPUs, gloo on the CPU.
+message per receiver, which the receivers place. Point-to-point on the default process group, or on the group given as ``group``
+(e.g. one model replica's model-parallel group; ``torch.distributed.batch_isend_irecv``): NCCL on GPUs, gloo on the
+CPU.
 
 Extra device memory at any time, per rank: a receiver holds the bucket being filled plus either one staged parameter
 (a fused layout read from host memory, placed by kernels on a side stream so that the next host->device copies run
@@ -87,15 +88,18 @@ def _check_open(weights: Any, where: str) -> None:
 
 class MegatronExporter:
     """Exports megatron-core model chunks as Hugging Face tensors (see the module docstring). Collective: every rank
-    of the default process group constructs it, with its own chunks, and iterates ``buckets()`` to the end.
+    of ``group`` (None: the default process group) constructs it, with its own chunks, and iterates ``buckets()`` to
+    the end; those ranks together must hold the whole model.
 
     ``model_chunks``: this rank's chunks (what ``for_megatron`` takes: DDP-wrapped or bare GPTModel, one per virtual
     pipeline stage). ``hf_config``: the Hugging Face config of the model the engine serves (its ``model_type``
     picks the family table; sizes are checked against the model). ``weights``: memmgr's weights group
     (``mgr.group("weights")``) to read offloaded parameters from its host copy; None reads ``param.data``.
     ``bucket_bytes``: bound on the Hugging Face bytes of one bucket (a larger single parameter gets a bucket of its
-    own). ``receivers``: global ranks that receive full tensors. ``device``: where buckets are built (default: the
-    device of this rank's parameters; it must suit the process group's backend).
+    own). ``receivers``: ranks (in ``group``; in the default group where it is None) that receive full tensors.
+    ``device``: where buckets are built (default: the device of this rank's parameters; it must suit the process
+    group's backend). ``group``: the torch.distributed group the export runs on, of which this process is a
+    member; nothing then runs on the default group.
 
     Raises MemmgrExportError on every rank, before anything is sent, for an unknown parameter, a family without a
     table, a Hugging Face config that disagrees with the model, or a model that lacks a tensor the family's table
@@ -111,7 +115,7 @@ class MegatronExporter:
 
     def __init__(self, model_chunks: torch.nn.Module | Sequence[torch.nn.Module], hf_config: Any, *,
                  weights: BucketizedFlatTensors | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 receivers: Sequence[int] = (0,), device: torch.device | str | None = None):
+                 receivers: Sequence[int] = (0,), device: torch.device | str | None = None, group: Any = None):
         chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
         if not chunks or not all(isinstance(c, torch.nn.Module) for c in chunks):
             raise MemmgrExportError("model_chunks must be a torch.nn.Module or a non-empty list of them (the chunks "
@@ -123,12 +127,17 @@ class MegatronExporter:
                                           "global ranks (int)")
         device = _device_argument(where, device)
         self.distributed = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world_size = dist.get_world_size() if self.distributed else 1
+        if group is not None and (not self.distributed or dist.get_rank(group) < 0):
+            raise MemmgrInputError(f"{where}: group= must be a torch.distributed group this process is a member of "
+                                   f"(torch.distributed is {'' if self.distributed else 'not '}initialized)")
+        self.group = group
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.world_size = dist.get_world_size(group) if self.distributed else 1
         self.receivers = sorted({int(r) for r in rank_list})
         if not self.receivers or any(r < 0 or r >= self.world_size for r in self.receivers):
             raise MemmgrExportError(f"{where}: receivers={[int(r) for r in rank_list]} must be a non-empty list of "
-                                    f"global ranks in [0, {self.world_size}) (the ranks that feed the engine); pass "
+                                    f"ranks of the export's group in [0, {self.world_size}) (the ranks that feed the "
+                                    f"engine); pass "
                                     f"e.g. receivers=(0,)")
         self.bucket_bytes = bucket_bytes
 
@@ -145,7 +154,7 @@ class MegatronExporter:
         summary = local.summary()
         if self.distributed:
             gathered: list[Any] = [None] * self.world_size
-            dist.all_gather_object(gathered, summary)
+            dist.all_gather_object(gathered, summary, group=group)
         else:
             gathered = [summary]
         self.plan: ExportPlan = build_plan(gathered, hf_config, bucket_bytes)
@@ -226,7 +235,7 @@ class MegatronExporter:
                         problems.append(f"rank {self.rank}: {problem}")
         if self.distributed:
             gathered: list[Any] = [None] * self.world_size
-            dist.all_gather_object(gathered, problems)
+            dist.all_gather_object(gathered, problems, group=self.group)
             problems = [p for rank_problems in gathered for p in rank_problems]
         if problems:
             raise MemmgrStateError("cannot export now, nothing was sent: " + "; ".join(problems[:8]))
@@ -261,13 +270,14 @@ class MegatronExporter:
                     ops = []
                     send_buf = self._message(bp, messages) if me in messages and others else None
                     if send_buf is not None:
-                        ops += [dist.P2POp(dist.isend, send_buf, q) for q in others]
+                        ops += [dist.P2POp(dist.isend, send_buf, self._peer(q), self.group) for q in others]
                     recv_bufs: dict[int, torch.Tensor] = {}
                     if receiver:
                         for provider, (_items, total) in messages.items():
                             if provider != me:
                                 recv_bufs[provider] = torch.empty(total, dtype=torch.uint8, device=self.device)
-                                ops.append(dist.P2POp(dist.irecv, recv_bufs[provider], provider))
+                                ops.append(dist.P2POp(dist.irecv, recv_bufs[provider], self._peer(provider),
+                                                      self.group))
                     for work in (dist.batch_isend_irecv(ops) if ops else []):
                         work.wait()
                     for provider, buf in recv_bufs.items():
@@ -283,6 +293,10 @@ class MegatronExporter:
                     del bucket
         finally:  # a failed or abandoned export leaves no placement running into memory handed back
             self._join_placements()
+
+    def _peer(self, rank: int) -> int:
+        """The global rank of ``rank`` of the export's group (point-to-point ops name global ranks)."""
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     def _flat(self, dtype: torch.dtype, numel: int, allocate: Allocate | None) -> torch.Tensor:
         given = allocate(dtype, numel) if allocate is not None else None

@@ -117,7 +117,8 @@ def check_config(family: Family, megatron_config: dict[str, Any], dims: dict[str
 
 
 def build_plan(gathered: list[LocalParams], hf_config: Any, bucket_bytes: int) -> ExportPlan:
-    """The plan from every rank's LocalParams (index = global rank); raises MemmgrExportError on any problem."""
+    """The plan from every rank's LocalParams (index = rank in the export's group); raises MemmgrExportError on any
+    problem."""
     family = family_for(hf_config)
     if family is None:
         known = sorted({t for f in FAMILIES for t in f.model_types})
