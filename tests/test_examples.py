@@ -112,3 +112,18 @@ def test_verl_loop_generates_like_transformers_and_matches_the_loop_without_memm
     line = assert_success(proc, "verl_loop")
     assert "3 iterations on cpu (trainer) through verl's checkpoint-engine interface (MemmgrCheckpointEngine" in line
     assert "identical to the loop without memmgr" in line
+
+
+# ---- Ray ----
+needs_ray = pytest.mark.skipif(not has("ray"), reason="ray is not installed (pip install ray==2.60.0: the "
+                                                      "test-vllm-cpu extra installs it)")
+
+
+@needs_ray
+@needs_megatron
+@needs_vllm
+def test_ray_loop_generates_like_transformers_and_matches_the_loop_without_memmgr():
+    line = assert_success(run_example("ray_loop.py"), "ray_loop")  # its default: 3 iterations
+    assert "3 iterations, 2 trainer actors (megatron-core TP=2, gloo) and a vLLM engine actor" in line
+    assert "equal to transformers' after every sync" in line
+    assert "identical to the loop without memmgr" in line
