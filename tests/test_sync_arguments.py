@@ -54,6 +54,7 @@ def megatron_env(tmp_path_factory):
     (dict(receivers=()), "receivers"), (dict(receivers=(0.5,)), "receivers"), (dict(receivers=None), "receivers"),
     (dict(device="nope"), "device"), (dict(device=3.5), "device"), (dict(device="meta"), "device"),
     (dict(bucket_bytes=0), "bucket_bytes"), (dict(bucket_bytes=True), "bucket_bytes"),
+    (dict(group="tp"), "group"), (dict(group=0), "group"),
 ])
 def test_megatron_exporter_refuses_a_bad_argument_naming_it(megatron_env, kwargs, named):
     from memmgr.tools.megatron_models import build_chunks, hf_config

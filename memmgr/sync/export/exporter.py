@@ -127,9 +127,16 @@ class MegatronExporter:
                                           "global ranks (int)")
         device = _device_argument(where, device)
         self.distributed = dist.is_available() and dist.is_initialized()
-        if group is not None and (not self.distributed or dist.get_rank(group) < 0):
-            raise MemmgrInputError(f"{where}: group= must be a torch.distributed group this process is a member of "
-                                   f"(torch.distributed is {'' if self.distributed else 'not '}initialized)")
+        if group is not None:
+            try:
+                member = self.distributed and dist.get_rank(group) >= 0
+            except Exception:  # not a process group
+                member = False
+            if not member:
+                raise MemmgrInputError(f"{where}: group={group!r} is not a torch.distributed group this process is a "
+                                       f"member of (torch.distributed is {'' if self.distributed else 'not '}"
+                                       f"initialized); pass e.g. parallel_state.get_model_parallel_group(), or None "
+                                       f"for the default group")
         self.group = group
         self.rank = dist.get_rank(group) if self.distributed else 0
         self.world_size = dist.get_world_size(group) if self.distributed else 1
