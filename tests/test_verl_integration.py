@@ -143,3 +143,60 @@ def test_a_failed_sync_raises_on_the_trainer_naming_the_cause_and_the_next_sync_
     assert rollout_fails["trainer"].startswith("MemmgrSyncError: weight sync failed on the receiver (rank 1")
     assert "stopped taking weights after 3 tensors" in rollout_fails["trainer"]
     assert trainer_fails["next_sync"] and rollout_fails["next_sync"]
+
+
+# ---- VerlOffload in place of verl's per-tensor helpers (integration) ----
+@pytest.fixture(scope="module")
+def helpers():
+    out = subprocess.run([sys.executable, os.path.join(HERE, "verl_helpers_run.py")], capture_output=True, text=True,
+                         env=verl_env(), cwd=REPO, timeout=600)
+    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-6000:]}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@needs_verl
+@pytest.mark.integration
+def test_install_helpers_rebinds_verls_helpers_where_its_engines_import_them_and_remove_restores_them(helpers):
+    families = ["megatron"] + (["fsdp"] if helpers["fsdp_imports"] else [])  # fsdp_utils needs peft and accelerate
+    assert {k.split(".")[-1] for k in helpers["before"]} >= {
+        f"{verb}_{f}_{what}" for f in families for verb, what in (("offload", "model_to_cpu"), ("load", "model_to_gpu"),
+                                                                  ("offload", "optimizer"), ("load", "optimizer"))}
+    assert set(helpers["before"].values()) == {"verl"}
+    assert helpers["installed"].keys() == helpers["before"].keys() and set(helpers["installed"].values()) == {"memmgr"}
+    assert helpers["late_import"] and all(helpers["late_import"].values())  # imported while installed: memmgr's
+    for key in ("removed", "after_plain", "after_megatron"):
+        assert helpers[key] == helpers["before"]
+
+
+@needs_verl
+@pytest.mark.integration
+def test_verls_helpers_move_a_torch_trainer_through_memmgr_bit_exact_and_refuse_a_foreign_model(helpers):
+    for family, steps in helpers["plain"].items():
+        assert steps["model_off"] == {"weights": 0, "grads": 0, "optimizer_states": 2048}, family
+        assert steps["grads_after_offload"] == "discarded"
+        assert steps["all_off"] == {"weights": 0, "grads": 0, "optimizer_states": 0}
+        assert steps["model_on"]["weights"] == 896 and steps["model_on"]["optimizer_states"] == 0
+        assert steps["all_on"] == {"weights": 896, "grads": 0, "optimizer_states": 2048}
+        assert steps["same_objects"] and steps["bit_exact"]
+        assert steps["foreign_model"].startswith(f"MemmgrIntegrationError: verl's offload_{family}_model_to_cpu(")
+        assert "not this manager's (first: weight (2, 2))" in steps["foreign_model"]
+        assert "install_helpers() on its VerlOffload" in steps["foreign_model"]
+        assert steps["foreign_optimizer"].startswith(f"MemmgrIntegrationError: verl's offload_{family}_optimizer(")
+
+
+@needs_verl
+@pytest.mark.integration
+def test_verls_megatron_helpers_move_a_megatron_trainer_through_memmgr_bit_exact(helpers):
+    m = helpers["megatron"]
+    assert all(v == 0 for v in m["all_off"].values())
+    assert m["all_on"]["weights"] > 0 and m["all_on"]["main_weights"] > 0 and m["all_on"]["grad_buffers"] > 0
+    assert m["same_objects"] and m["bit_exact"]
+    assert m["foreign_model"].startswith("MemmgrIntegrationError: verl's offload_megatron_model_to_cpu(models=...)")
+
+
+def test_a_helper_called_with_no_verloffload_installed_names_the_fix():
+    from memmgr.integrations.verl import offload
+
+    with pytest.raises(MemmgrIntegrationError, match=r"load_fsdp_optimizer\(optimizer=...\).*no VerlOffload is "
+                                                     r"installed.*install_helpers\(\)"):
+        offload.STAND_INS["load_fsdp_optimizer"](torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), 0)

@@ -33,7 +33,11 @@ attribute). Without verl these raise ``MemmgrVerlMissingError`` naming the insta
 ``load_megatron_optimizer``, the ``offload_fsdp_*`` / ``load_fsdp_*`` family, and ``engine.to(device, model=...,
 optimizer=..., grad=...)`` over them) with a memmgr manager (``memmgr.for_module`` / ``memmgr.for_megatron``):
 whole buckets through pinned host buffers that are reused every cycle, gradients dropped, bit-exact restores.
-``install(engine)`` makes a verl engine's ``to`` use it.
+``install(engine)`` makes a verl engine's ``to`` use it; ``install_helpers()`` puts it in place of those helpers
+wherever verl looks them up (its ``megatron_utils`` / ``fsdp_utils`` modules and every module that bound them with
+``from ... import``, verl's trainer engines among them), so that verl's own ``to``, ``save_checkpoint``,
+``load_checkpoint`` and ``get_per_tensor_param`` with ``param_offload`` / ``optimizer_offload`` on move the state
+through memmgr; the handle it returns puts verl's functions back.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ import logging
 import socket
 import sys
 import time
-from typing import Any, AsyncIterator, Iterable, Iterator
+from typing import Any, AsyncIterator
 
 import torch
 
@@ -57,7 +61,7 @@ logger = logging.getLogger("memmgr")
 
 BACKEND_NAME = "memmgr"
 WIRE_FORMAT = 1  # raised whenever the messages below change: trainer and rollouts must run the same memmgr
-_INSTALL = ("pip install verl==0.9.1 (its checkpoint engines import with `pip install --no-deps verl==0.9.1 ray "
+INSTALL_HINT = ("pip install verl==0.9.1 (its checkpoint engines import with `pip install --no-deps verl==0.9.1 ray "
             "msgpack tensordict==0.10.0 pyvers omegaconf codetiming` beside torch and transformers)")
 
 
@@ -70,7 +74,7 @@ def _verl_checkpoint_engine() -> Any:
         import verl.checkpoint_engine as ce
     except ImportError as exc:
         raise MemmgrVerlMissingError(f"memmgr.integrations.verl needs verl's checkpoint engines, which did not import "
-                                     f"({type(exc).__name__}: {exc}); {_INSTALL}") from exc
+                                     f"({type(exc).__name__}: {exc}); {INSTALL_HINT}") from exc
     return ce
 
 
@@ -408,85 +412,7 @@ class _EngineMixin:
 if "verl.checkpoint_engine" in sys.modules:  # imported by verl as custom_backend_module: register now
     engine_class()
 
+from memmgr.integrations.verl.offload import HELPERS, HelperHandle, VerlOffload
 
-# ---------------------------------------------------------------------------------------------------------------
-# the trainer's offload / onload
-# ---------------------------------------------------------------------------------------------------------------
-
-MODEL_GROUPS = ("weights",)
-GRAD_GROUPS = ("grads", "grad_buffers")
-
-
-class VerlOffload:
-    """verl's trainer offload/onload done by a memmgr ``MemoryManager`` (``memmgr.for_module`` /
-    ``memmgr.for_megatron``), in place of verl's per-tensor helpers.
-
-    The model is the ``weights`` group (offloading it also drops the gradients: ``grads``, megatron's
-    ``grad_buffers``), the optimizer every other group (megatron's fp32 ``main_weights``, ``optimizer_states`` and
-    ``scratch``). ``to(device, model=, optimizer=, grad=)`` has the contract of verl's ``BaseEngine.to``;
-    ``offload_model`` / ``load_model`` / ``offload_optimizer`` / ``load_optimizer`` the roles of
-    ``offload_megatron_model_to_cpu`` / ``load_megatron_model_to_gpu`` / ``offload_megatron_optimizer`` /
-    ``load_megatron_optimizer`` (and the FSDP ones). Moving a group already where it is asked to be does nothing.
-    """
-
-    def __init__(self, manager: MemoryManager) -> None:
-        if not isinstance(manager, MemoryManager):
-            raise MemmgrInputError(f"VerlOffload takes a memmgr.MemoryManager (memmgr.for_module or "
-                                   f"memmgr.for_megatron), got {type(manager).__name__}")
-        self.manager = manager
-        names = manager.group_names
-        self.model_groups = tuple(n for n in MODEL_GROUPS if n in names)
-        self.grad_groups = tuple(n for n in GRAD_GROUPS if n in names)
-        self.optimizer_groups = tuple(n for n in names if n not in MODEL_GROUPS + GRAD_GROUPS)
-
-    def _move(self, groups: Iterable[str], offload: bool) -> None:
-        groups = tuple(groups)
-        if groups:
-            (self.manager.offload if offload else self.manager.onload)(*groups)  # a group already there stays
-
-    def offload_model(self, *_models: Any, **_kwargs: Any) -> None:
-        """The weights to pinned host memory, the gradients dropped (``offload_megatron_model_to_cpu``)."""
-        self._move(self.model_groups + self.grad_groups, offload=True)
-
-    def load_model(self, *_models: Any, load_grad: bool = True, **_kwargs: Any) -> None:
-        """The weights back, bit for bit, and with ``load_grad`` zeroed gradient buffers
-        (``load_megatron_model_to_gpu``)."""
-        self._move(self.model_groups + (self.grad_groups if load_grad else ()), offload=False)
-
-    def offload_optimizer(self, *_optimizers: Any, **_kwargs: Any) -> None:
-        """fp32 main weights and optimizer moments to pinned host memory (``offload_megatron_optimizer``)."""
-        self._move(self.optimizer_groups, offload=True)
-
-    def load_optimizer(self, *_optimizers: Any, **_kwargs: Any) -> None:
-        """fp32 main weights and optimizer moments back, bit for bit (``load_megatron_optimizer``)."""
-        self._move(self.optimizer_groups, offload=False)
-
-    def to(self, device: str | torch.device, model: bool = True, optimizer: bool = True, grad: bool = True) -> None:
-        """verl's ``engine.to``: ``"cpu"`` offloads the model (with its gradients) and/or the optimizer, any other
-        device (verl's ``get_device_name()``: "cuda", "npu") brings them back to where they were (also the CPU, for
-        a trainer that runs there), the gradients only with ``grad``."""
-        if grad and not model:
-            raise MemmgrInputError("VerlOffload.to: grad=True needs model=True (verl moves gradient buffers with the "
-                                   "model)")
-        offload = str(device).split(":")[0] == "cpu"
-        if model:
-            self.offload_model() if offload else self.load_model(load_grad=grad)
-        if optimizer:
-            self.offload_optimizer() if offload else self.load_optimizer()
-
-    def per_tensor_params(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The trainer's weights as ``(name, tensor)`` for ``send_weights``: only the weights come back, for as long
-        as the stream is read, and leave again when it ends (also when it is closed early)."""
-        with self.manager.weight_sync() as weights:
-            yield from weights.items()
-
-    def install(self, engine: Any) -> Any:
-        """Makes ``engine.to`` (a verl trainer engine's) move its state through this manager; returns ``engine``."""
-        if not callable(getattr(engine, "to", None)):
-            raise MemmgrIntegrationError(f"VerlOffload.install: {type(engine).__name__} has no to(device, model=, "
-                                         f"optimizer=, grad=) method; pass a verl trainer engine")
-        engine.to = self.to
-        return engine
-
-
-__all__ = ["BACKEND_NAME", "MemmgrVerlMissingError", "VerlOffload", "engine_class", "register"]
+__all__ = ["BACKEND_NAME", "HELPERS", "HelperHandle", "MemmgrVerlMissingError", "VerlOffload", "engine_class",
+           "register"]
