@@ -1,6 +1,7 @@
 """Build script for memmgr.
 
-The native extension ``memmgr._pinned`` (csrc/) is built whenever a CUDA toolkit is found (``nvcc`` on PATH or
+The native extension ``memmgr._pinned`` (csrc/: pinned host buffers, copy kernels, same-address device memory
+through the driver entry points of the static cudart) is built whenever a CUDA toolkit is found (``nvcc`` on PATH or
 CUDA_HOME), including with a CPU-only torch: it links cudart statically and needs no torch CUDA headers, so CI can
 build and load it on machines without a GPU. Its copy kernels (csrc/*.cu, no torch headers) are compiled by nvcc
 alone into objects linked into the extension, for the architectures in MEMMGR_CUDA_ARCHS (default "80;90": A100,
@@ -80,7 +81,7 @@ def extension_modules():
     lib_dirs = [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")) if os.path.isdir(d)]
     ext = CppExtension(
         name="memmgr._pinned",
-        sources=["csrc/pinned_host.cpp"],
+        sources=["csrc/pinned_host.cpp", "csrc/vmm.cpp"],
         include_dirs=[os.path.join(cuda_home, "include")],
         library_dirs=lib_dirs,
         libraries=["cudart_static", "dl", "rt", "pthread"],

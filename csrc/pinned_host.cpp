@@ -1,4 +1,5 @@
-// Exact-size pinned host buffers for memmgr, and the Python entry point of its copy kernels (copy_kernels.cu).
+// Exact-size pinned host buffers for memmgr, the Python entry point of its copy kernels (copy_kernels.cu), and the
+// module definition, which also binds the same-address device memory of vmm.cpp.
 //
 // Why not torch.empty(..., pin_memory=True): PyTorch's pinned allocator rounds every request up to a power of two
 // and pins through cudaHostAlloc, which touches the pages from one thread (about 0.55 s/GiB). Here a buffer is
@@ -11,6 +12,7 @@
 #include <torch/extension.h>
 
 #include "copy_kernels.h"
+#include "vmm.h"
 
 #include <cuda_runtime_api.h>
 #include <sys/mman.h>
@@ -201,7 +203,7 @@ int64_t cuda_runtime_version() {
 std::tuple<int64_t, int64_t> bytes_held() { return {g_bytes_mapped.load(), g_bytes_registered.load()}; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "memmgr native core: exact-size pinned host buffers and zero-copy copy kernels";
+  m.doc() = "memmgr native core: exact-size pinned host buffers, zero-copy copy kernels, same-address device memory";
   m.def("allocate", &allocate, "exact-size host buffer, parallel first touch, optionally pinned",
         pybind11::arg("nbytes"), pybind11::arg("num_threads") = 8, pybind11::arg("huge_pages") = true,
         pybind11::arg("pin") = true);
@@ -213,4 +215,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_status", &cuda_status);
   m.def("cuda_runtime_version", &cuda_runtime_version);
   m.def("bytes_held", &bytes_held, "(bytes mapped, bytes registered) by live buffers of this module");
+  memmgr_register_vmm(m);
 }

@@ -18,6 +18,7 @@ from memmgr.hooks import HookEvent, HookFn, HookHandle, Hooks
 from memmgr.groups import (MovableUnit, StateGroup, check_no_outside_references, default_priority, group_state,
                            is_movable_unit)
 from memmgr.host_memory import HostMemoryPool, default_pool
+from memmgr.same_address import refuse_unwired
 from memmgr.states import GroupState, Policy, policy_from
 from memmgr.tensor_checks import TensorsArg, tensors_argument
 from memmgr.transfer import TransferHandle
@@ -118,11 +119,15 @@ class MemoryManager:
     def __init__(self, *, bucket_size_mb: float = DEFAULT_BUCKET_SIZE_MB, empty_cache: bool = True,
                  pool: HostMemoryPool | None = None, weights_group: str = "weights",
                  named_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None,
-                 guard_offloaded: bool | None = None):
+                 guard_offloaded: bool | None = None, same_address: bool = False):
         """``guard_offloaded``: a debug mode (``memmgr.guard``) in which using a managed tensor while its group is
         offloaded raises MemmgrStateError naming the tensor and group instead of crashing the process; None:
-        ``MEMMGR_GUARD_OFFLOADED=1`` turns it on. Each PyTorch op costs a few µs more while a group is offloaded."""
+        ``MEMMGR_GUARD_OFFLOADED=1`` turns it on. Each PyTorch op costs a few µs more while a group is offloaded.
+        ``same_address=True`` (keep every tensor's address across offload/onload) is refused with MemmgrInputError
+        in this version (``memmgr.same_address.refuse_unwired``)."""
         where = "MemoryManager"
+        if arguments.boolean(where, "same_address", same_address):
+            refuse_unwired(where)
         self.bucket_size_mb = arguments.number(where, "bucket_size_mb", bucket_size_mb, positive=True,
                                                maximum=2.0**40)
         self.empty_cache = arguments.boolean(where, "empty_cache", empty_cache)

@@ -73,7 +73,8 @@ def test_no_module_imports_private_names_of_another():
     assert offenders == []
 
 
-VLLM_WORKER_SIDE = ("memmgr.sync.engines.vllm.worker", "memmgr.sync.engines.vllm.served")
+VLLM_WORKER_SIDE = ("memmgr.sync.engines.vllm.worker", "memmgr.sync.engines.vllm.served",
+                    "memmgr.sync.engines.vllm.sleep")
 VLLM_TRAINER_SIDE = ("memmgr.sync.engines.vllm.trainer", "memmgr.sync.engines.vllm.trainer_engine",
                      "memmgr.sync.engines.vllm.source",
                      "memmgr.sync.engines.vllm.plan", "memmgr.sync.engines.vllm.client")

@@ -56,3 +56,14 @@ def test_failed_pinning_falls_back_to_pageable_memory_with_a_warning(caplog):
 def test_failed_pinning_without_fallback_raises_a_clear_error():
     with pytest.raises(memmgr.MemmgrHostMemoryError, match="ulimit -l"):
         allocate_host_buffer(1000, pin=True, allow_pageable_fallback=False)
+
+
+@pytest.mark.skipif(native is None or torch.cuda.is_available(), reason="checks behaviour without a GPU driver")
+def test_same_address_memory_fails_cleanly_without_a_driver():
+    supported, why = native.vmm_supported(0)
+    assert not supported and "CUDA driver" in why
+    with pytest.raises(RuntimeError, match="memmgr._pinned.VmmRange: cannot reach the CUDA driver"):
+        native.VmmRange(1 << 20, 0)
+    with pytest.raises(RuntimeError, match="nbytes must be >= 1"):
+        native.VmmRange(0, 0)
+    assert native.vmm_bytes() == (0, 0)

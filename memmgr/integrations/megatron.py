@@ -58,6 +58,7 @@ from memmgr.errors import MemmgrIntegrationError, MemmgrStateError
 from memmgr.flat_tensors import DEFAULT_BUCKET_SIZE_MB, BucketizedFlatTensors, Policy, validate_tensors
 from memmgr.groups import DroppedTensors, unique_storage_bytes
 from memmgr.host_memory import HostMemoryPool
+from memmgr.same_address import refuse_unwired
 from memmgr.manager import MemoryManager
 
 logger = logging.getLogger("memmgr")
@@ -473,18 +474,21 @@ class MegatronMemoryManager(MemoryManager):
 
 def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], optimizer: Any, *,
                  bucket_size_mb: float = DEFAULT_BUCKET_SIZE_MB, empty_cache: bool = True, pin_ahead: bool = True,
-                 pool: HostMemoryPool | None = None, guard_offloaded: bool | None = None) -> MemoryManager:
+                 pool: HostMemoryPool | None = None, guard_offloaded: bool | None = None,
+                 same_address: bool = False) -> MemoryManager:
     """A MemoryManager for megatron-core DDP model chunks and their megatron optimizer (see the module docstring).
 
     ``model_chunks``: one DistributedDataParallel chunk or the list of them (virtual pipeline); ``optimizer``: what
     ``get_megatron_optimizer`` returned (ChainedOptimizer, DistributedOptimizer, Float16OptimizerWithFloat16Params,
     FP32Optimizer), or None to manage the model alone. Build it while all state is on the GPU, between training
     steps. ``pool``: the host memory pool for the offloaded copies (default: memmgr's shared pool). Raises
-    MemmgrIntegrationError (changing nothing) for inputs it cannot manage. ``guard_offloaded``: the manager's debug
-    guard (``MemoryManager``).
+    MemmgrIntegrationError (changing nothing) for inputs it cannot manage. ``guard_offloaded`` and
+    ``same_address``: the manager's (``MemoryManager``).
     """
-    for flag, value in (("empty_cache", empty_cache), ("pin_ahead", pin_ahead)):
+    for flag, value in (("empty_cache", empty_cache), ("pin_ahead", pin_ahead), ("same_address", same_address)):
         arguments.boolean("for_megatron", flag, value)
+    if same_address:
+        refuse_unwired("for_megatron")
     arguments.number("for_megatron", "bucket_size_mb", bucket_size_mb, positive=True, maximum=2.0**40)
     arguments.instance("for_megatron", "pool", pool, HostMemoryPool, optional=True)
     chunks = _as_chunks(model_chunks)

@@ -12,6 +12,7 @@ from memmgr.errors import MemmgrInputError
 from memmgr.flat_tensors import DEFAULT_BUCKET_SIZE_MB
 from memmgr.groups import DroppedTensors
 from memmgr.host_memory import HostMemoryPool
+from memmgr.same_address import refuse_unwired
 from memmgr.states import BucketState
 from memmgr.transfer import TransferHandle
 from memmgr.manager import MemoryManager
@@ -88,7 +89,7 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer, names: dict[int, s
 def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                include_buffers: bool = True, bucket_size_mb: float = DEFAULT_BUCKET_SIZE_MB,
                empty_cache: bool = True, pin_ahead: bool = True, pool: HostMemoryPool | None = None,
-               guard_offloaded: bool | None = None) -> MemoryManager:
+               guard_offloaded: bool | None = None, same_address: bool = False) -> MemoryManager:
     """A MemoryManager for a plain PyTorch module (on CUDA or the CPU) and, optionally, its torch.optim optimizer.
 
     Groups: ``weights`` (parameters and, with ``include_buffers``, floating-point and integer buffers), ``grads``
@@ -97,12 +98,15 @@ def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None 
     and state an ``optimizer.load_state_dict`` replaced is let go). ``pool``: the host memory pool for the offloaded
     copies (default: memmgr's shared pool). ``state_dict()``/``load_state_dict()`` of the module or the optimizer
     bring their group back to the device first (``MemoryManager.onload_for_state_dicts``), so checkpoints save and
-    load whatever the placement. ``guard_offloaded``: the manager's debug guard (``MemoryManager``).
+    load whatever the placement. ``guard_offloaded`` and ``same_address``: the manager's (``MemoryManager``).
     """
     if not isinstance(module, torch.nn.Module):
         raise MemmgrInputError(f"for_module takes a torch.nn.Module, got {type(module).__name__}")
-    for flag, value in (("include_buffers", include_buffers), ("empty_cache", empty_cache), ("pin_ahead", pin_ahead)):
+    for flag, value in (("include_buffers", include_buffers), ("empty_cache", empty_cache), ("pin_ahead", pin_ahead),
+                        ("same_address", same_address)):
         arguments.boolean("for_module", flag, value)
+    if same_address:
+        refuse_unwired("for_module")
     arguments.number("for_module", "bucket_size_mb", bucket_size_mb, positive=True, maximum=2.0**40)
     arguments.instance("for_module", "pool", pool, HostMemoryPool, optional=True)
     named_params = [(n, p) for n, p in module.named_parameters()]

@@ -16,14 +16,17 @@ holds is the checkpoint it was started from; a sync must send exactly its tensor
 
 One module per part, split along the process boundary as vLLM splits its own registries:
 
-- ``registry``: the backend's name, the worker extension's path, the registration and ``vllm_engine_kwargs``;
+- ``registry``: the backend's name, the worker extension's path, the registration and ``vllm_engine_kwargs``; the
+  ``vllm.general_plugins`` entry point ``register_sleep_backend``;
 - ``metadata``: what the engine holds (safetensors headers) and its encoding over ``collective_rpc``;
 - ``worker`` and ``served`` (vLLM's worker processes): ``MemmgrGlooWeightTransferEngine``, its init and update
   info, ``MemmgrWorkerExtension``, and the host copy that puts the served weights back after a failed sync;
 - ``trainer``, ``plan`` and ``client`` (the trainer): ``VLLMWeightSync``, ``VLLMSyncReport``, the forms a sync's
   weights come in as a ``WeightSource``, ``OfflineLLMClient``;
 - ``source`` (the trainer): ``ExportWeightSource``, vLLM's ``WeightSource`` over memmgr's Megatron export;
-- ``trainer_engine`` (the trainer, through vLLM's trainer factory): ``MemmgrGlooTrainerWeightTransferEngine``.
+- ``trainer_engine`` (the trainer, through vLLM's trainer factory): ``MemmgrGlooTrainerWeightTransferEngine``;
+- ``sleep`` (vLLM's worker processes): ``MemmgrSleepBackend``, vLLM's sleep-mode backend ``"memmgr"`` (issue 33),
+  and ``use_memmgr_sleep_backend``, which selects it in a running engine.
 
 The worker side imports nothing of the trainer side and the other way round. This package imports only
 ``registry`` (which registers the backend) and loads every other name on first access, so a worker process that
@@ -37,7 +40,9 @@ from typing import TYPE_CHECKING, Any
 from memmgr.sync.engines.vllm.registry import (
     BACKEND,
     BACKENDS,
+    SLEEP_BACKEND,
     WORKER_EXTENSION,
+    register_sleep_backend,
     register_vllm_backends,
     vllm_engine_kwargs,
 )
@@ -46,6 +51,7 @@ if TYPE_CHECKING:
     from memmgr.sync.engines.vllm.client import OfflineLLMClient
     from memmgr.sync.engines.vllm.metadata import engine_weight_metadata
     from memmgr.sync.engines.vllm.plan import as_weight_source
+    from memmgr.sync.engines.vllm.sleep import MemmgrSleepBackend, use_memmgr_sleep_backend
     from memmgr.sync.engines.vllm.source import ExportWeightSource
     from memmgr.sync.engines.vllm.trainer import VLLMSyncReport, VLLMWeightSync, free_port
     from memmgr.sync.engines.vllm.trainer_engine import (
@@ -65,6 +71,7 @@ _LAZY = {
     "MemmgrGlooWeightTransferEngine": "worker",
     "VLLMWeightSync": "trainer", "VLLMSyncReport": "trainer", "free_port": "trainer",
     "OfflineLLMClient": "client", "ExportWeightSource": "source", "as_weight_source": "plan",
+    "MemmgrSleepBackend": "sleep", "use_memmgr_sleep_backend": "sleep",
     "MemmgrGlooTrainerInitInfo": "trainer_engine", "MemmgrGlooTrainerWeightTransferEngine": "trainer_engine",
 }
 
@@ -82,7 +89,8 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["BACKEND", "BACKENDS", "WORKER_EXTENSION", "register_vllm_backends", "vllm_engine_kwargs",
+__all__ = ["BACKEND", "BACKENDS", "SLEEP_BACKEND", "WORKER_EXTENSION", "register_sleep_backend",
+           "register_vllm_backends", "vllm_engine_kwargs", "MemmgrSleepBackend", "use_memmgr_sleep_backend",
            "engine_weight_metadata", "MemmgrWorkerExtension", "MemmgrGlooInitInfo", "MemmgrGlooUpdateInfo",
            "MemmgrGlooWeightTransferEngine", "VLLMWeightSync", "VLLMSyncReport", "ExportWeightSource",
            "as_weight_source", "MemmgrGlooTrainerInitInfo", "MemmgrGlooTrainerWeightTransferEngine", "free_port",

@@ -4,7 +4,8 @@ vLLM picks a weight-transfer engine by name from ``WeightTransferEngineFactory``
 ``WeightTransferTrainerFactory`` (in the trainer). Both registries import an engine lazily, from a module path and a
 class name, and they are separate so that the worker and the trainer do not import each other's code. This module
 registers ``memmgr_gloo`` in both by those strings (``worker.py`` for the worker, ``trainer_engine.py`` for the
-trainer) and imports neither side itself.
+trainer) and imports neither side itself. ``register_sleep_backend`` (memmgr's ``vllm.general_plugins`` entry
+point) adds the ``memmgr`` sleep-mode backend (``sleep.py``) to vLLM's ``SleepModeBackendFactory`` the same way.
 
 Importing this module registers the backend. ``worker.py`` imports it, so naming ``WORKER_EXTENSION`` as the
 engine's ``worker_extension_cls`` registers the backend inside vLLM's worker processes before they build their
@@ -23,6 +24,8 @@ BACKENDS = (BACKEND, "ipc", "nccl")  # the backends VLLMWeightSync drives: memmg
 WORKER_EXTENSION = "memmgr.sync.engines.vllm.worker.MemmgrWorkerExtension"
 _WORKER_ENGINE = ("memmgr.sync.engines.vllm.worker", "MemmgrGlooWeightTransferEngine")
 _TRAINER_ENGINE = ("memmgr.sync.engines.vllm.trainer_engine", "MemmgrGlooTrainerWeightTransferEngine")
+SLEEP_BACKEND = "memmgr"  # vLLM's model_config.sleep_mode_backend for memmgr's sleep backend (issue 33)
+_SLEEP_BACKEND = ("memmgr.sync.engines.vllm.sleep", "MemmgrSleepBackend")
 
 
 def register_vllm_backends() -> None:
@@ -34,6 +37,19 @@ def register_vllm_backends() -> None:
             factory.register_engine(BACKEND, module_path, cls_name)
         except ValueError:  # already registered (this module imported twice, or by a vLLM plugin)
             pass
+
+
+def register_sleep_backend() -> None:
+    """memmgr's ``vllm.general_plugins`` entry point (pyproject.toml), which vLLM calls in each of its processes,
+    possibly more than once: adds the ``"memmgr"`` sleep-mode backend (``sleep.MemmgrSleepBackend``) to vLLM's
+    ``SleepModeBackendFactory`` by module path and class name, once. Importing this module also registers
+    ``memmgr_gloo`` (see the module docstring)."""
+    from vllm.device_allocator.sleep_mode_backend import SleepModeBackendFactory
+
+    try:
+        SleepModeBackendFactory.register_backend(SLEEP_BACKEND, *_SLEEP_BACKEND)
+    except ValueError:  # registered already (the plugin ran before in this process)
+        pass
 
 
 def vllm_engine_kwargs(*, backend: str = BACKEND, **extra: Any) -> dict[str, Any]:
@@ -55,4 +71,5 @@ def vllm_engine_kwargs(*, backend: str = BACKEND, **extra: Any) -> dict[str, Any
 
 register_vllm_backends()
 
-__all__ = ["BACKEND", "BACKENDS", "WORKER_EXTENSION", "register_vllm_backends", "vllm_engine_kwargs"]
+__all__ = ["BACKEND", "BACKENDS", "SLEEP_BACKEND", "WORKER_EXTENSION", "register_sleep_backend", "register_vllm_backends",
+           "vllm_engine_kwargs"]

@@ -1,0 +1,59 @@
+"""``same_address=True`` and the same-address backing where no GPU can hold it: refused up front with
+MemmgrInputError naming the option and the fix, and the default paths are untouched. The GPU behaviour is in
+tests/test_vmm_gpu.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memmgr
+from memmgr._native import native_module
+from memmgr.same_address import SameAddressBuffer, require_same_address, same_address_support
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+
+
+@no_cuda
+def test_support_says_why_not_without_cuda():
+    supported, why = same_address_support()
+    assert not supported and "CUDA is not available" in why
+
+
+@no_cuda
+@pytest.mark.parametrize("build", ["MemoryManager", "for_module", "for_megatron"])
+def test_same_address_true_is_refused_naming_the_option_and_the_fix(build):
+    with pytest.raises(memmgr.MemmgrInputError, match=r"^%s: same_address=True .*Pass same_address=False" % build):
+        if build == "MemoryManager":
+            memmgr.MemoryManager(same_address=True)
+        elif build == "for_module":
+            memmgr.for_module(torch.nn.Linear(4, 4), same_address=True)
+        else:
+            from memmgr.integrations.megatron import for_megatron
+
+            for_megatron(torch.nn.Linear(4, 4), None, same_address=True)  # refused before the model is looked at
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_same_address_must_be_a_bool(value):
+    with pytest.raises(memmgr.MemmgrInputError, match="same_address must be True or False"):
+        memmgr.MemoryManager(same_address=value)
+
+
+def test_the_default_manager_and_for_module_do_not_touch_same_address_memory():
+    model = torch.nn.Linear(4, 4)
+    before = model.weight.detach().clone()
+    with memmgr.for_module(model, same_address=False) as mgr:
+        mgr.offload()
+        mgr.onload()
+    assert torch.equal(model.weight, before)
+    native = native_module()
+    if native is not None and hasattr(native, "vmm_bytes"):
+        assert native.vmm_bytes() == (0, 0)
+
+
+@no_cuda
+def test_a_same_address_buffer_and_the_requirement_are_refused_without_cuda():
+    with pytest.raises(memmgr.MemmgrInputError, match="SameAddressBuffer: same_address=True cannot be honoured"):
+        SameAddressBuffer(1 << 20)
+    with pytest.raises(memmgr.MemmgrInputError, match="sleep backend: same_address=True"):
+        require_same_address("sleep backend")
