@@ -44,7 +44,8 @@ model, engine and ring (device syncs of every path, then host syncs of every pat
   group by group into the same CudaIpcTransport ring (send_pairs; --cpu: buckets into the in-process transport),
   between transport.start(the source's metadata()) and finish();
 - vllm-ipc: vLLM's own IPC weight transfer over the same ExportWeightSource: vLLM's IPCTrainerWeightTransferEngine
-  (WeightTransferTrainerFactory.trainer_init(IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=--bucket-mb)))
+  (WeightTransferTrainerFactory.trainer_init(IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=--bucket-mb,
+  or the largest tensor where that is larger: vLLM's one buffer must hold it)))
   sends into vLLM's IPCWeightTransferEngine in the engine process, which loads the transformers model
   (benchmarks/vllm_ipc_receiver.py says what a vLLM worker adds); GPU only.
 source and vllm-ipc need vLLM's weight-transfer modules: the installed vLLM or .vllm-py/ on PYTHONPATH
@@ -382,9 +383,12 @@ def _path(via: str, args: argparse.Namespace, mgr, exporter, transport, engine, 
                 self.nbytes += t.numel() * t.element_size()
                 yield name, t
 
+    # vLLM's packed producer refuses a tensor larger than its one buffer (the 4B's 778 MB embedding > 512 MiB)
+    buffer_bytes = max(bucket_bytes, max(e.numel * e.dtype.itemsize for e in exporter.entries))
+
     def send_vllm() -> tuple[int, int]:
         source = Counted()
-        trainer = trainer_engine(engine, source, packed=True, buffer_bytes=bucket_bytes)
+        trainer = trainer_engine(engine, source, packed=True, buffer_bytes=buffer_bytes)
         trainer.send_weights()
         return source.nbytes, 1
     return lambda: _measured(cuda, device, send_vllm)
