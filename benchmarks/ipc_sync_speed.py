@@ -35,6 +35,22 @@ exports Hugging Face tensors in --bucket-mb buckets and streams them into the ri
    those of a transformers model in the trainer's process loaded with the exported tensors (exactly; the same
    code on the same GPU), and are compared with megatron's own logits (max abs difference, relative to the largest
    logit, and the argmax per position: two implementations in bf16, so close, not equal).
+--via (with --trainer megatron) picks how each sync reaches the transport; a comma list runs each in turn on the same
+model, engine and ring (device syncs of every path, then host syncs of every path), each reported under "paths"
+(the top-level figures are the first path's):
+- sync_weights (default): memmgr.sync.session.sync_weights, as above;
+- source: the WeightSource path, memmgr.sync.engines.vllm.ExportWeightSource over the same exporter (vLLM's
+  WeightSource class), its iter_groups() (one decoder layer per group, views into the export's buckets) packed
+  group by group into the same CudaIpcTransport ring (send_pairs; --cpu: buckets into the in-process transport),
+  between transport.start(the source's metadata()) and finish();
+- vllm-ipc: vLLM's own IPC weight transfer over the same ExportWeightSource: vLLM's IPCTrainerWeightTransferEngine
+  (WeightTransferTrainerFactory.trainer_init(IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=--bucket-mb,
+  or the largest tensor where that is larger: vLLM's one buffer must hold it)))
+  sends into vLLM's IPCWeightTransferEngine in the engine process, which loads the transformers model
+  (benchmarks/vllm_ipc_receiver.py says what a vLLM worker adds); GPU only.
+source and vllm-ipc need vLLM's weight-transfer modules: the installed vLLM or .vllm-py/ on PYTHONPATH
+(benchmarks/make_vllm_subset.py). Each path's syncs are checked for the bytes they moved; the identity checks run
+after the last path of each phase.
 --cpu runs the megatron mode's code on the CPU (megatron through memmgr.tools.megatron_cpu_shim, a gloo group of one) with
 the engine in this process behind memmgr's in-process transport instead of CUDA IPC, for the tiny presets: a smoke
 test of the program, its numbers mean nothing.
@@ -45,6 +61,7 @@ and a GPU except with --cpu.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -64,6 +81,7 @@ PRESETS = {
                        num_attention_heads=4, num_key_value_heads=2, head_dim=48, vocab_size=512),
 }
 PROMPT = [1, 17, 42, 99, 7, 3]
+VIAS = ("sync_weights", "source", "vllm-ipc")
 MiB2 = 2 << 20  # PyTorch's allocator gives large tensors whole 2 MiB blocks
 
 
@@ -91,6 +109,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--staged", action="store_true",
                     help="with --trainer megatron: sync_weights(pack_in_place=False), the exporter's own buckets copied "
                          "into the ring (default: packed straight into the ring's slots)")
+    ap.add_argument("--via", default="sync_weights",
+                    help="with --trainer megatron: comma list of sync paths, sync_weights (default), source (vLLM's "
+                         "WeightSource: ExportWeightSource.iter_groups into the CUDA IPC ring), vllm-ipc (vLLM's IPC "
+                         "trainer and engine classes over ExportWeightSource)")
     ap.add_argument("--reps", type=int, default=3, help="timed syncs per source; the best is reported (default 3)")
     ap.add_argument("--out", type=Path, required=True, help="output directory (gets ipc_sync_speed.json)")
     args = ap.parse_args()
@@ -98,6 +120,14 @@ def parse_args() -> argparse.Namespace:
         ap.error("--reps and --buffers must be at least 1 and --bucket-mb positive")
     if args.cpu and args.trainer != "megatron":
         ap.error("--cpu runs the megatron trainer mode only (add --trainer megatron)")
+    args.via = [v for v in args.via.split(",") if v]
+    unknown = [v for v in args.via if v not in VIAS]
+    if unknown or not args.via:
+        ap.error(f"--via: unknown path(s) {unknown}; choose from {', '.join(VIAS)}")
+    if args.via != ["sync_weights"] and args.trainer != "megatron":
+        ap.error("--via source/vllm-ipc run with --trainer megatron (the WeightSource is memmgr's Megatron export)")
+    if args.cpu and "vllm-ipc" in args.via:
+        ap.error("--via vllm-ipc needs CUDA IPC: not with --cpu")
     if args.cpu and not args.preset.startswith("tiny"):
         ap.error(f"--cpu is a smoke test for the tiny presets, not --preset {args.preset}")
     return args
@@ -257,12 +287,122 @@ def run_megatron(args: argparse.Namespace) -> None:
           f"{ident['host']['argmax_agree_with_megatron']:.2f}), peak extra within bound "
           f"{result['peak_extra_within_bound']} ({_num(result['peak_extra_max_bytes'])} <= {result['bound_bytes']} B);"
           f" wrote {path}")
+    for via, p in result["paths"].items():
+        print(f"ipc_sync megatron {args.preset} path {via}: device {p['best_device_gbps']:.1f} GB/s, host copy "
+              f"{p['best_host_gbps']:.1f} GB/s ({_ratio(p['host_over_pinned_peak'])} the pinned peak), moved every "
+              f"byte {p['moved_every_byte']}, peak extra {_num(p['peak_extra_max_bytes'])} B, weights stayed "
+              f"offloaded {p['weights_stayed_offloaded']}")
     problems = [f"the engine's weights differ from the exported tensors after the {src} syncs"
                 for src in ("device", "host") if not ident[src]["bit_exact"]]
+    problems += [f"path {via} moved other than the export's bytes" for via, p in result["paths"].items()
+                 if not p["moved_every_byte"]]
     if not result["weights_stayed_offloaded"]:
         problems.append("the weights group was onloaded by a sync from the host copy")
     if problems:
         raise SystemExit("; ".join(problems))
+
+
+SYNC_API = {
+    "sync_weights": "memmgr.sync.session.sync_weights(manager, MegatronExporter, transport, "
+                    "pack_in_place={pack_in_place})",
+    "source": "memmgr.sync.engines.vllm.ExportWeightSource(MegatronExporter).iter_groups() -> "
+              "transport.send_pairs per group (vLLM's WeightSource path)",
+    "vllm-ipc": "vLLM IPCTrainerWeightTransferEngine(ExportWeightSource(MegatronExporter), packed) -> vLLM "
+                "IPCWeightTransferEngine in the engine process",
+}
+
+
+def _measured(cuda: bool, device: torch.device, sync) -> dict:
+    """Runs ``sync()`` (which returns the bytes it moved and the number of sends) and measures its peak extra GPU
+    memory as sync_weights(measure=True) does: max_memory_allocated over the bytes allocated before."""
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    nbytes, sends = sync()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return {"nbytes": nbytes, "buckets": sends, "source": None, "path_seconds": time.perf_counter() - t0,
+            "peak_extra_gpu_bytes": torch.cuda.max_memory_allocated(device) - base if cuda else None}
+
+
+def _path(via: str, args: argparse.Namespace, mgr, exporter, transport, engine, device: torch.device):
+    """One sync through ``via`` (see --via), returning the run's figures."""
+    from memmgr.sync.session import sync_weights
+
+    cuda = device.type == "cuda"
+    bucket_bytes = int(args.bucket_mb * 2**20)
+    if via == "sync_weights":
+        def run() -> dict:
+            res = sync_weights(mgr, exporter, transport, pack_in_place=not args.staged, measure=True)
+            return {"nbytes": res.nbytes, "buckets": res.buckets, "source": res.source,
+                    "sync_weights_seconds": res.seconds, "peak_extra_gpu_bytes": res.peak_extra_gpu_bytes}
+        return run
+
+    from memmgr.sync.engines.vllm.source import ExportWeightSource
+    from memmgr.sync.transports import WeightBucket, group_pairs
+    from memmgr.sync.transports.base import ParamSpec
+
+    if via == "source":
+        def send() -> tuple[int, int]:
+            source = ExportWeightSource(exporter)
+            transport.start([ParamSpec(m.name, tuple(m.shape), m.dtype) for m in source.metadata()])
+            nbytes = sends = 0
+            try:
+                # a group's views are only valid until the next group: each is sent before the source moves on
+                for names, tensors in source.iter_groups():
+                    for pairs in group_pairs(zip(names, tensors), bucket_bytes):
+                        if hasattr(transport, "send_pairs"):
+                            transport.send_pairs(pairs)
+                        else:
+                            transport.send_bucket(WeightBucket.pack(pairs))
+                        nbytes += sum(t.numel() * t.element_size() for _, t in pairs)
+                        sends += 1
+                transport.finish()
+            except BaseException as exc:
+                transport.abort(f"{type(exc).__name__}: {exc}")
+                raise
+            return nbytes, sends
+        return lambda: _measured(cuda, device, send)
+
+    from vllm.distributed.weight_transfer.base import WeightSource
+    from vllm_ipc_receiver import trainer_engine
+
+    class Counted(WeightSource):
+        """The ExportWeightSource, counting the bytes vLLM's trainer engine takes from it."""
+
+        def __init__(self) -> None:
+            self.inner, self.nbytes = ExportWeightSource(exporter), 0
+
+        def metadata(self):
+            return self.inner.metadata()
+
+        def __iter__(self):
+            for name, t in self.inner:
+                self.nbytes += t.numel() * t.element_size()
+                yield name, t
+
+    # vLLM's packed producer refuses a tensor larger than its one buffer (the 4B's 778 MB embedding > 512 MiB)
+    buffer_bytes = max(bucket_bytes, max(e.numel * e.dtype.itemsize for e in exporter.entries))
+
+    def send_vllm() -> tuple[int, int]:
+        source = Counted()
+        trainer = trainer_engine(engine, source, packed=True, buffer_bytes=buffer_bytes)
+        trainer.send_weights()
+        return source.nbytes, 1
+    return lambda: _measured(cuda, device, send_vllm)
+
+
+def _path_summary(runs: dict, payload: int, peak, cuda: bool, via: str) -> dict:
+    best_device = max(r["gbps"] for r in runs["device"])
+    best_host = max(r["gbps"] for r in runs["host"])
+    peaks = [r["peak_extra_with_ring_bytes"] for rs in runs.values() for r in rs]
+    return {"sync_api": SYNC_API[via], "runs": runs, "best_device_gbps": best_device, "best_host_gbps": best_host,
+            "host_over_pinned_peak": best_host / peak if peak else None,
+            "moved_every_byte": all(r["nbytes"] == payload for rs in runs.values() for r in rs),
+            "peak_extra_max_bytes": max(peaks) if cuda else None,
+            "weights_stayed_offloaded": all(r["weights_offloaded_after"] for r in runs["host"])}
 
 
 def _num(v) -> str:
@@ -279,7 +419,6 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
     from memmgr.integrations.megatron import for_megatron
     from memmgr.sync import ModuleWeightLoader
     from memmgr.sync.export import MegatronExporter
-    from memmgr.sync.session import sync_weights
     from memmgr.tools.megatron_models import gpt_for_hf
 
     cuda = device.type == "cuda"
@@ -342,27 +481,29 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
                 "logits_vs_megatron_relative": diff_meg / max(float(meg.abs().max()), 1e-30),
                 "argmax_agree_with_megatron": float((logits.argmax(-1) == meg.argmax(-1)).float().mean())}
 
-    def sync_runs(source: str) -> list[dict]:
+    syncs = {via: _path(via, args, mgr, exporter, transport, engine, device) for via in args.via}
+
+    def sync_runs(source: str, via: str) -> list[dict]:
         runs = []
         for _ in range(args.reps):
             ring_before = getattr(transport, "ring_bytes", 0)
             if cuda:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            res = sync_weights(mgr, exporter, transport, pack_in_place=not args.staged, measure=True)
+            res = syncs[via]()
             seconds = time.perf_counter() - t0
-            run = {"seconds": seconds, "gbps": res.nbytes / seconds / 1e9, "nbytes": res.nbytes,
-                   "buckets": res.buckets, "source": res.source, "sync_weights_seconds": res.seconds,
-                   "peak_extra_gpu_bytes": res.peak_extra_gpu_bytes, "ring_bytes_before": ring_before,
-                   "peak_extra_with_ring_bytes": (None if res.peak_extra_gpu_bytes is None
-                                                  else res.peak_extra_gpu_bytes + ring_before)}
+            # vllm-ipc does not use the ring: its own packed buffer is inside its peak
+            ring = 0 if via == "vllm-ipc" else ring_before
+            run = {"seconds": seconds, "gbps": res["nbytes"] / seconds / 1e9, **res, "ring_bytes_before": ring_before,
+                   "peak_extra_with_ring_bytes": (None if res["peak_extra_gpu_bytes"] is None
+                                                  else res["peak_extra_gpu_bytes"] + ring)}
             if source == "host":
                 run["weights_offloaded_after"] = weights.device_bytes == 0
             runs.append(run)
         return runs
 
     expected_device = snapshot()
-    runs = {"device": sync_runs("device")}
+    paths: dict[str, dict] = {via: {"device": sync_runs("device", via)} for via in args.via}
     ident = {"device": identity(expected_device)}
 
     torch.manual_seed(2)
@@ -374,9 +515,12 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
     mgr.offload("weights")
     lab.sync(device)
     peak = lab.pinned_peak(device, nbytes=payload, repeats=5)["h2d"] if cuda else None
-    runs["host"] = sync_runs("host")
+    for via in args.via:
+        paths[via]["host"] = sync_runs("host", via)
+    runs = paths[args.via[0]]
     ident["host"] = identity(expected_host)
-    stayed = weights.device_bytes == 0 and all(r["weights_offloaded_after"] for r in runs["host"])
+    stayed = weights.device_bytes == 0 and all(r["weights_offloaded_after"] for p in paths.values()
+                                               for r in p["host"])
 
     ring_bytes = getattr(transport, "ring_bytes", 0)
     plan = exporter.plan
@@ -385,6 +529,8 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
     bound = ring_bytes + staging
     peaks = [r["peak_extra_with_ring_bytes"] for rs in runs.values() for r in rs]
     peak_max = max(peaks) if cuda else None
+    for via in args.via:
+        paths[via] = _path_summary(paths[via], payload, peak, cuda, via)
     if hasattr(transport, "close") and cuda:
         transport.close()
     engine.stop()
@@ -396,8 +542,9 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
     return {
         "metadata": lab.metadata(), "benchmark": "ipc_sync_speed", "trainer": "megatron", "preset": args.preset,
         "setup": setup, "transport": "cuda_ipc" if cuda else "inproc (--cpu)",
-        "sync_api": "memmgr.sync.session.sync_weights(manager, MegatronExporter, transport, "
-                    f"pack_in_place={not args.staged})",
+        "sync_api": SYNC_API[args.via[0]].format(pack_in_place=not args.staged),
+        "via": args.via, "paths": paths,
+        "vllm_from": getattr(sys.modules.get("vllm"), "__file__", None),
         "params": sum(p.numel() for p in ddp.parameters()), "payload_bytes": payload,
         "exported_tensors": len(exporter.entries), "bucket_bytes": bucket_bytes, "buffers": args.buffers,
         "export_buckets": len(plan.buckets), "largest_bucket_bytes": max(b.nbytes for b in plan.buckets),

@@ -284,6 +284,7 @@ def _ipc_engine_main(config: Any, dtype: torch.dtype, device_index: int, descs: 
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     loader = ModuleWeightLoader(model)
     receiver = CudaIpcReceiver(device)
+    vllm = None
     acks.put(("ready", torch.cuda.memory_allocated(device)))
     while True:
         msg = descs.get()
@@ -296,6 +297,17 @@ def _ipc_engine_main(config: Any, dtype: torch.dtype, device_index: int, descs: 
             results.put({"checksums": named_checksums(model.state_dict().items()), "logits": logits,
                          "missing": loader.missing()})
             continue
+        if isinstance(msg, tuple) and msg[0] == "vllm":  # vLLM's own IPC engine (benchmarks/vllm_ipc_receiver.py)
+            try:
+                if vllm is None:
+                    from vllm_ipc_receiver import Receiver
+
+                    vllm = Receiver(model, device)
+                vllm.handle(msg[1], msg[2])
+                acks.put(("ok", None))
+            except Exception as exc:  # noqa: BLE001 - reported to the trainer like an RPC error
+                acks.put(("error", f"{type(exc).__name__}: {exc}"))
+            continue
         try:
             # one engine step: load the announced bucket (or begin/commit/abort a sync), rolling back on failure
             receiver.handle(msg, loader)
@@ -303,6 +315,8 @@ def _ipc_engine_main(config: Any, dtype: torch.dtype, device_index: int, descs: 
         except Exception as exc:  # noqa: BLE001 - reported to the producer like an RPC error
             acks.put(("error", f"{type(exc).__name__}: {exc}"))
     receiver.close()
+    if vllm is not None:
+        vllm.close()
 
 
 class IpcEngineProcess:

