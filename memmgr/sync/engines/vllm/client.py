@@ -4,7 +4,34 @@ in), plus ``collective_rpc``. A client with these methods is used as it is; ``Of
 ``vllm.LLM``, whose methods take request dicts, and ``as_client`` wraps one where it is given."""
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable
+
+from memmgr.errors import MemmgrSyncError
+
+logger = logging.getLogger("memmgr")
+
+
+def call_engine(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, a call into the engine (``what`` names it); any failure but a ``MemmgrSyncError`` comes back as a
+    ``MemmgrSyncError`` that says where the engine failed."""
+    try:
+        return fn(*args)
+    except MemmgrSyncError:
+        raise
+    except Exception as exc:
+        raise MemmgrSyncError(f"vLLM weight sync: the engine failed in {what} ({type(exc).__name__}: "
+                              f"{str(exc)[:800]})") from exc
+
+
+def shutdown_transfer_engine(client: Any) -> None:
+    """Asks the engine to shut its weight-transfer engine down, where its client can; a failure is logged."""
+    shutdown = getattr(client, "shutdown_weight_transfer_engine", None)
+    if callable(shutdown):
+        try:
+            shutdown()
+        except Exception as exc:
+            logger.warning("vLLM weight sync: shutdown_weight_transfer_engine failed: %s", exc)
 
 
 class OfflineLLMClient:

@@ -29,14 +29,13 @@ from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
 from memmgr import arguments
 from memmgr.errors import MemmgrInputError, MemmgrStateError, MemmgrSyncError, MemmgrSyncMismatchError
-from memmgr.sync.engines.vllm.client import as_client
+from memmgr.sync.engines.vllm.client import as_client, call_engine, shutdown_transfer_engine
 from memmgr.sync.engines.vllm.metadata import decode_metadata
 from memmgr.sync.engines.vllm.plan import Weights, as_weight_source
 from memmgr.sync.engines.vllm.registry import BACKEND, BACKENDS
 from memmgr.sync.engines.vllm.source import ExportWeightSource
 from memmgr.sync.engines.vllm.trainer_engine import (
     MemmgrGlooTrainerInitInfo,
-    MemmgrGlooTrainerWeightTransferEngine,
     free_port,
 )
 from memmgr.sync.transports.base import DEFAULT_BUCKET_BYTES, as_specs, check_specs
@@ -204,19 +203,10 @@ class VLLMWeightSync:
         return getattr(self.engine, "transport", None)
 
     # -- what the engine holds -----------------------------------------------------------------------------------
-    def _rpc(self, what: str, fn: Any, *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except MemmgrSyncError:
-            raise
-        except Exception as exc:
-            raise MemmgrSyncError(f"vLLM weight sync: the engine failed in {what} ({type(exc).__name__}: "
-                                  f"{str(exc)[:800]})") from exc
-
     def _collective(self, method: str) -> list[Any]:
         if self.client is None:
             raise MemmgrStateError(f"vLLM weight sync: trainer rank {self.rank} has no client; ask rank 0")
-        return list(self._rpc(f"collective_rpc({method!r})", self.client.collective_rpc, method))
+        return list(call_engine(f"collective_rpc({method!r})", self.client.collective_rpc, method))
 
     def engine_metadata(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of what the engine holds (asked from every worker; they must agree)."""
@@ -388,12 +378,7 @@ class VLLMWeightSync:
         except Exception as exc:
             logger.warning("vLLM weight sync: the %s trainer engine's shutdown failed: %s", self.backend, exc)
         if self.backend != BACKEND and self.is_sender:  # memmgr_gloo's engine asks itself
-            shutdown = getattr(self.client, "shutdown_weight_transfer_engine", None)
-            if callable(shutdown):
-                try:
-                    shutdown()
-                except Exception as exc:
-                    logger.warning("vLLM weight sync: shutdown_weight_transfer_engine failed: %s", exc)
+            shutdown_transfer_engine(self.client)
 
 
 def _run_out(source: WeightSource) -> None:

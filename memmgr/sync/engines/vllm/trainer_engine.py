@@ -35,6 +35,7 @@ import torch
 from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeightTransferEngine, WeightSource
 
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
+from memmgr.sync.engines.vllm.client import call_engine, shutdown_transfer_engine
 from memmgr.sync.engines.vllm.registry import BACKEND
 from memmgr.sync.transports.base import DEFAULT_BUCKET_BYTES, ParamSpec, bucketize, dtype_name
 from memmgr.sync.transports.gloo import GlooTransport, connect
@@ -93,15 +94,6 @@ class MemmgrGlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[MemmgrGl
         return engine
 
     # -- the group -------------------------------------------------------------------------------------------------
-    def _rpc(self, what: str, fn: Any, *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except MemmgrSyncError:
-            raise
-        except Exception as exc:
-            raise MemmgrSyncError(f"vLLM weight sync: the engine failed in {what} ({type(exc).__name__}: "
-                                  f"{str(exc)[:800]})") from exc
-
     def connect(self) -> "MemmgrGlooTrainerWeightTransferEngine":
         """Joins the engine's workers in a gloo group of their own (sender only; idempotent)."""
         if self.transport is not None or not self.is_sender:
@@ -113,7 +105,7 @@ class MemmgrGlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[MemmgrGl
                 raise MemmgrInputError("memmgr_gloo trainer engine: num_workers=None needs a client with "
                                        "collective_rpc to count the engine's workers; pass num_workers= in "
                                        "MemmgrGlooTrainerInitInfo")
-            self.num_workers = len(self._rpc("collective_rpc('memmgr_weight_metadata')", rpc,
+            self.num_workers = len(call_engine("collective_rpc('memmgr_weight_metadata')", rpc,
                                              "memmgr_weight_metadata"))
         # a fixed port is the caller's; otherwise a fresh one per connection (a previous group's store may linger)
         port = info.master_port if info.master_port is not None else free_port(info.master_address)
@@ -143,7 +135,7 @@ class MemmgrGlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[MemmgrGl
                 joiner.join(0.01)
             if "error" in joined:
                 raise joined["error"]
-            self._rpc("init_weight_transfer_engine", future.result, info.timeout_s)
+            call_engine("init_weight_transfer_engine", future.result, info.timeout_s)
         self.master_port = port
         self.transport = GlooTransport(joined["group"], announce=self._announce, timeout_s=info.timeout_s)
         return self
@@ -168,7 +160,7 @@ class MemmgrGlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[MemmgrGl
         assert transport is not None
         announced = {s.name: s for s in specs}
         manifest = [[s.name, list(s.shape), dtype_name(s.dtype)] for s in specs]
-        self._rpc("start_weight_update", self.client.start_weight_update)
+        call_engine("start_weight_update", self.client.start_weight_update)
         try:
             self.client.update_weights({"manifest": manifest})
         except Exception as exc:
@@ -195,7 +187,7 @@ class MemmgrGlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[MemmgrGl
             if not source_failed[0]:
                 _drain(groups)
             raise
-        self._rpc("finish_weight_update", self.client.finish_weight_update, weight_version)
+        call_engine("finish_weight_update", self.client.finish_weight_update, weight_version)
         self.last_buckets, self.last_nbytes = nbuckets, nbytes
 
     @staticmethod
@@ -246,12 +238,7 @@ class MemmgrGlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[MemmgrGl
         if transport is None:
             return
         transport.close()
-        shutdown = getattr(self.client, "shutdown_weight_transfer_engine", None)
-        if callable(shutdown):
-            try:
-                shutdown()
-            except Exception as exc:
-                logger.warning("vLLM weight sync: shutdown_weight_transfer_engine failed: %s", exc)
+        shutdown_transfer_engine(self.client)
 
     def shutdown(self) -> None:
         self.close()
