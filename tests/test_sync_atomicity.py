@@ -145,6 +145,24 @@ def test_a_failed_sync_after_committed_ones_restores_the_last_committed_weights(
     assert all(same_bits(engine.state_dict()[k], new[k]) for k in new)
 
 
+def test_a_failed_sync_after_a_rollback_and_a_commit_restores_the_committed_weights(device):
+    # a rollback leaves the host copies equal to the engine; the commit that follows overwrites the engine, so
+    # those copies must not count as current for the next failed sync
+    engine = _engine_model(0).to(device)
+    loader = ModuleWeightLoader(engine)
+    _drive(_FlakyTransport(loader), _on(device, _engine_model(1).state_dict()), fault=None, fail_at=-1)
+    failing = _on(device, _engine_model(2).state_dict())
+    last = _bucket_count(failing) - 1
+    with pytest.raises(MemmgrSyncError):
+        _drive(_FlakyTransport(loader, "transport", last), failing, fault="transport", fail_at=last)
+    committed = _on(device, _engine_model(3).state_dict())
+    _drive(_FlakyTransport(loader), committed, fault=None, fail_at=-1)
+    with pytest.raises(MemmgrSyncError):
+        _drive(_FlakyTransport(loader, "transport", last), _on(device, _engine_model(4).state_dict()),
+               fault="transport", fail_at=last)
+    assert all(same_bits(engine.state_dict()[k], committed[k]) for k in committed)
+
+
 def test_a_load_outside_a_session_is_what_a_later_failed_sync_restores(device):
     engine = _engine_model(0).to(device)
     loader = ModuleWeightLoader(engine)

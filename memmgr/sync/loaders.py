@@ -53,6 +53,7 @@ class UndoLog:
         self._snapshot: dict[Any, torch.Tensor] = {}  # key -> the tensor whose value its buffer holds (or will)
         self._snapshot_done: dict[torch.device, torch.cuda.Event] = {}  # per GPU: the snapshot copies have finished
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._waited: set[torch.device] = set()  # GPUs whose current stream already waits for the snapshot
 
     @property
     def host_bytes(self) -> int:
@@ -95,17 +96,19 @@ class UndoLog:
             if any(t.is_cuda for t in self._saved.values()):
                 torch.cuda.synchronize()
         self._saved.clear()
+        self._waited.clear()
         return n
 
     def snapshot(self) -> None:
-        """Ends a committed session: queues a copy of every GPU tensor it saved (now holding the new weights) into
-        its buffer on a side stream, after the work queued so far; the next session's ``save`` uses it."""
-        written = [(k, t) for k, t in self._saved.items() if t.is_cuda]
-        self._saved.clear()
-        self._snapshot = {k: t for k, t in self._snapshot.items() if not t.is_cuda}
+        """Ends a committed session: every tensor it wrote has a new value, so its buffer is stale; for a GPU tensor
+        a copy of the new value is queued on a side stream, after the work queued so far, and the next session's
+        ``save`` uses it. Buffers of tensors the session did not write stay current."""
+        written, self._saved = self._saved, {}
         by_device: dict[torch.device, list[tuple[Any, torch.Tensor]]] = {}
-        for key, tensor in written:
-            by_device.setdefault(tensor.device, []).append((key, tensor))
+        for key, tensor in written.items():
+            self._snapshot.pop(key, None)
+            if tensor.is_cuda:
+                by_device.setdefault(tensor.device, []).append((key, tensor))
         for device, pairs in by_device.items():
             stream = self._streams.get(device) or self._streams.setdefault(device, torch.cuda.Stream(device))
             stream.wait_stream(torch.cuda.current_stream(device))
@@ -116,6 +119,7 @@ class UndoLog:
                 done = torch.cuda.Event()
                 done.record(stream)
             self._snapshot_done[device] = done
+        self._waited.clear()
 
     def forget_snapshot(self, key: Any) -> None:
         """``key``'s tensor was written outside a session: its buffer no longer holds its value."""
@@ -123,6 +127,7 @@ class UndoLog:
 
     def clear(self) -> None:
         self._saved.clear()
+        self._waited.clear()
 
     def release(self) -> None:
         """Frees the host buffers (a later session allocates them again)."""
@@ -131,6 +136,7 @@ class UndoLog:
         self._saved.clear()
         self._snapshot.clear()
         self._snapshot_done.clear()
+        self._waited.clear()
         self._buffers.clear()
 
     def _buffer(self, key: Any, tensor: torch.Tensor) -> torch.Tensor:
@@ -149,8 +155,9 @@ class UndoLog:
             return
         if host:
             done.synchronize()
-        else:
+        elif device not in self._waited:  # once per session: later work on the stream is ordered after it too
             torch.cuda.current_stream(device).wait_event(done)
+            self._waited.add(device)
 
 
 class ModuleWeightLoader:
