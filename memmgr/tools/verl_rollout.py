@@ -19,44 +19,21 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-import torch
+
+from memmgr.tools.vllm_models import greedy_hf, tiny_causal_lm
 
 VOCAB, HIDDEN, NEW_TOKENS = 128, 64, 6
 
 
 def tiny_llama(seed: int) -> Any:
-    """A 2-layer random ``LlamaForCausalLM`` (float32, untied head of std 1: decisive greedy choices)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape))
-            elif name == "lm_head.weight":
-                p.copy_(torch.randn(p.shape))
-            else:
-                p.copy_(0.08 * torch.randn(p.shape))
-    return model
+    """A 2-layer random transformers Llama (``memmgr.tools.vllm_models.tiny_causal_lm``, float32, untied head of std
+    1: decisive greedy choices)."""
+    return tiny_causal_lm(seed=seed, hidden=HIDDEN, vocab=VOCAB).train()
 
 
-@torch.no_grad()
 def greedy(model: Any, prompts: Sequence[Sequence[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
-    """Greedy token ids after each prompt (argmax of the last position; no end-of-sequence handling)."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for p in prompts:
-        ids = torch.tensor([list(p)], device=model.device)
-        for _ in range(new_tokens):
-            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-        out.append(ids[0, len(p):].tolist())
-    model.train(was_training)
-    return out
+    """Greedy token ids after each prompt (``memmgr.tools.vllm_models.greedy_hf``)."""
+    return greedy_hf(model, prompts, new_tokens)
 
 
 def _rollout_main(conn: Any, backend: str, bucket_size: int, engine_kwargs: dict, seed: int) -> None:

@@ -2,8 +2,9 @@
 sync without a GPU or the Hugging Face hub).
 
 - ``save_tokenizer(folder, vocab)``: a locally trained WordLevel tokenizer (no hub access).
-- ``build_tiny_model(folder)``: a tiny random Llama or Qwen3 (head_dim 32, float32, tied or untied embeddings) and a
-  locally trained WordLevel tokenizer saved to ``folder`` (no hub access); returns the transformers model.
+- ``tiny_causal_lm(...)``: a tiny random Llama or Qwen3 (head_dim 32, float32, tied or untied embeddings) with the
+  weights of ``new_weights``; ``build_tiny_model(folder)`` saves one and a locally trained WordLevel tokenizer to
+  ``folder`` (no hub access) and returns it.
 - ``start_engine(folder)``: a ``vllm.LLM`` on the CPU over that folder, eager, small context and KV cache, with
   memmgr's weight-transfer backend and worker extension; ``stop_engine(llm)`` shuts it down.
 - ``new_weights(model, seed)``: fresh random weights in HF names (a dict), scaled so that greedy decoding has clear
@@ -45,11 +46,20 @@ def save_tokenizer(folder: str, vocab: int) -> None:
 
 def build_tiny_model(folder: str, *, seed: int = 0, layers: int = 2, hidden: int = 128, vocab: int = 128,
                      family: str = "llama", tied: bool = False):
-    """Saves a random Llama- or Qwen3-shaped model (head_dim 32, float32; ``tied``: the output head shares the
-    embedding) and a locally trained tokenizer of ``vocab`` tokens to ``folder``; returns the transformers model."""
+    """Saves ``tiny_causal_lm(...)`` and a locally trained tokenizer of ``vocab`` tokens to ``folder``; returns the
+    transformers model."""
+    save_tokenizer(folder, vocab)
+    model = tiny_causal_lm(seed=seed, layers=layers, hidden=hidden, vocab=vocab, family=family, tied=tied)
+    model.save_pretrained(folder)
+    return model
+
+
+def tiny_causal_lm(*, seed: int = 0, layers: int = 2, hidden: int = 128, vocab: int = 128, family: str = "llama",
+                   tied: bool = False):
+    """A random Llama- or Qwen3-shaped transformers model (head_dim 32, float32, eval mode; ``tied``: the output
+    head shares the embedding) holding ``new_weights(model, seed=seed)``; nothing is downloaded."""
     import transformers
 
-    save_tokenizer(folder, vocab)
     config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                              "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
     cfg = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -59,7 +69,6 @@ def build_tiny_model(folder: str, *, seed: int = 0, layers: int = 2, hidden: int
     torch.manual_seed(seed)
     model = model_cls(cfg).float().eval()
     hf_model_with(model, new_weights(model, seed=seed))
-    model.save_pretrained(folder)
     return model
 
 
@@ -123,14 +132,18 @@ def greedy_vllm(llm, prompts: Sequence[Sequence[int]] = PROMPTS, max_tokens: int
 @torch.no_grad()
 def greedy_hf(model, prompts: Sequence[Sequence[int]] = PROMPTS, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
     """Plain greedy decoding (argmax of the last position, no end-of-sequence handling: vLLM runs with
-    ignore_eos)."""
+    ignore_eos), in eval mode on the model's device; the model's mode is left as it was."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
     result = []
     for p in prompts:
-        ids = torch.tensor([list(p)])
+        ids = torch.tensor([list(p)], device=device)
         for _ in range(max_tokens):
             nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
         result.append(ids[0, len(p):].tolist())
+    model.train(was_training)
     return result
 
 
