@@ -340,11 +340,11 @@ class FlatTensors:
                                    f"MegatronExporter(..., weights=new_mgr.group('weights')))")
 
     def begin_offload(self, discard: bool | None = None) -> bool:
-        self.check_open("offload")
         """Issues the copy of an offload without freeing anything (the bucket stays on the device, and its contents
         with it): ``offload`` with the same ``discard`` then only frees, and the check that must pass before the free
         (``check_intact``) can run while the copy does. ``abandon_offload`` drops a begun offload. False (nothing
         begun) unless the bucket is on the device."""
+        self.check_open("offload")
         arguments.boolean(f"bucket {self.name!r} begin_offload", "discard", discard, optional=True)
         if self.state is not BucketState.ON_DEVICE:
             return False
@@ -417,9 +417,9 @@ class FlatTensors:
         return handle
 
     def allocate(self) -> bool:
-        self.check_open("onload")
         """Re-allocates the device storage in place (raises torch.OutOfMemoryError); True if it was freed. Refuses a
         storage resized or replaced outside memmgr; the members are checked by ``onload``, while its copy runs."""
+        self.check_open("onload")
         self._check_storage("onload")
         storage = self.flat.untyped_storage()
         if storage.nbytes() == self.nbytes:

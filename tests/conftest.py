@@ -3,6 +3,10 @@ import re
 import pytest
 import torch
 
+from cpu_math import warm_up_vml
+
+warm_up_vml()  # before any test compares two computations bit for bit (tests/cpu_math.py)
+
 CUDA = torch.cuda.is_available()
 
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
