@@ -18,9 +18,12 @@
 namespace {
 
 constexpr int kThreads = 256;
-// Vectors each thread loads before it stores any: the link's latency is microseconds, so many requests must be in
-// flight per thread to keep ~55 GB/s moving (bytes in flight = threads * kUnroll * vector width).
-constexpr int kUnroll = 4;
+// Vectors each thread loads before it stores any (the launch shape's `unroll`): the link's latency is microseconds,
+// so many requests must be in flight to keep ~55 GB/s moving (bytes in flight per block = threads * unroll * vector
+// width). 4 held the link on the H200; the H100 read host memory at ~0.55x with it (issue 30), so the 16-byte kernel
+// also comes with 8 and 16, and memmgr.copy_shape picks per device by measurement. Narrower vectors (misaligned
+// buffers, which memmgr never makes) keep 4.
+constexpr int kDefaultUnroll = 4;
 // Blocks per multiprocessor when the caller does not say: 256 threads x 4 x 16 B = 16 KiB in flight per SM, ~2 MiB
 // per H200, far above the link's bandwidth-delay product. More blocks copy no faster but queue the link deeper, and the
 // driver's own traffic waits in that queue: a fresh 150 MiB cudaMalloc beside a host->device kernel copy took ~3 ms at
@@ -58,7 +61,7 @@ __device__ __forceinline__ void store_streaming(V* p, V v) {
 // Copies nbytes from src to dst. Bytes [head, head + nvec * sizeof(V)) move as vectors of type V, which both src
 // and dst hold at V-aligned addresses there; the unaligned head (< sizeof(V) bytes) and tail (< sizeof(V) bytes)
 // move one byte per thread.
-template <typename V>
+template <typename V, int kUnroll>
 __global__ void __launch_bounds__(kThreads) copy_kernel(unsigned char* __restrict__ dst,
                                                         const unsigned char* __restrict__ src, size_t nbytes,
                                                         size_t head, size_t nvec) {
@@ -82,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) copy_kernel(unsigned char* __restric
   for (; i < nvec; i += stride) store_streaming(d + i, load_streaming(s + i));
 }
 
-template <typename V>
+template <typename V, int kUnroll = kDefaultUnroll>
 cudaError_t launch(unsigned char* dst, const unsigned char* src, size_t nbytes, cudaStream_t stream, int blocks) {
   constexpr size_t w = sizeof(V);
   const size_t misalign = reinterpret_cast<uintptr_t>(src) & (w - 1);
@@ -93,7 +96,7 @@ cudaError_t launch(unsigned char* dst, const unsigned char* src, size_t nbytes, 
   const size_t per_block = static_cast<size_t>(kThreads) * kUnroll;
   const size_t useful = std::max<size_t>(1, (nvec + per_block - 1) / per_block);
   const unsigned grid = static_cast<unsigned>(std::min<size_t>(static_cast<size_t>(blocks), useful));
-  copy_kernel<V><<<grid, kThreads, 0, stream>>>(dst, src, nbytes, head, nvec);
+  copy_kernel<V, kUnroll><<<grid, kThreads, 0, stream>>>(dst, src, nbytes, head, nvec);
   return cudaGetLastError();
 }
 
@@ -114,18 +117,24 @@ extern "C" cudaError_t memmgr_prepare_copy_kernels(int device) {
   // Looking a kernel up loads it into the context now. Under lazy module loading the first launch would load it,
   // and loading may wait for the whole device: a copy issued behind a long kernel would block the caller.
   cudaFuncAttributes attrs;
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<uint4>);
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<uint2>);
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned int>);
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned short>);
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned char>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<uint4, 4>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<uint4, 8>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<uint4, 16>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<uint2, kDefaultUnroll>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned int, kDefaultUnroll>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned short, kDefaultUnroll>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned char, kDefaultUnroll>);
   if (err == cudaSuccess && sm_count(device) == 0) err = cudaErrorInvalidDevice;
   if (previous != device && previous >= 0) cudaSetDevice(previous);
   return err;
 }
 
+extern "C" int memmgr_copy_kernel_unroll_supported(int unroll) { return unroll == 4 || unroll == 8 || unroll == 16; }
+
 extern "C" cudaError_t memmgr_launch_copy_kernel(void* dst, const void* src, size_t nbytes, cudaStream_t stream,
-                                                 int device, int blocks) {
+                                                 int device, int blocks, int unroll) {
+  if (unroll <= 0) unroll = kDefaultUnroll;
+  if (!memmgr_copy_kernel_unroll_supported(unroll)) return cudaErrorInvalidValue;
   if (nbytes == 0) return cudaSuccess;
   int previous = -1;
   cudaError_t err = cudaGetDevice(&previous);
@@ -138,7 +147,9 @@ extern "C" cudaError_t memmgr_launch_copy_kernel(void* dst, const void* src, siz
   // buffers and host buffers are both at least 512-byte aligned and split points are 4 KiB multiples).
   const uintptr_t relative = reinterpret_cast<uintptr_t>(d) ^ reinterpret_cast<uintptr_t>(s);
   if ((relative & 15) == 0) {
-    err = launch<uint4>(d, s, nbytes, stream, blocks);
+    err = unroll == 16 ? launch<uint4, 16>(d, s, nbytes, stream, blocks)
+        : unroll == 8  ? launch<uint4, 8>(d, s, nbytes, stream, blocks)
+                       : launch<uint4, 4>(d, s, nbytes, stream, blocks);
   } else if ((relative & 7) == 0) {
     err = launch<uint2>(d, s, nbytes, stream, blocks);
   } else if ((relative & 3) == 0) {

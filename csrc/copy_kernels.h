@@ -13,9 +13,14 @@ extern "C" {
 // Launches a copy of `nbytes` from `src` to `dst` on `stream` (asynchronous, stream-ordered). Both are
 // addresses the device can dereference: device memory, or pinned host memory translated with
 // cudaHostGetDevicePointer / cudaPointerGetAttributes (identical to the host address under unified addressing).
-// `blocks` == 0 picks blocks_per_sm * the device's multiprocessor count. Returns the launch error, if any.
+// `blocks` == 0 picks blocks_per_sm * the device's multiprocessor count; `unroll` (16-byte vectors each thread loads
+// before it stores; 4, 8 or 16, 0 for 4) is the other half of the launch shape. Returns the launch error, if any
+// (cudaErrorInvalidValue for an unroll the kernel is not built with).
 cudaError_t memmgr_launch_copy_kernel(void* dst, const void* src, size_t nbytes, cudaStream_t stream,
-                                      int device, int blocks);
+                                      int device, int blocks, int unroll);
+
+// Whether the kernel is built with this unroll (non-zero) or not (0).
+int memmgr_copy_kernel_unroll_supported(int unroll);
 
 // Loads the kernels into `device`'s context and caches its multiprocessor count, so that no later launch has to
 // (a lazy load can wait for the whole device). Call where a pause does not matter.

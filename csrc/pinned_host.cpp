@@ -154,15 +154,19 @@ void* device_address(int64_t ptr, const char* which) {
 
 // Copies `nbytes` from `src` to `dst` with a copy kernel (the SMs move the bytes, not the copy engines) on the stream
 // given as its raw handle (torch's Stream.cuda_stream), on `device`. Either side may be device memory or pinned,
-// mapped host memory; `blocks` == 0 picks the default grid. Asynchronous, ordered on the stream like a copy_.
-void kernel_copy(int64_t dst, int64_t src, int64_t nbytes, int64_t stream, int64_t device, int64_t blocks) {
+// mapped host memory; `blocks` == 0 picks the default grid, `unroll` == 0 the default 4 vectors per thread (4, 8 and 16
+// are built; memmgr.copy_shape chooses). Asynchronous, ordered on the stream like a copy_.
+void kernel_copy(int64_t dst, int64_t src, int64_t nbytes, int64_t stream, int64_t device, int64_t blocks,
+                 int64_t unroll) {
   TORCH_CHECK(nbytes >= 0, "memmgr._pinned.kernel_copy: nbytes must be >= 0, got ", nbytes);
+  TORCH_CHECK(unroll == 0 || memmgr_copy_kernel_unroll_supported(static_cast<int>(unroll)),
+              "memmgr._pinned.kernel_copy: unroll must be 0 (the default), 4, 8 or 16, got ", unroll);
   if (nbytes == 0) return;
   void* dst_dev = device_address(dst, "destination");
   void* src_dev = device_address(src, "source");
   cudaError_t err = memmgr_launch_copy_kernel(dst_dev, src_dev, static_cast<size_t>(nbytes),
                                               reinterpret_cast<cudaStream_t>(stream), static_cast<int>(device),
-                                              static_cast<int>(blocks));
+                                              static_cast<int>(blocks), static_cast<int>(unroll));
   if (err != cudaSuccess) {
     cudaGetLastError();
     TORCH_CHECK(false, "memmgr._pinned.kernel_copy: launch failed (", cuda_error_text(err), ")");
@@ -209,7 +213,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("pin") = true);
   m.def("kernel_copy", &kernel_copy, "copy kernel between device memory and mapped pinned host memory, on a stream",
         pybind11::arg("dst"), pybind11::arg("src"), pybind11::arg("nbytes"), pybind11::arg("stream"),
-        pybind11::arg("device"), pybind11::arg("blocks") = 0);
+        pybind11::arg("device"), pybind11::arg("blocks") = 0, pybind11::arg("unroll") = 0);
   m.def("kernel_prepare", &kernel_prepare, "loads the copy kernels into a device's context ahead of use");
   m.def("kernel_copy_config", &kernel_copy_config, "(threads per block, default blocks) of the copy kernel");
   m.def("cuda_status", &cuda_status);

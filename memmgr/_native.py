@@ -41,6 +41,7 @@ class BackendInfo:
     copy_path_auto: dict[str, str] = field(default_factory=dict)  # what "auto" runs per direction
     copy_path_last: dict[str, str] = field(default_factory=dict)  # the path that ran last per direction
     driver_settle: dict[str, Any] = field(default_factory=dict)  # memmgr.driver_settle.status()
+    copy_kernel_shape: dict[str, Any] = field(default_factory=dict)  # per device, memmgr.copy_shape.shape_status()
 
     def describe(self) -> str:
         ext = "built" if self.extension_built else f"not built ({self.extension_error}; {build_hint()})"
@@ -52,6 +53,9 @@ class BackendInfo:
         text += ")"
         if self.copy_path_last:
             text += "; last ran: " + ", ".join(f"{d} {p}" for d, p in sorted(self.copy_path_last.items()))
+        if self.copy_kernel_shape:
+            text += "; copy kernel shape (blocks per SM:unroll): " + ", ".join(
+                f"{d} {c['shape']} ({c['source']})" for d, c in sorted(self.copy_kernel_shape.items()))
         if self.driver_settle:
             text += "; " + describe_driver_settle(self.driver_settle)
         return text
@@ -107,4 +111,4 @@ def backend_info() -> BackendInfo:
         {"available": ["engine"], "requested": "auto", "auto": {}, "last": {}}
     return BackendInfo(native is not None, _import_error, cuda, pinning, tuple(paths["available"]),
                        str(paths["requested"]), dict(paths["auto"]), dict(paths["last"]),
-                       driver_settle.status() if cuda else {})
+                       driver_settle.status() if cuda else {}, dict(paths.get("kernel_shape") or {}))

@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from memmgr import copy_shape
 from memmgr._native import native_module, register_copy_paths_status
 from memmgr.errors import MemmgrInputError
 
@@ -200,6 +201,7 @@ def prepare_kernels(device: int) -> bool:
         _warn_kernel_failure(exc)
         return False
     _prepared_devices.add(device)
+    copy_shape.shape_for(device)  # measured here, off the critical path, unless set or cached (memmgr.copy_shape)
     return True
 
 
@@ -318,7 +320,7 @@ def copy_paths_status() -> dict[str, object]:
     return {"available": ["engine", "kernel"] if kernels else ["engine"],
             "requested": os.environ.get(COPY_PATH_ENV) or "auto",
             "auto": dict(AUTO_POLICY) if kernels else {"h2d": "engine", "d2h": "engine"},
-            "last": last, "last_probe": probes}
+            "last": last, "last_probe": probes, "kernel_shape": copy_shape.shape_status()}
 
 
 register_copy_paths_status(copy_paths_status)
@@ -429,7 +431,9 @@ def _issue_kernel(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Strea
     native = native_module()
     device = stream.device.index if stream.device.index is not None else torch.cuda.current_device()
     prepare_kernels(device)
-    native.kernel_copy(dst.data_ptr(), src.data_ptr(), dst.numel(), stream.cuda_stream, device, kernel_blocks)
+    shape = copy_shape.shape_for(device).shape
+    blocks = kernel_blocks or shape.blocks(torch.cuda.get_device_properties(device).multi_processor_count)
+    native.kernel_copy(dst.data_ptr(), src.data_ptr(), dst.numel(), stream.cuda_stream, device, blocks, shape.unroll)
 
 
 def _warn_kernel_failure(exc: Exception) -> None:

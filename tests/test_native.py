@@ -44,6 +44,13 @@ def test_native_calls_fail_cleanly_without_a_driver():
         native.kernel_copy(0, 0, 16, 0, 0)
 
 
+@pytest.mark.skipif(native is None, reason="needs memmgr's native extension")
+@pytest.mark.parametrize("unroll", [-1, 1, 5, 32])
+def test_the_copy_kernel_refuses_an_unroll_it_is_not_built_with_before_any_launch(unroll):
+    with pytest.raises(RuntimeError, match="unroll must be 0 \\(the default\\), 4, 8 or 16"):
+        native.kernel_copy(0, 0, 16, 0, 0, 0, unroll)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback when pinning is impossible")
 def test_failed_pinning_falls_back_to_pageable_memory_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="memmgr"):

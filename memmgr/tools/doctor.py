@@ -169,6 +169,7 @@ def run_doctor(quick: bool = False) -> dict[str, Any]:
             echo(f"  native extension: CUDA runtime {rt // 1000}.{(rt % 1000) // 10}, sees {msg}")
     except Exception as exc:
         echo(f"  native extension: status unknown ({exc})")
+    found["copy_kernel_shape"] = _copy_kernel_shapes(echo)
     if not info.extension_built:
         from memmgr._native import build_hint
 
@@ -277,3 +278,20 @@ if __name__ == "__main__":  # python -m memmgr.tools.doctor [--quick]
     if unknown:
         sys.exit(f"Error: unknown argument(s) {' '.join(unknown)}; python -m memmgr.tools.doctor takes only --quick")
     run_doctor(quick="--quick" in sys.argv)
+
+
+def _copy_kernel_shapes(echo) -> dict[str, object]:
+    """The copy kernel's launch shape on each GPU (memmgr.copy_shape: measured now unless set or cached), with the
+    host->device speed of every candidate where it was measured."""
+    from memmgr import copy_shape, transfer
+
+    if not transfer.kernels_available():
+        return {}
+    for index in range(torch.cuda.device_count()):
+        if not transfer.prepare_kernels(index):
+            continue
+        choice = copy_shape.shape_for(index)
+        speeds = ", ".join(f"{label} {gbps:.1f}" for label, gbps in sorted(choice.h2d_gbps.items()))
+        echo(f"  copy kernel on GPU {index}: shape {choice.shape.label} (blocks per SM:unroll), {choice.source}"
+             + (f"; host->device GB/s by shape: {speeds}" if speeds else ""))
+    return copy_shape.shape_status()

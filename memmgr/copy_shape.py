@@ -1,0 +1,255 @@
+"""The copy kernel's launch shape on each device: blocks per multiprocessor and 16-byte vectors each thread loads
+before it stores (``unroll``), chosen by a short measurement at the device's first kernel use and cached by device
+UUID, driver and kernel build.
+
+Why measure: the shape that held the link on the H200 (1 block per SM, 4 vectors per thread) read host memory at
+~0.55x of the link on the H100 (issue 30): what keeps enough reads in flight across PCIe differs by card. The
+measurement times host->device copies (the direction 'auto' gives the kernel; ``memmgr.transfer``) of
+``MEASURE_BYTES`` with every candidate shape and keeps the fastest; among shapes within ``SHAPE_TOLERANCE`` of it,
+the one with the fewest bytes in flight (blocks x unroll), since a deeper queue on the link makes allocations beside
+the kernel wait (H200: a 150 MiB allocation took ~3 ms beside a 2-blocks-per-SM copy, ~1 ms at 1;
+csrc/copy_kernels.cu).
+
+``MEMMGR_COPY_SHAPE=B:U`` (blocks per SM, unroll) sets the shape without measuring; ``MEMMGR_COPY_SHAPE_CACHE`` names
+the cache file (default ``$XDG_CACHE_HOME/memmgr/copy_shapes.json``, else ``~/.cache/...``; ``off``: no file, each
+process measures once). A cache that cannot be read or written is ignored with a warning: the shape is then measured.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from memmgr.errors import MemmgrInputError
+
+logger = logging.getLogger("memmgr")
+
+# Bump when the kernel or the candidates change: a cached choice names the build it was measured with.
+KERNEL_BUILD = "copy-kernel-unroll-4-8-16"
+UNROLLS = (4, 8, 16)
+BLOCKS_PER_SM = (1, 2)
+MEASURE_BYTES = 64 << 20
+MEASURE_REPEATS = 3
+SHAPE_TOLERANCE = 0.03
+
+
+@dataclass(frozen=True, order=True)
+class CopyShape:
+    """A launch shape of the copy kernel: ``blocks_per_sm`` x the device's SMs blocks of 256 threads, each thread
+    loading ``unroll`` 16-byte vectors before it stores them."""
+
+    blocks_per_sm: int
+    unroll: int
+
+    def __post_init__(self) -> None:
+        if self.blocks_per_sm < 1 or self.unroll not in UNROLLS:
+            raise MemmgrInputError(f"copy kernel shape {self.blocks_per_sm}:{self.unroll}: blocks per SM must be >= 1 "
+                                   f"and the unroll one of {UNROLLS}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.blocks_per_sm}:{self.unroll}"
+
+    @property
+    def depth(self) -> int:
+        """Relative bytes in flight per SM."""
+        return self.blocks_per_sm * self.unroll
+
+    def blocks(self, sm_count: int) -> int:
+        return max(1, sm_count) * self.blocks_per_sm
+
+    @classmethod
+    def parse(cls, text: str, where: str = "MEMMGR_COPY_SHAPE") -> "CopyShape":
+        try:
+            blocks, unroll = (int(x) for x in text.split(":"))
+        except ValueError:
+            raise MemmgrInputError(f"{where}={text!r}: expected BLOCKS_PER_SM:UNROLL, e.g. 1:8 (unroll one of "
+                                   f"{UNROLLS})") from None
+        return cls(blocks, unroll)
+
+
+DEFAULT_SHAPE = CopyShape(1, 4)
+CANDIDATES = tuple(CopyShape(b, u) for b in BLOCKS_PER_SM for u in UNROLLS)
+
+
+@dataclass(frozen=True)
+class ShapeChoice:
+    """The shape the kernel uses on a device, where it came from (``measured``, ``cache``, ``environment`` or
+    ``default``, with why), the cache key, and the host->device speed of each candidate measured (GB/s by label)."""
+
+    shape: CopyShape
+    source: str
+    key: str = ""
+    h2d_gbps: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"shape": self.shape.label, "blocks_per_sm": self.shape.blocks_per_sm, "unroll": self.shape.unroll,
+                "source": self.source, "key": self.key, "h2d_gbps": dict(self.h2d_gbps)}
+
+
+def choose(speeds: dict[CopyShape, float], tolerance: float = SHAPE_TOLERANCE) -> CopyShape:
+    """The fastest shape; among those within ``tolerance`` of it, the one with the fewest bytes in flight (then the
+    fewest blocks)."""
+    if not speeds:
+        return DEFAULT_SHAPE
+    best = max(speeds.values())
+    close = [s for s, gbps in speeds.items() if gbps >= best * (1.0 - tolerance)]
+    return min(close, key=lambda s: (s.depth, s.blocks_per_sm))
+
+
+def cache_path() -> str | None:
+    raw = os.environ.get("MEMMGR_COPY_SHAPE_CACHE", "").strip()
+    if raw.lower() == "off":
+        return None
+    if raw:
+        return raw
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "memmgr", "copy_shapes.json")
+
+
+def read_cache(path: str | None) -> dict[str, dict]:
+    if path is None or not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, ValueError) as exc:
+        logger.warning("the copy-kernel shape cache %s cannot be read (%s); measuring instead", path, exc)
+        return {}
+
+
+def write_cache(path: str | None, key: str, choice: ShapeChoice) -> None:
+    if path is None:
+        return
+    data = read_cache(path)
+    data[key] = {"shape": choice.shape.label, "h2d_gbps": choice.h2d_gbps}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: a process reading meanwhile sees the old file or the new one
+    except OSError as exc:
+        logger.warning("the copy-kernel shape cache %s cannot be written (%s); the next process measures again",
+                       path, exc)
+
+
+def device_key(device: int) -> str:
+    """UUID, driver and kernel build: a cached shape holds for this card, this driver and this kernel only."""
+    from memmgr import nvml
+    props = torch.cuda.get_device_properties(device)
+    uuid = str(getattr(props, "uuid", "")) or props.name
+    return f"{uuid}|driver {nvml.driver_version() or torch.version.cuda}|{KERNEL_BUILD}"
+
+
+def measure(device: int, nbytes: int = MEASURE_BYTES, repeats: int = MEASURE_REPEATS,
+            candidates: tuple[CopyShape, ...] = CANDIDATES) -> dict[CopyShape, float]:
+    """Host->device GB/s of each candidate: ``nbytes`` from pinned, mapped host memory into device memory, the median
+    of ``repeats`` timed copies after one untimed one."""
+    from memmgr._native import native_module
+    from memmgr.host_memory import allocate_host_buffer
+    native = native_module()
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    reserved = torch.cuda.memory_reserved(device)
+    host = allocate_host_buffer(nbytes, pin=True, allow_pageable_fallback=False)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", device))
+    stream = torch.cuda.Stream(device)
+    speeds: dict[CopyShape, float] = {}
+    try:
+        for shape in candidates:
+            times = []
+            for i in range(repeats + 1):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                native.kernel_copy(dev.data_ptr(), host.tensor.data_ptr(), nbytes, stream.cuda_stream, device,
+                                   shape.blocks(sms), shape.unroll)
+                end.record(stream)
+                end.synchronize()
+                if i:
+                    times.append(start.elapsed_time(end) / 1e3)
+            speeds[shape] = nbytes / statistics.median(times) / 1e9
+    finally:
+        stream.synchronize()
+        del dev
+        host.release()
+        if torch.cuda.memory_reserved(device) > reserved:
+            # the measurement's buffer took new memory from the driver: give it back rather than leave it cached
+            torch.cuda.empty_cache()
+    return speeds
+
+
+class _Choices:
+    """The choice per device, made once per process (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_device: dict[int, ShapeChoice] = {}
+
+    def get(self, device: int, measure_fn: Callable[[int], dict[CopyShape, float]] | None = None) -> ShapeChoice:
+        with self._lock:
+            choice = self._by_device.get(device)
+            if choice is None:
+                choice = _decide(device, measure_fn or measure)
+                if choice is None:
+                    return ShapeChoice(DEFAULT_SHAPE, "default (a CUDA graph is being captured)")
+                self._by_device[device] = choice
+            return choice
+
+    def snapshot(self) -> dict[int, ShapeChoice]:
+        with self._lock:
+            return dict(self._by_device)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_device.clear()
+
+
+_choices = _Choices()
+
+
+def _decide(device: int, measure_fn: Callable[[int], dict[CopyShape, float]]) -> ShapeChoice | None:
+    """The choice for ``device``, or None where it cannot be made now (a CUDA graph is being captured)."""
+    forced = os.environ.get("MEMMGR_COPY_SHAPE", "").strip()
+    if forced:
+        return ShapeChoice(CopyShape.parse(forced), "environment (MEMMGR_COPY_SHAPE)")
+    key = device_key(device)
+    path = cache_path()
+    cached = read_cache(path).get(key)
+    if isinstance(cached, dict):
+        try:
+            return ShapeChoice(CopyShape.parse(str(cached.get("shape")), where=f"{path}[{key!r}]"), "cache", key,
+                               dict(cached.get("h2d_gbps") or {}))
+        except MemmgrInputError as exc:
+            logger.warning("ignoring the cached copy-kernel shape (%s); measuring", exc)
+    if measure_fn is measure and torch.cuda.is_current_stream_capturing():
+        return None  # no copies or allocations inside a capture: the default until the next kernel use outside one
+    try:
+        speeds = measure_fn(device)
+    except (RuntimeError, MemmgrInputError) as exc:  # out of memory, pinning refused: the shape that held on the H200
+        logger.warning("the copy kernel's launch shape could not be measured on cuda:%d (%s); using %s", device, exc,
+                       DEFAULT_SHAPE.label)
+        return ShapeChoice(DEFAULT_SHAPE, f"default (measurement failed: {exc})", key)
+    choice = ShapeChoice(choose(speeds), "measured", key, {s.label: round(g, 2) for s, g in speeds.items()})
+    logger.info("copy kernel on cuda:%d: shape %s (blocks per SM : unroll) measured at %s GB/s host->device", device,
+                choice.shape.label, choice.h2d_gbps)
+    write_cache(path, key, choice)
+    return choice
+
+
+def shape_for(device: int) -> ShapeChoice:
+    """The kernel's launch shape on ``device``: from ``MEMMGR_COPY_SHAPE``, the cache, or a measurement now."""
+    return _choices.get(device)
+
+
+def shape_status() -> dict[str, dict[str, object]]:
+    """The choices made in this process so far, by device, for reports."""
+    return {f"cuda:{d}": c.as_dict() for d, c in sorted(_choices.snapshot().items())}

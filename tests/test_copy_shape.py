@@ -1,0 +1,157 @@
+"""The copy kernel's launch shape per device (memmgr.copy_shape): the choice rule, the environment override, the cache
+keyed by device UUID, driver and kernel build, and (on a GPU) every shape copying bit-exact."""
+import json
+import logging
+
+import pytest
+import torch
+
+import memmgr
+from memmgr import copy_shape
+from memmgr.copy_shape import CANDIDATES, DEFAULT_SHAPE, CopyShape, ShapeChoice
+from memmgr.errors import MemmgrInputError
+
+from conftest import requires_cuda
+
+KEY = "GPU-test-uuid|driver 999.1|" + copy_shape.KERNEL_BUILD
+
+
+@pytest.fixture
+def isolated(monkeypatch, tmp_path):
+    """A cache file of the test's own, no shape from the environment, a fixed device key, no earlier choices."""
+    path = tmp_path / "shapes.json"
+    monkeypatch.setenv("MEMMGR_COPY_SHAPE_CACHE", str(path))
+    monkeypatch.delenv("MEMMGR_COPY_SHAPE", raising=False)
+    monkeypatch.setattr(copy_shape, "device_key", lambda device: KEY)
+    monkeypatch.setattr(copy_shape, "_choices", copy_shape._Choices())
+    return path
+
+
+def test_the_fastest_shape_wins_and_near_ties_go_to_the_fewest_bytes_in_flight():
+    # 1:16 and 2:8 are within 3% of the best and equally deep: the one with fewer blocks
+    assert copy_shape.choose({CopyShape(1, 4): 30.0, CopyShape(1, 16): 52.0, CopyShape(2, 8): 51.0}) == CopyShape(1, 16)
+    # 1:8 is within 3% of 2:16 and half as deep
+    assert copy_shape.choose({CopyShape(1, 8): 51.5, CopyShape(2, 16): 52.0, CopyShape(1, 4): 40.0}) == CopyShape(1, 8)
+    # outside the tolerance the faster one wins, however deep
+    assert copy_shape.choose({CopyShape(1, 4): 30.0, CopyShape(2, 16): 52.0}) == CopyShape(2, 16)
+    assert copy_shape.choose({}) == DEFAULT_SHAPE
+
+
+@pytest.mark.parametrize("text", ["8", "1:5", "0:4", "a:b", "1:8:2"])
+def test_a_malformed_shape_in_the_environment_is_refused_naming_the_variable(isolated, monkeypatch, text):
+    monkeypatch.setenv("MEMMGR_COPY_SHAPE", text)
+    with pytest.raises(MemmgrInputError, match="MEMMGR_COPY_SHAPE|blocks per SM"):
+        copy_shape._choices.get(0, measure_fn=lambda d: pytest.fail("measured although the environment set a shape"))
+
+
+def test_the_environment_sets_the_shape_without_measuring(isolated, monkeypatch):
+    monkeypatch.setenv("MEMMGR_COPY_SHAPE", "2:16")
+    choice = copy_shape._choices.get(0, measure_fn=lambda d: pytest.fail("measured"))
+    assert choice.shape == CopyShape(2, 16) and choice.source.startswith("environment")
+    assert not isolated.exists()
+
+
+def test_a_measured_shape_is_cached_by_device_key_and_the_next_process_reads_it(isolated):
+    calls = []
+
+    def fake_measure(device):
+        calls.append(device)
+        return {s: 30.0 + s.depth for s in CANDIDATES}  # deeper is faster: 2:16 wins
+
+    choice = copy_shape._choices.get(0, measure_fn=fake_measure)
+    assert choice.shape == CopyShape(2, 16) and choice.source == "measured" and calls == [0]
+    assert copy_shape._choices.get(0, measure_fn=fake_measure) is choice and calls == [0]  # once per process
+    saved = json.loads(isolated.read_text())
+    assert saved[KEY]["shape"] == "2:16" and set(saved[KEY]["h2d_gbps"]) == {s.label for s in CANDIDATES}
+    fresh = copy_shape._Choices()  # another process: the cache, no measurement
+    again = fresh.get(0, measure_fn=lambda d: pytest.fail("measured although the cache holds this device"))
+    assert again.shape == CopyShape(2, 16) and again.source == "cache"
+
+
+def test_another_driver_or_kernel_build_measures_again(isolated, monkeypatch):
+    isolated.write_text(json.dumps({KEY.replace("999.1", "998.0"): {"shape": "2:16"}}))
+    choice = copy_shape._choices.get(0, measure_fn=lambda d: {CopyShape(1, 8): 50.0})
+    assert choice.shape == CopyShape(1, 8) and choice.source == "measured"
+    assert set(json.loads(isolated.read_text())) == {KEY, KEY.replace("999.1", "998.0")}
+
+
+def test_an_unreadable_cache_is_ignored_with_a_warning_and_rewritten(isolated, caplog):
+    isolated.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="memmgr"):
+        choice = copy_shape._choices.get(0, measure_fn=lambda d: {CopyShape(1, 16): 50.0})
+    assert choice.shape == CopyShape(1, 16)
+    assert "cannot be read" in caplog.text
+    assert json.loads(isolated.read_text())[KEY]["shape"] == "1:16"
+
+
+def test_a_failed_measurement_falls_back_to_the_default_shape_and_says_why(isolated, caplog):
+    def failing(device):
+        raise RuntimeError("CUDA out of memory")
+
+    with caplog.at_level(logging.WARNING, logger="memmgr"):
+        choice = copy_shape._choices.get(0, measure_fn=failing)
+    assert choice.shape == DEFAULT_SHAPE and "out of memory" in choice.source
+    assert not isolated.exists()  # a fallback is not a measurement: the next process tries again
+
+
+def test_cache_off_measures_in_every_process_and_writes_nothing(isolated, monkeypatch, tmp_path):
+    monkeypatch.setenv("MEMMGR_COPY_SHAPE_CACHE", "off")
+    choice = copy_shape._choices.get(0, measure_fn=lambda d: {CopyShape(2, 8): 50.0})
+    assert choice.shape == CopyShape(2, 8) and not list(tmp_path.iterdir())
+
+
+def test_backend_info_reports_the_shape_of_every_device_with_its_source(isolated, monkeypatch):
+    copy_shape._choices.get(0, measure_fn=lambda d: {CopyShape(1, 8): 50.0, CopyShape(1, 4): 30.0})
+    from memmgr import transfer
+
+    status = transfer.copy_paths_status()["kernel_shape"]
+    assert status["cuda:0"]["shape"] == "1:8" and status["cuda:0"]["source"] == "measured"
+    info = memmgr.backend_info()
+    assert info.copy_kernel_shape["cuda:0"]["unroll"] == 8
+    assert "copy kernel shape (blocks per SM:unroll): cuda:0 1:8 (measured)" in info.describe()
+    assert ShapeChoice(CopyShape(1, 4), "cache").as_dict()["blocks_per_sm"] == 1
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", CANDIDATES, ids=lambda s: s.label)
+def test_every_candidate_shape_copies_bit_exact_both_ways(shape):
+    from memmgr._native import native_module
+    from memmgr.host_memory import allocate_host_buffer
+
+    native = native_module()
+    if native is None or not hasattr(native, "kernel_copy"):
+        pytest.skip("needs a CUDA GPU and memmgr's native extension")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    stream = torch.cuda.Stream()
+    for nbytes, offset in ((0, 0), (1, 0), (4097, 16), ((48 << 20) + 13, 32), (3 * 4096 * 1024 * 16 + 5, 0)):
+        host = allocate_host_buffer(nbytes + offset + 64, pin=True, allow_pageable_fallback=False)
+        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+        host.tensor[offset:offset + nbytes].copy_(src)
+        dev = torch.full((nbytes + 64,), 7, dtype=torch.uint8, device="cuda")
+        native.kernel_copy(dev.data_ptr(), host.tensor.data_ptr() + offset, nbytes, stream.cuda_stream, 0,
+                           shape.blocks(sms), shape.unroll)
+        stream.synchronize()
+        assert torch.equal(dev[:nbytes].cpu(), src) and bool((dev[nbytes:] == 7).all())
+        back = allocate_host_buffer(nbytes + 64, pin=True, allow_pageable_fallback=False)
+        back.tensor.fill_(9)
+        native.kernel_copy(back.tensor.data_ptr(), dev.data_ptr(), nbytes, stream.cuda_stream, 0,
+                           shape.blocks(sms), shape.unroll)
+        stream.synchronize()
+        assert torch.equal(back.tensor[:nbytes], src) and bool((back.tensor[nbytes:] == 9).all())
+        host.release()
+        back.release()
+
+
+@requires_cuda
+def test_the_first_kernel_use_measures_every_candidate_on_the_device(monkeypatch, tmp_path):
+    from memmgr import transfer
+
+    if not transfer.kernels_available():
+        pytest.skip("needs a CUDA GPU and memmgr's native extension")
+    monkeypatch.setenv("MEMMGR_COPY_SHAPE_CACHE", str(tmp_path / "shapes.json"))
+    monkeypatch.delenv("MEMMGR_COPY_SHAPE", raising=False)
+    monkeypatch.setattr(copy_shape, "_choices", copy_shape._Choices())
+    choice = copy_shape.shape_for(0)
+    assert choice.source == "measured" and set(choice.h2d_gbps) == {s.label for s in CANDIDATES}
+    assert all(g > 1.0 for g in choice.h2d_gbps.values()), choice.h2d_gbps
+    assert choice.shape == copy_shape.choose({CopyShape.parse(k): v for k, v in choice.h2d_gbps.items()})
