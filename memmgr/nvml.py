@@ -311,3 +311,26 @@ def describe_device(index: int) -> dict[str, Any]:
             "current_gen": link.current_gen, "current_width": link.current_width,
             "max_gen": link.max_gen, "max_width": link.max_width, "gpu_max_gen": link.gpu_max_gen},
     }
+
+
+def card(torch_index: int) -> dict[str, Any]:
+    """Which GPU a figure came from: name, memory, PCIe link (now and at most), driver and UUID of torch device
+    ``torch_index``; what NVML cannot say is None (the name and memory then come from torch)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(torch_index)
+    index = nvml_index(torch_index)
+    described = describe_device(index) if index is not None else {}
+    return {"name": described.get("name") or props.name, "uuid": described.get("uuid"),
+            "memory_bytes": described.get("total") or props.total_memory, "pcie": described.get("pcie"),
+            "driver": driver_version(), "cuda_driver": cuda_driver_version()}
+
+
+def describe_card(info: dict[str, Any]) -> str:
+    """One line for a ``card()``: "NVIDIA H100 80GB HBM3, 79.6 GiB, PCIe Gen5 x16 (max Gen5 x16), driver 580.65"."""
+    text = f"{info.get('name') or '?'}, {(info.get('memory_bytes') or 0) / 2**30:.1f} GiB"
+    pcie = info.get("pcie")
+    if pcie:
+        text += (f", PCIe Gen{pcie.get('current_gen') or '?'} x{pcie.get('current_width') or '?'} (max "
+                 f"Gen{pcie.get('max_gen') or '?'} x{pcie.get('max_width') or '?'})")
+    return text + f", driver {info.get('driver') or '?'}"

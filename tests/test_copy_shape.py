@@ -155,3 +155,25 @@ def test_the_first_kernel_use_measures_every_candidate_on_the_device(monkeypatch
     assert choice.source == "measured" and set(choice.h2d_gbps) == {s.label for s in CANDIDATES}
     assert all(g > 1.0 for g in choice.h2d_gbps.values()), choice.h2d_gbps
     assert choice.shape == copy_shape.choose({CopyShape.parse(k): v for k, v in choice.h2d_gbps.items()})
+
+
+def test_a_bench_figure_names_its_card_name_memory_pcie_link_and_driver(monkeypatch):
+    """Every GPU figure names its card (issue 30): the bench's info and table header come from nvml.card()."""
+    from types import SimpleNamespace
+
+    from memmgr import nvml
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name="torch name", total_memory=80 * 2**30))
+    monkeypatch.setattr(nvml, "nvml_index", lambda i: 3)
+    monkeypatch.setattr(nvml, "describe_device", lambda i: {
+        "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-1", "total": 85520809984,
+        "pcie": {"current_gen": 5, "current_width": 16, "max_gen": 5, "max_width": 16, "gpu_max_gen": 5}})
+    monkeypatch.setattr(nvml, "driver_version", lambda: "580.65.06")
+    monkeypatch.setattr(nvml, "cuda_driver_version", lambda: "13.0")
+    card = nvml.card(0)
+    assert card["name"] == "NVIDIA H100 80GB HBM3" and card["uuid"] == "GPU-1" and card["driver"] == "580.65.06"
+    assert nvml.describe_card(card) == "NVIDIA H100 80GB HBM3, 79.6 GiB, PCIe Gen5 x16 (max Gen5 x16), driver 580.65.06"
+    monkeypatch.setattr(nvml, "nvml_index", lambda i: None)  # no NVML: torch's name and memory, the rest unknown
+    monkeypatch.setattr(nvml, "driver_version", lambda: None)
+    assert nvml.describe_card(nvml.card(0)) == "torch name, 80.0 GiB, driver ?"

@@ -243,7 +243,11 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
     checked = check_arguments(out=out, size_gb=size_gb, sweep=sweep, cycles=cycles, methods=methods,
                               megatron=megatron, phase_gap_s=phase_gap_s, between=between, gpt=gpt)
     device, methods = checked.device, checked.methods
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU only (no GPU: the CPU path)"
+    from memmgr import nvml
+
+    card = nvml.card(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else None
+    label = nvml.describe_card(card) if card else "CPU only (no GPU: the CPU path)"
     copied = size_gb * GB if size_gb else default_size(device)
     chosen = [m for m in all_methods() if methods is None or m.name in methods]
     if device.type != "cuda":
@@ -252,7 +256,7 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
     condition_names = checked.between
     engine = EngineStandIn(device) if "engine" in condition_names else None
     conditions = {name: (engine.cycle if name == "engine" else None) for name in condition_names}
-    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": label, "torch": torch.__version__,
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": label, "card": card, "torch": torch.__version__,
             "backend": backend_info().describe(), "requested_copied_bytes": copied, "phase_gap_s": gap,
             "between": condition_names}
     click.echo(f"memmgr bench on {label}: {backend_info().describe()}")
