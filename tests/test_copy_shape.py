@@ -84,9 +84,10 @@ def test_an_unreadable_cache_is_ignored_with_a_warning_and_rewritten(isolated, c
     assert json.loads(isolated.read_text())[KEY]["shape"] == "1:16"
 
 
-def test_a_failed_measurement_falls_back_to_the_default_shape_and_says_why(isolated, caplog):
+@pytest.mark.parametrize("error", [RuntimeError("CUDA out of memory"), TypeError("out of memory in a new way")])
+def test_a_failed_measurement_falls_back_to_the_default_shape_and_says_why(isolated, caplog, error):
     def failing(device):
-        raise RuntimeError("CUDA out of memory")
+        raise error
 
     with caplog.at_level(logging.WARNING, logger="memmgr"):
         choice = copy_shape._choices.get(0, measure_fn=failing)
