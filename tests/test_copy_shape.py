@@ -178,3 +178,27 @@ def test_a_bench_figure_names_its_card_name_memory_pcie_link_and_driver(monkeypa
     monkeypatch.setattr(nvml, "nvml_index", lambda i: None)  # no NVML: torch's name and memory, the rest unknown
     monkeypatch.setattr(nvml, "driver_version", lambda: None)
     assert nvml.describe_card(nvml.card(0)) == "torch name, 80.0 GiB, driver ?"
+
+
+def test_a_kernel_copy_launches_with_the_devices_shape_and_blocks_given_override_only_the_grid(isolated, monkeypatch):
+    """transfer's launch passes the device's chosen shape to the native kernel: its blocks per SM x the SMs and its
+    unroll; a grid given by the caller (MEMMGR_KERNEL_BLOCKS, kernel_blocks=) replaces the blocks only."""
+    from types import SimpleNamespace
+
+    from memmgr import transfer
+
+    calls, prepared = [], []
+    fake = SimpleNamespace(kernel_copy=lambda *args: calls.append(args), kernel_prepare=prepared.append)
+    monkeypatch.setattr(transfer, "native_module", lambda: fake)
+    monkeypatch.setattr(transfer, "kernels_available", lambda: True)
+    monkeypatch.setattr(transfer, "_prepared_devices", set())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setenv("MEMMGR_COPY_SHAPE", "2:8")
+    dst = SimpleNamespace(data_ptr=lambda: 4096, numel=lambda: 1 << 20)
+    src = SimpleNamespace(data_ptr=lambda: 8192)
+    stream = SimpleNamespace(device=torch.device("cuda", 0), cuda_stream=7)
+    transfer._issue_kernel(dst, src, stream, 0)
+    transfer._issue_kernel(dst, src, stream, 66)
+    assert prepared == [0]  # loaded (and the shape chosen) once per device
+    assert calls == [(4096, 8192, 1 << 20, 7, 0, 264, 8), (4096, 8192, 1 << 20, 7, 0, 66, 8)]
+    assert transfer.copy_paths_status()["kernel_shape"]["cuda:0"]["source"].startswith("environment")
