@@ -31,7 +31,6 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,8 +146,9 @@ def multi_gpu_steps(ctx: Context) -> list[Step]:
             multi_gpu(ctx, "mg_handover_dp", "handover_dp", 70, "--sizes", "1.3b", procs=4)]
 
 
-# the copy kernel's launch shapes (memmgr.copy_shape.CANDIDATES), spelled out so --help needs no torch
-COPY_SHAPES = tuple(SimpleNamespace(label=f"{b}:{u}") for b in (1, 2) for u in (4, 8, 16))
+# the copy kernel's launch shapes, blocks per SM : unroll: memmgr.copy_shape.CANDIDATES, spelled out because this
+# runner imports neither torch nor memmgr (tests/test_benchmarks_lab.py keeps the two equal)
+COPY_SHAPES = ("1:4", "1:8", "1:16", "2:4", "2:8", "2:16")
 
 # vLLM's weight-transfer modules on the GPU machine (no vLLM there): .vllm-py/ (benchmarks/make_vllm_subset.py) and
 # its wheels installed into VLLM_SITE; vLLM's CPU platform, the one the subset was collected under
@@ -219,12 +219,12 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
     "copy-shapes": ("issue 30: the copy kernel alone, host->device, 8 GiB on warm memory and right after another "
                     "process released 48 GiB, once per launch shape (MEMMGR_COPY_SHAPE = blocks per SM : unroll), "
                     "then `memmgr doctor`, which measures the shapes itself and prints the one it keeps",
-                    lambda c: [Step(f"shape_{shape.label.replace(':', 'x')}", program(
-                                   "copy_path_probe.py", "--out", str(c.work / f"shape_{shape.label.replace(':', 'x')}"),
+                    lambda c: [Step(f"shape_{shape.replace(':', 'x')}", program(
+                                   "copy_path_probe.py", "--out", str(c.work / f"shape_{shape.replace(':', 'x')}"),
                                    "--scenarios", "warm,after_release", "--directions", "h2d", "--paths", "kernel",
                                    "--repeats", "2", "--blocks=", "--flat-cycles", "0", "--timeline-s", "0"),
                                    75, show=r"^(warm|after_release|peak)",
-                                   env={"MEMMGR_COPY_SHAPE": shape.label, "MEMMGR_COPY_SHAPE_CACHE": "off"})
+                                   env={"MEMMGR_COPY_SHAPE": shape, "MEMMGR_COPY_SHAPE_CACHE": "off"})
                                for shape in COPY_SHAPES] + [
                                Step("doctor", [PY, "-m", "memmgr", "doctor"], 90, show=r"copy kernel|peak",
                                     env={"MEMMGR_COPY_SHAPE_CACHE": "off"})]),

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from memmgr.tools.cpu_math import warm_up_vml
+
 
 def fail(message: str) -> None:
     """Ends the example with exit status 1 and the message on stderr."""
@@ -42,28 +44,12 @@ def check_loop_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
     compared bit for bit."""
     if args.iterations < 2:
         parser.error("--iterations must be at least 2: steps before the checkpoint and after the resume")
-    warm_up_cpu_math()
+    warm_up_vml()  # oneMKL's first-call race would differ the runs (memmgr.tools.cpu_math)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device here")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-
-
-# ATen's float unary ops that go through oneMKL's VML (aten/src/ATen/cpu/vml.h).
-VML_FUNCTIONS = ("acos", "asin", "atan", "cos", "cosh", "erf", "erfc", "erfinv", "exp", "expm1", "log", "log10",
-                 "log1p", "sin", "sinh", "sqrt", "tan", "tanh")
-
-
-def warm_up_cpu_math() -> None:
-    """Calls each VML-backed op once on one element (one thread) per floating dtype. oneMKL 2024.2, in torch's CPU
-    wheels, picks a VML function's kernel at its first call, and when that call runs on several threads at once one
-    of them can compute its chunk at low accuracy (pytorch/pytorch#188792): a fresh process's first Adam step then
-    takes ``sqrt`` of half the moments with errors of ~1e-4, and the two runs differ although memmgr changed
-    nothing."""
-    for name in VML_FUNCTIONS:
-        for dtype in (torch.float32, torch.float64):
-            getattr(torch, name)(torch.full((1,), 0.5, dtype=dtype))
 
 
 def check_same_training(managed: dict, plain: dict, parts: tuple[str, ...] = ("model", "optimizer")) -> None:

@@ -152,9 +152,12 @@ def device_key(device: int) -> str:
 
 
 def measure(device: int, nbytes: int = MEASURE_BYTES, repeats: int = MEASURE_REPEATS,
-            candidates: tuple[CopyShape, ...] = CANDIDATES) -> dict[CopyShape, float]:
+            candidates: tuple[CopyShape, ...] = CANDIDATES) -> dict[CopyShape, float] | None:
     """Host->device GB/s of each candidate: ``nbytes`` from pinned, mapped host memory into device memory, the median
-    of ``repeats`` timed copies after one untimed one."""
+    of ``repeats`` timed copies after one untimed one. None while a CUDA graph is being captured (no copies or
+    allocations may run then)."""
+    if torch.cuda.is_current_stream_capturing():
+        return None
     from memmgr._native import native_module
     from memmgr.host_memory import allocate_host_buffer
     native = native_module()
@@ -194,7 +197,8 @@ class _Choices:
         self._lock = threading.Lock()
         self._by_device: dict[int, ShapeChoice] = {}
 
-    def get(self, device: int, measure_fn: Callable[[int], dict[CopyShape, float]] | None = None) -> ShapeChoice:
+    def get(self, device: int,
+            measure_fn: Callable[[int], dict[CopyShape, float] | None] | None = None) -> ShapeChoice:
         with self._lock:
             choice = self._by_device.get(device)
             if choice is None:
@@ -208,15 +212,11 @@ class _Choices:
         with self._lock:
             return dict(self._by_device)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._by_device.clear()
-
 
 _choices = _Choices()
 
 
-def _decide(device: int, measure_fn: Callable[[int], dict[CopyShape, float]]) -> ShapeChoice | None:
+def _decide(device: int, measure_fn: Callable[[int], dict[CopyShape, float] | None]) -> ShapeChoice | None:
     """The choice for ``device``, or None where it cannot be made now (a CUDA graph is being captured)."""
     forced = os.environ.get("MEMMGR_COPY_SHAPE", "").strip()
     if forced:
@@ -230,14 +230,14 @@ def _decide(device: int, measure_fn: Callable[[int], dict[CopyShape, float]]) ->
                                dict(cached.get("h2d_gbps") or {}))
         except MemmgrInputError as exc:
             logger.warning("ignoring the cached copy-kernel shape (%s); measuring", exc)
-    if measure_fn is measure and torch.cuda.is_current_stream_capturing():
-        return None  # no copies or allocations inside a capture: the default until the next kernel use outside one
     try:
         speeds = measure_fn(device)
     except Exception as exc:  # noqa: BLE001 - a tuning step must never stop a copy: the shape that held on the H200
         logger.warning("the copy kernel's launch shape could not be measured on cuda:%d (%s); using %s", device, exc,
                        DEFAULT_SHAPE.label)
         return ShapeChoice(DEFAULT_SHAPE, f"default (measurement failed: {exc})", key)
+    if speeds is None:
+        return None  # inside a capture: the default until the next kernel use outside one
     choice = ShapeChoice(choose(speeds), "measured", key, {s.label: round(g, 2) for s, g in speeds.items()})
     logger.info("copy kernel on cuda:%d: shape %s (blocks per SM : unroll) measured at %s GB/s host->device", device,
                 choice.shape.label, choice.h2d_gbps)

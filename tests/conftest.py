@@ -3,9 +3,9 @@ import re
 import pytest
 import torch
 
-from cpu_math import warm_up_vml
+from memmgr.tools.cpu_math import warm_up_vml
 
-warm_up_vml()  # before any test compares two computations bit for bit (tests/cpu_math.py)
+warm_up_vml()  # before any test compares two computations bit for bit (memmgr.tools.cpu_math)
 
 CUDA = torch.cuda.is_available()
 

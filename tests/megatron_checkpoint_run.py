@@ -138,6 +138,6 @@ def run(config, workdir, data, pool) -> dict:
 
 
 if __name__ == "__main__":
-    from cpu_math import warm_up_vml  # the script's folder, tests/, is on sys.path
-    warm_up_vml()  # the run is compared bit for bit (tests/cpu_math.py)
+    from memmgr.tools.cpu_math import warm_up_vml
+    warm_up_vml()  # the run is compared bit for bit (memmgr.tools.cpu_math)
     main(sys.argv[1:])

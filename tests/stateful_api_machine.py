@@ -1080,6 +1080,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from cpu_math import warm_up_vml  # the script's folder, tests/, is on sys.path
-    warm_up_vml()  # the run is compared bit for bit (tests/cpu_math.py)
+    from memmgr.tools.cpu_math import warm_up_vml
+    warm_up_vml()  # the run is compared bit for bit (memmgr.tools.cpu_math)
     sys.exit(main())

@@ -104,3 +104,11 @@ def test_onload_timeline_recorder_passes_an_onload_everything_the_transaction_gi
     assert FlatTensors.onload is recorder._onload  # restored
     assert torch.equal(weights["w"], torch.arange(64, dtype=torch.float32)) and not grads["g"].any()
     mgr.close()
+
+
+def test_the_runners_copy_shapes_suite_runs_every_shape_memmgr_chooses_from():
+    import run
+
+    from memmgr.copy_shape import CANDIDATES
+
+    assert run.COPY_SHAPES == tuple(s.label for s in CANDIDATES)

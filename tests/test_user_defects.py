@@ -14,14 +14,15 @@ import memmgr
 from memmgr.comms import NcclCommunicators
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 
+from memmgr.tools.cpu_math import WARM_UP_SOURCE
+
 from conftest import devices
-from cpu_math import WARM_UP_SOURCE
 
 pytestmark = pytest.mark.integration  # issue 31: tests by cost (tests/conftest.py)
 
 
 def _run_python(script: str, device: str = "cpu") -> subprocess.CompletedProcess:
-    code = WARM_UP_SOURCE + f"DEVICE = {device!r}\n" + textwrap.dedent(script)
+    code = WARM_UP_SOURCE + f"import torch\nDEVICE = {device!r}\n" + textwrap.dedent(script)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 

@@ -111,6 +111,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cpu_math import warm_up_vml  # the script's folder, tests/, is on sys.path
-    warm_up_vml()  # the run is compared bit for bit (tests/cpu_math.py)
+    from memmgr.tools.cpu_math import warm_up_vml
+    warm_up_vml()  # the run is compared bit for bit (memmgr.tools.cpu_math)
     main()
