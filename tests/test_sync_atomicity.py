@@ -84,6 +84,16 @@ def _drive(transport, weights: dict, *, fault: str | None, fail_at: int, bucket_
         raise
 
 
+def _commit(loader, weights: dict) -> None:
+    """A sync through a transport that does not fail."""
+    _drive(_FlakyTransport(loader), weights, fault=None, fail_at=-1)
+
+
+def _break_transport_at(loader, weights: dict, at: int) -> None:
+    """A sync whose transport fails at bucket ``at`` (raises MemmgrSyncError)."""
+    _drive(_FlakyTransport(loader, "transport", at), weights, fault="transport", fail_at=at)
+
+
 def _bucket_count(weights: dict, bucket_bytes: int = 2048) -> int:
     return sum(1 for _ in bucketize(weights.items(), bucket_bytes))
 
@@ -105,7 +115,7 @@ def test_failed_inprocess_sync_leaves_every_engine_tensor_bit_for_bit_as_before(
     assert loader.consistent
     engine(torch.randn(2, 16))  # serves (its previous weights)
     # the next sync works and brings every tensor
-    _drive(_FlakyTransport(loader), new, fault=None, fail_at=-1)
+    _commit(loader, new)
     assert all(same_bits(engine.state_dict()[k], new[k]) for k in new)
     assert not all(same_bits(new[k], before[k]) for k in new)  # the test could tell the two apart
 
@@ -115,10 +125,10 @@ def test_undo_buffers_are_reused_across_syncs_and_hold_one_copy_of_what_was_over
     loader = ModuleWeightLoader(engine)
     model_bytes = sum(t.numel() * t.element_size() for t in engine.state_dict().values())
     for seed in (1, 2):
-        _drive(_FlakyTransport(loader), dict(_engine_model(seed).state_dict()), fault=None, fail_at=-1)
+        _commit(loader, dict(_engine_model(seed).state_dict()))
         buffers = dict(loader.undo._buffers)
         assert loader.undo.host_bytes == model_bytes
-    _drive(_FlakyTransport(loader), dict(_engine_model(3).state_dict()), fault=None, fail_at=-1)
+    _commit(loader, dict(_engine_model(3).state_dict()))
     assert all(loader.undo._buffers[k] is buffers[k] for k in buffers)  # no new allocation
 
 
@@ -133,15 +143,14 @@ def test_a_failed_sync_after_committed_ones_restores_the_last_committed_weights(
     engine = _engine_model(0).to(device)
     loader = ModuleWeightLoader(engine)
     for seed in (1, 2):
-        _drive(_FlakyTransport(loader), _on(device, _engine_model(seed).state_dict()), fault=None, fail_at=-1)
+        _commit(loader, _on(device, _engine_model(seed).state_dict()))
     committed = {n: t.detach().clone() for n, t in engine.state_dict().items()}
     new = _on(device, _engine_model(3).state_dict())
     n = _bucket_count(new)
     with pytest.raises(MemmgrSyncError):
-        _drive(_FlakyTransport(loader, "transport", _index(where, n)), new, fault="transport",
-               fail_at=_index(where, n))
+        _break_transport_at(loader, new, _index(where, n))
     assert all(same_bits(engine.state_dict()[k], committed[k]) for k in committed)
-    _drive(_FlakyTransport(loader), new, fault=None, fail_at=-1)
+    _commit(loader, new)
     assert all(same_bits(engine.state_dict()[k], new[k]) for k in new)
 
 
@@ -150,28 +159,27 @@ def test_a_failed_sync_after_a_rollback_and_a_commit_restores_the_committed_weig
     # those copies must not count as current for the next failed sync
     engine = _engine_model(0).to(device)
     loader = ModuleWeightLoader(engine)
-    _drive(_FlakyTransport(loader), _on(device, _engine_model(1).state_dict()), fault=None, fail_at=-1)
+    _commit(loader, _on(device, _engine_model(1).state_dict()))
     failing = _on(device, _engine_model(2).state_dict())
     last = _bucket_count(failing) - 1
     with pytest.raises(MemmgrSyncError):
-        _drive(_FlakyTransport(loader, "transport", last), failing, fault="transport", fail_at=last)
+        _break_transport_at(loader, failing, last)
     committed = _on(device, _engine_model(3).state_dict())
-    _drive(_FlakyTransport(loader), committed, fault=None, fail_at=-1)
+    _commit(loader, committed)
     with pytest.raises(MemmgrSyncError):
-        _drive(_FlakyTransport(loader, "transport", last), _on(device, _engine_model(4).state_dict()),
-               fault="transport", fail_at=last)
+        _break_transport_at(loader, _on(device, _engine_model(4).state_dict()), last)
     assert all(same_bits(engine.state_dict()[k], committed[k]) for k in committed)
 
 
 def test_a_load_outside_a_session_is_what_a_later_failed_sync_restores(device):
     engine = _engine_model(0).to(device)
     loader = ModuleWeightLoader(engine)
-    _drive(_FlakyTransport(loader), _on(device, _engine_model(1).state_dict()), fault=None, fail_at=-1)
+    _commit(loader, _on(device, _engine_model(1).state_dict()))
     manual = _on(device, _engine_model(2).state_dict())
     loader(list(manual.items()))  # no session: the host copy taken after the last commit is stale now
     new = _on(device, _engine_model(3).state_dict())
     with pytest.raises(MemmgrSyncError):
-        _drive(_FlakyTransport(loader, "transport", 1), new, fault="transport", fail_at=1)
+        _break_transport_at(loader, new, 1)
     assert all(same_bits(engine.state_dict()[k], manual[k]) for k in manual)
 
 
@@ -181,13 +189,13 @@ def test_non_atomic_loader_refuses_to_serve_after_a_failed_sync_until_a_sync_com
     new = dict(_engine_model(1).state_dict())
     n = _bucket_count(new)
     with pytest.raises(MemmgrSyncError):
-        _drive(_FlakyTransport(loader, "transport", n // 2), new, fault="transport", fail_at=n // 2)
+        _break_transport_at(loader, new, n // 2)
     assert not loader.consistent and loader.undo.host_bytes == 0  # no copy kept
     with pytest.raises(MemmgrStateError, match="mix of old and new weights"):
         engine(torch.randn(2, 16))
     with pytest.raises(MemmgrStateError, match="atomic=True"):
         loader.check_consistent()
-    _drive(_FlakyTransport(loader), new, fault=None, fail_at=-1)
+    _commit(loader, new)
     assert loader.consistent
     engine(torch.randn(2, 16))
 

@@ -105,13 +105,18 @@ def test_verl_offload_refuses_what_is_not_a_manager_or_an_engine():
     mgr.close()
 
 
-# ---- against verl (integration) ----
-@pytest.fixture(scope="module")
-def results():
-    out = subprocess.run([sys.executable, os.path.join(HERE, "verl_run.py")], capture_output=True, text=True,
+def _run_with_verl(script: str) -> dict:
+    """Runs a script of tests/ with verl's folder on its path; its last stdout line is its JSON result."""
+    out = subprocess.run([sys.executable, os.path.join(HERE, script)], capture_output=True, text=True,
                          env=verl_env(), cwd=REPO, timeout=600)
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-6000:]}"
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- against verl (integration) ----
+@pytest.fixture(scope="module")
+def results():
+    return _run_with_verl("verl_run.py")
 
 
 @needs_verl
@@ -148,10 +153,7 @@ def test_a_failed_sync_raises_on_the_trainer_naming_the_cause_and_the_next_sync_
 # ---- VerlOffload in place of verl's per-tensor helpers (integration) ----
 @pytest.fixture(scope="module")
 def helpers():
-    out = subprocess.run([sys.executable, os.path.join(HERE, "verl_helpers_run.py")], capture_output=True, text=True,
-                         env=verl_env(), cwd=REPO, timeout=600)
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-6000:]}"
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _run_with_verl("verl_helpers_run.py")
 
 
 @needs_verl

@@ -89,6 +89,16 @@ class MemmgrGlooWeightTransferEngine(WeightTransferEngine[MemmgrGlooInitInfo, Me
         self._served = ServedState()
         self.inconsistent: str | None = None  # why the served weights are a mix (a failed non-atomic sync)
 
+    @property
+    def syncing(self) -> bool:
+        """A sync's layerwise reload is open on this worker (begun, neither finished nor put back)."""
+        return self._reloading
+
+    @property
+    def held_host_bytes(self) -> int:
+        """Host bytes of the copy kept to put the served weights back after a failed sync."""
+        return self._served.host_bytes
+
     def init_transfer_engine(self, init_info: MemmgrGlooInitInfo) -> None:
         if self._receiver is not None:  # a trainer reconnects: its previous group is gone
             self._receiver.close()
@@ -285,8 +295,7 @@ class MemmgrWorkerExtension:
         engine = getattr(self, "weight_transfer_engine", None)
         if not isinstance(engine, MemmgrGlooWeightTransferEngine):
             return {"inconsistent": None, "host_bytes": 0, "syncing": False}
-        return {"inconsistent": engine.inconsistent, "host_bytes": engine._served.host_bytes,
-                "syncing": engine._reloading}
+        return {"inconsistent": engine.inconsistent, "host_bytes": engine.held_host_bytes, "syncing": engine.syncing}
 
 
 register_vllm_backends()
