@@ -5,9 +5,9 @@
 # 3. issue 32's WeightSource sync speed, then issue 31's IPC sync speed (a quiet GPU again).
 set -u
 export MEMMGR_CUDA_ARCHS=90
-C=$(git rev-parse --short HEAD 2>/dev/null || echo "${MEMMGR_GIT_COMMIT:-unknown}")
-python3 benchmarks/run.py soak --out "$OUT" --commit "$C" --deadline 170 > "$OUT/run-soak.log" 2>&1
+C=${MEMMGR_GIT_COMMIT:?set MEMMGR_GIT_COMMIT to the commit of this tree}
 L=/tmp/call-logs; mkdir -p $L
+python3 benchmarks/run.py soak --out "$OUT" --commit "$C" --deadline 170 > $L/run-soak.log 2>&1
 export PYTHONPATH=/tmp/site:$PWD
 for o in adam adamw sgd; do
   timeout 220 python3 tests/stateful_api_machine.py --examples 400 --steps 30 --optimizer $o --device cuda \
@@ -18,7 +18,7 @@ timeout 230 python3 -m pytest tests -q -p no:cacheprovider -m gpu --ignore tests
   --ignore tests/test_guard.py > $L/pytest-gpu.log 2>&1
 echo "pytest rc $?" >> $L/pytest-gpu.log
 wait
-tar czf "$OUT/call-logs.tgz" -C $L .
 python3 benchmarks/run.py ipc-sync-source ipc-sync --skip-setup --out "$OUT" --commit "$C" --deadline 190 \
-  > "$OUT/run-ipc.log" 2>&1
+  > $L/run-ipc.log 2>&1
+tar czf "$OUT/call-logs.tgz" -C $L .
 tail -3 "$OUT"/*.txt; tail -2 $L/*.log
