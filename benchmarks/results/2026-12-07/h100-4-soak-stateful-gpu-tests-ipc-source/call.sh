@@ -1,6 +1,6 @@
 # The device call behind this folder (H100, 2026-12-07): bash benchmarks/results/2026-12-07/h100-4-.../call.sh
 # 1. set-up and the 1000-cycle soak alone (its NVML drift needs a quiet GPU);
-# 2. the stateful test of the public API, 400 sequences per optimizer (three processes), beside the GPU pytest
+# 2. the stateful test of the public API, 300 sequences per optimizer (three processes), beside the GPU pytest
 #    without the files of the users-loops suite (they passed in call 3 at this code) and without test_stateful_api.py;
 # 3. issue 32's WeightSource sync speed, then issue 31's IPC sync speed (a quiet GPU again).
 set -u
@@ -10,7 +10,7 @@ L=/tmp/call-logs; mkdir -p $L
 python3 benchmarks/run.py soak --out "$OUT" --commit "$C" --deadline 170 > $L/run-soak.log 2>&1
 export PYTHONPATH=/tmp/site:$PWD
 for o in adam adamw sgd; do
-  timeout 220 python3 tests/stateful_api_machine.py --examples 400 --steps 30 --optimizer $o --device cuda \
+  timeout 235 python3 tests/stateful_api_machine.py --examples 300 --steps 30 --optimizer $o --device cuda \
     > $L/stateful-$o.log 2>&1 &
 done
 timeout 230 python3 -m pytest tests -q -p no:cacheprovider -m gpu --ignore tests/test_megatron_cpu.py \
