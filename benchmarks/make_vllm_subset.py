@@ -13,8 +13,8 @@ package in the subset.
 
 Importing that chain needs third-party packages the GPU image does not have (found by --check on this machine,
 with only the GPU image's distributions visible): pyzmq (vllm.utils.network_utils), pydantic with pydantic-core,
-typing-inspection and annotated-types (vllm.config), cbor2 (vllm.utils.hashing), oss-harmony, openai and sniffio
-(vllm.entrypoints.mcp, reached from vllm.config through vllm.reasoning), pybase64 (ipc_engine). They travel as
+typing-inspection and annotated-types (vllm.config), cbor2 (vllm.utils.hashing), oss-harmony, openai with httpx2, httpcore2,
+truststore and jiter, and sniffio (vllm.entrypoints.mcp; reached from vllm.config through vllm.reasoning), pybase64 (ipc_engine). They travel as
 wheels for the GPU machine's Python (3.12, x86-64) in .vllm-py/wheels/, at the versions installed here, downloaded
 with pip; the ``ipc-sync-source`` suite installs them into /tmp/site-vllm. Steps there run with
 VLLM_TARGET_DEVICE=cpu: vLLM's platform is then the CPU one the subset was collected under (the GPU's platform
@@ -45,7 +45,7 @@ TARGETS = ["vllm.distributed.weight_transfer.base", "vllm.distributed.weight_tra
            "vllm.distributed.weight_transfer.ipc_engine", "vllm.distributed.weight_transfer.factory"]
 LEAVES = ["vllm/model_executor/model_loader/mtp_validation.py"]  # copied alone: their package __init__ stays out
 DEPS = ["pyzmq", "pydantic", "pydantic-core", "typing-inspection", "annotated-types", "cbor2", "oss-harmony",
-        "openai", "sniffio", "pybase64"]
+        "openai", "sniffio", "pybase64", "httpx2", "httpcore2", "truststore", "jiter"]
 ENV = {"VLLM_TARGET_DEVICE": "cpu"}
 # the distributions of the GPU machines' image ('cuda'), as the device notes listed them on 2026-11-17
 GPU_IMAGE = """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
@@ -64,8 +64,6 @@ seaborn sentencepiece sentence-transformers setuptools shellingham simplejson si
 tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz torch
 torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope triton typer
 typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp"""
-# what this machine's transformers/huggingface_hub need beyond the GPU image's (the GPU has its own, older ones)
-HERE_ONLY = ["httpx2", "httpcore2", "truststore"]
 CHECK = """
 import os, sys
 from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory, WeightTransferEngineFactory
@@ -122,8 +120,8 @@ def download(out: Path, python_version: str) -> list[str]:
 
 
 def visible_site(into: Path) -> None:
-    """A folder of links to the installed distributions the GPU image has (plus DEPS and HERE_ONLY)."""
-    allowed = {norm(n) for n in GPU_IMAGE.split() + DEPS + HERE_ONLY}
+    """A folder of links to the installed distributions the GPU image has (plus DEPS)."""
+    allowed = {norm(n) for n in GPU_IMAGE.split() + DEPS}
     for dist in md.distributions():
         if norm(dist.metadata["Name"]) not in allowed or dist.files is None:
             continue

@@ -129,6 +129,7 @@ def test_every_candidate_shape_copies_bit_exact_both_ways(shape):
         src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
         host.tensor[offset:offset + nbytes].copy_(src)
         dev = torch.full((nbytes + 64,), 7, dtype=torch.uint8, device="cuda")
+        stream.wait_stream(torch.cuda.current_stream())  # the fill runs on the current stream, the copy on `stream`
         native.kernel_copy(dev.data_ptr(), host.tensor.data_ptr() + offset, nbytes, stream.cuda_stream, 0,
                            shape.blocks(sms), shape.unroll)
         stream.synchronize()

@@ -21,4 +21,4 @@ wait
 python3 benchmarks/run.py ipc-sync-source ipc-sync --skip-setup --out "$OUT" --commit "$C" --deadline 190 \
   > $L/run-ipc.log 2>&1
 tar czf "$OUT/call-logs.tgz" -C $L .
-tail -3 "$OUT"/*.txt; tail -2 $L/*.log
+tail -n 3 "$OUT"/*.txt; tail -n 2 $L/*.log
