@@ -87,7 +87,7 @@ def extension_modules():
         libraries=["cudart_static", "dl", "rt", "pthread"],
         extra_compile_args=["-O3"],
     )
-    return [ext], {"build_ext": BuildWithKernels.with_options(use_ninja=False)}
+    return [ext], {"build_ext": BuildWithKernels.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extension_modules()

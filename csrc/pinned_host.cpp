@@ -9,7 +9,6 @@
 //
 // cudart is linked statically so the module loads on machines without a GPU driver; every CUDA call reports its
 // error as a Python RuntimeError instead of aborting.
-#include <torch/extension.h>
 
 #include "copy_kernels.h"
 #include "vmm.h"
@@ -87,7 +86,7 @@ void release(HostAllocation* alloc) {
 // Returns a uint8 CPU tensor of exactly `nbytes` elements that owns page-aligned memory, first-touched by
 // `num_threads` threads and, when `pin` is set, registered with CUDA. The memory is unregistered and unmapped
 // when the last reference to the tensor's storage goes away.
-torch::Tensor allocate(int64_t nbytes, int64_t num_threads, bool huge_pages, bool pin) {
+at::Tensor allocate(int64_t nbytes, int64_t num_threads, bool huge_pages, bool pin) {
   TORCH_CHECK(nbytes >= 0, "memmgr._pinned.allocate: nbytes must be >= 0, got ", nbytes);
   TORCH_CHECK(num_threads >= 1, "memmgr._pinned.allocate: num_threads must be >= 1, got ", num_threads);
   auto* alloc = new HostAllocation();
@@ -124,9 +123,9 @@ torch::Tensor allocate(int64_t nbytes, int64_t num_threads, bool huge_pages, boo
     alloc->registered = true;
     g_bytes_registered += static_cast<int64_t>(alloc->mapped_bytes);
   }
-  return torch::from_blob(
+  return at::from_blob(
       ptr, {nbytes}, [alloc](void*) { release(alloc); },
-      torch::TensorOptions().dtype(torch::kUInt8).device(torch::kCPU));
+      at::TensorOptions().dtype(at::kByte).device(at::kCPU));
 }
 
 namespace {

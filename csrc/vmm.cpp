@@ -268,11 +268,11 @@ class VmmRange : public std::enable_shared_from_this<VmmRange> {
 
   // A uint8 tensor of nbytes over the range on its CUDA device. Its storage keeps the range alive: the reservation
   // (and any mapped memory) is freed once neither the range object nor any such tensor refers to it.
-  torch::Tensor tensor() {
+  at::Tensor tensor() {
     auto self = shared_from_this();
-    return torch::from_blob(
+    return at::from_blob(
         reinterpret_cast<void*>(base_), {nbytes_}, [self](void*) {},
-        torch::TensorOptions().dtype(torch::kUInt8).device(torch::Device(torch::kCUDA, device_)));
+        at::TensorOptions().dtype(at::kByte).device(at::Device(at::kCUDA, device_)));
   }
 
   bool mapped() const { return mapped_; }
