@@ -8,6 +8,12 @@
 // the statically linked cudart), so the extension keeps no link dependency on libcuda and still loads on machines
 // without a GPU driver: every entry point reports a missing driver as an error message instead.
 //
+// A range can also back a torch storage (``vmm_adopt_storage``): the storage's memory moves into the range once, and
+// the range's allocator becomes the storage's, so that ``storage.resize_(0)`` gives the physical memory back and
+// ``storage.resize_(n)`` maps new memory at the same address; every tensor viewing the storage keeps its data_ptr().
+// A release waits for the work queued on the stream named by ``release_after`` (the copy out) on a reaper thread, so
+// the caller never blocks on it and each range's memory goes back as soon as its own copy completed.
+//
 // Every driver call runs with the device's primary context pushed (the context torch's runtime uses), so mappings are
 // visible to torch's kernels and copies; the primary context is retained once per device and never released.
 #include "vmm.h"
@@ -15,10 +21,16 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include <c10/core/Allocator.h>
+#include <c10/core/StorageImpl.h>
+
 #include <atomic>
+#include <condition_variable>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <unordered_map>
 
@@ -187,6 +199,55 @@ size_t granularity_of(const Driver& d, int device, const char* where) {
 
 size_t round_up(size_t value, size_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
+class VmmRange;
+
+// The allocator of a storage that lives in a VmmRange: allocate() maps memory at the range's address (the range owns
+// its allocator; a storage keeps the range alive through its data pointer's context while memory is mapped, and the
+// bucket that adopted the storage keeps it alive while none is).
+class RangeAllocator final : public c10::Allocator {
+ public:
+  explicit RangeAllocator(VmmRange* range) : range_(range) {}
+  c10::DataPtr allocate(size_t nbytes) override;
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    cudaError_t err = cudaMemcpy(dest, src, count, cudaMemcpyDeviceToDevice);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      TORCH_CHECK(false, "memmgr._pinned: copy within same-address memory failed (", runtime_error_text(err), ")");
+    }
+  }
+
+ private:
+  VmmRange* range_;
+};
+
+// Releases that wait for work on a stream: an event recorded on it, waited for on this thread, then the unmap.
+class Reaper {
+ public:
+  struct Item {
+    std::shared_ptr<VmmRange> range;
+    uint64_t generation;
+    cudaEvent_t event;
+  };
+  static Reaper& instance() {
+    static Reaper* reaper = new Reaper();  // never destroyed: its thread outlives static destruction at exit
+    return *reaper;
+  }
+  void push(Item item) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      items_.push_back(std::move(item));
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  Reaper() { std::thread([this] { run(); }).detach(); }
+  void run();
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Item> items_;
+};
+
 // One reserved virtual address range on one device, with or without physical memory mapped behind it.
 class VmmRange : public std::enable_shared_from_this<VmmRange> {
  public:
@@ -225,6 +286,127 @@ class VmmRange : public std::enable_shared_from_this<VmmRange> {
   // from the device. Its contents are undefined. Returns false (and does nothing) when the range is mapped already.
   bool map() {
     std::lock_guard<std::mutex> lock(mu_);
+    ++generation_;  // a release still waiting for its stream is called off: the memory stays
+    return map_locked();
+  }
+
+  // Unmaps and releases the physical memory; the addresses stay reserved. Work still using the range must have
+  // completed (the caller waits for it). Returns false (and does nothing) when no memory is mapped.
+  bool unmap() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!mapped_) return false;
+    const Driver& d = require_driver("VmmRange.unmap");
+    ContextScope scope(d, device_, "VmmRange.unmap");
+    release_physical(d);
+    return true;
+  }
+
+  // ---- as a storage's memory (vmm_adopt_storage) ----
+  // The next release of the storage's memory (storage.resize_(0)) waits for the work queued on `stream` until then.
+  void release_after(int64_t stream) {
+    std::lock_guard<std::mutex> lock(mu_);
+    release_stream_ = reinterpret_cast<cudaStream_t>(stream);
+    has_release_stream_ = true;
+  }
+
+  // Maps memory for the storage (calling off a release still pending) and returns its data pointer.
+  c10::DataPtr storage_memory(size_t nbytes) {
+    TORCH_CHECK(nbytes <= reserved_, "memmgr._pinned: same-address storage of ", nbytes_, " bytes cannot grow to ",
+                nbytes, " bytes (its address range holds ", reserved_, ")");
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!last_error_.empty()) {
+      std::string error = last_error_;
+      last_error_.clear();
+      TORCH_CHECK(false, "memmgr._pinned: an earlier release of same-address memory failed: ", error);
+    }
+    ++generation_;
+    map_locked();
+    auto* hold = new std::shared_ptr<VmmRange>(shared_from_this());
+    return c10::DataPtr(reinterpret_cast<void*>(base_), hold, &free_storage_memory,
+                        c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device_)));
+  }
+
+  // Blocks until every release handed to the reaper has happened; the error of a failed one, else "".
+  std::string wait_released() {
+    std::unique_lock<std::mutex> lock(mu_);
+    released_cv_.wait(lock, [this] { return pending_ == 0; });
+    std::string error = last_error_;
+    last_error_.clear();
+    return error;
+  }
+
+  // The reaper's half of a release: unmaps unless the memory was mapped again since the release was asked for.
+  void finish_release(uint64_t generation, const std::string& wait_error) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!wait_error.empty()) {
+      last_error_ = wait_error;  // the memory stays mapped: the work before it may still be using it
+    } else if (generation == generation_ && mapped_) {
+      release_physical_noexcept();
+    }
+    --pending_;
+    released_cv_.notify_all();
+  }
+
+  c10::Allocator* allocator() { return &allocator_; }
+  int64_t pending_releases() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return pending_;
+  }
+
+ private:
+  static void free_storage_memory(void* ctx) {
+    auto* hold = static_cast<std::shared_ptr<VmmRange>*>(ctx);
+    (*hold)->storage_freed();
+    delete hold;
+  }
+
+  // The storage let go of its memory (resize_(0), or its last tensor died): released once the work queued on the
+  // stream named by release_after() completed; without one, after the whole device's work (as cudaFree waits).
+  // Never throws (it runs inside torch's deleter); a failure is reported by the next wait_released or map.
+  void storage_freed() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const bool has_stream = has_release_stream_;
+    has_release_stream_ = false;
+    if (!mapped_) return;
+    int previous = -1;
+    cudaGetDevice(&previous);
+    if (previous != device_) cudaSetDevice(device_);
+    cudaError_t err = cudaSuccess;
+    if (has_stream) {
+      cudaEvent_t event = nullptr;
+      err = cudaEventCreateWithFlags(&event, cudaEventDisableTiming);
+      if (err == cudaSuccess) err = cudaEventRecord(event, release_stream_);
+      if (err == cudaSuccess) {
+        ++pending_;
+        if (previous != device_ && previous >= 0) cudaSetDevice(previous);
+        lock.unlock();
+        Reaper::instance().push({shared_from_this(), generation_, event});
+        return;
+      }
+      if (event != nullptr) cudaEventDestroy(event);
+      cudaGetLastError();
+    }
+    err = cudaDeviceSynchronize();
+    if (previous != device_ && previous >= 0) cudaSetDevice(previous);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      last_error_ = "waiting for the device before releasing same-address memory: " + runtime_error_text(err);
+      return;
+    }
+    release_physical_noexcept();
+  }
+
+  void release_physical_noexcept() {
+    try {
+      const Driver& d = require_driver("VmmRange.release");
+      ContextScope scope(d, device_, "VmmRange.release");
+      release_physical(d);
+    } catch (const std::exception& exc) {
+      last_error_ = exc.what();
+    }
+  }
+
+  bool map_locked() {
     if (mapped_) return false;
     const Driver& d = require_driver("VmmRange.map");
     ContextScope scope(d, device_, "VmmRange.map");
@@ -255,17 +437,7 @@ class VmmRange : public std::enable_shared_from_this<VmmRange> {
     return true;
   }
 
-  // Unmaps and releases the physical memory; the addresses stay reserved. Work still using the range must have
-  // completed (the caller waits for it). Returns false (and does nothing) when no memory is mapped.
-  bool unmap() {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!mapped_) return false;
-    const Driver& d = require_driver("VmmRange.unmap");
-    ContextScope scope(d, device_, "VmmRange.unmap");
-    release_physical(d);
-    return true;
-  }
-
+ public:
   // A uint8 tensor of nbytes over the range on its CUDA device. Its storage keeps the range alive: the reservation
   // (and any mapped memory) is freed once neither the range object nor any such tensor refers to it.
   at::Tensor tensor() {
@@ -300,9 +472,69 @@ class VmmRange : public std::enable_shared_from_this<VmmRange> {
   CUmemGenericAllocationHandle handle_ = 0;
   bool mapped_ = false;
   std::mutex mu_;
+  // as a storage's memory
+  RangeAllocator allocator_{this};
+  uint64_t generation_ = 0;  // bumped by every map: a pending release of an older generation leaves the memory be
+  cudaStream_t release_stream_ = nullptr;
+  bool has_release_stream_ = false;
+  int64_t pending_ = 0;  // releases handed to the reaper and not finished
+  std::string last_error_;
+  std::condition_variable released_cv_;
 };
 
+c10::DataPtr RangeAllocator::allocate(size_t nbytes) {
+  if (nbytes == 0) return c10::DataPtr(nullptr, c10::Device(c10::DeviceType::CUDA));
+  return range_->storage_memory(nbytes);
+}
+
+void Reaper::run() {
+  for (;;) {
+    Item item;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return !items_.empty(); });
+      item = std::move(items_.front());
+      items_.pop_front();
+    }
+    cudaError_t err = cudaEventSynchronize(item.event);
+    std::string error;
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      error = "waiting for the copy before releasing same-address memory: " + runtime_error_text(err);
+    }
+    cudaEventDestroy(item.event);
+    item.range->finish_release(item.generation, error);
+  }
+}
+
 }  // namespace
+
+// Moves the memory of `tensor`'s storage into a new VmmRange (a copy on `stream`, waited for) and makes the range's
+// allocator the storage's: every tensor viewing the storage now addresses the range, and from here on
+// storage.resize_(0) releases the physical memory (after the stream named by the range's release_after) and
+// storage.resize_(nbytes) maps new memory at the same address. The storage's former memory goes back to its
+// allocator. Returns the range, which the caller keeps as long as it may resize the storage.
+std::shared_ptr<VmmRange> vmm_adopt_storage(const at::Tensor& tensor, int64_t stream) {
+  TORCH_CHECK(tensor.is_cuda(), "memmgr._pinned.vmm_adopt_storage: the tensor is on ", tensor.device(),
+              ", not a CUDA device");
+  c10::StorageImpl* impl = tensor.storage().unsafeGetStorageImpl();
+  const size_t nbytes = impl->nbytes();
+  TORCH_CHECK(nbytes > 0, "memmgr._pinned.vmm_adopt_storage: the tensor's storage holds no memory (0 bytes)");
+  auto range = std::make_shared<VmmRange>(static_cast<int64_t>(nbytes), tensor.device().index());
+  c10::DataPtr memory = range->allocator()->allocate(nbytes);
+  auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  cudaError_t err = cudaMemcpyAsync(memory.get(), impl->data(), nbytes, cudaMemcpyDeviceToDevice, cuda_stream);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(cuda_stream);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    TORCH_CHECK(false, "memmgr._pinned.vmm_adopt_storage: copying ", nbytes, " bytes into same-address memory failed (",
+                runtime_error_text(err), ")");
+  }
+  impl->set_data_ptr_noswap(std::move(memory));
+  impl->set_allocator(range->allocator());
+  impl->set_resizable(true);
+  return range;
+}
 
 // (supported, message): whether `device` can hold same-address memory, and why not (no driver, an old driver, a
 // device without virtual memory management).
@@ -340,6 +572,11 @@ void memmgr_register_vmm(pybind11::module& m) {
       .def("unmap", &VmmRange::unmap, py::call_guard<py::gil_scoped_release>(),
            "unmaps and releases the physical memory, keeping the address; False if nothing was mapped")
       .def("tensor", &VmmRange::tensor, "uint8 CUDA tensor over the range; keeps the range alive")
+      .def("release_after", &VmmRange::release_after, py::arg("stream"),
+           "the next release of an adopted storage's memory waits for the work queued on this stream (raw handle)")
+      .def("wait_released", &VmmRange::wait_released, py::call_guard<py::gil_scoped_release>(),
+           "waits for the releases in flight; the error of a failed one, else ''")
+      .def_property_readonly("pending_releases", &VmmRange::pending_releases)
       .def_property_readonly("mapped", &VmmRange::mapped)
       .def_property_readonly("address", &VmmRange::address)
       .def_property_readonly("nbytes", &VmmRange::nbytes)
@@ -348,5 +585,7 @@ void memmgr_register_vmm(pybind11::module& m) {
       .def_property_readonly("device", &VmmRange::device);
   m.def("vmm_supported", &vmm_supported, "(supported, message): same-address memory on a device", py::arg("device"));
   m.def("vmm_granularity", &vmm_granularity, "physical memory granularity of a device in bytes", py::arg("device"));
+  m.def("vmm_adopt_storage", &vmm_adopt_storage, py::arg("tensor"), py::arg("stream"),
+        "moves a CUDA tensor's storage into a new VmmRange whose allocator it uses from then on; returns the range");
   m.def("vmm_bytes", &vmm_bytes, "(bytes reserved, bytes mapped) by live VmmRanges");
 }

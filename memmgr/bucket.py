@@ -10,12 +10,18 @@ accumulator and registered hooks survive). From then on a bucket moves as one co
 - onload: re-allocate the storage in place (``resize_``) and copy the host buffer back; every view sees its contents
   again, bit for bit.
 
+Same-address mode (``same_address=True``, a CUDA bucket): the flat buffer's storage moves once, at construction, into
+an address range of memmgr's own (``memmgr.same_address.SameAddressStorage``). The same ``resize_(0)`` then gives the
+physical memory back to the driver, once the copy out has completed, and the same ``resize_`` at onload maps new
+memory at the same address: every member's ``data_ptr()`` is the same after an onload, so CUDA graphs captured on the
+members replay. Everything else about a move is as above.
+
 Using a managed tensor while its bucket is offloaded is undefined: its storage has zero bytes and a null data
 pointer, and most PyTorch kernels do not check storage bounds, so a read crashes the process (a segmentation fault
 on the CPU, an illegal-address error that poisons the CUDA context on a GPU) rather than raising. Onload first;
 ``require_on_device()`` raises a clear MemmgrStateError where code is unsure. Deep copies and pickles are safe:
 they read the host copy (``memmgr.storages``). Pointers captured before an offload (CUDA
-graphs, raw data_ptr) are stale after onload, since the storage gets a new allocation.
+graphs, raw data_ptr) are stale after onload, since the storage gets a new allocation, except in same-address mode.
 
 Opt-in verification (``verify=True``, or ``group.verify = True`` after construction): offload takes a checksum of each
 bucket's bytes where they live (on the GPU for a CUDA bucket, ordered on the current stream before the copy) and
@@ -34,7 +40,6 @@ A group's moves go through ``memmgr.moves``: its offload issues every bucket's c
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -42,13 +47,14 @@ import torch
 
 from memmgr import arguments, moves, storages
 from memmgr.checksum import bucket_checksum
+from memmgr.bucket_members import BucketMembers
 from memmgr.dropped import release_dropped_bucket
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.groups import unique_storage_bytes
 from memmgr.host_memory import HostBuffer, HostMemoryPool, default_pool
+from memmgr.same_address import SameAddressStorage
 from memmgr.states import BucketState, Policy, policy_from
-from memmgr.tensor_checks import (PROBE_REFS, check_adoptable, check_bucket_items, describe_tensor, hidden_bases,
-                                  storage_use_count)
+from memmgr.tensor_checks import PROBE_REFS, check_adoptable, check_bucket_items, describe_tensor, storage_use_count
 from memmgr.transfer import TransferHandle, copy_stream, issue_copy
 
 logger = logging.getLogger("memmgr")
@@ -75,9 +81,12 @@ class FlatTensors:
     _released = False  # set by unmanage(): the bucket holds nothing any more and refuses to move
 
     def __init__(self, flat: torch.Tensor, members: list[tuple[str, torch.Tensor, int]], *, name: str,
-                 policy: Policy | str = Policy.COPY, pool: HostMemoryPool | None = None, verify: bool = False):
+                 policy: Policy | str = Policy.COPY, pool: HostMemoryPool | None = None, verify: bool = False,
+                 same_address: bool = False):
+        # Moved into memmgr's own address range first, so that every pointer read below is the lasting one.
+        self._same_address = SameAddressStorage(flat, f"bucket {name!r}") if same_address and flat.is_cuda else None
         self.flat = flat
-        self.members = members  # (name, tensor, element offset)
+        self.members = BucketMembers(name, members)  # (name, tensor, element offset) entries
         self.name = name
         self.policy = policy_from(policy, name)
         self.nbytes = flat.numel() * flat.element_size()
@@ -88,12 +97,9 @@ class FlatTensors:
         self._inflight_events: list[list] = [[]]
         self._state_cell: list[BucketState] = [BucketState.ON_DEVICE]
         self._drop_finalizer = weakref.finalize(self, release_dropped_bucket, self._pool, self._host_cell, name,
-                                                self._inflight_events, flat, self._state_cell)
+                                                self._inflight_events, flat, self._state_cell, self._same_address)
         self._drop_finalizer.atexit = False  # at exit the process's memory goes anyway; CUDA may be gone already
-        # What each member looked like when it joined: a move first checks that it still views the bucket so.
-        self._layout = [(t.shape, t.dtype, t.storage_offset()) for _, t, _ in members]
         self._begun: _BegunOffload | None = None
-        self._index_layout()
         self._storage_key = storages.register(flat, self)
         self._state = BucketState.ON_DEVICE
         self._pending: TransferHandle | None = None
@@ -110,8 +116,10 @@ class FlatTensors:
     # ---- construction ----
     @classmethod
     def coalesce(cls, items: list[tuple[str, torch.Tensor]], *, name: str, policy: Policy | str = Policy.COPY,
-                 pool: HostMemoryPool | None = None, align_bytes: int = 64, verify: bool = False) -> "FlatTensors":
-        """Copies same-device, same-dtype tensors into one new flat buffer and rebinds each to a view of it."""
+                 pool: HostMemoryPool | None = None, align_bytes: int = 64, verify: bool = False,
+                 same_address: bool = False) -> "FlatTensors":
+        """Copies same-device, same-dtype tensors into one new flat buffer and rebinds each to a view of it
+        (``same_address``: a buffer whose address survives offloads, see the module docstring)."""
         arguments.string("FlatTensors.coalesce", "name", name)
         align_bytes = arguments.integer(f"bucket {name!r}", "align_bytes", align_bytes, minimum=1, maximum=1 << 30)
         check_bucket_items(items, name)
@@ -138,19 +146,22 @@ class FlatTensors:
             # every reference left is this loop's wrapper or a member's view base
             if torch._C._storage_Use_Count(key) - 1 <= len(holders):
                 storage.resize_(0)
-        return cls(flat, members, name=name, policy=policy, pool=pool, verify=verify)
+        return cls(flat, members, name=name, policy=policy, pool=pool, verify=verify, same_address=same_address)
 
     @classmethod
     def adopt(cls, buffer: torch.Tensor, *, name: str, policy: Policy | str = Policy.COPY,
-              pool: HostMemoryPool | None = None, verify: bool = False) -> "FlatTensors":
+              pool: HostMemoryPool | None = None, verify: bool = False, same_address: bool = False) -> "FlatTensors":
         """Uses a flat buffer the caller owns (e.g. megatron-core's param_data) as a bucket, without a copy.
 
         The buffer must span its whole storage: freeing that storage in place frees exactly this buffer, and every
-        view of it (the caller's parameters, bucket slices, optimizer shards) stays valid through a round trip.
+        view of it (the caller's parameters, bucket slices, optimizer shards) stays valid through a round trip. With
+        ``same_address`` the storage's memory moves once, now, into memmgr's own address range: every view's
+        ``data_ptr()`` changes here, once, and never again.
         """
         arguments.string("FlatTensors.adopt", "name", name)
         check_adoptable(buffer, name)
-        return cls(buffer, [(name, buffer, 0)], name=name, policy=policy, pool=pool, verify=verify)
+        return cls(buffer, [(name, buffer, 0)], name=name, policy=policy, pool=pool, verify=verify,
+                   same_address=same_address)
 
     # ---- state ----
     @property
@@ -217,51 +228,11 @@ class FlatTensors:
                 f"manager (mgr.close()) and build a new one. Nothing was moved")
 
     def _check_members(self, moving: str) -> None:
-        """Every member still views the bucket as it did when it joined (one pass over the members); an offload's pass
+        """Every member still views the bucket as it did when it joined (``BucketMembers.check``); an offload's pass
         marks the offload begun, if any (``_BegunOffload.checked``)."""
-        tensors = [m[1] for m in self.members]
-        # The common case in two list comparisons (this runs on every move, over every member; a tensor's nbytes and
-        # data_ptr are cheap to read, its shape is not); the loop below only names the member that changed. A member
-        # that still spans the same bytes at the same place moves losslessly, whatever shape it is viewed with now.
-        if [x.nbytes for x in tensors] == self._member_nbytes:
-            if moving != "offload":
-                return
-            base = self.flat.data_ptr()
-            if [x.data_ptr() for x in tensors] == self._member_pointers(base) or \
-                    all(x.data_ptr() == base + off or not x.numel() for x, off in zip(tensors, self._byte_offsets)):
-                if self._begun is not None:
-                    self._begun.checked = True
-                return
-        # One data pointer per member: on the device it is the bucket's address plus the member's offset exactly
-        # when the member still views the bucket there (a rebound member has memory of its own elsewhere).
-        base = self.flat.data_ptr() if moving == "offload" else 0
-        for (mname, tensor, _), (shape, dtype, offset) in zip(self.members, self._layout):
-            if tensor.shape != shape or tensor.dtype != dtype:
-                raise MemmgrStateError(
-                    f"bucket {self.name!r}: tensor {mname!r} is now {tuple(tensor.shape)} {tensor.dtype} but joined "
-                    f"the bucket as {tuple(shape)} {dtype} (`resize_`, `set_` or `.data = ...` since); its bucket "
-                    f"holds only the old extent, so moving it would truncate it or read past it. Write new values in "
-                    f"place (`with torch.no_grad(): t.copy_(new)`), or close this manager (mgr.close()) and build a "
-                    f"new one, which manages the tensor as it is now. Nothing was moved")
-            if moving == "offload" and tensor.data_ptr() != base + offset * tensor.element_size() and tensor.numel():
-                raise MemmgrStateError(
-                    f"bucket {self.name!r}: {describe_tensor(mname, tensor)} no longer views the bucket's memory: it "
-                    f"was given other memory (`.data = ...`, `set_()`) since it joined. Offloading would leave that "
-                    f"memory on the device, unmanaged. Write new values in place instead (`with torch.no_grad(): "
-                    f"t.copy_(new)`), or close this manager (mgr.close()) and build a new one, which manages the "
-                    f"tensor as it is now. Nothing was moved")
-
-    def _index_layout(self) -> None:
-        self._member_nbytes = [math.prod(shape) * dtype.itemsize for shape, dtype, _ in self._layout]
-        self._byte_offsets = [offset * dtype.itemsize for _, dtype, offset in self._layout]
-        self._pointers: tuple[int, list[int]] = (-1, [])
-        self._hidden_base_count: int | None = None
-
-    def _member_pointers(self, base: int) -> list[int]:
-        """Where each member's data starts while the bucket's storage starts at ``base`` (kept for the last base)."""
-        if self._pointers[0] != base:
-            self._pointers = (base, [base + off for off in self._byte_offsets])
-        return self._pointers[1]
+        self.members.check(moving, self.flat.data_ptr() if moving == "offload" else 0)
+        if moving == "offload" and self._begun is not None:
+            self._begun.checked = True
 
     @property
     def storage_key(self) -> int:
@@ -274,9 +245,7 @@ class FlatTensors:
         if storages.storage_key(tensor) != self._storage_key:
             raise MemmgrInputError(f"bucket {self.name!r}: {describe_tensor(name, tensor)} is not a view of this "
                                    f"bucket")
-        self.members.append((name, tensor, tensor.storage_offset() * tensor.element_size() // self.flat.element_size()))
-        self._layout.append((tensor.shape, tensor.dtype, tensor.storage_offset()))
-        self._index_layout()
+        self.members.append(name, tensor, tensor.storage_offset() * tensor.element_size() // self.flat.element_size())
 
     def host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """The contents of ``tensor`` (a view of this bucket) while the bucket is off the device, read from the host
@@ -309,7 +278,21 @@ class FlatTensors:
         self._inflight_events[0] = list(handle.events)
         return handle
 
+    @property
+    def same_address(self) -> bool:
+        """Whether the bucket's memory keeps its address across moves (see the module docstring)."""
+        return self._same_address is not None
+
+    def _free_storage(self, after: torch.cuda.Stream | None = None) -> None:
+        """Frees the device storage in place. In same-address mode the physical memory goes back to the driver once
+        the work queued on ``after`` (default: the current stream) so far has completed, and the address stays."""
+        if self._same_address is not None:
+            self._same_address.release_after(after or torch.cuda.current_stream(self.flat.device))
+        self.flat.untyped_storage().resize_(0)
+
     def _complete(self) -> None:
+        if self._same_address is not None and self._pending_state is BucketState.ON_HOST:
+            self._same_address.wait_released()  # free only once the driver has the memory back
         if self._pending_state is not None:
             self._state = self._pending_state
         self._pending = None
@@ -401,17 +384,18 @@ class FlatTensors:
         if self._begun is None or not self._begun.checked:  # not checked by the move this offload belongs to
             self.check_intact("offload")
         begun, self._begun = self._begun, None
-        storage = self.flat.untyped_storage()
         event = begun.event if begun is not None else self._issue_offload_copy(discard)
         if event is None:
             # state first: an interrupt between the two lines must never leave "on device" with no memory behind it
             self._state = BucketState.DISCARDED if discard else BucketState.ON_HOST
-            storage.resize_(0)
+            self._free_storage()
+            if self._same_address is not None and not non_blocking:
+                self._same_address.wait_released()
             return TransferHandle.completed()
         # The allocator may hand this block out again only after the copy stream is done with it.
         self.flat.record_stream(copy_stream(self.flat.device, "d2h"))
         handle = self._start(TransferHandle([event], [self._complete]), BucketState.OFFLOADING, BucketState.ON_HOST)
-        storage.resize_(0)
+        self._free_storage(after=copy_stream(self.flat.device, "d2h"))
         if not non_blocking:
             handle.wait()
         return handle
@@ -525,7 +509,7 @@ class FlatTensors:
         """Frees the device storage again after an onload whose contents must not be used; the host store (and
         the offload checksum) are kept, so the bucket is exactly as it was before that onload."""
         self.wait()
-        self.flat.untyped_storage().resize_(0)
+        self._free_storage()
         self._pending = None
         self._pending_state = None
         self._restored_checksum = None
@@ -555,12 +539,8 @@ class FlatTensors:
             return 0
         if self.flat.untyped_storage().nbytes() == 0:
             return 0
-        if self._hidden_base_count is None:
-            # counted once per member list: a tensor's view base does not change (a member given other memory since
-            # is refused by check_intact before anything moves)
-            tensors = [t for _, t, _ in self.members]
-            self._hidden_base_count = len(hidden_bases(tensors, {id(t) for t in tensors} | {id(self.flat)}))
-        return max(0, storage_use_count(self.flat) - PROBE_REFS - 1 - len(self.members) - self._hidden_base_count)
+        hidden = self.members.hidden_base_count(self.flat)
+        return max(0, storage_use_count(self.flat) - PROBE_REFS - 1 - len(self.members) - hidden)
 
     def release_host_buffer(self) -> None:
         """Returns the host store to the pool (only while the contents are on the device)."""
@@ -579,10 +559,9 @@ class FlatTensors:
         self._released = True
         self._drop_finalizer.detach()  # nothing left to put back, and the finalizer would keep the old flat alive
         storages.unregister(self._storage_key, self)
-        self.members = []
-        self._layout = []
-        self._index_layout()
+        self.members.clear()
         self.flat = self.flat.new_empty(0)
+        self._same_address = None  # the members' storage keeps its range while it holds memory
         self.nbytes = 0
         self._storage_key = storages.storage_key(self.flat)
 

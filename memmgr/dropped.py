@@ -17,11 +17,12 @@ logger = logging.getLogger("memmgr")
 
 
 def release_dropped_bucket(pool: HostMemoryPool, host: list[HostBuffer | None], name: str, inflight: list[list],
-                            flat: torch.Tensor, state: list[BucketState]) -> None:
+                            flat: torch.Tensor, state: list[BucketState], keep_alive: object = None) -> None:
     """Runs when a bucket is garbage collected without unmanage() (a manager nobody closed): its host store must not
     stay in use forever, must not be handed out again while a copy of the dropped bucket still reads or writes it,
     and must not take the only copy of the contents with it: an offloaded (or discarded) bucket's tensors get their
-    memory back first, as close() would have left them."""
+    memory back first, as close() would have left them. ``keep_alive`` (a same-address bucket's
+    ``SameAddressStorage``) holds what restoring the memory needs until then."""
     for event in inflight[0]:
         event.synchronize()
     buffer = host[0]

@@ -50,10 +50,12 @@ class BucketizedFlatTensors:
 
     def __init__(self, tensors: TensorsArg, bucket_size_mb: float = DEFAULT_BUCKET_SIZE_MB, *, name: str = "tensors",
                  policy: Policy | str = Policy.COPY, pool: HostMemoryPool | None = None, align_bytes: int = 64,
-                 pin_ahead: bool = True, verify: bool = False):
+                 pin_ahead: bool = True, verify: bool = False, same_address: bool = False):
         arguments.string("BucketizedFlatTensors", "name", name)
         where = f"group {name!r}"
         self._verify = arguments.boolean(where, "verify", verify)
+        # every CUDA bucket's memory keeps its address across moves (memmgr.bucket), those added later too
+        self.same_address = arguments.boolean(where, "same_address", same_address)
         arguments.boolean(where, "pin_ahead", pin_ahead)
         bucket_size_mb = arguments.number(where, "bucket_size_mb", bucket_size_mb, positive=True, maximum=2.0**40)
         self.name = name
@@ -77,17 +79,18 @@ class BucketizedFlatTensors:
 
     @classmethod
     def from_buffers(cls, buffers: TensorsArg, *, name: str, policy: Policy | str = Policy.COPY,
-                     pool: HostMemoryPool | None = None, pin_ahead: bool = True,
-                     verify: bool = False) -> "BucketizedFlatTensors":
-        """Adopts flat buffers the caller owns, one bucket each, without copying (see FlatTensors.adopt)."""
+                     pool: HostMemoryPool | None = None, pin_ahead: bool = True, verify: bool = False,
+                     same_address: bool = False) -> "BucketizedFlatTensors":
+        """Adopts flat buffers the caller owns, one bucket each, without copying (see FlatTensors.adopt; with
+        ``same_address`` each buffer's memory moves once into memmgr's own address range)."""
         arguments.string("BucketizedFlatTensors.from_buffers", "name", name)
         arguments.boolean(f"group {name!r}", "pin_ahead", pin_ahead)
-        group = cls([], name=name, policy=policy, pool=pool, verify=verify)
+        group = cls([], name=name, policy=policy, pool=pool, verify=verify, same_address=same_address)
         items = name_tensors(buffers, name)
         check_buffers_adoptable(items, name)
         for bname, buffer in items:
             group.buckets.append(FlatTensors.adopt(buffer, name=bname, policy=group.policy, pool=group._pool,
-                                                   verify=group.verify))
+                                                   verify=group.verify, same_address=group.same_address))
         if pin_ahead:
             group.ensure_host_buffers()
         return group
@@ -130,7 +133,7 @@ class BucketizedFlatTensors:
 
     def _coalesce(self, chunk: list[tuple[str, torch.Tensor]], index: int) -> FlatTensors:
         return FlatTensors.coalesce(chunk, name=f"{self.name}/{index}", policy=self.policy, pool=self._pool,
-                                    align_bytes=self._align_bytes, verify=self.verify)
+                                    align_bytes=self._align_bytes, verify=self.verify, same_address=self.same_address)
 
     @property
     def verify(self) -> bool:

@@ -18,7 +18,7 @@ from memmgr.hooks import HookEvent, HookFn, HookHandle, Hooks
 from memmgr.groups import (MovableUnit, StateGroup, check_no_outside_references, default_priority, group_state,
                            is_movable_unit)
 from memmgr.host_memory import HostMemoryPool, default_pool
-from memmgr.same_address import refuse_unwired
+from memmgr.same_address import require_same_address
 from memmgr.states import GroupState, Policy, policy_from
 from memmgr.tensor_checks import TensorsArg, tensors_argument
 from memmgr.transfer import TransferHandle
@@ -123,11 +123,14 @@ class MemoryManager:
         """``guard_offloaded``: a debug mode (``memmgr.guard``) in which using a managed tensor while its group is
         offloaded raises MemmgrStateError naming the tensor and group instead of crashing the process; None:
         ``MEMMGR_GUARD_OFFLOADED=1`` turns it on. Each PyTorch op costs a few µs more while a group is offloaded.
-        ``same_address=True`` (keep every tensor's address across offload/onload) is refused with MemmgrInputError
-        in this version (``memmgr.same_address.refuse_unwired``)."""
+        ``same_address=True``: every CUDA bucket of the groups built here keeps its address across offload and onload
+        (its memory is memmgr's own, released and mapped again at the same address: ``memmgr.bucket``), so CUDA
+        graphs captured on managed tensors replay after an onload; MemmgrInputError where the machine cannot do
+        that (``memmgr.same_address.require_same_address``)."""
         where = "MemoryManager"
-        if arguments.boolean(where, "same_address", same_address):
-            refuse_unwired(where)
+        self.same_address = arguments.boolean(where, "same_address", same_address)
+        if self.same_address:
+            require_same_address(where)
         self.bucket_size_mb = arguments.number(where, "bucket_size_mb", bucket_size_mb, positive=True,
                                                maximum=2.0**40)
         self.empty_cache = arguments.boolean(where, "empty_cache", empty_cache)
@@ -179,11 +182,12 @@ class MemoryManager:
         elif adopt:
             self._check_not_managed(name, tensors)
             group = BucketizedFlatTensors.from_buffers(tensors, name=name, policy=policy, pool=self.pool,
-                                                       pin_ahead=pin_ahead, verify=verify)
+                                                       pin_ahead=pin_ahead, verify=verify,
+                                                       same_address=self.same_address)
         else:
             self._check_not_managed(name, tensors)
             group = BucketizedFlatTensors(tensors, self.bucket_size_mb, name=name, policy=policy, pool=self.pool,
-                                          pin_ahead=pin_ahead, verify=verify)
+                                          pin_ahead=pin_ahead, verify=verify, same_address=self.same_address)
             if _cuda_devices(group.units):
                 # coalescing left the tensors' former storages in PyTorch's cache: released here, not at the first
                 # offload

@@ -20,8 +20,12 @@ it come and go.
 
 Using a buffer (or any view of it) while it is released is an illegal-address error on the device, which poisons
 the CUDA context; offload and onload order their copies so that nothing memmgr issues touches a released range.
-``same_address_support`` says whether this machine can hold such buffers; ``require_same_address`` refuses a
-``same_address=True`` option where it cannot (MemmgrInputError naming the option and the fix).
+``SameAddressStorage`` does the same for the storage of a tensor memmgr already made (a bucket's flat buffer, or a
+buffer megatron-core owns that a bucket adopts): its memory moves into a range once, and the storage's own
+``resize_(0)``/``resize_(nbytes)`` then release and map memory at the same address, so the buckets' moves stay as
+they are (``memmgr.bucket``). ``same_address_support`` says whether this machine can hold such memory;
+``require_same_address`` refuses a ``same_address=True`` option where it cannot (MemmgrInputError naming the option
+and the fix).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from typing import Sequence
 import torch
 
 from memmgr._native import build_hint, native_module
-from memmgr.errors import MemmgrInputError, MemmgrOutOfMemoryError
+from memmgr.errors import MemmgrInputError, MemmgrOutOfMemoryError, MemmgrStateError
 from memmgr.transfer import issue_copy
 
 logger = logging.getLogger("memmgr")
@@ -180,11 +184,54 @@ def onload_buffers(pairs: Sequence[tuple[SameAddressBuffer, torch.Tensor]], stre
     torch.cuda.current_stream(stream.device).wait_stream(stream)
 
 
-def refuse_unwired(where: str, device: torch.device | int | None = None) -> None:
-    """The manager's ``same_address=True`` in this version: refused with MemmgrInputError, naming why where the
-    machine cannot hold same-address buffers (``require_same_address``), and where it can because the manager's
-    buckets do not use them yet (``SameAddressBuffer`` and the moves above are the backing they will use)."""
-    require_same_address(where, device)
-    raise MemmgrInputError(f"{where}: same_address=True is not wired into the manager's buckets in this version of "
-                           f"memmgr (memmgr.same_address has the backing; the buckets still free and re-allocate "
-                           f"their memory). Pass same_address=False")
+class SameAddressStorage:
+    """The memory of one CUDA tensor's storage, moved into an address range of memmgr's own (``adopt``): from then on
+    ``storage.resize_(0)`` gives the physical memory back to the driver and ``storage.resize_(nbytes)`` maps new
+    memory at the same address, so every tensor viewing the storage keeps its ``data_ptr()`` through any number of
+    offloads and onloads (a bucket in same-address mode, ``memmgr.bucket``).
+
+    A release waits for the work queued on the stream given to ``release_after`` before it (the copy out) on a
+    native thread: the caller does not block, and memory goes back bucket by bucket as each one's copy completes.
+    ``wait_released`` blocks until it has. Without ``release_after`` a release waits for the whole device, as
+    ``cudaFree`` does. The storage's own resize calls are the moves; this object only names the stream and waits.
+    """
+
+    def __init__(self, tensor: torch.Tensor, where: str):
+        require_same_address(where, tensor.device)
+        stream = torch.cuda.current_stream(tensor.device)  # after the writes that made the contents
+        self._range = native_module().vmm_adopt_storage(tensor, stream.cuda_stream)
+        self.device = tensor.device
+        self.where = where
+
+    @property
+    def address(self) -> int:
+        return int(self._range.address)
+
+    @property
+    def mapped(self) -> bool:
+        """Whether physical memory is behind the address now (a release still waiting for its copy counts)."""
+        return bool(self._range.mapped)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return int(self._range.reserved_bytes)
+
+    @property
+    def pending_releases(self) -> int:
+        return int(self._range.pending_releases)
+
+    def release_after(self, stream: torch.cuda.Stream) -> None:
+        """The next release of the storage's memory waits for the work queued on ``stream`` until that release."""
+        self._range.release_after(stream.cuda_stream)
+
+    def wait_released(self) -> None:
+        """Blocks until the releases asked for have happened; MemmgrStateError if one failed (its memory is then
+        still mapped, and the storage's next resize maps nothing new)."""
+        error = self._range.wait_released()
+        if error:
+            raise MemmgrStateError(f"{self.where}: giving its same-address memory back to the driver failed ({error}); "
+                                   f"the memory is still in use on {self.device}. Its contents are intact")
+
+    def __repr__(self) -> str:
+        return f"SameAddressStorage({self.where}, {self.reserved_bytes} B at {self.address:#x}, " \
+               f"{'mapped' if self.mapped else 'released'})"

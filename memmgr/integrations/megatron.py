@@ -58,8 +58,8 @@ from memmgr.errors import MemmgrIntegrationError, MemmgrStateError
 from memmgr.flat_tensors import DEFAULT_BUCKET_SIZE_MB, BucketizedFlatTensors, Policy, validate_tensors
 from memmgr.groups import DroppedTensors, unique_storage_bytes
 from memmgr.host_memory import HostMemoryPool
-from memmgr.same_address import refuse_unwired
 from memmgr.manager import MemoryManager
+from memmgr.same_address import require_same_address
 
 logger = logging.getLogger("memmgr")
 
@@ -488,7 +488,7 @@ def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], opti
     for flag, value in (("empty_cache", empty_cache), ("pin_ahead", pin_ahead), ("same_address", same_address)):
         arguments.boolean("for_megatron", flag, value)
     if same_address:
-        refuse_unwired("for_megatron")
+        require_same_address("for_megatron")  # before anything changes
     arguments.number("for_megatron", "bucket_size_mb", bucket_size_mb, positive=True, maximum=2.0**40)
     arguments.instance("for_megatron", "pool", pool, HostMemoryPool, optional=True)
     chunks = _as_chunks(model_chunks)
@@ -507,12 +507,13 @@ def for_megatron(model_chunks: torch.nn.Module | Sequence[torch.nn.Module], opti
 
     named_params = list(found.named_params)
     mgr = MegatronMemoryManager(found, bucket_size_mb=bucket_size_mb, empty_cache=empty_cache, pool=pool,
-                                named_weights=lambda: list(named_params), guard_offloaded=guard_offloaded)
+                                named_weights=lambda: list(named_params), guard_offloaded=guard_offloaded,
+                                same_address=same_address)
     mgr.add_group("grad_buffers", found.grad_buffers, Policy.DISCARD, adopt=True, pin_ahead=pin_ahead)
     mgr.add_group("grads", _ShardGrads("grads", found.grad_holders, found.opt_param_names,
                                        list(found.grad_buffers.values())))
     weights = BucketizedFlatTensors.from_buffers(found.param_buffers, name="weights", pool=mgr.pool,
-                                                 pin_ahead=pin_ahead)
+                                                 pin_ahead=pin_ahead, same_address=same_address)
     if loose:
         weights.bucket_size_bytes = int(bucket_size_mb * 2**20)
         weights.extend(loose, pin_ahead=pin_ahead)

@@ -12,10 +12,10 @@ from memmgr.errors import MemmgrInputError
 from memmgr.flat_tensors import DEFAULT_BUCKET_SIZE_MB
 from memmgr.groups import DroppedTensors
 from memmgr.host_memory import HostMemoryPool
-from memmgr.same_address import refuse_unwired
 from memmgr.states import BucketState
 from memmgr.transfer import TransferHandle
 from memmgr.manager import MemoryManager
+from memmgr.same_address import require_same_address
 
 logger = logging.getLogger("memmgr")
 
@@ -106,7 +106,7 @@ def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None 
                         ("same_address", same_address)):
         arguments.boolean("for_module", flag, value)
     if same_address:
-        refuse_unwired("for_module")
+        require_same_address("for_module")  # before anything changes
     arguments.number("for_module", "bucket_size_mb", bucket_size_mb, positive=True, maximum=2.0**40)
     arguments.instance("for_module", "pool", pool, HostMemoryPool, optional=True)
     named_params = [(n, p) for n, p in module.named_parameters()]
@@ -127,7 +127,8 @@ def for_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None 
             if b is not None and b.numel() > 0:
                 weights[n] = b
     mgr = MemoryManager(bucket_size_mb=bucket_size_mb, empty_cache=empty_cache, pool=pool,
-                        named_weights=lambda: list(weights.items()), guard_offloaded=guard_offloaded)
+                        named_weights=lambda: list(weights.items()), guard_offloaded=guard_offloaded,
+                        same_address=same_address)
     mgr.add_group("weights", weights, pin_ahead=pin_ahead)
     mgr.add_group("grads", DroppedGradients("grads", [p for _, p in named_params], [n for n, _ in named_params]))
     if optimizer is not None:

@@ -1,0 +1,202 @@
+"""Managers built with ``same_address=True`` on a GPU: every managed tensor keeps its ``data_ptr()`` through offloads
+and onloads while the physical memory goes back to the driver in between (another process can take it), so a
+training step captured as one CUDA graph replays after any number of cycles and trains equal to the same graph never
+offloaded. Skipped without CUDA (the refusals without it are in tests/test_same_address.py)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import memmgr
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+MIB = 1 << 20
+# Another process that takes (nearly) all free GPU memory and gives it back, on command: "take" answers the bytes it
+# holds, "release" answers 0.
+HOG = r"""
+import sys, torch
+held = None
+for line in sys.stdin:
+    if line.strip() == "take":
+        free, _ = torch.cuda.mem_get_info()
+        held = torch.empty(max(0, free - (512 << 20)), dtype=torch.uint8, device="cuda")
+        held.fill_(0xAB)
+        torch.cuda.synchronize()
+        print(held.numel(), flush=True)
+    elif line.strip() == "release":
+        held = None
+        torch.cuda.empty_cache()
+        print(0, flush=True)
+    else:
+        break
+"""
+
+
+@pytest.fixture(autouse=True)
+def _needs_vmm():
+    from memmgr.same_address import same_address_support
+
+    supported, why = same_address_support()
+    if not supported:
+        pytest.skip(f"no same-address memory here: {why}")
+
+
+@pytest.fixture
+def hog():
+    proc = subprocess.Popen([sys.executable, "-c", HOG], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def command(what: str) -> int:
+        proc.stdin.write(what + "\n")
+        proc.stdin.flush()
+        return int(proc.stdout.readline())
+
+    yield command
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
+def _model(seed: int = 0, width: int = 2048) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width)).cuda()
+
+
+def _addresses(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[int]:
+    state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    return [p.data_ptr() for p in model.parameters()] + [t.data_ptr() for t in state]
+
+
+def _warm_up(model, opt, x, y) -> None:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # as torch asks before a capture; creates the optimizer's state
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _capture(model, opt, x, y) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+    return graph, loss
+
+
+def test_managed_tensors_keep_their_addresses_and_contents_and_the_memory_goes_back_to_the_driver():
+    from memmgr._native import native_module
+
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 2048, device="cuda")).sum().backward()
+    opt.step()
+    with memmgr.for_module(model, opt, same_address=True) as mgr:
+        addresses = _addresses(model, opt)
+        expected = [t.detach().clone() for t in list(model.parameters()) + [
+            v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]]
+        managed = sum(b.nbytes for name in ("weights", "optimizer_states") for b in mgr.group(name).buckets)
+        assert all(b.same_address for name in ("weights", "optimizer_states") for b in mgr.group(name).buckets)
+        mapped = native_module().vmm_bytes()[1]
+        for _ in range(5):
+            free_before = torch.cuda.mem_get_info()[0]
+            mgr.offload()
+            assert native_module().vmm_bytes()[1] <= mapped - managed  # every bucket's range released
+            assert torch.cuda.mem_get_info()[0] - free_before >= managed - 64 * MIB
+            mgr.onload()
+            assert _addresses(model, opt) == addresses
+        actual = list(model.parameters()) + [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+        assert all(torch.equal(a, e) for a, e in zip(actual, expected))
+
+
+def test_a_captured_training_step_replays_bit_exact_after_offloads_while_another_process_takes_the_memory(hog):
+    x, y = torch.randn(64, 2048, device="cuda"), torch.randn(64, 2048, device="cuda")
+    twin, managed = _model(), _model()
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-3, capturable=True)
+    opt = torch.optim.Adam(managed.parameters(), lr=1e-3, capturable=True)
+    _warm_up(twin, twin_opt, x, y)
+    _warm_up(managed, opt, x, y)
+    twin_graph, twin_loss = _capture(twin, twin_opt, x, y)
+    # built before the capture: coalescing gives each tensor its lasting address, which the graph then records
+    mgr = memmgr.for_module(managed, opt, same_address=True)
+    graph, loss = _capture(managed, opt, x, y)
+    addresses = _addresses(managed, opt)
+    took_on_device = hog("take")
+    hog("release")
+    moved = sum(b.nbytes for name in ("weights", "optimizer_states") for b in mgr.group(name).buckets)
+    for cycle in range(20):
+        twin_graph.replay()
+        graph.replay()
+        assert torch.equal(loss, twin_loss), cycle
+        mgr.offload()
+        took = hog("take")  # another process takes the freed memory, writes it, and gives it back
+        assert took - took_on_device >= moved - 64 * MIB, (cycle, took, took_on_device, moved)
+        hog("release")
+        mgr.onload()
+        assert _addresses(managed, opt) == addresses, cycle
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(managed.parameters(), twin.parameters()))
+    mgr.close()
+
+
+def test_an_onload_without_room_raises_and_the_next_one_restores_at_the_same_address(hog):
+    model = _model(width=1024)
+    mgr = memmgr.for_module(model, same_address=True)
+    expected = [p.detach().clone() for p in model.parameters()]
+    addresses = [p.data_ptr() for p in model.parameters()]
+    mgr.offload()
+    hog("take")
+    with pytest.raises(memmgr.MemmgrOutOfMemoryError):
+        mgr.onload()
+    assert mgr.state()["weights"].state == "on_host"
+    hog("release")
+    mgr.onload()
+    assert [p.data_ptr() for p in model.parameters()] == addresses
+    assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected))
+    mgr.close()
+
+
+def test_a_non_blocking_offload_releases_each_bucket_once_its_copy_completed():
+    from memmgr._native import native_module
+
+    model = _model(width=1024)
+    mgr = memmgr.for_module(model, same_address=True, bucket_size_mb=2)
+    buckets = mgr.group("weights").buckets
+    assert len(buckets) >= 2
+    mapped = native_module().vmm_bytes()[1]
+    handle = mgr.offload(non_blocking=True)
+    handle.wait()
+    assert native_module().vmm_bytes()[1] <= mapped - sum(b.nbytes for b in buckets)
+    mgr.onload()
+    mgr.close()
+
+
+def test_adopted_buffers_move_into_same_address_memory_once_and_their_views_follow():
+    flat = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
+    views = [flat[: 1 << 19].view(512, 1024), flat[1 << 19:]]
+    mgr = memmgr.MemoryManager(same_address=True)
+    mgr.add_group("buffers", [flat], adopt=True)
+    addresses = [flat.data_ptr()] + [v.data_ptr() for v in views]
+    assert views[1].data_ptr() - flat.data_ptr() == (1 << 19) * 4  # the views follow the storage's new memory
+    for _ in range(3):
+        mgr.offload()
+        mgr.onload()
+        assert [flat.data_ptr()] + [v.data_ptr() for v in views] == addresses
+    assert torch.equal(flat, torch.arange(1 << 20, dtype=torch.float32, device="cuda"))
+    mgr.close()
+
+
+def test_the_guard_refuses_a_same_address_tensor_while_offloaded():
+    model = _model(width=256)
+    with memmgr.for_module(model, same_address=True, guard_offloaded=True) as mgr:
+        mgr.offload()
+        with pytest.raises(memmgr.MemmgrStateError, match="offloaded"):
+            model(torch.randn(2, 256, device="cuda"))
+        mgr.onload()
+        assert model(torch.randn(2, 256, device="cuda")).shape == (2, 256)
