@@ -180,6 +180,18 @@ def _group_device_bytes(group: Any) -> dict[str, int]:
     return {str(dev): nb}
 
 
+def _same_address_device_bytes(group: Any) -> dict[str, int]:
+    """The part of ``_group_device_bytes`` in same-address buckets (memmgr.same_address): memory memmgr maps itself,
+    which PyTorch's allocator does not count."""
+    out: dict[str, int] = {}
+    for b in getattr(group, "buckets", None) or []:
+        if getattr(b, "same_address", False):
+            nb = int(getattr(b, "device_bytes", 0) or 0)
+            if nb:
+                out[str(b.device)] = out.get(str(b.device), 0) + nb
+    return out
+
+
 def _pinned_host(pools: Sequence[Any]) -> dict[str, int | None]:
     pool_bytes = pool_pinned = pool_native_pinned = 0
     for pool in pools:
@@ -214,16 +226,24 @@ def _pinned_host(pools: Sequence[Any]) -> dict[str, int | None]:
 def gpu_categories(gpu: Record) -> dict[str, int | None]:
     """Splits one GPU entry of a record into CATEGORIES (bytes, clamped at 0; non_pytorch None when NVML could not
     say this process's usage), plus ``nccl`` (taken out of non_pytorch) when the entry has NCCL communicator bytes.
+    Managed bytes in same-address buckets (``managed_same_address``, part of ``managed``) are memory memmgr maps
+    itself, outside PyTorch's allocator: they are taken out of non_pytorch rather than out of PyTorch's allocated.
     Their sum equals the process's NVML usage whenever the parts are consistent."""
     allocated = int(gpu.get("allocated") or 0)
     reserved = int(gpu.get("reserved") or 0)
-    managed = min(int(gpu.get("managed") or 0), allocated) if allocated else int(gpu.get("managed") or 0)
+    same_address = int(gpu.get("managed_same_address") or 0)
+    in_pytorch = max(0, int(gpu.get("managed") or 0) - same_address)
+    managed = min(in_pytorch, allocated) if allocated else in_pytorch
     process = gpu.get("process")
+    non_pytorch = None if process is None else max(0, int(process) - reserved)
+    if non_pytorch is not None:
+        same_address = min(same_address, non_pytorch)
+        non_pytorch -= same_address
     cats: dict[str, int | None] = {
-        "managed": managed,
+        "managed": managed + same_address,
         "other_allocated": max(0, allocated - managed),
         "cached": max(0, reserved - allocated),
-        "non_pytorch": None if process is None else max(0, int(process) - reserved),
+        "non_pytorch": non_pytorch,
     }
     if "nccl" in gpu:
         nccl = int(gpu.get("nccl") or 0)
@@ -334,6 +354,7 @@ class Ledger:
 
         groups: list[Record] = []
         on_device: dict[str, int] = {}
+        same_address_on_device: dict[str, int] = {}
         nccl_on_device: dict[str, int] | None = None
         pools: list[Any] = []
         left_behind: dict[str, dict[str, int]] = {}
@@ -355,6 +376,8 @@ class Ledger:
                 target = nccl_on_device if category == "nccl" else on_device
                 for dev, nb in by_dev.items():
                     target[dev] = target.get(dev, 0) + nb
+                for dev, nb in _same_address_device_bytes(mgr.group(gname)).items():
+                    same_address_on_device[dev] = same_address_on_device.get(dev, 0) + nb
                 freed = max(0, int(st.nbytes) - int(st.device_bytes) - int(st.host_bytes))
                 groups.append({"manager": mname, "name": gname, "state": st.state, "policy": st.policy,
                                "nbytes": int(st.nbytes), "device_bytes": int(st.device_bytes),
@@ -377,7 +400,7 @@ class Ledger:
         record["host_memory"] = host
 
         record["nvml"] = "ok" if nvml.available() else f"unavailable: {nvml.unavailable_reason()}"
-        record["gpus"], record["cuda"] = self._gpus(on_device, nccl_on_device)
+        record["gpus"], record["cuda"] = self._gpus(on_device, nccl_on_device, same_address_on_device)
         return record
 
     def _gpu_indices(self, on_device: dict[str, int]) -> list[int]:
@@ -389,8 +412,8 @@ class Ledger:
                 indices.add(int(dev.split(":")[1]) if ":" in dev else torch.cuda.current_device())
         return sorted(indices)
 
-    def _gpus(self, on_device: dict[str, int], nccl_on_device: dict[str, int] | None = None
-              ) -> tuple[list[Record], str]:
+    def _gpus(self, on_device: dict[str, int], nccl_on_device: dict[str, int] | None = None,
+              same_address_on_device: dict[str, int] | None = None) -> tuple[list[Record], str]:
         if not torch.cuda.is_available():
             return [], "unavailable"
         if not torch.cuda.is_initialized():
@@ -402,6 +425,8 @@ class Ledger:
             gpu["reserved"] = int(torch.cuda.memory_reserved(i))
             gpu["max_allocated"] = int(torch.cuda.max_memory_allocated(i))
             gpu["managed"] = int(on_device.get(f"cuda:{i}", 0))
+            if same_address_on_device and same_address_on_device.get(f"cuda:{i}"):
+                gpu["managed_same_address"] = int(same_address_on_device[f"cuda:{i}"])
             if nccl_on_device is not None:
                 gpu["nccl"] = int(nccl_on_device.get(f"cuda:{i}", 0))
             j = nvml.nvml_index(i)

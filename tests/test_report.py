@@ -307,6 +307,18 @@ def test_gpu_categories_add_up(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_same_address_managed_bytes_are_carved_out_of_non_pytorch_not_out_of_allocated():
+    gib = 1 << 30
+    gpu = {"allocated": 3 * gib, "reserved": 4 * gib, "managed": 5 * gib, "managed_same_address": 3 * gib,
+           "process": 9 * gib}
+    cats = gpu_categories(gpu)
+    # 2 GiB managed inside PyTorch's allocated 3, 3 GiB mapped by memmgr itself inside the 5 outside PyTorch
+    assert cats == {"managed": 5 * gib, "other_allocated": 1 * gib, "cached": 1 * gib, "non_pytorch": 2 * gib}
+    assert sum(cats.values()) == gpu["process"]
+    without = gpu_categories({k: v for k, v in gpu.items() if k != "managed_same_address"})
+    assert without["managed"] == 3 * gib and without["non_pytorch"] == 5 * gib  # clamped to PyTorch's allocated
+
+
 def test_gpu_process_not_visible(tmp_path, monkeypatch):
     _fake_gpu(monkeypatch, [types.SimpleNamespace(pid=1, usedGpuMemory=1), types.SimpleNamespace(pid=2, usedGpuMemory=1)])
     rec = Ledger().snapshot("x")

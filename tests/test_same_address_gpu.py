@@ -200,3 +200,19 @@ def test_the_guard_refuses_a_same_address_tensor_while_offloaded():
             model(torch.randn(2, 256, device="cuda"))
         mgr.onload()
         assert model(torch.randn(2, 256, device="cuda")).shape == (2, 256)
+
+
+def test_the_ledger_counts_same_address_buckets_as_managed_memory_outside_pytorchs_allocator(tmp_path):
+    from memmgr.ledger import Ledger
+
+    model = _model(width=2048)
+    with memmgr.for_module(model, same_address=True) as mgr:
+        ledger = Ledger(tmp_path / "ledger.jsonl")
+        ledger.track(mgr, "trainer")
+        (gpu,) = ledger.snapshot("on device")["gpus"]
+        weights = mgr.group("weights").nbytes
+        assert gpu["managed_same_address"] == weights
+        assert gpu["categories"]["managed"] >= weights  # not clamped to PyTorch's allocated
+        mgr.offload()
+        (gpu,) = ledger.snapshot("offloaded")["gpus"]
+        assert "managed_same_address" not in gpu and gpu["categories"]["managed"] == 0
