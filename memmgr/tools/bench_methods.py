@@ -221,6 +221,21 @@ class MemmgrMethod(Method):
         del self.mgr, self.pool
 
 
+class MemmgrSameAddressMethod(MemmgrMethod):
+    name = "memmgr-same-address"
+    description = ("memmgr with same_address=True: the buckets' memory is released and mapped again at the same "
+                   "addresses (CUDA graphs survive)")
+
+    def available(self):
+        from memmgr.same_address import same_address_support
+
+        supported, why = same_address_support()
+        return None if supported else why
+
+    def build_manager(self, state, pool, **manager_options):
+        return super().build_manager(state, pool, same_address=True, **manager_options)
+
+
 class PerTensorMethod(Method):
     """Per-tensor copies to fresh host tensors, storage freed in place (the pattern several RL frameworks use).
 
@@ -480,5 +495,5 @@ def default_size(device: torch.device) -> float:
 
 
 def all_methods() -> list[Method]:
-    return [MemmgrMethod(), PerTensorMethod(pinned_cache=True), PerTensorMethod(pinned_cache=False),
-            TorchMemorySaverMethod()]
+    return [MemmgrMethod(), MemmgrSameAddressMethod(), PerTensorMethod(pinned_cache=True),
+            PerTensorMethod(pinned_cache=False), TorchMemorySaverMethod()]
