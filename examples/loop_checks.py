@@ -32,10 +32,14 @@ def differences(a, b, path: str = "") -> list[str]:
     return [] if a == b else [path]
 
 
-def add_loop_arguments(parser: argparse.ArgumentParser, iterations: int) -> None:
-    """--device (default cuda where there is one) and --iterations."""
+def add_loop_arguments(parser: argparse.ArgumentParser, iterations: int, same_address: bool = False) -> None:
+    """--device (default cuda where there is one) and --iterations; with ``same_address``, --same-address too."""
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iterations", type=int, default=iterations)
+    if same_address:
+        parser.add_argument("--same-address", action="store_true",
+                            help="build the manager with same_address=True: every managed tensor keeps its address "
+                                 "through the phases (CUDA graphs captured on them stay valid); needs --device cuda")
 
 
 def check_loop_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -44,12 +48,22 @@ def check_loop_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
     compared bit for bit."""
     if args.iterations < 2:
         parser.error("--iterations must be at least 2: steps before the checkpoint and after the resume")
+    if getattr(args, "same_address", False) and args.device != "cuda":
+        parser.error("--same-address needs --device cuda (same-address memory is GPU memory)")
     warm_up_vml()  # oneMKL's first-call race would differ the runs (memmgr.tools.cpu_math)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device here")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+
+
+def check_addresses_kept(before: list[int], after: list[int], iteration: int) -> None:
+    """Fails unless every parameter is at the address it had before the phase (a same-address manager's promise)."""
+    moved = sum(1 for a, b in zip(before, after) if a != b)
+    if moved or len(before) != len(after):
+        fail(f"iteration {iteration}: {moved} of {len(before)} parameters came back from the phase at another address "
+             f"although the manager was built with same_address=True")
 
 
 def check_same_training(managed: dict, plain: dict, parts: tuple[str, ...] = ("model", "optimizer")) -> None:

@@ -31,7 +31,7 @@ import warnings
 import torch
 
 import memmgr
-from loop_checks import add_loop_arguments, check_loop_arguments, fail
+from loop_checks import add_loop_arguments, check_addresses_kept, check_loop_arguments, fail
 from memmgr.sync import ModuleWeightLoader
 from memmgr.sync.export import MegatronExporter
 from memmgr.sync.session import sync_weights
@@ -171,7 +171,7 @@ def run_loop(args: argparse.Namespace, use_memmgr: bool, workdir: str) -> dict:
 
     def new_manager():
         # built BEFORE the first training step: Adam's moments, created by the first step, join at the next phase
-        m = memmgr.for_megatron([ddp], opt)
+        m = memmgr.for_megatron([ddp], opt, same_address=args.same_address)
         m.register_hook("after_weight_sync", lambda event, groups: syncs.append(event))
         return m, MegatronExporter([ddp], hf_config(), weights=m.group("weights"))
 
@@ -190,6 +190,7 @@ def run_loop(args: argparse.Namespace, use_memmgr: bool, workdir: str) -> dict:
             if use_memmgr:
                 mgr, exporter = new_manager()
 
+        addresses = [p.data_ptr() for p in ddp.parameters()]
         with mgr.phase("generate") if mgr is not None else contextlib.nullcontext():
             if mgr is not None:
                 still_on = [n for n, s in mgr.state.items() if s.device_bytes]
@@ -201,6 +202,8 @@ def run_loop(args: argparse.Namespace, use_memmgr: bool, workdir: str) -> dict:
                 for bucket in MegatronExporter([ddp], hf_config()).buckets():
                     load_weights(bucket.named_tensors())
             rollouts = generate(engine, prompts_for(it, device), seed=it)
+        if args.same_address and mgr is not None:
+            check_addresses_kept(addresses, [p.data_ptr() for p in ddp.parameters()], it)
         logit_diffs.append(check_engine(ddp, engine, it))
         losses.append(train_step(ddp, opt, rollouts))
 
@@ -247,7 +250,7 @@ def megatron_world(device: torch.device, workdir: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_loop_arguments(parser, iterations=10)
+    add_loop_arguments(parser, iterations=10, same_address=True)
     parser.add_argument("--optimizer", choices=["distributed", "float16"], default="distributed")
     parser.add_argument("--corrupt", action="store_true",
                         help="flip one bit of the memmgr run's final optimizer state before the comparison, to see "
@@ -281,7 +284,8 @@ def main() -> None:
     print(f"OK megatron_loop: {args.iterations} iterations on {args.device} with the {args.optimizer} optimizer, "
           f"resumed at iteration {args.iterations // 2}: {len(a)} weight, main-weight and optimizer tensors identical "
           f"to the loop without memmgr (final loss {managed['losses'][-1]:.6f}); engine logits within "
-          f"{managed['logit_diff']:.2g} of the trainer's")
+          f"{managed['logit_diff']:.2g} of the trainer's"
+          f"{', every parameter at its address' if args.same_address else ''}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import memmgr
-from loop_checks import add_loop_arguments, check_loop_arguments, check_same_training, fail
+from loop_checks import add_loop_arguments, check_addresses_kept, check_loop_arguments, check_same_training, fail
 from memmgr.ledger import Ledger
 from memmgr.sync import ModuleWeightLoader
 
@@ -127,7 +127,7 @@ def run_loop(args: argparse.Namespace, use_memmgr: bool, workdir: str) -> dict:
     def new_manager():
         # built BEFORE the first training step (the optimizer state created by the first step joins at the next
         # phase); the hooks free the engine's KV cache while its weights are updated
-        m = memmgr.for_module(model, opt)
+        m = memmgr.for_module(model, opt, same_address=args.same_address)
         m.register_hook("before_weight_sync", engine.release_kv_cache)
         m.register_hook("after_weight_sync", engine.wake_kv_cache)
         m.register_hook("after_weight_sync", lambda event, groups: syncs.append(event))
@@ -151,6 +151,7 @@ def run_loop(args: argparse.Namespace, use_memmgr: bool, workdir: str) -> dict:
             if use_memmgr:
                 mgr = new_manager()
 
+        addresses = [p.data_ptr() for p in model.parameters()]
         with mgr.phase("generate") if mgr is not None else contextlib.nullcontext():
             if mgr is not None:
                 still_on = [n for n, s in mgr.state.items() if s.device_bytes]
@@ -166,6 +167,8 @@ def run_loop(args: argparse.Namespace, use_memmgr: bool, workdir: str) -> dict:
                 check_engine_matches(engine, weights, it)
                 engine.wake_kv_cache()
             rollouts = engine.generate(prompts_for(it, device), seed=it)
+        if args.same_address and mgr is not None:
+            check_addresses_kept(addresses, [p.data_ptr() for p in model.parameters()], it)
         losses.append(train_step(model, opt, rollouts))
 
     result = {"model": model.state_dict(), "optimizer": opt.state_dict(), "losses": losses}
@@ -187,7 +190,7 @@ def check_engine_matches(engine: Engine, weights, iteration: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_loop_arguments(parser, iterations=10)
+    add_loop_arguments(parser, iterations=10, same_address=True)
     parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
     parser.add_argument("--corrupt", action="store_true",
                         help="flip one bit of the memmgr run's final optimizer state before the comparison, to see "
@@ -219,7 +222,8 @@ def main() -> None:
         1 for s in managed["optimizer"]["state"].values() for v in s.values() if isinstance(v, torch.Tensor))
     print(f"OK plain_torch_loop: {args.iterations} iterations on {args.device} with {args.optimizer}, resumed at "
           f"iteration {args.iterations // 2}: {n} weight and optimizer tensors identical to the loop without memmgr "
-          f"(final loss {managed['losses'][-1]:.6f}); `memmgr report` rendered {snapshots} snapshots")
+          f"(final loss {managed['losses'][-1]:.6f}){', every parameter at its address' if args.same_address else ''}; "
+          f"`memmgr report` rendered {snapshots} snapshots")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,19 @@ def test_plain_torch_loop_matches_the_loop_without_memmgr_bit_for_bit(device, op
     assert "identical to the loop without memmgr" in line
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_plain_torch_loop_with_same_address_keeps_every_parameter_at_its_address_and_matches_bit_for_bit():
+    line = assert_success(run_example("plain_torch_loop.py", "--device", "cuda", "--iterations", "4",
+                                      "--same-address"), "plain_torch_loop")
+    assert "identical to the loop without memmgr" in line and "every parameter at its address" in line
+
+
+def test_same_address_on_the_cpu_is_refused_by_the_example_with_the_reason():
+    proc = run_example("plain_torch_loop.py", "--device", "cpu", "--same-address")
+    assert proc.returncode == 2 and "--same-address needs --device cuda" in proc.stderr
+
+
 def test_plain_torch_loop_runs_with_its_defaults():
     line = assert_success(run_example("plain_torch_loop.py", "--device", "cpu"), "plain_torch_loop")
     assert "10 iterations on cpu with adam, resumed at iteration 5" in line
@@ -77,6 +90,15 @@ def test_megatron_loop_matches_the_loop_without_memmgr_bit_for_bit(device, optim
                                       "--optimizer", optimizer), "megatron_loop")
     assert f"3 iterations on {device} with the {optimizer} optimizer, resumed at iteration 1" in line
     assert "identical to the loop without memmgr" in line
+
+
+@needs_megatron
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_megatron_loop_with_same_address_keeps_every_parameter_at_its_address_and_matches_bit_for_bit():
+    line = assert_success(run_example("megatron_loop.py", "--device", "cuda", "--iterations", "3", "--same-address"),
+                          "megatron_loop")
+    assert "identical to the loop without memmgr" in line and "every parameter at its address" in line
 
 
 @needs_megatron
