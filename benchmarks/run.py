@@ -230,6 +230,24 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                for shape in COPY_SHAPES] + [
                                Step("doctor", [PY, "-m", "memmgr", "doctor"], 90, show=r"copy kernel|peak",
                                     env={"MEMMGR_COPY_SHAPE_CACHE": "off"})]),
+    "same-address": ("issue 33: same-address buckets on the GPU: the GPU tests of memmgr.same_address (the captured "
+                     "training step over $MEMMGR_SAME_ADDRESS_CYCLES offload cycles, default 100 here, with another "
+                     "process taking the memory between them; OOM, release, adoption, guard, ledger), the VMM and "
+                     "vLLM sleep-backend GPU tests and the examples with --same-address, then `memmgr bench` with "
+                     "memmgr, memmgr-same-address and torch_memory_saver (3 cycles, both conditions)",
+                     lambda c: [Step("pytest_same_address",
+                                     [PY, "-m", "pytest", str(ROOT / "tests" / "test_same_address_gpu.py"),
+                                      str(ROOT / "tests" / "test_vmm_gpu.py"),
+                                      str(ROOT / "tests" / "test_vllm_sleep_gpu.py"),
+                                      str(ROOT / "tests" / "test_examples.py"), "-k",
+                                      "same_address or not test_examples", "-q", "-p", "no:cacheprovider", "-m", "gpu"],
+                                     300, show=r"passed|failed|error", cwd=str(ROOT),
+                                     env={"MEMMGR_SAME_ADDRESS_CYCLES": os.environ.get("MEMMGR_SAME_ADDRESS_CYCLES",
+                                                                                       "100")}),
+                                Step("bench", [PY, "-m", "memmgr", "bench", "--out", str(c.work / "bench"),
+                                               "--no-megatron", "--methods",
+                                               "memmgr,memmgr-same-address,torch_memory_saver", "--cycles", "3"],
+                                     300)]),
     "copy-paths": ("copy_path_probe.py: host<->device copies through the copy engines, the copy kernel, a split and "
                    "'auto' on warm memory, right after this process's empty_cache and right after another process "
                    "released 48 GiB, with FlatTensors cycles; then 24 GiB copies after an 80 GiB release",

@@ -4,6 +4,7 @@ training step captured as one CUDA graph replays after any number of cycles and 
 offloaded. Skipped without CUDA (the refusals without it are in tests/test_same_address.py)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -15,6 +16,8 @@ import memmgr
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 MIB = 1 << 20
+# offload/onload cycles of the captured training step (benchmarks/run.py's same-address suite runs 100)
+CYCLES = int(os.environ.get("MEMMGR_SAME_ADDRESS_CYCLES", 20))
 # Another process that takes (nearly) all free GPU memory and gives it back, on command: "take" answers the bytes it
 # holds, "release" answers 0.
 HOG = r"""
@@ -130,7 +133,7 @@ def test_a_captured_training_step_replays_bit_exact_after_offloads_while_another
     took_on_device = hog("take")
     hog("release")
     moved = sum(b.nbytes for name in ("weights", "optimizer_states") for b in mgr.group(name).buckets)
-    for cycle in range(20):
+    for cycle in range(CYCLES):
         twin_graph.replay()
         graph.replay()
         assert torch.equal(loss, twin_loss), cycle
