@@ -3,12 +3,18 @@ before it stores (``unroll``), chosen by a short measurement at the device's fir
 UUID, driver and kernel build.
 
 Why measure: the shape that held the link on the H200 (1 block per SM, 4 vectors per thread) read host memory at
-~0.55x of the link on the H100 (issue 30): what keeps enough reads in flight across PCIe differs by card. The
-measurement times host->device copies (the direction 'auto' gives the kernel; ``memmgr.transfer``) of
-``MEASURE_BYTES`` with every candidate shape and keeps the fastest; among shapes within ``SHAPE_TOLERANCE`` of it,
-the one with the fewest bytes in flight (blocks x unroll), since a deeper queue on the link makes allocations beside
-the kernel wait (H200: a 150 MiB allocation took ~3 ms beside a 2-blocks-per-SM copy, ~1 ms at 1;
-csrc/copy_kernels.cu).
+~0.55x of the link on the H100 (issue 30). The measurement times host->device copies (the direction 'auto' gives the
+kernel; ``memmgr.transfer``) of ``MEASURE_BYTES`` with every candidate shape and keeps the fastest; among shapes
+within ``SHAPE_TOLERANCE`` of it, the one with the fewest bytes in flight (blocks x unroll), since a deeper queue on
+the link makes allocations beside the kernel wait (H200: a 150 MiB allocation took ~3 ms beside a 2-blocks-per-SM
+copy, ~1 ms at 1; csrc/copy_kernels.cu). On an H100 every shape ran at 0.54-0.57x (8 GiB, warm and right after
+another process's release; benchmarks/results/2026-12-07/H100_SESSION.md): four to eight times the reads in flight
+change nothing there, so the card's SMs, not the kernel's shape, set that ceiling.
+
+It also times the copy engines device->host on the same bytes (``link_gbps``: that direction runs at the link's
+speed whether or not memory was just released), so that ``kernel_holds_link`` says whether the kernel can keep up
+with the link on this device at all: where it cannot (the H100), 'auto' leaves host->device copies to the engines,
+which are never slower there for long (``memmgr.transfer``).
 
 ``MEMMGR_COPY_SHAPE=B:U`` (blocks per SM, unroll) sets the shape without measuring; ``MEMMGR_COPY_SHAPE_CACHE`` names
 the cache file (default ``$XDG_CACHE_HOME/memmgr/copy_shapes.json``, else ``~/.cache/...``; ``off``: no file, each
@@ -31,12 +37,16 @@ from memmgr.errors import MemmgrInputError
 logger = logging.getLogger("memmgr")
 
 # Bump when the kernel or the candidates change: a cached choice names the build it was measured with.
-KERNEL_BUILD = "copy-kernel-unroll-4-8-16"
+KERNEL_BUILD = "copy-kernel-unroll-4-8-16+link"
 UNROLLS = (4, 8, 16)
 BLOCKS_PER_SM = (1, 2)
 MEASURE_BYTES = 64 << 20
 MEASURE_REPEATS = 3
 SHAPE_TOLERANCE = 0.03
+# The kernel holds the link when its best shape reaches this share of the engines' device->host speed on the same
+# bytes (64 MiB: the H200's kernel measured 0.99-1.05x of the engines on such copies, the H100's ~0.65x).
+KERNEL_LINK_SHARE = 0.85
+LINK_KEY = "engines d2h"  # the key of the engines' speed in what ``measure`` returns
 
 
 @dataclass(frozen=True, order=True)
@@ -87,10 +97,20 @@ class ShapeChoice:
     source: str
     key: str = ""
     h2d_gbps: dict[str, float] = field(default_factory=dict)
+    link_gbps: float | None = None  # the copy engines device->host on the same bytes
+
+    @property
+    def kernel_holds_link(self) -> bool | None:
+        """Whether the kernel's shape reached ``KERNEL_LINK_SHARE`` of the link (None: not measured)."""
+        kernel = self.h2d_gbps.get(self.shape.label)
+        if kernel is None or not self.link_gbps:
+            return None
+        return kernel >= KERNEL_LINK_SHARE * self.link_gbps
 
     def as_dict(self) -> dict[str, object]:
         return {"shape": self.shape.label, "blocks_per_sm": self.shape.blocks_per_sm, "unroll": self.shape.unroll,
-                "source": self.source, "key": self.key, "h2d_gbps": dict(self.h2d_gbps)}
+                "source": self.source, "key": self.key, "h2d_gbps": dict(self.h2d_gbps), "link_gbps": self.link_gbps,
+                "kernel_holds_link": self.kernel_holds_link}
 
 
 def choose(speeds: dict[CopyShape, float], tolerance: float = SHAPE_TOLERANCE) -> CopyShape:
@@ -131,7 +151,7 @@ def write_cache(path: str | None, key: str, choice: ShapeChoice) -> None:
     if path is None:
         return
     data = read_cache(path)
-    data[key] = {"shape": choice.shape.label, "h2d_gbps": choice.h2d_gbps}
+    data[key] = {"shape": choice.shape.label, "h2d_gbps": choice.h2d_gbps, "link_gbps": choice.link_gbps}
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -152,10 +172,10 @@ def device_key(device: int) -> str:
 
 
 def measure(device: int, nbytes: int = MEASURE_BYTES, repeats: int = MEASURE_REPEATS,
-            candidates: tuple[CopyShape, ...] = CANDIDATES) -> dict[CopyShape, float] | None:
+            candidates: tuple[CopyShape, ...] = CANDIDATES) -> dict[CopyShape | str, float] | None:
     """Host->device GB/s of each candidate: ``nbytes`` from pinned, mapped host memory into device memory, the median
-    of ``repeats`` timed copies after one untimed one. None while a CUDA graph is being captured (no copies or
-    allocations may run then)."""
+    of ``repeats`` timed copies after one untimed one; and under ``LINK_KEY`` the copy engines' device->host GB/s on
+    the same bytes. None while a CUDA graph is being captured (no copies or allocations may run then)."""
     if torch.cuda.is_current_stream_capturing():
         return None
     from memmgr._native import native_module
@@ -166,20 +186,27 @@ def measure(device: int, nbytes: int = MEASURE_BYTES, repeats: int = MEASURE_REP
     host = allocate_host_buffer(nbytes, pin=True, allow_pageable_fallback=False)
     dev = torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", device))
     stream = torch.cuda.Stream(device)
-    speeds: dict[CopyShape, float] = {}
+    speeds: dict[CopyShape | str, float] = {}
+
+    def timed(copy: Callable[[], None]) -> float:
+        times = []
+        for i in range(repeats + 1):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            copy()
+            end.record(stream)
+            end.synchronize()
+            if i:
+                times.append(start.elapsed_time(end) / 1e3)
+        return nbytes / statistics.median(times) / 1e9
+
     try:
         for shape in candidates:
-            times = []
-            for i in range(repeats + 1):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                native.kernel_copy(dev.data_ptr(), host.tensor.data_ptr(), nbytes, stream.cuda_stream, device,
-                                   shape.blocks(sms), shape.unroll)
-                end.record(stream)
-                end.synchronize()
-                if i:
-                    times.append(start.elapsed_time(end) / 1e3)
-            speeds[shape] = nbytes / statistics.median(times) / 1e9
+            speeds[shape] = timed(lambda: native.kernel_copy(dev.data_ptr(), host.tensor.data_ptr(), nbytes,
+                                                             stream.cuda_stream, device, shape.blocks(sms),
+                                                             shape.unroll))
+        with torch.cuda.stream(stream):
+            speeds[LINK_KEY] = timed(lambda: host.tensor.copy_(dev, non_blocking=True))
     finally:
         stream.synchronize()
         del dev
@@ -198,7 +225,7 @@ class _Choices:
         self._by_device: dict[int, ShapeChoice] = {}
 
     def get(self, device: int,
-            measure_fn: Callable[[int], dict[CopyShape, float] | None] | None = None) -> ShapeChoice:
+            measure_fn: Callable[[int], dict[CopyShape | str, float] | None] | None = None) -> ShapeChoice:
         with self._lock:
             choice = self._by_device.get(device)
             if choice is None:
@@ -216,7 +243,7 @@ class _Choices:
 _choices = _Choices()
 
 
-def _decide(device: int, measure_fn: Callable[[int], dict[CopyShape, float] | None]) -> ShapeChoice | None:
+def _decide(device: int, measure_fn: Callable[[int], dict[CopyShape | str, float] | None]) -> ShapeChoice | None:
     """The choice for ``device``, or None where it cannot be made now (a CUDA graph is being captured)."""
     forced = os.environ.get("MEMMGR_COPY_SHAPE", "").strip()
     if forced:
@@ -226,8 +253,9 @@ def _decide(device: int, measure_fn: Callable[[int], dict[CopyShape, float] | No
     cached = read_cache(path).get(key)
     if isinstance(cached, dict):
         try:
+            link = cached.get("link_gbps")
             return ShapeChoice(CopyShape.parse(str(cached.get("shape")), where=f"{path}[{key!r}]"), "cache", key,
-                               dict(cached.get("h2d_gbps") or {}))
+                               dict(cached.get("h2d_gbps") or {}), float(link) if link else None)
         except MemmgrInputError as exc:
             logger.warning("ignoring the cached copy-kernel shape (%s); measuring", exc)
     try:
@@ -238,9 +266,13 @@ def _decide(device: int, measure_fn: Callable[[int], dict[CopyShape, float] | No
         return ShapeChoice(DEFAULT_SHAPE, f"default (measurement failed: {exc})", key)
     if speeds is None:
         return None  # inside a capture: the default until the next kernel use outside one
-    choice = ShapeChoice(choose(speeds), "measured", key, {s.label: round(g, 2) for s, g in speeds.items()})
-    logger.info("copy kernel on cuda:%d: shape %s (blocks per SM : unroll) measured at %s GB/s host->device", device,
-                choice.shape.label, choice.h2d_gbps)
+    link = speeds.pop(LINK_KEY, None)
+    shapes = {s: g for s, g in speeds.items() if isinstance(s, CopyShape)}
+    choice = ShapeChoice(choose(shapes), "measured", key, {s.label: round(g, 2) for s, g in shapes.items()},
+                         round(link, 2) if link else None)
+    logger.info("copy kernel on cuda:%d: shape %s (blocks per SM : unroll) measured at %s GB/s host->device; copy "
+                "engines %s GB/s device->host (the kernel %s the link)", device, choice.shape.label, choice.h2d_gbps,
+                choice.link_gbps, {True: "holds", False: "does not hold", None: "?"}[choice.kernel_holds_link])
     write_cache(path, key, choice)
     return choice
 

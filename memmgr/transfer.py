@@ -170,6 +170,11 @@ _PROBE_ALIGN = 4096
 #   a 16 GiB onload then ran at 0.91x, within 0.5% of the kernel copying into memory held throughout, against
 #   0.89-0.90x with 256 MiB buckets. A 10% engine share beside the kernel after a release ran at 0.84x
 #   (H200_SESSION7.md), so each copy runs on one path.
+# - On an H100 the kernel read host memory at 0.54-0.57x of the link with every launch shape (memmgr.copy_shape),
+#   warm or not, while the engines ran at 0.55x right after a 48 GiB release and at 0.92-0.94x over 24 GiB after an
+#   80 GiB one, where the probe had chosen the kernel (0.53x; issue 30). A kernel that cannot hold the link is never
+#   faster for long, so 'auto' probes only on devices where the kernel's measured shape reaches
+#   copy_shape.KERNEL_LINK_SHARE of the engines' device->host speed, and elsewhere leaves host->device to the engines.
 AUTO_POLICY: dict[str, str] = {"h2d": "probe", "d2h": "engine"}
 AUTO_PROBE_BYTES = 64 << 20
 AUTO_PROBE_MIN_BYTES = 2 * AUTO_PROBE_BYTES
@@ -394,6 +399,13 @@ def _issue(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, chos
 def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str,
                        kernel_blocks: int) -> str:
     device = stream.device.index if stream.device.index is not None else torch.cuda.current_device()
+    shape = copy_shape.shape_for(device)
+    if shape.kernel_holds_link is False:  # the kernel is slower than the link on this card (see AUTO_POLICY)
+        ran = _issue(dst, src, stream, "engine", kernel_blocks)
+        _record(direction, f"{ran} (auto: the copy kernel reads host memory at "
+                           f"{shape.h2d_gbps.get(shape.shape.label, 0.0):.1f} GB/s on this device, the engines' link "
+                           f"{shape.link_gbps:.1f})")
+        return ran
     nbytes = dst.numel()
     probe = AUTO_PROBE_BYTES // _PROBE_ALIGN * _PROBE_ALIGN
     with _state_lock:

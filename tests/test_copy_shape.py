@@ -156,6 +156,7 @@ def test_the_first_kernel_use_measures_every_candidate_on_the_device(monkeypatch
     choice = copy_shape.shape_for(0)
     assert choice.source == "measured" and set(choice.h2d_gbps) == {s.label for s in CANDIDATES}
     assert all(g > 1.0 for g in choice.h2d_gbps.values()), choice.h2d_gbps
+    assert choice.link_gbps and choice.link_gbps > 1.0 and choice.kernel_holds_link is not None
     assert choice.shape == copy_shape.choose({CopyShape.parse(k): v for k, v in choice.h2d_gbps.items()})
 
 
@@ -203,3 +204,43 @@ def test_a_kernel_copy_launches_with_the_devices_shape_and_blocks_given_override
     assert prepared == [0]  # loaded (and the shape chosen) once per device
     assert calls == [(4096, 8192, 1 << 20, 7, 0, 264, 8), (4096, 8192, 1 << 20, 7, 0, 66, 8)]
     assert transfer.copy_paths_status()["kernel_shape"]["cuda:0"]["source"].startswith("environment")
+
+
+@pytest.mark.parametrize("kernel,holds", [(33.4, False), (48.0, True)])
+def test_the_measurement_says_whether_the_kernel_holds_the_link_and_the_cache_keeps_it(isolated, kernel, holds):
+    measured = {s: kernel - s.depth * 0.01 for s in CANDIDATES} | {copy_shape.LINK_KEY: 50.0}
+    choice = copy_shape._choices.get(0, measure_fn=lambda d: dict(measured))
+    assert choice.link_gbps == 50.0 and choice.kernel_holds_link is holds
+    assert choice.as_dict()["kernel_holds_link"] is holds
+    again = copy_shape._Choices().get(0, measure_fn=lambda d: pytest.fail("measured although cached"))
+    assert again.source == "cache" and again.link_gbps == 50.0 and again.kernel_holds_link is holds
+
+
+def test_a_shape_without_a_link_measurement_does_not_say_whether_it_holds_the_link():
+    assert ShapeChoice(DEFAULT_SHAPE, "environment").kernel_holds_link is None
+    assert ShapeChoice(DEFAULT_SHAPE, "cache", "k", {"1:4": 50.0}).kernel_holds_link is None
+
+
+def test_auto_leaves_host_to_device_to_the_engines_without_probing_where_the_kernel_cannot_hold_the_link(
+        isolated, monkeypatch):
+    """The H100 case (issue 30): every shape at ~0.6x of the engines' device->host speed, so 'auto' issues the
+    engines at once; where the kernel holds the link it probes as before."""
+    from types import SimpleNamespace
+
+    from memmgr import transfer
+
+    issued = []
+    monkeypatch.setattr(transfer, "_issue", lambda dst, src, stream, chosen, blocks: issued.append(chosen) or chosen)
+    stream = SimpleNamespace(device=torch.device("cuda", 0), query=lambda: False)
+    dst = SimpleNamespace(numel=lambda: 1 << 30)
+    slow = {s: 33.0 for s in CANDIDATES} | {copy_shape.LINK_KEY: 54.0}
+    copy_shape._choices.get(0, measure_fn=lambda d: dict(slow))
+    assert transfer._issue_auto_probed(dst, None, stream, "h2d", 0) == "engine" and issued == ["engine"]
+    assert "the copy kernel reads host memory at 33.0 GB/s" in transfer.copy_paths_status()["last"]["h2d"]
+    monkeypatch.setattr(copy_shape, "_choices", copy_shape._Choices())
+    isolated.unlink()  # another card: measured afresh
+    fast = {s: 51.0 for s in CANDIDATES} | {copy_shape.LINK_KEY: 54.0}
+    copy_shape._choices.get(0, measure_fn=lambda d: dict(fast))
+    monkeypatch.setattr(transfer, "_last_probe", {0: {"verdict": "kernel"}})
+    transfer._issue_auto_probed(dst, None, stream, "h2d", 0)  # queued behind work: the last probe's verdict
+    assert issued == ["engine", "kernel"]
