@@ -290,9 +290,17 @@ class FlatTensors:
             self._same_address.release_after(after or torch.cuda.current_stream(self.flat.device))
         self.flat.untyped_storage().resize_(0)
 
+    def _wait_released(self) -> None:
+        """Waits until the driver has a same-address bucket's memory back. A failed release leaves that memory mapped
+        (its contents are on the host already); it is logged, and the bucket is offloaded all the same."""
+        try:
+            self._same_address.wait_released()  # type: ignore[union-attr]
+        except MemmgrStateError as exc:
+            logger.warning("%s", exc)
+
     def _complete(self) -> None:
         if self._same_address is not None and self._pending_state is BucketState.ON_HOST:
-            self._same_address.wait_released()  # free only once the driver has the memory back
+            self._wait_released()  # free only once the driver has the memory back
         if self._pending_state is not None:
             self._state = self._pending_state
         self._pending = None
@@ -390,7 +398,7 @@ class FlatTensors:
             self._state = BucketState.DISCARDED if discard else BucketState.ON_HOST
             self._free_storage()
             if self._same_address is not None and not non_blocking:
-                self._same_address.wait_released()
+                self._wait_released()
             return TransferHandle.completed()
         # The allocator may hand this block out again only after the copy stream is done with it.
         self.flat.record_stream(copy_stream(self.flat.device, "d2h"))
