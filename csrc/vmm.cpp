@@ -319,8 +319,13 @@ class VmmRange : public std::enable_shared_from_this<VmmRange> {
       last_error_.clear();
       TORCH_CHECK(false, "memmgr._pinned: an earlier release of same-address memory failed: ", error);
     }
+    // One storage owns the range's memory at a time: a second data pointer to it (a clone through this allocator)
+    // would alias the same bytes.
+    TORCH_CHECK(!held_, "memmgr._pinned: same-address memory of ", nbytes_, " bytes at ", base_, " belongs to one ",
+                "storage and cannot be allocated again while that storage holds it (copy the tensor with .clone())");
     ++generation_;
     map_locked();
+    held_ = true;
     auto* hold = new std::shared_ptr<VmmRange>(shared_from_this());
     return c10::DataPtr(reinterpret_cast<void*>(base_), hold, &free_storage_memory,
                         c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device_)));
@@ -365,6 +370,7 @@ class VmmRange : public std::enable_shared_from_this<VmmRange> {
   // Never throws (it runs inside torch's deleter); a failure is reported by the next wait_released or map.
   void storage_freed() {
     std::unique_lock<std::mutex> lock(mu_);
+    held_ = false;
     const bool has_stream = has_release_stream_;
     has_release_stream_ = false;
     if (!mapped_) return;
@@ -474,6 +480,7 @@ class VmmRange : public std::enable_shared_from_this<VmmRange> {
   std::mutex mu_;
   // as a storage's memory
   RangeAllocator allocator_{this};
+  bool held_ = false;        // a storage's data pointer refers to the mapped memory
   uint64_t generation_ = 0;  // bumped by every map: a pending release of an older generation leaves the memory be
   cudaStream_t release_stream_ = nullptr;
   bool has_release_stream_ = false;
