@@ -18,15 +18,16 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 MIB = 1 << 20
 # offload/onload cycles of the captured training step (benchmarks/run.py's same-address suite runs 100)
 CYCLES = int(os.environ.get("MEMMGR_SAME_ADDRESS_CYCLES", 20))
-# Another process that takes (nearly) all free GPU memory and gives it back, on command: "take" answers the bytes it
-# holds, "release" answers 0.
+# Another process that takes (nearly) all free GPU memory and gives it back, on command: "take [MiB]" leaves that much
+# free (default 512) and answers the bytes it holds, "release" answers 0.
 HOG = r"""
 import sys, torch
 held = None
 for line in sys.stdin:
-    if line.strip() == "take":
+    if line.split()[:1] == ["take"]:
+        leave = int(line.split()[1]) if len(line.split()) > 1 else 512
         free, _ = torch.cuda.mem_get_info()
-        held = torch.empty(max(0, free - (512 << 20)), dtype=torch.uint8, device="cuda")
+        held = torch.empty(max(0, free - (leave << 20)), dtype=torch.uint8, device="cuda")
         held.fill_(0xAB)
         torch.cuda.synchronize()
         print(held.numel(), flush=True)
@@ -68,7 +69,9 @@ def _model(seed: int = 0, width: int = 2048) -> torch.nn.Module:
 
 
 def _addresses(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[int]:
-    state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    """Where every CUDA parameter and optimizer tensor lives (Adam's CPU step counters are in a CPU bucket, whose
+    memory is the host's)."""
+    state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.is_cuda]
     return [p.data_ptr() for p in model.parameters()] + [t.data_ptr() for t in state]
 
 
@@ -154,7 +157,7 @@ def test_an_onload_without_room_raises_and_the_next_one_restores_at_the_same_add
     expected = [p.detach().clone() for p in model.parameters()]
     addresses = [p.data_ptr() for p in model.parameters()]
     mgr.offload()
-    hog("take")
+    hog("take 4")  # 4 MiB left: less than the 8 MiB bucket
     with pytest.raises(memmgr.MemmgrOutOfMemoryError):
         mgr.onload()
     assert mgr.state()["weights"].state == "on_host"
