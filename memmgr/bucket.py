@@ -84,7 +84,8 @@ class FlatTensors:
                  policy: Policy | str = Policy.COPY, pool: HostMemoryPool | None = None, verify: bool = False,
                  same_address: bool = False):
         # Moved into memmgr's own address range first, so that every pointer read below is the lasting one.
-        self._same_address = SameAddressStorage(flat, f"bucket {name!r}") if same_address and flat.is_cuda else None
+        self._same_address = SameAddressStorage(flat, f"bucket {name!r}") \
+            if same_address and flat.is_cuda and flat.untyped_storage().nbytes() > 0 else None
         self.flat = flat
         self.members = BucketMembers(name, members)  # (name, tensor, element offset) entries
         self.name = name

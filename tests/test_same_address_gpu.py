@@ -222,3 +222,13 @@ def test_the_ledger_counts_same_address_buckets_as_managed_memory_outside_pytorc
         mgr.offload()
         (gpu,) = ledger.snapshot("offloaded")["gpus"]
         assert "managed_same_address" not in gpu and gpu["categories"]["managed"] == 0
+
+
+def test_a_group_of_empty_tensors_moves_without_same_address_memory():
+    empty = [torch.empty(0, device="cuda"), torch.empty(0, 3, device="cuda")]
+    mgr = memmgr.MemoryManager(same_address=True)
+    group = mgr.add_group("empty", empty)
+    assert not any(b.same_address for b in group.buckets)  # nothing to keep an address for
+    mgr.offload()
+    mgr.onload()
+    mgr.close()
