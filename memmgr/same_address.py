@@ -73,7 +73,27 @@ def require_same_address(where: str, device: torch.device | int | None = None) -
                                f"built")
 
 
-class SameAddressBuffer:
+class _RangeHolder:
+    """What a holder of a ``memmgr._pinned.VmmRange`` (``self._range``) reports about it."""
+
+    _range: object
+
+    @property
+    def address(self) -> int:
+        return int(self._range.address)
+
+    @property
+    def mapped(self) -> bool:
+        """Whether physical memory is behind the address now (a release still waiting for its copy counts)."""
+        return bool(self._range.mapped)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """The size of the range: the bytes asked for, rounded up to the device's allocation granularity."""
+        return int(self._range.reserved_bytes)
+
+
+class SameAddressBuffer(_RangeHolder):
     """``nbytes`` of device memory at an address reserved for the buffer's lifetime; ``tensor`` (uint8) views it.
 
     Created mapped. ``release()`` gives the physical memory back to the driver, ``restore()`` maps new memory at the
@@ -92,19 +112,6 @@ class SameAddressBuffer:
     @property
     def nbytes(self) -> int:
         return int(self._range.nbytes)
-
-    @property
-    def reserved_bytes(self) -> int:
-        """The size of the range: ``nbytes`` rounded up to the device's allocation granularity."""
-        return int(self._range.reserved_bytes)
-
-    @property
-    def address(self) -> int:
-        return int(self._range.address)
-
-    @property
-    def mapped(self) -> bool:
-        return bool(self._range.mapped)
 
     def release(self, after: torch.cuda.Event | None = None) -> None:
         """Unmaps and releases the physical memory, keeping the address; first waits for ``after`` (the event of the
@@ -184,7 +191,7 @@ def onload_buffers(pairs: Sequence[tuple[SameAddressBuffer, torch.Tensor]], stre
     torch.cuda.current_stream(stream.device).wait_stream(stream)
 
 
-class SameAddressStorage:
+class SameAddressStorage(_RangeHolder):
     """The memory of one CUDA tensor's storage, moved into an address range of memmgr's own (``adopt``): from then on
     ``storage.resize_(0)`` gives the physical memory back to the driver and ``storage.resize_(nbytes)`` maps new
     memory at the same address, so every tensor viewing the storage keeps its ``data_ptr()`` through any number of
@@ -202,19 +209,6 @@ class SameAddressStorage:
         self._range = native_module().vmm_adopt_storage(tensor, stream.cuda_stream)
         self.device = tensor.device
         self.where = where
-
-    @property
-    def address(self) -> int:
-        return int(self._range.address)
-
-    @property
-    def mapped(self) -> bool:
-        """Whether physical memory is behind the address now (a release still waiting for its copy counts)."""
-        return bool(self._range.mapped)
-
-    @property
-    def reserved_bytes(self) -> int:
-        return int(self._range.reserved_bytes)
 
     @property
     def pending_releases(self) -> int:
