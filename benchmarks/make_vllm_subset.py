@@ -43,7 +43,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["vllm.distributed.weight_transfer.base", "vllm.distributed.weight_transfer.packed_tensor",
            "vllm.distributed.weight_transfer.ipc_engine", "vllm.distributed.weight_transfer.factory"]
-LEAVES = ["vllm/model_executor/model_loader/mtp_validation.py"]  # copied alone: their package __init__ stays out
+# copied alone: their package __init__ stays out (mtp_validation: imported by the IPC engine when it receives weights;
+# sleep_mode_backend: the interface of memmgr's sleep backend, driven on the GPU over memmgr's own memory)
+LEAVES = ["vllm/model_executor/model_loader/mtp_validation.py", "vllm/device_allocator/sleep_mode_backend.py"]
 DEPS = ["pyzmq", "pydantic", "pydantic-core", "typing-inspection", "annotated-types", "cbor2", "oss-harmony",
         "openai", "sniffio", "pybase64", "httpx2", "httpcore2", "truststore", "jiter"]
 ENV = {"VLLM_TARGET_DEVICE": "cpu"}
@@ -69,6 +71,8 @@ import os, sys
 from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory, WeightTransferEngineFactory
 from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerWeightTransferEngine, IPCWeightTransferEngine
 from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
+from vllm.device_allocator.sleep_mode_backend import SleepModeBackend
+from memmgr.sync.engines.vllm.sleep import MemmgrSleepBackend, SameAddressPhysicalMemory
 from memmgr.sync.engines.vllm.source import ExportWeightSource
 import vllm
 bad = [m for m, mod in sys.modules.items() if m.startswith('vllm') and getattr(mod, '__file__', None)

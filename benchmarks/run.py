@@ -158,7 +158,16 @@ VLLM_SITE = "/tmp/site-vllm"
 VLLM_ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / ".vllm-py"), VLLM_SITE, SITE, str(ROOT)]),
             "VLLM_TARGET_DEVICE": "cpu"}
 VLLM_CHECK = ("import vllm, memmgr.sync.engines.vllm.source as s, vllm.distributed.weight_transfer.ipc_engine as e, "
-              "vllm.model_executor.model_loader.mtp_validation; print('subset ok:', vllm.__file__, e.__file__)")
+              "vllm.model_executor.model_loader.mtp_validation, memmgr.sync.engines.vllm.sleep; "
+              "print('subset ok:', vllm.__file__, e.__file__)")
+
+
+def vllm_wheels_step() -> Step:
+    """Installs the wheels the vLLM subset imports (.vllm-py/wheels, made by benchmarks/make_vllm_subset.py) into
+    VLLM_SITE; the steps that import vLLM run with VLLM_ENV."""
+    return Step("vllm_wheels", [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target",
+                                VLLM_SITE, *sorted(glob.glob(str(ROOT / ".vllm-py" / "wheels" / "*.whl")))],
+                120, show="", needs=".vllm-py")
 
 
 SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
@@ -234,16 +243,19 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                      "training step over $MEMMGR_SAME_ADDRESS_CYCLES offload cycles, default 100 here, with another "
                      "process taking the memory between them; OOM, release, adoption, guard, ledger), the VMM and "
                      "vLLM sleep-backend GPU tests and the examples with --same-address, then `memmgr bench` with "
-                     "memmgr, memmgr-same-address and torch_memory_saver (3 cycles, both conditions)",
-                     lambda c: [Step("pytest_same_address",
+                     "memmgr, memmgr-same-address and torch_memory_saver (3 cycles, both conditions). Carry "
+                     ".vllm-py/ for the sleep backend's test (vLLM's interface from the subset)",
+                     lambda c: [vllm_wheels_step(),
+                                Step("pytest_same_address",
                                      [PY, "-m", "pytest", str(ROOT / "tests" / "test_same_address_gpu.py"),
                                       str(ROOT / "tests" / "test_vmm_gpu.py"),
                                       str(ROOT / "tests" / "test_vllm_sleep_gpu.py"),
                                       str(ROOT / "tests" / "test_examples.py"), "-k",
                                       "same_address or not test_examples", "-q", "-p", "no:cacheprovider", "-m", "gpu"],
                                      300, show=r"passed|failed|error", cwd=str(ROOT),
-                                     env={"MEMMGR_SAME_ADDRESS_CYCLES": os.environ.get("MEMMGR_SAME_ADDRESS_CYCLES",
-                                                                                       "100")}),
+                                     env=dict(VLLM_ENV if (ROOT / ".vllm-py").is_dir() else {},
+                                              MEMMGR_SAME_ADDRESS_CYCLES=os.environ.get(
+                                                  "MEMMGR_SAME_ADDRESS_CYCLES", "100"))),
                                 Step("bench", [PY, "-m", "memmgr", "bench", "--out", str(c.work / "bench"),
                                                "--no-megatron", "--methods",
                                                "memmgr,memmgr-same-address,torch_memory_saver", "--cycles", "3"],
@@ -351,11 +363,7 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                         "IPC trainer engine into vLLM's IPC engine class on the transformers engine: GB/s from the device and from "
                         "memmgr's pinned host copy against the pinned peak. Needs .vllm-py/ carried (built here by "
                         "benchmarks/make_vllm_subset.py: vLLM's weight-transfer modules and the wheels they import)",
-                        lambda c: [Step("vllm_wheels", [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                                                        "--no-compile", "--target", VLLM_SITE,
-                                                        *sorted(glob.glob(str(ROOT / ".vllm-py" / "wheels" /
-                                                                              "*.whl")))],
-                                        120, show="", needs=".vllm-py"),
+                        lambda c: [vllm_wheels_step(),
                                    Step("vllm_subset", [PY, "-c", VLLM_CHECK], 120, show=r"subset|Error",
                                         env=VLLM_ENV, cwd="/tmp", needs=".vllm-py")]
                         # the requirement first (WeightSource path beside the same run's sync_weights), then

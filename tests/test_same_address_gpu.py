@@ -232,3 +232,52 @@ def test_a_group_of_empty_tensors_moves_without_same_address_memory():
     mgr.offload()
     mgr.onload()
     mgr.close()
+
+
+def test_the_vllm_sleep_backend_suspends_and_resumes_a_captured_model_over_memmgrs_memory(hog, tmp_path):
+    """The engine stand-in of issue 33: a transformers model whose forward step is a captured CUDA graph, its weights
+    and a KV-cache stand-in in memmgr's same-address memory, suspended (level 1: weights kept, KV cache discarded)
+    and resumed through vLLM's sleep-backend object over and over while another process takes the freed memory;
+    the graph's tokens and logits stay those of the first replay."""
+    pytest.importorskip("vllm.device_allocator.sleep_mode_backend")
+    pytest.importorskip("transformers")
+    from memmgr.sync.engines.vllm.sleep import MemmgrSleepBackend, SameAddressPhysicalMemory
+    from memmgr.tools import vllm_models as vs
+
+    model = vs.build_tiny_model(str(tmp_path), hidden=256, layers=4).to("cuda")
+    memory = SameAddressPhysicalMemory()
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        memory.add(tensor, "weights")
+    kv = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    memory.add(kv, "kv_cache")
+    ids = torch.tensor([list(vs.PROMPTS[0])], device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            model(ids, use_cache=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        logits = model(ids, use_cache=False).logits
+    graph.replay()
+    expected = logits.clone()
+    ptrs = [t.data_ptr() for t in model.parameters()] + [kv.data_ptr()]
+    backend = MemmgrSleepBackend(memory=memory)
+    held = sum(a.nbytes for a in memory.allocations())
+    for cycle in range(CYCLES):
+        torch.cuda.synchronize()
+        free_awake = torch.cuda.mem_get_info()[0]
+        backend.suspend(1)
+        assert backend.state() == "SUSPENDED" and backend.status()["kv_cache"]["discarded"] == kv.numel()
+        assert torch.cuda.mem_get_info()[0] - free_awake >= held - (64 << 20), cycle
+        hog("take")
+        hog("release")
+        backend.resume()
+        assert backend.state() == "RUNNING"
+        assert [t.data_ptr() for t in model.parameters()] + [kv.data_ptr()] == ptrs, cycle
+        logits.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(logits, expected), cycle
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))

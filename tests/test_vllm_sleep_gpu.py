@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture
 def cumem():
-    pytest.importorskip("vllm")
+    pytest.importorskip("vllm.device_allocator.cumem")  # a CUDA build of vLLM (not the GPU machine's subset)
     from vllm.device_allocator.cumem import CuMemAllocator, cumem_available
 
     if not cumem_available:

@@ -23,7 +23,9 @@ discarded allocations are undefined after it. ``discard(tags)``: releases the al
 keeping their contents (dropping the host copies of those suspended already).
 
 The layer below the state machine is ``PhysicalMemory`` (allocations at fixed addresses, copies, release, map);
-``CuMemPhysicalMemory`` is vLLM's allocator on CUDA, and the CPU tests drive the same backend over a stand-in.
+``CuMemPhysicalMemory`` is vLLM's allocator on CUDA, ``SameAddressPhysicalMemory`` memmgr's own same-address memory
+(for tensors that vLLM's allocator did not make: the GPU test drives the backend over it around a transformers
+model), and the CPU tests drive the same backend over a stand-in.
 vLLM 0.32 has the model config's ``sleep_mode_backend`` but no engine argument for it, so ``use_memmgr_sleep_backend``
 selects it in the workers of a running ``vllm.LLM`` (vLLM's CPU platform has no sleep mode at all).
 """
@@ -38,6 +40,7 @@ from vllm.device_allocator.sleep_mode_backend import SleepModeBackend
 
 from memmgr.errors import MemmgrInputError, MemmgrOutOfMemoryError, MemmgrStateError
 from memmgr.host_memory import HostBuffer, HostMemoryPool
+from memmgr.same_address import SameAddressStorage
 from memmgr.sync.engines.vllm.registry import SLEEP_BACKEND, register_sleep_backend
 from memmgr.transfer import copy_stream, issue_copy
 
@@ -130,6 +133,74 @@ class CuMemPhysicalMemory:
                                          group=allocation.tag, bytes_needed=allocation.nbytes,
                                          bytes_free=free) from exc
         data.is_asleep = False
+
+    def copy_in(self, allocation: Allocation, host: torch.Tensor) -> None:
+        dst = self._device_bytes(allocation)
+        stream = copy_stream(dst.device, "h2d")
+        stream.wait_stream(torch.cuda.current_stream(dst.device))
+        with torch.cuda.stream(stream):
+            issue_copy(dst, host, stream)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+
+class SameAddressPhysicalMemory:
+    """memmgr's own same-address memory (``memmgr.same_address.SameAddressStorage``) under the backend, for memory
+    that does not come from vLLM's ``CuMemAllocator``: ``add(tensor, tag)`` moves the tensor's storage (a model's
+    weights, a KV cache) into an address range of memmgr's once; every view of it keeps working and keeps its
+    address through each suspend and resume. Release is the storage's ``resize_(0)`` after the copy out, map its
+    ``resize_(nbytes)`` at the same address."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[SameAddressStorage, torch.UntypedStorage, Allocation]] = {}
+
+    def add(self, tensor: torch.Tensor, tag: str) -> Allocation:
+        """Moves ``tensor``'s storage into same-address memory (once per storage) and returns its allocation."""
+        storage = tensor.untyped_storage()
+        for _, untyped, allocation in self._entries.values():
+            if untyped.data_ptr() == storage.data_ptr():
+                return allocation
+        memory = SameAddressStorage(tensor, f"sleep memory {tag!r}")
+        allocation = Allocation(memory.address, storage.nbytes(), tag)
+        self._entries[allocation.address] = (memory, storage, allocation)
+        return allocation
+
+    def allocations(self) -> list[Allocation]:
+        return [allocation for _, _, allocation in self._entries.values()]
+
+    def _device_bytes(self, allocation: Allocation) -> torch.Tensor:
+        _, storage, _ = self._entries[allocation.address]
+        return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+    def copy_out(self, allocation: Allocation, host: torch.Tensor) -> torch.cuda.Event:
+        src = self._device_bytes(allocation)
+        stream = copy_stream(src.device, "d2h")
+        stream.wait_stream(torch.cuda.current_stream(src.device))
+        with torch.cuda.stream(stream):
+            issue_copy(host, src, stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+
+    def wait(self, token: torch.cuda.Event) -> None:
+        token.synchronize()
+
+    def release(self, allocation: Allocation) -> None:
+        memory, storage, _ = self._entries[allocation.address]
+        memory.release_after(copy_stream(storage.device, "d2h"))
+        storage.resize_(0)
+        memory.wait_released()
+
+    def map(self, allocation: Allocation) -> None:
+        _, storage, _ = self._entries[allocation.address]
+        try:
+            storage.resize_(allocation.nbytes)
+        except torch.OutOfMemoryError as exc:
+            raise MemmgrOutOfMemoryError(f"sleep backend resume: cannot map {allocation.nbytes} bytes of "
+                                         f"{allocation.tag!r} at {allocation.address:#x} again ({exc})",
+                                         group=allocation.tag, bytes_needed=allocation.nbytes,
+                                         bytes_free=torch.cuda.mem_get_info(storage.device)[0]) from exc
 
     def copy_in(self, allocation: Allocation, host: torch.Tensor) -> None:
         dst = self._device_bytes(allocation)
