@@ -77,7 +77,8 @@ def time_stats(xs: list[float]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # the two setups: each returns (step_fn, mgr, measure_fn, env)
 # ---------------------------------------------------------------------------------------------------------------------
-def setup_gpu(manage: bool = True) -> tuple[Callable[[int], float], Any, Callable[[], dict], dict]:
+def setup_gpu(manage: bool = True, same_address: bool = False
+              ) -> tuple[Callable[[int], float], Any, Callable[[], dict], dict]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     import torch
@@ -99,7 +100,8 @@ def setup_gpu(manage: bool = True) -> tuple[Callable[[int], float], Any, Callabl
     env["params"] = sum(p.numel() for p in ddp.parameters())
     env["baseline_before_model"] = baseline
     data = lab.token_batches(NUM_BATCHES, BATCH, MODEL["seq"], MODEL["vocab"])
-    mgr = for_megatron(ddp, opt, pool=HostMemoryPool()) if manage else None
+    mgr = for_megatron(ddp, opt, pool=HostMemoryPool(), same_address=same_address) if manage else None
+    env["parameters"] = lambda: [p.data_ptr() for p in ddp.parameters()]
 
     def step(i: int) -> float:
         return lab.megatron_train_step(ddp, opt, *data[i % len(data)])
@@ -171,8 +173,16 @@ def run(args: argparse.Namespace) -> dict:
     mgr = None
     try:
         t0 = time.perf_counter()
-        step, mgr, measure, env = (setup_cpu if args.cpu_smoke else setup_gpu)()
+        if args.cpu_smoke:
+            step, mgr, measure, env = setup_cpu()
+        else:
+            step, mgr, measure, env = setup_gpu(same_address=args.same_address)
+        addresses = env.pop("parameters", None)  # where each parameter lives (--same-address: after every phase too)
         results["env"] = env
+        results["same_address"] = bool(getattr(args, "same_address", False))
+        at_build = addresses() if addresses is not None else None
+        moved: list[int] = []
+        results["parameters_moved_after_phase"] = moved
         results["setup_seconds"] = time.perf_counter() - t0
         results["groups_at_build"] = {n: {"nbytes": s.nbytes, "policy": str(s.policy)} for n, s in mgr.state.items()}
         t_loop = time.perf_counter()
@@ -210,6 +220,8 @@ def run(args: argparse.Namespace) -> dict:
                 t4 = time.perf_counter()
                 if any(s.state != "on_device" for n, s in mgr.state.items() if s.nbytes):
                     not_back.append(cycle)
+                if results["same_address"] and addresses() != at_build:
+                    moved.append(cycle)
             else:
                 mgr.offload()
                 sync()
@@ -312,10 +324,12 @@ def checks(records: list[dict], losses: list[float], cycles: int, results: dict)
     completed = len(losses) == cycles and "error" not in results
     out["completed"] = completed
     out["all_back_after_phase"] = not results.get("not_back_after_phase")
+    out["addresses_kept"] = not results.get("parameters_moved_after_phase") if results.get("same_address") else None
     reference = results.get("reference")
     out["losses_equal_reference"] = reference.get("equal") if reference else None
     out["pass"] = completed and bool(judged) and all(judged) and out["losses_finite"]["pass"] and \
-        out["all_back_after_phase"] and out["losses_equal_reference"] is not False
+        out["all_back_after_phase"] and out["losses_equal_reference"] is not False and \
+        out["addresses_kept"] is not False
     return out
 
 
@@ -336,6 +350,10 @@ def summary(results: dict) -> str:
     if results.get("via") == "phase":
         lines.append(f"every group back on the device after each phase: "
                      f"{'PASS' if c.get('all_back_after_phase') else 'FAIL'}")
+    if results.get("same_address"):
+        moved = results.get("parameters_moved_after_phase") or []
+        lines.append(f"same_address=True: every parameter at its address after each phase: "
+                     f"{'FAIL (cycles ' + str(moved[:10]) + ')' if moved else 'PASS'}")
     if c.get("losses_equal_reference") is not None:
         lines.append(f"losses equal to the same steps without memmgr, bit for bit: "
                      f"{'PASS' if c['losses_equal_reference'] else 'FAIL'} {results.get('reference')}")
@@ -365,6 +383,9 @@ def main() -> int:
     parser.add_argument("--cpu-smoke", action="store_true")
     parser.add_argument("--via", choices=("phase", "calls"), default="phase",
                         help="phase: the README's loop (mgr.phase with a weight sync inside); calls: offload/onload")
+    parser.add_argument("--same-address", action="store_true",
+                        help="build the manager with same_address=True and check every parameter's address after "
+                             "each phase (GPU only)")
     parser.add_argument("--reference", action="store_true",
                         help="afterwards, run the same steps without memmgr and compare the losses bit for bit")
     args = parser.parse_args()
@@ -372,6 +393,8 @@ def main() -> int:
         args.cycles = 20 if args.cpu_smoke else 1000
     if args.cycles < 1:
         parser.error("--cycles must be >= 1")
+    if args.same_address and args.cpu_smoke:
+        parser.error("--same-address needs the GPU (same-address memory is GPU memory)")
     args.out.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore")
     results = run(args)

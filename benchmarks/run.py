@@ -242,7 +242,9 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
     "same-address": ("issue 33: same-address buckets on the GPU: the GPU tests of memmgr.same_address (the captured "
                      "training step over $MEMMGR_SAME_ADDRESS_CYCLES offload cycles, default 100 here, with another "
                      "process taking the memory between them; OOM, release, adoption, guard, ledger), the VMM and "
-                     "vLLM sleep-backend GPU tests and the examples with --same-address, then `memmgr bench` with "
+                     "vLLM sleep-backend GPU tests and the examples with --same-address, the 1000-cycle soak with "
+                     "same_address=True (every parameter's address checked after each phase), then `memmgr bench` "
+                     "with "
                      "memmgr, memmgr-same-address and torch_memory_saver (3 cycles, both conditions). Carry "
                      ".vllm-py/ for the sleep backend's test (vLLM's interface from the subset)",
                      lambda c: [vllm_wheels_step(),
@@ -256,6 +258,8 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                      env=dict(VLLM_ENV if (ROOT / ".vllm-py").is_dir() else {},
                                               MEMMGR_SAME_ADDRESS_CYCLES=os.environ.get(
                                                   "MEMMGR_SAME_ADDRESS_CYCLES", "100"))),
+                                Step("soak", program("gpu_soak.py", "--out", str(c.work / "soak"), "--cycles",
+                                                     "1000", "--reference", "--same-address"), 200, show=""),
                                 Step("bench", [PY, "-m", "memmgr", "bench", "--out", str(c.work / "bench"),
                                                "--no-megatron", "--methods",
                                                "memmgr,memmgr-same-address,torch_memory_saver", "--cycles", "3"],
