@@ -11,8 +11,8 @@ What it measures (GB/s = 1e9 bytes/s, CUDA-event time on the copy stream):
   and in ``after_release`` a helper process (memmgr.tools.engine_standin, started once) allocates and writes
   ``--other-gib`` of GPU memory and frees it (empty_cache) right before. Then the probe allocates the device side
   fresh (h2d: the destination; d2h: the source, filled on the GPU) and copies ``--size-gib`` pinned->device or
-  device->pinned with each path of ``--paths``: ``engine``, ``kernel``, ``auto`` and ``engineN`` (the engines on
-  N streams at once).
+  device->pinned with each path of ``--paths``: ``engine``, ``kernel``, ``auto``, ``engineN`` (the engines on
+  N streams at once) and ``splitF`` (the engines on the first F of the bytes, default 0.5, and the kernel on the rest, at once).
   Every copy's bytes are checked (h2d: all of them on the GPU; d2h: sampled windows).
 - ``warm``: the same copies into/out of device memory allocated once, long before (no release anywhere).
   ``auto`` is the policy of memmgr.transfer (h2d: a probe of both paths on the first 2 x 64 MiB decides).
@@ -99,6 +99,9 @@ class Probe:
             if path.startswith("engine") and path[6:].isdigit():
                 self.multi_engine(direction, dst, src, int(path[6:]), stream)
                 ran = path
+            elif path.startswith("split"):
+                self.split(dst, src, float(path[5:] or 0.5), stream, blocks)
+                ran = path
             else:
                 ran = issue_copy(dst, src, stream, path=path, kernel_blocks=blocks)
             end.record(stream)
@@ -174,10 +177,23 @@ class Probe:
     def configs(self) -> list[tuple[str, float | None]]:
         configs: list[tuple[str, float | None]] = []
         for path in [p.strip() for p in self.args.paths.split(",") if p.strip()]:
-            if path in ("kernel", "auto") and not self.kernels:
+            if (path in ("kernel", "auto") or path.startswith("split")) and not self.kernels:
                 continue
-            configs.append((path, None))
+            configs.append((path, float(path[5:] or 0.5) if path.startswith("split") else None))
         return configs
+
+    def split(self, dst: torch.Tensor, src: torch.Tensor, fraction: float, stream: torch.cuda.Stream,
+              blocks: int) -> None:
+        """The copy engines on the first ``fraction`` of the bytes and the copy kernel on the rest, at the same time
+        (two streams): whether the two paths add up where each alone is held back by something else (the H100: the
+        kernel by the SMs' reads of host memory, the engines by the driver's clearing after a release)."""
+        cut = int(dst.numel() * fraction) // 4096 * 4096
+        helper = copy_stream(self.dev, "split-kernel")
+        helper.wait_stream(stream)
+        dst[:cut].copy_(src[:cut], non_blocking=True)
+        with torch.cuda.stream(helper):
+            issue_copy(dst[cut:], src[cut:], helper, path="kernel", kernel_blocks=blocks)
+        stream.wait_stream(helper)
 
     def multi_engine(self, direction: str, dst: torch.Tensor, src: torch.Tensor, streams: int,
                      stream: torch.cuda.Stream) -> None:

@@ -276,6 +276,16 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                                              "--paths", "engine,kernel,auto", "--repeats", "2",
                                                              "--timeline-s", "0", "--blocks=", "--flat-cycles", "2"),
                                    200, show=r"^(warm|after_release|flat|peak)")]),
+    "copy-split": ("issue 30 on the H100: host->device through the copy engines and the copy kernel at once (engines "
+                   "on 40% or 50% of the bytes, the kernel on the rest), beside each path alone and 'auto', 8 GiB on "
+                   "warm memory and right after another process released 48 GiB, then 24 GiB after an 80 GiB release",
+                   lambda c: [Step(name, program("copy_path_probe.py", "--out", str(c.work / name), "--size-gib", size,
+                                                 "--other-gib", other, "--scenarios", "warm,after_release",
+                                                 "--directions", "h2d", "--paths",
+                                                 "engine,kernel,split0.5,split0.4,auto", "--repeats", "2",
+                                                 "--blocks=", "--flat-cycles", "0", "--timeline-s", "0"),
+                                   150, show=r"^(warm|after_release|peak)")
+                              for name, size, other in (("split_8g", "8", "48"), ("split_24g", "24", "80"))]),
     "engine-offload": ("why offloads run 5-10% slower in the bench's engine condition (issue 16): device->host "
                        "copies and their timeline after another process released ~110 GB, then the synthetic "
                        "state's memmgr cycles under the engine condition with the copy engines forced and with auto",
