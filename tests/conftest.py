@@ -135,3 +135,19 @@ def write_cpu_ledger(tmp_path) -> str:
     ledger.close()
     mgr.close()
     return str(ledger.path)
+
+
+def capture_forward(model, ids: torch.Tensor):
+    """A transformers model's forward on ``ids`` captured as one CUDA graph (warmed up on a side stream first, as torch
+    asks): (graph, its logits tensor, the logits of its first replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            model(ids, use_cache=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        logits = model(ids, use_cache=False).logits
+    graph.replay()
+    return graph, logits, logits.clone()

@@ -13,6 +13,8 @@ import torch
 
 import memmgr
 
+from conftest import capture_forward
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 MIB = 1 << 20
@@ -253,17 +255,7 @@ def test_the_vllm_sleep_backend_suspends_and_resumes_a_captured_model_over_memmg
     kv = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
     memory.add(kv, "kv_cache")
     ids = torch.tensor([list(vs.PROMPTS[0])], device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(side):
-        for _ in range(2):
-            model(ids, use_cache=False)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        logits = model(ids, use_cache=False).logits
-    graph.replay()
-    expected = logits.clone()
+    graph, logits, expected = capture_forward(model, ids)
     ptrs = [t.data_ptr() for t in model.parameters()] + [kv.data_ptr()]
     backend = MemmgrSleepBackend(memory=memory)
     held = sum(a.nbytes for a in memory.allocations())

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import capture_forward
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
@@ -33,17 +35,7 @@ def test_the_backend_suspends_and_resumes_a_model_whose_step_is_a_captured_cuda_
         kv = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")  # stands for the KV cache: discarded at level 1
     ptrs = [p.data_ptr() for p in model.parameters()] + [kv.data_ptr()]
     ids = torch.tensor([list(vs.PROMPTS[0])], device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(side):
-        for _ in range(2):
-            model(ids, use_cache=False)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        logits = model(ids, use_cache=False).logits
-    graph.replay()
-    expected = logits.clone()
+    graph, logits, expected = capture_forward(model, ids)
 
     backend = MemmgrSleepBackend()
     held = sum(a.nbytes for a in backend.memory.allocations())

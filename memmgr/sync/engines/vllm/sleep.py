@@ -78,6 +78,26 @@ class PhysicalMemory(Protocol):
     def synchronize(self) -> None: ...
 
 
+def _copy_out(src: torch.Tensor, host: torch.Tensor) -> torch.cuda.Event:
+    """Issues the copy of device bytes ``src`` into ``host`` on memmgr's device->host stream, after the work queued on
+    the current stream; returns the event that marks it done."""
+    stream = copy_stream(src.device, "d2h")
+    stream.wait_stream(torch.cuda.current_stream(src.device))
+    with torch.cuda.stream(stream):
+        issue_copy(host, src, stream)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return event
+
+
+def _copy_in(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """Issues the copy of ``host`` into device bytes ``dst`` on memmgr's host->device stream."""
+    stream = copy_stream(dst.device, "h2d")
+    stream.wait_stream(torch.cuda.current_stream(dst.device))
+    with torch.cuda.stream(stream):
+        issue_copy(dst, host, stream)
+
+
 class _CudaBytes:
     """``nbytes`` of device memory at ``address`` as ``__cuda_array_interface__``, for ``torch.as_tensor``."""
 
@@ -105,14 +125,7 @@ class CuMemPhysicalMemory:
         return torch.as_tensor(_CudaBytes(allocation.address, allocation.nbytes), device=f"cuda:{device}")
 
     def copy_out(self, allocation: Allocation, host: torch.Tensor) -> torch.cuda.Event:
-        src = self._device_bytes(allocation)
-        stream = copy_stream(src.device, "d2h")
-        stream.wait_stream(torch.cuda.current_stream(src.device))
-        with torch.cuda.stream(stream):
-            issue_copy(host, src, stream)
-            event = torch.cuda.Event()
-            event.record(stream)
-        return event
+        return _copy_out(self._device_bytes(allocation), host)
 
     def wait(self, token: torch.cuda.Event) -> None:
         token.synchronize()
@@ -135,11 +148,7 @@ class CuMemPhysicalMemory:
         data.is_asleep = False
 
     def copy_in(self, allocation: Allocation, host: torch.Tensor) -> None:
-        dst = self._device_bytes(allocation)
-        stream = copy_stream(dst.device, "h2d")
-        stream.wait_stream(torch.cuda.current_stream(dst.device))
-        with torch.cuda.stream(stream):
-            issue_copy(dst, host, stream)
+        _copy_in(self._device_bytes(allocation), host)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
@@ -174,14 +183,7 @@ class SameAddressPhysicalMemory:
         return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
     def copy_out(self, allocation: Allocation, host: torch.Tensor) -> torch.cuda.Event:
-        src = self._device_bytes(allocation)
-        stream = copy_stream(src.device, "d2h")
-        stream.wait_stream(torch.cuda.current_stream(src.device))
-        with torch.cuda.stream(stream):
-            issue_copy(host, src, stream)
-            event = torch.cuda.Event()
-            event.record(stream)
-        return event
+        return _copy_out(self._device_bytes(allocation), host)
 
     def wait(self, token: torch.cuda.Event) -> None:
         token.synchronize()
@@ -203,11 +205,7 @@ class SameAddressPhysicalMemory:
                                          bytes_free=torch.cuda.mem_get_info(storage.device)[0]) from exc
 
     def copy_in(self, allocation: Allocation, host: torch.Tensor) -> None:
-        dst = self._device_bytes(allocation)
-        stream = copy_stream(dst.device, "h2d")
-        stream.wait_stream(torch.cuda.current_stream(dst.device))
-        with torch.cuda.stream(stream):
-            issue_copy(dst, host, stream)
+        _copy_in(self._device_bytes(allocation), host)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
