@@ -384,9 +384,10 @@ class VmmRange : public std::enable_shared_from_this<VmmRange> {
       if (err == cudaSuccess) err = cudaEventRecord(event, release_stream_);
       if (err == cudaSuccess) {
         ++pending_;
+        const uint64_t generation = generation_;  // read under the lock: a map right after the unlock bumps it
         if (previous != device_ && previous >= 0) cudaSetDevice(previous);
         lock.unlock();
-        Reaper::instance().push({shared_from_this(), generation_, event});
+        Reaper::instance().push({shared_from_this(), generation, event});
         return;
       }
       if (event != nullptr) cudaEventDestroy(event);
