@@ -42,6 +42,7 @@ class BackendInfo:
     copy_path_last: dict[str, str] = field(default_factory=dict)  # the path that ran last per direction
     driver_settle: dict[str, Any] = field(default_factory=dict)  # memmgr.driver_settle.status()
     copy_kernel_shape: dict[str, Any] = field(default_factory=dict)  # per device, memmgr.copy_shape.shape_status()
+    same_address: str = "unavailable"  # whether same_address=True can be honoured here, or why not
 
     def describe(self) -> str:
         ext = "built" if self.extension_built else f"not built ({self.extension_error}; {build_hint()})"
@@ -58,7 +59,7 @@ class BackendInfo:
                 f"{d} {c['shape']} ({c['source']})" for d, c in sorted(self.copy_kernel_shape.items()))
         if self.driver_settle:
             text += "; " + describe_driver_settle(self.driver_settle)
-        return text
+        return text + f"; same-address memory {self.same_address}"
 
 
 def describe_driver_settle(status: dict[str, Any]) -> str:
@@ -111,4 +112,15 @@ def backend_info() -> BackendInfo:
         {"available": ["engine"], "requested": "auto", "auto": {}, "last": {}}
     return BackendInfo(native is not None, _import_error, cuda, pinning, tuple(paths["available"]),
                        str(paths["requested"]), dict(paths["auto"]), dict(paths["last"]),
-                       driver_settle.status() if cuda else {}, dict(paths.get("kernel_shape") or {}))
+                       driver_settle.status() if cuda else {}, dict(paths.get("kernel_shape") or {}),
+                       _same_address_status(cuda))
+
+
+def _same_address_status(cuda: bool) -> str:
+    """"available" where the current device can hold same-address memory (memmgr.same_address), else why not."""
+    if not cuda:
+        return "unavailable (no CUDA)"
+    if native is None or not hasattr(native, "vmm_supported"):
+        return "unavailable (the native extension is not built)"
+    supported, why = native.vmm_supported(torch.cuda.current_device())
+    return "available" if supported else f"unavailable ({why})"

@@ -57,3 +57,10 @@ def test_a_same_address_buffer_and_the_requirement_are_refused_without_cuda():
         SameAddressBuffer(1 << 20)
     with pytest.raises(memmgr.MemmgrInputError, match="sleep backend: same_address=True"):
         require_same_address("sleep backend")
+
+
+@no_cuda
+def test_backend_info_says_why_same_address_memory_is_unavailable():
+    info = memmgr.backend_info()
+    assert info.same_address == "unavailable (no CUDA)"
+    assert info.describe().endswith("same-address memory unavailable (no CUDA)")

@@ -275,3 +275,8 @@ def test_the_vllm_sleep_backend_suspends_and_resumes_a_captured_model_over_memmg
         torch.cuda.synchronize()
         assert torch.equal(logits, expected), cycle
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
+def test_backend_info_says_same_address_memory_is_available():
+    assert memmgr.backend_info().same_address == "available"
+    assert "same-address memory available" in memmgr.backend_info().describe()
