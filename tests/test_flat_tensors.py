@@ -6,7 +6,7 @@ import torch
 
 from conftest import random_tensor, same_bits
 from memmgr.states import GroupState
-from memmgr import (BucketizedFlatTensors, BucketState, FlatTensors, MemmgrInputError, MemmgrStateError,
+from memmgr import (BucketizedFlatTensors, FlatTensors, MemmgrInputError, MemmgrStateError,
                     HostMemoryPool)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.bool]

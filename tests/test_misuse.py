@@ -10,8 +10,8 @@ import torch
 
 from conftest import same_bits
 import memmgr
-from memmgr import (BucketizedFlatTensors, BucketState, FlatTensors, HostMemoryPool, MemmgrError,
-                    MemmgrHostMemoryError, MemmgrInputError, MemmgrStateError, MemoryManager)
+from memmgr import (BucketizedFlatTensors, FlatTensors, HostMemoryPool, MemmgrError,
+                    MemmgrInputError, MemmgrStateError, MemoryManager)
 
 
 @dataclass

@@ -8,7 +8,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import random_tensor, same_bits
-from memmgr.states import GroupState
 from memmgr import BucketizedFlatTensors, GroupState, HostMemoryPool, Policy
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.bool]
