@@ -173,12 +173,19 @@ _PROBE_ALIGN = 4096
 # - On an H100 the kernel read host memory at 0.54-0.57x of the link with every launch shape (memmgr.copy_shape),
 #   warm or not, while the engines ran at 0.55x right after a 48 GiB release and at 0.92-0.94x over 24 GiB after an
 #   80 GiB one, where the probe had chosen the kernel (0.53x; issue 30). A kernel that cannot hold the link is never
-#   faster for long, so 'auto' probes only on devices where the kernel's measured shape reaches
-#   copy_shape.KERNEL_LINK_SHARE of the engines' device->host speed, and elsewhere leaves host->device to the engines.
+#   faster for long alone, so 'auto' probes engines against kernel only on devices where the kernel's measured shape
+#   reaches copy_shape.KERNEL_LINK_SHARE of the engines' device->host speed. Elsewhere the engines move a copy, unless
+#   their probe reads below AUTO_ENGINES_HEALTHY of the link: then both paths at once (the engines on the share of
+#   the bytes their probe speed says, the kernel on the rest, two streams) are timed on the next probe's bytes and
+#   keep the copy if they beat the engines by AUTO_SPLIT_MARGIN, since on such a card the two are held back by
+#   different things (the kernel by the SMs' reads of host memory, the engines by the driver clearing released
+#   memory). Whether they do is what benchmarks/run.py's copy-split suite measures.
 AUTO_POLICY: dict[str, str] = {"h2d": "probe", "d2h": "engine"}
 AUTO_PROBE_BYTES = 64 << 20
 AUTO_PROBE_MIN_BYTES = 2 * AUTO_PROBE_BYTES
 AUTO_KERNEL_MARGIN = 1.3
+AUTO_ENGINES_HEALTHY = 0.8  # engine probe speed, as a share of the link's, above which the engines need no help
+AUTO_SPLIT_MARGIN = 1.15  # how much faster than the engines both paths at once must be
 
 _last_paths: dict[str, str] = {}
 _last_probe: dict[int, dict[str, float | str]] = {}  # per device: the last probe's speeds and verdict
@@ -359,7 +366,8 @@ def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, 
     this copy) picks the copy engines or the copy kernel; ``path`` and ``kernel_blocks`` > 0 override its fields.
     "auto" does what ``AUTO_POLICY`` says per direction, and when it probes (see there) it waits a few milliseconds
     for the probe. Where the kernel cannot run (no extension, pageable host memory, host<->host or device<->device),
-    the engines move everything, whatever was asked. Returns "engine" or "kernel".
+    the engines move everything, whatever was asked. Returns "engine", "kernel" or, where 'auto' ran both at once,
+    "split".
     """
     _check_views(dst, src)
     policy = resolve_copy_policy(policy, where="issue_copy").with_overrides(path, kernel_blocks)
@@ -401,11 +409,7 @@ def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.
     device = stream.device.index if stream.device.index is not None else torch.cuda.current_device()
     shape = copy_shape.shape_for(device)
     if shape.kernel_holds_link is False:  # the kernel is slower than the link on this card (see AUTO_POLICY)
-        ran = _issue(dst, src, stream, "engine", kernel_blocks)
-        _record(direction, f"{ran} (auto: the copy kernel reads host memory at "
-                           f"{shape.h2d_gbps.get(shape.shape.label, 0.0):.1f} GB/s on this device, the engines' link "
-                           f"{shape.link_gbps:.1f})")
-        return ran
+        return _issue_engines_or_split(dst, src, stream, direction, kernel_blocks, device, shape)
     nbytes = dst.numel()
     probe = AUTO_PROBE_BYTES // _PROBE_ALIGN * _PROBE_ALIGN
     with _state_lock:
@@ -435,6 +439,68 @@ def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.
     _record(direction, f"{ran} (auto, probe: engines {engine_gbps:.1f} GB/s, kernel {kernel_gbps:.1f} GB/s)")
     logger.debug("copy-path probe on cuda:%d: engines %.1f GB/s, kernel %.1f GB/s -> %s", device, engine_gbps,
                  kernel_gbps, ran)
+    return ran
+
+
+def _timed(stream: torch.cuda.Stream, issue: Callable[[], object]) -> float:
+    """Seconds the work ``issue`` enqueues on ``stream`` takes on the device (waits for it)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    issue()
+    end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def _issue_split(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, fraction: float,
+                 kernel_blocks: int) -> str:
+    """The engines on the first ``fraction`` of the bytes (on ``stream``) and the kernel on the rest (on a helper
+    stream) at once; ``stream`` waits for both. Returns "split", or "engine" if the kernel could not launch."""
+    cut = int(dst.numel() * fraction) // _PROBE_ALIGN * _PROBE_ALIGN
+    helper = copy_stream(stream.device, "h2d-split")
+    helper.wait_stream(stream)
+    _issue(dst[:cut], src[:cut], stream, "engine", kernel_blocks)
+    ran = _issue(dst[cut:], src[cut:], helper, "kernel", kernel_blocks)
+    stream.wait_stream(helper)
+    return "split" if ran == "kernel" else "engine"
+
+
+def _issue_engines_or_split(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str,
+                            kernel_blocks: int, device: int, shape: "copy_shape.ShapeChoice") -> str:
+    """'auto' host->device where the kernel cannot hold the link (see AUTO_POLICY): the engines, or both paths at
+    once where a probe of each says so."""
+    nbytes = dst.numel()
+    probe = AUTO_PROBE_BYTES // _PROBE_ALIGN * _PROBE_ALIGN
+    with _state_lock:
+        last = dict(_last_probe.get(device, {}))
+    if last.get("verdict") not in ("engine", "split"):
+        last = {"verdict": "engine", "fraction": 1.0}
+    if probe <= 0 or nbytes < 3 * probe or not stream.query():
+        # Too small to measure, or queued behind other work (waiting would stall the caller): the last verdict.
+        ran = _issue_split(dst, src, stream, float(last["fraction"]), kernel_blocks) if last["verdict"] == "split" \
+            else _issue(dst, src, stream, "engine", kernel_blocks)
+        _record(direction, f"{ran} (auto, last probe)")
+        return ran
+    link = float(shape.link_gbps or 0.0)
+    kernel_gbps = float(shape.h2d_gbps.get(shape.shape.label, 0.0))
+    engine_s = _timed(stream, lambda: _issue(dst[:probe], src[:probe], stream, "engine", kernel_blocks))
+    engine_gbps = probe / engine_s / 1e9 if engine_s > 0 else float("inf")
+    verdict, fraction, split_gbps, done = "engine", 1.0, None, probe
+    if engine_gbps < AUTO_ENGINES_HEALTHY * link and kernel_gbps > 0:
+        fraction = engine_gbps / (engine_gbps + kernel_gbps)
+        part = slice(probe, 2 * probe)
+        split_s = _timed(stream, lambda: _issue_split(dst[part], src[part], stream, fraction, kernel_blocks))
+        split_gbps = probe / split_s / 1e9 if split_s > 0 else float("inf")
+        verdict = "split" if split_gbps > AUTO_SPLIT_MARGIN * engine_gbps else "engine"
+        done = 2 * probe
+    with _state_lock:
+        _last_probe[device] = {"verdict": verdict, "fraction": fraction, "engine_gbps": engine_gbps,
+                               "split_gbps": split_gbps, "probe_bytes": probe}
+    ran = _issue_split(dst[done:], src[done:], stream, fraction, kernel_blocks) if verdict == "split" \
+        else _issue(dst[done:], src[done:], stream, "engine", kernel_blocks)
+    both = "" if split_gbps is None else f", both at once {split_gbps:.1f} GB/s"
+    _record(direction, f"{ran} (auto: the copy kernel holds {kernel_gbps:.1f} GB/s here, the link "
+                       f"{link:.1f}; probe: engines {engine_gbps:.1f} GB/s{both})")
     return ran
 
 

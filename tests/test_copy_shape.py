@@ -221,26 +221,68 @@ def test_a_shape_without_a_link_measurement_does_not_say_whether_it_holds_the_li
     assert ShapeChoice(DEFAULT_SHAPE, "cache", "k", {"1:4": 50.0}).kernel_holds_link is None
 
 
-def test_auto_leaves_host_to_device_to_the_engines_without_probing_where_the_kernel_cannot_hold_the_link(
-        isolated, monkeypatch):
-    """The H100 case (issue 30): every shape at ~0.6x of the engines' device->host speed, so 'auto' issues the
-    engines at once; where the kernel holds the link it probes as before."""
+@pytest.fixture
+def slow_kernel_device(isolated, monkeypatch):
+    """A device whose copy kernel reads host memory at 33 GB/s against a 54 GB/s link (the H100), with 'auto's probe
+    timings and issues faked: returns (what was issued, the timings the probes will read)."""
     from types import SimpleNamespace
 
     from memmgr import transfer
 
-    issued = []
-    monkeypatch.setattr(transfer, "_issue", lambda dst, src, stream, chosen, blocks: issued.append(chosen) or chosen)
-    stream = SimpleNamespace(device=torch.device("cuda", 0), query=lambda: False)
-    dst = SimpleNamespace(numel=lambda: 1 << 30)
-    slow = {s: 33.0 for s in CANDIDATES} | {copy_shape.LINK_KEY: 54.0}
-    copy_shape._choices.get(0, measure_fn=lambda d: dict(slow))
-    assert transfer._issue_auto_probed(dst, None, stream, "h2d", 0) == "engine" and issued == ["engine"]
-    assert "the copy kernel reads host memory at 33.0 GB/s" in transfer.copy_paths_status()["last"]["h2d"]
-    monkeypatch.setattr(copy_shape, "_choices", copy_shape._Choices())
-    isolated.unlink()  # another card: measured afresh
-    fast = {s: 51.0 for s in CANDIDATES} | {copy_shape.LINK_KEY: 54.0}
-    copy_shape._choices.get(0, measure_fn=lambda d: dict(fast))
-    monkeypatch.setattr(transfer, "_last_probe", {0: {"verdict": "kernel"}})
-    transfer._issue_auto_probed(dst, None, stream, "h2d", 0)  # queued behind work: the last probe's verdict
-    assert issued == ["engine", "kernel"]
+    copy_shape._choices.get(0, measure_fn=lambda d: {s: 33.0 for s in CANDIDATES} | {copy_shape.LINK_KEY: 54.0})
+    issued, timings = [], []
+    monkeypatch.setattr(transfer, "AUTO_PROBE_BYTES", 1 << 20)
+    monkeypatch.setattr(transfer, "_last_probe", {})
+    monkeypatch.setattr(transfer, "_issue", lambda dst, src, stream, chosen, blocks:
+                        issued.append((chosen, dst.numel())) or chosen)
+    monkeypatch.setattr(transfer, "copy_stream", lambda device, name: SimpleNamespace(wait_stream=lambda s: None))
+
+    def timed(stream, issue):
+        issue()
+        return (1 << 20) / (timings.pop(0) * 1e9)
+
+    monkeypatch.setattr(transfer, "_timed", timed)
+    return issued, timings
+
+
+def _auto_h2d(nbytes: int = 8 << 20, idle: bool = True) -> str:
+    from types import SimpleNamespace
+
+    from memmgr import transfer
+
+    stream = SimpleNamespace(device=torch.device("cuda", 0), query=lambda: idle, wait_stream=lambda s: None)
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    return transfer._issue_auto_probed(buf, buf, stream, "h2d", 0)
+
+
+def test_where_the_kernel_cannot_hold_the_link_healthy_engines_move_the_copy_alone(slow_kernel_device):
+    issued, timings = slow_kernel_device
+    timings.append(50.0)  # the engines' probe: above 0.8 x 54
+    assert _auto_h2d() == "engine"
+    assert issued == [("engine", 1 << 20), ("engine", 7 << 20)]  # no split probe
+
+
+def test_where_the_kernel_cannot_hold_the_link_slow_engines_get_the_kernel_beside_them_if_that_is_faster(
+        slow_kernel_device):
+    from memmgr import transfer
+
+    issued, timings = slow_kernel_device
+    timings.extend([27.0, 45.0])  # engines after a release; both at once
+    assert _auto_h2d() == "split"
+    probe = transfer._last_probe[0]
+    assert probe["verdict"] == "split" and probe["fraction"] == pytest.approx(27 / 60)
+    # the engines' probe, the split probe (engines then kernel), then the rest split the same way
+    assert [c for c, _ in issued] == ["engine", "engine", "kernel", "engine", "kernel"]
+    cut = int((6 << 20) * 27 / 60) // 4096 * 4096
+    assert issued[3:] == [("engine", cut), ("kernel", (6 << 20) - cut)]
+    issued.clear()
+    assert _auto_h2d(idle=False) == "split"  # queued behind work: the last verdict, no probe
+    assert [c for c, _ in issued] == ["engine", "kernel"]
+    assert "auto, last probe" in transfer.copy_paths_status()["last"]["h2d"]
+
+
+def test_where_the_kernel_cannot_hold_the_link_a_split_no_faster_than_slow_engines_is_not_kept(slow_kernel_device):
+    issued, timings = slow_kernel_device
+    timings.extend([27.0, 29.0])  # both at once within the margin of the engines alone
+    assert _auto_h2d() == "engine"
+    assert issued[-1] == ("engine", 6 << 20)

@@ -292,9 +292,10 @@ def _copy_kernel_shapes(echo) -> dict[str, object]:
             continue
         choice = copy_shape.shape_for(index)
         speeds = ", ".join(f"{label} {gbps:.1f}" for label, gbps in sorted(choice.h2d_gbps.items()))
-        link = ("" if choice.kernel_holds_link is None else
-                f"; copy engines device->host {choice.link_gbps:.1f} GB/s: the kernel "
-                f"{'holds the link' if choice.kernel_holds_link else 'does not hold the link, auto uses the engines'}")
+        verdict = "holds the link" if choice.kernel_holds_link else \
+            "does not hold the link: auto uses the engines, with the kernel beside them where that measures faster"
+        link = "" if choice.kernel_holds_link is None else \
+            f"; copy engines device->host {choice.link_gbps:.1f} GB/s: the kernel {verdict}"
         echo(f"  copy kernel on GPU {index}: shape {choice.shape.label} (blocks per SM:unroll), {choice.source}"
              + (f"; host->device GB/s by shape: {speeds}" if speeds else "") + link)
     return copy_shape.shape_status()
