@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import memmgr
-from memmgr import transfer
+from memmgr import copy_shape, transfer
 from memmgr.flat_tensors import FlatTensors
 from memmgr.host_memory import allocate_host_buffer
 from memmgr.transfer import copy_paths_status, copy_stream, issue_copy, kernels_available
@@ -135,7 +135,8 @@ def test_flat_tensors_round_trip_is_bit_exact_on_every_path(path, monkeypatch):
     bucket.onload()
     assert same_bits(bucket.flat, original)
     # 'auto' moves a device->host copy with the engines; a host->device copy this small takes the last probe's verdict
-    want = {"h2d": {path}, "d2h": {path}} if path != "auto" else {"h2d": {"engine", "kernel"}, "d2h": {"engine"}}
+    want = {"h2d": {path}, "d2h": {path}} if path != "auto" else {"h2d": {"engine", "kernel", "split"},
+                                                                   "d2h": {"engine"}}
     last = memmgr.backend_info().copy_path_last
     for direction in ("h2d", "d2h"):
         assert last[direction].split(" ")[0] in want[direction], (direction, last)
@@ -157,9 +158,12 @@ def test_auto_probes_both_paths_on_an_idle_stream_and_copies_every_byte(monkeypa
     nbytes = (16 << 20) + 5
     ran = h2d_case(nbytes, 0, 0, "auto", seed=21)
     probe = copy_paths_status()["last_probe"][torch.cuda.current_device()]
-    assert ran == probe["verdict"] and ran in ("engine", "kernel")
-    assert probe["engine_gbps"] > 0 and probe["kernel_gbps"] > 0
-    assert "probe: engines" in memmgr.backend_info().copy_path_last["h2d"]
+    assert probe["engine_gbps"] > 0 and "probe: engines" in memmgr.backend_info().copy_path_last["h2d"]
+    if copy_shape.shape_for(torch.cuda.current_device()).kernel_holds_link is False:
+        # a card whose kernel cannot hold the link (the H100): the engines, or both at once where measured faster
+        assert ran == probe["verdict"] and ran in ("engine", "split")
+    else:
+        assert ran == probe["verdict"] and ran in ("engine", "kernel") and probe["kernel_gbps"] > 0
 
 
 def test_auto_does_not_wait_for_a_busy_stream_to_probe(monkeypatch):
