@@ -87,12 +87,16 @@ def timeline_args() -> list[str]:
     return shlex.split(os.environ.get("MEMMGR_TIMELINE_ARGS", ""))
 
 
+# GPU test files that suites of their own run (users-loops, same-address): the tests suite leaves them to those
+OWN_SUITE_TESTS = ("test_examples.py", "test_user_defects.py", "test_guard.py", "test_stateful_api.py",
+                   "test_same_address_gpu.py", "test_vmm_gpu.py", "test_vllm_sleep_gpu.py")
+
+
 def pytest_gpu(ctx: Context, everything: bool = False) -> Step:
     """The tests that touch CUDA (``-m gpu``: tests/conftest.py marks the ``[cuda]`` variants and the tests skipped
-    without CUDA; the CPU tests run in CI), or with ``everything`` the whole suite."""
-    select = [] if everything else ["-m", "gpu"]
-    # the stateful test at its own default here: the users-loops suite's long run sets $MEMMGR_STATEFUL_EXAMPLES for
-    # its own step, and 400 sequences per optimizer would take this step past its timeout
+    without CUDA; the CPU tests run in CI) but those of OWN_SUITE_TESTS, or with ``everything`` the whole suite."""
+    select = [] if everything else ["-m", "gpu"] + [a for f in OWN_SUITE_TESTS for a in ("--ignore",
+                                                                                           str(ROOT / "tests" / f))]
     return Step("pytest_gpu_all" if everything else "pytest_gpu",
                 [PY, "-m", "pytest", str(ROOT / "tests"), "-q", "-p", "no:cacheprovider", *select,
                  "--ignore", str(ROOT / "tests" / "test_megatron_cpu.py")], 420 if everything else 300,
@@ -175,7 +179,8 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
               "the default `memmgr bench`; about 8-9 minutes with set-up, near the device tool's 10: where it does "
               "not fit, run `tests megatron` and `bench` as two calls",
               lambda c: [pytest_gpu(c), megatron_suite(c, "--cycles", "8"), memmgr_bench(c)]),
-    "tests": ("the GPU pytest: the tests that touch CUDA (`gpu`-marked and `[cuda]` variants; CI runs the rest)",
+    "tests": ("the GPU pytest: the tests that touch CUDA (`gpu`-marked and `[cuda]` variants; CI runs the rest), but "
+              "the files the users-loops and same-address suites run",
               lambda c: [pytest_gpu(c)]),
     "tests-all": ("the whole pytest on the GPU machine (tests/ without the CPU-only Megatron file; over 4 minutes)",
                   lambda c: [pytest_gpu(c, everything=True)]),
