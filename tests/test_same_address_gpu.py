@@ -280,3 +280,73 @@ def test_the_vllm_sleep_backend_suspends_and_resumes_a_captured_model_over_memmg
 def test_backend_info_says_same_address_memory_is_available():
     assert memmgr.backend_info().same_address == "available"
     assert "same-address memory available" in memmgr.backend_info().describe()
+
+
+def test_a_megatron_gpt_forward_and_backward_captured_by_hand_replay_after_same_address_offloads(tmp_path):
+    """issue 33's megatron case, with megatron's forward and backward captured by hand as one CUDA graph (megatron's
+    own CUDA graphs need Transformer Engine, which the GPU machine's megatron-core runs without): a managed GPT and
+    its unmanaged twin replay their graphs, sync grads and step; the managed one goes through an offload and an
+    onload after every step, keeps every parameter's and grad buffer's address and stays equal to the twin bit for
+    bit."""
+    pytest.importorskip("megatron.core")
+    from megatron.core import parallel_state
+
+    from memmgr.tools.megatron_models import build_gpt
+
+    torch.distributed.init_process_group("nccl", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        parallel_state.initialize_model_parallel(1, 1)
+        g = torch.Generator().manual_seed(3)
+        tokens = torch.randint(0, 256, (4, 32), generator=g).cuda()
+        labels = torch.randint(0, 256, (4, 32), generator=g).cuda()
+        positions = torch.arange(32, device="cuda").unsqueeze(0).expand(4, -1)
+
+        def build():
+            return build_gpt(layers=2, hidden=128, heads=4, vocab=256, seq=32, cpu_init=True, seed=0, lr=1e-3)
+
+        def forward_backward(ddp):
+            loss = ddp(tokens, positions, None, labels=labels).float().mean()
+            loss.backward()
+            return loss
+
+        def finish_step(ddp, opt):
+            ddp.finish_grad_sync()
+            opt.step()
+            ddp.zero_grad_buffer()
+
+        models = [build(), build()]  # (twin, managed), the same weights
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up steps: megatron's caches and the optimizer's state exist after them
+            for ddp, opt in models:
+                for _ in range(2):
+                    forward_backward(ddp)
+                    finish_step(ddp, opt)
+        torch.cuda.current_stream().wait_stream(side)
+        (twin, twin_opt), (managed, opt) = models
+        mgr = memmgr.for_megatron([managed], opt, same_address=True)
+        mgr.offload()  # collects the optimizer state the warm-up created, then every address is the lasting one
+        mgr.onload()
+        graphs = []
+        for ddp, _ in models:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loss = forward_backward(ddp)
+            graphs.append((graph, loss))
+        addresses = [p.data_ptr() for p in managed.parameters()] + [p.main_grad.data_ptr()
+                                                                     for p in managed.parameters()]
+        for cycle in range(min(CYCLES, 20)):
+            for (graph, _), (ddp, o) in zip(graphs, models):
+                graph.replay()
+                finish_step(ddp, o)
+            assert torch.equal(graphs[0][1], graphs[1][1]), cycle
+            mgr.offload()
+            mgr.onload()
+            assert [p.data_ptr() for p in managed.parameters()] + [p.main_grad.data_ptr()
+                                                                    for p in managed.parameters()] == addresses
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(managed.parameters(), twin.parameters()))
+        mgr.close()
+    finally:
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
