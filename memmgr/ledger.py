@@ -158,9 +158,15 @@ def process_rss() -> int | None:
         return None
 
 
-def _group_device_bytes(group: Any) -> dict[str, int]:
-    """Device bytes of a group by device ("cuda:0", "cpu"), from its buckets, its device or its tensors."""
+def _group_device_bytes(group: Any, same_address_only: bool = False) -> dict[str, int]:
+    """Device bytes of a group by device ("cuda:0", "cpu"), from its buckets, its device or its tensors; with
+    ``same_address_only``, those of its same-address buckets alone (memory memmgr maps itself, which PyTorch's
+    allocator does not count)."""
     buckets = getattr(group, "buckets", None)
+    if same_address_only:
+        buckets = [b for b in buckets or [] if getattr(b, "same_address", False)]
+        if not buckets:
+            return {}
     if buckets:
         out: dict[str, int] = {}
         for b in buckets:
@@ -178,18 +184,6 @@ def _group_device_bytes(group: Any) -> dict[str, int]:
         devs = {str(t.device) for _, t in tensors if isinstance(t, torch.Tensor)}
         dev = devs.pop() if len(devs) == 1 else "unknown"
     return {str(dev): nb}
-
-
-def _same_address_device_bytes(group: Any) -> dict[str, int]:
-    """The part of ``_group_device_bytes`` in same-address buckets (memmgr.same_address): memory memmgr maps itself,
-    which PyTorch's allocator does not count."""
-    out: dict[str, int] = {}
-    for b in getattr(group, "buckets", None) or []:
-        if getattr(b, "same_address", False):
-            nb = int(getattr(b, "device_bytes", 0) or 0)
-            if nb:
-                out[str(b.device)] = out.get(str(b.device), 0) + nb
-    return out
 
 
 def _pinned_host(pools: Sequence[Any]) -> dict[str, int | None]:
@@ -376,7 +370,7 @@ class Ledger:
                 target = nccl_on_device if category == "nccl" else on_device
                 for dev, nb in by_dev.items():
                     target[dev] = target.get(dev, 0) + nb
-                for dev, nb in _same_address_device_bytes(mgr.group(gname)).items():
+                for dev, nb in _group_device_bytes(mgr.group(gname), same_address_only=True).items():
                     same_address_on_device[dev] = same_address_on_device.get(dev, 0) + nb
                 freed = max(0, int(st.nbytes) - int(st.device_bytes) - int(st.host_bytes))
                 groups.append({"manager": mname, "name": gname, "state": st.state, "policy": st.policy,

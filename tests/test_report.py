@@ -319,6 +319,18 @@ def test_same_address_managed_bytes_are_carved_out_of_non_pytorch_not_out_of_all
     assert without["managed"] == 3 * gib and without["non_pytorch"] == 5 * gib  # clamped to PyTorch's allocated
 
 
+def test_a_groups_same_address_bytes_are_those_of_its_same_address_buckets_alone():
+    from memmgr.ledger import _group_device_bytes
+
+    bucket = lambda same, nb, dev: types.SimpleNamespace(same_address=same, device_bytes=nb, device=dev)  # noqa: E731
+    group = types.SimpleNamespace(buckets=[bucket(True, 5, "cuda:0"), bucket(False, 7, "cuda:0"),
+                                           bucket(True, 11, "cuda:1")])
+    assert _group_device_bytes(group) == {"cuda:0": 12, "cuda:1": 11}
+    assert _group_device_bytes(group, same_address_only=True) == {"cuda:0": 5, "cuda:1": 11}
+    plain = types.SimpleNamespace(buckets=[bucket(False, 7, "cuda:0")])
+    assert _group_device_bytes(plain, same_address_only=True) == {}
+
+
 def test_gpu_process_not_visible(tmp_path, monkeypatch):
     _fake_gpu(monkeypatch, [types.SimpleNamespace(pid=1, usedGpuMemory=1), types.SimpleNamespace(pid=2, usedGpuMemory=1)])
     rec = Ledger().snapshot("x")
