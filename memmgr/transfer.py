@@ -419,16 +419,11 @@ def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.
         ran = _issue(dst, src, stream, verdict, kernel_blocks)
         _record(direction, f"{ran} (auto, last probe)")
         return ran
-    marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-    marks[0].record(stream)
-    _issue(dst[:probe], src[:probe], stream, "engine", kernel_blocks)
-    marks[1].record(stream)
-    kernel_ran = _issue(dst[probe:2 * probe], src[probe:2 * probe], stream, "kernel",
-                        kernel_blocks) == "kernel"  # else it could not launch and the engines did its part
-    marks[2].record(stream)
-    marks[2].synchronize()
-    engine_s = marks[0].elapsed_time(marks[1]) / 1e3
-    kernel_s = marks[1].elapsed_time(marks[2]) / 1e3
+    ran_probes: list[str] = []
+    engine_s, kernel_s = _timed(stream, lambda: _issue(dst[:probe], src[:probe], stream, "engine", kernel_blocks),
+                                lambda: ran_probes.append(_issue(dst[probe:2 * probe], src[probe:2 * probe], stream,
+                                                                 "kernel", kernel_blocks)))
+    kernel_ran = ran_probes == ["kernel"]  # else it could not launch and the engines did its part
     engine_gbps = probe / engine_s / 1e9 if engine_s > 0 else float("inf")
     kernel_gbps = probe / kernel_s / 1e9 if kernel_s > 0 else float("inf")
     verdict = "kernel" if kernel_ran and kernel_gbps > AUTO_KERNEL_MARGIN * engine_gbps else "engine"
@@ -442,14 +437,16 @@ def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.
     return ran
 
 
-def _timed(stream: torch.cuda.Stream, issue: Callable[[], object]) -> float:
-    """Seconds the work ``issue`` enqueues on ``stream`` takes on the device (waits for it)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record(stream)
-    issue()
-    end.record(stream)
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
+def _timed(stream: torch.cuda.Stream, *issues: Callable[[], object]) -> list[float]:
+    """Seconds each of ``issues`` takes on the device, for the work each enqueues on ``stream`` one after the other;
+    waits once, for the last."""
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(issues) + 1)]
+    marks[0].record(stream)
+    for issue, mark in zip(issues, marks[1:]):
+        issue()
+        mark.record(stream)
+    marks[-1].synchronize()
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
 
 
 def _issue_split(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, fraction: float,
@@ -483,13 +480,13 @@ def _issue_engines_or_split(dst: torch.Tensor, src: torch.Tensor, stream: torch.
         return ran
     link = float(shape.link_gbps or 0.0)
     kernel_gbps = float(shape.h2d_gbps.get(shape.shape.label, 0.0))
-    engine_s = _timed(stream, lambda: _issue(dst[:probe], src[:probe], stream, "engine", kernel_blocks))
+    (engine_s,) = _timed(stream, lambda: _issue(dst[:probe], src[:probe], stream, "engine", kernel_blocks))
     engine_gbps = probe / engine_s / 1e9 if engine_s > 0 else float("inf")
     verdict, fraction, split_gbps, done = "engine", 1.0, None, probe
     if engine_gbps < AUTO_ENGINES_HEALTHY * link and kernel_gbps > 0:
         fraction = engine_gbps / (engine_gbps + kernel_gbps)
         part = slice(probe, 2 * probe)
-        split_s = _timed(stream, lambda: _issue_split(dst[part], src[part], stream, fraction, kernel_blocks))
+        (split_s,) = _timed(stream, lambda: _issue_split(dst[part], src[part], stream, fraction, kernel_blocks))
         split_gbps = probe / split_s / 1e9 if split_s > 0 else float("inf")
         verdict = "split" if split_gbps > AUTO_SPLIT_MARGIN * engine_gbps else "engine"
         done = 2 * probe

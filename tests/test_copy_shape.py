@@ -221,15 +221,14 @@ def test_a_shape_without_a_link_measurement_does_not_say_whether_it_holds_the_li
     assert ShapeChoice(DEFAULT_SHAPE, "cache", "k", {"1:4": 50.0}).kernel_holds_link is None
 
 
-@pytest.fixture
-def slow_kernel_device(isolated, monkeypatch):
-    """A device whose copy kernel reads host memory at 33 GB/s against a 54 GB/s link (the H100), with 'auto's probe
-    timings and issues faked: returns (what was issued, the timings the probes will read)."""
+def _faked_probes(monkeypatch, kernel_gbps: float):
+    """A device whose copy kernel's shape measured ``kernel_gbps`` against a 54 GB/s link, with 'auto's probe timings
+    and issues faked: returns (what was issued, the timings the probes will read)."""
     from types import SimpleNamespace
 
     from memmgr import transfer
 
-    copy_shape._choices.get(0, measure_fn=lambda d: {s: 33.0 for s in CANDIDATES} | {copy_shape.LINK_KEY: 54.0})
+    copy_shape._choices.get(0, measure_fn=lambda d: {s: kernel_gbps for s in CANDIDATES} | {copy_shape.LINK_KEY: 54.0})
     issued, timings = [], []
     monkeypatch.setattr(transfer, "AUTO_PROBE_BYTES", 1 << 20)
     monkeypatch.setattr(transfer, "_last_probe", {})
@@ -237,12 +236,34 @@ def slow_kernel_device(isolated, monkeypatch):
                         issued.append((chosen, dst.numel())) or chosen)
     monkeypatch.setattr(transfer, "copy_stream", lambda device, name: SimpleNamespace(wait_stream=lambda s: None))
 
-    def timed(stream, issue):
-        issue()
-        return (1 << 20) / (timings.pop(0) * 1e9)
+    def timed(stream, *issues):
+        for issue in issues:
+            issue()
+        return [(1 << 20) / (timings.pop(0) * 1e9) for _ in issues]
 
     monkeypatch.setattr(transfer, "_timed", timed)
     return issued, timings
+
+
+@pytest.fixture
+def slow_kernel_device(isolated, monkeypatch):
+    """The H100: the kernel at 33 GB/s against a 54 GB/s link."""
+    return _faked_probes(monkeypatch, 33.0)
+
+
+def test_where_the_kernel_holds_the_link_auto_probes_engines_against_kernel_and_keeps_the_faster(
+        isolated, monkeypatch):
+    from memmgr import transfer
+
+    issued, timings = _faked_probes(monkeypatch, 51.0)  # the H200
+    monkeypatch.setattr(transfer, "AUTO_PROBE_MIN_BYTES", 2 << 20)
+    timings.extend([28.0, 50.0])  # engines right after a release; the kernel
+    assert _auto_h2d() == "kernel"
+    assert issued == [("engine", 1 << 20), ("kernel", 1 << 20), ("kernel", 6 << 20)]
+    assert transfer._last_probe[0]["verdict"] == "kernel"
+    issued.clear()
+    timings.extend([50.0, 51.0])  # free engines: the kernel is not 1.3x faster
+    assert _auto_h2d() == "engine" and issued[-1] == ("engine", 6 << 20)
 
 
 def _auto_h2d(nbytes: int = 8 << 20, idle: bool = True) -> str:
