@@ -171,8 +171,9 @@ _PROBE_ALIGN = 4096
 #   0.89-0.90x with 256 MiB buckets. A 10% engine share beside the kernel after a release ran at 0.84x
 #   (H200_SESSION7.md), so each copy runs on one path.
 # - On an H100 the kernel read host memory at 0.54-0.57x of the link with every launch shape (memmgr.copy_shape),
-#   warm or not, while the engines ran at 0.55x right after a 48 GiB release and at 0.92-0.94x over 24 GiB after an
-#   80 GiB one, where the probe had chosen the kernel (0.53x; issue 30). A kernel that cannot hold the link is never
+#   warm or not (benchmarks/results/2026-12-07/H100_SESSION.md). Issue 30 reports, from an H100 run whose output is
+#   not in this repository, the engines at 0.55x right after a 48 GiB release and at 0.92-0.94x over 24 GiB after an
+#   80 GiB one, where the probe had chosen the kernel (0.53x). A kernel that cannot hold the link is then never
 #   faster for long alone, so 'auto' probes engines against kernel only on devices where the kernel's measured shape
 #   reaches copy_shape.KERNEL_LINK_SHARE of the engines' device->host speed. Elsewhere the engines move a copy, unless
 #   their probe reads below AUTO_ENGINES_HEALTHY of the link: then both paths at once (the engines on the share of
