@@ -113,14 +113,13 @@ def backend_info() -> BackendInfo:
     return BackendInfo(native is not None, _import_error, cuda, pinning, tuple(paths["available"]),
                        str(paths["requested"]), dict(paths["auto"]), dict(paths["last"]),
                        driver_settle.status() if cuda else {}, dict(paths.get("kernel_shape") or {}),
-                       _same_address_status(cuda))
+                       _same_address_status())
 
 
-def _same_address_status(cuda: bool) -> str:
-    """"available" where the current device can hold same-address memory (memmgr.same_address), else why not."""
-    if not cuda:
-        return "unavailable (no CUDA)"
-    if native is None or not hasattr(native, "vmm_supported"):
-        return "unavailable (the native extension is not built)"
-    supported, why = native.vmm_supported(torch.cuda.current_device())
+def _same_address_status() -> str:
+    """"available" where the current device can hold same-address memory, else why not
+    (``memmgr.same_address.same_address_support``, imported here: it imports this module)."""
+    from memmgr.same_address import same_address_support
+
+    supported, why = same_address_support()
     return "available" if supported else f"unavailable ({why})"

@@ -63,5 +63,5 @@ def test_a_same_address_buffer_and_the_requirement_are_refused_without_cuda():
 @no_cuda
 def test_backend_info_says_why_same_address_memory_is_unavailable():
     info = memmgr.backend_info()
-    assert info.same_address == "unavailable (no CUDA)"
-    assert info.describe().endswith("same-address memory unavailable (no CUDA)")
+    assert info.same_address.startswith("unavailable (CUDA is not available here")
+    assert info.describe().endswith(f"same-address memory {info.same_address}")
