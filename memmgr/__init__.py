@@ -80,12 +80,19 @@ __all__ = [
 ]
 
 
+# Modules a name's report needs loaded first: backend_info reports what memmgr.transfer (the copy paths) and
+# memmgr.same_address (its support check) register with memmgr._native, which cannot import them itself.
+_LOADS_FIRST = {"backend_info": ("memmgr.transfer", "memmgr.same_address")}
+
+
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"memmgr.{name}")
     where = _WHERE.get(name) or _OPTIONAL.get(name)
     if where is None:
         raise AttributeError(f"module 'memmgr' has no attribute {name!r}")
+    for module in _LOADS_FIRST.get(name, ()):
+        importlib.import_module(module)
     value = getattr(importlib.import_module(where), name)
     globals()[name] = value  # later lookups are plain attribute reads
     return value

@@ -100,6 +100,15 @@ def register_copy_paths_status(status: Callable[[], dict[str, Any]]) -> None:
     _copy_paths_status = status
 
 
+_same_address_support: Callable[[], tuple[bool, str]] | None = None
+
+
+def register_same_address_support(support: Callable[[], tuple[bool, str]]) -> None:
+    """Sets the check (supported, why) whose answer ``backend_info`` reports (memmgr.same_address's)."""
+    global _same_address_support
+    _same_address_support = support
+
+
 def backend_info() -> BackendInfo:
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -117,9 +126,9 @@ def backend_info() -> BackendInfo:
 
 
 def _same_address_status() -> str:
-    """"available" where the current device can hold same-address memory, else why not
-    (``memmgr.same_address.same_address_support``, imported here: it imports this module)."""
-    from memmgr.same_address import same_address_support
-
-    supported, why = same_address_support()
+    """"available" where the current device can hold same-address memory, else why not (the support check
+    ``memmgr.same_address`` registers; it imports this module, so this module cannot import it back)."""
+    if _same_address_support is None:
+        return "unavailable (memmgr.same_address is not loaded)"
+    supported, why = _same_address_support()
     return "available" if supported else f"unavailable ({why})"

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from memmgr._native import build_hint, native_module
+from memmgr._native import build_hint, native_module, register_same_address_support
 from memmgr.errors import MemmgrInputError, MemmgrOutOfMemoryError, MemmgrStateError
 from memmgr.transfer import issue_copy
 
@@ -61,6 +61,9 @@ def same_address_support(device: torch.device | int | None = None) -> tuple[bool
         return False, f"memmgr's native extension (which maps the memory) is not built or predates it; {build_hint()}"
     supported, why = native.vmm_supported(_device_index(device))
     return bool(supported), str(why)
+
+
+register_same_address_support(same_address_support)
 
 
 def require_same_address(where: str, device: torch.device | int | None = None) -> None:

@@ -65,3 +65,14 @@ def test_backend_info_says_why_same_address_memory_is_unavailable():
     info = memmgr.backend_info()
     assert info.same_address.startswith("unavailable (CUDA is not available here")
     assert info.describe().endswith(f"same-address memory {info.same_address}")
+
+
+def test_backend_info_of_a_fresh_process_reports_same_address_support():
+    """``memmgr.backend_info()`` right after ``import memmgr`` (its modules load lazily) has the support check."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import memmgr; print(memmgr.backend_info().same_address)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "not loaded" not in out.stdout and out.stdout.strip().startswith(("available", "unavailable ("))
