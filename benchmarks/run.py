@@ -8,7 +8,8 @@ older megatron-core), the native extension is built in place (MEMMGR_BUILD_EXT=1
 editable without dependencies (for the `memmgr` command), and the versions, the backend and nvidia-smi are recorded.
 NVLink multicast stays off in every child (NCCL_NVLS_ENABLE=0 and friends). Then each suite's steps run one after
 the other, each with its own timeout, cut to what is left of --deadline so that the outputs are packed before the
-device tool's limit; a failed step does not stop the next.
+device tool's limit; a failed step does not stop the next. $MEMMGR_STEPS (comma-separated STEP or SUITE/STEP)
+keeps only the steps it names.
 
 Outputs: the programs write under --work (default /tmp/memmgr-lab), SUITE/STEP/ and SUITE/STEP.log; after every step
 DIR/SUITE.tgz is re-packed (the suite's folder and the set-up logs) and DIR/SUITE.txt rewritten (one line per step:
@@ -533,6 +534,13 @@ def pack(out: Path, work_root: Path, suite: str, rows: list[dict], header: list[
     (out / f"{suite}.txt").write_text("\n".join(lines) + "\n")
 
 
+def wanted(suite: str, step: str) -> bool:
+    """Whether $MEMMGR_STEPS (comma-separated step names, or SUITE/STEP; unset: every step) keeps this step, for a
+    call whose device time holds only some of its suites' steps."""
+    only = [s.strip() for s in os.environ.get("MEMMGR_STEPS", "").split(",") if s.strip()]
+    return not only or step in only or f"{suite}/{step}" in only
+
+
 def run_suite(suite: str, args: argparse.Namespace, env: dict[str, str], gpus: int, t_start: float) -> bool:
     work = Path(args.work) / suite
     work.mkdir(parents=True, exist_ok=True)
@@ -549,7 +557,9 @@ def run_suite(suite: str, args: argparse.Namespace, env: dict[str, str], gpus: i
         row = {"step": step.name, "command": shlex.join(step.argv), "seconds": 0.0}
         left = args.deadline - (time.perf_counter() - t_start) - 20 if args.deadline else step.timeout
         reason = None
-        if step.only_if_failed and step.only_if_failed not in failed:
+        if not wanted(suite, step.name):
+            reason = "not in $MEMMGR_STEPS"
+        elif step.only_if_failed and step.only_if_failed not in failed:
             reason = f"not needed ({step.only_if_failed} passed)"
         elif step.needs and not (ROOT / step.needs).exists():
             reason = f"{step.needs}/ not carried"

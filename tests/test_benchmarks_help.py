@@ -77,3 +77,16 @@ def test_runner_has_a_suite_for_every_program():
     assert proc.returncode == 0, proc.stderr[-3000:]
     unrun = [p for p in PROGRAMS if p != "run.py" and f"benchmarks/{p}" not in proc.stdout]
     assert not unrun, f"no suite of benchmarks/run.py runs {unrun}"
+
+
+def test_the_runner_keeps_only_the_steps_memmgr_steps_names(monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    monkeypatch.delenv("MEMMGR_STEPS", raising=False)
+    assert run.wanted("soak", "soak") and run.wanted("same-address", "bench")
+    monkeypatch.setenv("MEMMGR_STEPS", "ipc_source_4b, same-address/soak")
+    assert run.wanted("ipc-sync-source", "ipc_source_4b") and run.wanted("same-address", "soak")
+    assert not run.wanted("soak", "soak") and not run.wanted("same-address", "bench")
