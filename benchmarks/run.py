@@ -153,9 +153,9 @@ def multi_gpu_steps(ctx: Context) -> list[Step]:
             multi_gpu(ctx, "mg_handover_dp", "handover_dp", 70, "--sizes", "1.3b", procs=4)]
 
 
-# the copy kernel's launch shapes, blocks per SM : unroll: memmgr.copy_shape.CANDIDATES, spelled out because this
-# runner imports neither torch nor memmgr (tests/test_benchmarks_lab.py keeps the two equal)
-COPY_SHAPES = ("1:4", "1:8", "1:16", "2:4", "2:8", "2:16")
+# the copy kernel's launch shapes, blocks per SM : unroll: memmgr.copy_shape.CANDIDATES and BULK_CANDIDATES, spelled
+# out because this runner imports neither torch nor memmgr (tests/test_benchmarks_lab.py keeps the two equal)
+COPY_SHAPES = ("1:4", "1:8", "1:16", "2:4", "2:8", "2:16", "1:bulk", "2:bulk")
 
 # vLLM's weight-transfer modules on the GPU machine (no vLLM there): .vllm-py/ (benchmarks/make_vllm_subset.py) and
 # its wheels installed into VLLM_SITE; vLLM's CPU platform, the one the subset was collected under

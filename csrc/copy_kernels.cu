@@ -100,6 +100,113 @@ cudaError_t launch(unsigned char* dst, const unsigned char* src, size_t nbytes, 
   return cudaGetLastError();
 }
 
+// The bulk (TMA) variant, Hopper and later: one thread per block moves whole chunks with cp.async.bulk, global ->
+// shared -> global, kBulkStages chunks in flight per block. The vector kernel's host reads are at most 16 bytes per
+// thread per request, and on the H100 every launch shape of it stalled at ~0.55x of the link (4 to 32 times the reads
+// in flight changed nothing; issue 30): the SMs' requests, not their number, looked to be the limit. The bulk copy unit
+// issues its own requests for up to kBulkChunk bytes at a time; whether that lifts the ceiling is what
+// memmgr.copy_shape measures (the bulk shapes are candidates beside the vector ones, and a shape whose copy does not
+// arrive intact is never chosen).
+constexpr int kBulkThreads = 32;  // thread 0 issues; the warp covers the unaligned head and tail bytes
+constexpr int kBulkStages = 4;
+constexpr size_t kBulkChunk = 24 * 1024;  // 4 x 24 KiB = 96 KiB of shared memory: two blocks fit on an SM
+constexpr size_t kBulkSharedBytes = kBulkStages * kBulkChunk;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+#endif
+
+// Copies nbytes from src to dst: bytes [head, head + body) in chunks of kBulkChunk (body and the addresses there are
+// multiples of 16, as cp.async.bulk needs), the rest (< 16 bytes each side) by the warp of block 0.
+__global__ void __launch_bounds__(kBulkThreads) bulk_copy_kernel(unsigned char* __restrict__ dst,
+                                                                 const unsigned char* __restrict__ src, size_t nbytes,
+                                                                 size_t head, size_t body) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char stage_bytes[];
+  __shared__ __align__(8) uint64_t arrived[kBulkStages];
+  const unsigned lane = threadIdx.x;
+  if (blockIdx.x == 0) {
+    if (lane < head) dst[lane] = src[lane];
+    const size_t tail = nbytes - head - body;
+    if (lane < tail) dst[head + body + lane] = src[head + body + lane];
+  }
+  if (lane != 0) return;
+  const size_t chunks = (body + kBulkChunk - 1) / kBulkChunk;
+  const size_t first = blockIdx.x, step = gridDim.x;
+  if (first >= chunks) return;
+  const size_t mine = (chunks - first + step - 1) / step;  // this block's chunks: first, first + step, ...
+  for (int s = 0; s < kBulkStages; ++s)
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(&arrived[s])));
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  const size_t base = reinterpret_cast<size_t>(src + head);
+  const size_t out = reinterpret_cast<size_t>(dst + head);
+
+  auto load = [&](size_t k) {  // this block's k-th chunk into stage k % kBulkStages
+    const size_t offset = (first + k * step) * kBulkChunk;
+    const uint32_t bytes = static_cast<uint32_t>(min(kBulkChunk, body - offset));
+    const int s = static_cast<int>(k % kBulkStages);
+    const uint32_t bar = shared_address(&arrived[s]);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+            shared_address(stage_bytes + s * kBulkChunk)),
+        "l"(base + offset), "r"(bytes), "r"(bar)
+        : "memory");
+  };
+  for (size_t k = 0; k < mine && k < kBulkStages; ++k) load(k);
+  for (size_t k = 0; k < mine; ++k) {
+    const int s = static_cast<int>(k % kBulkStages);
+    const uint32_t parity = static_cast<uint32_t>((k / kBulkStages) & 1);
+    asm volatile(
+        "{\n .reg .pred done;\n WAIT_ARRIVED:\n"
+        " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n @!done bra WAIT_ARRIVED;\n}" ::"r"(
+            shared_address(&arrived[s])),
+        "r"(parity)
+        : "memory");
+    const size_t offset = (first + k * step) * kBulkChunk;
+    const uint32_t bytes = static_cast<uint32_t>(min(kBulkChunk, body - offset));
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(out + offset),
+                 "r"(shared_address(stage_bytes + s * kBulkChunk)), "r"(bytes)
+                 : "memory");
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    if (k + kBulkStages < mine) {
+      // the stage is loaded again only once this store has read it; the other stages' loads stay in flight
+      asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+      load(k + kBulkStages);
+    }
+  }
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // every store done before the kernel ends
+#endif
+}
+
+cudaError_t launch_bulk(unsigned char* dst, const unsigned char* src, size_t nbytes, cudaStream_t stream, int blocks) {
+  const size_t misalign = reinterpret_cast<uintptr_t>(src) & 15;
+  const size_t head = std::min(nbytes, (16 - misalign) & 15);
+  const size_t body = (nbytes - head) & ~static_cast<size_t>(15);
+  const size_t chunks = std::max<size_t>(1, (body + kBulkChunk - 1) / kBulkChunk);
+  const unsigned grid = static_cast<unsigned>(std::min<size_t>(static_cast<size_t>(blocks), chunks));
+  bulk_copy_kernel<<<grid, kBulkThreads, kBulkSharedBytes, stream>>>(dst, src, nbytes, head, body);
+  return cudaGetLastError();
+}
+
+// Whether the bulk kernel runs on `device`: compute capability 9.0 or later and a build of it for that device (the
+// kernel's binary version, which is 0 where only older architectures were compiled).
+cudaError_t bulk_supported_on_current_device(int device, bool* supported) {
+  *supported = false;
+  int major = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess || major < 9) return err;
+  cudaFuncAttributes attrs;
+  if ((err = cudaFuncGetAttributes(&attrs, bulk_copy_kernel)) != cudaSuccess) return err;
+  if (attrs.binaryVersion < 90) return cudaSuccess;
+  err = cudaFuncSetAttribute(bulk_copy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(kBulkSharedBytes));
+  *supported = err == cudaSuccess;
+  return err;
+}
+
 }  // namespace
 
 extern "C" int memmgr_copy_kernel_threads() { return kThreads; }
@@ -158,6 +265,46 @@ extern "C" cudaError_t memmgr_launch_copy_kernel(void* dst, const void* src, siz
     err = launch<unsigned short>(d, s, nbytes, stream, blocks);
   } else {
     err = launch<unsigned char>(d, s, nbytes, stream, blocks);
+  }
+  if (previous != device && previous >= 0) cudaSetDevice(previous);
+  return err;
+}
+
+extern "C" int memmgr_bulk_copy_supported(int device) {
+  int previous = -1;
+  if (cudaGetDevice(&previous) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (previous != device && cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  bool supported = false;
+  if (bulk_supported_on_current_device(device, &supported) != cudaSuccess) cudaGetLastError();
+  if (previous != device && previous >= 0) cudaSetDevice(previous);
+  return supported ? 1 : 0;
+}
+
+extern "C" cudaError_t memmgr_launch_bulk_copy_kernel(void* dst, const void* src, size_t nbytes, cudaStream_t stream,
+                                                      int device, int blocks) {
+  if (nbytes == 0) return cudaSuccess;
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* s = static_cast<const unsigned char*>(src);
+  // Addresses that differ in their low 4 bits have no common 16-byte grid for the bulk copies: the vector kernel's
+  // narrower vectors move those.
+  if (((reinterpret_cast<uintptr_t>(d) ^ reinterpret_cast<uintptr_t>(s)) & 15) != 0)
+    return memmgr_launch_copy_kernel(dst, src, nbytes, stream, device, blocks, 0);
+  int previous = -1;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err != cudaSuccess) return err;
+  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  bool supported = false;
+  err = bulk_supported_on_current_device(device, &supported);
+  if (err == cudaSuccess && !supported) err = cudaErrorInvalidDeviceFunction;
+  if (err == cudaSuccess) {
+    if (blocks <= 0) blocks = memmgr_copy_kernel_default_blocks(device);
+    err = launch_bulk(d, s, nbytes, stream, blocks);
   }
   if (previous != device && previous >= 0) cudaSetDevice(previous);
   return err;

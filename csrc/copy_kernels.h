@@ -31,4 +31,13 @@ int memmgr_copy_kernel_default_blocks(int device);
 
 // Threads per block of the copy kernel.
 int memmgr_copy_kernel_threads();
+
+// The bulk variant (compute capability 9.0 and later): each block moves whole chunks with cp.async.bulk through
+// shared memory, several chunks in flight. Same contract as memmgr_launch_copy_kernel; buffers whose addresses do not
+// share a 16-byte grid go to the vector kernel. cudaErrorInvalidDeviceFunction where the device or the build lacks it.
+cudaError_t memmgr_launch_bulk_copy_kernel(void* dst, const void* src, size_t nbytes, cudaStream_t stream, int device,
+                                           int blocks);
+
+// Whether the bulk variant runs on `device` (non-zero) or not (0).
+int memmgr_bulk_copy_supported(int device);
 }

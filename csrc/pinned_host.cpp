@@ -172,6 +172,23 @@ void kernel_copy(int64_t dst, int64_t src, int64_t nbytes, int64_t stream, int64
   }
 }
 
+// The bulk (cp.async.bulk) variant of kernel_copy, compute capability 9.0 and later (bulk_kernel_supported).
+void bulk_kernel_copy(int64_t dst, int64_t src, int64_t nbytes, int64_t stream, int64_t device, int64_t blocks) {
+  TORCH_CHECK(nbytes >= 0, "memmgr._pinned.bulk_kernel_copy: nbytes must be >= 0, got ", nbytes);
+  if (nbytes == 0) return;
+  void* dst_dev = device_address(dst, "destination");
+  void* src_dev = device_address(src, "source");
+  cudaError_t err = memmgr_launch_bulk_copy_kernel(dst_dev, src_dev, static_cast<size_t>(nbytes),
+                                                   reinterpret_cast<cudaStream_t>(stream), static_cast<int>(device),
+                                                   static_cast<int>(blocks));
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    TORCH_CHECK(false, "memmgr._pinned.bulk_kernel_copy: launch failed (", cuda_error_text(err), ")");
+  }
+}
+
+bool bulk_kernel_supported(int64_t device) { return memmgr_bulk_copy_supported(static_cast<int>(device)) != 0; }
+
 // Loads the copy kernels into `device`'s context now rather than at their first launch.
 void kernel_prepare(int64_t device) {
   cudaError_t err = memmgr_prepare_copy_kernels(static_cast<int>(device));
@@ -213,6 +230,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kernel_copy", &kernel_copy, "copy kernel between device memory and mapped pinned host memory, on a stream",
         pybind11::arg("dst"), pybind11::arg("src"), pybind11::arg("nbytes"), pybind11::arg("stream"),
         pybind11::arg("device"), pybind11::arg("blocks") = 0, pybind11::arg("unroll") = 0);
+  m.def("bulk_kernel_copy", &bulk_kernel_copy, "the copy kernel's bulk (cp.async.bulk) variant, sm_90 and later",
+        pybind11::arg("dst"), pybind11::arg("src"), pybind11::arg("nbytes"), pybind11::arg("stream"),
+        pybind11::arg("device"), pybind11::arg("blocks") = 0);
+  m.def("bulk_kernel_supported", &bulk_kernel_supported, "whether the bulk variant runs on a device");
   m.def("kernel_prepare", &kernel_prepare, "loads the copy kernels into a device's context ahead of use");
   m.def("kernel_copy_config", &kernel_copy_config, "(threads per block, default blocks) of the copy kernel");
   m.def("cuda_status", &cuda_status);

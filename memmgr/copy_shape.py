@@ -16,9 +16,16 @@ speed whether or not memory was just released), so that ``kernel_holds_link`` sa
 with the link on this device at all: where it cannot (the H100), 'auto' leaves host->device copies to the engines,
 which are never slower there for long (``memmgr.transfer``).
 
-``MEMMGR_COPY_SHAPE=B:U`` (blocks per SM, unroll) sets the shape without measuring; ``MEMMGR_COPY_SHAPE_CACHE`` names
-the cache file (default ``$XDG_CACHE_HOME/memmgr/copy_shapes.json``, else ``~/.cache/...``; ``off``: no file, each
-process measures once). A cache that cannot be read or written is ignored with a warning: the shape is then measured.
+With ``MEMMGR_COPY_KERNEL_BULK=1``, on devices of compute capability 9.0 and later, the candidates also hold the
+kernel's bulk variant (``B:bulk``: one thread per block moves 24 KiB chunks with ``cp.async.bulk``, four in flight
+per block; csrc/copy_kernels.cu), whose link requests come from the bulk copy unit rather than from the threads'
+16-byte loads. Every candidate's copy is checked byte for byte while it is measured: one that does not arrive intact
+is never chosen.
+
+``MEMMGR_COPY_SHAPE=B:U`` (blocks per SM, unroll; or ``B:bulk``) sets the shape without measuring;
+``MEMMGR_COPY_SHAPE_CACHE`` names the cache file (default ``$XDG_CACHE_HOME/memmgr/copy_shapes.json``, else
+``~/.cache/...``; ``off``: no file, each process measures once). A cache that cannot be read or written is ignored
+with a warning: the shape is then measured.
 """
 from __future__ import annotations
 
@@ -37,8 +44,11 @@ from memmgr.errors import MemmgrInputError
 logger = logging.getLogger("memmgr")
 
 # Bump when the kernel or the candidates change: a cached choice names the build it was measured with.
-KERNEL_BUILD = "copy-kernel-unroll-4-8-16+link"
+KERNEL_BUILD = "copy-kernel-unroll-4-8-16-bulk+link+checked"
 UNROLLS = (4, 8, 16)
+BULK = "bulk"  # the second half of a bulk shape's label
+# A bulk block's bytes in flight (4 x 24 KiB) in the vector kernel's units (256 threads x 16 bytes per unroll step)
+BULK_DEPTH = 24
 BLOCKS_PER_SM = (1, 2)
 MEASURE_BYTES = 64 << 20
 MEASURE_REPEATS = 3
@@ -54,40 +64,66 @@ LINK_KEY = "engines d2h"  # the key of the engines' speed in what ``measure`` re
 @dataclass(frozen=True, order=True)
 class CopyShape:
     """A launch shape of the copy kernel: ``blocks_per_sm`` x the device's SMs blocks of 256 threads, each thread
-    loading ``unroll`` 16-byte vectors before it stores them."""
+    loading ``unroll`` 16-byte vectors before it stores them; or, with ``bulk``, as many blocks of the bulk variant
+    (``unroll`` 0)."""
 
     blocks_per_sm: int
-    unroll: int
+    unroll: int = 0
+    bulk: bool = False
 
     def __post_init__(self) -> None:
-        if self.blocks_per_sm < 1 or self.unroll not in UNROLLS:
+        if self.blocks_per_sm < 1 or (self.unroll != 0 if self.bulk else self.unroll not in UNROLLS):
             raise MemmgrInputError(f"copy kernel shape {self.blocks_per_sm}:{self.unroll}: blocks per SM must be >= 1 "
-                                   f"and the unroll one of {UNROLLS}")
+                                   f"and the unroll one of {UNROLLS} (0 with bulk)")
 
     @property
     def label(self) -> str:
-        return f"{self.blocks_per_sm}:{self.unroll}"
+        return f"{self.blocks_per_sm}:{BULK if self.bulk else self.unroll}"
 
     @property
     def depth(self) -> int:
         """Relative bytes in flight per SM."""
-        return self.blocks_per_sm * self.unroll
+        return self.blocks_per_sm * (BULK_DEPTH if self.bulk else self.unroll)
 
     def blocks(self, sm_count: int) -> int:
         return max(1, sm_count) * self.blocks_per_sm
 
+    def launch(self, native, dst: int, src: int, nbytes: int, stream: int, device: int, blocks: int) -> None:
+        """Copies ``nbytes`` from ``src`` to ``dst`` (device or mapped pinned host addresses) on the raw ``stream``
+        with this shape's kernel and ``blocks`` blocks."""
+        if self.bulk:
+            native.bulk_kernel_copy(dst, src, nbytes, stream, device, blocks)
+        else:
+            native.kernel_copy(dst, src, nbytes, stream, device, blocks, self.unroll)
+
     @classmethod
     def parse(cls, text: str, where: str = "MEMMGR_COPY_SHAPE") -> "CopyShape":
         try:
-            blocks, unroll = (int(x) for x in text.split(":"))
+            blocks, unroll = text.split(":")
+            if unroll.strip() == BULK:
+                return cls(int(blocks), 0, bulk=True)
+            return cls(int(blocks), int(unroll))
         except ValueError:
             raise MemmgrInputError(f"{where}={text!r}: expected BLOCKS_PER_SM:UNROLL, e.g. 1:8 (unroll one of "
-                                   f"{UNROLLS})") from None
-        return cls(blocks, unroll)
+                                   f"{UNROLLS}, or {BULK})") from None
 
 
 DEFAULT_SHAPE = CopyShape(1, 4)
 CANDIDATES = tuple(CopyShape(b, u) for b in BLOCKS_PER_SM for u in UNROLLS)
+BULK_CANDIDATES = tuple(CopyShape(b, 0, bulk=True) for b in BLOCKS_PER_SM)
+
+
+def candidates_for(device: int) -> tuple[CopyShape, ...]:
+    """The shapes measured on ``device``: the vector ones, and with ``MEMMGR_COPY_KERNEL_BULK=1`` the bulk ones where
+    the device and the build run them. The bulk variant is opt-in until a GPU run has shown it copying intact on both
+    cards: a fault inside a kernel would end the process's CUDA context, and this measurement runs in users' processes
+    at their first kernel copy."""
+    if os.environ.get("MEMMGR_COPY_KERNEL_BULK", "").strip() != "1":
+        return CANDIDATES
+    from memmgr._native import native_module
+    native = native_module()
+    bulk = native is not None and hasattr(native, "bulk_kernel_supported") and native.bulk_kernel_supported(device)
+    return CANDIDATES + (BULK_CANDIDATES if bulk else ())
 
 
 @dataclass(frozen=True)
@@ -111,6 +147,7 @@ class ShapeChoice:
 
     def as_dict(self) -> dict[str, object]:
         return {"shape": self.shape.label, "blocks_per_sm": self.shape.blocks_per_sm, "unroll": self.shape.unroll,
+                "bulk": self.shape.bulk,
                 "source": self.source, "key": self.key, "h2d_gbps": dict(self.h2d_gbps), "link_gbps": self.link_gbps,
                 "kernel_holds_link": self.kernel_holds_link}
 
@@ -174,21 +211,26 @@ def device_key(device: int) -> str:
 
 
 def measure(device: int, nbytes: int = MEASURE_BYTES, repeats: int = MEASURE_REPEATS,
-            candidates: tuple[CopyShape, ...] = CANDIDATES) -> dict[CopyShape | str, float] | None:
-    """Host->device GB/s of each candidate: ``nbytes`` from pinned, mapped host memory into device memory, the median
-    of ``repeats`` timed copies after one untimed one; and under ``LINK_KEY`` the copy engines' device->host GB/s on
-    the same bytes. None while a CUDA graph is being captured (no copies or allocations may run then)."""
+            candidates: tuple[CopyShape, ...] | None = None) -> dict[CopyShape | str, float] | None:
+    """Host->device GB/s of each candidate (default: ``candidates_for(device)``): ``nbytes`` from pinned, mapped host
+    memory into device memory, the median of ``repeats`` timed copies after one untimed one, on a cleared destination
+    that must then equal the source (a candidate whose copy does not is left out, with a warning); and under
+    ``LINK_KEY`` the copy engines' device->host GB/s on the same bytes. None while a CUDA graph is being captured (no
+    copies or allocations may run then)."""
     if torch.cuda.is_current_stream_capturing():
         return None
     from memmgr._native import native_module
     from memmgr.host_memory import allocate_host_buffer
     native = native_module()
+    candidates = candidates_for(device) if candidates is None else candidates
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     reserved = torch.cuda.memory_reserved(device)
     host = allocate_host_buffer(nbytes, pin=True, allow_pageable_fallback=False)
+    host.tensor[: nbytes - nbytes % 4].view(torch.int32).copy_(torch.arange(nbytes // 4, dtype=torch.int32))
     dev = torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", device))
     stream = torch.cuda.Stream(device)
     speeds: dict[CopyShape | str, float] = {}
+    expected = None
 
     def timed(copy: Callable[[], None]) -> float:
         times = []
@@ -203,15 +245,25 @@ def measure(device: int, nbytes: int = MEASURE_BYTES, repeats: int = MEASURE_REP
         return nbytes / statistics.median(times) / 1e9
 
     try:
+        with torch.cuda.stream(stream):
+            expected = host.tensor.to(dev.device, non_blocking=True)  # through the copy engines
         for shape in candidates:
-            speeds[shape] = timed(lambda: native.kernel_copy(dev.data_ptr(), host.tensor.data_ptr(), nbytes,
-                                                             stream.cuda_stream, device, shape.blocks(sms),
-                                                             shape.unroll))
+            with torch.cuda.stream(stream):
+                dev.zero_()
+            gbps = timed(lambda: shape.launch(native, dev.data_ptr(), host.tensor.data_ptr(), nbytes,
+                                              stream.cuda_stream, device, shape.blocks(sms)))
+            with torch.cuda.stream(stream):
+                intact = torch.equal(dev, expected)
+            if intact:
+                speeds[shape] = gbps
+            else:
+                logger.warning("the copy kernel's shape %s did not copy %d bytes intact on cuda:%d; it is not used",
+                               shape.label, nbytes, device)
         with torch.cuda.stream(stream):
             speeds[LINK_KEY] = timed(lambda: host.tensor.copy_(dev, non_blocking=True))
     finally:
         stream.synchronize()
-        del dev
+        del dev, expected
         host.release()
         if torch.cuda.memory_reserved(device) > reserved:
             # the measurement's buffer took new memory from the driver: give it back rather than leave it cached

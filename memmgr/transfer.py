@@ -509,7 +509,7 @@ def _issue_kernel(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Strea
     prepare_kernels(device)
     shape = copy_shape.shape_for(device).shape
     blocks = kernel_blocks or shape.blocks(torch.cuda.get_device_properties(device).multi_processor_count)
-    native.kernel_copy(dst.data_ptr(), src.data_ptr(), dst.numel(), stream.cuda_stream, device, blocks, shape.unroll)
+    shape.launch(native, dst.data_ptr(), src.data_ptr(), dst.numel(), stream.cuda_stream, device, blocks)
 
 
 def _warn_kernel_failure(exc: Exception) -> None:

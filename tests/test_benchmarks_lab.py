@@ -109,6 +109,6 @@ def test_onload_timeline_recorder_passes_an_onload_everything_the_transaction_gi
 def test_the_runners_copy_shapes_suite_runs_every_shape_memmgr_chooses_from():
     import run
 
-    from memmgr.copy_shape import CANDIDATES
+    from memmgr.copy_shape import BULK_CANDIDATES, CANDIDATES
 
-    assert run.COPY_SHAPES == tuple(s.label for s in CANDIDATES)
+    assert run.COPY_SHAPES == tuple(s.label for s in CANDIDATES + BULK_CANDIDATES)

@@ -8,7 +8,7 @@ import torch
 
 import memmgr
 from memmgr import copy_shape
-from memmgr.copy_shape import CANDIDATES, DEFAULT_SHAPE, CopyShape, ShapeChoice
+from memmgr.copy_shape import BULK_CANDIDATES, CANDIDATES, DEFAULT_SHAPE, CopyShape, ShapeChoice
 from memmgr.errors import MemmgrInputError
 
 from conftest import requires_cuda
@@ -37,11 +37,60 @@ def test_the_fastest_shape_wins_and_near_ties_go_to_the_fewest_bytes_in_flight()
     assert copy_shape.choose({}) == DEFAULT_SHAPE
 
 
-@pytest.mark.parametrize("text", ["8", "1:5", "0:4", "a:b", "1:8:2"])
+@pytest.mark.parametrize("text", ["8", "1:5", "0:4", "a:b", "1:8:2", "0:bulk", "1:bulky"])
 def test_a_malformed_shape_in_the_environment_is_refused_naming_the_variable(isolated, monkeypatch, text):
     monkeypatch.setenv("MEMMGR_COPY_SHAPE", text)
     with pytest.raises(MemmgrInputError, match="MEMMGR_COPY_SHAPE|blocks per SM"):
         copy_shape._choices.get(0, measure_fn=lambda d: pytest.fail("measured although the environment set a shape"))
+
+
+def test_a_bulk_shape_is_named_b_bulk_counts_its_depth_and_yields_near_ties_to_the_vector_kernel():
+    bulk = CopyShape.parse("2:bulk")
+    assert bulk == CopyShape(2, 0, bulk=True) and bulk.label == "2:bulk" and bulk.depth == 2 * copy_shape.BULK_DEPTH
+    assert [s.label for s in BULK_CANDIDATES] == ["1:bulk", "2:bulk"]
+    with pytest.raises(MemmgrInputError):
+        CopyShape(1, 4, bulk=True)
+    # within the tolerance the shallower vector shape wins; well ahead, the bulk one
+    assert copy_shape.choose({CopyShape(1, 16): 51.0, CopyShape(1, 0, bulk=True): 52.0}) == CopyShape(1, 16)
+    assert copy_shape.choose({CopyShape(1, 16): 30.0, CopyShape(1, 0, bulk=True): 52.0}).bulk
+    assert ShapeChoice(bulk, "cache").as_dict()["bulk"] is True
+
+
+class _FakeNative:
+    def __init__(self, supported: bool) -> None:
+        self.supported = supported
+        self.calls: list[tuple] = []
+
+    def bulk_kernel_supported(self, device: int) -> bool:
+        return self.supported
+
+    def bulk_kernel_copy(self, *args) -> None:
+        self.calls.append(("bulk", *args))
+
+    def kernel_copy(self, *args) -> None:
+        self.calls.append(("vector", *args))
+
+
+@pytest.mark.parametrize("opted_in,supported,bulk_measured", [
+    (False, True, False), (True, False, False), (True, True, True)])
+def test_bulk_shapes_are_measured_only_when_opted_in_and_the_device_runs_them(monkeypatch, opted_in, supported,
+                                                                               bulk_measured):
+    from memmgr import _native
+
+    monkeypatch.setattr(_native, "native_module", lambda: _FakeNative(supported))
+    if opted_in:
+        monkeypatch.setenv("MEMMGR_COPY_KERNEL_BULK", "1")
+    else:
+        monkeypatch.delenv("MEMMGR_COPY_KERNEL_BULK", raising=False)
+    expected = CANDIDATES + (BULK_CANDIDATES if bulk_measured else ())
+    assert copy_shape.candidates_for(0) == expected
+
+
+def test_a_shape_launches_its_own_kernel():
+    native = _FakeNative(True)
+    CopyShape(2, 0, bulk=True).launch(native, 1, 2, 3, 4, 0, 264)
+    CopyShape(1, 8).launch(native, 1, 2, 3, 4, 0, 132)
+    assert native.calls == [("bulk", 1, 2, 3, 4, 0, 264), ("vector", 1, 2, 3, 4, 0, 132, 8)]
 
 
 def test_the_environment_sets_the_shape_without_measuring(isolated, monkeypatch):
@@ -114,7 +163,7 @@ def test_backend_info_reports_the_shape_of_every_device_with_its_source(isolated
 
 
 @requires_cuda
-@pytest.mark.parametrize("shape", CANDIDATES, ids=lambda s: s.label)
+@pytest.mark.parametrize("shape", CANDIDATES + BULK_CANDIDATES, ids=lambda s: s.label)
 def test_every_candidate_shape_copies_bit_exact_both_ways(shape):
     from memmgr._native import native_module
     from memmgr.host_memory import allocate_host_buffer
@@ -122,22 +171,25 @@ def test_every_candidate_shape_copies_bit_exact_both_ways(shape):
     native = native_module()
     if native is None or not hasattr(native, "kernel_copy"):
         pytest.skip("needs a CUDA GPU and memmgr's native extension")
+    if shape.bulk and not native.bulk_kernel_supported(0):
+        pytest.skip("the bulk variant needs compute capability 9.0 and a build for it")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     stream = torch.cuda.Stream()
-    for nbytes, offset in ((0, 0), (1, 0), (4097, 16), ((48 << 20) + 13, 32), (3 * 4096 * 1024 * 16 + 5, 0)):
+    # offsets 16/32: aligned bodies after an unaligned head elsewhere; 3: no common 16-byte grid (the vector fallback)
+    for nbytes, offset in ((0, 0), (1, 0), (4097, 16), ((48 << 20) + 13, 32), (3 * 4096 * 1024 * 16 + 5, 0),
+                          ((5 << 20) + 7, 3), (24 * 1024 * 7 + 16, 0)):
         host = allocate_host_buffer(nbytes + offset + 64, pin=True, allow_pageable_fallback=False)
         src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
         host.tensor[offset:offset + nbytes].copy_(src)
         dev = torch.full((nbytes + 64,), 7, dtype=torch.uint8, device="cuda")
         stream.wait_stream(torch.cuda.current_stream())  # the fill runs on the current stream, the copy on `stream`
-        native.kernel_copy(dev.data_ptr(), host.tensor.data_ptr() + offset, nbytes, stream.cuda_stream, 0,
-                           shape.blocks(sms), shape.unroll)
+        shape.launch(native, dev.data_ptr(), host.tensor.data_ptr() + offset, nbytes, stream.cuda_stream, 0,
+                     shape.blocks(sms))
         stream.synchronize()
         assert torch.equal(dev[:nbytes].cpu(), src) and bool((dev[nbytes:] == 7).all())
         back = allocate_host_buffer(nbytes + 64, pin=True, allow_pageable_fallback=False)
         back.tensor.fill_(9)
-        native.kernel_copy(back.tensor.data_ptr(), dev.data_ptr(), nbytes, stream.cuda_stream, 0,
-                           shape.blocks(sms), shape.unroll)
+        shape.launch(native, back.tensor.data_ptr(), dev.data_ptr(), nbytes, stream.cuda_stream, 0, shape.blocks(sms))
         stream.synchronize()
         assert torch.equal(back.tensor[:nbytes], src) and bool((back.tensor[nbytes:] == 9).all())
         host.release()
@@ -307,3 +359,26 @@ def test_where_the_kernel_cannot_hold_the_link_a_split_no_faster_than_slow_engin
     timings.extend([27.0, 29.0])  # both at once within the margin of the engines alone
     assert _auto_h2d() == "engine"
     assert issued[-1] == ("engine", 6 << 20)
+
+
+@requires_cuda
+def test_a_candidate_whose_copy_does_not_arrive_intact_is_left_out_of_the_measurement(caplog):
+    from memmgr import transfer
+
+    if not transfer.kernels_available():
+        pytest.skip("needs a CUDA GPU and memmgr's native extension")
+
+    class CopiesNothing:
+        label, depth, bulk = "broken", 1, False
+
+        def blocks(self, sm_count: int) -> int:
+            return sm_count
+
+        def launch(self, *args) -> None:
+            pass
+
+    broken = CopiesNothing()
+    with caplog.at_level(logging.WARNING, logger="memmgr"):
+        speeds = copy_shape.measure(0, nbytes=8 << 20, repeats=1, candidates=(CopyShape(1, 4), broken))
+    assert set(speeds) == {CopyShape(1, 4), copy_shape.LINK_KEY}
+    assert "shape broken did not copy" in caplog.text
