@@ -165,6 +165,8 @@ __global__ void __launch_bounds__(kBulkThreads) bulk_copy_kernel(unsigned char* 
             shared_address(&arrived[s])),
         "r"(parity)
         : "memory");
+    // the chunk was written by the bulk copy unit and is read by it again: order this thread's view for it
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     const size_t offset = (first + k * step) * kBulkChunk;
     const uint32_t bytes = static_cast<uint32_t>(min(kBulkChunk, body - offset));
     asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(out + offset),
@@ -232,6 +234,8 @@ extern "C" cudaError_t memmgr_prepare_copy_kernels(int device) {
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned short, kDefaultUnroll>);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attrs, copy_kernel<unsigned char, kDefaultUnroll>);
   if (err == cudaSuccess && sm_count(device) == 0) err = cudaErrorInvalidDevice;
+  bool bulk = false;  // loads the bulk variant too where the device runs it
+  if (err == cudaSuccess && bulk_supported_on_current_device(device, &bulk) != cudaSuccess) cudaGetLastError();
   if (previous != device && previous >= 0) cudaSetDevice(previous);
   return err;
 }
