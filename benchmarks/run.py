@@ -234,8 +234,9 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                   "minutes with set-up (use --deadline 360)",
                   multi_gpu_steps),
     "copy-shapes": ("issue 30: the copy kernel alone, host->device, 8 GiB on warm memory and right after another "
-                    "process released 48 GiB, once per launch shape (MEMMGR_COPY_SHAPE = blocks per SM : unroll), "
-                    "then `memmgr doctor`, which measures the shapes itself and prints the one it keeps",
+                    "process released 48 GiB, once per launch shape (MEMMGR_COPY_SHAPE = blocks per SM : unroll, "
+                    "or B:bulk for the cp.async.bulk variant), then `memmgr doctor` with MEMMGR_COPY_KERNEL_BULK=1, "
+                    "which measures the shapes itself (each checked byte for byte) and prints the one it keeps",
                     lambda c: [Step(f"shape_{shape.replace(':', 'x')}", program(
                                    "copy_path_probe.py", "--out", str(c.work / f"shape_{shape.replace(':', 'x')}"),
                                    "--scenarios", "warm,after_release", "--directions", "h2d", "--paths", "kernel",
@@ -244,7 +245,7 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                    env={"MEMMGR_COPY_SHAPE": shape, "MEMMGR_COPY_SHAPE_CACHE": "off"})
                                for shape in COPY_SHAPES] + [
                                Step("doctor", [PY, "-m", "memmgr", "doctor"], 90, show=r"copy kernel|peak",
-                                    env={"MEMMGR_COPY_SHAPE_CACHE": "off"})]),
+                                    env={"MEMMGR_COPY_SHAPE_CACHE": "off", "MEMMGR_COPY_KERNEL_BULK": "1"})]),
     "same-address": ("issue 33: same-address buckets on the GPU: the GPU tests of memmgr.same_address (the captured "
                      "training step over $MEMMGR_SAME_ADDRESS_CYCLES offload cycles, default 100 here, with another "
                      "process taking the memory between them; OOM, release, adoption, guard, ledger), the VMM and "
