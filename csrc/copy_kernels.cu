@@ -193,10 +193,7 @@ cudaError_t launch_bulk(unsigned char* dst, const unsigned char* src, size_t nby
   return cudaGetLastError();
 }
 
-// Whether the bulk kernel runs on `device`: compute capability 9.0 or later and a build of it for that device (the
-// kernel's binary version, which is 0 where only older architectures were compiled).
-cudaError_t bulk_supported_on_current_device(int device, bool* supported) {
-  *supported = false;
+cudaError_t bulk_support_of_current_device(int device, bool* supported) {
   int major = 0;
   cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err != cudaSuccess || major < 9) return err;
@@ -206,6 +203,25 @@ cudaError_t bulk_supported_on_current_device(int device, bool* supported) {
   err = cudaFuncSetAttribute(bulk_copy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(kBulkSharedBytes));
   *supported = err == cudaSuccess;
+  return err;
+}
+
+// Per device: 0 not yet known, 1 runs the bulk kernel (its shared-memory limit raised), 2 does not.
+std::atomic<int> g_bulk_state[kMaxDevices];
+
+// Whether the bulk kernel runs on `device`, the current device: compute capability 9.0 or later and a build of it for
+// that device (the kernel's binary version, which is 0 where only older architectures were compiled). Known after the
+// first call per device.
+cudaError_t bulk_supported_on_current_device(int device, bool* supported) {
+  *supported = false;
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  const int known = g_bulk_state[device].load(std::memory_order_acquire);
+  if (known != 0) {
+    *supported = known == 1;
+    return cudaSuccess;
+  }
+  cudaError_t err = bulk_support_of_current_device(device, supported);
+  if (err == cudaSuccess) g_bulk_state[device].store(*supported ? 1 : 2, std::memory_order_release);
   return err;
 }
 
