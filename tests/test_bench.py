@@ -216,3 +216,18 @@ def test_a_method_whose_pool_keeps_memory_between_conditions_is_not_credited_wit
     assert [row["error"] for row in rows] == [None, None]
     assert [row["gpu_left_over_bytes"] for row in rows] == [0, 0]  # not -500 for the second condition
     assert [row["gpu_released_bytes"] for row in rows] == [500, 500]
+
+
+def test_the_small_tensor_state_is_benched_with_same_address_buckets_too_when_that_method_runs(monkeypatch, tmp_path):
+    """With memmgr-same-address among the methods (here standing in on the CPU, where it is not supported), the
+    10,000 x 64 KiB state gets a row of its own for it beside memmgr's."""
+    from memmgr.tools import bench
+    from memmgr.tools.bench_methods import MemmgrMethod, MemmgrSameAddressMethod
+
+    monkeypatch.setattr(MemmgrSameAddressMethod, "available", lambda self: None)
+    monkeypatch.setattr(MemmgrSameAddressMethod, "build_manager", MemmgrMethod.build_manager)
+    report = bench.run_bench(out=str(tmp_path), size_gb=0.13, cycles=1, methods=["memmgr", "memmgr-same-address"],
+                             megatron=False)
+    names = [r["method"] for r in report["results"]]
+    assert "memmgr_10000x64KiB" in names and "memmgr-same-address_10000x64KiB" in names
+    assert all(r.get("intact", True) for r in report["results"])

@@ -33,6 +33,7 @@ from memmgr.tools.bench_methods import (  # noqa: F401
     GB,
     GiB,
     MemmgrMethod,
+    MemmgrSameAddressMethod,
     Method,
     MethodResult,
     PerTensorMethod,
@@ -278,12 +279,16 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
         n = memmgr_cycles(cycles) if isinstance(method, MemmgrMethod) else cycles
         run_under_conditions(method, conditions, by_condition, peak, n, copied_bytes=copied, device=device,
                              make=lambda: make_state(copied, device), phase_gap_s=gap)
+    # the small-tensor state with memmgr, and with same-address buckets where those are benched and supported
+    small_methods = [MemmgrMethod] + [type(m) for m in chosen
+                                      if isinstance(m, MemmgrSameAddressMethod) and m.available() is None]
     for name, step in conditions.items():
-        small = run_method(MemmgrMethod(), 0, device, cycles,
-                           lambda: make_small_tensors(10_000, 64 * 1024, device), phase_gap_s=gap,
-                           between=step).summary(peak)
-        small["method"] = "memmgr_10000x64KiB"
-        by_condition[name].append(small)
+        for method_type in small_methods:
+            small = run_method(method_type(), 0, device, cycles,
+                               lambda: make_small_tensors(10_000, 64 * 1024, device), phase_gap_s=gap,
+                               between=step).summary(peak)
+            small["method"] = f"{method_type.name}_10000x64KiB"
+            by_condition[name].append(small)
     if engine is not None:
         engine.close()
     report = {"info": info, "peak_gbps": peak, "results": next(iter(by_condition.values())),
