@@ -30,7 +30,7 @@ and the fix).
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -39,6 +39,7 @@ from memmgr.errors import MemmgrInputError, MemmgrOutOfMemoryError, MemmgrStateE
 from memmgr.transfer import issue_copy
 
 logger = logging.getLogger("memmgr")
+T = TypeVar("T")
 
 
 def _device_index(device: torch.device | int | None) -> int:
@@ -64,6 +65,23 @@ def same_address_support(device: torch.device | int | None = None) -> tuple[bool
 
 
 register_same_address_support(same_address_support)
+
+
+def map_with_cache_released(device: torch.device, map_memory: Callable[[], T]) -> T:
+    """Runs ``map_memory`` (which creates physical memory with the driver); where the device lacks room while PyTorch's
+    caching allocator holds unused blocks, gives those back (``empty_cache``) and runs it once more. Same-address
+    memory comes from the driver, not from that cache: blocks cached by the coalescing before an adoption, or by the
+    other phase's activations before an onload, would otherwise stand in its way."""
+    try:
+        return map_memory()
+    except torch.OutOfMemoryError:
+        if torch.cuda.memory_reserved(device) <= torch.cuda.memory_allocated(device):
+            raise
+        logger.debug("same-address memory on %s: out of memory with PyTorch's cache holding %d unused bytes; "
+                     "emptying it and mapping again", device,
+                     torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        torch.cuda.empty_cache()
+        return map_memory()
 
 
 def require_same_address(where: str, device: torch.device | int | None = None) -> None:
@@ -129,7 +147,7 @@ class SameAddressBuffer(_RangeHolder):
 
     def _restore_range(self) -> None:
         try:
-            self._range.map()
+            map_with_cache_released(self.device, self._range.map)
         except torch.OutOfMemoryError as exc:
             free = torch.cuda.mem_get_info(self.device)[0] if torch.cuda.is_available() else None
             raise MemmgrOutOfMemoryError(f"same-address buffer of {self.reserved_bytes} bytes at {self.address:#x} "
@@ -209,7 +227,8 @@ class SameAddressStorage(_RangeHolder):
     def __init__(self, tensor: torch.Tensor, where: str):
         require_same_address(where, tensor.device)
         stream = torch.cuda.current_stream(tensor.device)  # after the writes that made the contents
-        self._range = native_module().vmm_adopt_storage(tensor, stream.cuda_stream)
+        self._range = map_with_cache_released(
+            tensor.device, lambda: native_module().vmm_adopt_storage(tensor, stream.cuda_stream))
         self.device = tensor.device
         self.where = where
 

@@ -76,3 +76,30 @@ def test_backend_info_of_a_fresh_process_reports_same_address_support():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "not loaded" not in out.stdout and out.stdout.strip().startswith(("available", "unavailable ("))
+
+
+@pytest.mark.parametrize("cached_unused,maps", [(64 << 20, True), (0, False)])
+def test_mapping_out_of_memory_empties_pytorchs_cache_and_tries_once_more_only_when_it_holds_unused_blocks(
+        monkeypatch, cached_unused, maps):
+    from memmgr import same_address
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_reserved",
+                        lambda device=None: (1 << 30) + (0 if emptied else cached_unused))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    attempts = []
+
+    def map_memory():
+        attempts.append(True)
+        if not emptied:
+            raise torch.OutOfMemoryError("cuMemCreate failed (out of memory)")
+        return "mapped"
+
+    if maps:
+        assert same_address.map_with_cache_released(torch.device("cuda", 0), map_memory) == "mapped"
+        assert len(attempts) == 2 and len(emptied) == 1
+    else:
+        with pytest.raises(torch.OutOfMemoryError):
+            same_address.map_with_cache_released(torch.device("cuda", 0), map_memory)
+        assert len(attempts) == 1 and not emptied
