@@ -398,9 +398,15 @@ class FlatTensors:
             # state first: an interrupt between the two lines must never leave "on device" with no memory behind it
             self._state = BucketState.DISCARDED if discard else BucketState.ON_HOST
             self._free_storage()
-            if self._same_address is not None and not non_blocking:
+            if self._same_address is None:
+                return TransferHandle.completed()
+            if not non_blocking:
                 self._wait_released()
-            return TransferHandle.completed()
+                return TransferHandle.completed()
+            # the memory goes back once the current stream's work so far is done: the handle says so then
+            released = torch.cuda.Event()
+            released.record(torch.cuda.current_stream(self.flat.device))
+            return TransferHandle([released], [self._wait_released])
         # The allocator may hand this block out again only after the copy stream is done with it.
         self.flat.record_stream(copy_stream(self.flat.device, "d2h"))
         handle = self._start(TransferHandle([event], [self._complete]), BucketState.OFFLOADING, BucketState.ON_HOST)

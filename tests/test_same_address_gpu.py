@@ -350,3 +350,21 @@ def test_a_megatron_gpt_forward_and_backward_captured_by_hand_replay_after_same_
     finally:
         parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()
+
+
+def test_a_blocking_offload_returns_with_a_discarded_buckets_memory_back_with_the_driver():
+    from memmgr._native import native_module
+
+    kept, scratch = torch.randn(4 << 20, device="cuda"), torch.randn(8 << 20, device="cuda")
+    mgr = memmgr.MemoryManager(same_address=True)
+    mgr.add_group("kept", [kept])
+    mgr.add_group("scratch", [scratch], policy="discard")
+    address = scratch.data_ptr()
+    torch.cuda.synchronize()
+    mapped = native_module().vmm_bytes()[1]
+    scratch.mul_(2)  # work on the current stream that the release must wait for
+    mgr.offload()  # the groups offload their buckets non-blocking and wait for them together
+    assert native_module().vmm_bytes()[1] <= mapped - (4 + 8) * 4 * MIB
+    mgr.onload()
+    assert scratch.data_ptr() == address and not scratch.any()  # a discarded bucket comes back zeroed
+    mgr.close()
