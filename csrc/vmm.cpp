@@ -504,7 +504,9 @@ void Reaper::run() {
       item = std::move(items_.front());
       items_.pop_front();
     }
-    cudaError_t err = cudaEventSynchronize(item.event);
+    // on the range's device: a thread with none current would make device 0's context current for these calls
+    cudaError_t err = cudaSetDevice(static_cast<int>(item.range->device()));
+    if (err == cudaSuccess) err = cudaEventSynchronize(item.event);
     std::string error;
     if (err != cudaSuccess) {
       cudaGetLastError();
@@ -542,6 +544,15 @@ std::shared_ptr<VmmRange> vmm_adopt_storage(const at::Tensor& tensor, int64_t st
   impl->set_allocator(range->allocator());
   impl->set_resizable(true);
   return range;
+}
+
+// Gives an adopted storage PyTorch's CUDA allocator back (the bucket that adopted it stops managing it): the memory it
+// holds now stays mapped until the storage lets go of it, and a later resize_(nbytes) allocates from PyTorch's cache,
+// at a new address, instead of through a range nobody may be keeping any more.
+void vmm_disown_storage(const at::Tensor& tensor) {
+  TORCH_CHECK(tensor.is_cuda(), "memmgr._pinned.vmm_disown_storage: the tensor is on ", tensor.device(),
+              ", not a CUDA device");
+  tensor.storage().unsafeGetStorageImpl()->set_allocator(c10::GetAllocator(c10::DeviceType::CUDA));
 }
 
 // (supported, message): whether `device` can hold same-address memory, and why not (no driver, an old driver, a
@@ -595,5 +606,7 @@ void memmgr_register_vmm(pybind11::module& m) {
   m.def("vmm_granularity", &vmm_granularity, "physical memory granularity of a device in bytes", py::arg("device"));
   m.def("vmm_adopt_storage", &vmm_adopt_storage, py::arg("tensor"), py::arg("stream"),
         "moves a CUDA tensor's storage into a new VmmRange whose allocator it uses from then on; returns the range");
+  m.def("vmm_disown_storage", &vmm_disown_storage, py::arg("tensor"),
+        "gives an adopted storage PyTorch's CUDA allocator back (its current memory stays until it is freed)");
   m.def("vmm_bytes", &vmm_bytes, "(bytes reserved, bytes mapped) by live VmmRanges");
 }

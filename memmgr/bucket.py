@@ -578,8 +578,11 @@ class FlatTensors:
         self._drop_finalizer.detach()  # nothing left to put back, and the finalizer would keep the old flat alive
         storages.unregister(self._storage_key, self)
         self.members.clear()
+        if self._same_address is not None:
+            # the members' storage keeps its range while it holds memory; a later resize of it goes to PyTorch
+            self._same_address.disown(self.flat)
+            self._same_address = None
         self.flat = self.flat.new_empty(0)
-        self._same_address = None  # the members' storage keeps its range while it holds memory
         self.nbytes = 0
         self._storage_key = storages.storage_key(self.flat)
 

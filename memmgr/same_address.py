@@ -240,6 +240,11 @@ class SameAddressStorage(_RangeHolder):
         """The next release of the storage's memory waits for the work queued on ``stream`` until that release."""
         self._range.release_after(stream.cuda_stream)
 
+    def disown(self, tensor: torch.Tensor) -> None:
+        """Gives ``tensor``'s storage (the adopted one) PyTorch's CUDA allocator back, for a bucket that stops managing
+        it: its memory stays where it is until the storage frees it, and a later resize allocates from PyTorch."""
+        native_module().vmm_disown_storage(tensor)
+
     def wait_released(self) -> None:
         """Blocks until the releases asked for have happened; MemmgrStateError if one failed (its memory is then
         still mapped, and the storage's next resize maps nothing new)."""

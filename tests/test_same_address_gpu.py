@@ -368,3 +368,19 @@ def test_a_blocking_offload_returns_with_a_discarded_buckets_memory_back_with_th
     mgr.onload()
     assert scratch.data_ptr() == address and not scratch.any()  # a discarded bucket comes back zeroed
     mgr.close()
+
+
+def test_a_closed_managers_tensors_free_and_grow_again_through_pytorchs_allocator():
+    model = _model(width=512)
+    mgr = memmgr.for_module(model, same_address=True)
+    mgr.offload()
+    mgr.onload()
+    expected = [p.detach().clone() for p in model.parameters()]
+    mgr.close()  # the buckets stop managing the storage; it keeps its memory until freed
+    assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected))
+    storage = next(model.parameters()).untyped_storage()
+    nbytes = storage.nbytes()
+    storage.resize_(0)  # gives the same-address memory back
+    storage.resize_(nbytes)  # allocates from PyTorch's cache: the range is no longer the storage's allocator
+    torch.cuda.synchronize()
+    assert storage.nbytes() == nbytes and torch.cuda.memory_allocated() >= nbytes
