@@ -317,7 +317,9 @@ class VmmRange : public std::enable_shared_from_this<VmmRange> {
     if (!last_error_.empty()) {
       std::string error = last_error_;
       last_error_.clear();
-      TORCH_CHECK(false, "memmgr._pinned: an earlier release of same-address memory failed: ", error);
+      // A release that failed while waiting for the copy left the memory mapped, contents and all: it serves this
+      // allocation. One that failed in the driver's unmap is reported.
+      TORCH_CHECK(mapped_, "memmgr._pinned: an earlier release of same-address memory failed: ", error);
     }
     // One storage owns the range's memory at a time: a second data pointer to it (a clone through this allocator)
     // would alias the same bytes.
