@@ -535,8 +535,13 @@ std::shared_ptr<VmmRange> vmm_adopt_storage(const at::Tensor& tensor, int64_t st
   auto range = std::make_shared<VmmRange>(static_cast<int64_t>(nbytes), tensor.device().index());
   c10::DataPtr memory = range->allocator()->allocate(nbytes);
   auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  int previous = -1;
+  cudaGetDevice(&previous);
+  const int device = tensor.device().index();
+  if (previous != device) cudaSetDevice(device);  // the copy on the tensor's device, whichever is current
   cudaError_t err = cudaMemcpyAsync(memory.get(), impl->data(), nbytes, cudaMemcpyDeviceToDevice, cuda_stream);
   if (err == cudaSuccess) err = cudaStreamSynchronize(cuda_stream);
+  if (previous != device && previous >= 0) cudaSetDevice(previous);
   if (err != cudaSuccess) {
     cudaGetLastError();
     TORCH_CHECK(false, "memmgr._pinned.vmm_adopt_storage: copying ", nbytes, " bytes into same-address memory failed (",
