@@ -180,10 +180,15 @@ __global__ void __launch_bounds__(kBulkThreads) bulk_copy_kernel(unsigned char* 
     }
   }
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // every store done before the kernel ends
+#else
+  __trap();  // compiled for an architecture without bulk copies: never launched there (bulk_support_of_current_device)
 #endif
 }
 
+// dst and src must share their address's low 4 bits (memmgr_launch_bulk_copy_kernel sends others to the vector kernel).
 cudaError_t launch_bulk(unsigned char* dst, const unsigned char* src, size_t nbytes, cudaStream_t stream, int blocks) {
+  const uintptr_t relative = reinterpret_cast<uintptr_t>(dst) ^ reinterpret_cast<uintptr_t>(src);
+  if ((relative & 15) != 0) return cudaErrorMisalignedAddress;
   const size_t misalign = reinterpret_cast<uintptr_t>(src) & 15;
   const size_t head = std::min(nbytes, (16 - misalign) & 15);
   const size_t body = (nbytes - head) & ~static_cast<size_t>(15);
@@ -199,7 +204,9 @@ cudaError_t bulk_support_of_current_device(int device, bool* supported) {
   if (err != cudaSuccess || major < 9) return err;
   cudaFuncAttributes attrs;
   if ((err = cudaFuncGetAttributes(&attrs, bulk_copy_kernel)) != cudaSuccess) return err;
-  if (attrs.binaryVersion < 90) return cudaSuccess;
+  // The virtual architecture the loaded code was compiled from: a build without sm_90 carries compute_80 PTX, whose
+  // body below is empty, and which the driver would JIT for this device (binaryVersion then says 90).
+  if (attrs.ptxVersion < 90 || attrs.binaryVersion < 90) return cudaSuccess;
   err = cudaFuncSetAttribute(bulk_copy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(kBulkSharedBytes));
   *supported = err == cudaSuccess;
