@@ -260,9 +260,11 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                       str(ROOT / "tests" / "test_vmm_gpu.py"),
                                       str(ROOT / "tests" / "test_vllm_sleep_gpu.py"),
                                       str(ROOT / "tests" / "test_examples.py"), "-k",
-                                      "same_address or not test_examples", "-q", "-p", "no:cacheprovider", "-m", "gpu"],
-                                     300, show=r"passed|failed|error", cwd=str(ROOT),
+                                      "same_address or not test_examples", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                                      "--durations=15"],
+                                     360, show=r"passed|failed|error", cwd=str(ROOT),
                                      env=dict(VLLM_ENV if (ROOT / ".vllm-py").is_dir() else {},
+                                              MEMMGR_REQUIRE_SAME_ADDRESS="1",
                                               MEMMGR_SAME_ADDRESS_CYCLES=os.environ.get(
                                                   "MEMMGR_SAME_ADDRESS_CYCLES", "100"))),
                                 Step("soak", program("gpu_soak.py", "--out", str(c.work / "soak"), "--cycles",

@@ -1,3 +1,4 @@
+import os
 import re
 
 import pytest
@@ -43,6 +44,20 @@ INTEGRATION_TESTS: dict[str, tuple[str, ...] | None] = {
 
 
 NEEDS_GPU_REASON = re.compile(r"needs (a|2|two) (CUDA )?GPU|needs a CUDA")
+
+
+def skip_without_same_address() -> None:
+    """Skips a test that needs same-address memory where this machine cannot hold it; with
+    MEMMGR_REQUIRE_SAME_ADDRESS=1 (benchmarks/run.py sets it on the GPU) fails instead, so that a GPU run whose native
+    extension did not build cannot pass by skipping everything."""
+    from memmgr.same_address import same_address_support
+
+    supported, why = same_address_support()
+    if supported:
+        return
+    if os.environ.get("MEMMGR_REQUIRE_SAME_ADDRESS") == "1":
+        pytest.fail(f"MEMMGR_REQUIRE_SAME_ADDRESS=1 but there is no same-address memory here: {why}")
+    pytest.skip(f"no same-address memory here: {why}")
 
 
 def _needs_cuda(item) -> bool:

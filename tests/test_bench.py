@@ -49,6 +49,7 @@ def _row(method, first, steady):
 
 def test_best_peer_ratio_takes_the_fastest_peer_for_each_cycle_kind():
     rows = [_row("memmgr", 48.0, 50.0), _row("memmgr_10000x64KiB", 40.0, 49.0), _row("slow_peer", 1.5, 1.6),
+            _row("memmgr-same-address", 60.0, 60.0), _row("memmgr-same-address_10000x64KiB", 60.0, 60.0),
             _row("pinned_cache_peer", 2.0, 48.0), {"method": "skipped_peer", "skipped": "not installed"},
             dict(_row("failed_peer", 99.0, 99.0), error="RuntimeError")]
     vs = bench.against_best_peer(rows)

@@ -9,6 +9,8 @@ import gc
 import pytest
 import torch
 
+from conftest import skip_without_same_address
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 MIB = 1 << 20
@@ -16,11 +18,7 @@ MIB = 1 << 20
 
 @pytest.fixture(autouse=True)
 def _needs_vmm():
-    from memmgr.same_address import same_address_support
-
-    supported, why = same_address_support()
-    if not supported:
-        pytest.skip(f"no same-address memory here: {why}")
+    skip_without_same_address()
 
 
 def _stream() -> torch.cuda.Stream:
@@ -84,17 +82,17 @@ def test_the_memory_is_freed_while_released_as_the_driver_and_nvml_see_it():
     nbytes = 512 * MIB
     buf = SameAddressBuffer(nbytes)
     buf.tensor.fill_(3)
+    host = _pinned(nbytes)  # before the readings: mapping pinned memory for the device may take some device memory
     torch.cuda.synchronize()
     index = nvml.nvml_index(torch.cuda.current_device())
     used_mapped = nvml.device_memory(index).used if index is not None else None
     free_mapped = torch.cuda.mem_get_info()[0]
-    host = _pinned(nbytes)
     offload_buffers([(buf, host)], _stream())
     assert torch.cuda.mem_get_info()[0] - free_mapped >= nbytes - 2 * MIB
     if used_mapped is not None:
         assert used_mapped - nvml.device_memory(index).used >= nbytes - 2 * MIB
     onload_buffers([(buf, host)], _stream())
-    assert free_mapped - torch.cuda.mem_get_info()[0] <= 2 * MIB
+    assert free_mapped - torch.cuda.mem_get_info()[0] <= 8 * MIB
     assert int(buf.tensor[-1]) == 3
 
 
@@ -139,8 +137,16 @@ def test_several_buffers_release_each_after_its_own_copy_and_onload_out_of_memor
     offload_buffers(list(zip(bufs, hosts)), _stream())
     assert not any(b.mapped for b in bufs)
     assert [int(h[0]) for h in hosts] == [1, 2, 3]
+    gc.collect()
+    torch.cuda.empty_cache()  # no unused cached blocks: an onload short of memory empties the cache and maps again
     free, _ = torch.cuda.mem_get_info()
-    hog = torch.empty(max(0, free - 12 * MIB), dtype=torch.uint8, device="cuda")  # room for one buffer, not three
+    for step in range(64):  # room for one buffer, not three (a little less where the exact amount does not fit)
+        try:
+            hog = torch.empty(max(0, free - (12 + 2 * step) * MIB), dtype=torch.uint8, device="cuda")
+            break
+        except torch.OutOfMemoryError:
+            continue
+    assert torch.cuda.mem_get_info()[0] < 16 * MIB, "the hog left room for two buffers"
     with pytest.raises(MemmgrOutOfMemoryError):
         onload_buffers(list(zip(bufs, hosts)), _stream())
     assert not any(b.mapped for b in bufs)

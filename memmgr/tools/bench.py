@@ -411,11 +411,11 @@ def _table_rows(results: list[dict]) -> list[str]:
 
 
 def against_best_peer(results: list[dict]) -> dict | None:
-    """memmgr's offload throughput over the best peer's, first cycle and steady state (peers: every other method
-    on the same state)."""
+    """memmgr's offload throughput over the best peer's, first cycle and steady state (peers: every method not
+    memmgr's own on the same state; memmgr's other modes and states are not peers)."""
     measured = [r for r in results if "steady_offload_gbps" in r and not r.get("error")]
     ours = next((r for r in measured if r["method"] == "memmgr"), None)
-    peers = [r for r in measured if r["method"] != "memmgr" and not r["method"].startswith("memmgr_")]
+    peers = [r for r in measured if not r["method"].startswith("memmgr")]
     if ours is None or not peers:
         return None
     best_first = max(peers, key=lambda r: r["first_offload_gbps"])
