@@ -101,7 +101,10 @@ def setup_gpu(manage: bool = True, same_address: bool = False
     env["baseline_before_model"] = baseline
     data = lab.token_batches(NUM_BATCHES, BATCH, MODEL["seq"], MODEL["vocab"])
     mgr = for_megatron(ddp, opt, pool=HostMemoryPool(), same_address=same_address) if manage else None
-    env["parameters"] = lambda: [p.data_ptr() for p in ddp.parameters()]
+    # parameters and their grad-buffer views (both adopted at the build; optimizer state created at the first step
+    # is collected, and gets its lasting address, at the first offload)
+    env["parameters"] = lambda: [p.data_ptr() for p in ddp.parameters()] + [
+        p.main_grad.data_ptr() for p in ddp.parameters() if getattr(p, "main_grad", None) is not None]
 
     def step(i: int) -> float:
         return lab.megatron_train_step(ddp, opt, *data[i % len(data)])
