@@ -48,6 +48,30 @@ int sm_count(int device) {
   return count;
 }
 
+// Makes `device` current for its lifetime and then restores the device that was (the launchers' callers may have
+// another one current). error() is the failure to switch, if any.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    err_ = cudaGetDevice(&previous_);
+    if (err_ == cudaSuccess && previous_ != device) {
+      err_ = cudaSetDevice(device);
+      switched_ = err_ == cudaSuccess;
+    }
+  }
+  ~DeviceScope() {
+    if (switched_ && previous_ >= 0) cudaSetDevice(previous_);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+  cudaError_t error() const { return err_; }
+
+ private:
+  int previous_ = -1;
+  cudaError_t err_ = cudaSuccess;
+  bool switched_ = false;
+};
+
 template <typename V>
 __device__ __forceinline__ V load_streaming(const V* p) {
   return __ldcs(p);
@@ -181,14 +205,17 @@ __global__ void __launch_bounds__(kBulkThreads) bulk_copy_kernel(unsigned char* 
   }
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // every store done before the kernel ends
 #else
-  __trap();  // compiled for an architecture without bulk copies: never launched there (bulk_support_of_current_device)
+  __trap();  // compiled for an architecture without bulk copies: never launched there (probe_bulk_support)
 #endif
 }
 
-// dst and src must share their address's low 4 bits (memmgr_launch_bulk_copy_kernel sends others to the vector kernel).
+// Whether dst and src share their addresses' low 4 bits: a common 16-byte grid, which the bulk copies need.
+bool share_16_byte_grid(const void* dst, const void* src) {
+  return ((reinterpret_cast<uintptr_t>(dst) ^ reinterpret_cast<uintptr_t>(src)) & 15) == 0;
+}
+
 cudaError_t launch_bulk(unsigned char* dst, const unsigned char* src, size_t nbytes, cudaStream_t stream, int blocks) {
-  const uintptr_t relative = reinterpret_cast<uintptr_t>(dst) ^ reinterpret_cast<uintptr_t>(src);
-  if ((relative & 15) != 0) return cudaErrorMisalignedAddress;
+  if (!share_16_byte_grid(dst, src)) return cudaErrorMisalignedAddress;
   const size_t misalign = reinterpret_cast<uintptr_t>(src) & 15;
   const size_t head = std::min(nbytes, (16 - misalign) & 15);
   const size_t body = (nbytes - head) & ~static_cast<size_t>(15);
@@ -198,7 +225,7 @@ cudaError_t launch_bulk(unsigned char* dst, const unsigned char* src, size_t nby
   return cudaGetLastError();
 }
 
-cudaError_t bulk_support_of_current_device(int device, bool* supported) {
+cudaError_t probe_bulk_support(int device, bool* supported) {
   int major = 0;
   cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err != cudaSuccess || major < 9) return err;
@@ -216,9 +243,8 @@ cudaError_t bulk_support_of_current_device(int device, bool* supported) {
 // Per device: 0 not yet known, 1 runs the bulk kernel (its shared-memory limit raised), 2 does not.
 std::atomic<int> g_bulk_state[kMaxDevices];
 
-// Whether the bulk kernel runs on `device`, the current device: compute capability 9.0 or later and a build of it for
-// that device (the kernel's binary version, which is 0 where only older architectures were compiled). Known after the
-// first call per device.
+// Whether the bulk kernel runs on `device`, the current device: compute capability 9.0 or later and code of it built
+// from compute_90 or later (probe_bulk_support). Probed at the first call per device.
 cudaError_t bulk_supported_on_current_device(int device, bool* supported) {
   *supported = false;
   if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
@@ -227,7 +253,7 @@ cudaError_t bulk_supported_on_current_device(int device, bool* supported) {
     *supported = known == 1;
     return cudaSuccess;
   }
-  cudaError_t err = bulk_support_of_current_device(device, supported);
+  cudaError_t err = probe_bulk_support(device, supported);
   if (err == cudaSuccess) g_bulk_state[device].store(*supported ? 1 : 2, std::memory_order_release);
   return err;
 }
@@ -242,10 +268,9 @@ extern "C" int memmgr_copy_kernel_default_blocks(int device) {
 }
 
 extern "C" cudaError_t memmgr_prepare_copy_kernels(int device) {
-  int previous = -1;
-  cudaError_t err = cudaGetDevice(&previous);
+  DeviceScope scope(device);
+  cudaError_t err = scope.error();
   if (err != cudaSuccess) return err;
-  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
   // Looking a kernel up loads it into the context now. Under lazy module loading the first launch would load it,
   // and loading may wait for the whole device: a copy issued behind a long kernel would block the caller.
   cudaFuncAttributes attrs;
@@ -259,7 +284,6 @@ extern "C" cudaError_t memmgr_prepare_copy_kernels(int device) {
   if (err == cudaSuccess && sm_count(device) == 0) err = cudaErrorInvalidDevice;
   bool bulk = false;  // loads the bulk variant too where the device runs it
   if (err == cudaSuccess && bulk_supported_on_current_device(device, &bulk) != cudaSuccess) cudaGetLastError();
-  if (previous != device && previous >= 0) cudaSetDevice(previous);
   return err;
 }
 
@@ -270,10 +294,9 @@ extern "C" cudaError_t memmgr_launch_copy_kernel(void* dst, const void* src, siz
   if (unroll <= 0) unroll = kDefaultUnroll;
   if (!memmgr_copy_kernel_unroll_supported(unroll)) return cudaErrorInvalidValue;
   if (nbytes == 0) return cudaSuccess;
-  int previous = -1;
-  cudaError_t err = cudaGetDevice(&previous);
+  DeviceScope scope(device);
+  cudaError_t err = scope.error();
   if (err != cudaSuccess) return err;
-  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
   if (blocks <= 0) blocks = memmgr_copy_kernel_default_blocks(device);
   auto* d = static_cast<unsigned char*>(dst);
   const auto* s = static_cast<const unsigned char*>(src);
@@ -293,46 +316,31 @@ extern "C" cudaError_t memmgr_launch_copy_kernel(void* dst, const void* src, siz
   } else {
     err = launch<unsigned char>(d, s, nbytes, stream, blocks);
   }
-  if (previous != device && previous >= 0) cudaSetDevice(previous);
   return err;
 }
 
 extern "C" int memmgr_bulk_copy_supported(int device) {
-  int previous = -1;
-  if (cudaGetDevice(&previous) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  if (previous != device && cudaSetDevice(device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
+  DeviceScope scope(device);
   bool supported = false;
-  if (bulk_supported_on_current_device(device, &supported) != cudaSuccess) cudaGetLastError();
-  if (previous != device && previous >= 0) cudaSetDevice(previous);
+  if (scope.error() != cudaSuccess || bulk_supported_on_current_device(device, &supported) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
   return supported ? 1 : 0;
 }
 
 extern "C" cudaError_t memmgr_launch_bulk_copy_kernel(void* dst, const void* src, size_t nbytes, cudaStream_t stream,
                                                       int device, int blocks) {
   if (nbytes == 0) return cudaSuccess;
-  auto* d = static_cast<unsigned char*>(dst);
-  const auto* s = static_cast<const unsigned char*>(src);
-  // Addresses that differ in their low 4 bits have no common 16-byte grid for the bulk copies: the vector kernel's
-  // narrower vectors move those.
-  if (((reinterpret_cast<uintptr_t>(d) ^ reinterpret_cast<uintptr_t>(s)) & 15) != 0)
-    return memmgr_launch_copy_kernel(dst, src, nbytes, stream, device, blocks, 0);
-  int previous = -1;
-  cudaError_t err = cudaGetDevice(&previous);
+  // Buffers without a common 16-byte grid go to the vector kernel's narrower vectors.
+  if (!share_16_byte_grid(dst, src)) return memmgr_launch_copy_kernel(dst, src, nbytes, stream, device, blocks, 0);
+  DeviceScope scope(device);
+  cudaError_t err = scope.error();
   if (err != cudaSuccess) return err;
-  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
   bool supported = false;
   err = bulk_supported_on_current_device(device, &supported);
   if (err == cudaSuccess && !supported) err = cudaErrorInvalidDeviceFunction;
-  if (err == cudaSuccess) {
-    if (blocks <= 0) blocks = memmgr_copy_kernel_default_blocks(device);
-    err = launch_bulk(d, s, nbytes, stream, blocks);
-  }
-  if (previous != device && previous >= 0) cudaSetDevice(previous);
-  return err;
+  if (err != cudaSuccess) return err;
+  if (blocks <= 0) blocks = memmgr_copy_kernel_default_blocks(device);
+  return launch_bulk(static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), nbytes, stream, blocks);
 }
