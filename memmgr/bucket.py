@@ -52,7 +52,7 @@ from memmgr.dropped import release_dropped_bucket
 from memmgr.errors import MemmgrInputError, MemmgrStateError
 from memmgr.groups import unique_storage_bytes
 from memmgr.host_memory import HostBuffer, HostMemoryPool, default_pool
-from memmgr.same_address import SameAddressStorage, map_with_cache_released
+from memmgr.same_address import SameAddressStorage
 from memmgr.states import BucketState, Policy, policy_from
 from memmgr.tensor_checks import PROBE_REFS, check_adoptable, check_bucket_items, describe_tensor, storage_use_count
 from memmgr.transfer import TransferHandle, copy_stream, issue_copy
@@ -424,7 +424,7 @@ class FlatTensors:
         if storage.nbytes() == self.nbytes:
             return False
         if self._same_address is not None:
-            map_with_cache_released(self.flat.device, lambda: storage.resize_(self.nbytes))
+            self._same_address.map_storage(storage, self.nbytes)
         else:
             storage.resize_(self.nbytes)
         return True

@@ -240,6 +240,12 @@ class SameAddressStorage(_RangeHolder):
         """The next release of the storage's memory waits for the work queued on ``stream`` until that release."""
         self._range.release_after(stream.cuda_stream)
 
+    def map_storage(self, storage: torch.UntypedStorage, nbytes: int) -> None:
+        """Maps memory for the adopted ``storage`` again, ``nbytes`` at its address (``storage.resize_``), emptying
+        PyTorch's cache first where the driver has no room while that cache holds unused blocks; raises
+        torch.OutOfMemoryError where there is none all the same."""
+        map_with_cache_released(self.device, lambda: storage.resize_(nbytes))
+
     def disown(self, tensor: torch.Tensor) -> None:
         """Gives ``tensor``'s storage (the adopted one) PyTorch's CUDA allocator back, for a bucket that stops managing
         it: its memory stays where it is until the storage frees it, and a later resize allocates from PyTorch."""
