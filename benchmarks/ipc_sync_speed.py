@@ -6,7 +6,7 @@ preset (the bench's Llama-shaped 1.3B, 24 layers, hidden 2048, ffn 5504, vocab 3
 hidden 2560; bf16, untied embeddings) in a second process on the same GPU, loading through
 memmgr.sync.ModuleWeightLoader; every weight travels through memmgr.sync.transports.ipc.CudaIpcTransport, a ring of
 --buffers IPC buffers of --bucket-mb exported once. GB/s are weight bytes over the time from entering the sync to
-the engine having loaded everything, best of --reps.
+the engine having loaded everything, best of --reps, the syncs --gap-s apart.
 
 --trainer transformers (default): the trainer is the same transformers model on the GPU.
 1. device: packed straight from the trainer's parameters into the ring (send_pairs);
@@ -114,10 +114,14 @@ def parse_args() -> argparse.Namespace:
                          "WeightSource: ExportWeightSource.iter_groups into the CUDA IPC ring), vllm-ipc (vLLM's IPC "
                          "trainer and engine classes over ExportWeightSource)")
     ap.add_argument("--reps", type=int, default=3, help="timed syncs per source; the best is reported (default 3)")
+    ap.add_argument("--gap-s", type=float, default=0.5,
+                    help="seconds between two timed syncs, off the clock (default 0.5): the generation between two "
+                         "syncs of an RL loop, in which the engine's atomic loader refreshes its host copy of what the "
+                         "last sync wrote (back to back, the next sync would wait for that copy)")
     ap.add_argument("--out", type=Path, required=True, help="output directory (gets ipc_sync_speed.json)")
     args = ap.parse_args()
-    if args.reps < 1 or args.buffers < 1 or args.bucket_mb <= 0:
-        ap.error("--reps and --buffers must be at least 1 and --bucket-mb positive")
+    if args.reps < 1 or args.buffers < 1 or args.bucket_mb <= 0 or args.gap_s < 0:
+        ap.error("--reps and --buffers must be at least 1, --bucket-mb positive and --gap-s not negative")
     if args.cpu and args.trainer != "megatron":
         ap.error("--cpu runs the megatron trainer mode only (add --trainer megatron)")
     args.via = [v for v in args.via.split(",") if v]
@@ -161,6 +165,7 @@ def run_transformers(args: argparse.Namespace) -> None:
     transport = CudaIpcTransport(engine.announce, buffer_bytes=bucket_bytes, num_buffers=args.buffers)
 
     def timed(send) -> dict:
+        time.sleep(args.gap_s)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -206,7 +211,7 @@ def run_transformers(args: argparse.Namespace) -> None:
     result = {
         "metadata": lab.metadata(), "benchmark": "ipc_sync_speed", "trainer": "transformers", "preset": args.preset,
         "params": sum(t.numel() for t in weights.values()),
-        "payload_bytes": payload, "bucket_bytes": bucket_bytes, "buffers": args.buffers,
+        "payload_bytes": payload, "bucket_bytes": bucket_bytes, "buffers": args.buffers, "gap_s": args.gap_s,
         "ring_bytes": ring_bytes, "largest_tensor_bytes": largest,
         "bound_bytes": bucket_bytes * args.buffers + (largest if largest > bucket_bytes else 0),
         "pinned_h2d_peak_gbps": peak, "runs": runs,
@@ -488,6 +493,7 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
         for _ in range(args.reps):
             ring_before = getattr(transport, "ring_bytes", 0)
             if cuda:
+                time.sleep(args.gap_s)
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             res = syncs[via]()
@@ -547,6 +553,7 @@ def _megatron_sync(args: argparse.Namespace, device: torch.device) -> dict:
         "vllm_from": getattr(sys.modules.get("vllm"), "__file__", None),
         "params": sum(p.numel() for p in ddp.parameters()), "payload_bytes": payload,
         "exported_tensors": len(exporter.entries), "bucket_bytes": bucket_bytes, "buffers": args.buffers,
+        "gap_s": args.gap_s,
         "export_buckets": len(plan.buckets), "largest_bucket_bytes": max(b.nbytes for b in plan.buckets),
         "largest_tensor_bytes": plan.largest_unit_bytes, "ring_bytes": ring_bytes,
         "staging_bound_bytes": staging, "bound_bytes": bound,
