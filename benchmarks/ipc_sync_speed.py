@@ -111,7 +111,7 @@ def parse_args() -> argparse.Namespace:
                          "into the ring (default: packed straight into the ring's slots)")
     ap.add_argument("--via", default="sync_weights",
                     help="with --trainer megatron: comma list of sync paths, sync_weights (default), source (vLLM's "
-                         "WeightSource: ExportWeightSource.iter_groups into the CUDA IPC ring), vllm-ipc (vLLM's IPC "
+                         "WeightSource: ExportWeightSource.iter_groups, layer groups batched up to a bucket, into the CUDA IPC ring), vllm-ipc (vLLM's IPC "
                          "trainer and engine classes over ExportWeightSource)")
     ap.add_argument("--reps", type=int, default=3, help="timed syncs per source; the best is reported (default 3)")
     ap.add_argument("--gap-s", type=float, default=0.5,
@@ -354,16 +354,31 @@ def _path(via: str, args: argparse.Namespace, mgr, exporter, transport, engine, 
             source = ExportWeightSource(exporter)
             transport.start([ParamSpec(m.name, tuple(m.shape), m.dtype) for m in source.metadata()])
             nbytes = sends = 0
+            batch: list[tuple[str, torch.Tensor]] = []
+            batch_bytes = 0
+
+            def flush() -> None:
+                nonlocal sends, batch, batch_bytes
+                for pairs in group_pairs(batch, bucket_bytes):
+                    if hasattr(transport, "send_pairs"):
+                        transport.send_pairs(pairs)
+                    else:
+                        transport.send_bucket(WeightBucket.pack(pairs))
+                    sends += 1
+                batch, batch_bytes = [], 0
+
             try:
-                # a group's views are only valid until the next group: each is sent before the source moves on
+                # whole layer groups batched up to a bucket, as vLLM's packed trainer engine fills its buffer before
+                # it sends: one announce per bucket, not per layer; the views held in the batch keep their export
+                # buckets alive until sent (the exporter keeps no reference of its own)
                 for names, tensors in source.iter_groups():
-                    for pairs in group_pairs(zip(names, tensors), bucket_bytes):
-                        if hasattr(transport, "send_pairs"):
-                            transport.send_pairs(pairs)
-                        else:
-                            transport.send_bucket(WeightBucket.pack(pairs))
-                        nbytes += sum(t.numel() * t.element_size() for _, t in pairs)
-                        sends += 1
+                    size = sum(t.numel() * t.element_size() for t in tensors)
+                    if batch and batch_bytes + size > bucket_bytes:
+                        flush()
+                    batch += list(zip(names, tensors))
+                    batch_bytes += size
+                    nbytes += size
+                flush()
                 transport.finish()
             except BaseException as exc:
                 transport.abort(f"{type(exc).__name__}: {exc}")

@@ -58,3 +58,21 @@ def test_cpu_mode_is_refused_outside_the_megatron_trainer_and_the_tiny_presets(t
     assert proc.returncode == 2 and "--trainer megatron" in proc.stderr
     proc = _run("--cpu", "--trainer", "megatron", "--preset", "4b", "--out", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2 and "tiny presets" in proc.stderr
+
+
+def test_the_weight_source_path_batches_layer_groups_into_buckets_and_lands_bit_exact(tmp_path):
+    # a bucket holds the whole tiny model: the WeightSource path sends it in one announce, as sync_weights does,
+    # not one per layer group
+    proc = _run("--trainer", "megatron", "--cpu", "--preset", "tiny-qwen3", "--reps", "1", "--bucket-mb", "1",
+                "--via", "sync_weights,source", "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    r = json.loads((tmp_path / "ipc_sync_speed.json").read_text())
+    source, baseline = r["paths"]["source"], r["paths"]["sync_weights"]
+    assert source["sync_api"].startswith("memmgr.sync.engines.vllm.ExportWeightSource")
+    for where in ("device", "host"):
+        assert [run["buckets"] for run in source["runs"][where]] == [1]
+        assert [run["buckets"] for run in baseline["runs"][where]] == [1]
+        assert all(run["nbytes"] == r["payload_bytes"] for run in source["runs"][where])
+        # the source path ran last: the engine holds what it sent
+        assert r["identity"][where]["bit_exact"], r["identity"][where]
+    assert source["moved_every_byte"] and source["weights_stayed_offloaded"]
