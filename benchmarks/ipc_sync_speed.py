@@ -111,8 +111,8 @@ def parse_args() -> argparse.Namespace:
                          "into the ring (default: packed straight into the ring's slots)")
     ap.add_argument("--via", default="sync_weights",
                     help="with --trainer megatron: comma list of sync paths, sync_weights (default), source (vLLM's "
-                         "WeightSource: ExportWeightSource.iter_groups, layer groups batched up to a bucket, into the CUDA IPC ring), vllm-ipc (vLLM's IPC "
-                         "trainer and engine classes over ExportWeightSource)")
+                         "WeightSource: ExportWeightSource.iter_groups, layer groups batched up to a bucket, into the "
+                         "CUDA IPC ring), vllm-ipc (vLLM's IPC trainer and engine classes over ExportWeightSource)")
     ap.add_argument("--reps", type=int, default=3, help="timed syncs per source; the best is reported (default 3)")
     ap.add_argument("--gap-s", type=float, default=0.5,
                     help="seconds between two timed syncs, off the clock (default 0.5): the generation between two "
