@@ -99,7 +99,7 @@ def pytest_gpu(ctx: Context, everything: bool = False) -> Step:
     select = [] if everything else ["-m", "gpu"] + [a for f in OWN_SUITE_TESTS for a in ("--ignore",
                                                                                            str(ROOT / "tests" / f))]
     return Step("pytest_gpu_all" if everything else "pytest_gpu",
-                [PY, "-m", "pytest", str(ROOT / "tests"), "-q", "-p", "no:cacheprovider", *select,
+                [PY, "-m", "pytest", str(ROOT / "tests"), "-v", "-p", "no:cacheprovider", *select,
                  "--ignore", str(ROOT / "tests" / "test_megatron_cpu.py")], 420 if everything else 300,
                 show=r"passed|failed|error", cwd=str(ROOT), env={"MEMMGR_STATEFUL_EXAMPLES": "100"})
 
@@ -260,7 +260,7 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                                       str(ROOT / "tests" / "test_vmm_gpu.py"),
                                       str(ROOT / "tests" / "test_vllm_sleep_gpu.py"),
                                       str(ROOT / "tests" / "test_examples.py"), "-k",
-                                      "same_address or not test_examples", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                                      "same_address or not test_examples", "-v", "-p", "no:cacheprovider", "-m", "gpu",
                                       "--durations=15"],
                                      360, show=r"passed|failed|error", cwd=str(ROOT),
                                      env=dict(VLLM_ENV if (ROOT / ".vllm-py").is_dir() else {},
@@ -362,11 +362,11 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
                     "API with $MEMMGR_STATEFUL_EXAMPLES sequences (default 400) per optimizer",
                     lambda c: [Step("pytest_users", [PY, "-m", "pytest", str(ROOT / "tests" / "test_examples.py"),
                                                      str(ROOT / "tests" / "test_user_defects.py"),
-                                                     str(ROOT / "tests" / "test_guard.py"), "-q", "-p",
+                                                     str(ROOT / "tests" / "test_guard.py"), "-v", "-p",
                                                      "no:cacheprovider", "-m", "gpu"], 300,
                                     show=r"passed|failed|error", cwd=str(ROOT)),
                                Step("stateful", [PY, "-m", "pytest", str(ROOT / "tests" / "test_stateful_api.py"),
-                                                 "-q", "-p", "no:cacheprovider", "-m", "gpu"], 400,
+                                                 "-v", "-p", "no:cacheprovider", "-m", "gpu"], 400,
                                     show=r"passed|failed|error|STATS", cwd=str(ROOT),
                                     env={"MEMMGR_STATEFUL_EXAMPLES": os.environ.get("MEMMGR_STATEFUL_EXAMPLES",
                                                                                     "400")})]),
