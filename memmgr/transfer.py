@@ -134,6 +134,7 @@ class TransferHandle:
 COPY_PATHS = ("auto", "engine", "kernel")
 COPY_PATH_ENV = "MEMMGR_COPY_PATH"
 KERNEL_BLOCKS_ENV = "MEMMGR_COPY_KERNEL_BLOCKS"
+PROBE_MB_ENV = "MEMMGR_COPY_PROBE_MB"  # the auto probe's size in MiB, for measuring other sizes (default 64)
 
 # The auto probe's sizes are multiples of this many bytes, so the parts after each probe keep the relative alignment
 # of the whole (the kernel moves 16-byte vectors wherever source and destination are co-aligned).
@@ -250,6 +251,23 @@ def resolve_kernel_blocks(kernel_blocks: int = 0) -> int:
         raise MemmgrInputError(f"${KERNEL_BLOCKS_ENV}={raw!r} is not a whole number >= 0; set it to the copy kernel's "
                                f"grid size in blocks, or 0 (or unset it) for the extension's default")
     return blocks
+
+
+def probe_bytes() -> int:
+    """Bytes of each of 'auto''s probes: ``$MEMMGR_COPY_PROBE_MB`` MiB where set, else ``AUTO_PROBE_BYTES``; a
+    multiple of the probe alignment."""
+    raw = os.environ.get(PROBE_MB_ENV)
+    if not raw:
+        return AUTO_PROBE_BYTES // _PROBE_ALIGN * _PROBE_ALIGN
+    try:
+        mib = int(raw)
+    except ValueError:
+        mib = 0
+    if mib < 1:
+        raise MemmgrInputError(f"${PROBE_MB_ENV}={raw!r} is not a whole number >= 1; set it to the size of each of "
+                               f"the copy-path probes in MiB, or unset it for the default "
+                               f"({AUTO_PROBE_BYTES >> 20} MiB)")
+    return mib << 20
 
 
 def _check_kernel_blocks(kernel_blocks: object) -> None:
@@ -412,7 +430,7 @@ def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.
     if shape.kernel_holds_link is False:  # the kernel is slower than the link on this card (see AUTO_POLICY)
         return _issue_engines_or_split(dst, src, stream, direction, kernel_blocks, device, shape)
     nbytes = dst.numel()
-    probe = AUTO_PROBE_BYTES // _PROBE_ALIGN * _PROBE_ALIGN
+    probe = probe_bytes()
     with _state_lock:
         verdict = str(_last_probe.get(device, {}).get("verdict", "engine"))
     if probe <= 0 or nbytes < max(AUTO_PROBE_MIN_BYTES, 2 * probe) or not stream.query():
@@ -468,7 +486,7 @@ def _issue_engines_or_split(dst: torch.Tensor, src: torch.Tensor, stream: torch.
     """'auto' host->device where the kernel cannot hold the link (see AUTO_POLICY): the engines, or both paths at
     once where a probe of each says so."""
     nbytes = dst.numel()
-    probe = AUTO_PROBE_BYTES // _PROBE_ALIGN * _PROBE_ALIGN
+    probe = probe_bytes()
     with _state_lock:
         last = dict(_last_probe.get(device, {}))
     if last.get("verdict") not in ("engine", "split"):

@@ -3,7 +3,8 @@ backend_info reports which paths exist."""
 import pytest
 
 import memmgr
-from memmgr.transfer import copy_paths_status, kernels_available, resolve_copy_path, resolve_kernel_blocks
+from memmgr.transfer import (AUTO_PROBE_BYTES, copy_paths_status, kernels_available, probe_bytes, resolve_copy_path,
+                             resolve_kernel_blocks)
 
 
 def test_copy_path_comes_from_the_argument_then_the_environment_then_auto(monkeypatch):
@@ -44,6 +45,17 @@ def test_kernel_blocks_come_from_the_argument_then_the_environment_and_are_valid
         with pytest.raises(memmgr.MemmgrInputError, match="kernel_blocks must be a whole number"):
             resolve_kernel_blocks(bad)
 
+
+
+def test_the_auto_probe_size_comes_from_the_environment_in_mib_and_is_validated(monkeypatch):
+    monkeypatch.delenv("MEMMGR_COPY_PROBE_MB", raising=False)
+    assert probe_bytes() == AUTO_PROBE_BYTES == 64 << 20
+    monkeypatch.setenv("MEMMGR_COPY_PROBE_MB", "16")
+    assert probe_bytes() == 16 << 20
+    for bad in ("0", "-4", "1.5", "big"):
+        monkeypatch.setenv("MEMMGR_COPY_PROBE_MB", bad)
+        with pytest.raises(memmgr.MemmgrInputError, match="MEMMGR_COPY_PROBE_MB.*in MiB"):
+            probe_bytes()
 
 def test_backend_info_reports_the_copy_paths_that_can_run():
     info = memmgr.backend_info()
