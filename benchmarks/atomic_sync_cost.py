@@ -263,7 +263,8 @@ def measure_preset(preset: str, args: argparse.Namespace) -> dict:
             key = "atomic" if atomic else "plain"
             row[key] = {"seconds": times, "median_s": statistics.median(times), "min_s": min(times),
                         "median_gbps": payload / statistics.median(times) / 1e9,
-                        "engine_host_bytes": rep["host_bytes"], "engine_peak_extra_gpu_bytes": rep["peak_extra_gpu_bytes"],
+                        "engine_host_bytes": rep["host_bytes"],
+                        "engine_peak_extra_gpu_bytes": rep["peak_extra_gpu_bytes"],
                         "trainer_peak_extra_gpu_bytes": max(trainer_peaks) if trainer_peaks else None}
             if atomic:
                 # the failure run: the engine fails at the middle bucket of a sync of new weights

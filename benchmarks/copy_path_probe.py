@@ -12,8 +12,8 @@ What it measures (GB/s = 1e9 bytes/s, CUDA-event time on the copy stream):
   ``--other-gib`` of GPU memory and frees it (empty_cache) right before. Then the probe allocates the device side
   fresh (h2d: the destination; d2h: the source, filled on the GPU) and copies ``--size-gib`` pinned->device or
   device->pinned with each path of ``--paths``: ``engine``, ``kernel``, ``auto``, ``engineN`` (the engines on
-  N streams at once) and ``splitF`` (the engines on the first F of the bytes, default 0.5, and the kernel on the rest, at once).
-  Every copy's bytes are checked (h2d: all of them on the GPU; d2h: sampled windows).
+  N streams at once) and ``splitF`` (the engines on the first F of the bytes, default 0.5, and the kernel on the rest,
+  at once). Every copy's bytes are checked (h2d: all of them on the GPU; d2h: sampled windows).
 - ``warm``: the same copies into/out of device memory allocated once, long before (no release anywhere).
   ``auto`` is the policy of memmgr.transfer (h2d: a probe of both paths on the first 2 x 64 MiB decides).
 - FlatTensors cycles (``--flat-cycles``): one ``--size-gib`` bucket offloaded and onloaded (blocking, wall time,

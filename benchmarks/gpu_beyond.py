@@ -70,7 +70,7 @@ def swap_section(peak: dict, gib: float, margin_mib: int, reps: int) -> dict:
     out["one_way_peak_gbps"] = one_way
 
     # sequential: A off, then B on (A on -> B on)
-    out["sequential_s"] = timed(lambda: (a.offload(), b.onload()), DEV)
+    out["sequential_s"] = timed(lambda: (a.offload(), b.onload()), DEV)  # noqa: F821 - deleted after the last use
     out["sequential_gbps"] = 2 * nbytes / out["sequential_s"] / GB
     # B on, A off now; swaps alternate direction
     runs = []
@@ -126,21 +126,21 @@ def ordered_section(bucket_mb: float, seq: int, reps: int, layers: int = 24, hid
 
     def fwd(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(x)
+            return model(x)  # noqa: F821 - deleted after the last use
 
     def ids(batch: int) -> torch.Tensor:
         return torch.randint(0, 32000, (batch, seq), device=DEV, generator=torch.Generator(device=DEV).manual_seed(3))
 
     # warm up kernels, record first-use order on a small batch
     fwd(ids(1))
-    order = record_first_use(group, model, lambda: model(ids(1)[:, :128]))
+    order = record_first_use(group, model, lambda: model(ids(1)[:, :128]))  # noqa: F821 - deleted after the last use
     out["order_head"] = order[:8]
     out["order_is_registration"] = order == list(range(len(group.buckets)))
 
     def onload_time() -> float:
-        mgr.offload("weights")
+        mgr.offload("weights")  # noqa: F821 - deleted after the last use
         torch.cuda.synchronize()
-        return timed(lambda: mgr.onload("weights"), DEV)
+        return timed(lambda: mgr.onload("weights"), DEV)  # noqa: F821 - deleted after the last use
 
     t_on = statistics.median(onload_time() for _ in range(3))
     # size the batch so that the forward takes about as long as the onload
@@ -148,7 +148,7 @@ def ordered_section(bucket_mb: float, seq: int, reps: int, layers: int = 24, hid
     for _ in range(2):
         x = ids(batch)
         fwd(x)
-        t_f = statistics.median(timed(lambda: fwd(x), DEV) for _ in range(3))
+        t_f = statistics.median(timed(lambda: fwd(x), DEV) for _ in range(3))  # noqa: F821 - deleted after the last use
         batch = max(1, min(64, round(batch * t_on / t_f)))
         del x
     x = ids(batch)
@@ -187,7 +187,7 @@ def ordered_section(bucket_mb: float, seq: int, reps: int, layers: int = 24, hid
                                    "hooks_left": o.hooks_active})
             del y, o
     # forward alone, weights resident
-    t_fwd = statistics.median(timed(lambda: fwd(x), DEV) for _ in range(3))
+    t_fwd = statistics.median(timed(lambda: fwd(x), DEV) for _ in range(3))  # noqa: F821 - deleted after the last use
     t_onload = statistics.median(r["onload_s"] for r in seq_rows)
     t_seq = statistics.median(r["total_s"] for r in seq_rows)
     out.update(sequential=seq_rows, ordered=ord_rows, onload_s=t_onload, forward_s=t_fwd,
@@ -255,7 +255,7 @@ def budget_section(state_gb: float, budget_gib: float) -> dict:
     out["state_after"] = {k: v.state for k, v in mgr.state.items()}
     out["pass_freed_ge_n"] = out["freed_mem_get_info"] >= n and (out["freed_nvml"] is None or out["freed_nvml"] >= n)
     out["pass_moved_le_n_plus_bucket"] = plan.planned_bytes <= n + max_bucket
-    out["onload_s"] = timed(lambda: mgr.onload(), DEV)
+    out["onload_s"] = timed(lambda: mgr.onload(), DEV)  # noqa: F821 - deleted after the last use
     out["intact"] = checksum(state.copied) == before
     out["all_on_device"] = all(v.state == "on_device" for v in mgr.state.values())
     del mgr, state, plan, dry

@@ -3,7 +3,8 @@
 One process per GPU: started as a plain script it initializes a 1-process NCCL group itself (MASTER_ADDR/MASTER_PORT
 default to 127.0.0.1:29555); under `torchrun --nproc_per_node N` every rank is a data-parallel rank, each trains on
 its own samples, and the equivalence section also checks that the ranks end with the same parameters (the selective
-section runs only at N = 1). Per-rank outputs then carry a `_rankR` suffix. Sections, each in its own try/except (an error is recorded in the JSON and the rest still runs):
+section runs only at N = 1). Per-rank outputs then carry a `_rankR` suffix. Sections, each in its own try/except (an
+error is recorded in the JSON and the rest still runs):
 
 1. equivalence: a small GPTModel trained N steps with a full offload+onload after every step vs. none, bitwise
    (losses and parameters): bf16 + distributed optimizer (grad_reduce_in_fp32), fp32 + distributed optimizer,
@@ -307,7 +308,8 @@ def builtin_cycles(ddp, opt, reference: dict, peak: dict, cycles: int, baseline:
         on = timed(lambda: method.onload(state))
         intact = state_checksums(ddp, opt) == reference
         time.sleep(phase_gap_s)
-        cyc.append({"offload_s": off, "onload_s": on, "offload_GBps": copied / off / GB, "onload_GBps": copied / on / GB,
+        cyc.append({"offload_s": off, "onload_s": on, "offload_GBps": copied / off / GB,
+                    "onload_GBps": copied / on / GB,
                     "offload_vs_peak": copied / off / GB / peak["d2h"]["GBps"],
                     "onload_vs_peak": copied / on / GB / peak["h2d"]["GBps"], "intact": intact,
                     "reserved_after_offload": left["reserved"],
@@ -411,7 +413,8 @@ def summary(results: dict) -> str:
     if "pinned_peak" in sp:
         p = sp["pinned_peak"]
         rows.append(("pinned peak d2h / h2d", f"{p['d2h']['GBps']:.1f} / {p['h2d']['GBps']:.1f} GB/s"))
-    for label, cyc in (("memmgr", sp.get("memmgr_cycles")), ("megatron built-in", (sp.get("builtin") or {}).get("cycles"))):
+    for label, cyc in (("memmgr", sp.get("memmgr_cycles")),
+                       ("megatron built-in", (sp.get("builtin") or {}).get("cycles"))):
         for i, c in enumerate(cyc or []):
             rows.append((f"{label} cycle {i} off/on", f"{c['offload_s']:.2f}s {c['offload_GBps']:.1f} GB/s "
                          f"({c['offload_vs_peak']:.0%}) / {c['onload_s']:.2f}s {c['onload_GBps']:.1f} GB/s "

@@ -475,7 +475,7 @@ def section_verify(sec: Section, device: torch.device, pool: HostMemoryPool, gib
 
     # cost: blocking offload + onload of the whole group, with and without verify
     def cycle() -> tuple[float, float]:
-        return timed(group.offload), timed(group.onload)
+        return timed(group.offload), timed(group.onload)  # noqa: F821 - deleted after the last use
 
     results = {}
     for verify in (False, True, False, True):

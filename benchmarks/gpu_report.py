@@ -152,7 +152,8 @@ def main() -> int:
 
     checks = [check_record(r) for r in ledger.records]
     summary = {
-        "ok": all(c["ok"] for c in checks), "snapshots": len(checks), "failed": [c["seq"] for c in checks if not c["ok"]],
+        "ok": all(c["ok"] for c in checks), "snapshots": len(checks),
+        "failed": [c["seq"] for c in checks if not c["ok"]],
         "tolerance": 0.01, "params": nparams, "dtype": args.dtype, "megatron": use_megatron,
         "snapshot_cost_mean_s": ledger.mean_cost_s, "snapshot_cost_max_s": max(r["cost_s"] for r in ledger.records),
         "nvml": nvml.status(), "device": torch.cuda.get_device_name(device), "losses": [loss1, loss2],

@@ -1,8 +1,9 @@
 """Soak test for memmgr.for_megatron: python benchmarks/gpu_soak.py --out DIR [--cycles 1000] [--cpu-smoke]
 
 One GPU, one process (a 1-process NCCL group on 127.0.0.1 and a free port, set up by the Megatron helpers of
-benchmarks/lab.py that benchmarks/gpu_megatron.py uses). A small GPTModel (4 layers, hidden 512, 8 heads, vocab 8192, seq 128, batch 4, bf16, DistributedDataParallel
-with grad_reduce_in_fp32 and the distributed optimizer, torch AdamW) runs N cycles of
+benchmarks/lab.py that benchmarks/gpu_megatron.py uses). A small GPTModel (4 layers, hidden 512, 8 heads, vocab 8192,
+seq 128, batch 4, bf16, DistributedDataParallel with grad_reduce_in_fp32 and the distributed optimizer, torch AdamW)
+runs N cycles of
 
     training step (zero_grad_buffer, forward, backward, finish_grad_sync, optimizer.step), then, with the default
     ``--via phase`` (the README's loop): ``with mgr.phase("generate"):`` a weight sync inside it
@@ -11,11 +12,12 @@ with grad_reduce_in_fp32 and the distributed optimizer, torch AdamW) runs N cycl
 
 The manager is built right after the model, before the first step (optimizer state is created at step 1 and picked up
 at the first offload). In phase mode every cycle checks that every group is back on the device after the phase, and
-``--reference`` runs the same steps on a fresh model without memmgr afterwards and compares the losses bit for bit. At cycles 1, 10, 100, 250, 500, 750, 1000 (and N), right after the offload, i.e. while
-offloaded, it records NVML process usage and device used, torch memory_reserved/allocated, host RSS (VmRSS), the
-memmgr pool's bytes_held, the bytes still on the device per group, and the cycle's loss. At the end, cycle N is
-compared with cycle 10 (NVML process usage, reserved, RSS each within 1%), losses must be finite, and per-phase times
-(step / offload / onload, median and p90) and the total wall time are reported.
+``--reference`` runs the same steps on a fresh model without memmgr afterwards and compares the losses bit for bit. At
+cycles 1, 10, 100, 250, 500, 750, 1000 (and N), right after the offload, i.e. while offloaded, it records NVML process
+usage and device used, torch memory_reserved/allocated, host RSS (VmRSS), the memmgr pool's bytes_held, the bytes still
+on the device per group, and the cycle's loss. At the end, cycle N is compared with cycle 10 (NVML process usage,
+reserved, RSS each within 1%), losses must be finite, and per-phase times (step / offload / onload, median and p90) and
+the total wall time are reported.
 
 --cpu-smoke: a few cycles of a small MLP on the CPU with memmgr.for_module and torch.optim.AdamW, to check the
 bookkeeping without a GPU (NVML and CUDA fields are null there).

@@ -18,10 +18,10 @@ the engine having loaded everything, best of --reps, the syncs --gap-s apart.
 4. identity: after the syncs every engine tensor must equal the trainer's bit for bit (position-weighted checksums)
    and the engine's logits on a fixed prompt are compared with the trainer's.
 
---trainer megatron: the trainer is a megatron-core GPTModel of the preset's layout (memmgr.tools.megatron_models.gpt_for_hf: bf16,
-megatron DDP, norm weights randomized) managed by memmgr.for_megatron; each sync is one call of
-memmgr.sync.session.sync_weights(manager, MegatronExporter(..., weights=manager's weights group), transport), which
-exports Hugging Face tensors in --bucket-mb buckets and streams them into the ring.
+--trainer megatron: the trainer is a megatron-core GPTModel of the preset's layout
+(memmgr.tools.megatron_models.gpt_for_hf: bf16, megatron DDP, norm weights randomized) managed by memmgr.for_megatron;
+each sync is one call of memmgr.sync.session.sync_weights(manager, MegatronExporter(..., weights=manager's weights
+group), transport), which exports Hugging Face tensors in --bucket-mb buckets and streams them into the ring.
 1. device: the weights on the GPU;
 2. host: after a stand-in for a training step (noise added to every weight), the weights group offloaded: the
    export reads memmgr's pinned host copy and the weights stay offloaded (checked after every sync); against the
@@ -51,8 +51,8 @@ model, engine and ring (device syncs of every path, then host syncs of every pat
 source and vllm-ipc need vLLM's weight-transfer modules: the installed vLLM or .vllm-py/ on PYTHONPATH
 (benchmarks/make_vllm_subset.py). Each path's syncs are checked for the bytes they moved; the identity checks run
 after the last path of each phase.
---cpu runs the megatron mode's code on the CPU (megatron through memmgr.tools.megatron_cpu_shim, a gloo group of one) with
-the engine in this process behind memmgr's in-process transport instead of CUDA IPC, for the tiny presets: a smoke
+--cpu runs the megatron mode's code on the CPU (megatron through memmgr.tools.megatron_cpu_shim, a gloo group of one)
+with the engine in this process behind memmgr's in-process transport instead of CUDA IPC, for the tiny presets: a smoke
 test of the program, its numbers mean nothing.
 
 Writes DIR/ipc_sync_speed.json (with the run's metadata) and prints a summary line to stdout. Needs transformers;
@@ -107,8 +107,8 @@ def parse_args() -> argparse.Namespace:
                     "--trainer megatron, the export's buckets (default 512)")
     ap.add_argument("--buffers", type=int, default=2, help="IPC ring buffers (default 2)")
     ap.add_argument("--staged", action="store_true",
-                    help="with --trainer megatron: sync_weights(pack_in_place=False), the exporter's own buckets copied "
-                         "into the ring (default: packed straight into the ring's slots)")
+                    help="with --trainer megatron: sync_weights(pack_in_place=False), the exporter's own buckets "
+                         "copied into the ring (default: packed straight into the ring's slots)")
     ap.add_argument("--via", default="sync_weights",
                     help="with --trainer megatron: comma list of sync paths, sync_weights (default), source (vLLM's "
                          "WeightSource: ExportWeightSource.iter_groups, layer groups batched up to a bucket, into the "

@@ -13,12 +13,12 @@ package in the subset.
 
 Importing that chain needs third-party packages the GPU image does not have (found by --check on this machine,
 with only the GPU image's distributions visible): pyzmq (vllm.utils.network_utils), pydantic with pydantic-core,
-typing-inspection and annotated-types (vllm.config), cbor2 (vllm.utils.hashing), oss-harmony, openai with httpx2, httpcore2,
-truststore and jiter, and sniffio (vllm.entrypoints.mcp; reached from vllm.config through vllm.reasoning), pybase64 (ipc_engine). They travel as
-wheels for the GPU machine's Python (3.12, x86-64) in .vllm-py/wheels/, at the versions installed here, downloaded
-with pip; the ``ipc-sync-source`` suite installs them into /tmp/site-vllm. Steps there run with
-VLLM_TARGET_DEVICE=cpu: vLLM's platform is then the CPU one the subset was collected under (the GPU's platform
-module would load vLLM's compiled kernels); the weight-transfer classes use torch.cuda directly.
+typing-inspection and annotated-types (vllm.config), cbor2 (vllm.utils.hashing), oss-harmony, openai with httpx2,
+httpcore2, truststore and jiter, and sniffio (vllm.entrypoints.mcp; reached from vllm.config through vllm.reasoning),
+pybase64 (ipc_engine). They travel as wheels for the GPU machine's Python (3.12, x86-64) in .vllm-py/wheels/, at the
+versions installed here, downloaded with pip; the ``ipc-sync-source`` suite installs them into /tmp/site-vllm. Steps
+there run with VLLM_TARGET_DEVICE=cpu: vLLM's platform is then the CPU one the subset was collected under (the GPU's
+platform module would load vLLM's compiled kernels); the weight-transfer classes use torch.cuda directly.
 
 --check (after a build, and alone with --check-only) imports the subset in a fresh interpreter that sees neither the
 installed vLLM nor any distribution the GPU image lacks, except the wheels' packages (their copies installed here,

@@ -21,8 +21,8 @@ handover  cross-GPU weight handover: rank 0 (trainer, GPU 0) exports a Llama-sha
           other. Bytes/s of steady-state syncs (the first one carries the metadata) against a plain broadcast of
           one buffer of the same size on the same group, timed the same way; ratio = sync / broadcast.
 export    Megatron->HF export on the GPUs: TP=2 (qwen2, tied embeddings, qkv bias), PP=2 with 2 virtual stages
-          (llama), EP=2 (qwen3_moe), each filled from one TP=1 model's state dict (memmgr.tools.megatron_models), against
-          the TP=1 export of the same weights (same GPUs, data-parallel 2): every tensor identical.
+          (llama), EP=2 (qwen3_moe), each filled from one TP=1 model's state dict (memmgr.tools.megatron_models),
+          against the TP=1 export of the same weights (same GPUs, data-parallel 2): every tensor identical.
 train     a megatron-core training step (bf16, distributed optimizer, grad_reduce_in_fp32; fp32 on the CPU) at TP=2
           and at PP=2 (megatron's pipeline schedule, 2 microbatches): --steps steps with memmgr's full
           offload/onload after every step against none (run twice: the baseline is deterministic), losses and
@@ -222,7 +222,8 @@ def section(run: Run, name: str, fn: Callable[[], dict]) -> None:
     try:
         run.results[name] = fn()
     except Exception as exc:  # noqa: BLE001 - recorded, the next section still runs
-        run.results[name] = {"pass": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        run.results[name] = {"pass": False, "error": f"{type(exc).__name__}: {exc}",
+                             "traceback": traceback.format_exc()}
         print(f"[rank {run.rank}] ERROR in {name}: {type(exc).__name__}: {exc}", flush=True)
         traceback.print_exc()
     run.results[name]["seconds"] = round(time.perf_counter() - t0, 2)
@@ -800,7 +801,8 @@ def section_export(run: Run) -> dict:
             try:
                 out[name] = export_case(run, name)
             except Exception as exc:  # noqa: BLE001 - one layout failing does not hide the others
-                out[name] = {"pass": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+                out[name] = {"pass": False, "error": f"{type(exc).__name__}: {exc}",
+                             "traceback": traceback.format_exc()}
                 print(f"[rank {run.rank}] ERROR export {name}: {type(exc).__name__}: {exc}", flush=True)
                 with contextlib.suppress(Exception):
                     destroy_parallel()
@@ -948,7 +950,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma-separated, run in this order: {', '.join(SECTIONS)} (or the issue's letters d, c, "
                          f"a, b)")
-    ap.add_argument("--cpu", action="store_true", help="gloo on the CPU (megatron through memmgr.tools.megatron_cpu_shim)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="gloo on the CPU (megatron through memmgr.tools.megatron_cpu_shim)")
     ap.add_argument("--tiny", action="store_true", help="tiny models (the CPU dry run)")
     ap.add_argument("--bf16", action="store_true", help="bf16 handover models on the CPU too (as on GPUs)")
     ap.add_argument("--sizes", default="1.3b", help="handover model sizes, comma-separated: 1.3b, 4b (default 1.3b)")

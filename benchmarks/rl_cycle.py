@@ -5,9 +5,10 @@
 One process per GPU (torch.multiprocessing spawn). Process r hosts trainer rank r (data parallel over all N ranks:
 a megatron-core GPTModel built by ``memmgr.tools.megatron_models`` and managed by ``memmgr.for_megatron``, or with
 ``--trainer plain`` a plain torch transformer managed by ``memmgr.for_module``) and the engine on GPU r (a copy of
-the model for generation plus a KV-cache-sized buffer, managed by ``memmgr.for_module``). Weight sync uses reverse placement: trainer rank i feeds the engine on GPU
-(i + 1) % N, through pair process groups of their own (NCCL refuses an engine on its trainer's GPU). Pairs sync in
-rounds of disjoint pairs (two rounds for even N, three for odd), so no process waits on two communicators at once.
+the model for generation plus a KV-cache-sized buffer, managed by ``memmgr.for_module``). Weight sync uses reverse
+placement: trainer rank i feeds the engine on GPU (i + 1) % N, through pair process groups of their own (NCCL refuses an
+engine on its trainer's GPU). Pairs sync in rounds of disjoint pairs (two rounds for even N, three for odd), so no
+process waits on two communicators at once.
 
 Each iteration:
   generate  trainer fully offloaded; engine weights + KV cache on the GPU; greedy decode of a few tokens
@@ -393,7 +394,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
                     comm.broadcast(tiny, src_index[edge]).wait()
                     sync_device(device)
                     t0 = time.perf_counter()
-                    comm.broadcast(buf, src_index[edge]).wait()
+                    comm.broadcast(buf, src_index[edge]).wait()  # noqa: F821 - deleted after the last use
                     sync_device(device)
                     if i:
                         best[side] = max(best.get(side, 0.0), nbytes / (time.perf_counter() - t0) / GB)

@@ -230,8 +230,8 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
     "multi-gpu": ("issue 19 on 2 GPUs (multi_gpu.py under torchrun): NCCL communicators released/restored with "
                   "NVML bytes per communicator, cross-GPU handover 1.3B then ~4B (sync GB/s vs same-run broadcast), "
                   "export at TP=2/PP=2/EP=2 vs TP=1, a training step at TP=2/PP=2 with offload/onload bitwise, then "
-                  "the data-parallel-2 Megatron equivalence, then data-parallel trainers each feeding their engine; about 6 "
-                  "minutes with set-up (use --deadline 360)",
+                  "the data-parallel-2 Megatron equivalence, then data-parallel trainers each feeding their engine; "
+                  "about 6 minutes with set-up (use --deadline 360)",
                   multi_gpu_steps),
     "copy-shapes": ("issue 30: the copy kernel alone, host->device, 8 GiB on warm memory and right after another "
                     "process released 48 GiB, once per launch shape (MEMMGR_COPY_SHAPE = blocks per SM : unroll, "
@@ -383,8 +383,9 @@ SUITES: dict[str, tuple[str, Callable[[Context], list[Step]]]] = {
     "ipc-sync-source": ("ipc_sync_speed.py --trainer megatron through vLLM's WeightSource path (issue 32): the 1.3B "
                         "Llama and the ~4B Qwen3, each sync as sync_weights (the same run's baseline) and as "
                         "ExportWeightSource.iter_groups() into memmgr's CUDA IPC ring, then (own steps) as vLLM's own "
-                        "IPC trainer engine into vLLM's IPC engine class on the transformers engine: GB/s from the device and from "
-                        "memmgr's pinned host copy against the pinned peak. Needs .vllm-py/ carried (built here by "
+                        "IPC trainer engine into vLLM's IPC engine class on the transformers engine: GB/s from the "
+                        "device and from memmgr's pinned host copy against the pinned peak. Needs .vllm-py/ carried "
+                        "(built here by "
                         "benchmarks/make_vllm_subset.py: vLLM's weight-transfer modules and the wheels they import)",
                         lambda c: [vllm_wheels_step(),
                                    Step("vllm_subset", [PY, "-c", VLLM_CHECK], 120, show=r"subset|Error",

@@ -2,7 +2,8 @@
 
 The trainer is a tiny Llama-shaped megatron-core GPT (TP=1, one rank; gloo on the CPU, NCCL on a GPU) wrapped in
 megatron-core DDP, bf16 weights with fp32 main weights and Adam moments, under megatron's DistributedOptimizer or
-Float16OptimizerWithFloat16Params. The engine is the transformers model of the same family (LlamaForCausalLM) in this process.
+Float16OptimizerWithFloat16Params. The engine is the transformers model of the same family (LlamaForCausalLM) in this
+process.
 
 Each iteration: ``with mgr.phase("generate")`` (weights, grads, main weights and Adam moments leave the device)
 ``sync_weights(mgr, exporter, engine)`` exports the trainer's weights to Hugging Face names from memmgr's host copy

@@ -315,8 +315,9 @@ def main() -> None:
             fail(f"rank {a['rank']}: the losses differ: with memmgr {a['losses']}, without {b['losses']}")
     last = managed["syncs"][-1]
     tensors = sum(len(r["state"]) for r in managed["ranks"])
-    print(f"OK ray_loop: {args.iterations} iterations, 2 trainer actors (megatron-core TP={TP}, gloo) and a vLLM engine "
-          f"actor: vLLM's greedy generation equal to transformers' after every sync; {tensors} weight and optimizer "
+    print(f"OK ray_loop: {args.iterations} iterations, 2 trainer actors (megatron-core TP={TP}, gloo) and a vLLM "
+          f"engine actor: vLLM's greedy generation equal to transformers' after every sync; {tensors} weight and "
+          f"optimizer "
           f"tensors identical to the loop without memmgr (final loss {managed['ranks'][0]['losses'][-1]:.6f}); last "
           f"sync {last['bytes'] / 1e6:.2f} MB in {last['seconds']:.3f} s ({last['gbps']:.3f} GB/s); "
           f"{time.perf_counter() - t0:.0f} s")

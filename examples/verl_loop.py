@@ -3,11 +3,12 @@ trainer's offload and onload done by memmgr; checked against transformers and ag
 
 The trainer is a tiny random Llama (transformers, fp32) with AdamW under ``memmgr.for_module``, moved the way verl's
 workers move a trainer engine (``engine.to("cpu")`` before rollout, ``engine.to("cuda")`` before training) by
-``memmgr.integrations.verl.VerlOffload``, which brings the state back to where it was (the CPU in a CPU run). The rollout worker runs in a process of its own with a transformers model
-of other random weights; both sides build their checkpoint engine as verl does (``custom_backend_module:
-memmgr.integrations.verl``, ``backend: memmgr``, ``engine_kwargs: {memmgr: {transport: gloo}}``), and each weight
-update runs verl's ``CheckpointEngineManager`` choreography (prepare, ``build_topology``, ``init_process_group``,
-``send_weights`` / ``receive_weights``, ``finalize``; ``memmgr.tools.verl_rollout.update_weights``).
+``memmgr.integrations.verl.VerlOffload``, which brings the state back to where it was (the CPU in a CPU run). The
+rollout worker runs in a process of its own with a transformers model of other random weights; both sides build their
+checkpoint engine as verl does (``custom_backend_module: memmgr.integrations.verl``, ``backend: memmgr``,
+``engine_kwargs: {memmgr: {transport: gloo}}``), and each weight update runs verl's ``CheckpointEngineManager``
+choreography (prepare, ``build_topology``, ``init_process_group``, ``send_weights`` / ``receive_weights``, ``finalize``;
+``memmgr.tools.verl_rollout.update_weights``).
 
 Each iteration: the trainer goes to the CPU (weights and optimizer state to host memory, gradients dropped), only its
 weights come back for the sync (``VerlOffload.per_tensor_params``) and leave again, the rollout generates greedy

@@ -3,7 +3,8 @@ the same loop without memmgr.
 
 The trainer is a tiny random Llama (transformers' LlamaForCausalLM, fp32) with AdamW under ``memmgr.for_module``; the
 engine is one ``vllm.LLM`` started from a checkpoint of the same shape (a local folder with a locally trained
-tokenizer: nothing is downloaded) of other random weights, with memmgr's weight-transfer backend (``vllm_engine_kwargs``).
+tokenizer: nothing is downloaded) of other random weights, with memmgr's weight-transfer backend
+(``vllm_engine_kwargs``).
 
 Each iteration: ``with mgr.phase("generate")`` (the trainer's weights, gradients and optimizer state leave the
 device) ``mgr.weight_sync()`` hands the trainer's weights to ``VLLMWeightSync``, which streams them into the engine

@@ -72,11 +72,11 @@ _OPTIONAL = {"for_megatron": "memmgr.integrations.megatron"}
 _SUBMODULES = ("ledger", "sync", "budget", "ordered", "tools")
 
 __all__ = [
-    "BackendInfo", "backend_info", "BucketizedFlatTensors", "BucketState", "GroupState", "FlatTensors", "Policy", "HostBuffer",
-    "HostMemoryPool", "allocate_host_buffer", "default_pool", "TransferHandle", "MemmgrError", "MemmgrInputError",
-    "MemmgrStateError", "MemmgrOutOfMemoryError", "MemmgrHostMemoryError", "MemmgrCorruptionError",
-    "MemmgrIntegrationError", "MemmgrSyncError", "MemoryManager", "GroupStatus", "HookEvent", "HookHandle", "for_module",
-    "swap",
+    "BackendInfo", "backend_info", "BucketizedFlatTensors", "BucketState", "GroupState", "FlatTensors", "Policy",
+    "HostBuffer", "HostMemoryPool", "allocate_host_buffer", "default_pool", "TransferHandle", "MemmgrError",
+    "MemmgrInputError", "MemmgrStateError", "MemmgrOutOfMemoryError", "MemmgrHostMemoryError", "MemmgrCorruptionError",
+    "MemmgrIntegrationError", "MemmgrSyncError", "MemoryManager", "GroupStatus", "HookEvent", "HookHandle",
+    "for_module", "swap",
 ]
 
 

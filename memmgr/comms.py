@@ -28,9 +28,9 @@ Two ways to release a communicator, chosen per group at ``register``:
   what ``rebind`` updates sees the new one. ``create`` is usually ``dist.new_group(ranks,
   use_local_synchronization=True)`` (only the group's members call it) or plain ``dist.new_group(ranks)``, which
   every rank of the default group must call in the same order, members or not; either way the members must offload
-  and onload their ``NcclCommunicators`` together with the same registrations. The default (world) group cannot be re-created this
-  way (destroying it ends torch.distributed). The new group has a new name in torch's registry, and re-creating
-  costs an NCCL initialization (a bootstrap through the store) per group at every onload.
+  and onload their ``NcclCommunicators`` together with the same registrations. The default (world) group cannot be
+  re-created this way (destroying it ends torch.distributed). The new group has a new name in torch's registry, and
+  re-creating costs an NCCL initialization (a bootstrap through the store) per group at every onload.
 
 A group that has neither (no native suspend, no ``create``) is refused at ``register`` with the fix.
 

@@ -250,7 +250,7 @@ def measure(device: int, nbytes: int = MEASURE_BYTES, repeats: int = MEASURE_REP
         for shape in candidates:
             with torch.cuda.stream(stream):
                 dev.zero_()
-            gbps = timed(lambda: shape.launch(native, dev.data_ptr(), host.tensor.data_ptr(), nbytes,
+            gbps = timed(lambda: shape.launch(native, dev.data_ptr(), host.tensor.data_ptr(), nbytes,  # noqa: F821 - deleted after the last use
                                               stream.cuda_stream, device, shape.blocks(sms)))
             with torch.cuda.stream(stream):
                 intact = torch.equal(dev, expected)
@@ -260,7 +260,7 @@ def measure(device: int, nbytes: int = MEASURE_BYTES, repeats: int = MEASURE_REP
                 logger.warning("the copy kernel's shape %s did not copy %d bytes intact on cuda:%d; it is not used",
                                shape.label, nbytes, device)
         with torch.cuda.stream(stream):
-            speeds[LINK_KEY] = timed(lambda: host.tensor.copy_(dev, non_blocking=True))
+            speeds[LINK_KEY] = timed(lambda: host.tensor.copy_(dev, non_blocking=True))  # noqa: F821 - deleted after the last use
     finally:
         stream.synchronize()
         del dev, expected

@@ -15,8 +15,8 @@ and adds each managed group's placement (GPU / host / freed), pinned host memory
 RSS. ``MemoryManager.attach_ledger`` takes a snapshot after every offload, onload and phase change.
 
 Snapshots go to JSON Lines (one file per rank); ``memmgr.tools.report`` renders them (``format_table``,
-``to_json``, ``plot_timeline``), and ``memmgr report LOGS...`` does so from the command line. Everything works without CUDA or NVML: what cannot be
-measured is recorded as null and the reason is kept.
+``to_json``, ``plot_timeline``), and ``memmgr report LOGS...`` does so from the command line. Everything works without
+CUDA or NVML: what cannot be measured is recorded as null and the reason is kept.
 """
 from __future__ import annotations
 
@@ -102,7 +102,8 @@ def ledger_files(path: str | os.PathLike) -> list[Path]:
         found = [text] if p.exists() else []
         if not re.search(r"\.rank\d+\.jsonl$", p.name):
             stem = p.name[: -len(p.suffix)] if p.suffix else p.name
-            found += glob.glob(os.path.join(glob.escape(str(p.parent)), glob.escape(stem) + ".rank*" + (p.suffix or ".jsonl")))
+            found += glob.glob(os.path.join(glob.escape(str(p.parent)),
+                                            glob.escape(stem) + ".rank*" + (p.suffix or ".jsonl")))
 
     def key(f: str) -> tuple[int, str]:
         m = re.search(r"rank(\d+)", os.path.basename(f))

@@ -269,7 +269,8 @@ def onload_in_order(target: Any, module: torch.nn.Module, order: Sequence[int] |
     device = group.devices[0]
     cuda = device.type == "cuda"
     names = (mgr.name_of(group),) if mgr is not None else (group.name,)
-    scope = mgr.onloading(names, f"onload in order {group.name}", non_blocking=True) if mgr is not None else contextlib.nullcontext()
+    scope = (mgr.onloading(names, f"onload in order {group.name}", non_blocking=True) if mgr is not None
+             else contextlib.nullcontext())
     with scope:
         compute = torch.cuda.current_stream(device) if cuda else None
         issue = (issue_stream if issue_stream is not None else copy_stream(device, "issue")) if cuda else None

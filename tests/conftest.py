@@ -23,10 +23,11 @@ INTEGRATION_TESTS: dict[str, tuple[str, ...] | None] = {
     "test_examples.py": None,  # each runs a program of examples/ in a subprocess
     "test_comms.py": ("test_native_suspend_and_resume_are_called_and_collectives_work_after",
                       "test_fallback_destroys_and_recreates_through_the_factory"),  # two spawned gloo ranks
+    # a fresh interpreter each
     "test_misuse_workflows.py": ("test_deepcopy_and_pickle_of_offloaded_tensors_read_the_host_copy_in_a_subprocess",
                                  "test_copying_a_tensor_without_memory_raises_and_a_discarded_one_reads_zeros_in_a_subprocess",
                                  "test_two_groups_adopting_one_storage_then_offloading_cannot_crash_in_a_subprocess",
-                                 "test_manager_dropped_while_offloaded_gives_the_tensors_their_contents_back_in_a_subprocess"),  # a fresh interpreter each
+                                 "test_manager_dropped_while_offloaded_gives_the_tensors_their_contents_back_in_a_subprocess"),
     "test_sync.py": ("test_sync_is_bit_exact_for_mixed_dtypes_over_several_buckets",
                      "test_every_sync_sends_its_plan_then_one_broadcast_per_bucket",
                      "test_a_receiver_built_afresh_takes_part_in_the_next_sync",
@@ -38,8 +39,9 @@ INTEGRATION_TESTS: dict[str, tuple[str, ...] | None] = {
                      "test_discarded_weights_raise_on_sender_and_abort_receiver",
                      "test_same_gpu_is_refused_with_placement_advice",
                      "test_sync_over_default_process_group"),  # the spawned pair of ranks of the `results` fixture
-    "test_sync_atomicity.py": ("test_failed_vllm_sync_leaves_the_engine_generating_exactly_as_before_and_the_next_sync_works",
-                               "test_vllm_sync_with_atomic_off_marks_the_engine_not_consistent_until_a_sync_commits"),
+    "test_sync_atomicity.py": (
+        "test_failed_vllm_sync_leaves_the_engine_generating_exactly_as_before_and_the_next_sync_works",
+        "test_vllm_sync_with_atomic_off_marks_the_engine_not_consistent_until_a_sync_commits"),
 }
 
 

@@ -49,8 +49,9 @@ from memmgr.sync.session import sync_weights
 from memmgr.sync.transports.base import specs_of
 
 # ---------------------------------------------------------------------------------------------------- what runs
-RULES = ["backward", "backward_with_grads_dropped", "optimizer_step", "zero_grad", "offload", "onload", "offload_budget", "free", "plan_onload",
-         "phase", "weight_sync", "sync_weights", "failing_hook", "failing_engine", "save_checkpoint",
+RULES = ["backward", "backward_with_grads_dropped", "optimizer_step", "zero_grad", "offload", "onload",
+         "offload_budget", "free", "plan_onload", "phase", "weight_sync", "sync_weights", "failing_hook",
+         "failing_engine", "save_checkpoint",
          "load_checkpoint", "close_and_rebuild", "swap", "deepcopy_model"]
 # the work a phase body may do (phase.<name> in DISABLED turns one off)
 PHASE_ACTIONS = ["train", "weight_sync", "sync_weights", "onload", "offload", "free", "save_checkpoint",
@@ -289,7 +290,8 @@ class Trainer:
                 assert u.state.settled() is want, f"bucket {u.name} is {u.state.value}, expected {want.value}"
                 if isinstance(u, memmgr.FlatTensors):
                     assert has_memory(u.flat) == want.holds_device_memory or u.nbytes == 0, \
-                        f"bucket {u.name} says {u.state.value} but its storage has {u.flat.untyped_storage().nbytes()} B"
+                        (f"bucket {u.name} says {u.state.value} but its storage has "
+                         f"{u.flat.untyped_storage().nbytes()} B")
             want_group = self.state_of(g)
             in_flight_ok = status[g].state == "onloading" and want_group.holds_device_memory
             assert status[g].state == want_group.value or in_flight_ok, \
@@ -315,7 +317,8 @@ class Trainer:
             unit = where.get(id(t))
             assert unit is not None, f"weight {name} is not in the weights group"
             on = self.exp[id(unit)][2].holds_device_memory
-            assert has_memory(t) == on, f"weight {name}: bucket {unit.name} on={on} but storage {t.untyped_storage().nbytes()} B"
+            assert has_memory(t) == on, \
+                f"weight {name}: bucket {unit.name} on={on} but storage {t.untyped_storage().nbytes()} B"
             assert same_bits(readable(t), theirs[name]), f"weight {name} differs from the twin's"
 
     def check_optimizer(self) -> None:
@@ -347,7 +350,8 @@ class Trainer:
     def check_grads(self) -> None:
         dropped = any(s is DISC for _u, g, s in self.exp.values() if g == "grads")
         for i, (p, tp) in enumerate(zip(self.model.parameters(), self.twin.parameters())):
-            assert (p.grad is None) == (tp.grad is None), f"param {i}: grad is {p.grad is None and 'None' or 'set'}, twin's is not"
+            assert (p.grad is None) == (tp.grad is None), \
+                f"param {i}: grad is {p.grad is None and 'None' or 'set'}, twin's is not"
             if dropped:
                 assert p.grad is None, f"param {i} has a grad while the grads group is discarded"
             if p.grad is not None:

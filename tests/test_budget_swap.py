@@ -10,17 +10,18 @@ import memmgr
 from memmgr import MemmgrInputError, MemmgrStateError, MemoryManager, TransferHandle
 from memmgr.budget import Candidate, MemmgrBudgetError, OffloadPlan, apply_plan, plan_units
 from memmgr.groups import group_state
+from memmgr.host_memory import HostMemoryPool
+from memmgr.ordered import (bucket_events, check_order, module_buckets, onload_in_order, record_first_use,
+                            registration_order, wait_for_buckets)
 from memmgr.states import GroupState
+from memmgr.swap import SwapLedger, SwapUnit, run_swap, swap
 
 PARTIAL = GroupState.PARTIAL.value
 
 
 def bucket_states(group):
     return {u.name: u.state.value for u in group.units}
-from memmgr.host_memory import HostMemoryPool
-from memmgr.ordered import (bucket_events, check_order, module_buckets, onload_in_order, record_first_use,
-                            registration_order, wait_for_buckets)
-from memmgr.swap import SwapLedger, SwapUnit, run_swap, swap
+
 
 KiB = 1024
 

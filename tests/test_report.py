@@ -332,7 +332,8 @@ def test_a_groups_same_address_bytes_are_those_of_its_same_address_buckets_alone
 
 
 def test_gpu_process_not_visible(tmp_path, monkeypatch):
-    _fake_gpu(monkeypatch, [types.SimpleNamespace(pid=1, usedGpuMemory=1), types.SimpleNamespace(pid=2, usedGpuMemory=1)])
+    _fake_gpu(monkeypatch, [types.SimpleNamespace(pid=1, usedGpuMemory=1),
+                            types.SimpleNamespace(pid=2, usedGpuMemory=1)])
     rec = Ledger().snapshot("x")
     (gpu,) = rec["gpus"]
     assert gpu["process"] is None and gpu["process_source"] == "not-visible"

@@ -2,9 +2,10 @@
 a crash (a segfault reading freed memory) fails this test with the sequence that led to it instead of ending the
 pytest run.
 
-CI: 100 random sequences of up to 30 calls per optimizer (300 in all; 30-70 s on two shared cores), plus a matrix of every failing hook x call and every phase body, derandomized (the same sequences every run).
-``MEMMGR_STATEFUL_EXAMPLES=N`` (and ``MEMMGR_STATEFUL_STEPS``) raise the count for a long run; the ``[cuda]``
-variants run the machine on the GPU (``--device cuda``).
+CI: 100 random sequences of up to 30 calls per optimizer (300 in all; 30-70 s on two shared cores), plus a matrix of
+every failing hook x call and every phase body, derandomized (the same sequences every run).
+``MEMMGR_STATEFUL_EXAMPLES=N`` (and ``MEMMGR_STATEFUL_STEPS``) raise the count for a long run; the ``[cuda]`` variants
+run the machine on the GPU (``--device cuda``).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""End to end on the CPU: a megatron-core trainer (memmgr.tools.megatron_cpu_shim) takes training steps, memmgr exports its
-weights to Hugging Face names (memmgr.sync.export) and syncs them into a running vLLM engine through vLLM's
+"""End to end on the CPU: a megatron-core trainer (memmgr.tools.megatron_cpu_shim) takes training steps, memmgr exports
+its weights to Hugging Face names (memmgr.sync.export) and syncs them into a running vLLM engine through vLLM's
 weight-transfer protocol; vLLM's greedy generation equals transformers' on the exported weights after every step, and
 a bad update is refused with the engine unchanged."""
 from __future__ import annotations

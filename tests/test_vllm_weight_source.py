@@ -182,7 +182,8 @@ def test_a_failure_at_any_bucket_leaves_the_engine_generating_as_before(engine, 
         before, version = vs.greedy_vllm(engine), engine.get_weight_version()
         if fault == "export":
             assert n >= 3
-            source = ExportWeightSource(_FailingExporter(exporter, {"first": 0, "middle": n // 2, "last": n - 1}[where]))
+            source = ExportWeightSource(
+                _FailingExporter(exporter, {"first": 0, "middle": n // 2, "last": n - 1}[where]))
             sync = VLLMWeightSync(engine, timeout_s=60, bucket_bytes=BUCKET_BYTES)
         else:
             # the engine sees as many buckets as a full sync sends

@@ -67,7 +67,8 @@ class WeightReceiver:
         self.group = as_sync_group(group, store)
         if not (0 <= src_rank < self.group.world_size):
             raise MemmgrInputError(f"weight sync: src_rank {src_rank} is outside the group of "
-                                   f"{self.group.world_size} ranks; src_rank is the sender's rank inside the sync group")
+                                   f"{self.group.world_size} ranks; src_rank is the sender's rank inside the sync "
+                                   f"group")
         if self.group.rank == src_rank:
             raise MemmgrInputError(f"WeightReceiver: this process is the source rank {src_rank} of the sync group; "
                                    f"build a WeightSender here instead")

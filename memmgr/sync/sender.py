@@ -113,7 +113,8 @@ class WeightSender:
         self.group = as_sync_group(group, store)
         if not (0 <= src_rank < self.group.world_size):
             raise MemmgrInputError(f"weight sync: src_rank {src_rank} is outside the group of "
-                                   f"{self.group.world_size} ranks; src_rank is the sender's rank inside the sync group")
+                                   f"{self.group.world_size} ranks; src_rank is the sender's rank inside the sync "
+                                   f"group")
         if self.group.rank != src_rank:
             raise MemmgrInputError(f"WeightSender: this process is rank {self.group.rank} of the sync group but "
                                    f"src_rank is {src_rank}; build the sender on the source rank and a "

@@ -147,7 +147,8 @@ def check_size(size_gb: float | None, device: torch.device) -> None:
             raise MemmgrInputError(
                 f"--size-gb {size_gb:g}: the state takes {state / GB:.1f} GB of GPU memory with its gradients; "
                 f"{torch.cuda.get_device_name(device)} has {free / GB:.1f} GB free. Give --size-gb "
-                f"{_floor2(free / STATE_PER_COPIED / GB)} or less, or leave it out to size the state to the free memory")
+                f"{_floor2(free / STATE_PER_COPIED / GB)} or less, or leave it out to size the state to the free "
+                f"memory")
         if host is not None and copied > host:
             raise MemmgrInputError(
                 f"--size-gb {size_gb:g}: the offloaded copy takes {copied / GB:.1f} GB of pinned host memory; "

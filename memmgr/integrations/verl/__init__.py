@@ -18,9 +18,10 @@ calling pattern, per weight update (``CheckpointEngineManager.update_weights``):
 5. ``finalize()`` on every worker.
 
 On the wire each sync is a start message, then per bucket its layout and one broadcast of its flat per-dtype bytes
-(``memmgr.sync.transports``' ``WeightBucket`` layout, each weight copied in as verl's generator yields it), then an end message and the status all-reduce: a
-rollout worker that stopped taking weights part-way makes ``send_weights`` raise ``MemmgrSyncError`` on the trainer,
-and a trainer whose weight generator failed tells the rollouts, whose ``receive_weights`` raise too.
+(``memmgr.sync.transports``' ``WeightBucket`` layout, each weight copied in as verl's generator yields it), then an end
+message and the status all-reduce: a rollout worker that stopped taking weights part-way makes ``send_weights`` raise
+``MemmgrSyncError`` on the trainer, and a trainer whose weight generator failed tells the rollouts, whose
+``receive_weights`` raise too.
 
 verl imports ``checkpoint_engine.custom_backend_module`` on every worker before it builds the engine, so
 ``custom_backend_module: memmgr.integrations.verl`` with ``backend: memmgr`` is all a verl config needs. Importing
@@ -412,7 +413,7 @@ class _EngineMixin:
 if "verl.checkpoint_engine" in sys.modules:  # imported by verl as custom_backend_module: register now
     engine_class()
 
-from memmgr.integrations.verl.offload import HELPERS, HelperHandle, VerlOffload
+from memmgr.integrations.verl.offload import HELPERS, HelperHandle, VerlOffload  # noqa: E402 - offload imports INSTALL_HINT from here
 
 __all__ = ["BACKEND_NAME", "HELPERS", "HelperHandle", "MemmgrVerlMissingError", "VerlOffload", "engine_class",
            "register"]

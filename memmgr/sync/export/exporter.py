@@ -5,9 +5,9 @@ Every rank of the job builds a ``MegatronExporter`` and iterates ``buckets()`` t
 allocates the bucket's flat tensors; then, round by round (consecutive parameters whose shards together take at most
 the largest parameter's bytes), it places the shards it holds itself, and every rank that holds a shard the round
 needs (the lowest rank holding it: data-parallel replicas stay idle) reads it from its source and sends it in one
-message per receiver, which the receivers place. Point-to-point on the default process group, or on the group given as ``group``
-(e.g. one model replica's model-parallel group; ``torch.distributed.batch_isend_irecv``): NCCL on GPUs, gloo on the
-CPU.
+message per receiver, which the receivers place. Point-to-point on the default process group, or on the group given as
+``group`` (e.g. one model replica's model-parallel group; ``torch.distributed.batch_isend_irecv``): NCCL on GPUs, gloo
+on the CPU.
 
 Extra device memory at any time, per rank: a receiver holds the bucket being filled plus either one staged parameter
 (a fused layout read from host memory, placed by kernels on a side stream so that the next host->device copies run
@@ -105,8 +105,8 @@ class MegatronExporter:
     table, a Hugging Face config that disagrees with the model, or a model that lacks a tensor the family's table
     requires (e.g. a norm replaced by an identity, or q/k norms for qwen3), naming the missing Hugging Face and
     megatron names. Bad ``receivers``, ``device`` or ``bucket_bytes`` raise MemmgrInputError naming the argument.
-    ``buckets()`` refuses with MemmgrStateError once the manager of ``weights`` was closed. ``hf_config`` may be any object with the Hugging
-    Face config attributes (transformers itself is not needed).
+    ``buckets()`` refuses with MemmgrStateError once the manager of ``weights`` was closed. ``hf_config`` may be any
+    object with the Hugging Face config attributes (transformers itself is not needed).
 
     Build it once, while or after the model exists, and call ``buckets()`` at every sync: the plan (one gather of
     metadata) is made here; each export re-reads the weights where they are then (device or host copy). Rebuild it

@@ -136,7 +136,8 @@ class CollectiveTransport(Transport):
             if control is not None and control.done() and control.exception() is not None:
                 exc = control.exception()
                 self._broken = f"the engine's control call failed during {step}"
-                raise MemmgrSyncError(f"{self.backend} weight sync: the engine failed during {step} ({type(exc).__name__}: "
+                raise MemmgrSyncError(f"{self.backend} weight sync: the engine failed during {step} "
+                                      f"({type(exc).__name__}: "
                                       f"{str(exc)[:500]}); the data broadcast was abandoned, so the group is "
                                       f"unusable: reconnect before the next sync") from exc
             if work.is_completed():
@@ -149,7 +150,8 @@ class CollectiveTransport(Transport):
                 return
             if time.monotonic() > deadline:
                 self._broken = f"{step} timed out"
-                raise MemmgrSyncTimeoutError(f"{self.backend} weight sync: {step} did not complete within {self.timeout_s:.0f} s "
+                raise MemmgrSyncTimeoutError(f"{self.backend} weight sync: {step} did not complete within "
+                                             f"{self.timeout_s:.0f} s "
                                              f"on rank {self.src_rank} waiting for {self.peers}; the engine worker is "
                                              f"gone or stuck. Reconnect before the next sync")
             time.sleep(_POLL_S)
@@ -187,8 +189,8 @@ class CollectiveTransport(Transport):
                 raise MemmgrSyncTimeoutError(f"{self.backend} weight sync: the engine did not confirm {step} within "
                                              f"{remaining:.0f} s after the data arrived ({self.peers})") from exc
             except Exception as exc:
-                raise MemmgrSyncError(f"{self.backend} weight sync: the engine failed to load {step} ({type(exc).__name__}: "
-                                      f"{str(exc)[:500]})") from exc
+                raise MemmgrSyncError(f"{self.backend} weight sync: the engine failed to load {step} "
+                                      f"({type(exc).__name__}: {str(exc)[:500]})") from exc
         self.buckets += 1
         self.nbytes += bucket.payload_bytes
 

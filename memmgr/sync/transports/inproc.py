@@ -34,7 +34,8 @@ class InProcessTransport(Transport):
 
     name = "inproc"
 
-    def __init__(self, load_weights: LoadWeights, *, held: Mapping[str, tuple[Sequence[int], torch.dtype]] | None = None):
+    def __init__(self, load_weights: LoadWeights, *,
+                 held: Mapping[str, tuple[Sequence[int], torch.dtype]] | None = None):
         if not callable(load_weights):
             raise MemmgrInputError(f"InProcessTransport takes a load_weights callable (e.g. a vLLM model's "
                                    f"load_weights or memmgr.sync.ModuleWeightLoader(module)), got "

@@ -71,5 +71,5 @@ def vllm_engine_kwargs(*, backend: str = BACKEND, **extra: Any) -> dict[str, Any
 
 register_vllm_backends()
 
-__all__ = ["BACKEND", "BACKENDS", "SLEEP_BACKEND", "WORKER_EXTENSION", "register_sleep_backend", "register_vllm_backends",
-           "vllm_engine_kwargs"]
+__all__ = ["BACKEND", "BACKENDS", "SLEEP_BACKEND", "WORKER_EXTENSION", "register_sleep_backend",
+           "register_vllm_backends", "vllm_engine_kwargs"]
