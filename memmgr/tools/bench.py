@@ -280,12 +280,13 @@ def run_bench(out: str = "memmgr-bench", size_gb: float | None = None, sweep: bo
         n = memmgr_cycles(cycles) if isinstance(method, MemmgrMethod) else cycles
         run_under_conditions(method, conditions, by_condition, peak, n, copied_bytes=copied, device=device,
                              make=lambda: make_state(copied, device), phase_gap_s=gap)
-    # the small-tensor state with memmgr, and with same-address buckets where those are benched and supported
+    # the small-tensor state with memmgr, and with same-address buckets where those are benched and supported; as
+    # many cycles as memmgr's other rows, so that its steady figure is a median too
     small_methods = [MemmgrMethod] + [type(m) for m in chosen
                                       if isinstance(m, MemmgrSameAddressMethod) and m.available() is None]
     for name, step in conditions.items():
         for method_type in small_methods:
-            small = run_method(method_type(), 0, device, cycles,
+            small = run_method(method_type(), 0, device, memmgr_cycles(cycles),
                                lambda: make_small_tensors(10_000, 64 * 1024, device), phase_gap_s=gap,
                                between=step).summary(peak)
             small["method"] = f"{method_type.name}_10000x64KiB"
