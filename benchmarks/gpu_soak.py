@@ -108,6 +108,22 @@ def setup_gpu(manage: bool = True, same_address: bool = False
     env["parameters"] = lambda: [p.data_ptr() for p in ddp.parameters()] + [
         p.main_grad.data_ptr() for p in ddp.parameters() if getattr(p, "main_grad", None) is not None]
 
+    def optimizer_state() -> list[int]:
+        """Where the optimizer's CUDA tensors live: the fp32 main parameters it steps and its moments (made at the
+        first step; the first offload collects them and gives them their lasting addresses)."""
+        ptrs: list[int] = []
+        for o in getattr(opt, "chained_optimizers", [opt]):
+            inner = getattr(o, "optimizer", None)
+            if inner is None:
+                continue
+            for group in inner.param_groups:
+                ptrs += [p.data_ptr() for p in group["params"] if p.is_cuda]
+            for state in inner.state.values():
+                ptrs += [t.data_ptr() for t in state.values() if torch.is_tensor(t) and t.is_cuda]
+        return ptrs
+
+    env["optimizer_state"] = optimizer_state
+
     def step(i: int) -> float:
         return lab.megatron_train_step(ddp, opt, *data[i % len(data)])
 
@@ -183,11 +199,15 @@ def run(args: argparse.Namespace) -> dict:
         else:
             step, mgr, measure, env = setup_gpu(same_address=args.same_address)
         addresses = env.pop("parameters", None)  # where each parameter lives (--same-address: after every phase too)
+        optimizer_addresses = env.pop("optimizer_state", None)  # and each optimizer tensor, from the first phase on
         results["env"] = env
         results["same_address"] = bool(getattr(args, "same_address", False))
         at_build = addresses() if addresses is not None else None
         moved: list[int] = []
         results["parameters_moved_after_phase"] = moved
+        optimizer_moved: list[int] = []
+        results["optimizer_state_moved_after_phase"] = optimizer_moved
+        optimizer_at_first = None
         results["setup_seconds"] = time.perf_counter() - t0
         results["groups_at_build"] = {n: {"nbytes": s.nbytes, "policy": str(s.policy)} for n, s in mgr.state.items()}
         t_loop = time.perf_counter()
@@ -225,8 +245,6 @@ def run(args: argparse.Namespace) -> dict:
                 t4 = time.perf_counter()
                 if any(s.state != "on_device" for n, s in mgr.state.items() if s.nbytes):
                     not_back.append(cycle)
-                if results["same_address"] and addresses() != at_build:
-                    moved.append(cycle)
             else:
                 mgr.offload()
                 sync()
@@ -237,6 +255,15 @@ def run(args: argparse.Namespace) -> dict:
                 mgr.onload()
                 sync()
                 t4 = time.perf_counter()
+            if results["same_address"]:
+                if addresses() != at_build:
+                    moved.append(cycle)
+                if optimizer_addresses is not None:
+                    now = optimizer_addresses()
+                    if optimizer_at_first is None:
+                        optimizer_at_first = now
+                    elif now != optimizer_at_first:
+                        optimizer_moved.append(cycle)
             losses.append(loss)
             times["step"].append(t1 - t0)
             times["offload"].append(t2 - t1)
@@ -329,7 +356,9 @@ def checks(records: list[dict], losses: list[float], cycles: int, results: dict)
     completed = len(losses) == cycles and "error" not in results
     out["completed"] = completed
     out["all_back_after_phase"] = not results.get("not_back_after_phase")
-    out["addresses_kept"] = not results.get("parameters_moved_after_phase") if results.get("same_address") else None
+    out["addresses_kept"] = not (results.get("parameters_moved_after_phase")
+                                 or results.get("optimizer_state_moved_after_phase")) \
+        if results.get("same_address") else None
     reference = results.get("reference")
     out["losses_equal_reference"] = reference.get("equal") if reference else None
     out["pass"] = completed and bool(judged) and all(judged) and out["losses_finite"]["pass"] and \
@@ -359,6 +388,9 @@ def summary(results: dict) -> str:
         moved = results.get("parameters_moved_after_phase") or []
         lines.append(f"same_address=True: every parameter at its address after each phase: "
                      f"{'FAIL (cycles ' + str(moved[:10]) + ')' if moved else 'PASS'}")
+        moved = results.get("optimizer_state_moved_after_phase") or []
+        lines.append(f"same_address=True: every optimizer tensor (fp32 main parameters, moments) at its address after "
+                     f"each phase from the first on: {'FAIL (cycles ' + str(moved[:10]) + ')' if moved else 'PASS'}")
     if c.get("losses_equal_reference") is not None:
         lines.append(f"losses equal to the same steps without memmgr, bit for bit: "
                      f"{'PASS' if c['losses_equal_reference'] else 'FAIL'} {results.get('reference')}")
