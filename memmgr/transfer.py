@@ -253,12 +253,12 @@ def resolve_kernel_blocks(kernel_blocks: int = 0) -> int:
     return blocks
 
 
-def probe_bytes() -> int:
-    """Bytes of each of 'auto''s probes: ``$MEMMGR_COPY_PROBE_MB`` MiB where set, else ``AUTO_PROBE_BYTES``; a
-    multiple of the probe alignment."""
+def resolve_probe_bytes() -> int:
+    """The auto probe's size ``$MEMMGR_COPY_PROBE_MB`` asks for, in bytes (0 where unset: ``AUTO_PROBE_BYTES``);
+    raises MemmgrInputError naming the variable unless it is a whole number of MiB >= 1."""
     raw = os.environ.get(PROBE_MB_ENV)
     if not raw:
-        return AUTO_PROBE_BYTES // _PROBE_ALIGN * _PROBE_ALIGN
+        return 0
     try:
         mib = int(raw)
     except ValueError:
@@ -284,6 +284,7 @@ class CopyPolicy:
 
     path: str = "auto"
     kernel_blocks: int = 0
+    probe_bytes: int = 0  # each of 'auto''s probes, in bytes; 0: AUTO_PROBE_BYTES
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str):
@@ -291,19 +292,27 @@ class CopyPolicy:
                                    f"CopyPolicy.from_env() reads ${COPY_PATH_ENV}")
         object.__setattr__(self, "path", resolve_copy_path(self.path))
         _check_kernel_blocks(self.kernel_blocks)
+        if isinstance(self.probe_bytes, bool) or not isinstance(self.probe_bytes, int) or self.probe_bytes < 0:
+            raise MemmgrInputError(f"CopyPolicy: probe_bytes must be a whole number >= 0 (0 for the default), got "
+                                   f"{self.probe_bytes!r}")
 
     @classmethod
     def from_env(cls) -> "CopyPolicy":
-        """The policy ``$MEMMGR_COPY_PATH`` and ``$MEMMGR_COPY_KERNEL_BLOCKS`` ask for (unset: "auto" and 0), read
-        now; raises MemmgrInputError naming the variable and the allowed values when one is invalid."""
-        return cls(resolve_copy_path(), resolve_kernel_blocks())
+        """The policy ``$MEMMGR_COPY_PATH``, ``$MEMMGR_COPY_KERNEL_BLOCKS`` and ``$MEMMGR_COPY_PROBE_MB`` ask for
+        (unset: "auto", 0 and the default probe), read now; raises MemmgrInputError naming the variable and the
+        allowed values when one is invalid."""
+        return cls(resolve_copy_path(), resolve_kernel_blocks(), resolve_probe_bytes())
 
     def with_overrides(self, path: str | None = None, kernel_blocks: int = 0) -> "CopyPolicy":
         """This policy with ``path`` (if given) and ``kernel_blocks`` (if > 0) in place of its own."""
         _check_kernel_blocks(kernel_blocks)
         if path is None and kernel_blocks == 0:
             return self
-        return CopyPolicy(self.path if path is None else path, kernel_blocks or self.kernel_blocks)
+        return CopyPolicy(self.path if path is None else path, kernel_blocks or self.kernel_blocks, self.probe_bytes)
+
+    def probe(self) -> int:
+        """Bytes of each of 'auto''s probes, a multiple of the probe alignment."""
+        return (self.probe_bytes or AUTO_PROBE_BYTES) // _PROBE_ALIGN * _PROBE_ALIGN
 
 
 _move_policy: contextvars.ContextVar[CopyPolicy | None] = contextvars.ContextVar("memmgr_copy_policy", default=None)
@@ -400,7 +409,7 @@ def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, 
         chosen = "engine"  # the kernels reach pinned host memory only; a pageable fallback buffer takes the engines
     if chosen == "auto":
         if AUTO_POLICY.get(direction) == "probe":
-            return _issue_auto_probed(dst, src, stream, direction, kernel_blocks)
+            return _issue_auto_probed(dst, src, stream, direction, kernel_blocks, policy.probe())
         chosen = AUTO_POLICY.get(direction, "engine")
     chosen = _issue(dst, src, stream, chosen, kernel_blocks)
     _record(direction, chosen)
@@ -424,13 +433,12 @@ def _issue(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, chos
 
 
 def _issue_auto_probed(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str,
-                       kernel_blocks: int) -> str:
+                       kernel_blocks: int, probe: int) -> str:
     device = stream.device.index if stream.device.index is not None else torch.cuda.current_device()
     shape = copy_shape.shape_for(device)
     if shape.kernel_holds_link is False:  # the kernel is slower than the link on this card (see AUTO_POLICY)
-        return _issue_engines_or_split(dst, src, stream, direction, kernel_blocks, device, shape)
+        return _issue_engines_or_split(dst, src, stream, direction, kernel_blocks, device, shape, probe)
     nbytes = dst.numel()
-    probe = probe_bytes()
     with _state_lock:
         verdict = str(_last_probe.get(device, {}).get("verdict", "engine"))
     if probe <= 0 or nbytes < max(AUTO_PROBE_MIN_BYTES, 2 * probe) or not stream.query():
@@ -482,11 +490,10 @@ def _issue_split(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream
 
 
 def _issue_engines_or_split(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, direction: str,
-                            kernel_blocks: int, device: int, shape: "copy_shape.ShapeChoice") -> str:
+                            kernel_blocks: int, device: int, shape: "copy_shape.ShapeChoice", probe: int) -> str:
     """'auto' host->device where the kernel cannot hold the link (see AUTO_POLICY): the engines, or both paths at
     once where a probe of each says so."""
     nbytes = dst.numel()
-    probe = probe_bytes()
     with _state_lock:
         last = dict(_last_probe.get(device, {}))
     if last.get("verdict") not in ("engine", "split"):

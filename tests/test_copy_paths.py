@@ -3,7 +3,7 @@ backend_info reports which paths exist."""
 import pytest
 
 import memmgr
-from memmgr.transfer import (AUTO_PROBE_BYTES, copy_paths_status, kernels_available, probe_bytes, resolve_copy_path,
+from memmgr.transfer import (AUTO_PROBE_BYTES, CopyPolicy, copy_paths_status, kernels_available, resolve_copy_path,
                              resolve_kernel_blocks)
 
 
@@ -47,15 +47,19 @@ def test_kernel_blocks_come_from_the_argument_then_the_environment_and_are_valid
 
 
 
-def test_the_auto_probe_size_comes_from_the_environment_in_mib_and_is_validated(monkeypatch):
+def test_the_auto_probe_size_comes_from_the_environment_in_mib_with_the_moves_policy_and_is_validated(monkeypatch):
     monkeypatch.delenv("MEMMGR_COPY_PROBE_MB", raising=False)
-    assert probe_bytes() == AUTO_PROBE_BYTES == 64 << 20
+    assert CopyPolicy.from_env().probe() == AUTO_PROBE_BYTES == 64 << 20
     monkeypatch.setenv("MEMMGR_COPY_PROBE_MB", "16")
-    assert probe_bytes() == 16 << 20
+    policy = CopyPolicy.from_env()
+    assert policy.probe() == 16 << 20
+    assert policy.with_overrides("kernel").probe() == 16 << 20  # an override of the path keeps the probe
     for bad in ("0", "-4", "1.5", "big"):
         monkeypatch.setenv("MEMMGR_COPY_PROBE_MB", bad)
         with pytest.raises(memmgr.MemmgrInputError, match="MEMMGR_COPY_PROBE_MB.*in MiB"):
-            probe_bytes()
+            CopyPolicy.from_env()
+    with pytest.raises(memmgr.MemmgrInputError, match="probe_bytes must be a whole number"):
+        CopyPolicy("auto", probe_bytes=-1)
 
 def test_backend_info_reports_the_copy_paths_that_can_run():
     info = memmgr.backend_info()
