@@ -250,7 +250,7 @@ def measure(device: int, nbytes: int = MEASURE_BYTES, repeats: int = MEASURE_REP
         for shape in candidates:
             with torch.cuda.stream(stream):
                 dev.zero_()
-            gbps = timed(lambda: shape.launch(native, dev.data_ptr(), host.tensor.data_ptr(), nbytes,  # noqa: F821 - deleted after the last use
+            gbps = timed(lambda: shape.launch(native, dev.data_ptr(), host.tensor.data_ptr(), nbytes,
                                               stream.cuda_stream, device, shape.blocks(sms)))
             with torch.cuda.stream(stream):
                 intact = torch.equal(dev, expected)
@@ -260,10 +260,10 @@ def measure(device: int, nbytes: int = MEASURE_BYTES, repeats: int = MEASURE_REP
                 logger.warning("the copy kernel's shape %s did not copy %d bytes intact on cuda:%d; it is not used",
                                shape.label, nbytes, device)
         with torch.cuda.stream(stream):
-            speeds[LINK_KEY] = timed(lambda: host.tensor.copy_(dev, non_blocking=True))  # noqa: F821 - deleted after the last use
+            speeds[LINK_KEY] = timed(lambda: host.tensor.copy_(dev, non_blocking=True))
     finally:
         stream.synchronize()
-        del dev, expected
+        dev = expected = None  # the buffers go before the cache is emptied below
         host.release()
         if torch.cuda.memory_reserved(device) > reserved:
             # the measurement's buffer took new memory from the driver: give it back rather than leave it cached

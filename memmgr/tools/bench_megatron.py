@@ -215,10 +215,10 @@ def run_megatron_workload(peak: dict, cycles: int, methods: list[str] | None = N
             progress.update(1)
         n = memmgr_cycles(cycles) if isinstance(method, MegatronMemmgrMethod) else cycles
         run_under_conditions(method, conditions, by_condition, peak, n, copied_bytes=0, device=device,
-                             make=lambda: state, baseline=baseline, phase_gap_s=phase_gap_s)  # noqa: F821 - deleted after the last use
+                             make=lambda: state, baseline=baseline, phase_gap_s=phase_gap_s)
     out["by_condition"] = by_condition
     out["results"] = next(iter(by_condition.values()))
-    del state, ddp, opt, candidates, method
+    state = ddp = opt = candidates = method = None
     gc.collect()  # megatron's modules hold reference cycles
     torch.cuda.empty_cache()
     if created_group:

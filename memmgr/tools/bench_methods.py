@@ -425,10 +425,10 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
     result = MethodResult(method.name, method.description, state.copied_bytes, state.dropped_bytes, state.num_tensors)
     try:
         before = checksum(state.copied)
-        result.setup_s = timed(lambda: method.setup(state), device)  # noqa: F821 - deleted after the last use
+        result.setup_s = timed(lambda: method.setup(state), device)
         loaded = process_gpu_bytes(device)
         for cycle in range(cycles):
-            result.offload_s.append(timed(lambda: method.offload(state), device))  # noqa: F821 - deleted after the last use
+            result.offload_s.append(timed(lambda: method.offload(state), device))
             if cycle == 0:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -443,7 +443,7 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
                 between()
             else:
                 time.sleep(phase_gap_s)
-            result.onload_s.append(timed(lambda: method.onload(state), device))  # noqa: F821 - deleted after the last use
+            result.onload_s.append(timed(lambda: method.onload(state), device))
             ran = method.paths_ran()
             if ran is not None:
                 result.paths.append(ran)
@@ -453,7 +453,7 @@ def run_method(method: Method, copied_bytes: float, device: torch.device, cycles
     except Exception as exc:  # a peer failing must not stop the comparison
         logger.exception("method %s failed", method.name)
         result.error = f"{type(exc).__name__}: {exc}"
-    del state
+    state = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
