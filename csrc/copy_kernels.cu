@@ -8,6 +8,7 @@
 //
 // Kept free of torch headers: compiled by nvcc alone and linked into the memmgr._pinned extension.
 #include "copy_kernels.h"
+#include "device_scope.h"
 
 #include <cuda_runtime.h>
 
@@ -48,29 +49,7 @@ int sm_count(int device) {
   return count;
 }
 
-// Makes `device` current for its lifetime and then restores the device that was (the launchers' callers may have
-// another one current). error() is the failure to switch, if any.
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    err_ = cudaGetDevice(&previous_);
-    if (err_ == cudaSuccess && previous_ != device) {
-      err_ = cudaSetDevice(device);
-      switched_ = err_ == cudaSuccess;
-    }
-  }
-  ~DeviceScope() {
-    if (switched_ && previous_ >= 0) cudaSetDevice(previous_);
-  }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-  cudaError_t error() const { return err_; }
-
- private:
-  int previous_ = -1;
-  cudaError_t err_ = cudaSuccess;
-  bool switched_ = false;
-};
+using memmgr::DeviceScope;
 
 template <typename V>
 __device__ __forceinline__ V load_streaming(const V* p) {

@@ -18,6 +18,8 @@
 // visible to torch's kernels and copies; the primary context is retained once per device and never released.
 #include "vmm.h"
 
+#include "device_scope.h"
+
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
@@ -535,13 +537,15 @@ std::shared_ptr<VmmRange> vmm_adopt_storage(const at::Tensor& tensor, int64_t st
   auto range = std::make_shared<VmmRange>(static_cast<int64_t>(nbytes), tensor.device().index());
   c10::DataPtr memory = range->allocator()->allocate(nbytes);
   auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  int previous = -1;
-  cudaGetDevice(&previous);
-  const int device = tensor.device().index();
-  if (previous != device) cudaSetDevice(device);  // the copy on the tensor's device, whichever is current
-  cudaError_t err = cudaMemcpyAsync(memory.get(), impl->data(), nbytes, cudaMemcpyDeviceToDevice, cuda_stream);
-  if (err == cudaSuccess) err = cudaStreamSynchronize(cuda_stream);
-  if (previous != device && previous >= 0) cudaSetDevice(previous);
+  cudaError_t err;
+  {
+    memmgr::DeviceScope scope(tensor.device().index());  // the copy on the tensor's device, whichever is current
+    err = scope.error();
+    if (err == cudaSuccess) {
+      err = cudaMemcpyAsync(memory.get(), impl->data(), nbytes, cudaMemcpyDeviceToDevice, cuda_stream);
+    }
+    if (err == cudaSuccess) err = cudaStreamSynchronize(cuda_stream);
+  }
   if (err != cudaSuccess) {
     cudaGetLastError();
     TORCH_CHECK(false, "memmgr._pinned.vmm_adopt_storage: copying ", nbytes, " bytes into same-address memory failed (",
