@@ -235,39 +235,37 @@ def resolve_copy_path(path: str | None = None) -> str:
     return path
 
 
+def _whole_number_env(name: str, minimum: int, meaning: str) -> int | None:
+    """``$name`` as a whole number >= ``minimum`` (None where unset or empty); MemmgrInputError naming the variable and
+    what it means otherwise."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise MemmgrInputError(f"${name}={raw!r} is not a whole number >= {minimum}; set it to {meaning}")
+    return value
+
+
 def resolve_kernel_blocks(kernel_blocks: int = 0) -> int:
     """The copy kernel's grid size: the argument if > 0, else ``$MEMMGR_COPY_KERNEL_BLOCKS``, else 0 (the default)."""
     _check_kernel_blocks(kernel_blocks)
     if kernel_blocks > 0:
         return kernel_blocks
-    raw = os.environ.get(KERNEL_BLOCKS_ENV)
-    if not raw:
-        return 0
-    try:
-        blocks = int(raw)
-    except ValueError:
-        blocks = -1
-    if blocks < 0:
-        raise MemmgrInputError(f"${KERNEL_BLOCKS_ENV}={raw!r} is not a whole number >= 0; set it to the copy kernel's "
-                               f"grid size in blocks, or 0 (or unset it) for the extension's default")
-    return blocks
+    blocks = _whole_number_env(KERNEL_BLOCKS_ENV, 0, "the copy kernel's grid size in blocks, or 0 (or unset it) for "
+                                                     "the extension's default")
+    return blocks or 0
 
 
 def resolve_probe_bytes() -> int:
     """The auto probe's size ``$MEMMGR_COPY_PROBE_MB`` asks for, in bytes (0 where unset: ``AUTO_PROBE_BYTES``);
     raises MemmgrInputError naming the variable unless it is a whole number of MiB >= 1."""
-    raw = os.environ.get(PROBE_MB_ENV)
-    if not raw:
-        return 0
-    try:
-        mib = int(raw)
-    except ValueError:
-        mib = 0
-    if mib < 1:
-        raise MemmgrInputError(f"${PROBE_MB_ENV}={raw!r} is not a whole number >= 1; set it to the size of each of "
-                               f"the copy-path probes in MiB, or unset it for the default "
-                               f"({AUTO_PROBE_BYTES >> 20} MiB)")
-    return mib << 20
+    mib = _whole_number_env(PROBE_MB_ENV, 1, f"the size of each of the copy-path probes in MiB, or unset it for the "
+                                             f"default ({AUTO_PROBE_BYTES >> 20} MiB)")
+    return (mib or 0) << 20
 
 
 def _check_kernel_blocks(kernel_blocks: object) -> None:
