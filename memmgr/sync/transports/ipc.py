@@ -10,9 +10,11 @@ every sync:
    ``reserve``, the export packs it there);
 2. once those copies have finished, it announces the bucket: its layout, the slot, and the slot's IPC export keyed by
    the GPU's UUID (the two processes may number GPUs differently under different ``CUDA_VISIBLE_DEVICES``). A
-   bucket copied from the caller's memory is waited for before ``send_bucket`` returns (the caller may reuse its
-   source); for one packed in place the announcing thread waits on an event, so the producer already packs the
-   next slot while the copies run;
+   bucket copied from host memory is waited for before ``send_bucket``/``send_pairs`` returns (the caller may write
+   its source right away); one copied from this GPU is copied on the transport's own stream, its sources marked as
+   used there (``record_stream``: PyTorch's allocator hands their memory out again only after the copy), and for it,
+   as for one packed in place, the announcing thread waits on an event: the producer already packs the next slot,
+   and the link keeps moving the next bucket's bytes, while the copies run;
 3. the consumer (``CudaIpcReceiver``) maps the slot once per export, hands out views into it, copies them into the
    engine's weights and synchronizes its stream before it answers, so the slot is free when ``announce`` returns.
 
@@ -103,6 +105,7 @@ class CudaIpcTransport(Transport):
         self._pending: list[Future | None] = [None] * (self.num_buffers + 1)  # the last: the oversize slot
         self._next = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memmgr-ipc-announce")
+        self._stream: torch.cuda.Stream | None = None  # the ring's copies from this GPU (see _pack_stream)
         self._broken: str | None = None
         self._open = False  # a session announced to the engine and not yet committed or aborted
         # set by the announcing thread when a bucket's announce fails: the buckets queued behind it are not announced
@@ -264,11 +267,38 @@ class CudaIpcTransport(Transport):
     def _slot_export(self, slot: int) -> tuple:
         return self._oversize_export if slot == self.num_buffers else self._exports[slot]
 
-    def _publish(self, slot: int, bucket: WeightBucket, *, wait_here: bool) -> None:
-        # the consumer reads the slot from another process: the copies into it must be complete before it is
-        # announced. With wait_here the caller's thread waits (its source may be reused once send_bucket returns);
-        # otherwise the announcing thread waits on an event, and the caller packs the next slot meanwhile.
-        stream = torch.cuda.current_stream(self.device)
+    def _pack_stream(self) -> torch.cuda.Stream:
+        """The stream the ring's copies from this GPU run on, after the work queued before them: beside the caller's
+        stream, so that the next bucket's host->device copies (an export from the pinned host copy) do not wait
+        behind them."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        return self._stream
+
+    def _copy_in(self, slot: int, sources: Sequence[torch.Tensor], copy: Callable[[], WeightBucket]) -> None:
+        """Runs ``copy`` (the copies of ``sources`` into ``slot``) and announces what it returns. Sources on this GPU
+        are copied on the transport's stream and marked as used there, and the announcing thread waits for the copies;
+        any other source (host memory the caller may write once this returns) is waited for here."""
+        on_device = all(t.is_cuda and t.device == self.device for t in sources)
+        with torch.cuda.device(self.device):
+            if not on_device:
+                self._publish(slot, copy(), wait_here=True)
+                return
+            stream = self._pack_stream()
+            with torch.cuda.stream(stream):
+                bucket = copy()
+            for tensor in sources:
+                tensor.record_stream(stream)
+            self._publish(slot, bucket, wait_here=False, stream=stream)
+
+    def _publish(self, slot: int, bucket: WeightBucket, *, wait_here: bool,
+                 stream: torch.cuda.Stream | None = None) -> None:
+        # the consumer reads the slot from another process: the copies into it (queued on ``stream``, default the
+        # current one) must be complete before it is announced. With wait_here the caller's thread waits (its source
+        # may be reused once send_bucket returns); otherwise the announcing thread waits on an event, and the caller
+        # packs the next slot meanwhile.
+        stream = stream if stream is not None else torch.cuda.current_stream(self.device)
         description = bucket.meta()
         description.update({"slot": slot, "nbytes": bucket.nbytes, "ipc": {self.uuid: self._slot_export(slot)}})
         if wait_here:
@@ -310,9 +340,11 @@ class CudaIpcTransport(Transport):
         slot = self._acquire(bucket.nbytes, f"bucket {self.buckets} ({bucket.dtype})")
         dst = self._slot_buffer(slot)[:bucket.nbytes]
         src = bucket.flat.view(torch.uint8)
-        with torch.cuda.device(self.device):
+
+        def copy() -> WeightBucket:
             dst.copy_(src, non_blocking=src.device.type == "cpu" and src.is_pinned())
-        self._publish(slot, WeightBucket.from_meta(bucket.meta(), dst.view(bucket.dtype)), wait_here=True)
+            return WeightBucket.from_meta(bucket.meta(), dst.view(bucket.dtype))
+        self._copy_in(slot, [bucket.flat], copy)
 
     def send_pairs(self, pairs: Sequence[tuple[str, torch.Tensor]]) -> None:
         """Packs ``pairs`` (one dtype) straight into the next free slot and announces them: one copy less than
@@ -323,10 +355,9 @@ class CudaIpcTransport(Transport):
         item = torch.empty(0, dtype=dtype).element_size()
         packed = sum(aligned(t.numel() * item, ALIGN_BYTES) for _, t in pairs)  # WeightBucket.pack's layout
         slot = self._acquire(packed, f"bucket {self.buckets} ({dtype})")
-        with torch.cuda.device(self.device):
-            buf = self._slot_buffer(slot)
-            bucket = WeightBucket.pack(pairs, out=buf.view(dtype)[:buf.numel() // item])
-        self._publish(slot, bucket, wait_here=True)
+        buf = self._slot_buffer(slot)
+        self._copy_in(slot, [t for _, t in pairs],
+                      lambda: WeightBucket.pack(pairs, out=buf.view(dtype)[:buf.numel() // item]))
 
     def finish(self) -> None:
         """Returns once the engine has copied out every announced bucket."""

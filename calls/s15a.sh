@@ -1,0 +1,28 @@
+#!/bin/bash
+# Session 15, first call: adapts to the card that comes (H200: issues 31/32/33's H200 rows; H100: the batched
+# WeightSource path, the same-address GPU tests, the probe-size A/B of issue 30).
+set -u
+T0=$(date +%s)
+export MEMMGR_CUDA_ARCHS=90 MEMMGR_SAME_ADDRESS_CYCLES=100
+C=${1:?commit}
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+echo "card: $card"
+if [[ "$card" == *H200* ]]; then
+  MEMMGR_STEPS=vllm_wheels,vllm_subset,ipc_source_1.3b,ipc_source_4b,pytest_same_address,same-address/soak \
+    python3 benchmarks/run.py ipc-sync-source same-address --out $OUT --commit $C --deadline 420
+else
+  MEMMGR_STEPS=vllm_wheels,vllm_subset,ipc_source_1.3b,ipc_source_4b,pytest_same_address \
+    python3 benchmarks/run.py ipc-sync-source same-address --out $OUT --commit $C --deadline 380
+fi
+left=$(( 560 - ($(date +%s) - T0) ))
+echo "left for the probe A/B: $left s"
+if (( left > 60 )); then
+  export PYTHONPATH=$PWD:/tmp/site
+  for mb in 64 16; do
+    MEMMGR_COPY_PROBE_MB=$mb timeout $(( left / 2 - 5 )) python3 -m memmgr bench --no-megatron --methods memmgr \
+      --size-gb 8 --out $OUT/probe$mb > $OUT/probe$mb.log 2>&1; echo "probe $mb rc $?"
+    tail -25 $OUT/probe$mb.log
+    left=$(( 560 - ($(date +%s) - T0) ))
+  done
+fi
+cd $OUT && tar czf probe-ab.tgz probe* 2>/dev/null && rm -rf probe16 probe64 probe16.log probe64.log; ls $OUT
