@@ -107,6 +107,38 @@ def test_ipc_ring_delivers_every_bucket_bit_exact_to_a_slow_engine(source):
     assert all(same_bits(got[n], weights[n].cpu()) for n in weights)
 
 
+@pytest.mark.parametrize("send", ["pairs", "bucket"])
+def test_ipc_source_on_the_gpu_dropped_right_after_the_send_is_not_reused_before_its_copy(send):
+    # the copy into the ring runs on the transport's stream after the caller's queued work (here a ~0.2 s sleep), and
+    # the send returns before it: the source's memory must stay the source's until the copy has read it
+    from memmgr.sync.transports.ipc import CudaIpcTransport
+
+    dev = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(11)
+    expected = random_tensor((1 << 20,), torch.bfloat16, "cpu", g)  # 2 MiB: PyTorch's large-block pool
+    engine = _Engine()
+    transport = CudaIpcTransport(engine.announce, device=dev, buffer_bytes=4 << 20, num_buffers=2)
+    try:
+        source = expected.to(dev)
+        address = source.data_ptr()
+        torch.cuda._sleep(400_000_000)  # queued before the send: the transport's copy waits behind it
+        if send == "pairs":
+            transport.send_pairs([("w", source)])
+        else:
+            transport.send_bucket(WeightBucket.pack([("w", source)]))
+        del source
+        again = torch.empty(1 << 20, dtype=torch.bfloat16, device=dev)  # same size, same stream
+        reused = again.data_ptr() == address
+        again.fill_(7.0)  # would overwrite the weights before the copy if the block had been handed out again
+        transport.finish()
+    finally:
+        got = engine.stop()
+        transport.close()
+    if send == "pairs":  # the bucket's own flat tensor, not the caller's source, is what send_bucket copies
+        assert not reused, "the allocator handed the source's memory out again before the transport's copy"
+    assert same_bits(got["w"], expected)
+
+
 def test_ipc_engine_failure_raises_on_the_producer():
     from memmgr.sync.transports.ipc import CudaIpcTransport
 
