@@ -14,6 +14,8 @@ else
   MEMMGR_STEPS=vllm_wheels,vllm_subset,ipc_source_1.3b,ipc_source_4b,pytest_same_address \
     python3 benchmarks/run.py ipc-sync-source same-address --out $OUT --commit $C --deadline 380
 fi
+PYTHONPATH=$PWD:/tmp/site timeout 120 python3 -m pytest tests/test_transports_ipc.py -q -p no:cacheprovider -m gpu \
+  > $OUT/probe-ipc-tests.log 2>&1; echo "ipc tests rc $?"; tail -3 $OUT/probe-ipc-tests.log
 left=$(( 560 - ($(date +%s) - T0) ))
 echo "left for the probe A/B: $left s"
 if (( left > 60 )); then
