@@ -185,6 +185,11 @@ _PROBE_ALIGN = 4096
 AUTO_POLICY: dict[str, str] = {"h2d": "probe", "d2h": "engine"}
 AUTO_PROBE_BYTES = 64 << 20
 AUTO_PROBE_MIN_BYTES = 2 * AUTO_PROBE_BYTES
+# A probe takes its bytes through both paths, the slower one included: after another process's release the engines
+# ran 21-24 GB/s against the kernel's 50 (H100), so two 64 MiB probes cost a 655 MB copy ~3 ms of its 15
+# (benchmarks/results/2026-12-07/h100-7-bench). Each probe is at most this share of its copy, and not below the floor.
+AUTO_PROBE_SHARE = 32
+AUTO_PROBE_FLOOR_BYTES = 16 << 20
 AUTO_KERNEL_MARGIN = 1.3
 AUTO_ENGINES_HEALTHY = 0.8  # engine probe speed, as a share of the link's, above which the engines need no help
 AUTO_SPLIT_MARGIN = 1.15  # how much faster than the engines both paths at once must be
@@ -308,9 +313,12 @@ class CopyPolicy:
             return self
         return CopyPolicy(self.path if path is None else path, kernel_blocks or self.kernel_blocks, self.probe_bytes)
 
-    def probe(self) -> int:
-        """Bytes of each of 'auto''s probes, a multiple of the probe alignment."""
-        return (self.probe_bytes or AUTO_PROBE_BYTES) // _PROBE_ALIGN * _PROBE_ALIGN
+    def probe(self, nbytes: int) -> int:
+        """Bytes of each of 'auto''s probes for a copy of ``nbytes``, a multiple of the probe alignment:
+        ``probe_bytes`` where set, else ``AUTO_PROBE_BYTES`` cut to ``1/AUTO_PROBE_SHARE`` of the copy (not below
+        ``AUTO_PROBE_FLOOR_BYTES``), since a probe through the slower path costs a copy its share of the time."""
+        probe = self.probe_bytes or min(AUTO_PROBE_BYTES, max(AUTO_PROBE_FLOOR_BYTES, nbytes // AUTO_PROBE_SHARE))
+        return probe // _PROBE_ALIGN * _PROBE_ALIGN
 
 
 _move_policy: contextvars.ContextVar[CopyPolicy | None] = contextvars.ContextVar("memmgr_copy_policy", default=None)
@@ -407,7 +415,7 @@ def issue_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, 
         chosen = "engine"  # the kernels reach pinned host memory only; a pageable fallback buffer takes the engines
     if chosen == "auto":
         if AUTO_POLICY.get(direction) == "probe":
-            return _issue_auto_probed(dst, src, stream, direction, kernel_blocks, policy.probe())
+            return _issue_auto_probed(dst, src, stream, direction, kernel_blocks, policy.probe(nbytes))
         chosen = AUTO_POLICY.get(direction, "engine")
     chosen = _issue(dst, src, stream, chosen, kernel_blocks)
     _record(direction, chosen)

@@ -49,17 +49,28 @@ def test_kernel_blocks_come_from_the_argument_then_the_environment_and_are_valid
 
 def test_the_auto_probe_size_comes_from_the_environment_in_mib_with_the_moves_policy_and_is_validated(monkeypatch):
     monkeypatch.delenv("MEMMGR_COPY_PROBE_MB", raising=False)
-    assert CopyPolicy.from_env().probe() == AUTO_PROBE_BYTES == 64 << 20
+    assert CopyPolicy.from_env().probe(4 << 30) == AUTO_PROBE_BYTES == 64 << 20
     monkeypatch.setenv("MEMMGR_COPY_PROBE_MB", "16")
     policy = CopyPolicy.from_env()
-    assert policy.probe() == 16 << 20
-    assert policy.with_overrides("kernel").probe() == 16 << 20  # an override of the path keeps the probe
+    assert policy.probe(4 << 30) == policy.probe(100 << 20) == 16 << 20  # a size asked for is taken as it is
+    assert policy.with_overrides("kernel").probe(4 << 30) == 16 << 20  # an override of the path keeps the probe
     for bad in ("0", "-4", "1.5", "big"):
         monkeypatch.setenv("MEMMGR_COPY_PROBE_MB", bad)
         with pytest.raises(memmgr.MemmgrInputError, match="MEMMGR_COPY_PROBE_MB.*in MiB"):
             CopyPolicy.from_env()
     with pytest.raises(memmgr.MemmgrInputError, match="probe_bytes must be a whole number"):
         CopyPolicy("auto", probe_bytes=-1)
+
+def test_the_default_auto_probe_is_a_small_share_of_a_small_copy_and_never_below_its_floor():
+    from memmgr.transfer import AUTO_PROBE_FLOOR_BYTES, AUTO_PROBE_SHARE
+
+    policy = CopyPolicy("auto")
+    assert policy.probe(2 << 30) == AUTO_PROBE_BYTES  # large copies: the full probe
+    small = 655_360_000  # 10,000 x 64 KiB in one bucket
+    assert policy.probe(small) <= small // AUTO_PROBE_SHARE and policy.probe(small) % 4096 == 0
+    assert policy.probe(small) > AUTO_PROBE_FLOOR_BYTES
+    assert policy.probe(128 << 20) == AUTO_PROBE_FLOOR_BYTES
+
 
 def test_backend_info_reports_the_copy_paths_that_can_run():
     info = memmgr.backend_info()

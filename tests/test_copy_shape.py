@@ -325,7 +325,7 @@ def _auto_h2d(nbytes: int = 8 << 20, idle: bool = True) -> str:
 
     stream = SimpleNamespace(device=torch.device("cuda", 0), query=lambda: idle, wait_stream=lambda s: None)
     buf = torch.empty(nbytes, dtype=torch.uint8)
-    return transfer._issue_auto_probed(buf, buf, stream, "h2d", 0, transfer.CopyPolicy().probe())
+    return transfer._issue_auto_probed(buf, buf, stream, "h2d", 0, transfer.CopyPolicy().probe(nbytes))
 
 
 def test_where_the_kernel_cannot_hold_the_link_healthy_engines_move_the_copy_alone(slow_kernel_device):
