@@ -20,11 +20,11 @@ left=$(( 560 - ($(date +%s) - T0) ))
 echo "left for the probe A/B: $left s"
 if (( left > 60 )); then
   export PYTHONPATH=$PWD:/tmp/site
-  for mb in 64 16; do
-    MEMMGR_COPY_PROBE_MB=$mb timeout $(( left / 2 - 5 )) python3 -m memmgr bench --no-megatron --methods memmgr \
+  for mb in 64 default; do  # the fixed 64 MiB probe of before e58bc11 against the default (1/32 of a copy)
+    env $([ $mb = default ] || echo MEMMGR_COPY_PROBE_MB=$mb) timeout $(( left / 2 - 5 )) python3 -m memmgr bench --no-megatron --methods memmgr \
       --size-gb 8 --out $OUT/probe$mb > $OUT/probe$mb.log 2>&1; echo "probe $mb rc $?"
     tail -25 $OUT/probe$mb.log
     left=$(( 560 - ($(date +%s) - T0) ))
   done
 fi
-cd $OUT && tar czf probe-ab.tgz probe* 2>/dev/null && rm -rf probe16 probe64 probe16.log probe64.log; ls $OUT
+cd $OUT && tar czf probe-ab.tgz probe* 2>/dev/null && rm -rf probe64 probedefault probe64.log probedefault.log; ls $OUT
