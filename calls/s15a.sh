@@ -1,19 +1,14 @@
 #!/bin/bash
-# Session 15, first call: adapts to the card that comes (H200: issues 31/32/33's H200 rows; H100: the batched
-# WeightSource path, the same-address GPU tests, the probe-size A/B of issue 30).
+# Session 15, first call, on whichever card comes: the WeightSource path and sync_weights through CUDA IPC (issues
+# 31, 32), the same-address GPU tests (33), the IPC transport's GPU tests, the probe-size A/B (30).
 set -u
 T0=$(date +%s)
 export MEMMGR_CUDA_ARCHS=90 MEMMGR_SAME_ADDRESS_CYCLES=100
 C=${1:?commit}
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "card: $card"
-if [[ "$card" == *H200* ]]; then
-  MEMMGR_STEPS=vllm_wheels,vllm_subset,ipc_source_1.3b,ipc_source_4b,pytest_same_address,same-address/soak \
-    python3 benchmarks/run.py ipc-sync-source same-address --out $OUT --commit $C --deadline 420
-else
-  MEMMGR_STEPS=vllm_wheels,vllm_subset,ipc_source_1.3b,ipc_source_4b,pytest_same_address \
-    python3 benchmarks/run.py ipc-sync-source same-address --out $OUT --commit $C --deadline 380
-fi
+MEMMGR_STEPS=vllm_wheels,vllm_subset,ipc_source_1.3b,ipc_source_4b,pytest_same_address \
+  python3 benchmarks/run.py ipc-sync-source same-address --out $OUT --commit $C --deadline 380
 PYTHONPATH=$PWD:/tmp/site timeout 120 python3 -m pytest tests/test_transports_ipc.py -q -p no:cacheprovider -m gpu \
   > $OUT/probe-ipc-tests.log 2>&1; echo "ipc tests rc $?"; tail -3 $OUT/probe-ipc-tests.log
 left=$(( 560 - ($(date +%s) - T0) ))
