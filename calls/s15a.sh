@@ -15,11 +15,12 @@ left=$(( 560 - ($(date +%s) - T0) ))
 echo "left for the probe A/B: $left s"
 if (( left > 60 )); then
   export PYTHONPATH=$PWD:/tmp/site
+  share=2
   for mb in 64 default; do  # the fixed 64 MiB probe of before e58bc11 against the default (1/32 of a copy)
-    env $([ $mb = default ] || echo MEMMGR_COPY_PROBE_MB=$mb) timeout $(( left / 2 - 5 )) python3 -m memmgr bench --no-megatron --methods memmgr \
+    env $([ $mb = default ] || echo MEMMGR_COPY_PROBE_MB=$mb) timeout $(( left / share - 10 )) python3 -m memmgr bench --no-megatron --methods memmgr \
       --size-gb 8 --out $OUT/probe$mb > $OUT/probe$mb.log 2>&1; echo "probe $mb rc $?"
     tail -25 $OUT/probe$mb.log
-    left=$(( 560 - ($(date +%s) - T0) ))
+    left=$(( 560 - ($(date +%s) - T0) )); share=1
   done
 fi
 cd $OUT && tar czf probe-ab.tgz probe* 2>/dev/null && rm -rf probe64 probedefault probe64.log probedefault.log; ls $OUT
