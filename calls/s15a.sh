@@ -8,7 +8,7 @@ C=${1:?commit}
 TOTAL=${2:-560}  # seconds this call may take (the device time left)
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "card: $card"
-MEMMGR_STEPS=vllm_wheels,vllm_subset,ipc_source_1.3b,ipc_source_4b,pytest_same_address \
+MEMMGR_STEPS=vllm_wheels,vllm_subset,ipc_source_1.3b,${WITH_4B:+ipc_source_4b,}pytest_same_address \
   python3 benchmarks/run.py ipc-sync-source same-address --out $OUT --commit $C --deadline $(( TOTAL - 180 ))
 PYTHONPATH=$PWD:/tmp/site timeout 120 python3 -m pytest tests/test_transports_ipc.py -q -p no:cacheprovider -m gpu \
   > $OUT/probe-ipc-tests.log 2>&1; echo "ipc tests rc $?"; tail -3 $OUT/probe-ipc-tests.log
