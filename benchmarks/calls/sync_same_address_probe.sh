@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 15, first call, on whichever card comes: the WeightSource path and sync_weights through CUDA IPC (issues
+# One device call, on whichever card comes: the WeightSource path and sync_weights through CUDA IPC (issues
 # 31, 32), the same-address GPU tests (33), the IPC transport's GPU tests, the probe-size A/B (30).
 set -u
 T0=$(date +%s)

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 15, second call: the default `memmgr bench` (every method, both conditions, 2 cycles; memmgr runs at
+# One device call: the default `memmgr bench` (every method, both conditions, 2 cycles; memmgr runs at
 # least 5) at the final code, on whichever card comes (issues 30, 31, 33).
 set -u
 export MEMMGR_CUDA_ARCHS=90
