@@ -39,10 +39,10 @@ group), transport), which exports Hugging Face tensors in --bucket-mb buckets an
 model, engine and ring (device syncs of every path, then host syncs of every path), each reported under "paths"
 (the top-level figures are the first path's):
 - sync_weights (default): memmgr.sync.session.sync_weights, as above;
-- source: the WeightSource path, memmgr.sync.engines.vllm.ExportWeightSource over the same exporter (vLLM's
-  WeightSource class), its iter_groups() (one decoder layer per group, views into the export's buckets) packed
-  group by group into the same CudaIpcTransport ring (send_pairs; --cpu: buckets into the in-process transport),
-  between transport.start(the source's metadata()) and finish();
+- source: the WeightSource path, memmgr.sync.send_weight_source(ExportWeightSource(the same exporter), the same
+  transport): the source's iter_groups() (one decoder layer per group, views into the export's buckets) gathered
+  into buckets and packed into the CudaIpcTransport ring (send_pairs; --cpu: buckets into the in-process
+  transport), between transport.start(the source's metadata()) and finish();
 - vllm-ipc: vLLM's own IPC weight transfer over the same ExportWeightSource: vLLM's IPCTrainerWeightTransferEngine
   (WeightTransferTrainerFactory.trainer_init(IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=--bucket-mb,
   or the largest tensor where that is larger: vLLM's one buffer must hold it)))
@@ -310,8 +310,8 @@ def run_megatron(args: argparse.Namespace) -> None:
 SYNC_API = {
     "sync_weights": "memmgr.sync.session.sync_weights(manager, MegatronExporter, transport, "
                     "pack_in_place={pack_in_place})",
-    "source": "memmgr.sync.engines.vllm.ExportWeightSource(MegatronExporter).iter_groups() -> "
-              "transport.send_pairs per group (vLLM's WeightSource path)",
+    "source": "memmgr.sync.send_weight_source(memmgr.sync.engines.vllm.ExportWeightSource(MegatronExporter), "
+              "transport): iter_groups() gathered into buckets, send_pairs per bucket (vLLM's WeightSource path)",
     "vllm-ipc": "vLLM IPCTrainerWeightTransferEngine(ExportWeightSource(MegatronExporter), packed) -> vLLM "
                 "IPCWeightTransferEngine in the engine process",
 }
@@ -346,44 +346,13 @@ def _path(via: str, args: argparse.Namespace, mgr, exporter, transport, engine, 
         return run
 
     from memmgr.sync.engines.vllm.source import ExportWeightSource
-    from memmgr.sync.transports import WeightBucket, group_pairs
-    from memmgr.sync.transports.base import ParamSpec
 
     if via == "source":
+        from memmgr.sync import send_weight_source
+
         def send() -> tuple[int, int]:
-            source = ExportWeightSource(exporter)
-            transport.start([ParamSpec(m.name, tuple(m.shape), m.dtype) for m in source.metadata()])
-            nbytes = sends = 0
-            batch: list[tuple[str, torch.Tensor]] = []
-            batch_bytes = 0
-
-            def flush() -> None:
-                nonlocal sends, batch, batch_bytes
-                for pairs in group_pairs(batch, bucket_bytes):
-                    if hasattr(transport, "send_pairs"):
-                        transport.send_pairs(pairs)
-                    else:
-                        transport.send_bucket(WeightBucket.pack(pairs))
-                    sends += 1
-                batch, batch_bytes = [], 0
-
-            try:
-                # whole layer groups batched up to a bucket, as vLLM's packed trainer engine fills its buffer before
-                # it sends: one announce per bucket, not per layer; the views held in the batch keep their export
-                # buckets alive until sent (the exporter keeps no reference of its own)
-                for names, tensors in source.iter_groups():
-                    size = sum(t.numel() * t.element_size() for t in tensors)
-                    if batch and batch_bytes + size > bucket_bytes:
-                        flush()
-                    batch += list(zip(names, tensors))
-                    batch_bytes += size
-                    nbytes += size
-                flush()
-                transport.finish()
-            except BaseException as exc:
-                transport.abort(f"{type(exc).__name__}: {exc}")
-                raise
-            return nbytes, sends
+            sent = send_weight_source(ExportWeightSource(exporter), transport, bucket_bytes=bucket_bytes)
+            return sent.nbytes, sent.buckets
         return lambda: _measured(cuda, device, send)
 
     from vllm.distributed.weight_transfer.base import WeightSource

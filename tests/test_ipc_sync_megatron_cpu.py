@@ -68,7 +68,7 @@ def test_the_weight_source_path_batches_layer_groups_into_buckets_and_lands_bit_
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     r = json.loads((tmp_path / "ipc_sync_speed.json").read_text())
     source, baseline = r["paths"]["source"], r["paths"]["sync_weights"]
-    assert source["sync_api"].startswith("memmgr.sync.engines.vllm.ExportWeightSource")
+    assert source["sync_api"].startswith("memmgr.sync.send_weight_source(memmgr.sync.engines.vllm.ExportWeightSource")
     for where in ("device", "host"):
         assert [run["buckets"] for run in source["runs"][where]] == [1]
         assert [run["buckets"] for run in baseline["runs"][where]] == [1]

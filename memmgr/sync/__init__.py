@@ -1,6 +1,8 @@
 """Weight sync: trainer weights handed to inference engines, as one stream of flat per-dtype buckets.
 
 - ``session``: ``sync_weights``, one sync as one call with the manager's before/after-sync hooks (``SyncResult``).
+- ``source``: ``send_weight_source``, any vLLM ``WeightSource`` (memmgr's export as one: ``ExportWeightSource``)
+  through a memmgr transport, layer groups gathered into buckets.
 - ``export``: megatron-core chunks to Hugging Face names and layouts, re-joined across TP/PP/EP, streamed in flat
   per-dtype buckets from device memory or the pinned host copy (``MegatronExporter``).
 - ``transports``: the data planes that move the buckets (in-process, gloo, NCCL, same-GPU CUDA IPC) behind
@@ -22,6 +24,8 @@ from typing import Any
 _WHERE = {
     "sync_weights": "memmgr.sync.session",
     "SyncResult": "memmgr.sync.session",
+    "send_weight_source": "memmgr.sync.source",
+    "SentWeights": "memmgr.sync.source",
     "MegatronExporter": "memmgr.sync.export.exporter",
     "ModuleWeightLoader": "memmgr.sync.loaders",
     "Transport": "memmgr.sync.transports.base",
