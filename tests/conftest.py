@@ -21,6 +21,7 @@ requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 COST_MARKS = ("unit", "integration", "gpu")
 INTEGRATION_TESTS: dict[str, tuple[str, ...] | None] = {
     "test_examples.py": None,  # each runs a program of examples/ in a subprocess
+    "test_send_weight_source.py": ("test_vllms_own_module_source_goes_through_a_memmgr_transport",),  # imports vLLM
     "test_comms.py": ("test_native_suspend_and_resume_are_called_and_collectives_work_after",
                       "test_fallback_destroys_and_recreates_through_the_factory"),  # two spawned gloo ranks
     # a fresh interpreter each
