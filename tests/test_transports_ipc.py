@@ -108,9 +108,9 @@ def test_ipc_ring_delivers_every_bucket_bit_exact_to_a_slow_engine(source):
 
 
 @pytest.mark.parametrize("send", ["pairs", "bucket"])
-def test_ipc_source_on_the_gpu_dropped_right_after_the_send_is_not_reused_before_its_copy(send):
-    # the copy into the ring runs on the transport's stream after the caller's queued work (here a ~0.2 s sleep), and
-    # the send returns before it: the source's memory must stay the source's until the copy has read it
+def test_ipc_source_on_the_gpu_dropped_and_overwritten_right_after_the_send_arrives_as_sent(send):
+    # the send returns before its copy into the ring has run (queued behind a ~0.2 s sleep here): the caller's next
+    # use of the source's memory (a new tensor in it, overwritten) must still come after that copy
     from memmgr.sync.transports.ipc import CudaIpcTransport
 
     dev = torch.device("cuda", 0)
@@ -119,24 +119,26 @@ def test_ipc_source_on_the_gpu_dropped_right_after_the_send_is_not_reused_before
     engine = _Engine()
     transport = CudaIpcTransport(engine.announce, device=dev, buffer_bytes=4 << 20, num_buffers=2)
     try:
+        transport.send_pairs([("w", torch.zeros(1 << 20, dtype=torch.bfloat16, device=dev))])  # the ring exists
+        transport.finish()
         source = expected.to(dev)
-        address = source.data_ptr()
+        torch.cuda.synchronize()
         torch.cuda._sleep(400_000_000)  # queued before the send: the transport's copy waits behind it
+        t0 = time.perf_counter()
         if send == "pairs":
             transport.send_pairs([("w", source)])
         else:
             transport.send_bucket(WeightBucket.pack([("w", source)]))
+        returned_s = time.perf_counter() - t0
         del source
-        again = torch.empty(1 << 20, dtype=torch.bfloat16, device=dev)  # same size, same stream
-        reused = again.data_ptr() == address
-        again.fill_(7.0)  # would overwrite the weights before the copy if the block had been handed out again
+        again = torch.empty(1 << 20, dtype=torch.bfloat16, device=dev)  # may take the source's memory
+        again.fill_(7.0)
         transport.finish()
     finally:
         got = engine.stop()
         transport.close()
-    if send == "pairs":  # the bucket's own flat tensor, not the caller's source, is what send_bucket copies
-        assert not reused, "the allocator handed the source's memory out again before the transport's copy"
     assert same_bits(got["w"], expected)
+    assert returned_s < 0.1, f"the send waited {returned_s:.3f} s for its copy"  # the sleep alone is ~0.2 s
 
 
 def test_ipc_engine_failure_raises_on_the_producer():

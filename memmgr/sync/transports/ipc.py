@@ -11,10 +11,9 @@ every sync:
 2. once those copies have finished, it announces the bucket: its layout, the slot, and the slot's IPC export keyed by
    the GPU's UUID (the two processes may number GPUs differently under different ``CUDA_VISIBLE_DEVICES``). A
    bucket copied from host memory is waited for before ``send_bucket``/``send_pairs`` returns (the caller may write
-   its source right away); one copied from this GPU is copied on the transport's own stream, its sources marked as
-   used there (``record_stream``: PyTorch's allocator hands their memory out again only after the copy), and for it,
-   as for one packed in place, the announcing thread waits on an event: the producer already packs the next slot,
-   and the link keeps moving the next bucket's bytes, while the copies run;
+   its source right away); for one copied from this GPU, as for one packed in place, the announcing thread waits on
+   an event and the caller goes on (the copies are on its stream, so whatever it does with the sources next runs
+   after them): it already queues the next bucket's work while the copies run;
 3. the consumer (``CudaIpcReceiver``) maps the slot once per export, hands out views into it, copies them into the
    engine's weights and synchronizes its stream before it answers, so the slot is free when ``announce`` returns.
 
@@ -105,7 +104,6 @@ class CudaIpcTransport(Transport):
         self._pending: list[Future | None] = [None] * (self.num_buffers + 1)  # the last: the oversize slot
         self._next = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memmgr-ipc-announce")
-        self._stream: torch.cuda.Stream | None = None  # the ring's copies from this GPU (see _pack_stream)
         self._broken: str | None = None
         self._open = False  # a session announced to the engine and not yet committed or aborted
         # set by the announcing thread when a bucket's announce fails: the buckets queued behind it are not announced
@@ -267,38 +265,28 @@ class CudaIpcTransport(Transport):
     def _slot_export(self, slot: int) -> tuple:
         return self._oversize_export if slot == self.num_buffers else self._exports[slot]
 
-    def _pack_stream(self) -> torch.cuda.Stream:
-        """The stream the ring's copies from this GPU run on, after the work queued before them: beside the caller's
-        stream, so that the next bucket's host->device copies (an export from the pinned host copy) do not wait
-        behind them."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        return self._stream
-
     def _copy_in(self, slot: int, sources: Sequence[torch.Tensor], copy: Callable[[], WeightBucket]) -> None:
-        """Runs ``copy`` (the copies of ``sources`` into ``slot``) and announces what it returns. Sources on this GPU
-        are copied on the transport's stream and marked as used there, and the announcing thread waits for the copies;
-        any other source (host memory the caller may write once this returns) is waited for here."""
+        """Runs ``copy`` (the copies of ``sources`` into ``slot``, queued on the current stream) and announces what it
+        returns. For sources on this GPU the announcing thread waits for the copies, and the caller does not: later
+        work on the stream, the freeing or offloading of a source included, runs after them (a source made on
+        another stream is marked as used on this one). Any other source (host memory the caller may write once this
+        returns) is waited for here."""
         on_device = all(t.is_cuda and t.device == self.device for t in sources)
         with torch.cuda.device(self.device):
+            bucket = copy()
             if not on_device:
-                self._publish(slot, copy(), wait_here=True)
+                self._publish(slot, bucket, wait_here=True)
                 return
-            stream = self._pack_stream()
-            with torch.cuda.stream(stream):
-                bucket = copy()
+            stream = torch.cuda.current_stream(self.device)
             for tensor in sources:
                 tensor.record_stream(stream)
-            self._publish(slot, bucket, wait_here=False, stream=stream)
+            self._publish(slot, bucket, wait_here=False)
 
-    def _publish(self, slot: int, bucket: WeightBucket, *, wait_here: bool,
-                 stream: torch.cuda.Stream | None = None) -> None:
-        # the consumer reads the slot from another process: the copies into it (queued on ``stream``, default the
-        # current one) must be complete before it is announced. With wait_here the caller's thread waits (its source
-        # may be reused once send_bucket returns); otherwise the announcing thread waits on an event, and the caller
-        # packs the next slot meanwhile.
-        stream = stream if stream is not None else torch.cuda.current_stream(self.device)
+    def _publish(self, slot: int, bucket: WeightBucket, *, wait_here: bool) -> None:
+        # the consumer reads the slot from another process: the copies into it must be complete before it is
+        # announced. With wait_here the caller's thread waits (its source may be reused once send_bucket returns);
+        # otherwise the announcing thread waits on an event, and the caller packs the next slot meanwhile.
+        stream = torch.cuda.current_stream(self.device)
         description = bucket.meta()
         description.update({"slot": slot, "nbytes": bucket.nbytes, "ipc": {self.uuid: self._slot_export(slot)}})
         if wait_here:
