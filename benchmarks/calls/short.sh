@@ -1,6 +1,6 @@
 #!/bin/bash
 # A short device call for what device time is left: sync_weights and the WeightSource path of the 1.3B through
-# CUDA IPC (the transport's copies on its own stream), the IPC transport's GPU tests, then the auto probe's size
+# CUDA IPC (the ring's copies no longer block the sender), the IPC transport's GPU tests, then the auto probe's size
 # A/B (fixed 64 MiB against the default) on a 4 GB synthetic state and the 10,000 x 64 KiB state.
 set -u
 T0=$(date +%s)
