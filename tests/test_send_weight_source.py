@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from memmgr.errors import MemmgrInputError, MemmgrSyncMismatchError
+from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
 from memmgr.sync import ModuleWeightLoader, send_weight_source
 from memmgr.sync.transports import InProcessTransport
 from memmgr.sync.transports.base import Transport
@@ -129,6 +129,38 @@ def test_a_source_that_fails_part_way_leaves_the_engine_on_its_previous_weights(
     assert all(same_bits(t, before[n]) for n, t in engine.state_dict().items())
     send_weight_source(Source(trainer), transport)  # the next sync goes through
     assert _equal(engine, trainer)
+
+
+class FailingAt(InProcessTransport):
+    """The in-process transport, failing at its ``at``-th bucket (an engine gone mid-sync)."""
+
+    def __init__(self, load_weights, at: int):
+        super().__init__(load_weights)
+        self.at, self.sent = at, 0
+
+    def send_bucket(self, bucket):
+        self.sent += 1
+        if self.sent == self.at:
+            raise MemmgrSyncError("the engine went away")
+        super().send_bucket(bucket)
+
+
+def test_a_transport_that_fails_part_way_runs_the_source_to_its_end_and_the_engine_keeps_its_weights():
+    # the other ranks of a collective source (the export) would otherwise wait in it forever
+    trainer, engine = _randomized(14), _randomized(15)
+    before = {n: t.clone() for n, t in engine.state_dict().items()}
+    source = Source(trainer)
+    with pytest.raises(MemmgrSyncError, match="went away"):
+        send_weight_source(source, FailingAt(ModuleWeightLoader(engine), at=2), bucket_bytes=4 << 10)
+    assert source.groups_taken == len({n.rsplit(".", 1)[0] for n in source.state})
+    assert all(same_bits(t, before[n]) for n, t in engine.state_dict().items())
+
+
+def test_a_source_the_engine_does_not_fit_is_run_to_its_end_and_moves_nothing():
+    source = Source(Model(width=16))
+    with pytest.raises(MemmgrSyncMismatchError):
+        send_weight_source(source, InProcessTransport(ModuleWeightLoader(_randomized(16))))
+    assert source.groups_taken == len({n.rsplit(".", 1)[0] for n in source.state})
 
 
 def test_a_rank_that_holds_nothing_only_iterates_the_source():

@@ -13,8 +13,9 @@ they are packed and sent (one send per bucket of one dtype, not per layer: each 
 trip), then ``transport.finish``. A transport with buffers of its own packs straight into them
 (``CudaIpcTransport.send_pairs``); any other gets ``WeightBucket`` s. If the source or the transport fails part-way,
 the transport is told to ``abort`` (an engine with sync sessions goes back to its previous weights) and the error
-is raised. A rank that holds nothing iterates the source to its end (its part of the source's collectives) and sends
-nothing.
+is raised; where the transport failed, the source is first run to its end, so that the other ranks of a collective
+source (the export's) are not left waiting. A rank that holds nothing iterates the source to its end (its part of
+the source's collectives) and sends nothing.
 """
 from __future__ import annotations
 
@@ -59,19 +60,44 @@ def send_weight_source(source: Any, transport: Transport, *,
             pass
         return SentWeights(0, 0)
     specs = [s for s in as_specs(source.metadata()) if held is None or s.name in held]
-    transport.start(specs)
     sender = _BucketSender(transport, bucket_bytes)
+    source_failed = False
     try:
-        for names, tensors in groups:
+        transport.start(specs)
+        while True:
+            try:
+                names, tensors = next(groups)
+            except StopIteration:
+                break
+            except BaseException:
+                source_failed = True
+                raise
             # a source split across ranks yields None for the names of a group that this rank does not hold
             sender.add([(n, t) for n, t in zip(names, tensors) if t is not None])
         sender.flush()
         transport.finish()
-    except BaseException as exc:
+    except Exception as exc:
+        transport.abort(f"{type(exc).__name__} while sending the weight source")
+        if not source_failed:
+            drain_groups(groups)  # the other ranks of a collective source are still in it
+        raise
+    except BaseException as exc:  # an interrupt: abort, but do not run the source on
         transport.abort(f"{type(exc).__name__} while sending the weight source")
         raise
     logger.debug("weight source: %d B in %d bucket(s) through %s", sender.nbytes, sender.sends, transport.name)
     return SentWeights(sender.nbytes, sender.sends)
+
+
+def drain_groups(groups: Iterator[Any]) -> None:
+    """Runs a source's iteration to its end (its collectives, on a trainer of several ranks), ignoring what it
+    yields: after a sync failed on this rank, so that the other ranks are not left waiting in a collective. A failure
+    of the source's own meanwhile is logged; the sync's error is the one the caller raises."""
+    try:
+        for _ in groups:
+            pass
+    except Exception as exc:
+        logger.warning("weight sync: the weight source failed while being run to its end after the sync failed: %s",
+                       exc)
 
 
 def _held(source: Any) -> frozenset[str] | None:
@@ -123,4 +149,4 @@ class _BucketSender:
         self.batch, self.batch_bytes = [], 0
 
 
-__all__ = ["SentWeights", "send_weight_source"]
+__all__ = ["SentWeights", "drain_groups", "send_weight_source"]

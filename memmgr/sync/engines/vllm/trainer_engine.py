@@ -37,6 +37,7 @@ from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeight
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
 from memmgr.sync.engines.vllm.client import call_engine, shutdown_transfer_engine
 from memmgr.sync.engines.vllm.registry import BACKEND
+from memmgr.sync.source import drain_groups
 from memmgr.sync.transports.base import DEFAULT_BUCKET_BYTES, ParamSpec, bucketize, dtype_name
 from memmgr.sync.transports.gloo import GlooTransport, connect
 
@@ -185,7 +186,7 @@ class MemmgrGlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[MemmgrGl
         except BaseException as exc:
             self._abandon(exc)
             if not source_failed[0]:
-                _drain(groups)
+                drain_groups(groups)
             raise
         call_engine("finish_weight_update", self.client.finish_weight_update, weight_version)
         self.last_buckets, self.last_nbytes = nbuckets, nbytes
@@ -242,17 +243,6 @@ class MemmgrGlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[MemmgrGl
 
     def shutdown(self) -> None:
         self.close()
-
-
-def _drain(groups: Iterator[Any]) -> None:
-    """Runs a source's iteration to its end (its collective, on a multi-rank trainer), ignoring what it yields; a
-    failure of its own is logged, the sync's error is the one raised."""
-    try:
-        for _ in groups:
-            pass
-    except Exception as exc:
-        logger.warning("vLLM weight sync: the weight source failed while being run to its end after the sync "
-                       "failed: %s", exc)
 
 
 __all__ = ["MemmgrGlooTrainerInitInfo", "MemmgrGlooTrainerWeightTransferEngine", "free_port"]
