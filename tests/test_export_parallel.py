@@ -163,3 +163,81 @@ def test_parallel_export_equals_the_tp1_export(megatron_env, case, tmp_path):
     if check_logits:
         logits = torch.load(tmp_path / "logits.pt")
         assert (logits - megatron_logits(chunks[0], tokens)).abs().max().item() <= 1e-5
+
+
+def _failing_sync_worker(rank: int, world: int, path: str, workdir: str) -> None:
+    """TP=2, receivers (0,): rank 0's transport fails at its second bucket; rank 1 only takes part in the export.
+    Each rank writes what its call ended with."""
+    import datetime
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from memmgr.errors import MemmgrSyncError
+    from memmgr.host_memory import HostMemoryPool
+    from memmgr.integrations.megatron import for_megatron
+    from memmgr.sync import ModuleWeightLoader, send_weight_source, sync_weights
+    from memmgr.sync.engines.vllm.source import ExportWeightSource
+    from memmgr.sync.transports import InProcessTransport
+
+    class FailingAt(InProcessTransport):
+        def __init__(self, at: int):
+            super().__init__(ModuleWeightLoader(torch.nn.Module()))
+            self.held, self.at, self.sent = None, at, 0
+
+        def send_bucket(self, bucket):
+            self.sent += 1
+            if self.sent == self.at:
+                raise MemmgrSyncError("the engine went away")
+
+    torch.set_num_threads(1)
+    with megatron_on_cpu():
+        from megatron.core import parallel_state as ps
+
+        # a rank left waiting in the export's collectives fails after this, not after gloo's 30 minutes
+        dist.init_process_group("gloo", init_method=f"file://{workdir}/init", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        ps.initialize_model_parallel(2, 1)
+        try:
+            chunks = build_chunks("qwen2", 2, tensor_model_parallel_size=2, pipeline_dtype=torch.float32)
+            ddps = [DistributedDataParallel(c.config, DistributedDataParallelConfig(use_distributed_optimizer=True), c)
+                    for c in chunks]
+            pool = HostMemoryPool()
+            mgr = for_megatron(ddps, None, pool=pool)
+            exporter = MegatronExporter(ddps, hf_config("qwen2", 2), bucket_bytes=24 * 1024, receivers=(0,))
+            try:
+                for attempt in range(2):  # the ranks can sync again after the failure
+                    try:
+                        if path == "source":
+                            send_weight_source(ExportWeightSource(exporter), FailingAt(2 if attempt == 0 else 0),
+                                               bucket_bytes=24 * 1024)
+                        else:
+                            sync_weights(mgr, exporter, FailingAt(2 if attempt == 0 else 0))
+                        outcome = "ok"
+                    except MemmgrSyncError as exc:
+                        outcome = f"error: {exc}"
+                    with open(f"{workdir}/outcome{rank}-{attempt}", "w") as f:
+                        f.write(outcome)
+            finally:
+                mgr.close()
+                pool.trim()
+        finally:
+            ps.destroy_model_parallel()
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("path", ["sync_weights", "source"])
+def test_a_transport_failing_on_the_receiver_leaves_no_rank_waiting_in_the_export(megatron_env, path, tmp_path):
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",)}
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        torch.multiprocessing.spawn(_failing_sync_worker, args=(2, path, str(tmp_path)), nprocs=2, join=True)
+    finally:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    outcomes = {(r, a): (tmp_path / f"outcome{r}-{a}").read_text() for r in (0, 1) for a in (0, 1)}
+    assert "the engine went away" in outcomes[(0, 0)]  # the receiver's sync failed, saying why
+    assert outcomes[(1, 0)] == "ok"  # the other rank finished its part of the export
+    assert outcomes[(0, 1)] == outcomes[(1, 1)] == "ok"  # and both sync again

@@ -9,7 +9,8 @@
 3. the engine finishes (a vLLM engine commits its ``weight_version`` only once every worker loaded everything);
    If the sync stops part-way (the export, the transport or the engine fails), the transport is told to
    ``abort``: an engine with sync sessions (``ModuleWeightLoader``, the IPC engine, vLLM through
-   ``VLLMWeightSync``) goes back to its previous weights, all of them;
+   ``VLLMWeightSync``) goes back to its previous weights, all of them; where the transport failed, the export is
+   first run to its end (into buffers of its own), so that the trainer's other ranks are not left in its collectives;
 4. the ``after_weight_sync`` hooks (e.g. the engine's KV cache wakes), also when the sync failed, so that whatever
    the before-hooks released comes back.
 
@@ -34,6 +35,7 @@ import torch
 from memmgr import arguments
 from memmgr.errors import MemmgrInputError
 from memmgr.manager import MemoryManager
+from memmgr.sync.source import drain_groups
 from memmgr.sync.transports.base import Transport, as_specs, split_per_dtype
 from memmgr.sync.transports.inproc import InProcessTransport
 
@@ -126,13 +128,26 @@ def _adapter(engine: Any, pack_in_place: bool) -> Callable[[Any, str | None], tu
 def _through_transport(exporter: Any, transport: Transport, pack_in_place: bool) -> tuple[int, int, Any]:
     nbytes = nbuckets = 0
     started = False
+    failed = False  # the transport failed: the export runs on into buffers of its own (see below)
+
+    def allocate(dtype: torch.dtype, numel: int) -> torch.Tensor | None:
+        return None if failed else transport.reserve(dtype, numel)
+
     # an exporter that takes an allocator packs each bucket straight into the transport's memory where it has some
     # (the IPC ring): no copy between the export and the send, and no export buffers beside the ring
     in_place = pack_in_place and exporter.is_receiver and \
         "allocate" in inspect.signature(exporter.buckets).parameters
-    stream = exporter.buckets(allocate=transport.reserve) if in_place else exporter.buckets()
+    stream = iter(exporter.buckets(allocate=allocate) if in_place else exporter.buckets())
+    export_failed = False
     try:
-        for bucket in stream:  # every rank iterates: the export is collective
+        while True:  # every rank iterates: the export is collective
+            try:
+                bucket = next(stream)
+            except StopIteration:
+                break
+            except BaseException:
+                export_failed = True
+                raise
             if not started:
                 transport.start(as_specs(exporter.entries))
                 started = True
@@ -141,8 +156,11 @@ def _through_transport(exporter: Any, transport: Transport, pack_in_place: bool)
                 nbytes += part.payload_bytes
             nbuckets += 1
     except BaseException as exc:
+        failed = True
         transport.release_reservations()
         transport.abort(f"{type(exc).__name__} during the export or send")
+        if not export_failed and isinstance(exc, Exception):
+            drain_groups(stream)  # the other ranks of the export are still in its collectives
         raise
     if exporter.is_receiver:
         try:
