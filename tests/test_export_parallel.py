@@ -207,9 +207,9 @@ def _failing_sync_worker(rank: int, world: int, path: str, workdir: str) -> None
             try:
                 for attempt in range(2):  # the ranks can sync again after the failure
                     try:
-                        if path == "source":
-                            send_weight_source(ExportWeightSource(exporter), FailingAt(2 if attempt == 0 else 0),
-                                               bucket_bytes=24 * 1024)
+                        if path == "source":  # 1 KiB buckets: every layer group is sent as it arrives
+                            send_weight_source(ExportWeightSource(exporter), FailingAt(1 if attempt == 0 else 0),
+                                               bucket_bytes=1024)
                         else:
                             sync_weights(mgr, exporter, FailingAt(2 if attempt == 0 else 0))
                         outcome = "ok"
@@ -217,6 +217,8 @@ def _failing_sync_worker(rank: int, world: int, path: str, workdir: str) -> None
                         outcome = f"error: {exc}"
                     with open(f"{workdir}/outcome{rank}-{attempt}", "w") as f:
                         f.write(outcome)
+                    dist.barrier()  # a rank still inside the export never gets here (its peer's next export would
+                    # otherwise pair with its leftover messages)
             finally:
                 mgr.close()
                 pool.trim()
