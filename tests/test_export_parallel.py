@@ -134,6 +134,19 @@ def megatron_logits_full(model, tokens):
         return model(tokens, pos, None)
 
 
+def _spawn(worker, args: tuple, nprocs: int) -> None:
+    """Runs ``worker(rank, *args)`` in ``nprocs`` processes, one OpenMP thread each (two cores in CI)."""
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        torch.multiprocessing.spawn(worker, args=args, nprocs=nprocs, join=True)
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+
+
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if CASES[c][2] > 2 else c for c in CASES])
 def test_parallel_export_equals_the_tp1_export(megatron_env, case, tmp_path):
     family, layers, world, _sizes, _vpp, receivers, check_logits = CASES[case]
@@ -145,16 +158,7 @@ def test_parallel_export_equals_the_tp1_export(megatron_env, case, tmp_path):
     reference = _export(chunks, family, layers)
     torch.save({"megatron": {n: p.detach().clone() for n, p in chunks[0].named_parameters()}, "tokens": tokens},
                tmp_path / "reference.pt")
-    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",)}
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        torch.multiprocessing.spawn(_worker, args=(world, case, str(tmp_path)), nprocs=world, join=True)
-    finally:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    _spawn(_worker, (world, case, str(tmp_path)), world)
     for rank in global_receivers(case):
         got = torch.load(tmp_path / f"export{rank}.pt")
         assert list(got) == list(reference)
@@ -229,16 +233,7 @@ def _failing_sync_worker(rank: int, world: int, path: str, workdir: str) -> None
 
 @pytest.mark.parametrize("path", ["sync_weights", "source"])
 def test_a_transport_failing_on_the_receiver_leaves_no_rank_waiting_in_the_export(megatron_env, path, tmp_path):
-    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",)}
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        torch.multiprocessing.spawn(_failing_sync_worker, args=(2, path, str(tmp_path)), nprocs=2, join=True)
-    finally:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    _spawn(_failing_sync_worker, (2, path, str(tmp_path)), 2)
     outcomes = {(r, a): (tmp_path / f"outcome{r}-{a}").read_text() for r in (0, 1) for a in (0, 1)}
     assert "the engine went away" in outcomes[(0, 0)]  # the receiver's sync failed, saying why
     assert outcomes[(1, 0)] == "ok"  # the other rank finished its part of the export
