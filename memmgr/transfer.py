@@ -134,7 +134,7 @@ class TransferHandle:
 COPY_PATHS = ("auto", "engine", "kernel")
 COPY_PATH_ENV = "MEMMGR_COPY_PATH"
 KERNEL_BLOCKS_ENV = "MEMMGR_COPY_KERNEL_BLOCKS"
-PROBE_MB_ENV = "MEMMGR_COPY_PROBE_MB"  # the auto probe's size in MiB, for measuring other sizes (default 64)
+PROBE_MB_ENV = "MEMMGR_COPY_PROBE_MB"  # a fixed auto probe size in MiB, for measuring (unset: CopyPolicy.probe)
 
 # The auto probe's sizes are multiples of this many bytes, so the parts after each probe keep the relative alignment
 # of the whole (the kernel moves 16-byte vectors wherever source and destination are co-aligned).

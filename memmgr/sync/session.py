@@ -35,7 +35,7 @@ import torch
 from memmgr import arguments
 from memmgr.errors import MemmgrInputError
 from memmgr.manager import MemoryManager
-from memmgr.sync.source import drain_groups
+from memmgr.sync.source import SourceStream
 from memmgr.sync.transports.base import Transport, as_specs, split_per_dtype
 from memmgr.sync.transports.inproc import InProcessTransport
 
@@ -137,17 +137,9 @@ def _through_transport(exporter: Any, transport: Transport, pack_in_place: bool)
     # (the IPC ring): no copy between the export and the send, and no export buffers beside the ring
     in_place = pack_in_place and exporter.is_receiver and \
         "allocate" in inspect.signature(exporter.buckets).parameters
-    stream = iter(exporter.buckets(allocate=allocate) if in_place else exporter.buckets())
-    export_failed = False
+    stream = SourceStream(exporter.buckets(allocate=allocate) if in_place else exporter.buckets())
     try:
-        while True:  # every rank iterates: the export is collective
-            try:
-                bucket = next(stream)
-            except StopIteration:
-                break
-            except BaseException:
-                export_failed = True
-                raise
+        for bucket in stream:  # every rank iterates: the export is collective
             if not started:
                 transport.start(as_specs(exporter.entries))
                 started = True
@@ -159,8 +151,7 @@ def _through_transport(exporter: Any, transport: Transport, pack_in_place: bool)
         failed = True
         transport.release_reservations()
         transport.abort(f"{type(exc).__name__} during the export or send")
-        if not export_failed and isinstance(exc, Exception):
-            drain_groups(stream)  # the other ranks of the export are still in its collectives
+        stream.run_to_end_after(exc)  # the other ranks of the export are still in its collectives
         raise
     if exporter.is_receiver:
         try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 
@@ -61,43 +61,54 @@ def send_weight_source(source: Any, transport: Transport, *,
         return SentWeights(0, 0)
     specs = [s for s in as_specs(source.metadata()) if held is None or s.name in held]
     sender = _BucketSender(transport, bucket_bytes)
-    source_failed = False
     try:
         transport.start(specs)
-        while True:
-            try:
-                names, tensors = next(groups)
-            except StopIteration:
-                break
-            except BaseException:
-                source_failed = True
-                raise
+        for names, tensors in groups:
             # a source split across ranks yields None for the names of a group that this rank does not hold
             sender.add([(n, t) for n, t in zip(names, tensors) if t is not None])
         sender.flush()
         transport.finish()
-    except Exception as exc:
+    except BaseException as exc:
         transport.abort(f"{type(exc).__name__} while sending the weight source")
-        if not source_failed:
-            drain_groups(groups)  # the other ranks of a collective source are still in it
-        raise
-    except BaseException as exc:  # an interrupt: abort, but do not run the source on
-        transport.abort(f"{type(exc).__name__} while sending the weight source")
+        groups.run_to_end_after(exc)  # the other ranks of a collective source are still in it
         raise
     logger.debug("weight source: %d B in %d bucket(s) through %s", sender.nbytes, sender.sends, transport.name)
     return SentWeights(sender.nbytes, sender.sends)
 
 
-def drain_groups(groups: Iterator[Any]) -> None:
-    """Runs a source's iteration to its end (its collectives, on a trainer of several ranks), ignoring what it
-    yields: after a sync failed on this rank, so that the other ranks are not left waiting in a collective. A failure
-    of the source's own meanwhile is logged; the sync's error is the one the caller raises."""
-    try:
-        for _ in groups:
-            pass
-    except Exception as exc:
-        logger.warning("weight sync: the weight source failed while being run to its end after the sync failed: %s",
-                       exc)
+class SourceStream:
+    """A weight stream (a source's groups, an export's buckets) that remembers whether it failed itself, so that
+    after a failure elsewhere (the transport, the engine) it can be run to its end: on a trainer of several ranks the
+    others are still in the stream's collectives, and would wait in them until their timeout."""
+
+    def __init__(self, stream: Iterable[Any]):
+        self._it = iter(stream)
+        self.failed = False
+
+    def __iter__(self) -> "SourceStream":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except BaseException:
+            self.failed = True
+            raise
+
+    def run_to_end_after(self, error: BaseException) -> None:
+        """After ``error`` stopped the sync on this rank: runs the stream to its end, ignoring what it yields, unless
+        the stream failed itself or ``error`` is an interrupt (KeyboardInterrupt, SystemExit). A failure of the
+        stream meanwhile is logged; the sync's error is the one the caller raises."""
+        if self.failed or not isinstance(error, Exception):
+            return
+        try:
+            for _ in self:
+                pass
+        except Exception as exc:
+            logger.warning("weight sync: the weight stream failed while being run to its end after the sync failed "
+                           "(%s): %s", type(error).__name__, exc)
 
 
 def _held(source: Any) -> frozenset[str] | None:
@@ -106,16 +117,16 @@ def _held(source: Any) -> frozenset[str] | None:
     return None if held is None else frozenset(held)
 
 
-def _groups(source: Any) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+def _groups(source: Any) -> SourceStream:
     """The source's stream as ``(names, tensors)`` batches: its ``iter_groups()`` where it has one, else one batch
     per tensor of its iteration."""
     iter_groups = getattr(source, "iter_groups", None)
     if callable(iter_groups):
-        return iter(iter_groups())
+        return SourceStream(iter_groups())
     if not isinstance(source, Iterable):
         raise MemmgrInputError(f"send_weight_source: source {type(source).__name__} is neither iterable nor has "
                                f"iter_groups(); pass a vLLM WeightSource")
-    return (([name], [tensor]) for name, tensor in source)
+    return SourceStream(([name], [tensor]) for name, tensor in source)
 
 
 class _BucketSender:
@@ -149,4 +160,4 @@ class _BucketSender:
         self.batch, self.batch_bytes = [], 0
 
 
-__all__ = ["SentWeights", "drain_groups", "send_weight_source"]
+__all__ = ["SentWeights", "SourceStream", "send_weight_source"]

@@ -29,7 +29,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeightTransferEngine, WeightSource
@@ -37,8 +37,8 @@ from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeight
 from memmgr.errors import MemmgrInputError, MemmgrSyncError, MemmgrSyncMismatchError
 from memmgr.sync.engines.vllm.client import call_engine, shutdown_transfer_engine
 from memmgr.sync.engines.vllm.registry import BACKEND
-from memmgr.sync.source import drain_groups
-from memmgr.sync.transports.base import DEFAULT_BUCKET_BYTES, ParamSpec, bucketize, dtype_name
+from memmgr.sync.source import SourceStream
+from memmgr.sync.transports.base import DEFAULT_BUCKET_BYTES, ParamSpec, as_specs, bucketize, dtype_name
 from memmgr.sync.transports.gloo import GlooTransport, connect
 
 logger = logging.getLogger("memmgr")
@@ -151,7 +151,7 @@ class MemmgrGlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[MemmgrGl
         source = self.source
         if source is None:
             raise MemmgrInputError("memmgr_gloo trainer engine: no source to send; build it with source=")
-        specs = [ParamSpec(m.name, tuple(int(s) for s in m.shape), m.dtype) for m in source.metadata()]
+        specs = as_specs(source.metadata())
         if not self.is_sender:
             for _ in source.iter_groups():  # stay in the trainer-side collectives that materialize each tensor
                 pass
@@ -167,14 +167,13 @@ class MemmgrGlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[MemmgrGl
         except Exception as exc:
             raise MemmgrSyncMismatchError(f"vLLM weight sync: the engine refused the sync's manifest before any "
                                           f"weight moved ({str(exc)[:800]}); it keeps its previous weights") from exc
-        groups = source.iter_groups()
+        groups = SourceStream(source.iter_groups())
         seen: set[str] = set()
-        source_failed = [False]
         transport.start(specs)
         nbuckets = nbytes = 0
         try:
-            for bucket in bucketize(self._checked(groups, announced, seen, source_failed),
-                                    self.init_info.bucket_bytes, device="cpu"):
+            for bucket in bucketize(self._checked(groups, announced, seen), self.init_info.bucket_bytes,
+                                    device="cpu"):
                 transport.send_bucket(bucket)
                 nbuckets += 1
                 nbytes += bucket.payload_bytes
@@ -185,24 +184,16 @@ class MemmgrGlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[MemmgrGl
                                               f"announced weight(s) (e.g. {missing[:3]}); the sync was abandoned")
         except BaseException as exc:
             self._abandon(exc)
-            if not source_failed[0]:
-                drain_groups(groups)
+            groups.run_to_end_after(exc)
             raise
         call_engine("finish_weight_update", self.client.finish_weight_update, weight_version)
         self.last_buckets, self.last_nbytes = nbuckets, nbytes
 
     @staticmethod
-    def _checked(groups: Iterator[tuple[list[str], list[Any]]], announced: dict[str, ParamSpec], seen: set[str],
-                 source_failed: list[bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _checked(groups: Iterable[tuple[list[str], list[Any]]], announced: dict[str, ParamSpec], seen: set[str]
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
         """The source's pairs, each checked against the manifest before it is packed."""
-        while True:
-            try:
-                batch = next(groups, None)
-            except BaseException:
-                source_failed[0] = True
-                raise
-            if batch is None:
-                return
+        for batch in groups:
             for name, tensor in zip(*batch):
                 if tensor is None:
                     raise MemmgrInputError(f"vLLM weight sync: the weight source yielded no tensor for {name!r} on "
